@@ -1,0 +1,509 @@
+"""Image sources -> preprocessed uint8 arrays (cached) -> an indexed database with query splits.
+
+Sources:
+
+* ``imagenette``: the ten Imagenette classes. Read from the folder named by
+  ``VITDSI_IMAGENETTE_DIR`` when set; otherwise torchvision downloads the official
+  ``imagenette2-160`` archive into ``<data>/raw/``.
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB. No download;
+  the dataset of smoke runs and tests.
+* ``folder``: any ImageFolder tree (``<root>/<class>/<image>``), e.g. a user's own photos.
+
+Preprocessing follows the study: keep images whose aspect ratio (width / height) lies in
+``aspect_range`` (default [0.9, 1.1]), crop the centre square, resize to ``size`` px, RGB uint8.
+Decoded images are cached under ``<data>/cache/`` keyed by the settings and the file list,
+so a rerun does not decode JPEGs again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from . import settings
+from ._io import atomic_dir, atomic_path
+from .ids import ID_SCHEMES, dense_id_order
+
+SOURCES = ("imagenette", "digits", "folder")
+#: Image sizes the study uses (64, 160, 256) plus 32 px for smoke runs.
+SIZES = (32, 64, 160, 256)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+SPLIT_FOLDERS = ("train", "val", "test")
+ROLES = ("index", "train", "val", "test")
+_CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+
+IMAGENETTE_CLASSES = {
+    "n01440764": "tench",
+    "n02102040": "English springer",
+    "n02979186": "cassette player",
+    "n03000684": "chain saw",
+    "n03028079": "church",
+    "n03394916": "French horn",
+    "n03417042": "garbage truck",
+    "n03425413": "gas pump",
+    "n03445777": "golf ball",
+    "n03888257": "parachute",
+}
+
+
+@dataclass
+class ImageSet:
+    """Every usable image of a source, preprocessed: ``images[i]`` has class ``classes[labels[i]]``."""
+
+    images: np.ndarray  # (M, S, S, 3) uint8
+    labels: np.ndarray  # (M,) int64
+    classes: list[str]
+    files: list[str]  # (M,) paths relative to root (or synthetic names)
+    source: str
+    root: str | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files, relative paths
+    dropped_aspect: int = 0  # readable images outside the aspect range
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    def class_counts(self) -> pd.Series:
+        """Images per class name."""
+        return pd.Series(np.bincount(self.labels, minlength=len(self.classes)), index=self.classes)
+
+
+# --------------------------------------------------------------------------------------
+# Loading one image
+# --------------------------------------------------------------------------------------
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` as 8-bit RGB: grey, 16-bit, palette, CMYK and alpha images converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: rescale to 8 bits instead of letting PIL clip at 255
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # composite transparent pixels on white, as a viewer would show them
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """Crop the largest centred square."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def load_image(path: str | os.PathLike, size: int, aspect_range: tuple[float, float] = (0.9, 1.1)) -> np.ndarray | None:
+    """Return one preprocessed image (size, size, 3) uint8, or None when its aspect is out of range.
+
+    Raises OSError (or a PIL error) when the file cannot be decoded.
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # photos shot in portrait are stored rotated
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise OSError("image has no pixels")
+        if not aspect_range[0] <= width / height <= aspect_range[1]:
+            return None
+        image.draft("RGB", (size, size))  # lets the JPEG decoder skip detail that is resized away
+        image = center_square(to_rgb(image))
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.asarray(image, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+def _missing_imagenette_message(reason: str) -> str:
+    return (
+        f"Imagenette images are not available ({reason}). Either set {settings.IMAGENETTE_ENV} to a "
+        "local copy in ImageFolder layout (<dir>/train/<wnid>/*.JPEG, <dir>/val/...), or let "
+        "torchvision download imagenette2-160 (needs internet; load_images(..., download=True)), "
+        "or use source='digits' for a download-free run."
+    )
+
+
+def imagenette_root(download: bool = True, data_dir: Path | None = None) -> Path:
+    """The Imagenette folder: ``VITDSI_IMAGENETTE_DIR``, an earlier download, or a new download."""
+    local = settings.imagenette_dir()
+    if local is not None:
+        if not local.is_dir():
+            raise FileNotFoundError(_missing_imagenette_message(f"{settings.IMAGENETTE_ENV}={local} is not a folder"))
+        return local
+    raw = (data_dir or settings.data_dir()) / "raw"
+    downloaded = raw / "imagenette2-160"
+    if downloaded.is_dir():
+        return downloaded
+    if not download:
+        raise FileNotFoundError(_missing_imagenette_message(f"{settings.IMAGENETTE_ENV} is unset and download=False"))
+    from torchvision.datasets import Imagenette
+
+    try:
+        Imagenette(str(raw), split="train", size="160px", download=True)
+    except Exception as error:  # network errors come in many types; all mean the same here
+        raise FileNotFoundError(_missing_imagenette_message(f"download failed: {error}")) from error
+    return downloaded
+
+
+def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
+    """Scan an ImageFolder tree; return (files relative to root, class names, label per file).
+
+    Accepts ``<root>/<class>/<image>`` and ``<root>/{train,val,test}/<class>/<image>`` (the
+    splits are pooled: the study draws its own database and query splits). Class folders
+    without images are ignored with a warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [p for p in subdirs if p.name in SPLIT_FOLDERS]
+    bases = split_dirs if split_dirs and len(split_dirs) == len(subdirs) else [root]
+    per_class: dict[str, list[str]] = {}
+    for base in bases:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(
+                str(f.relative_to(root))
+                for f in class_dir.iterdir()
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+            )
+            per_class.setdefault(class_dir.name, []).extend(files)
+    empty = sorted(name for name, files in per_class.items() if not files)
+    if empty:
+        warnings.warn(f"ignoring class folders with no images: {', '.join(empty)}", stacklevel=2)
+    classes = sorted(name for name, files in per_class.items() if files)
+    if not classes:
+        raise FileNotFoundError(
+            f"no images under {root}: expected <root>/<class>/<image> with extensions {sorted(IMAGE_EXTENSIONS)}"
+        )
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        files.extend(per_class[name])
+        labels.extend([label] * len(per_class[name]))
+    return files, classes, labels
+
+
+def _cache_key(source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float]) -> str:
+    digest = hashlib.sha1()
+    digest.update(json.dumps([_CACHE_VERSION, source, str(root.resolve()), size, list(aspect_range)]).encode())
+    for name in files:  # a changed, added or removed file gives a new key
+        stat = (root / name).stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_all(
+    root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], progress: bool, desc: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode files in parallel; return (images of kept files, kept mask, unreadable files)."""
+    out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
+    kept = np.zeros(len(files), dtype=bool)
+    unreadable: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            image = load_image(root / files[i], size, aspect_range)
+        except Exception:  # truncated, empty or non-image files: skipped and reported below
+            unreadable.append(files[i])
+            return
+        if image is not None:
+            out[i] = image
+            kept[i] = True
+
+    # Pillow releases the GIL while decoding and resampling, so threads use every core
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, disable=not progress, unit="img"))
+    return out[kept], kept, sorted(unreadable)
+
+
+def _load_folder(
+    source: str,
+    root: Path,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+) -> ImageSet:
+    files, classes, labels = list_image_files(root)
+    key = _cache_key(source, root, files, size, aspect_range)
+    cache_dir = (data_dir or settings.data_dir()) / "cache" / f"{source}-{size}px-{key}"
+    if cache and (cache_dir / "info.json").exists():
+        info = json.loads((cache_dir / "info.json").read_text())
+        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False)
+        images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    else:
+        images, kept, unreadable = _decode_all(root, files, size, aspect_range, progress, f"decoding {source} @{size}px")
+        table = pd.DataFrame({"file": files, "label": labels})[kept]
+        info = {
+            "source": source,
+            "root": str(root),
+            "size": size,
+            "aspect_range": list(aspect_range),
+            "classes": classes,
+            "skipped": unreadable,
+            "dropped_aspect": int((~kept).sum()) - len(unreadable),
+        }
+        if cache:
+            with atomic_dir(cache_dir) as tmp:
+                np.save(tmp / "images.npy", images)
+                table.to_csv(tmp / "files.csv", index=False)
+                (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    if info["skipped"]:
+        shown = ", ".join(info["skipped"][:10]) + (" ..." if len(info["skipped"]) > 10 else "")
+        warnings.warn(f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}", stacklevel=3)
+    # classes whose every image was unreadable or out of aspect range keep their label slot,
+    # so labels stay comparable across sizes; build_database ignores empty classes
+    return ImageSet(
+        images=images,
+        labels=table["label"].to_numpy(dtype=np.int64),
+        classes=list(info["classes"]),
+        files=table["file"].tolist(),
+        source=source,
+        root=str(root),
+        skipped=list(info["skipped"]),
+        dropped_aspect=int(info["dropped_aspect"]),
+    )
+
+
+def _load_digits(size: int, progress: bool) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8), ink is bright
+    images = np.stack(
+        [
+            np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR).convert("RGB"))
+            for g in tqdm(grey, desc=f"digits @{size}px", disable=not progress, unit="img")
+        ]
+    )
+    return ImageSet(
+        images=images,
+        labels=digits.target.astype(np.int64),
+        classes=[str(d) for d in range(10)],
+        files=[f"digits/{i:04d}" for i in range(len(grey))],
+        source="digits",
+    )
+
+
+def load_images(
+    source: str = "imagenette",
+    size: int = 160,
+    *,
+    root: str | os.PathLike | None = None,
+    aspect_range: tuple[float, float] = (0.9, 1.1),
+    download: bool = True,
+    cache: bool = True,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """Load every usable image of ``source`` at ``size`` px; see the module docstring."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
+    if size not in SIZES:
+        raise ValueError(f"unsupported image size {size}; choose one of {SIZES} px")
+    lo, hi = aspect_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"aspect_range must satisfy 0 < low <= high, got {aspect_range}")
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if source == "digits":
+        return _load_digits(size, progress)
+    if source == "imagenette":
+        folder = Path(root) if root is not None else imagenette_root(download, data_dir)
+    else:
+        if root is None:
+            raise ValueError("source='folder' needs root=<path to an ImageFolder tree>")
+        folder = Path(root).expanduser()
+    return _load_folder(source, folder, size, (lo, hi), cache, data_dir, progress)
+
+
+# --------------------------------------------------------------------------------------
+# The indexed database and the query splits
+# --------------------------------------------------------------------------------------
+def apportion(total: int, weights: Sequence[float]) -> np.ndarray:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainders; ties by position)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    remainder = total - counts.sum()
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[:remainder]] += 1
+    return counts
+
+
+def max_balanced_size(class_counts: Sequence[int]) -> int:
+    """The largest N that :func:`build_database` can balance over these class sizes."""
+    counts = np.asarray([c for c in class_counts if c > 0])
+    smallest = counts.min()
+    return int(len(counts) * smallest + min(len(counts) - 1, int((counts > smallest).sum())))
+
+
+@dataclass
+class Database:
+    """An indexed database (IDB) with its query splits; one manifest row per image.
+
+    ``manifest`` columns: ``file``, ``class``, ``label``, ``role`` (index / train / val /
+    test), ``row`` (database row for index images, else -1), ``id`` (the ID text of index
+    images, else empty) and ``source_row`` (position in the ImageSet). Index images come first,
+    in ID order, so database row ``r`` has ID number ``r``.
+    """
+
+    manifest: pd.DataFrame
+    images: np.ndarray  # (len(manifest), S, S, 3) uint8, aligned with manifest
+    classes: list[str]
+    settings: dict
+    skipped: list[str] = field(default_factory=list)
+
+    def split(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (images (n, S, S, 3) uint8, labels (n,) int64) of one role."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
+        mask = (self.manifest["role"] == role).to_numpy()
+        return self.images[mask], self.manifest["label"].to_numpy()[mask]
+
+    @property
+    def n_index(self) -> int:
+        return int((self.manifest["role"] == "index").sum())
+
+    @property
+    def index_labels(self) -> np.ndarray:
+        """Labels of the database rows (n_index,)."""
+        return self.split("index")[1]
+
+    def counts(self) -> pd.DataFrame:
+        """Images per class and role."""
+        return pd.crosstab(self.manifest["class"], self.manifest["role"]).reindex(columns=list(ROLES), fill_value=0)
+
+    def save_manifest(self, path: str | os.PathLike) -> Path:
+        """Write the manifest as CSV (atomically), with unreadable source files as role 'skipped'."""
+        skipped = pd.DataFrame({"file": self.skipped, "role": "skipped"})
+        table = pd.concat([self.manifest, skipped], ignore_index=True) if self.skipped else self.manifest
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+        return Path(path)
+
+
+def build_database(
+    image_set: ImageSet,
+    n: int,
+    *,
+    id_scheme: str = "random",
+    seed: int = 0,
+    index_fraction: float = 0.25,
+    query_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> Database:
+    """Draw ``n`` images balanced over classes and split them as the study does.
+
+    Per class: ``index_fraction`` of its images go to the indexed database, the rest to the
+    retrieval pool, which splits ``query_fractions`` into train / val / test queries. Totals
+    are exact (largest-remainder rounding), e.g. N = 512 gives 128 indexed images. IDs follow
+    ``id_scheme`` (random or clustered). The draw depends only on ``seed``, so the two ID
+    schemes see the same images in the same roles.
+    """
+    if id_scheme not in ID_SCHEMES:
+        raise ValueError(f"unknown ID scheme {id_scheme!r}; choose one of {ID_SCHEMES}")
+    if not 0 < index_fraction < 1:
+        raise ValueError(f"index_fraction must lie in (0, 1), got {index_fraction}")
+    if len(query_fractions) != 3 or min(query_fractions) < 0 or not np.isclose(sum(query_fractions), 1.0):
+        raise ValueError(f"query_fractions must be three non-negative numbers summing to 1, got {query_fractions}")
+    counts = np.bincount(image_set.labels, minlength=len(image_set.classes))
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise ValueError(
+            f"the {image_set.source} images hold {len(present)} class(es) with images; "
+            "same-class retrieval needs at least 2 classes"
+        )
+    largest = max_balanced_size(counts[present])
+    if not len(present) * 4 <= n <= largest:
+        raise ValueError(
+            f"N={n} is not possible: {image_set.source} at {image_set.size}px has {len(image_set)} usable images "
+            f"in {len(present)} classes (smallest class {counts[present].min()}), so a balanced database "
+            f"takes N between {len(present) * 4} and {largest}"
+        )
+
+    rng = np.random.default_rng(seed)
+    # the classes with the most images take the remainder, so every N up to the maximum works
+    order = present[np.argsort(-counts[present], kind="stable")]
+    quota = np.zeros(len(image_set.classes), dtype=np.int64)
+    quota[order] = apportion(n, np.ones(len(order)))
+    n_index = apportion(n, [index_fraction, 1 - index_fraction])[0]
+    index_quota = np.zeros_like(quota)
+    index_quota[order] = apportion(n_index, quota[order])
+
+    picked, roles = [], []
+    pool_by_class = []
+    for label in present:
+        members = rng.permutation(np.flatnonzero(image_set.labels == label))[: quota[label]]
+        picked.append(members[: index_quota[label]])
+        roles.append(np.full(index_quota[label], "index", dtype=object))
+        pool_by_class.append((label, members[index_quota[label]:]))
+    pool_sizes = np.array([len(m) for _, m in pool_by_class])
+    split_totals = apportion(int(pool_sizes.sum()), query_fractions)
+    # val and test are apportioned over classes; train takes what is left in each class
+    val_quota = apportion(int(split_totals[1]), pool_sizes)
+    test_quota = apportion(int(split_totals[2]), pool_sizes)
+    for (label, members), n_val, n_test in zip(pool_by_class, val_quota, test_quota):
+        n_train = len(members) - n_val - n_test
+        picked.append(members)
+        roles.append(np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test, dtype=object))
+
+    source_rows = np.concatenate(picked)
+    manifest = pd.DataFrame(
+        {
+            "file": [image_set.files[i] for i in source_rows],
+            "label": image_set.labels[source_rows],
+            "role": np.concatenate(roles),
+            "source_row": source_rows,
+        }
+    )
+    manifest.insert(1, "class", [image_set.classes[i] for i in manifest["label"]])
+    is_index = (manifest["role"] == "index").to_numpy()
+    index_part = manifest[is_index].reset_index(drop=True)
+    # the ID scheme decides which index image takes which consecutive number
+    id_order = dense_id_order(index_part["label"].to_numpy(), id_scheme, seed=seed + 1)
+    index_part = index_part.iloc[id_order].reset_index(drop=True)
+    width = len(str(len(index_part) - 1))
+    index_part["row"] = np.arange(len(index_part))
+    index_part["id"] = [str(r).zfill(width) for r in range(len(index_part))]
+    queries = manifest[~is_index].copy()
+    queries["role"] = pd.Categorical(queries["role"], categories=ROLES)
+    queries = queries.sort_values(["role", "label"], kind="stable").reset_index(drop=True)
+    queries["role"] = queries["role"].astype(str)
+    queries["row"] = -1
+    queries["id"] = ""
+    manifest = pd.concat([index_part, queries], ignore_index=True)
+    manifest = manifest[["file", "class", "label", "role", "row", "id", "source_row"]]
+    images = np.ascontiguousarray(image_set.images[manifest["source_row"].to_numpy()])
+    return Database(
+        manifest=manifest,
+        images=images,
+        classes=list(image_set.classes),
+        settings={
+            "source": image_set.source,
+            "root": image_set.root,
+            "size": image_set.size,
+            "n": n,
+            "id_scheme": id_scheme,
+            "seed": seed,
+            "index_fraction": index_fraction,
+            "query_fractions": list(query_fractions),
+        },
+        skipped=list(image_set.skipped),
+    )

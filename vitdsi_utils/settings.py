@@ -1,0 +1,38 @@
+"""Where the toolkit reads images and writes caches and reports: one place, set by environment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: A local Imagenette tree in torchvision's ImageFolder layout (``<dir>/{train,val}/<wnid>/*.JPEG``).
+IMAGENETTE_ENV = "VITDSI_IMAGENETTE_DIR"
+#: Where decoded-image caches, downloads and checkpoints go (default: ``<project>/data``).
+DATA_ENV = "VITDSI_DATA_DIR"
+#: Where tables, figures and executed notebooks go (default: ``<project>/reports``).
+REPORTS_ENV = "VITDSI_REPORTS_DIR"
+
+
+def project_root() -> Path:
+    """The repository root when the package is installed from a checkout, else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def data_dir() -> Path:
+    """The data folder (created if missing)."""
+    path = Path(os.environ.get(DATA_ENV) or project_root() / "data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def reports_dir() -> Path:
+    """The reports folder (created if missing)."""
+    path = Path(os.environ.get(REPORTS_ENV) or project_root() / "reports")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def imagenette_dir() -> Path | None:
+    """The local Imagenette copy named by ``VITDSI_IMAGENETTE_DIR``, or None when unset."""
+    value = os.environ.get(IMAGENETTE_ENV)
+    return Path(value).expanduser() if value else None
