@@ -1,0 +1,291 @@
+"""BoVW baseline: shapes, normalisation, search order, known answers and input errors."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from vitdsi_utils.bovw import BoVW, assign_words, extract_sift, rootsift, word_histograms
+
+SIZE = 64
+N_PER_CLASS = 10
+N_WORDS = 12
+
+
+def texture(rng: np.random.Generator, kind: int, size: int = SIZE) -> np.ndarray:
+    """A (size, size, 3) uint8 RGB image of texture class ``kind``, randomised so no two are equal."""
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    if kind == 0:  # checkerboards of random cell size and phase
+        cell = rng.integers(6, 12)
+        ox, oy = rng.integers(0, cell, size=2)
+        base = (((x + ox) // cell + (y + oy) // cell) % 2) * 200.0
+    elif kind == 1:  # sine gratings
+        fx, fy = rng.uniform(2.5, 4.5, size=2)
+        base = (np.sin(x / fx + rng.uniform(0, 2 * np.pi)) * np.cos(y / fy) > 0) * 220.0
+    else:  # a few bright discs
+        base = np.zeros((size, size))
+        for cx, cy, r in zip(rng.uniform(0, size, 6), rng.uniform(0, size, 6), rng.uniform(4, 10, 6)):
+            base += ((x - cx) ** 2 + (y - cy) ** 2 < r**2) * 200.0
+    grey = np.clip(base + rng.integers(0, 40, size=(size, size)), 0, 255).astype(np.uint8)
+    return np.stack([grey, np.roll(grey, 2, axis=1), 255 - grey], axis=-1)
+
+
+def make_images(n_per_class: int = N_PER_CLASS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images (3 n, SIZE, SIZE, 3) uint8 with classes interleaved, and their labels (3 n,)."""
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(3), n_per_class)
+    return np.stack([texture(rng, kind) for kind in labels]), labels
+
+
+def flat_image(value: int = 128) -> np.ndarray:
+    """A (1, SIZE, SIZE, 3) uint8 image of one grey level: no SIFT keypoints."""
+    return np.full((1, SIZE, SIZE, 3), value, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def database() -> tuple[np.ndarray, np.ndarray]:
+    return make_images()
+
+
+@pytest.fixture(scope="module")
+def fitted(database) -> BoVW:
+    images, _ = database
+    return BoVW(N_WORDS, progress=False).fit(images)
+
+
+# -- fitting and encoding ---------------------------------------------------------------------
+
+
+def test_fit_learns_state_of_the_documented_shapes(database, fitted):
+    images, _ = database
+    assert fitted.vocabulary_.shape == (N_WORDS, 128) and fitted.vocabulary_.dtype == np.float32
+    assert fitted.index_.shape == (len(images), N_WORDS) and fitted.index_.dtype == np.float32
+    assert fitted.n_descriptors_ == sum(len(d) for d in extract_sift(images, progress=False))
+    assert fitted.empty_images_.size == 0
+    assert not hasattr(fitted, "idf_")
+
+
+def test_transform_of_the_database_reproduces_the_index_with_unit_rows(database, fitted):
+    images, _ = database
+    vectors = fitted.transform(images)
+    assert vectors.shape == (len(images), N_WORDS) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(vectors, fitted.index_, atol=1e-6)
+    assert (vectors >= 0).all()  # plain histograms have no negative entries
+
+
+def test_fit_transform_equals_fit_then_index(database):
+    images, _ = database
+    model = BoVW(N_WORDS, progress=False)
+    np.testing.assert_array_equal(model.fit_transform(images), model.index_)
+
+
+def test_same_random_state_gives_the_same_model_and_thread_count_does_not_matter(database, fitted):
+    images, _ = database
+    again = BoVW(N_WORDS, progress=False, n_jobs=1).fit(images)
+    np.testing.assert_array_equal(again.vocabulary_, fitted.vocabulary_)
+    np.testing.assert_array_equal(again.index_, fitted.index_)
+
+
+def test_grayscale_batch_is_accepted(database, fitted):
+    images, _ = database
+    grey = images[..., 0]
+    rgb = np.repeat(grey[..., None], 3, axis=-1)  # equal channels convert back to the same grey
+    np.testing.assert_allclose(fitted.transform(grey), fitted.transform(rgb), atol=1e-6)
+
+
+def test_descriptor_subsample_is_seeded_and_keeps_every_descriptor_in_the_histograms(database):
+    images, _ = database
+    models = [BoVW(N_WORDS, max_descriptors=200, progress=False).fit(images) for _ in range(2)]
+    np.testing.assert_array_equal(models[0].vocabulary_, models[1].vocabulary_)
+    assert models[0].n_descriptors_ > 200
+    histograms = word_histograms(extract_sift(images, progress=False), models[0].vocabulary_)
+    assert histograms.sum() == models[0].n_descriptors_
+
+
+@pytest.mark.parametrize("option", ["rootsift", "tfidf"])
+def test_options_change_the_vectors_but_not_shapes_or_norms(database, fitted, option):
+    images, _ = database
+    model = BoVW(N_WORDS, progress=False, **{option: True}).fit(images)
+    assert model.index_.shape == fitted.index_.shape and model.index_.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(model.index_, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(model.index_, fitted.index_)
+    _, ranked = model.search(images, 1)
+    assert (ranked[:, 0] == np.arange(len(images))).mean() >= 0.9
+
+
+def test_idf_follows_the_documented_formula(database):
+    images, _ = database
+    model = BoVW(N_WORDS, tfidf=True, progress=False).fit(images)
+    histograms = word_histograms(extract_sift(images, progress=False), model.vocabulary_)
+    df = (histograms > 0).sum(axis=0)
+    np.testing.assert_allclose(model.idf_, np.log(len(images) / (1 + df)), rtol=1e-6)
+    weighted = histograms * model.idf_
+    np.testing.assert_allclose(
+        model.index_, weighted / np.linalg.norm(weighted, axis=1, keepdims=True), atol=1e-6
+    )
+
+
+def test_rootsift_rows_have_unit_l2_norm():
+    descriptors = np.random.default_rng(1).integers(0, 200, size=(50, 128)).astype(np.float32)
+    descriptors[0] = 0  # an all-zero row must not produce NaN
+    root = rootsift(descriptors)
+    assert root.dtype == np.float32 and not np.isnan(root).any()
+    # sqrt of an L1-normalised non-negative row has squared entries summing to 1
+    np.testing.assert_allclose(np.linalg.norm(root[1:], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(root[0], 0)
+
+
+# -- assignment and histograms ----------------------------------------------------------------
+
+
+def test_vectorised_assignment_equals_brute_force(database):
+    images, _ = database
+    descriptors = np.concatenate(extract_sift(images[:4], progress=False))
+    vocabulary = np.random.default_rng(2).uniform(0, 60, size=(7, 128)).astype(np.float32)
+    distances = ((descriptors[:, None, :].astype(np.float64) - vocabulary[None, :, :]) ** 2).sum(axis=-1)
+    expected = distances.argmin(axis=1)
+    np.testing.assert_array_equal(assign_words(descriptors, vocabulary), expected)
+    np.testing.assert_array_equal(assign_words(descriptors, vocabulary, chunk_size=17), expected)
+
+
+def test_histograms_count_descriptors_per_word():
+    vocabulary = np.eye(3, 128, dtype=np.float32) * 100
+    noise = np.random.default_rng(3).normal(0, 1, size=(4, 128)).astype(np.float32)
+    per_image = [vocabulary[[0, 0, 2]] + noise[:3], np.empty((0, 128), np.float32), vocabulary[[1]] + noise[3:]]
+    expected = np.array([[2, 0, 1], [0, 0, 0], [0, 1, 0]], dtype=np.float32)
+    np.testing.assert_array_equal(word_histograms(per_image, vocabulary), expected)
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+def test_search_returns_distinct_rows_by_descending_cosine(database, fitted):
+    images, _ = database
+    queries, _ = make_images(n_per_class=3, seed=1)
+    scores, rows = fitted.search(queries, 7)
+    assert scores.shape == rows.shape == (len(queries), 7)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64
+    assert all(len(set(row)) == 7 for row in rows.tolist())
+    assert (np.diff(scores, axis=1) <= 0).all()
+    expected = fitted.transform(queries) @ fitted.index_.T
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, rows, axis=1), atol=1e-6)
+    # nothing outside the top-7 scores higher than the 7th
+    assert (np.sort(expected, axis=1)[:, -8] <= scores[:, -1] + 1e-6).all()
+
+
+def test_database_images_retrieve_themselves_first(database, fitted):
+    images, labels = database
+    scores, rows = fitted.search(images, 5)
+    assert (rows[:, 0] == np.arange(len(images))).mean() >= 0.9
+    np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+    # textures of a class share words: neighbours after self are mostly the same class (chance 1/3)
+    assert (labels[rows[:, 1:]] == labels[:, None]).mean() > 0.6
+
+
+def test_k_is_clipped_to_the_database_size(database, fitted):
+    images, _ = database
+    scores, rows = fitted.search(images[:2], 1000)
+    assert rows.shape == scores.shape == (2, len(images))
+    np.testing.assert_array_equal(np.sort(rows, axis=1), np.tile(np.arange(len(images)), (2, 1)))
+
+
+def test_ties_are_broken_by_lower_database_row():
+    model = BoVW(2, progress=False)
+    model.vocabulary_ = np.zeros((2, 128), np.float32)
+    model.index_ = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [0, 0]], dtype=np.float32)
+    scores, rows = model.search_vectors(np.array([[1, 0], [0, 0]], dtype=np.float32), 5)
+    np.testing.assert_array_equal(rows, [[0, 2, 3, 1, 4], [0, 1, 2, 3, 4]])
+    np.testing.assert_allclose(scores, [[1, 1, 0.6, 0, 0], [0, 0, 0, 0, 0]])
+
+
+def test_flat_images_get_zero_vectors_a_warning_and_score_zero(database):
+    images, _ = database
+    with pytest.warns(UserWarning, match="1 of 31 database images have no SIFT keypoints"):
+        model = BoVW(N_WORDS, progress=False).fit(np.concatenate([images, flat_image()]))
+    np.testing.assert_array_equal(model.empty_images_, [len(images)])
+    np.testing.assert_array_equal(model.index_[-1], 0)
+
+    with pytest.warns(UserWarning, match="1 of 2 images have no SIFT keypoints"):
+        vectors = model.transform(np.concatenate([flat_image(30), images[:1]]))
+    np.testing.assert_array_equal(vectors[0], 0)
+
+    with pytest.warns(UserWarning):
+        scores, rows = model.search(flat_image(200), 5)
+    np.testing.assert_array_equal(scores, 0)
+    np.testing.assert_array_equal(rows, [np.arange(5)])
+
+    # the flat database image scores 0 against a textured query, so it comes last
+    scores, rows = model.search(images[:1], len(images) + 1)
+    assert rows[0, -1] == len(images) and scores[0, -1] == 0
+
+
+def test_no_warning_when_every_image_has_keypoints(database, fitted):
+    images, _ = database
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fitted.transform(images[:3])
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_too_few_descriptors_for_the_vocabulary_is_explained(database):
+    images, _ = database
+    with pytest.raises(ValueError, match="fewer than n_words=5000.*fewer words, or more or larger images"):
+        BoVW(5000, max_descriptors=None, progress=False).fit(images[:2])
+    with pytest.raises(ValueError, match="only 0 SIFT descriptors"):
+        BoVW(N_WORDS, progress=False).fit(np.concatenate([flat_image(), flat_image(9)]))
+
+
+@pytest.mark.parametrize(
+    "images, error",
+    [
+        (np.zeros((2, SIZE, SIZE, 3), dtype=np.float32), TypeError),
+        (np.zeros((2, SIZE, SIZE, 4), dtype=np.uint8), ValueError),
+        (np.zeros((SIZE, SIZE), dtype=np.uint8), ValueError),
+        (np.zeros((SIZE, SIZE, 3), dtype=np.uint8), ValueError),
+        (np.zeros((1, 2, SIZE, SIZE, 3), dtype=np.uint8), ValueError),
+        (np.zeros((0, SIZE, SIZE, 3), dtype=np.uint8), ValueError),
+    ],
+)
+def test_bad_images_are_rejected(images, error):
+    with pytest.raises(error):
+        BoVW(N_WORDS, progress=False).fit(images)
+
+
+def test_bad_hyper_parameters_are_rejected_at_fit(database):
+    images, _ = database
+    for params in ({"n_words": 0}, {"n_words": 20, "max_descriptors": 10}, {"n_jobs": 0}):
+        with pytest.raises(ValueError):
+            BoVW(**params, progress=False).fit(images[:3])
+
+
+def test_use_before_fit_raises_not_fitted(database):
+    images, _ = database
+    model = BoVW(N_WORDS, progress=False)
+    for call in (lambda: model.transform(images), lambda: model.search(images, 1),
+                 lambda: model.search_vectors(np.zeros((1, N_WORDS), np.float32), 1)):
+        with pytest.raises(NotFittedError):
+            call()
+
+
+@pytest.mark.parametrize("k", [0, -3, 1.5, True])
+def test_bad_k_is_rejected(fitted, k):
+    with pytest.raises(ValueError, match="k must be"):
+        fitted.search_vectors(fitted.index_[:1], k)
+
+
+def test_query_vectors_of_the_wrong_width_are_rejected(fitted):
+    with pytest.raises(ValueError, match="query_vectors"):
+        fitted.search_vectors(np.zeros((1, N_WORDS + 1), np.float32), 3)
+
+
+def test_scikit_learn_parameter_protocol():
+    model = BoVW(7, tfidf=True, random_state=3)
+    params = clone(model).get_params()
+    assert params["n_words"] == 7 and params["tfidf"] is True and params["random_state"] == 3
+    assert not hasattr(clone(model), "index_")
