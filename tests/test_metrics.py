@@ -105,7 +105,8 @@ def test_evaluate_ranking_table():
     assert row.loc["paper MAP@10 (mean P@10, 10 queries)", "value"] == pytest.approx(0.1)
     assert row.loc["paper R@100 (10 queries)", "value"] == pytest.approx((2 / 3 + 1) / 2)
     assert row.loc["paper R@100 (10 queries)", "n_ignored"] == 1
-    assert np.isnan(row.loc["paper R@100 (10 queries)", "ci_low"])
+    # with every query drawn each time, the draw-to-draw range collapses onto the value
+    assert row.loc["paper R@100 (10 queries)", "ci_low"] == pytest.approx(row.loc["paper R@100 (10 queries)", "value"])
     assert row.loc["paper MAP@10 (mean P@10, 10 queries)", "chance"] == row.loc["P@10", "chance"]
     # chance: P@2 = mean |R| / n_db * min(k, n)/k = (4/3) / 6; R@4 = 4/6 over queries with |R| > 0
     assert row.loc["P@2", "chance"] == pytest.approx((4 / 3) / 6)
@@ -270,7 +271,8 @@ def test_paper_protocol_reproducible_and_seed_dependent(many_queries):
     a = M.paper_protocol(hits, n_rel, seed=0, n_draws=200)
     b = M.paper_protocol(hits, n_rel, seed=0, n_draws=200)
     c = M.paper_protocol(hits, n_rel, seed=1, n_draws=200)
-    assert set(a) == {"paper_map@10", "paper_recall@100", "paper_map@10_std", "paper_recall@100_std"}
+    assert set(a) >= {"paper_map@10", "paper_recall@100", "paper_map@10_std", "paper_recall@100_std"}
+    assert a["paper_map@10_p2.5"] <= a["paper_map@10_p97.5"]
     assert a == b
     assert a["paper_map@10"] != c["paper_map@10"]
     assert a["paper_recall@100"] != c["paper_recall@100"]

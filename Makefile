@@ -1,0 +1,41 @@
+# Tasks of the vitdsi study. Every target creates the virtual environment first if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# The images: VITDSI_IMAGENETTE_DIR if you set it, else the shared offline copy beside the
+# project when there is one, else torchvision downloads imagenette2-160 into data/raw/.
+SHARED_IMAGENETTE := $(wildcard $(abspath ../shared/data/imagenette-224))
+ifeq ($(origin VITDSI_IMAGENETTE_DIR), undefined)
+  ifneq ($(SHARED_IMAGENETTE),)
+    export VITDSI_IMAGENETTE_DIR := $(SHARED_IMAGENETTE)
+  endif
+endif
+
+.PHONY: venv study data bovw test test-fast bench lab clean-cache
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+## the main job: build the databases and evaluate the BoVW baseline at 160 px
+study: venv
+	$(BIN)/vitdsi data --size 160 --n 512 1024 2048
+	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048
+
+## the test suite (what CI runs)
+test: venv
+	$(BIN)/python -m pytest -q
+
+## benchmarks: timings written to reports/benchmarks/
+bench: venv
+	$(BIN)/python benchmarks/bench_bovw.py
+
+clean-cache:
+	rm -rf data/cache

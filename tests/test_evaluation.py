@@ -1,0 +1,64 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from vitdsi_utils.cli import main
+from vitdsi_utils.data import build_database, load_images
+from vitdsi_utils.evaluation import attach_paper, bovw_study, evaluate_bovw, retrieval_metrics
+from vitdsi_utils.paper import paper_table1, paper_value
+
+
+def test_paper_table_has_every_cell_of_table1():
+    table = paper_table1()
+    assert len(table) == 3 * 2 + 12 * 4  # BoVW: MAP@10, R@100; DSI rows: four metrics each
+    assert paper_value("DSI zero-shot", 2048, "random", "IA@1") == pytest.approx(0.533)
+    assert np.isnan(paper_value("BoVW", 512, "-", "IA@1"))
+
+
+def test_retrieval_metrics_perfect_and_chance():
+    db_labels = np.repeat(np.arange(4), 25)  # 100 database rows, 25 per class
+    query_labels = np.array([0, 1, 2, 3])
+    perfect = np.stack([np.flatnonzero(db_labels == q).tolist() + np.flatnonzero(db_labels != q).tolist() for q in query_labels])
+    table = retrieval_metrics(perfect, query_labels, db_labels).set_index("metric")
+    assert table.at["P@10", "value"] == 1.0 and table.at["mAP@10", "value"] == 1.0
+    assert table.at["R@100", "value"] == 1.0
+    assert table.at["P@10", "chance"] == pytest.approx(0.25)
+
+
+def test_evaluate_bovw_on_digits_beats_chance():
+    db = build_database(load_images("digits", 32, progress=False), 400, seed=0)
+    result = evaluate_bovw(db, n_words=32, progress=False)
+    table = result.table.set_index("metric")
+    assert set(table.index) >= {"P@10", "R@100", "mAP@10"}
+    assert ((table["value"] >= 0) & (table["value"] <= 1)).all()
+    assert table.at["P@10", "value"] > table.at["P@10", "chance"]
+    assert result.timings["n_index"] == 100
+
+
+def test_bovw_study_writes_tables_with_paper_numbers(tmp_path):
+    results = bovw_study("digits", 32, ns=[400], seeds=[0], out_dir=tmp_path, n_words=16, progress=False)
+    csv = tmp_path / "bovw_digits_32px_K16.csv"
+    assert csv.exists() and (tmp_path / "bovw_digits_32px_K16.md").exists()
+    assert (tmp_path / "manifests" / "digits-32px-N400-seed0.csv").exists()
+    assert pd.read_csv(csv).shape[0] == len(results)
+    # no paper numbers exist for N=400, so the paper column is empty
+    assert results["paper"].isna().all()
+
+
+def test_attach_paper_matches_like_for_like_rows():
+    ours = pd.DataFrame({
+        "metric": ["paper MAP@10 (mean P@10, 10 queries)", "mAP@10", "paper R@100 (10 queries)"],
+        "model": "BoVW", "n": 1024, "ids": "-", "value": [0.2, 0.1, 0.5],
+    })
+    merged = attach_paper(ours).set_index("metric")
+    assert merged.at["paper MAP@10 (mean P@10, 10 queries)", "paper"] == 0.50
+    assert np.isnan(merged.at["mAP@10", "paper"])  # the paper's MAP@10 was not a mAP
+    assert merged.at["paper R@100 (10 queries)", "paper"] == 0.825
+
+
+def test_cli_reports_bad_requests_without_traceback(capsys):
+    assert main(["bovw", "--source", "digits", "--size", "32", "--n", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert "N=99999 is not possible" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["bovw", "--size", "100"])

@@ -1,0 +1,84 @@
+"""Command line: ``vitdsi <command>`` or ``python -m vitdsi_utils <command>``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import settings
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int = 160) -> None:
+    from .data import SIZES, SOURCES
+
+    parser.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
+    parser.add_argument("--root", default=None, help="ImageFolder tree for --source folder (or an Imagenette copy)")
+    parser.add_argument("--size", type=int, default=sizes_default, choices=SIZES, help="image side in px")
+    parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048], help="database sizes N (total images)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the database draw")
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import build_database, load_images
+
+    out = Path(args.out or settings.reports_dir() / "data")
+    image_set = load_images(args.source, args.size, root=args.root)
+    print(f"{len(image_set)} usable images in {len(image_set.classes)} classes "
+          f"({len(image_set.skipped)} unreadable, {image_set.dropped_aspect} outside the aspect range)")
+    for n in args.n:
+        for seed in args.seeds:
+            for scheme in ("random", "clustered"):
+                db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+                path = db.save_manifest(out / f"{args.source}-{args.size}px-N{n}-seed{seed}-{scheme}.csv")
+            print(f"N={n} seed={seed}: " + ", ".join(f"{role} {count}" for role, count in db.counts().sum().items())
+                  + f" -> {path.parent}")
+    return 0
+
+
+def _cmd_bovw(args: argparse.Namespace) -> int:
+    from .evaluation import bovw_study
+
+    out = Path(args.out or settings.reports_dir() / "bovw")
+    start = time.perf_counter()
+    results = bovw_study(
+        args.source, args.size, args.n, args.seeds, out,
+        n_words=args.words, rootsift=args.rootsift, tfidf=args.tfidf,
+    )
+    shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
+    print(shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False))
+    print(f"BoVW study done in {time.perf_counter() - start:.0f} s; tables in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build the databases and write their manifests")
+    _add_data_arguments(data)
+    data.add_argument("--out", default=None, help="folder for manifests (default: reports/data)")
+    data.set_defaults(func=_cmd_data)
+
+    bovw = commands.add_parser("bovw", help="evaluate the BoVW baseline for each N (writes CSV + Markdown)")
+    _add_data_arguments(bovw)
+    bovw.add_argument("--words", type=int, default=200, help="visual words K (default: 200, the paper's)")
+    bovw.add_argument("--rootsift", action="store_true", help="RootSIFT descriptors")
+    bovw.add_argument("--tfidf", action="store_true", help="tf-idf weighting of the histograms")
+    bovw.add_argument("--out", default=None, help="output folder (default: reports/bovw)")
+    bovw.set_defaults(func=_cmd_bovw)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        # errors of ours say what to do; a traceback would only bury the message
+        print(f"vitdsi {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
