@@ -62,3 +62,30 @@ def test_cli_reports_bad_requests_without_traceback(capsys):
     assert "N=99999 is not possible" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["bovw", "--size", "100"])
+
+
+def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
+    import warnings
+
+    from vitdsi_utils.experiments import FINE_TUNED, ZERO_SHOT, run_experiment
+    from vitdsi_utils.train import TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        db = build_database(load_images("digits", 32, progress=False), 80, id_scheme="random")
+    tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2, dropout=0.0)
+    quick = TrainConfig(epochs=2, progress=False)
+    first = run_experiment(db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path, k=10)
+    assert (tmp_path / "zero_shot.pt").exists() and (tmp_path / "fine_tuned.pt").exists()
+    table = first.table
+    assert set(table["model"]) == {ZERO_SHOT, FINE_TUNED}
+    assert set(table["metric"]) >= {"IA@1", "IA@5", "P@10", "mAP@10"}
+    assert table["value"].between(0, 1).all()
+    assert (table["epochs"] == 2).all()
+    # a second call loads both phases instead of training again
+    second = run_experiment(db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path, k=10)
+    pd.testing.assert_frame_equal(first.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]),
+                                  second.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]))
+    other = build_database(load_images("digits", 32, progress=False), 120, id_scheme="random")
+    with pytest.raises(ValueError, match="another database"):
+        run_experiment(other, model_overrides=tiny, index_config=quick, run_dir=tmp_path, k=10)

@@ -153,3 +153,48 @@ def bovw_markdown(results: pd.DataFrame, source: str, size: int) -> str:
             f"| {row['fit_s'].iloc[0] + row['search_s'].iloc[0]:.1f} |"
         )
     return "\n".join(lines)
+
+
+def evaluate_dsi(
+    model,
+    codec,
+    db: Database,
+    *,
+    k: int = 100,
+    beam_size: int | None = None,
+    query_role: str = "test",
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[pd.DataFrame, dict]:
+    """IA@1/IA@5 over the indexed images and retrieval metrics over the ``query_role`` queries.
+
+    Both come from trie-constrained beam search, so every list holds distinct, valid IDs.
+    Returns (table, timings) with one table row per metric.
+    """
+    import torch
+
+    from .decoding import beam_search
+
+    index_images, index_labels = db.split("index")
+    query_images, query_labels = db.split(query_role)
+    start = time.perf_counter()
+    _, own = beam_search(model, torch.from_numpy(index_images), codec, k=5, batch_size=batch_size)
+    indexed = time.perf_counter()
+    _, ranked = beam_search(
+        model, torch.from_numpy(query_images), codec, k=min(k, len(codec)), beam_size=beam_size, batch_size=batch_size
+    )
+    searched = time.perf_counter()
+    table = pd.concat(
+        [
+            metrics.evaluate_indexing(own.numpy(), np.arange(len(index_images)), ks=(1, 5), seed=seed, n_db=len(codec)),
+            retrieval_metrics(ranked.numpy(), query_labels, index_labels, seed=seed),
+        ],
+        ignore_index=True,
+    )
+    timings = {
+        "indexing_eval_s": indexed - start,
+        "search_s": searched - indexed,
+        "search_ms_per_query": 1000 * (searched - indexed) / max(len(query_images), 1),
+        "n_index": len(index_images),
+    }
+    return table, timings

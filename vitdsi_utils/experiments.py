@@ -1,0 +1,183 @@
+"""One DSI experiment = one database (N, ID scheme, seed): index it, evaluate zero-shot,
+fine-tune on retrieval pairs, evaluate again. Checkpoints and histories land in a run folder,
+so a notebook can pick up where the previous one stopped.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .data import Database
+from .evaluation import attach_paper, evaluate_dsi
+from .ids import IDCodec, make_codec
+from .model import DSIConfig, DSIModel
+from .train import History, RetrievalPairs, TrainConfig, load_model, train_indexing, train_retrieval
+
+ZERO_SHOT = "DSI zero-shot"
+FINE_TUNED = "DSI fine-tuned"
+
+
+def run_name(db: Database) -> str:
+    """A folder name that identifies the database: source, size, N, ID scheme and seed."""
+    s = db.settings
+    return f"{s['source']}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+
+
+def new_model(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIModel:
+    """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise)."""
+    config = DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
+    return DSIModel(config)
+
+
+@dataclass
+class PhaseResult:
+    """A trained model of one phase, with its history and the wall time it took."""
+
+    model: DSIModel
+    history: History
+    seconds: float
+    epochs: int
+
+
+def index_database(
+    db: Database,
+    *,
+    model_overrides: dict | None = None,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+) -> PhaseResult:
+    """Indexing phase: train a new model until it reproduces every indexed image's ID.
+
+    With ``run_dir``, a finished model is loaded from ``zero_shot.pt`` instead of retrained,
+    and an interrupted one resumes from ``indexing.ckpt``.
+    """
+    codec = make_codec(db.n_index)
+    final = Path(run_dir) / "zero_shot.pt" if run_dir else None
+    if final is not None and final.exists():
+        return _load_final(final, codec)
+    model = new_model(db, codec, **(model_overrides or {}))
+    index_images, _ = db.split("index")
+    start = time.perf_counter()
+    history = train_indexing(
+        model,
+        codec,
+        torch.from_numpy(index_images),
+        config=config or TrainConfig(),
+        checkpoint_path=Path(run_dir) / "indexing.ckpt" if run_dir else None,
+    )
+    seconds = time.perf_counter() - start
+    epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
+    if final is not None:
+        _save_final(final, model, codec, config or TrainConfig(), history, seconds, epochs)
+    return PhaseResult(model, history, seconds, epochs)
+
+
+def fine_tune(
+    db: Database,
+    zero_shot: DSIModel,
+    *,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    max_pairs_per_query: int | None = None,
+) -> PhaseResult:
+    """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
+
+    One pair per relevant indexed image of every train query, as in the reference
+    implementation; the val queries give the validation curve. ``zero_shot`` is not changed.
+    """
+    codec = make_codec(db.n_index)
+    final = Path(run_dir) / "fine_tuned.pt" if run_dir else None
+    if final is not None and final.exists():
+        return _load_final(final, codec)
+    index_labels = db.index_labels
+    train_images, train_labels = db.split("train")
+    val_images, val_labels = db.split("val")
+    pairs = RetrievalPairs.from_labels(
+        torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
+    )
+    val_pairs = RetrievalPairs.from_labels(
+        torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
+    )
+    model = copy.deepcopy(zero_shot)
+    config = config or TrainConfig(epochs=75)
+    start = time.perf_counter()
+    history = train_retrieval(
+        model,
+        codec,
+        pairs,
+        val=[val_pairs],
+        config=config,
+        checkpoint_path=Path(run_dir) / "retrieval.ckpt" if run_dir else None,
+    )
+    seconds = time.perf_counter() - start
+    epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
+    if final is not None:
+        _save_final(final, model, codec, config, history, seconds, epochs)
+    return PhaseResult(model, history, seconds, epochs)
+
+
+def _load_final(path: Path, codec: IDCodec) -> PhaseResult:
+    model, stored, meta = load_model(path)
+    if stored.codes != codec.codes:
+        raise ValueError(f"{path} was trained on another database (its IDs differ); delete it to retrain")
+    return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]))
+
+
+def _save_final(path: Path, model: DSIModel, codec: IDCodec, config: TrainConfig, history: History, seconds: float, epochs: int) -> None:
+    from .train import save_checkpoint
+
+    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra={"seconds": seconds})
+
+
+@dataclass
+class DSIExperiment:
+    """Both phases of one database, their histories and the result table."""
+
+    db: Database
+    zero_shot: PhaseResult
+    fine_tuned: PhaseResult | None
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def run_experiment(
+    db: Database,
+    *,
+    model_overrides: dict | None = None,
+    index_config: TrainConfig | None = None,
+    retrieval_config: TrainConfig | None = None,
+    fine_tune_phase: bool = True,
+    run_dir: str | Path | None = None,
+    k: int = 100,
+) -> DSIExperiment:
+    """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours."""
+    codec = make_codec(db.n_index)
+    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
+    tables = [_result_rows(db, zero, codec, ZERO_SHOT, k)]
+    tuned = None
+    if fine_tune_phase:
+        tuned = fine_tune(db, zero.model, config=retrieval_config, run_dir=run_dir)
+        tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k))
+    table = attach_paper(pd.concat(tables, ignore_index=True))
+    return DSIExperiment(db, zero, tuned, table)
+
+
+def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int) -> pd.DataFrame:
+    table, timings = evaluate_dsi(phase.model, codec, db, k=k, seed=db.settings["seed"])
+    s = db.settings
+    return table.assign(
+        model=model_name,
+        source=s["source"],
+        size=s["size"],
+        n=s["n"],
+        ids=s["id_scheme"],
+        seed=s["seed"],
+        epochs=phase.epochs,
+        train_s=phase.seconds,
+        **timings,
+    )
