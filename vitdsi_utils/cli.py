@@ -51,6 +51,30 @@ def _cmd_bovw(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dsi(args: argparse.Namespace) -> int:
+    from .experiments import dsi_study
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "dsi")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "dsi")
+    overrides = {"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos}
+    index_config = TrainConfig(
+        epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr, seed=args.seeds[0],
+        warmup_steps=args.warmup_steps,
+    )
+    retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seeds[0])
+    start = time.perf_counter()
+    results, _ = dsi_study(
+        args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
+        model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
+        max_pairs_per_query=args.max_pairs_per_query, out_dir=out, runs_dir=runs,
+    )
+    shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
+    print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
+    print(f"DSI study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     bovw.add_argument("--tfidf", action="store_true", help="tf-idf weighting of the histograms")
     bovw.add_argument("--out", default=None, help="output folder (default: reports/bovw)")
     bovw.set_defaults(func=_cmd_bovw)
+    dsi = commands.add_parser("dsi", help="train and evaluate ViT DSI (zero-shot and fine-tuned) for each N and ID scheme")
+    _add_data_arguments(dsi)
+    dsi.add_argument("--schemes", nargs="+", default=["clustered", "random"], choices=["clustered", "random"])
+    dsi.add_argument("--patch", type=int, default=16, help="patch size (default 16)")
+    dsi.add_argument("--dropout", type=float, default=0.1)
+    dsi.add_argument("--pos", default="sinusoidal", choices=["sinusoidal", "learned", "conditional"])
+    dsi.add_argument("--lr", type=float, default=5e-4)
+    dsi.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up of the indexing phase")
+    dsi.add_argument("--index-epochs", type=int, default=1000, help="most indexing epochs (stops at the target)")
+    dsi.add_argument("--target-accuracy", type=float, default=0.98, help="indexing stops at this train accuracy")
+    dsi.add_argument("--retrieval-epochs", type=int, default=75, help="fine-tuning epochs (paper: 75)")
+    dsi.add_argument("--max-pairs-per-query", type=int, default=None,
+                     help="cap on (query, relevant ID) pairs per query (default: all, as the paper)")
+    dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
+    dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
+    dsi.set_defaults(func=_cmd_dsi)
     return parser
 
 

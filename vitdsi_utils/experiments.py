@@ -154,6 +154,7 @@ def run_experiment(
     fine_tune_phase: bool = True,
     run_dir: str | Path | None = None,
     k: int = 100,
+    max_pairs_per_query: int | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours."""
     codec = make_codec(db.n_index)
@@ -161,7 +162,9 @@ def run_experiment(
     tables = [_result_rows(db, zero, codec, ZERO_SHOT, k)]
     tuned = None
     if fine_tune_phase:
-        tuned = fine_tune(db, zero.model, config=retrieval_config, run_dir=run_dir)
+        tuned = fine_tune(
+            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query
+        )
         tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k))
     table = attach_paper(pd.concat(tables, ignore_index=True))
     return DSIExperiment(db, zero, tuned, table)
@@ -181,3 +184,92 @@ def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: s
         train_s=phase.seconds,
         **timings,
     )
+
+
+def dsi_study(
+    source: str = "imagenette",
+    size: int = 160,
+    ns: tuple[int, ...] = (512, 1024, 2048),
+    schemes: tuple[str, ...] = ("clustered", "random"),
+    seeds: tuple[int, ...] = (0,),
+    *,
+    model_overrides: dict | None = None,
+    index_config: TrainConfig | None = None,
+    retrieval_config: TrainConfig | None = None,
+    max_pairs_per_query: int | None = None,
+    out_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
+
+    ``out_dir`` receives ``dsi_<source>_<size>px.{csv,md}`` (Table 1 rows) and
+    ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps
+    the checkpoints, so an interrupted study resumes and a finished one is only re-evaluated.
+    """
+    from .data import build_database, load_images
+
+    image_set = load_images(source, size, progress=progress)
+    results, histories = [], []
+    for n in ns:
+        for scheme in schemes:
+            for seed in seeds:
+                db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+                run_dir = Path(runs_dir) / run_name(db) if runs_dir is not None else None
+                experiment = run_experiment(
+                    db,
+                    model_overrides=model_overrides,
+                    index_config=index_config,
+                    retrieval_config=retrieval_config,
+                    run_dir=run_dir,
+                    max_pairs_per_query=max_pairs_per_query,
+                )
+                results.append(experiment.table)
+                for phase in (experiment.zero_shot, experiment.fine_tuned):
+                    if phase is not None and len(phase.history):
+                        histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+                # tables are rewritten after every run, so a long study shows its progress
+                results_frame = pd.concat(results, ignore_index=True)
+                history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+                if out_dir is not None:
+                    _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
+                                      model_overrides, index_config, retrieval_config, max_pairs_per_query)
+    return results_frame, history_frame
+
+
+def _write_dsi_tables(
+    results_frame: pd.DataFrame,
+    history_frame: pd.DataFrame,
+    out_dir: Path,
+    source: str,
+    size: int,
+    model_overrides: dict | None,
+    index_config: TrainConfig | None,
+    retrieval_config: TrainConfig | None,
+    max_pairs_per_query: int | None,
+) -> None:
+    from .evaluation import TABLE1_NOTE, table1_markdown
+    from .tables import write_table
+
+    out_dir = Path(out_dir)
+    overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
+    ic, rc = index_config or TrainConfig(), retrieval_config or TrainConfig(epochs=75)
+    markdown = "\n".join([
+        f"# ViT DSI on {source} at {size} px",
+        "",
+        f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until train sequence accuracy "
+        f">= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
+        + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
+           if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
+        + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
+        "",
+        table1_markdown(results_frame),
+        "",
+        "Epochs and training time per run:",
+        "",
+        results_frame.groupby(["model", "n", "ids", "seed"])[["epochs", "train_s", "search_ms_per_query"]]
+        .first().round(1).reset_index().to_markdown(index=False),
+    ])
+    write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
+    if len(history_frame):
+        write_table(history_frame, out_dir / f"histories_{source}_{size}px")
