@@ -13,7 +13,7 @@ ifeq ($(origin VITDSI_IMAGENETTE_DIR), undefined)
   endif
 endif
 
-.PHONY: venv study data bovw test test-fast bench lab clean-cache
+.PHONY: venv study dsi test bench clean-cache
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ study: venv
 	$(BIN)/vitdsi data --size 160 --n 512 1024 2048
 	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048
 
+## ViT DSI zero-shot and fine-tuned at 64 px on CPU (N = 512, 1024, 2048, both ID schemes) -> reports/dsi/
+dsi: venv
+	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
+	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi
+
 ## the test suite (what CI runs)
 test: venv
 	$(BIN)/python -m pytest -q
@@ -36,6 +41,8 @@ test: venv
 ## benchmarks: timings written to reports/benchmarks/
 bench: venv
 	$(BIN)/python benchmarks/bench_bovw.py
+	$(BIN)/python benchmarks/bench_dsi.py --image-size 64
+	$(BIN)/python benchmarks/bench_dsi.py --image-size 160
 
 clean-cache:
 	rm -rf data/cache
