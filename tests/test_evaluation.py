@@ -89,3 +89,18 @@ def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
     other = build_database(load_images("digits", 32, progress=False), 120, id_scheme="random")
     with pytest.raises(ValueError, match="another database"):
         run_experiment(other, model_overrides=tiny, index_config=quick, run_dir=tmp_path, k=10)
+
+
+def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
+    out, runs = tmp_path / "dsi", tmp_path / "runs"
+    code = main([
+        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "random",
+        "--index-epochs", "2", "--retrieval-epochs", "1", "--max-pairs-per-query", "2",
+        "--out", str(out), "--runs", str(runs),
+    ])
+    assert code == 0
+    results = pd.read_csv(out / "dsi_digits_32px.csv")
+    assert set(results["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
+    histories = pd.read_csv(out / "histories_digits_32px.csv")
+    assert set(histories["phase"]) == {"indexing", "retrieval"}
+    assert "| DSI zero-shot | 120 | random |" in (out / "dsi_digits_32px.md").read_text()
