@@ -13,7 +13,9 @@ ifeq ($(origin VITDSI_IMAGENETTE_DIR), undefined)
   endif
 endif
 
-.PHONY: venv study dsi test bench clean-cache
+PROFILE ?= cpu
+
+.PHONY: venv study smoke bovw dsi test test-fast bench lab clean-cache
 
 venv: $(STAMP)
 
@@ -24,10 +26,19 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-## the main job: build the databases and evaluate the BoVW baseline at 160 px
+## the main job: every notebook of the study, in order, for PROFILE (smoke | cpu | paper) -> reports/$(PROFILE)/
 study: venv
-	$(BIN)/vitdsi data --size 160 --n 512 1024 2048
-	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048
+	$(BIN)/vitdsi study --profile $(PROFILE)
+
+smoke: venv
+	$(BIN)/vitdsi study --profile smoke
+
+## BoVW at 160 px, N = 512/1024/2048, 3 seeds, with the RootSIFT/tf-idf and K = 1000 checks -> reports/bovw/
+bovw: venv
+	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2
+	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2 --rootsift --tfidf
+	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --rootsift --tfidf --words 1000
+	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048
 
 ## ViT DSI zero-shot and fine-tuned at 64 px on CPU (N = 512, 1024, 2048, both ID schemes) -> reports/dsi/
 dsi: venv
@@ -37,6 +48,15 @@ dsi: venv
 ## the test suite (what CI runs)
 test: venv
 	$(BIN)/python -m pytest -q
+
+## the suite without the notebook runs
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not notebook"
+
+## JupyterLab with the project's environment as the kernel
+lab: venv
+	$(BIN)/python -m ipykernel install --sys-prefix --name vitdsi --display-name "vitdsi (.venv)"
+	$(BIN)/jupyter lab notebooks/
 
 ## benchmarks: timings written to reports/benchmarks/
 bench: venv

@@ -104,3 +104,20 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
     histories = pd.read_csv(out / "histories_digits_32px.csv")
     assert set(histories["phase"]) == {"indexing", "retrieval"}
     assert "| DSI zero-shot | 120 | random |" in (out / "dsi_digits_32px.md").read_text()
+
+
+def test_indexing_is_reproducible_from_the_seed():
+    import warnings
+
+    import torch
+
+    from vitdsi_utils.experiments import index_database
+    from vitdsi_utils.train import TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        db = build_database(load_images("digits", 32, progress=False), 80, id_scheme="random")
+    tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2)
+    runs = [index_database(db, model_overrides=tiny, config=TrainConfig(epochs=2, progress=False, seed=3)) for _ in range(2)]
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b)

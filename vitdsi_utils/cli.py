@@ -75,6 +75,20 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import StudyFailed, run_study
+
+    try:
+        run_study(args.profile, start_at=args.start_at, out_root=args.out, runs_dir=args.runs,
+                  progress=not args.quiet)
+    except StudyFailed as error:
+        # with progress on, the runner has printed the error already
+        print(f"vitdsi study: {error}" if args.quiet else "vitdsi study: stopped at the failing notebook",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)
+
+    study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
+    study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "
+                       "or a path to a YAML profile (default: smoke)")
+    study.add_argument("--start-at", default=None, metavar="NAME",
+                       help="skip the notebooks before NAME (e.g. 04 or 04_retrieval); earlier outputs are reused")
+    study.add_argument("--out", default=None, help="report folder (default: reports/<profile>)")
+    study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")
+    study.add_argument("--quiet", action="store_true", help="no progress output")
+    study.set_defaults(func=_cmd_study)
     return parser
 
 

@@ -17,7 +17,7 @@ from .data import Database
 from .evaluation import attach_paper, evaluate_dsi
 from .ids import IDCodec, make_codec
 from .model import DSIConfig, DSIModel
-from .train import History, RetrievalPairs, TrainConfig, load_model, train_indexing, train_retrieval
+from .train import History, RetrievalPairs, TrainConfig, load_model, seed_everything, train_indexing, train_retrieval
 
 ZERO_SHOT = "DSI zero-shot"
 FINE_TUNED = "DSI fine-tuned"
@@ -61,6 +61,8 @@ def index_database(
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec)
+    config = config or TrainConfig()
+    seed_everything(config.seed)  # the initial weights must be as reproducible as the training that follows
     model = new_model(db, codec, **(model_overrides or {}))
     index_images, _ = db.split("index")
     start = time.perf_counter()
@@ -68,13 +70,13 @@ def index_database(
         model,
         codec,
         torch.from_numpy(index_images),
-        config=config or TrainConfig(),
+        config=config,
         checkpoint_path=Path(run_dir) / "indexing.ckpt" if run_dir else None,
     )
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
-        _save_final(final, model, codec, config or TrainConfig(), history, seconds, epochs)
+        _save_final(final, model, codec, config, history, seconds, epochs)
     return PhaseResult(model, history, seconds, epochs)
 
 

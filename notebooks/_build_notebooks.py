@@ -1,0 +1,532 @@
+"""Write the study's notebooks (01_data ... 06_demo) from the cells below, without outputs.
+
+Run ``.venv/bin/python notebooks/_build_notebooks.py`` after editing a cell here or a profile:
+the ``parameters`` cell of every notebook is generated from ``vitdsi_utils/profiles/smoke.yaml``
+(its values) and ``cpu.yaml`` (shown in comments), so the notebooks and the profiles agree.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from vitdsi_utils.study import load_profile
+
+HERE = Path(__file__).resolve().parent
+#: The kernel every notebook names: "python3", the Python that runs Jupyter (the project's .venv).
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+SMOKE, CPU = load_profile("smoke"), load_profile("cpu")
+
+DATA = ["PROFILE", "DATASET", "SIZE", "NS", "ID_SCHEMES", "SEEDS"]
+MODEL = ["PATCH_SIZE", "DIM", "MLP_DIM", "DEPTH", "HEADS", "DROPOUT", "POS_ENCODING"]
+INDEXING = ["LR", "BATCH_SIZE", "WARMUP_STEPS", "INDEX_EPOCHS", "TARGET_ACCURACY"]
+RETRIEVAL = ["RETRIEVAL_EPOCHS", "MAX_PAIRS_PER_QUERY"]
+RUNNER_NOTES = {
+    "OUT_DIR": "tables/ and figures/ go here; None: reports/<PROFILE>",
+    "RUNS_DIR": "trained models, one folder per database; None: data/runs/<PROFILE>",
+}
+
+
+def literal(value: object) -> str:
+    """A Python literal of a YAML value, strings in double quotes."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def parameters_cell(keys: list[str], runner: tuple[str, ...] = ("OUT_DIR",)) -> nbformat.NotebookNode:
+    """The papermill ``parameters`` cell: smoke values, the cpu value in a comment where it differs."""
+    lines = ["# Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with",
+             "# those of vitdsi_utils/profiles/NAME.yaml (smoke, cpu or paper)."]
+    width = max(len(f"{k} = {literal(SMOKE[k])}") for k in keys) + 2
+    for key in keys:
+        assignment = f"{key} = {literal(SMOKE[key])}"
+        note = f"# cpu: {literal(CPU[key])}" if CPU.get(key) != SMOKE[key] else ""
+        lines.append(f"{assignment:<{width}}{note}".rstrip())
+    for key in runner:
+        lines.append(f"{key + ' = None':<{width}}# {RUNNER_NOTES[key]}")
+    cell = new_code_cell("\n".join(lines))
+    cell.metadata["tags"] = ["parameters"]
+    return cell
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return new_markdown_cell(text.strip())
+
+
+def code(text: str) -> nbformat.NotebookNode:
+    return new_code_cell(text.strip())
+
+
+MODEL_OVERRIDES = """
+model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
+                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
+
+
+def index_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
+                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
+"""
+
+# ------------------------------------------------------------------------------------------
+NB_DATA = [
+    md("""
+# 01 · Data: images, databases, splits and IDs
+
+This notebook loads the images of the profile's dataset, shows what they look like, and draws the
+databases of the study. A database of N images is balanced over the classes; in each class a
+quarter of the images is *indexed* (the model memorises them) and the rest is a pool of queries,
+split 0.8 / 0.1 / 0.1 into train, validation and test queries. The indexed images get IDs by one
+of two schemes: *random* (shuffled) or *clustered* (same-class images get consecutive numbers).
+The manifests written here list every image, its role and its ID.
+"""),
+    parameters_cell(DATA + ["IMAGENETTE_PREVIEW", "GALLERY_PER_CLASS"]),
+    code("""
+import pandas as pd
+from IPython.display import display
+
+from vitdsi_utils import data, plots, settings, study
+from vitdsi_utils.experiments import run_name
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR)
+print(f"profile {PROFILE}: tables -> {paths.tables}, figures -> {paths.figures}")
+"""),
+    md("""
+## The images
+
+Every image is centre-cropped to a square and resized to `SIZE` pixels; images whose aspect ratio
+is outside [0.9, 1.1] are dropped, as in the paper. The count per class bounds the largest
+balanced database.
+"""),
+    code("""
+image_set = data.load_images(DATASET, SIZE, progress=False)
+print(f"{len(image_set)} usable {DATASET} images at {SIZE} px in {len(image_set.classes)} classes; "
+      f"{image_set.dropped_aspect} dropped by the aspect rule, {len(image_set.skipped)} unreadable")
+counts = image_set.class_counts().rename(index=plots.readable_class).rename("images").to_frame()
+counts.T
+"""),
+    code("""
+fig = plots.class_gallery(image_set.images, image_set.labels, image_set.classes,
+                          per_class=GALLERY_PER_CLASS, title=f"{DATASET} at {SIZE} px")
+plots.save_figure(fig, paths.figures / "gallery.png")
+fig
+"""),
+    md("""
+When the profile's dataset is not Imagenette (the smoke profile uses the bundled digits), a few
+Imagenette images are shown here too, so the smoke run also checks that the real images can be read.
+Only a handful of files is decoded.
+"""),
+    code("""
+if IMAGENETTE_PREVIEW and DATASET != "imagenette":
+    folder = settings.imagenette_dir()
+    if folder is None or not folder.is_dir():
+        print(f"Imagenette preview skipped: set {settings.IMAGENETTE_ENV} to a local Imagenette copy to see it.")
+    else:
+        images, labels, classes = study.sample_image_folder(folder, SIZE, per_class=GALLERY_PER_CLASS)
+        fig = plots.class_gallery(images, labels, classes, per_class=GALLERY_PER_CLASS,
+                                  title=f"Imagenette at {SIZE} px (a sample)")
+        plots.save_figure(fig, paths.figures / "imagenette_gallery.png")
+        display(fig)
+"""),
+    md("""
+## Databases and query splits
+
+One database per N (the draw depends only on the seed, so both ID schemes see the same images in
+the same roles). The table gives the images per role; the figure shows how the smallest database
+splits over the classes.
+"""),
+    code("""
+first = {n: data.build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=SEEDS[0]) for n in NS}
+pd.DataFrame({f"N={n}": db.counts().sum() for n, db in first.items()}).T
+"""),
+    code("""
+fig = plots.split_bar(first[NS[0]])
+plots.save_figure(fig, paths.figures / "split_bar.png")
+fig
+"""),
+    md("""
+## The two ID schemes
+
+The first indexed rows of the smallest database under each scheme: with *clustered* IDs the
+classes come in blocks, so the first digits of an ID already say a lot about the class; with
+*random* IDs they say nothing, and the model has to memorise every ID on its own.
+"""),
+    code("""
+n, seed = NS[0], SEEDS[0]
+by_scheme = {scheme: data.build_database(image_set, n, id_scheme=scheme, seed=seed)
+             for scheme in ("random", "clustered")}
+first_ids = pd.DataFrame({"id": by_scheme["random"].manifest["id"].head(12)})
+for scheme, db in by_scheme.items():
+    first_ids[f"{scheme} IDs: class"] = db.manifest["class"].head(12).map(plots.readable_class)
+first_ids
+"""),
+    md("""
+## Manifests
+
+One CSV per database of the grid (N × ID scheme × seed): file, class, role, database row, ID.
+Later notebooks rebuild the same databases from the same seed; the manifests let anyone check that.
+"""),
+    code("""
+for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+    path = db.save_manifest(paths.tables / f"manifest_{run_name(db)}.csv")
+    print(f"{path.name}: {db.n_index} indexed, {len(db.manifest) - db.n_index} queries")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------
+NB_BOVW = [
+    md("""
+# 02 · The Bag-of-Visual-Words baseline
+
+The classical baseline of the paper: grayscale SIFT descriptors of the indexed images, a k-means
+vocabulary of `BOVW_WORDS` visual words, one word histogram per image, and cosine similarity
+between a query's histogram and every indexed image's. Each test query gets a ranked list of
+`K` indexed images; a result is relevant when it has the query's class.
+
+Every metric is computed over all test queries, with a bootstrap 95% interval and the level a
+random ranking would reach (`chance`). The `paper MAP@10` and `paper R@100` rows repeat the
+paper's own protocol (10 random queries), for a like-for-like comparison with its numbers.
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "NS", "SEEDS", "BOVW_WORDS"]),
+    code("""
+from IPython.display import Markdown, display
+
+from vitdsi_utils import evaluation, plots, study
+from vitdsi_utils.tables import write_table
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR)
+"""),
+    code("""
+bovw = evaluation.bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=BOVW_WORDS, progress=False)
+markdown = "\\n\\n".join([f"BoVW, {BOVW_WORDS} visual words, {DATASET} at {SIZE} px. " + evaluation.TABLE1_NOTE,
+                         evaluation.table1_markdown(bovw)])
+write_table(bovw, paths.tables / "bovw", markdown=markdown)
+display(Markdown(markdown))
+"""),
+    md("""
+Precision at 10 and recall at 100 against the database size. With more indexed images there are
+more relevant ones to find (recall at a fixed cut-off falls) and more distractors (precision falls);
+the dotted lines show where a random ranking would be.
+"""),
+    code("""
+fig = plots.metric_vs_n(bovw, ("P@10", "R@100"), title=f"BoVW ({BOVW_WORDS} words)")
+plots.save_figure(fig, paths.figures / "bovw_vs_n.png")
+fig
+"""),
+    code("""
+for row in bovw[bovw["metric"] == "P@10"].itertuples():
+    lift = row.value / row.chance if row.chance else float("nan")
+    print(f"N={row.n}, seed {row.seed}: P@10 = {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
+          f"{lift:.1f}x chance ({row.chance:.3f}); {row.search_ms_per_query:.1f} ms per query")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------
+NB_INDEXING = [
+    md("""
+# 03 · Indexing: the ViT memorises the database
+
+For every database of the grid a new sequence-to-sequence ViT learns to map each indexed image to
+its own ID, token by token, until its training sequence accuracy reaches `TARGET_ACCURACY` (or
+`INDEX_EPOCHS` epochs pass). The trained model is saved in the run folder (`RUNS_DIR`); a later
+run, and the next notebooks, load it instead of training again.
+
+The result is the *zero-shot* DSI: it has seen no query yet. Its indexing accuracy IA@1 (the
+share of indexed images whose own ID comes first in the beam search) says how well it memorised.
+"""),
+    parameters_cell(DATA + MODEL + INDEXING, runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import numpy as np
+import pandas as pd
+import torch
+
+from vitdsi_utils import data, experiments, metrics, plots, study
+from vitdsi_utils.decoding import beam_search
+from vitdsi_utils.ids import make_codec
+from vitdsi_utils.tables import write_table
+from vitdsi_utils.train import TrainConfig, seed_everything
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+""" + MODEL_OVERRIDES),
+    md("""
+## Training
+
+One line per database: epochs, wall time, the final training accuracy and IA@1 with its 95%
+interval. `loaded` means the model came from an earlier run.
+"""),
+    code("""
+runs, histories = [], []
+for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+    n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
+    run_dir = paths.run_dir(db)
+    loaded = (run_dir / "zero_shot.pt").exists()
+    seed_everything(seed)  # the new model's initial weights come from torch's global generator
+    zero = experiments.index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
+    codec = make_codec(db.n_index)
+    _, own = beam_search(zero.model, torch.from_numpy(db.split("index")[0]), codec, k=5)  # as 05_results does
+    ia = metrics.evaluate_indexing(own.numpy(), np.arange(db.n_index), ks=(1,), n_db=len(codec)).iloc[0]
+    train_acc = zero.history.last("train")["seq_acc"]
+    runs.append(dict(run=experiments.run_name(db), n=n, ids=scheme, seed=seed, epochs=zero.epochs,
+                     seconds=zero.seconds, train_seq_acc=train_acc, ia1=ia.value, ia1_low=ia.ci_low,
+                     ia1_high=ia.ci_high, loaded=loaded, run_dir=str(run_dir)))
+    histories.append(zero.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+    print(f"N={n} {scheme:9s} seed {seed}: {zero.epochs} epochs, {zero.seconds:.0f} s, train acc {train_acc:.3f}, "
+          f"IA@1 {ia.value:.3f} [{ia.ci_low:.3f}, {ia.ci_high:.3f}]" + (" (loaded)" if loaded else ""))
+runs = pd.DataFrame(runs)
+histories = pd.concat(histories, ignore_index=True)
+write_table(runs, paths.tables / "indexing_runs")  # the demo finds the run folders here
+histories.to_csv(paths.tables / "histories_indexing.csv", index=False)
+runs.drop(columns=["run", "run_dir"]).round(3)
+"""),
+    md("""
+## Figure 1: the indexing phase
+
+Training loss and sequence accuracy per epoch, one curve per N and ID scheme (as the paper's
+Figure 1). Larger databases take more epochs to memorise.
+"""),
+    code("""
+fig = plots.training_curves(histories, phase="indexing", split="train", metrics=("loss", "seq_acc"),
+                            title="Figure 1: indexing (train)")
+plots.save_figure(fig, paths.figures / "figure1_indexing.png")
+fig
+"""),
+    code("""
+reached = runs["train_seq_acc"] >= TARGET_ACCURACY
+print(f"{int(reached.sum())} of {len(runs)} runs reached the target train accuracy {TARGET_ACCURACY} "
+      f"within {INDEX_EPOCHS} epochs; zero-shot IA@1 ranges {runs['ia1'].min():.3f}-{runs['ia1'].max():.3f}.")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------
+NB_RETRIEVAL = [
+    md("""
+# 04 · Retrieval fine-tuning
+
+The zero-shot model of notebook 03 (loaded from its run folder) is copied and trained for
+`RETRIEVAL_EPOCHS` epochs on (query image, relevant ID) pairs: every training query is paired
+with the IDs of the indexed images of its class (`MAX_PAIRS_PER_QUERY` of them, chosen with a seed,
+or all of them when it is `None`, as in the paper). The validation queries give the validation
+curve. The result is the *fine-tuned* DSI, saved beside the zero-shot model.
+"""),
+    parameters_cell(DATA + MODEL + INDEXING + RETRIEVAL, runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import pandas as pd
+
+from vitdsi_utils import data, experiments, plots, study
+from vitdsi_utils.train import TrainConfig, seed_everything
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+""" + MODEL_OVERRIDES + """
+
+def retrieval_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
+"""),
+    code("""
+histories = []
+for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+    n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
+    run_dir = paths.run_dir(db)
+    if not (run_dir / "zero_shot.pt").exists():
+        print(f"N={n} {scheme} seed {seed}: no zero-shot model from 03_indexing in {run_dir}; training it now")
+        seed_everything(seed)
+    zero = experiments.index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
+    tuned = experiments.fine_tune(db, zero.model, config=retrieval_config(seed), run_dir=run_dir,
+                                  max_pairs_per_query=MAX_PAIRS_PER_QUERY)
+    history = tuned.history.to_frame().assign(n=n, ids=scheme, seed=seed)
+    histories.append(history)
+    last = history[history["epoch"] == history["epoch"].max()].set_index("split")
+    print(f"N={n} {scheme:9s} seed {seed}: {tuned.epochs} epochs, {tuned.seconds:.0f} s; last epoch loss "
+          f"train {last.at['train', 'loss']:.3f}, val {last.at['val', 'loss']:.3f}")
+histories = pd.concat(histories, ignore_index=True)
+histories.to_csv(paths.tables / "histories_retrieval.csv", index=False)
+"""),
+    md("""
+## Figures 2 and 3: the retrieval phase
+
+Loss and sequence accuracy per epoch on the training pairs (Figure 2) and on the validation pairs
+(Figure 3). A query has many relevant IDs, so its pairs contradict one another: the accuracy of a
+single target sequence stays low even when the model ranks relevant IDs well. A validation loss
+that rises while the training loss falls means the model memorises the training queries.
+"""),
+    code("""
+fig = plots.training_curves(histories, phase="retrieval", split="train", title="Figure 2: retrieval (train)")
+plots.save_figure(fig, paths.figures / "figure2_retrieval_train.png")
+fig
+"""),
+    code("""
+fig = plots.training_curves(histories, phase="retrieval", split="val", title="Figure 3: retrieval (validation)")
+plots.save_figure(fig, paths.figures / "figure3_retrieval_val.png")
+fig
+"""),
+]
+
+# ------------------------------------------------------------------------------------------
+NB_RESULTS = [
+    md("""
+# 05 · Results: Table 1
+
+Every model is scored on the same test queries: BoVW (from notebook 02), the zero-shot DSI
+(notebook 03) and the fine-tuned DSI (notebook 04), for every N and ID scheme. The DSI ranked
+lists come from beam search constrained to the IDs that exist, so each list holds `K` distinct,
+valid IDs. IA@1 and IA@5 use every indexed image as a query for its own ID.
+
+Values are over all test queries with bootstrap 95% intervals; `chance` is a random ranking; the
+paper's numbers stand beside ours (its MAP@10 and R@100 used 10 random queries, which our
+`protocol` columns repeat).
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "NS", "ID_SCHEMES", "SEEDS", "K"], runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import pandas as pd
+from IPython.display import Markdown, display
+
+from vitdsi_utils import data, evaluation, plots, study
+from vitdsi_utils.experiments import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.tables import write_table
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+bovw_csv = paths.tables / "bovw.csv"
+if not bovw_csv.exists():
+    raise FileNotFoundError(f"{bovw_csv} is missing: run `vitdsi study --profile {PROFILE} --start-at 02_bovw`")
+bovw = pd.read_csv(bovw_csv)
+"""),
+    code("""
+frames = [bovw.drop(columns="paper")]
+for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+    run_dir, s = paths.run_dir(db), db.settings
+    for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
+        model, codec, meta = study.load_trained(run_dir / file, PROFILE)
+        table, timings = evaluation.evaluate_dsi(model, codec, db, k=K, seed=s["seed"])
+        frames.append(table.assign(model=name, source=s["source"], size=s["size"], n=s["n"], ids=s["id_scheme"],
+                                   seed=s["seed"], epochs=meta["epoch"], train_s=meta["extra"].get("seconds"),
+                                   **timings))
+        print(f"{name}, N={s['n']} {s['id_scheme']} seed {s['seed']}: "
+              f"{timings['search_ms_per_query']:.1f} ms per query")
+results = evaluation.attach_paper(pd.concat(frames, ignore_index=True))
+"""),
+    md("""
+## Table 1
+"""),
+    code("""
+table1 = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + evaluation.TABLE1_NOTE,
+                       evaluation.table1_markdown(results)])
+write_table(results, paths.tables / "table1", markdown=table1)
+display(Markdown(table1))
+"""),
+    code("""
+fig = plots.metric_bars(results, ("IA@1", "mAP@10", "P@10", "R@100"))
+plots.save_figure(fig, paths.figures / "metric_bars.png")
+fig
+"""),
+    md("""
+## What the numbers say
+
+Computed from the table above, not written in advance: a DSI variant *beats* BoVW on a metric only
+when its 95% interval lies wholly above BoVW's at the same N; overlapping intervals decide nothing.
+"""),
+    code("""
+def sentence(metric: str) -> None:
+    verdicts = study.baseline_verdicts(results, metric)
+    for row in verdicts.itertuples():
+        print(f"  N={row.n} seed {row.seed}, {row.model} ({row.ids}): {row.value:.3f} "
+              f"[{row.ci_low:.3f}, {row.ci_high:.3f}] vs BoVW {row.baseline_value:.3f} -> {row.verdict}")
+    wins = verdicts.groupby("n")["verdict"].apply(lambda v: (v == "better").any())
+    print(f"  {metric}: some DSI variant beats BoVW with non-overlapping intervals at "
+          f"{int(wins.sum())} of {len(wins)} database sizes.")
+
+for metric in ("mAP@10", "P@10"):
+    print(metric)
+    sentence(metric)
+
+ia = results[(results["metric"] == "IA@1") & (results["model"] == ZERO_SHOT)]
+print(f"Zero-shot IA@1: {ia['value'].min():.3f}-{ia['value'].max():.3f} (target of the project: >= 0.99 at every N).")
+dsi = results[results["model"] != "BoVW"]
+wide = dsi.pivot_table(index=["model", "n", "seed", "metric"], columns="ids", values="value")
+if {"clustered", "random"} <= set(wide.columns):
+    gap = (wide["clustered"] - wide["random"]).abs()
+    print(f"Largest clustered-random gap over all DSI metrics: {gap.max():.3f} ({' / '.join(map(str, gap.idxmax()))}).")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------
+NB_DEMO = [
+    md("""
+# 06 · Demo: query the models
+
+Pick a test query from the strip (or upload your own image), tick the models, choose K and press
+**Run**: each model's top-K indexed images appear side by side, relevant ones (the query's class)
+framed in green with a check mark, with the score and the time the model took for this query.
+BoVW is fitted here on the indexed images; the two DSI models are loaded from the study's run
+folder (`RUNS_DIR`), for the first database of the grid.
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "NS", "ID_SCHEMES", "SEEDS", "BOVW_WORDS"],
+                    runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import pandas as pd
+
+from vitdsi_utils import data, plots, study
+from vitdsi_utils.demo import QueryDemo
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+db = data.build_database(image_set, NS[0], id_scheme=ID_SCHEMES[0], seed=SEEDS[0])
+demo = QueryDemo.from_run_dir(paths.runs, db, bovw_words=BOVW_WORDS, profile=PROFILE, k=10)
+demo
+"""),
+    md("""
+## One query, run from code
+
+The same search without clicking (this is what runs when the notebook is executed headless): the
+first test query, every model, K = 10. The figure is saved for the report.
+"""),
+    code("""
+demo.select_query(0)
+results = demo.run()
+summary = pd.DataFrame(
+    [(name, len(rows), sum(bool(demo.is_relevant(r)) for r in rows), latency)
+     for name, (rows, scores, latency) in results.items()],
+    columns=["model", "K", "relevant", "latency_ms"],
+)
+fig = demo.result_figure()
+plots.save_figure(fig, paths.figures / "demo_example.png")
+print(f"{demo.query_title}: " + "; ".join(f"{r.model} {r.relevant}/{r.K} relevant in {r.latency_ms:.1f} ms"
+                                          for r in summary.itertuples()))
+fig
+"""),
+]
+
+NOTEBOOKS = {
+    "01_data.ipynb": NB_DATA,
+    "02_bovw.ipynb": NB_BOVW,
+    "03_indexing.ipynb": NB_INDEXING,
+    "04_retrieval.ipynb": NB_RETRIEVAL,
+    "05_results.ipynb": NB_RESULTS,
+    "06_demo.ipynb": NB_DEMO,
+}
+
+
+def build(folder: Path = HERE) -> list[Path]:
+    """Write every notebook (no outputs, no execution counts, kernel python3); return the paths."""
+    written = []
+    for name, cells in NOTEBOOKS.items():
+        for i, cell in enumerate(cells):
+            cell.id = f"{name[:2]}-{i:02d}"  # fixed ids: rebuilding an unchanged notebook changes no byte
+        notebook = new_notebook(cells=cells)
+        notebook.metadata["kernelspec"] = KERNELSPEC
+        notebook.metadata["language_info"] = {"name": "python"}
+        nbformat.validate(notebook)
+        path = folder / name
+        nbformat.write(notebook, path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in build():
+        print(f"wrote {path.relative_to(HERE.parent)}")

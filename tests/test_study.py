@@ -1,0 +1,151 @@
+"""The study runner: profiles, parameter hand-over, failure handling, and the smoke study end to end."""
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pandas as pd
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from vitdsi_utils import cli
+from vitdsi_utils.study import (
+    StudyFailed,
+    baseline_verdicts,
+    known_profiles,
+    load_profile,
+    notebook_parameters,
+    run_study,
+    study_notebooks,
+)
+
+METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
+FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars")
+
+
+def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
+    """A notebook whose first cell is the tagged parameters cell, then ``cells``."""
+    first = new_code_cell(parameters)
+    first.metadata["tags"] = ["parameters"]
+    notebook = new_notebook(cells=[first, *(new_code_cell(c) for c in cells)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Profiles and parameters (no kernel)
+# ------------------------------------------------------------------------------------------
+def test_bundled_profiles_share_their_keys():
+    assert {"smoke", "cpu", "paper"} <= set(known_profiles())
+    keys = {name: set(load_profile(name)) for name in ("smoke", "cpu", "paper")}
+    assert keys["smoke"] == keys["cpu"] == keys["paper"]
+
+
+def test_paper_profile_follows_the_paper():
+    paper = load_profile("paper")
+    assert (paper["SIZE"], paper["NS"], paper["SEEDS"]) == (160, [512, 1024, 2048], [0, 1, 2])
+    training = (paper["LR"], paper["BATCH_SIZE"], paper["TARGET_ACCURACY"], paper["RETRIEVAL_EPOCHS"])
+    assert training == (5e-4, 32, 0.98, 75)
+    assert (paper["DIM"], paper["MLP_DIM"], paper["DEPTH"], paper["HEADS"], paper["PATCH_SIZE"]) == (128, 256, 6, 4, 16)
+    assert paper["MAX_PAIRS_PER_QUERY"] is None and paper["BOVW_WORDS"] == 200
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown profile 'nope'.*smoke"):
+        load_profile("nope")
+
+
+def test_cli_reports_an_unknown_profile(capsys):
+    assert cli.main(["study", "--profile", "nope"]) == 2
+    assert "unknown profile" in capsys.readouterr().err
+
+
+def test_cli_exits_1_when_the_study_fails(monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise StudyFailed("03_indexing.ipynb failed in cell 4 with ValueError: bad")
+
+    monkeypatch.setattr("vitdsi_utils.study.run_study", fail)
+    assert cli.main(["study", "--profile", "smoke", "--quiet"]) == 1
+    assert "ValueError: bad" in capsys.readouterr().err
+
+
+def test_only_declared_parameters_are_passed(tmp_path):
+    path = write_notebook(tmp_path / "nb.ipynb", "pass")
+    given = {"PROFILE": "cpu", "NS": [512], "OUT_DIR": "/x"}
+    assert notebook_parameters(path, given) == {"PROFILE": "cpu", "OUT_DIR": "/x"}
+
+
+def test_every_study_notebook_declares_tagged_parameters():
+    for path in study_notebooks():
+        notebook = nbformat.read(path, as_version=4)
+        first_code = next(c for c in notebook.cells if c.cell_type == "code")
+        assert "parameters" in first_code.metadata.get("tags", []), path.name
+        assert notebook.metadata["kernelspec"]["name"] == "python3"
+        assert all(not c.get("outputs") and c.get("execution_count") is None
+                   for c in notebook.cells if c.cell_type == "code"), f"{path.name} was committed with outputs"
+
+
+def test_baseline_verdicts_need_separated_intervals():
+    rows = [
+        ("BoVW", "-", 0.40, 0.35, 0.45),
+        ("DSI fine-tuned", "clustered", 0.60, 0.50, 0.70),  # wholly above
+        ("DSI fine-tuned", "random", 0.42, 0.30, 0.50),  # overlaps
+        ("DSI zero-shot", "random", 0.10, 0.05, 0.20),  # wholly below
+    ]
+    results = pd.DataFrame(rows, columns=["model", "ids", "value", "ci_low", "ci_high"]).assign(
+        metric="mAP@10", n=512, seed=0)
+    verdicts = baseline_verdicts(results, "mAP@10").set_index(["model", "ids"])["verdict"]
+    assert verdicts[("DSI fine-tuned", "clustered")] == "better"
+    assert verdicts[("DSI fine-tuned", "random")] == "overlap"
+    assert verdicts[("DSI zero-shot", "random")] == "worse"
+
+
+# ------------------------------------------------------------------------------------------
+# Notebooks executed by papermill
+# ------------------------------------------------------------------------------------------
+@pytest.mark.notebook
+def test_runner_stops_at_the_first_failing_notebook(tmp_path):
+    first = write_notebook(
+        tmp_path / "01_fails.ipynb",
+        "from pathlib import Path\nPath(OUT_DIR, 'profile.txt').write_text(PROFILE)",
+        "raise ZeroDivisionError('boom in the second cell')",
+    )
+    second = write_notebook(tmp_path / "02_never.ipynb", "pass")
+    out = tmp_path / "report"
+    with pytest.raises(StudyFailed, match="ZeroDivisionError") as error:
+        run_study({"PROFILE": "custom"}, notebooks=[first, second], out_root=out, progress=False)
+    assert "boom in the second cell" in str(error.value) and "01_fails" in str(error.value)
+    assert (out / "profile.txt").read_text() == "custom"  # the parameter reached the notebook
+    assert (out / "notebooks" / "01_fails.ipynb").exists()  # the copy with the traceback
+    assert not (out / "notebooks" / "02_never.ipynb").exists()
+    timings = pd.read_csv(out / "timings.csv")
+    assert timings["status"].tolist() == ["failed"]
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path):
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    timings = run_study("smoke", out_root=out, runs_dir=runs, progress=False)
+
+    names = [p.stem for p in study_notebooks()]
+    assert timings["notebook"].tolist() == names and (timings["status"] == "ok").all()
+    for name in names:
+        assert (out / "notebooks" / f"{name}.ipynb").exists()
+    assert any(runs.glob("*/fine_tuned.pt"))  # models went to the runs folder we passed
+
+    table1 = pd.read_csv(out / "tables" / "table1.csv")
+    assert {"BoVW", "DSI zero-shot", "DSI fine-tuned"} <= set(table1["model"])
+    values = table1[list(METRIC_COLUMNS)].to_numpy()
+    assert ((values >= 0) & (values <= 1) | pd.isna(values)).all()
+    for figure in FIGURES:
+        path = out / "figures" / f"{figure}.png"
+        assert path.exists() and path.stat().st_size > 1000, figure
+
+    readme = (out / "README.md").read_text()
+    table1_md = (out / "tables" / "table1.md").read_text()
+    table_lines = [line for line in table1_md.splitlines() if line.startswith("| DSI")]
+    assert table_lines and all(line in readme for line in table_lines)
+    assert re.search(r"!\[metric_bars\]\(figures/metric_bars\.png\)", readme)
+    assert (out / "timings.csv").exists()
