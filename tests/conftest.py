@@ -11,6 +11,17 @@ from PIL import Image
 SHARED_IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette-224"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads stall when other jobs share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch):
     """Caches and downloads of a test go to a temporary folder, never the project's data/."""

@@ -8,13 +8,7 @@ from vitdsi_utils.ids import make_codec
 from vitdsi_utils.model import IMAGE_MEAN, IMAGE_STD, POS_ENCODINGS, DSIConfig, DSIModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads stall when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> DSIConfig:
