@@ -15,6 +15,7 @@ from vitdsi_utils.train import (
     IndexingTask,
     RetrievalPairs,
     TrainConfig,
+    evaluate,
     fit,
     load_checkpoint,
     load_model,
@@ -94,6 +95,30 @@ def test_memorises_64_images():
     assert history[-1]["seq_acc"] == 1.0 and history[-1]["epoch"] < 60  # stopped on the target
     _, rows = beam_search(model, images, codec, k=1)
     assert torch.equal(rows[:, 0], torch.arange(64))  # IA@1 = 1.0
+
+
+def test_stops_on_eval_mode_accuracy_with_dropout():
+    """With dropout the running accuracy lags; the stop rule re-scores the index without dropout."""
+    codec = make_codec(32)
+    images = images_of(32, seed=2)
+    model = tiny_model(codec, dim=64, mlp_dim=128, dropout=0.3)
+    config = quiet(lr=3e-3, batch_size=8, epochs=80, target_accuracy=1.0, stop_check_from=0.5)
+    frame = train_indexing(model, codec, images, config=config).to_frame()
+    checks = frame[frame.split == "train_eval"]
+    assert len(checks) >= 1 and frame.iloc[-1]["split"] == "train_eval"  # the run ended on a check
+    assert checks.iloc[-1]["seq_acc"] == 1.0 and (checks.iloc[:-1]["seq_acc"] < 1.0).all()
+    running = frame[frame.split == "train"].set_index("epoch")["seq_acc"]
+    assert (running.loc[checks.epoch] >= 0.5).all()  # checks only once the running accuracy is close
+    assert (running.loc[running.index < checks.epoch.min()] < 0.5).all()
+    assert evaluate(model, codec, [IndexingTask(images)])["indexing"]["seq_acc"] == 1.0  # what stopping promised
+    _, rows = beam_search(model, images, codec, k=1)
+    assert torch.equal(rows[:, 0], torch.arange(32))
+    # the old rule: running accuracy with dropout, no re-scoring
+    model = tiny_model(codec, dropout=0.3)
+    frame = train_indexing(model, codec, images, config=quiet(epochs=2, stop_metric="train")).to_frame()
+    assert set(frame.split) == {"train"}
+    with pytest.raises(ValueError, match="stop_metric"):
+        quiet(stop_metric="val")
 
 
 # -- tasks, history --------------------------------------------------------------------------

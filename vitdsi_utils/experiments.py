@@ -259,8 +259,8 @@ def _write_dsi_tables(
     markdown = "\n".join([
         f"# ViT DSI on {source} at {size} px",
         "",
-        f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until train sequence accuracy "
-        f">= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
+        f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
+        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
         + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
