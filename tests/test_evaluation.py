@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from vitdsi_utils.cli import main
 from vitdsi_utils.data import build_database, load_images
@@ -89,6 +90,31 @@ def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
     other = build_database(load_images("digits", 32, progress=False), 120, id_scheme="random")
     with pytest.raises(ValueError, match="another database"):
         run_experiment(other, model_overrides=tiny, index_config=quick, run_dir=tmp_path, k=10)
+
+
+def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
+    import warnings
+
+    from vitdsi_utils.experiments import FINE_TUNED, MULTITASK, ZERO_SHOT, run_experiment
+    from vitdsi_utils.train import TrainConfig, load_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        db = build_database(load_images("digits", 32, progress=False), 80, id_scheme="clustered")
+    tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2, dropout=0.0)
+    quick = TrainConfig(epochs=2, progress=False)
+    result = run_experiment(db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path,
+                            k=10, multitask=True, mix_ratio=1.5)
+    assert set(result.table["model"]) == {ZERO_SHOT, FINE_TUNED, MULTITASK}
+    assert (tmp_path / "multitask.pt").exists() and (tmp_path / "fine_tuned.pt").exists()
+    frame = result.multitask.history.to_frame()
+    train = frame[frame.split == "train"].set_index(["epoch", "task"])["n_examples"]
+    assert train.loc[(1, "indexing")] == db.n_index  # every indexed image, every epoch
+    assert train.loc[(2, "retrieval")] == round(1.5 * db.n_index)  # pairs resampled to the ratio
+    assert set(frame.phase) == {"multitask"} and set(frame[frame.split == "val"].task) == {"retrieval"}
+    # the zero-shot model the two variants started from is unchanged by either
+    stored = load_checkpoint(tmp_path / "zero_shot.pt")["model"]
+    assert all(torch.equal(v, result.zero_shot.model.state_dict()[k]) for k, v in stored.items())
 
 
 def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):

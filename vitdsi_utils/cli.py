@@ -60,7 +60,7 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
     overrides = {"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos}
     index_config = TrainConfig(
         epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr, seed=args.seeds[0],
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, stop_metric=args.stop_metric,
     )
     retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seeds[0])
     start = time.perf_counter()
@@ -68,6 +68,7 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
         model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
         max_pairs_per_query=args.max_pairs_per_query, out_dir=out, runs_dir=runs,
+        multitask=args.multitask, mix_ratio=args.mix_ratio,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
@@ -115,9 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     dsi.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up of the indexing phase")
     dsi.add_argument("--index-epochs", type=int, default=1000, help="most indexing epochs (stops at the target)")
     dsi.add_argument("--target-accuracy", type=float, default=0.98, help="indexing stops at this train accuracy")
+    dsi.add_argument("--stop-metric", default="eval", choices=["eval", "train"],
+                     help="accuracy the indexing stop rule reads: re-scored without dropout (eval, default) "
+                          "or the running one during the epoch (train)")
     dsi.add_argument("--retrieval-epochs", type=int, default=75, help="fine-tuning epochs (paper: 75)")
     dsi.add_argument("--max-pairs-per-query", type=int, default=None,
                      help="cap on (query, relevant ID) pairs per query (default: all, as the paper)")
+    dsi.add_argument("--multitask", action="store_true",
+                     help="also train a multi-task model: pairs and indexing examples in the same epochs")
+    dsi.add_argument("--mix-ratio", type=float, default=None,
+                     help="with --multitask: retrieval pairs per indexed image per epoch (default: every pair once)")
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)

@@ -140,7 +140,7 @@ def table1_markdown(results: pd.DataFrame) -> str:
         "| protocol MAP@10 | paper MAP@10 | protocol R@100 | paper R@100 | chance P@10 | chance R@100 |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    order = {"BoVW": 0, "DSI zero-shot": 1, "DSI fine-tuned": 2}
+    order = {"BoVW": 0, "DSI zero-shot": 1, "DSI fine-tuned": 2, "DSI multi-task": 3}
     keys = results[["model", "n", "ids", "seed"]].drop_duplicates()
     keys = keys.assign(_o=keys["model"].map(order).fillna(9)).sort_values(["_o", "n", "ids", "seed"])
     for model, n, ids, seed in keys[["model", "n", "ids", "seed"]].itertuples(index=False):

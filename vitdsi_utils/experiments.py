@@ -17,10 +17,21 @@ from .data import Database
 from .evaluation import attach_paper, evaluate_dsi
 from .ids import IDCodec, make_codec
 from .model import DSIConfig, DSIModel
-from .train import History, RetrievalPairs, TrainConfig, load_model, seed_everything, train_indexing, train_retrieval
+from .train import (
+    History,
+    IndexingTask,
+    RetrievalPairs,
+    TrainConfig,
+    load_model,
+    seed_everything,
+    train_indexing,
+    train_multitask,
+    train_retrieval,
+)
 
 ZERO_SHOT = "DSI zero-shot"
 FINE_TUNED = "DSI fine-tuned"
+MULTITASK = "DSI multi-task"
 
 
 def run_name(db: Database) -> str:
@@ -87,14 +98,24 @@ def fine_tune(
     config: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
 ) -> PhaseResult:
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
-    One pair per relevant indexed image of every train query, as in the reference
-    implementation; the val queries give the validation curve. ``zero_shot`` is not changed.
+    One pair per relevant indexed image of every train query (``max_pairs_per_query`` caps it
+    with a seeded sample), as in the reference implementation; the val queries give the
+    validation curve. ``zero_shot`` is not changed.
+
+    ``multitask=True`` keeps the indexing examples in every epoch beside the pairs, as the
+    original DSI trains, so the model is reminded of each image's own ID while it learns
+    retrieval (the paper fine-tuned on pairs alone and lost most of its indexing accuracy).
+    ``mix_ratio`` then resamples the pairs to ``mix_ratio`` per indexed image and epoch (None:
+    every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
     """
     codec = make_codec(db.n_index)
-    final = Path(run_dir) / "fine_tuned.pt" if run_dir else None
+    stem = "multitask" if multitask else "fine_tuned"
+    final = Path(run_dir) / f"{stem}.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec)
     index_labels = db.index_labels
@@ -108,15 +129,16 @@ def fine_tune(
     )
     model = copy.deepcopy(zero_shot)
     config = config or TrainConfig(epochs=75)
+    checkpoint = Path(run_dir) / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
     start = time.perf_counter()
-    history = train_retrieval(
-        model,
-        codec,
-        pairs,
-        val=[val_pairs],
-        config=config,
-        checkpoint_path=Path(run_dir) / "retrieval.ckpt" if run_dir else None,
-    )
+    if multitask:
+        indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
+        history = train_multitask(
+            model, codec, indexing, pairs, mix_ratio=mix_ratio, val=[val_pairs], config=config,
+            checkpoint_path=checkpoint,
+        )
+    else:
+        history = train_retrieval(model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint)
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
@@ -144,6 +166,7 @@ class DSIExperiment:
     db: Database
     zero_shot: PhaseResult
     fine_tuned: PhaseResult | None
+    multitask: PhaseResult | None = None
     table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
@@ -157,8 +180,14 @@ def run_experiment(
     run_dir: str | Path | None = None,
     k: int = 100,
     max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
 ) -> DSIExperiment:
-    """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours."""
+    """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
+
+    ``multitask`` adds a third model: the zero-shot one trained on pairs and indexing examples
+    together (see :func:`fine_tune`), with ``retrieval_config`` and ``mix_ratio``.
+    """
     codec = make_codec(db.n_index)
     zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
     tables = [_result_rows(db, zero, codec, ZERO_SHOT, k)]
@@ -168,8 +197,15 @@ def run_experiment(
             db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query
         )
         tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k))
+    mixed = None
+    if multitask:
+        mixed = fine_tune(
+            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
+            multitask=True, mix_ratio=mix_ratio,
+        )
+        tables.append(_result_rows(db, mixed, codec, MULTITASK, k))
     table = attach_paper(pd.concat(tables, ignore_index=True))
-    return DSIExperiment(db, zero, tuned, table)
+    return DSIExperiment(db, zero, tuned, multitask=mixed, table=table)
 
 
 def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int) -> pd.DataFrame:
@@ -202,6 +238,9 @@ def dsi_study(
     out_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
     progress: bool = True,
+    fine_tune_phase: bool = True,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -225,9 +264,12 @@ def dsi_study(
                     retrieval_config=retrieval_config,
                     run_dir=run_dir,
                     max_pairs_per_query=max_pairs_per_query,
+                    fine_tune_phase=fine_tune_phase,
+                    multitask=multitask,
+                    mix_ratio=mix_ratio,
                 )
                 results.append(experiment.table)
-                for phase in (experiment.zero_shot, experiment.fine_tuned):
+                for phase in (experiment.zero_shot, experiment.fine_tuned, experiment.multitask):
                     if phase is not None and len(phase.history):
                         histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
                 # tables are rewritten after every run, so a long study shows its progress
@@ -235,7 +277,8 @@ def dsi_study(
                 history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
                 if out_dir is not None:
                     _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
-                                      model_overrides, index_config, retrieval_config, max_pairs_per_query)
+                                      model_overrides, index_config, retrieval_config, max_pairs_per_query,
+                                      mix_ratio if multitask else False)
     return results_frame, history_frame
 
 
@@ -249,6 +292,7 @@ def _write_dsi_tables(
     index_config: TrainConfig | None,
     retrieval_config: TrainConfig | None,
     max_pairs_per_query: int | None,
+    mix_ratio: float | None | bool = False,
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
@@ -263,6 +307,9 @@ def _write_dsi_tables(
         f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
+        + ("" if mix_ratio is False else
+           f"Multi-task: the same schedule with every indexed image in each epoch beside "
+           + ("every pair. " if mix_ratio is None else f"{mix_ratio} pairs per indexed image. "))
         + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
         "",
         table1_markdown(results_frame),
