@@ -97,8 +97,8 @@ def test_memorises_64_images():
     assert torch.equal(rows[:, 0], torch.arange(64))  # IA@1 = 1.0
 
 
-def test_stops_on_eval_mode_accuracy_with_dropout():
-    """With dropout the running accuracy lags; the stop rule re-scores the index without dropout."""
+def test_stops_on_beam_search_ia_with_dropout():
+    """With dropout the running accuracy lags; the stop rule re-scores the index the way it is evaluated."""
     codec = make_codec(32)
     images = images_of(32, seed=2)
     model = tiny_model(codec, dim=64, mlp_dim=128, dropout=0.3)
@@ -106,14 +106,27 @@ def test_stops_on_eval_mode_accuracy_with_dropout():
     frame = train_indexing(model, codec, images, config=config).to_frame()
     checks = frame[frame.split == "train_eval"]
     assert len(checks) >= 1 and frame.iloc[-1]["split"] == "train_eval"  # the run ended on a check
-    assert checks.iloc[-1]["seq_acc"] == 1.0 and (checks.iloc[:-1]["seq_acc"] < 1.0).all()
+    assert checks.iloc[-1]["seq_acc"] == 1.0 and checks.iloc[-1]["ia1"] == 1.0
+    earlier = checks.iloc[:-1]  # each earlier check failed the teacher-forced test or the beam-search one
+    assert ((earlier["seq_acc"] < 1.0) | (earlier["ia1"] < 1.0)).all()
+    assert earlier.loc[earlier["seq_acc"] < 1.0, "ia1"].isna().all()  # beam search only behind the cheap check
     running = frame[frame.split == "train"].set_index("epoch")["seq_acc"]
     assert (running.loc[checks.epoch] >= 0.5).all()  # checks only once the running accuracy is close
     assert (running.loc[running.index < checks.epoch.min()] < 0.5).all()
-    assert evaluate(model, codec, [IndexingTask(images)])["indexing"]["seq_acc"] == 1.0  # what stopping promised
-    _, rows = beam_search(model, images, codec, k=1)
+    assert evaluate(model, codec, [IndexingTask(images)])["indexing"]["seq_acc"] == 1.0
+    _, rows = beam_search(model, images, codec, k=1, beam_size=100)  # what the evaluation runs
     assert torch.equal(rows[:, 0], torch.arange(32))
-    # the old rule: running accuracy with dropout, no re-scoring
+
+
+def test_other_stop_metrics():
+    codec = make_codec(32)
+    images = images_of(32, seed=2)
+    model = tiny_model(codec, dim=64, mlp_dim=128, dropout=0.3)
+    config = quiet(lr=3e-3, batch_size=8, epochs=80, target_accuracy=1.0, stop_check_from=0.5, stop_metric="eval")
+    frame = train_indexing(model, codec, images, config=config).to_frame()
+    checks = frame[frame.split == "train_eval"]
+    assert "ia1" not in frame.columns and checks.iloc[-1]["seq_acc"] == 1.0 and (checks.iloc[:-1]["seq_acc"] < 1).all()
+    # the running accuracy with dropout, no re-scoring
     model = tiny_model(codec, dropout=0.3)
     frame = train_indexing(model, codec, images, config=quiet(epochs=2, stop_metric="train")).to_frame()
     assert set(frame.split) == {"train"}
