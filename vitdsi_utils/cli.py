@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsi.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up of the indexing phase")
     dsi.add_argument("--index-epochs", type=int, default=1000, help="most indexing epochs (stops at the target)")
     dsi.add_argument("--target-accuracy", type=float, default=0.98, help="indexing stops at this train accuracy")
-    dsi.add_argument("--stop-metric", default="eval", choices=["eval", "train"],
-                     help="accuracy the indexing stop rule reads: re-scored without dropout (eval, default) "
-                          "or the running one during the epoch (train)")
+    dsi.add_argument("--stop-metric", default="ia", choices=["ia", "eval", "train"],
+                     help="what the indexing stop rule reads: IA@1 of beam search (ia, default), teacher-forced "
+                          "accuracy without dropout (eval), or the running accuracy with dropout (train)")
     dsi.add_argument("--retrieval-epochs", type=int, default=75, help="fine-tuning epochs (paper: 75)")
     dsi.add_argument("--max-pairs-per-query", type=int, default=None,
                      help="cap on (query, relevant ID) pairs per query (default: all, as the paper)")
