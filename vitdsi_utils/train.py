@@ -54,7 +54,7 @@ class TrainConfig:
     # "eval": teacher-forced sequence accuracy in eval mode (no dropout), i.e. greedy decoding;
     # "train": the running accuracy during the epoch, with dropout (cheapest; lags the model).
     stop_metric: str = "ia"
-    stop_beam: int = 10  # beam width of the "ia" check
+    stop_beam: int = 100  # beam width of the "ia" check: as the evaluation's top-100 (a wider beam can find a wrong ID that outscores the right one)
     stop_check_from: float = 0.8  # "ia"/"eval": check only on epochs whose running accuracy reaches this x target
     weight_decay: float = 0.0  # > 0 switches Adam to AdamW (decoupled decay)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
