@@ -216,6 +216,35 @@ def test_every_odd_format_goes_through_the_folder_pipeline(tmp_path):
     assert len(image_set) == 20 and image_set.skipped == [] and image_set.images.dtype == np.uint8
 
 
+def test_file_names_that_are_not_utf8_are_kept_byte_for_byte(image_tree, tmp_path):
+    raw = os.fsencode(image_tree / "beta") + b"/caf\xe9_\xff.png"  # Latin-1 bytes, as old cameras write them
+    try:
+        Image.fromarray(textured_image(np.random.default_rng(3), (48, 48), 1)).save(os.fsdecode(raw), format="PNG")
+    except (OSError, ValueError):
+        pytest.skip("this file system accepts only UTF-8 file names")
+    first = load_images("folder", 32, root=image_tree, progress=False)
+    second = load_images("folder", 32, root=image_tree, progress=False)  # from the cache
+    name = os.fsdecode(b"beta/caf\xe9_\xff.png")
+    assert name in first.files and first.files == second.files
+    db = build_database(first, 37, seed=0)  # every image, the Latin-1 one included
+    assert len(db.fingerprint()["indexed_images_sha1"]) == 16
+    path = db.save_manifest(tmp_path / "manifest.csv")
+    assert b"beta/caf\xe9_\xff.png" in path.read_bytes()  # the manifest names the file as it is on disk
+    table = pd.read_csv(path, encoding_errors="surrogateescape", keep_default_na=False)
+    assert (image_tree / table.loc[table["file"] == name, "file"].item()).is_file()
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_with_the_fix(image_tree):
+    folder = os.fsencode(image_tree) + b"/caf\xe9"
+    try:
+        os.mkdir(folder)
+    except (OSError, ValueError):
+        pytest.skip("this file system accepts only UTF-8 file names")
+    Image.new("RGB", (32, 32)).save(os.fsdecode(folder + b"/0.png"))
+    with pytest.raises(ValueError, match=r"class folder .*caf\\xe9.* not valid UTF-8; rename it"):
+        load_images("folder", 32, root=image_tree, progress=False)
+
+
 # ------------------------------------------------------------------------------------------
 # Odd folders and impossible requests
 # ------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 SPLIT_FOLDERS = ("train", "val", "test")
 ROLES = ("index", "train", "val", "test")
 _CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+#: File names that are not valid UTF-8 (e.g. Latin-1 names from an old camera) reach Python as
+#: lone surrogates; CSV files store and restore their original bytes with this error handler.
+FILE_NAME_ERRORS = "surrogateescape"
 
 IMAGENETTE_CLASSES = {
     "n01440764": "tench",
@@ -189,6 +192,12 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[str], lis
     per_class: dict[str, list[str]] = {}
     for base in bases:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not _is_utf8(class_dir.name):
+                # class names appear in tables, figures and the demo, which need real text
+                raise ValueError(
+                    f"the class folder {os.fsencode(class_dir)!r} has a name that is not valid UTF-8; "
+                    "rename it (e.g. with `convmv -f latin1 -t utf8`)"
+                )
             files = sorted(
                 str(f.relative_to(root))
                 for f in class_dir.iterdir()
@@ -210,12 +219,21 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[str], lis
     return files, classes, labels
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _cache_key(source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float]) -> str:
     digest = hashlib.sha1()
     digest.update(json.dumps([_CACHE_VERSION, source, str(root.resolve()), size, list(aspect_range)]).encode())
     for name in files:  # a changed, added or removed file gives a new key
         stat = (root / name).stat()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # os.fsencode keeps the exact bytes of names that are not valid UTF-8
+        digest.update(os.fsencode(name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -284,7 +302,7 @@ def _load_folder(
         if cache:
             with atomic_dir(cache_dir) as tmp:
                 np.save(tmp / "images.npy", images)
-                table.to_csv(tmp / "files.csv", index=False)
+                table.to_csv(tmp / "files.csv", index=False, errors=FILE_NAME_ERRORS)
                 (tmp / "info.json").write_text(json.dumps(info, indent=2))
     if info["skipped"]:
         reasons = info.get("skip_reasons", {})
@@ -319,7 +337,7 @@ def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None
         return None
     try:
         info = json.loads((cache_dir / "info.json").read_text())
-        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False)
+        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS)
         images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
         if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped_aspect"} <= set(info):
             raise ValueError("its parts do not fit together")
@@ -446,7 +464,7 @@ class Database:
         index = self.manifest[self.manifest["role"] == "index"]
         digest = hashlib.sha1()
         for file, name in zip(index["file"], index["class"]):
-            digest.update(f"{file}\t{name}\n".encode())
+            digest.update(f"{file}\t{name}\n".encode("utf-8", FILE_NAME_ERRORS))
         keys = ("source", "size", "n", "id_scheme", "seed")
         return {**{k: self.settings.get(k) for k in keys}, "indexed_images_sha1": digest.hexdigest()[:16]}
 
@@ -455,7 +473,7 @@ class Database:
         skipped = pd.DataFrame({"file": self.skipped, "role": "skipped"})
         table = pd.concat([self.manifest, skipped], ignore_index=True) if self.skipped else self.manifest
         with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
+            table.to_csv(tmp, index=False, errors=FILE_NAME_ERRORS)
         return Path(path)
 
 
