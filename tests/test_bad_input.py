@@ -92,6 +92,16 @@ UNREADABLE = {
 }
 
 
+def test_a_decompression_bomb_is_skipped_with_the_reason(image_tree, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # a 200 x 200 image now counts as a decompression bomb
+    Image.new("RGB", (200, 200)).save(image_tree / "alpha" / "huge.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.warns(UserWarning, match=r"skipped 1 .*alpha/huge.png \(too many pixels \(over 10,000\); downscale it first\)"):
+            image_set = load_images("folder", 32, root=image_tree, progress=False)
+    assert len(image_set) == 36
+
+
 @pytest.mark.parametrize("name", sorted(UNREADABLE))
 def test_unreadable_file_raises_an_oserror_type_error(tmp_path, name):
     path = tmp_path / name
@@ -374,6 +384,31 @@ def test_model_config_errors_say_what_works(overrides, message):
 def test_numpy_values_in_a_model_config_become_plain_numbers():
     config = DSIConfig(image_size=np.int64(32), patch_size=np.int32(16), dropout=np.float32(0.25))
     assert type(config.image_size) is int and type(config.dropout) is float
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lr="1e-3"), r"lr must be a number, got '1e-3' \(str\); in a YAML profile write numbers like 1e-3 as 1.0e-3"),
+        (dict(lr=0), "lr must be positive"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(label_smoothing=1.0), r"label_smoothing must lie in \[0, 1\)"),
+        (dict(target_accuracy=float("nan")), "target_accuracy must be a number"),
+    ],
+)
+def test_training_settings_errors_say_what_is_expected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**overrides)
+
+
+def test_cli_reports_a_patch_size_that_does_not_divide_the_images(capsys, tmp_path):
+    code = cli.main(["dsi", "--source", "digits", "--size", "32", "--n", "80", "--patch", "24", "--index-epochs", "1",
+                     "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "image_size 32 is not divisible by patch_size 24" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
 
 
 def test_the_model_refuses_images_of_another_size_or_layout():

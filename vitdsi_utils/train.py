@@ -14,6 +14,7 @@ train mode (dropout on), as the paper's training curves are; validation runs in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -21,6 +22,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +38,12 @@ from .model import DSIConfig, DSIModel
 
 CHECKPOINT_FORMAT = 1
 HISTORY_COLUMNS = ("phase", "epoch", "split", "task", "loss", "token_acc", "seq_acc", "seconds", "n_examples")
+
+
+#: Integer fields of TrainConfig and their smallest allowed value.
+_TRAIN_INTS = {"batch_size": 1, "epochs": 0, "seed": 0, "warmup_steps": 0, "eval_every": 1, "eval_batch_size": 1,
+               "checkpoint_every": 1}
+_TRAIN_FLOATS = ("lr", "target_accuracy", "weight_decay", "label_smoothing", "grad_clip")
 
 
 @dataclass
@@ -60,10 +68,26 @@ class TrainConfig:
     checkpoint_every: int = 1  # with a checkpoint path: save every n epochs (and after the last)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
-            raise ValueError("batch_size, eval_every and checkpoint_every must be >= 1, epochs >= 0")
+        for name, low in _TRAIN_INTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
+            setattr(self, name, int(value))
+        for name in _TRAIN_FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+                hint = ""
+                if isinstance(value, str):
+                    # YAML 1.1 (PyYAML) reads 1e-3 as text; it needs a dot in the mantissa
+                    hint = "; in a YAML profile write numbers like 1e-3 as 1.0e-3 or 0.001"
+                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}){hint}")
+            setattr(self, name, float(value))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
