@@ -22,8 +22,8 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from numbers import Integral
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
