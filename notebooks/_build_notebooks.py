@@ -247,7 +247,7 @@ import torch
 from vitdsi_utils import data, experiments, metrics, plots, study
 from vitdsi_utils.decoding import beam_search
 from vitdsi_utils.ids import make_codec
-from vitdsi_utils.tables import write_table
+from vitdsi_utils.tables import write_csv, write_table
 from vitdsi_utils.train import TrainConfig, seed_everything
 
 paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
@@ -281,7 +281,7 @@ for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
 runs = pd.DataFrame(runs)
 histories = pd.concat(histories, ignore_index=True)
 write_table(runs, paths.tables / "indexing_runs")  # the demo finds the run folders here
-histories.to_csv(paths.tables / "histories_indexing.csv", index=False)
+write_csv(histories, paths.tables / "histories_indexing.csv")
 runs.drop(columns=["run", "run_dir"]).round(3)
 """),
     md("""
@@ -319,6 +319,7 @@ curve. The result is the *fine-tuned* DSI, saved beside the zero-shot model.
 import pandas as pd
 
 from vitdsi_utils import data, experiments, plots, study
+from vitdsi_utils.tables import write_csv
 from vitdsi_utils.train import TrainConfig, seed_everything
 
 paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
@@ -345,7 +346,7 @@ for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
     print(f"N={n} {scheme:9s} seed {seed}: {tuned.epochs} epochs, {tuned.seconds:.0f} s; last epoch loss "
           f"train {last.at['train', 'loss']:.3f}, val {last.at['val', 'loss']:.3f}")
 histories = pd.concat(histories, ignore_index=True)
-histories.to_csv(paths.tables / "histories_retrieval.csv", index=False)
+write_csv(histories, paths.tables / "histories_retrieval.csv")
 """),
     md("""
 ## Figures 2 and 3: the retrieval phase

@@ -22,12 +22,13 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import settings
@@ -41,6 +42,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 SPLIT_FOLDERS = ("train", "val", "test")
 ROLES = ("index", "train", "val", "test")
 _CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+#: File names that are not valid UTF-8 (e.g. Latin-1 names from an old camera) reach Python as
+#: lone surrogates; CSV files store and restore their original bytes with this error handler.
+FILE_NAME_ERRORS = "surrogateescape"
 
 IMAGENETTE_CLASSES = {
     "n01440764": "tench",
@@ -110,19 +114,28 @@ def center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def _in_range(width: int, height: int, aspect_range: tuple[float, float]) -> bool:
+    return aspect_range[0] <= width / height <= aspect_range[1]
+
+
 def load_image(path: str | os.PathLike, size: int, aspect_range: tuple[float, float] = (0.9, 1.1)) -> np.ndarray | None:
     """Return one preprocessed image (size, size, 3) uint8, or None when its aspect is out of range.
 
-    Raises OSError (or a PIL error) when the file cannot be decoded.
+    Raises OSError (or a PIL error) when the file cannot be decoded. An image whose aspect is
+    out of range whichever way its EXIF tag rotates it is rejected from its header alone, so a
+    large panorama costs no decoding.
     """
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # photos shot in portrait are stored rotated
         width, height = image.size
         if width < 1 or height < 1:
             raise OSError("image has no pixels")
-        if not aspect_range[0] <= width / height <= aspect_range[1]:
+        if not _in_range(width, height, aspect_range) and not _in_range(height, width, aspect_range):
             return None
-        image.draft("RGB", (size, size))  # lets the JPEG decoder skip detail that is resized away
+        # photos shot in portrait are stored rotated; this decodes the whole image
+        image = ImageOps.exif_transpose(image)
+        width, height = image.size
+        if not _in_range(width, height, aspect_range):
+            return None
         image = center_square(to_rgb(image))
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -179,6 +192,12 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[str], lis
     per_class: dict[str, list[str]] = {}
     for base in bases:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not _is_utf8(class_dir.name):
+                # class names appear in tables, figures and the demo, which need real text
+                raise ValueError(
+                    f"the class folder {os.fsencode(class_dir)!r} has a name that is not valid UTF-8; "
+                    "rename it (e.g. with `convmv -f latin1 -t utf8`)"
+                )
             files = sorted(
                 str(f.relative_to(root))
                 for f in class_dir.iterdir()
@@ -200,28 +219,47 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[str], lis
     return files, classes, labels
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _cache_key(source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float]) -> str:
     digest = hashlib.sha1()
     digest.update(json.dumps([_CACHE_VERSION, source, str(root.resolve()), size, list(aspect_range)]).encode())
     for name in files:  # a changed, added or removed file gives a new key
         stat = (root / name).stat()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # os.fsencode keeps the exact bytes of names that are not valid UTF-8
+        digest.update(os.fsencode(name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def describe_read_error(error: BaseException) -> str:
+    """A short reason why a file could not be read as an image (no temporary paths, one line)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file Pillow can read (empty, or another format under an image extension)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too many pixels (over {2 * (Image.MAX_IMAGE_PIXELS or 0):,}); downscale it first"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _decode_all(
     root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], progress: bool, desc: str
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode files in parallel; return (images of kept files, kept mask, unreadable files)."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Decode files in parallel; return (images of kept files, kept mask, unreadable file -> reason)."""
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     kept = np.zeros(len(files), dtype=bool)
-    unreadable: list[str] = []
+    unreadable: dict[str, str] = {}
 
     def work(i: int) -> None:
         try:
             image = load_image(root / files[i], size, aspect_range)
-        except Exception:  # truncated, empty or non-image files: skipped and reported below
-            unreadable.append(files[i])
+        except Exception as error:  # truncated, empty or non-image files: skipped and reported below
+            unreadable[files[i]] = describe_read_error(error)
             return
         if image is not None:
             out[i] = image
@@ -230,7 +268,7 @@ def _decode_all(
     # Pillow releases the GIL while decoding and resampling, so threads use every core
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, disable=not progress, unit="img"))
-    return out[kept], kept, sorted(unreadable)
+    return out[kept], kept, dict(sorted(unreadable.items()))
 
 
 def _load_folder(
@@ -245,10 +283,9 @@ def _load_folder(
     files, classes, labels = list_image_files(root)
     key = _cache_key(source, root, files, size, aspect_range)
     cache_dir = (data_dir or settings.data_dir()) / "cache" / f"{source}-{size}px-{key}"
-    if cache and (cache_dir / "info.json").exists():
-        info = json.loads((cache_dir / "info.json").read_text())
-        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False)
-        images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    cached = _read_cache(cache_dir) if cache else None
+    if cached is not None:
+        images, table, info = cached
     else:
         images, kept, unreadable = _decode_all(root, files, size, aspect_range, progress, f"decoding {source} @{size}px")
         table = pd.DataFrame({"file": files, "label": labels})[kept]
@@ -258,17 +295,24 @@ def _load_folder(
             "size": size,
             "aspect_range": list(aspect_range),
             "classes": classes,
-            "skipped": unreadable,
+            "skipped": list(unreadable),
+            "skip_reasons": unreadable,
             "dropped_aspect": int((~kept).sum()) - len(unreadable),
         }
         if cache:
             with atomic_dir(cache_dir) as tmp:
                 np.save(tmp / "images.npy", images)
-                table.to_csv(tmp / "files.csv", index=False)
+                table.to_csv(tmp / "files.csv", index=False, errors=FILE_NAME_ERRORS)
                 (tmp / "info.json").write_text(json.dumps(info, indent=2))
     if info["skipped"]:
-        shown = ", ".join(info["skipped"][:10]) + (" ..." if len(info["skipped"]) > 10 else "")
-        warnings.warn(f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}", stacklevel=3)
+        reasons = info.get("skip_reasons", {})
+        shown = "; ".join(f"{name} ({reasons[name]})" if name in reasons else name for name in info["skipped"][:10])
+        more = f"; and {len(info['skipped']) - 10} more" if len(info["skipped"]) > 10 else ""
+        warnings.warn(
+            f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}{more}. "
+            "They are listed in the manifest with role 'skipped'; fix or delete them to silence this warning",
+            stacklevel=3,
+        )
     # classes whose every image was unreadable or out of aspect range keep their label slot,
     # so labels stay comparable across sizes; build_database ignores empty classes
     return ImageSet(
@@ -281,6 +325,26 @@ def _load_folder(
         skipped=list(info["skipped"]),
         dropped_aspect=int(info["dropped_aspect"]),
     )
+
+
+def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None:
+    """(images, file table, info) of a decoded-image cache, or None when there is none or it is damaged.
+
+    Caches are written atomically, so damage means something outside the toolkit changed the
+    folder; the images are then decoded again (and the cache rewritten) rather than trusted.
+    """
+    if not (cache_dir / "info.json").exists():
+        return None
+    try:
+        info = json.loads((cache_dir / "info.json").read_text())
+        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS)
+        images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
+        if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped_aspect"} <= set(info):
+            raise ValueError("its parts do not fit together")
+    except (OSError, ValueError, KeyError) as error:
+        warnings.warn(f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4)
+        return None
+    return images, table, info
 
 
 def _load_digits(size: int, progress: bool) -> ImageSet:
@@ -391,12 +455,25 @@ class Database:
         """Images per class and role."""
         return pd.crosstab(self.manifest["class"], self.manifest["role"]).reindex(columns=list(ROLES), fill_value=0)
 
+    def fingerprint(self) -> dict[str, object]:
+        """Plain values that identify this database: its settings and a digest of the indexed images in ID order.
+
+        Checkpoints store it, so a model is never resumed or reused for another database (another
+        ID scheme, seed, N or image folder); the folder's location is left out, so moving it is fine.
+        """
+        index = self.manifest[self.manifest["role"] == "index"]
+        digest = hashlib.sha1()
+        for file, name in zip(index["file"], index["class"]):
+            digest.update(f"{file}\t{name}\n".encode("utf-8", FILE_NAME_ERRORS))
+        keys = ("source", "size", "n", "id_scheme", "seed")
+        return {**{k: self.settings.get(k) for k in keys}, "indexed_images_sha1": digest.hexdigest()[:16]}
+
     def save_manifest(self, path: str | os.PathLike) -> Path:
         """Write the manifest as CSV (atomically), with unreadable source files as role 'skipped'."""
         skipped = pd.DataFrame({"file": self.skipped, "role": "skipped"})
         table = pd.concat([self.manifest, skipped], ignore_index=True) if self.skipped else self.manifest
         with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
+            table.to_csv(tmp, index=False, errors=FILE_NAME_ERRORS)
         return Path(path)
 
 
@@ -419,6 +496,9 @@ def build_database(
     """
     if id_scheme not in ID_SCHEMES:
         raise ValueError(f"unknown ID scheme {id_scheme!r}; choose one of {ID_SCHEMES}")
+    if isinstance(n, bool) or not isinstance(n, Integral):
+        raise ValueError(f"N must be a whole number of images, got {n!r} ({type(n).__name__})")
+    n = int(n)
     if not 0 < index_fraction < 1:
         raise ValueError(f"index_fraction must lie in (0, 1), got {index_fraction}")
     if len(query_fractions) != 3 or min(query_fractions) < 0 or not np.isclose(sum(query_fractions), 1.0):
@@ -430,7 +510,23 @@ def build_database(
             f"the {image_set.source} images hold {len(present)} class(es) with images; "
             "same-class retrieval needs at least 2 classes"
         )
+    empty = [image_set.classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        warnings.warn(
+            f"class(es) {', '.join(empty)} have no usable images (all unreadable or outside the aspect range) "
+            "and are left out of the database",
+            stacklevel=2,
+        )
     largest = max_balanced_size(counts[present])
+    smallest = int(counts[present].min())
+    if largest < len(present) * 4:
+        # every class needs one indexed image and three pool images at the smallest N
+        small = [image_set.classes[i] for i in present if counts[i] < 4]
+        raise ValueError(
+            f"too few images: a balanced database needs at least 4 usable images per class, but "
+            f"{', '.join(small)} ha{'s' if len(small) == 1 else 've'} fewer (smallest class: {smallest}). "
+            "Add images to those classes or remove their folders"
+        )
     if not len(present) * 4 <= n <= largest:
         raise ValueError(
             f"N={n} is not possible: {image_set.source} at {image_set.size}px has {len(image_set)} usable images "
@@ -482,6 +578,18 @@ def build_database(
     width = len(str(len(index_part) - 1))
     index_part["row"] = np.arange(len(index_part))
     index_part["id"] = [str(r).zfill(width) for r in range(len(index_part))]
+    if query_fractions[2] > 0 and not (manifest["role"] == "test").any():
+        enough = next(
+            (m for m in range(n + 1, largest + 1)
+             if apportion(m - apportion(m, [index_fraction, 1 - index_fraction])[0], query_fractions)[2] > 0),
+            None,
+        )
+        advice = f"use N >= {enough}" if enough is not None else "add images"
+        warnings.warn(
+            f"N={n} leaves no test queries (the retrieval pool of {int(pool_sizes.sum())} images is split "
+            f"{list(query_fractions)}), so test metrics will be empty; {advice}",
+            stacklevel=2,
+        )
     queries = manifest[~is_index].copy()
     queries["role"] = pd.Categorical(queries["role"], categories=ROLES)
     queries = queries.sort_values(["role", "label"], kind="stable").reset_index(drop=True)

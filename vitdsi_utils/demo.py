@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .data import Database, load_image
+from .data import Database, describe_read_error, load_image
 from .plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
 
 #: Any aspect ratio is accepted for an uploaded image: it is centre-cropped like the database images.
@@ -137,7 +137,8 @@ class QueryDemo:
             try:
                 image = load_image(path, self.size, aspect_range=UPLOAD_ASPECT_RANGE)
             except Exception as error:  # PIL raises several types for a file that is not an image
-                raise ValueError(f"could not read {name!r} as an image ({error}); upload a JPEG or PNG") from error
+                reason = describe_read_error(error)
+                raise ValueError(f"could not read {name!r} as an image ({reason}); upload a JPEG or PNG") from error
         self.query_image, self.query_label = image, None
         self.query_title = f"uploaded: {name}"
 
@@ -324,9 +325,11 @@ class QueryDemo:
         bovw = BoVW(bovw_words, random_state=int(db.settings["seed"]), progress=False)
         models["BoVW"] = BoVWSearcher(bovw.fit(db.split("index")[0]))
         for name, file in found.items():
-            model, codec, _ = load_model(file, map_location=resolve_device(device))
-            if codec.codes != expected.codes:
-                raise ValueError(f"{file} was trained on another database; delete it and rerun the study")
+            # a model of another database (ID scheme, seed, N, image size) would mark relevance wrongly
+            model, codec, _ = load_model(
+                file, map_location=resolve_device(device), expect_config={"image_size": int(db.settings["size"])},
+                expect_codec=expected, expect_data=db.fingerprint(),
+            )
             models[name] = DSISearcher(model, codec)
         return cls(db, models, **kwargs)
 

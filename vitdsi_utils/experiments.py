@@ -40,10 +40,14 @@ def run_name(db: Database) -> str:
     return f"{s['source']}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
 
 
+def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIConfig:
+    """The configuration of a DSI model for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise)."""
+    return DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
+
+
 def new_model(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIModel:
     """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise)."""
-    config = DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
-    return DSIModel(config)
+    return DSIModel(model_config(db, codec, **model_overrides))
 
 
 @dataclass
@@ -66,15 +70,19 @@ def index_database(
     """Indexing phase: train a new model until it reproduces every indexed image's ID.
 
     With ``run_dir``, a finished model is loaded from ``zero_shot.pt`` instead of retrained,
-    and an interrupted one resumes from ``indexing.ckpt``.
+    and an interrupted one resumes from ``indexing.ckpt``. Either must have been written for
+    this database and model configuration, or a :class:`~vitdsi_utils.train.CheckpointError`
+    names what differs.
     """
     codec = make_codec(db.n_index)
+    wanted = model_config(db, codec, **(model_overrides or {}))
+    fingerprint = db.fingerprint()
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
     if final is not None and final.exists():
-        return _load_final(final, codec)
+        return _load_final(final, codec, wanted, fingerprint)
     config = config or TrainConfig()
     seed_everything(config.seed)  # the initial weights must be as reproducible as the training that follows
-    model = new_model(db, codec, **(model_overrides or {}))
+    model = DSIModel(wanted)
     index_images, _ = db.split("index")
     start = time.perf_counter()
     history = train_indexing(
@@ -83,11 +91,12 @@ def index_database(
         torch.from_numpy(index_images),
         config=config,
         checkpoint_path=Path(run_dir) / "indexing.ckpt" if run_dir else None,
+        data_info=fingerprint,
     )
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
-        _save_final(final, model, codec, config, history, seconds, epochs)
+        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
     return PhaseResult(model, history, seconds, epochs)
 
 
@@ -114,10 +123,11 @@ def fine_tune(
     every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
     """
     codec = make_codec(db.n_index)
+    fingerprint = db.fingerprint()
     stem = "multitask" if multitask else "fine_tuned"
     final = Path(run_dir) / f"{stem}.pt" if run_dir else None
     if final is not None and final.exists():
-        return _load_final(final, codec)
+        return _load_final(final, codec, zero_shot.config, fingerprint)
     index_labels = db.index_labels
     train_images, train_labels = db.split("train")
     val_images, val_labels = db.split("val")
@@ -135,28 +145,39 @@ def fine_tune(
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
         history = train_multitask(
             model, codec, indexing, pairs, mix_ratio=mix_ratio, val=[val_pairs], config=config,
-            checkpoint_path=checkpoint,
+            checkpoint_path=checkpoint, data_info=fingerprint,
         )
     else:
-        history = train_retrieval(model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint)
+        history = train_retrieval(
+            model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint, data_info=fingerprint
+        )
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
-        _save_final(final, model, codec, config, history, seconds, epochs)
+        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
     return PhaseResult(model, history, seconds, epochs)
 
 
-def _load_final(path: Path, codec: IDCodec) -> PhaseResult:
-    model, stored, meta = load_model(path)
-    if stored.codes != codec.codes:
-        raise ValueError(f"{path} was trained on another database (its IDs differ); delete it to retrain")
+def _load_final(path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict) -> PhaseResult:
+    """A finished phase from ``path``; CheckpointError if it was trained for another model or database."""
+    model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
     return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]))
 
 
-def _save_final(path: Path, model: DSIModel, codec: IDCodec, config: TrainConfig, history: History, seconds: float, epochs: int) -> None:
+def _save_final(
+    path: Path,
+    model: DSIModel,
+    codec: IDCodec,
+    config: TrainConfig,
+    history: History,
+    seconds: float,
+    epochs: int,
+    fingerprint: dict,
+) -> None:
     from .train import save_checkpoint
 
-    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra={"seconds": seconds})
+    extra = {"seconds": seconds, "data": fingerprint}
+    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -28,6 +29,9 @@ POS_ENCODINGS = ("sinusoidal", "learned", "conditional")
 # never depend on the data they were trained on
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+_INT_FIELDS = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads", "vocab_size", "max_id_length")
 
 
 @dataclass
@@ -47,9 +51,19 @@ class DSIConfig:
     max_id_length: int = 4  # decoder positions: codec.max_length (content tokens + EOS)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads", "max_id_length"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+            setattr(self, name, int(value))  # numpy integers become plain ints (JSON- and checkpoint-safe)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, Real):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if self.patch_size > self.image_size:
+            raise ValueError(
+                f"patch_size {self.patch_size} is larger than image_size {self.image_size}: an image must hold "
+                f"at least one patch; use patch_size <= {self.image_size} (one that divides it) or larger images"
+            )
         if self.image_size % self.patch_size:
             patches = [p for p in range(1, self.image_size + 1) if self.image_size % p == 0]
             lower = self.image_size - self.image_size % self.patch_size

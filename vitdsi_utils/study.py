@@ -69,7 +69,10 @@ def load_profile(name: str | Path) -> dict[str, Any]:
         path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown profile {str(name)!r}; choose one of {known_profiles()} or pass a YAML file path")
-    params = yaml.safe_load(path.read_text()) or {}
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"profile {path} is not valid YAML: {error}; fix the file (see the bundled profiles)") from error
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a mapping of UPPER_CASE parameters, got {type(params).__name__}")
     lower = sorted(k for k in params if not str(k).isupper())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import atomic_path, write_text
+from ._io import atomic_path
 
 
 def format_interval(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -24,11 +24,20 @@ def format_number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``frame`` as CSV atomically (no index column); return the path."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def write_table(frame: pd.DataFrame, path_stem: str | os.PathLike, markdown: str | None = None) -> tuple[Path, Path]:
     """Write ``frame`` to ``<stem>.csv`` and a Markdown rendering (or ``markdown``) to ``<stem>.md``."""
     stem = Path(path_stem)
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    with atomic_path(csv_path) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_text(md_path, (markdown if markdown is not None else frame.to_markdown(index=False)) + "\n")
+    text = (markdown if markdown is not None else frame.to_markdown(index=False)) + "\n"
+    # both files are written before either is replaced, so a failure leaves the old pair intact
+    with atomic_path(csv_path) as csv_tmp, atomic_path(md_path) as md_tmp:
+        frame.to_csv(csv_tmp, index=False)
+        md_tmp.write_text(text)
     return csv_path, md_path

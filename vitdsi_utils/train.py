@@ -14,12 +14,15 @@ train mode (dropout on), as the paper's training curves are; validation runs in 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import random
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +41,12 @@ STOP_METRICS = ("ia", "eval", "train")
 HISTORY_COLUMNS = ("phase", "epoch", "split", "task", "loss", "token_acc", "seq_acc", "seconds", "n_examples")
 
 
+#: Integer fields of TrainConfig and their smallest allowed value.
+_TRAIN_INTS = {"batch_size": 1, "epochs": 0, "seed": 0, "warmup_steps": 0, "eval_every": 1, "eval_batch_size": 1,
+               "checkpoint_every": 1, "stop_beam": 1}
+_TRAIN_FLOATS = ("lr", "target_accuracy", "weight_decay", "label_smoothing", "grad_clip", "stop_check_from")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of :func:`fit` (plain values, stored in checkpoints)."""
@@ -54,7 +63,9 @@ class TrainConfig:
     # "eval": teacher-forced sequence accuracy in eval mode (no dropout), i.e. greedy decoding;
     # "train": the running accuracy during the epoch, with dropout (cheapest; lags the model).
     stop_metric: str = "ia"
-    stop_beam: int = 100  # beam width of the "ia" check: as the evaluation's top-100 (a wider beam can find a wrong ID that outscores the right one)
+    # beam width of the "ia" check: the evaluation's top-100 beam (a wider beam can find a wrong ID
+    # that outscores the right one, so a narrower check would promise more than the evaluation finds)
+    stop_beam: int = 100
     stop_check_from: float = 0.8  # "ia"/"eval": check only on epochs whose running accuracy reaches this x target
     weight_decay: float = 0.0  # > 0 switches Adam to AdamW (decoupled decay)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
@@ -70,12 +81,28 @@ class TrainConfig:
     checkpoint_every: int = 1  # with a checkpoint path: save every n epochs (and after the last)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
-            raise ValueError("batch_size, eval_every and checkpoint_every must be >= 1, epochs >= 0")
+        for name, low in _TRAIN_INTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
+            setattr(self, name, int(value))
+        for name in _TRAIN_FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+                hint = ""
+                if isinstance(value, str):
+                    # YAML 1.1 (PyYAML) reads 1e-3 as text; it needs a dot in the mantissa
+                    hint = "; in a YAML profile write numbers like 1e-3 as 1.0e-3 or 0.001"
+                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}){hint}")
+            setattr(self, name, float(value))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.stop_metric not in STOP_METRICS:
             raise ValueError(f"stop_metric must be one of {STOP_METRICS}, got {self.stop_metric!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -433,6 +460,30 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> 
         generator.set_state(state["generator"].cpu())
 
 
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with NumPy scalars as Python numbers and paths as text; TypeError for anything else but plain data.
+
+    A checkpoint is read with ``weights_only=True``, which refuses every object that is not a
+    tensor or plain data, so an odd value must fail when the checkpoint is written, not hours
+    later when it is read.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(value).__name__}; checkpoints hold only tensors and plain data "
+        "(numbers, text, lists, dicts) so that loading one never runs code: convert it first"
+    )
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: DSIModel,
@@ -456,32 +507,145 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": config.to_dict(),
-        "train_config": dict(train_config) if train_config is not None else None,
+        "config": _plain(config.to_dict(), "config"),
+        "train_config": _plain(dict(train_config), "train_config") if train_config is not None else None,
         "epoch": int(epoch),
-        "history": [dict(r) for r in history] if history is not None else [],
-        "codec": {"codes": [list(c) for c in codec.codes], "base": codec.base},
+        "history": _plain([dict(r) for r in history], "history") if history is not None else [],
+        "codec": {"codes": [[int(t) for t in c] for c in codec.codes], "base": int(codec.base)},
         "rng": _rng_state(generator),
-        "extra": dict(extra or {}),
+        "extra": _plain(dict(extra or {}), "extra"),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, refused as unsafe, or written for another run."""
+
+
+#: Entries every checkpoint of :func:`save_checkpoint` holds.
+CHECKPOINT_KEYS = ("format", "model", "optimizer", "config", "train_config", "epoch", "history", "codec", "rng", "extra")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    The file is read with ``weights_only=True``: only tensors and plain data (dicts, lists,
+    numbers, strings) are accepted, so nothing in it can run code. A file holding any other
+    object is refused with :class:`CheckpointError`, as is a damaged or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects other than tensors and plain data, and "
+                "unpickling them could run arbitrary code. vitdsi checkpoints never hold such objects; if you "
+                "did not write this file yourself, delete it (and train again)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({error}); delete it and train again") from error
+    except Exception as error:  # torch reports a damaged file as EOFError, RuntimeError, KeyError, ...
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}); it is damaged or was not "
+            "written by vitdsi. Delete it and train again"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {found!r} (this version reads format {CHECKPOINT_FORMAT}); "
+            "delete it and train again"
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the checkpoint entries {missing}; delete it and train again")
     return state
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DSIModel, IDCodec, dict]:
-    """(model in eval mode, codec, meta: every other checkpoint entry but weights, optimiser and RNG)."""
+def checkpoint_mismatches(
+    state: dict[str, Any],
+    *,
+    config: DSIConfig | dict[str, Any] | None = None,
+    codec: IDCodec | None = None,
+    data: dict[str, Any] | None = None,
+) -> list[str]:
+    """What differs between a loaded checkpoint and the run that wants it, one line per field.
+
+    ``config``: the model configuration the run asks for (a :class:`DSIConfig`, or a dict of
+    the fields to check). ``codec``: the IDs the run uses. ``data``: facts about the database
+    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.Database.fingerprint>`); a key the
+    checkpoint does not record (older checkpoints) is not checked.
+    """
+    problems = []
+    if config is not None:
+        wanted = config.to_dict() if isinstance(config, DSIConfig) else dict(config)
+        defaults = DSIConfig().to_dict()
+        saved = {**defaults, **state["config"]}  # a field added after the checkpoint was written has its default
+        for key, value in wanted.items():
+            if saved.get(key) != value:
+                problems.append(f"model {key}: saved {saved.get(key)!r}, requested {value!r}")
+    if codec is not None:
+        saved_codes = [tuple(c) for c in state["codec"]["codes"]]
+        saved_base = state["codec"]["base"]
+        if saved_base != codec.base:
+            problems.append(f"ID base: saved {saved_base}, requested {codec.base}")
+        if len(saved_codes) != len(codec.codes):
+            problems.append(f"IDs: saved {len(saved_codes)} IDs, requested {len(codec.codes)}")
+        elif saved_codes != codec.codes:
+            row = next(r for r, (a, b) in enumerate(zip(saved_codes, codec.codes)) if a != b)
+            problems.append(f"IDs: row {row} has ID {saved_codes[row]} saved, {codec.codes[row]} requested")
+    if data is not None:
+        saved_data = state["extra"].get("data") or {}
+        for key, value in data.items():
+            if key in saved_data and saved_data[key] != value:
+                problems.append(f"data {key}: saved {saved_data[key]!r}, requested {value!r}")
+    return problems
+
+
+def check_checkpoint(
+    state: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    config: DSIConfig | dict[str, Any] | None = None,
+    codec: IDCodec | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Raise :class:`CheckpointError` naming every mismatch found by :func:`checkpoint_mismatches`."""
+    problems = checkpoint_mismatches(state, config=config, codec=codec, data=data)
+    if problems:
+        raise CheckpointError(
+            f"{path} was written for another database or model: " + "; ".join(problems)
+            + ". Delete it (or use another run folder) to train for these settings, or request the saved ones"
+        )
+
+
+def load_model(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    expect_config: DSIConfig | dict[str, Any] | None = None,
+    expect_codec: IDCodec | None = None,
+    expect_data: dict[str, Any] | None = None,
+) -> tuple[DSIModel, IDCodec, dict]:
+    """(model in eval mode, codec, meta: every other checkpoint entry but weights, optimiser and RNG).
+
+    With ``expect_*`` the checkpoint must match that model configuration, those IDs and that
+    database (see :func:`checkpoint_mismatches`), or :class:`CheckpointError` names the difference.
+    """
     state = load_checkpoint(path, map_location)
+    check_checkpoint(state, path, config=expect_config, codec=expect_codec, data=expect_data)
     model = DSIModel(DSIConfig.from_dict(state["config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model configuration stored beside them ({str(error)[:200]}); "
+            "the file is damaged: delete it and train again"
+        ) from error
     model.to(map_location).eval()
     codec = IDCodec([tuple(c) for c in state["codec"]["codes"]], base=state["codec"]["base"])
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
@@ -522,6 +686,7 @@ def fit(
     stop_on: str | None = "indexing",
     phase: str | None = None,
     mix_ratio: float | None = None,
+    data_info: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` in place on the tasks in ``train``; return the history (``history`` extended).
 
@@ -536,6 +701,9 @@ def fit(
     history as split "train_eval" (column ``ia1`` where beam search ran).
     With ``checkpoint_path`` a checkpoint is saved every ``config.checkpoint_every`` epochs;
     if it exists and ``resume``, training continues from it exactly where it stopped.
+    ``data_info`` (plain values describing the database, e.g. ``Database.fingerprint()``) is
+    stored in the checkpoint; resuming from a checkpoint of another phase, model
+    configuration, ID set or database raises :class:`CheckpointError` naming the difference.
     """
     config = config or TrainConfig()
     model.check_codec(codec)
@@ -565,9 +733,11 @@ def fit(
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         if state["extra"].get("phase") != phase:
-            raise ValueError(f"{checkpoint_path} holds phase {state['extra'].get('phase')!r}, not {phase!r}")
-        if [tuple(c) for c in state["codec"]["codes"]] != codec.codes:
-            raise ValueError(f"{checkpoint_path} was trained with different IDs")
+            raise CheckpointError(
+                f"{checkpoint_path} holds phase {state['extra'].get('phase')!r}, not {phase!r}; "
+                "give each phase its own checkpoint path"
+            )
+        check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history[:] = state["history"]
@@ -577,7 +747,7 @@ def fit(
         torch.manual_seed(config.seed)
 
     def save(epoch: int) -> None:
-        extra = {"phase": phase, "step": step, "stopped": stopped, "mix_ratio": mix_ratio}
+        extra = {"phase": phase, "step": step, "stopped": stopped, "mix_ratio": mix_ratio, "data": dict(data_info or {})}
         save_checkpoint(
             checkpoint_path, model, optimizer, model.config, config, epoch, history, codec,
             generator=generator, extra=extra,
