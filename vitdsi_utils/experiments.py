@@ -91,15 +91,17 @@ def fine_tune(
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
     One pair per relevant indexed image of every train query, as in the reference
-    implementation; the val queries give the validation curve. ``zero_shot`` is not changed.
+    implementation (relevant: the same class, or a shared label for multi-label data); the val
+    queries give the validation curve. ``zero_shot`` is not changed.
     """
     codec = make_codec(db.n_index)
     final = Path(run_dir) / "fine_tuned.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec)
-    index_labels = db.index_labels
-    train_images, train_labels = db.split("train")
-    val_images, val_labels = db.split("val")
+    index_labels = db.relevance_labels("index")
+    train_images, _ = db.split("train")
+    val_images, _ = db.split("val")
+    train_labels, val_labels = db.relevance_labels("train"), db.relevance_labels("val")
     pairs = RetrievalPairs.from_labels(
         torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
@@ -201,6 +203,8 @@ def dsi_study(
     max_pairs_per_query: int | None = None,
     out_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    annotations: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
@@ -208,10 +212,11 @@ def dsi_study(
     ``out_dir`` receives ``dsi_<source>_<size>px.{csv,md}`` (Table 1 rows) and
     ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps
     the checkpoints, so an interrupted study resumes and a finished one is only re-evaluated.
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`.
     """
     from .data import build_database, load_images
 
-    image_set = load_images(source, size, progress=progress)
+    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     results, histories = [], []
     for n in ns:
         for scheme in schemes:
