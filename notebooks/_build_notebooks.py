@@ -428,7 +428,8 @@ paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 image_set = data.load_images(DATASET, SIZE, progress=False)
 bovw_csv = paths.tables / "bovw.csv"
 if not bovw_csv.exists():
-    raise FileNotFoundError(f"{bovw_csv} is missing: run `vitdsi study --profile {PROFILE} --start-at 02_bovw`")
+    raise FileNotFoundError(f"{bovw_csv} is missing: run "
+                            f"`vitdsi study --profile {PROFILE} --dataset {DATASET} --start-at 02_bovw`")
 bovw = pd.read_csv(bovw_csv)
 """),
     code("""
@@ -436,7 +437,7 @@ frames = [bovw.drop(columns="paper")]
 for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
     run_dir, s = paths.run_dir(db), db.settings
     for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
-        model, codec, meta = study.load_trained(run_dir / file, PROFILE)
+        model, codec, meta = study.load_trained(run_dir / file, PROFILE, dataset=DATASET)
         table, timings = evaluation.evaluate_dsi(model, codec, db, k=K, seed=s["seed"])
         frames.append(table.assign(model=name, source=s["source"], size=s["size"], n=s["n"], ids=s["id_scheme"],
                                    seed=s["seed"], epochs=meta["epoch"], train_s=meta["extra"].get("seconds"),

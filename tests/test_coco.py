@@ -321,6 +321,15 @@ def test_cli_data_writes_coco_manifests(coco_dir, tmp_path, capsys):
     assert (manifest["role"] == "unannotated").sum() == 2 and "categories" in manifest.columns
 
 
+def test_cli_study_passes_the_dataset_override(monkeypatch):
+    calls = []
+    monkeypatch.setattr("vitdsi_utils.study.run_study", lambda profile, **kwargs: calls.append((profile, kwargs)))
+    assert main(["study", "--profile", "cpu", "--dataset", "coco", "--quiet"]) == 0
+    assert calls[0][0] == "cpu" and calls[0][1]["overrides"] == {"DATASET": "coco"}
+    with pytest.raises(SystemExit):  # argparse names the sources it knows
+        main(["study", "--dataset", "cifar"])
+
+
 # ---------------------------------------------------------------- the whole study on COCO
 @pytest.mark.notebook
 @pytest.mark.slow
@@ -347,3 +356,4 @@ def test_smoke_study_runs_on_coco(tmp_path, monkeypatch):
     assert (manifest["role"] == "unannotated").sum() == 2 and (manifest["labels"].str.count(";") == 2).any()
     assert "left out for having no annotation" in (out / "notebooks" / "01_data.ipynb").read_text()
     assert "vitdsi study --profile smoke --dataset coco" in (out / "README.md").read_text()
+

@@ -323,7 +323,7 @@ class QueryDemo:
             raise FileNotFoundError(
                 f"no trained DSI models for {_run_name(db)} under {path} (looked for zero_shot.pt and "
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
-                f"`vitdsi study --profile {profile}` (or `make study`) first"
+                f"`vitdsi study --profile {profile} --dataset {db.settings['source']}` (or `make study`) first"
             )
         expected = make_codec(db.n_index)
         models: dict[str, Searcher] = {}

@@ -158,8 +158,13 @@ def sample_image_folder(
     return np.stack(images), np.asarray(kept), classes
 
 
-def load_trained(path: str | Path, profile: str = "smoke", device: str = "auto") -> tuple[Any, Any, dict]:
-    """(model on ``device``, codec, meta) of a model the study trained; when missing, an error naming its notebook."""
+def load_trained(
+    path: str | Path, profile: str = "smoke", device: str = "auto", dataset: str | None = None
+) -> tuple[Any, Any, dict]:
+    """(model on ``device``, codec, meta) of a model the study trained; when missing, an error naming its notebook.
+
+    ``dataset`` (the notebooks' DATASET) goes into the command the error suggests.
+    """
     from .train import load_model, resolve_device
 
     path = Path(path)
@@ -167,7 +172,7 @@ def load_trained(path: str | Path, profile: str = "smoke", device: str = "auto")
         notebook = "03_indexing" if path.name == "zero_shot.pt" else "04_retrieval"
         raise FileNotFoundError(
             f"{path} does not exist: notebook {notebook} trains it; run "
-            f"`vitdsi study --profile {profile} --start-at {notebook}`"
+            f"`vitdsi study --profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at {notebook}`"
         )
     return load_model(path, map_location=resolve_device(device))
 
