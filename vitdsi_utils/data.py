@@ -50,8 +50,6 @@ from ._io import atomic_dir, atomic_path
 from .ids import ID_SCHEMES, dense_id_order
 
 SOURCES = ("imagenette", "digits", "folder", "coco")
-#: Sources whose images carry a set of labels each (relevance: at least one shared label).
-MULTILABEL_SOURCES = ("coco",)
 #: Image sizes the study uses (64, 160, 256) plus 32 px for smoke runs.
 SIZES = (32, 64, 160, 256)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
