@@ -42,6 +42,8 @@ def parameters_cell(keys: list[str], runner: tuple[str, ...] = ("OUT_DIR",)) -> 
     """The papermill ``parameters`` cell: smoke values, the cpu value in a comment where it differs."""
     lines = ["# Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with",
              "# those of vitdsi_utils/profiles/NAME.yaml (smoke, cpu or paper)."]
+    if "DATASET" in keys:
+        lines.append("# DATASET: imagenette | digits | coco (coco reads VITDSI_COCO_IMAGES and VITDSI_COCO_ANNOTATIONS).")
     width = max(len(f"{k} = {literal(SMOKE[k])}") for k in keys) + 2
     for key in keys:
         assignment = f"{key} = {literal(SMOKE[key])}"
@@ -83,6 +85,11 @@ quarter of the images is *indexed* (the model memorises them) and the rest is a 
 split 0.8 / 0.1 / 0.1 into train, validation and test queries. The indexed images get IDs by one
 of two schemes: *random* (shuffled) or *clustered* (same-class images get consecutive numbers).
 The manifests written here list every image, its role and its ID.
+
+With `DATASET = "coco"` every image carries the *set* of object categories annotated in it, and a
+database image is relevant to a query when the two share at least one category. Where the study
+needs one class per image (balancing, clustered IDs, galleries) it uses the image's *primary*
+category: the rarest of its categories in the whole data set.
 """),
     parameters_cell(DATA + ["IMAGENETTE_PREVIEW", "GALLERY_PER_CLASS"]),
     code("""
@@ -105,13 +112,29 @@ balanced database.
     code("""
 image_set = data.load_images(DATASET, SIZE, progress=False)
 print(f"{len(image_set)} usable {DATASET} images at {SIZE} px in {len(image_set.classes)} classes; "
-      f"{image_set.dropped_aspect} dropped by the aspect rule, {len(image_set.skipped)} unreadable")
+      f"{image_set.dropped_aspect} dropped by the aspect rule, {len(image_set.skipped)} unreadable"
+      + (f", {len(image_set.unannotated)} left out for having no annotation" if image_set.is_multilabel else ""))
 counts = image_set.class_counts().rename(index=plots.readable_class).rename("images").to_frame()
+if image_set.is_multilabel:
+    counts = counts.rename(columns={"images": "primary"}).assign(showing=image_set.category_counts().to_numpy())
 counts.T
 """),
+    md("""
+For multi-label data: how many categories an image shows. `primary` above counts the images whose
+rarest category is that one (what the databases balance over); `showing` counts every image in which
+the category appears.
+"""),
     code("""
-fig = plots.class_gallery(image_set.images, image_set.labels, image_set.classes,
-                          per_class=GALLERY_PER_CLASS, title=f"{DATASET} at {SIZE} px")
+if image_set.is_multilabel:
+    per_image = pd.Series(image_set.label_matrix.sum(axis=1)).value_counts().sort_index()
+    display(per_image.rename_axis("categories per image").rename("images").to_frame().T)
+else:
+    print(f"{DATASET} is single-label: one class per image, relevance means the same class.")
+"""),
+    code("""
+fig = plots.class_gallery(image_set.images, image_set.labels, image_set.classes, per_class=GALLERY_PER_CLASS,
+                          max_classes=20, title=f"{DATASET} at {SIZE} px"
+                          + (" (rows: primary category)" if image_set.is_multilabel else ""))
 plots.save_figure(fig, paths.figures / "gallery.png")
 fig
 """),
@@ -137,11 +160,21 @@ if IMAGENETTE_PREVIEW and DATASET != "imagenette":
 
 One database per N (the draw depends only on the seed, so both ID schemes see the same images in
 the same roles). The table gives the images per role; the figure shows how the smallest database
-splits over the classes.
+splits over the classes (primary categories for multi-label data, which are balanced as far as
+the data allows: a rare category gives all its images, the others share the rest evenly).
 """),
     code("""
 first = {n: data.build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=SEEDS[0]) for n in NS}
 pd.DataFrame({f"N={n}": db.counts().sum() for n, db in first.items()}).T
+"""),
+    code("""
+db = first[NS[0]]
+if db.is_multilabel:
+    relevant = db.relevance("test")
+    print(f"N={NS[0]}: a test query has {relevant.sum(axis=1).mean():.1f} relevant indexed images on average "
+          f"(min {relevant.sum(axis=1).min()}, max {relevant.sum(axis=1).max()}) of {db.n_index}; "
+          "images showing each category, per role:")
+    display(db.category_counts().rename(index=plots.readable_class).T)
 """),
     code("""
 fig = plots.split_bar(first[NS[0]])
@@ -185,7 +218,8 @@ NB_BOVW = [
 The classical baseline of the paper: grayscale SIFT descriptors of the indexed images, a k-means
 vocabulary of `BOVW_WORDS` visual words, one word histogram per image, and cosine similarity
 between a query's histogram and every indexed image's. Each test query gets a ranked list of
-`K` indexed images; a result is relevant when it has the query's class.
+`K` indexed images; a result is relevant when it has the query's class (for COCO: when it shows
+at least one object category that the query shows).
 
 Every metric is computed over all test queries, with a bootstrap 95% interval and the level a
 random ranking would reach (`chance`). The `paper MAP@10` and `paper R@100` rows repeat the
@@ -310,8 +344,9 @@ NB_RETRIEVAL = [
 
 The zero-shot model of notebook 03 (loaded from its run folder) is copied and trained for
 `RETRIEVAL_EPOCHS` epochs on (query image, relevant ID) pairs: every training query is paired
-with the IDs of the indexed images of its class (`MAX_PAIRS_PER_QUERY` of them, chosen with a seed,
-or all of them when it is `None`, as in the paper). The validation queries give the validation
+with the IDs of the indexed images relevant to it: those of its class, or for COCO those sharing
+one of its object categories (`MAX_PAIRS_PER_QUERY` of them, chosen with a seed, or all of them when
+it is `None`, as in the paper). The validation queries give the validation
 curve. The result is the *fine-tuned* DSI, saved beside the zero-shot model.
 """),
     parameters_cell(DATA + MODEL + INDEXING + RETRIEVAL, runner=("OUT_DIR", "RUNS_DIR")),
@@ -395,7 +430,8 @@ paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 image_set = data.load_images(DATASET, SIZE, progress=False)
 bovw_csv = paths.tables / "bovw.csv"
 if not bovw_csv.exists():
-    raise FileNotFoundError(f"{bovw_csv} is missing: run `vitdsi study --profile {PROFILE} --start-at 02_bovw`")
+    raise FileNotFoundError(f"{bovw_csv} is missing: run "
+                            f"`vitdsi study --profile {PROFILE} --dataset {DATASET} --start-at 02_bovw`")
 bovw = pd.read_csv(bovw_csv)
 """),
     code("""
@@ -403,7 +439,7 @@ frames = [bovw.drop(columns="paper")]
 for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
     run_dir, s = paths.run_dir(db), db.settings
     for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
-        model, codec, meta = study.load_trained(run_dir / file, PROFILE)
+        model, codec, meta = study.load_trained(run_dir / file, PROFILE, dataset=DATASET)
         table, timings = evaluation.evaluate_dsi(model, codec, db, k=K, seed=s["seed"])
         frames.append(table.assign(model=name, source=s["source"], size=s["size"], n=s["n"], ids=s["id_scheme"],
                                    seed=s["seed"], epochs=meta["epoch"], train_s=meta["extra"].get("seconds"),
@@ -462,8 +498,9 @@ NB_DEMO = [
 # 06 · Demo: query the models
 
 Pick a test query from the strip (or upload your own image), tick the models, choose K and press
-**Run**: each model's top-K indexed images appear side by side, relevant ones (the query's class)
-framed in green with a check mark, with the score and the time the model took for this query.
+**Run**: each model's top-K indexed images appear side by side, relevant ones (the query's class;
+for COCO, any shared object category) framed in green with a check mark, with the score and the
+time the model took for this query.
 BoVW is fitted here on the indexed images; the two DSI models are loaded from the study's run
 folder (`RUNS_DIR`), for the first database of the grid.
 """),

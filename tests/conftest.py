@@ -1,6 +1,7 @@
-"""Shared fixtures: small image trees written on the fly, and an isolated data folder."""
+"""Shared fixtures: small image trees and a COCO-format data set written on the fly, and an isolated data folder."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,3 +68,61 @@ def imagenette_dir() -> Path:
     if not path.is_dir():
         pytest.skip("Imagenette images not available (set VITDSI_IMAGENETTE_DIR)")
     return path
+
+
+#: The categories of the COCO-format fixture, deliberately out of id order and with gaps in the ids.
+#: Sorted by id they become labels car=0, boat=1, cat=2, dog=3, toothbrush=4 (never annotated).
+COCO_CATEGORIES = [
+    {"id": 18, "name": "dog", "supercategory": "animal"},
+    {"id": 3, "name": "car", "supercategory": "vehicle"},
+    {"id": 17, "name": "cat", "supercategory": "animal"},
+    {"id": 9, "name": "boat", "supercategory": "vehicle"},
+    {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+]
+COCO_IDS = {c["name"]: c["id"] for c in COCO_CATEGORIES}
+#: The label sets the fixture cycles through: one, two or three categories per image.
+COCO_COMBOS = [("car",), ("boat",), ("cat",), ("dog",), ("cat", "dog"), ("car", "boat"), ("car", "cat", "dog"), ("boat", "dog")]
+
+
+def write_coco_fixture(root: Path, repeats: int = 2, side: int = 40) -> dict:
+    """Write a small COCO-format data set under ``root``; return its paths and what it holds.
+
+    ``repeats`` copies of every combination in COCO_COMBOS (square images, texture by first
+    category), plus images the loader must leave out: two without annotations, one wide image
+    (aspect out of range) and one corrupt file. Returns ``{"images", "annotations", "labels"}``
+    with ``labels`` mapping each usable file to its category names.
+    """
+    rng = np.random.default_rng(0)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    entries: list[tuple[str, tuple[str, ...]]] = []
+    for r in range(repeats):
+        for c, combo in enumerate(COCO_COMBOS):
+            name = f"{r:03d}_{c}.png" if (r + c) % 2 else f"{r:03d}_{c}.jpg"
+            kind = [e["name"] for e in COCO_CATEGORIES].index(combo[0])
+            Image.fromarray(textured_image(rng, (side, side), kind)).save(images_dir / name)
+            entries.append((name, combo))
+    for name in ("empty_a.png", "empty_b.png"):  # files on disk, but no object annotated
+        Image.fromarray(textured_image(rng, (side, side), 0)).save(images_dir / name)
+    Image.fromarray(textured_image(rng, (side, 2 * side), 1)).save(images_dir / "wide.png")
+    (images_dir / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    listed = entries + [("empty_a.png", ()), ("empty_b.png", ()), ("wide.png", ("dog",)), ("corrupt.jpg", ("cat",))]
+
+    images, annotations = [], []
+    for image_id, (name, combo) in enumerate(listed, start=100):
+        images.append({"id": image_id, "file_name": name, "width": side, "height": side})
+        for category in combo:
+            # two instances of the first category: repeated objects must not repeat the label
+            for _ in range(2 if category == combo[0] else 1):
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_IDS[category],
+                                    "iscrowd": 0, "bbox": [1, 1, 5, 5], "area": 25.0})
+    annotation_file = root / "annotations" / "instances_fixture.json"
+    annotation_file.parent.mkdir()
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
+    return {"images": images_dir, "annotations": annotation_file, "labels": dict(entries)}
+
+
+@pytest.fixture
+def coco_dir(tmp_path) -> dict:
+    """A small COCO-format data set (see write_coco_fixture): 16 usable images, 4 left out."""
+    return write_coco_fixture(tmp_path / "coco")

@@ -338,8 +338,8 @@ def test_unknown_names_are_refused_with_the_choices(digits):
         build_database(digits, 400, id_scheme="semantic")
     with pytest.raises(ValueError, match="unknown ID scheme 'atomic'"):
         dense_id_order(np.zeros(5), "atomic")
-    with pytest.raises(ValueError, match=r"unknown dataset source 'coco'; choose one of"):
-        load_images("coco", 32)
+    with pytest.raises(ValueError, match=r"unknown dataset source 'cifar'; choose one of"):
+        load_images("cifar", 32)
     with pytest.raises(ValueError, match=r"unknown profile 'huge'; choose one of \[.*'smoke'\]"):
         load_profile("huge")
 

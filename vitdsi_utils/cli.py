@@ -13,7 +13,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int =
     from .data import SIZES, SOURCES
 
     parser.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
-    parser.add_argument("--root", default=None, help="ImageFolder tree for --source folder (or an Imagenette copy)")
+    parser.add_argument("--root", default=None,
+                        help="ImageFolder tree for --source folder, an Imagenette copy, or the COCO images folder "
+                        "(default for coco: VITDSI_COCO_IMAGES)")
+    parser.add_argument("--annotations", default=None,
+                        help="COCO instances JSON for --source coco (default: VITDSI_COCO_ANNOTATIONS)")
     parser.add_argument("--size", type=int, default=sizes_default, choices=SIZES, help="image side in px")
     parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048], help="database sizes N (total images)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the database draw")
@@ -23,9 +27,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from .data import build_database, load_images
 
     out = Path(args.out or settings.reports_dir() / "data")
-    image_set = load_images(args.source, args.size, root=args.root)
+    image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
     print(f"{len(image_set)} usable images in {len(image_set.classes)} classes "
-          f"({len(image_set.skipped)} unreadable, {image_set.dropped_aspect} outside the aspect range)")
+          f"({len(image_set.skipped)} unreadable, {image_set.dropped_aspect} outside the aspect range"
+          + (f", {len(image_set.unannotated)} without annotations" if image_set.is_multilabel else "") + ")")
     for n in args.n:
         for seed in args.seeds:
             for scheme in ("random", "clustered"):
@@ -43,7 +48,7 @@ def _cmd_bovw(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = bovw_study(
         args.source, args.size, args.n, args.seeds, out,
-        n_words=args.words, rootsift=args.rootsift, tfidf=args.tfidf,
+        n_words=args.words, rootsift=args.rootsift, tfidf=args.tfidf, root=args.root, annotations=args.annotations,
     )
     shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
     print(shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False))
@@ -68,7 +73,7 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
         model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
         max_pairs_per_query=args.max_pairs_per_query, out_dir=out, runs_dir=runs,
-        multitask=args.multitask, mix_ratio=args.mix_ratio,
+        multitask=args.multitask, mix_ratio=args.mix_ratio, root=args.root, annotations=args.annotations,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
@@ -79,9 +84,10 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import StudyFailed, run_study
 
+    overrides = {"DATASET": args.dataset} if args.dataset else None
     try:
         run_study(args.profile, start_at=args.start_at, out_root=args.out, runs_dir=args.runs,
-                  progress=not args.quiet)
+                  overrides=overrides, progress=not args.quiet)
     except StudyFailed as error:
         # with progress on, the runner has printed the error already
         print(f"vitdsi study: {error}" if args.quiet else "vitdsi study: stopped at the failing notebook",
@@ -91,6 +97,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import SOURCES
+
     parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -135,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a path to a YAML profile (default: smoke)")
     study.add_argument("--start-at", default=None, metavar="NAME",
                        help="skip the notebooks before NAME (e.g. 04 or 04_retrieval); earlier outputs are reused")
+    study.add_argument("--dataset", default=None, choices=SOURCES,
+                       help="run the profile on another image source, e.g. coco (reads VITDSI_COCO_IMAGES and "
+                       "VITDSI_COCO_ANNOTATIONS); the report then goes to reports/<profile>-<dataset>")
     study.add_argument("--out", default=None, help="report folder (default: reports/<profile>)")
     study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")
     study.add_argument("--quiet", action="store_true", help="no progress output")

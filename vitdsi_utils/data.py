@@ -8,6 +8,21 @@ Sources:
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB. No download;
   the dataset of smoke runs and tests.
 * ``folder``: any ImageFolder tree (``<root>/<class>/<image>``), e.g. a user's own photos.
+* ``coco``: MS COCO (or any COCO-format data set): an images folder and its ``instances_*.json``,
+  named by ``VITDSI_COCO_IMAGES`` and ``VITDSI_COCO_ANNOTATIONS`` (or ``root=`` and
+  ``annotations=``). Never downloaded. Every image carries the *set* of its annotated object
+  categories; images without annotations are left out and counted.
+
+Single-label sources give each image one class. Multi-label sources (``coco``) give each image a
+set of labels, stored as a boolean matrix ``label_matrix`` (images x categories), plus a
+*primary* label: the image's rarest category (fewest usable images in the whole source; ties go
+to the lower category index). The primary label stands in for "the class" wherever one is needed:
+balancing a database, grouping clustered IDs, galleries. Relevance never uses it: a database image
+is relevant to a query when their label sets intersect (for single-label data: the same class).
+Rarest rather than most frequent, because on COCO the most frequent category of almost every
+photo with people is "person": balancing over it would leave persons out of nearly every other
+category's share, while the rarest category spreads co-occurring frequent categories over all
+shares and gives rare categories as many images as the data has.
 
 Preprocessing follows the study: keep images whose aspect ratio (width / height) lies in
 ``aspect_range`` (default [0.9, 1.1]), crop the centre square, resize to ``size`` px, RGB uint8.
@@ -35,12 +50,13 @@ from . import settings
 from ._io import atomic_dir, atomic_path
 from .ids import ID_SCHEMES, dense_id_order
 
-SOURCES = ("imagenette", "digits", "folder")
+SOURCES = ("imagenette", "digits", "folder", "coco")
 #: Image sizes the study uses (64, 160, 256) plus 32 px for smoke runs.
 SIZES = (32, 64, 160, 256)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
 ROLES = ("index", "train", "val", "test")
+LABEL_SEPARATOR = ";"  # joins the labels of one image in manifests and caches ("0;3;17")
 _CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
 #: File names that are not valid UTF-8 (e.g. Latin-1 names from an old camera) reach Python as
 #: lone surrogates; CSV files store and restore their original bytes with this error handler.
@@ -62,16 +78,35 @@ IMAGENETTE_CLASSES = {
 
 @dataclass
 class ImageSet:
-    """Every usable image of a source, preprocessed: ``images[i]`` has class ``classes[labels[i]]``."""
+    """Every usable image of a source, preprocessed: ``images[i]`` has class ``classes[labels[i]]``.
+
+    For multi-label sources ``label_matrix[i, j]`` says whether image i shows category
+    ``classes[j]``, and ``labels[i]`` is its primary label (see :func:`primary_labels`).
+    """
 
     images: np.ndarray  # (M, S, S, 3) uint8
-    labels: np.ndarray  # (M,) int64
+    labels: np.ndarray  # (M,) int64; the primary label of multi-label images
     classes: list[str]
     files: list[str]  # (M,) paths relative to root (or synthetic names)
     source: str
     root: str | None = None
     skipped: list[str] = field(default_factory=list)  # unreadable files, relative paths
     dropped_aspect: int = 0  # readable images outside the aspect range
+    label_matrix: np.ndarray | None = None  # (M, C) bool for multi-label sources, else None
+    unannotated: list[str] = field(default_factory=list)  # multi-label sources: images without labels, left out
+
+    def __post_init__(self) -> None:
+        if self.label_matrix is not None:
+            matrix = np.asarray(self.label_matrix, dtype=bool)
+            if matrix.shape != (len(self.labels), len(self.classes)):
+                raise ValueError(
+                    f"label_matrix must be (images, classes) = {(len(self.labels), len(self.classes))}, got {matrix.shape}"
+                )
+            if len(matrix) and not matrix.any(axis=1).all():
+                raise ValueError("every image of a multi-label set needs at least one label; leave unlabelled images out")
+            if not matrix[np.arange(len(matrix)), self.labels].all():
+                raise ValueError("an image's primary label must be one of its labels")
+            self.label_matrix = matrix
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,9 +115,49 @@ class ImageSet:
     def size(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def is_multilabel(self) -> bool:
+        """Whether images carry label sets (relevance: at least one shared label) rather than one class."""
+        return self.label_matrix is not None
+
     def class_counts(self) -> pd.Series:
-        """Images per class name."""
+        """Images per class name (per primary label for multi-label sets)."""
         return pd.Series(np.bincount(self.labels, minlength=len(self.classes)), index=self.classes)
+
+    def category_counts(self) -> pd.Series:
+        """Images showing each class name: a multi-label image counts once for every label it has."""
+        if self.label_matrix is None:
+            return self.class_counts()
+        return pd.Series(self.label_matrix.sum(axis=0), index=self.classes)
+
+
+def primary_labels(label_matrix: np.ndarray) -> np.ndarray:
+    """The primary label (M,) of every row of a boolean (M, C) label matrix: its rarest label.
+
+    Rarity is the number of rows (images) that carry a label; ties go to the lower label.
+    Every row needs at least one label.
+    """
+    matrix = np.asarray(label_matrix, dtype=bool)
+    if matrix.ndim != 2:
+        raise ValueError(f"label_matrix must be 2-D (images, classes), got shape {matrix.shape}")
+    if len(matrix) and not matrix.any(axis=1).all():
+        raise ValueError("every image needs at least one label to have a primary label")
+    frequency = matrix.sum(axis=0).astype(np.float64)
+    cost = np.where(matrix, frequency[None, :], np.inf)
+    return cost.argmin(axis=1).astype(np.int64)  # argmin takes the first (lowest) label on ties
+
+
+def label_matrix_from_sets(label_sets: Sequence[Sequence[int]], n_classes: int) -> np.ndarray:
+    """A boolean (M, C) matrix from M label sets of label indices in 0..C-1."""
+    matrix = np.zeros((len(label_sets), n_classes), dtype=bool)
+    for i, labels in enumerate(label_sets):
+        matrix[i, list(labels)] = True
+    return matrix
+
+
+def label_sets_from_matrix(label_matrix: np.ndarray) -> list[tuple[int, ...]]:
+    """The label set (sorted tuple of label indices) of every row of a boolean (M, C) matrix."""
+    return [tuple(np.flatnonzero(row).tolist()) for row in np.asarray(label_matrix, dtype=bool)]
 
 
 # --------------------------------------------------------------------------------------
@@ -227,13 +302,20 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _cache_key(source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float]) -> str:
+def _cache_key(
+    source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], extra: str = ""
+) -> str:
     digest = hashlib.sha1()
     digest.update(json.dumps([_CACHE_VERSION, source, str(root.resolve()), size, list(aspect_range)]).encode())
     for name in files:  # a changed, added or removed file gives a new key
-        stat = (root / name).stat()
         # os.fsencode keeps the exact bytes of names that are not valid UTF-8
-        digest.update(os.fsencode(name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = (root / name).stat()
+            digest.update(os.fsencode(name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a listed file that is missing is reported as unreadable when decoding
+            digest.update(os.fsencode(name) + b"\0missing\n")
+    if extra:  # e.g. the labels of an annotations file, which the file list alone does not pin
+        digest.update(extra.encode())
     return digest.hexdigest()[:16]
 
 
@@ -271,30 +353,38 @@ def _decode_all(
     return out[kept], kept, dict(sorted(unreadable.items()))
 
 
-def _load_folder(
+def _decode_cached(
     source: str,
     root: Path,
+    table: pd.DataFrame,
     size: int,
     aspect_range: tuple[float, float],
     cache: bool,
     data_dir: Path | None,
     progress: bool,
-) -> ImageSet:
-    files, classes, labels = list_image_files(root)
-    key = _cache_key(source, root, files, size, aspect_range)
+    info: dict,
+    key_extra: str = "",
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Decode the files of ``table`` (a ``file`` column, then label columns), or read them from the cache.
+
+    Returns (images of the kept files, the kept rows of ``table``, ``info`` plus ``skipped``
+    and ``dropped_aspect``), and warns once about unreadable files.
+    """
+    key = _cache_key(source, root, table["file"].tolist(), size, aspect_range, key_extra)
     cache_dir = (data_dir or settings.data_dir()) / "cache" / f"{source}-{size}px-{key}"
     cached = _read_cache(cache_dir) if cache else None
     if cached is not None:
         images, table, info = cached
     else:
+        files = table["file"].tolist()
         images, kept, unreadable = _decode_all(root, files, size, aspect_range, progress, f"decoding {source} @{size}px")
-        table = pd.DataFrame({"file": files, "label": labels})[kept]
+        table = table[kept]
         info = {
             "source": source,
             "root": str(root),
             "size": size,
             "aspect_range": list(aspect_range),
-            "classes": classes,
+            **info,
             "skipped": list(unreadable),
             "skip_reasons": unreadable,
             "dropped_aspect": int((~kept).sum()) - len(unreadable),
@@ -311,8 +401,25 @@ def _load_folder(
         warnings.warn(
             f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}{more}. "
             "They are listed in the manifest with role 'skipped'; fix or delete them to silence this warning",
-            stacklevel=3,
+            stacklevel=4,
         )
+    return images, table, info
+
+
+def _load_folder(
+    source: str,
+    root: Path,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+) -> ImageSet:
+    files, classes, labels = list_image_files(root)
+    listing = pd.DataFrame({"file": files, "label": labels})
+    images, table, info = _decode_cached(
+        source, root, listing, size, aspect_range, cache, data_dir, progress, {"classes": classes}
+    )
     # classes whose every image was unreadable or out of aspect range keep their label slot,
     # so labels stay comparable across sizes; build_database ignores empty classes
     return ImageSet(
@@ -337,7 +444,8 @@ def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None
         return None
     try:
         info = json.loads((cache_dir / "info.json").read_text())
-        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS)
+        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS,
+                            dtype={"labels": str})  # label sets such as "3" or "0;3" stay text
         images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
         if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped_aspect"} <= set(info):
             raise ValueError("its parts do not fit together")
@@ -345,6 +453,81 @@ def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None
         warnings.warn(f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4)
         return None
     return images, table, info
+
+
+def _missing_coco_message(reason: str) -> str:
+    return (
+        f"COCO images are not available ({reason}). Set {settings.COCO_IMAGES_ENV} to the images folder "
+        f"(e.g. .../coco/train2017) and {settings.COCO_ANNOTATIONS_ENV} to its instances file (e.g. "
+        ".../coco/annotations/instances_train2017.json), or pass root= and annotations= to load_images. "
+        "Nothing is downloaded: get COCO from https://cocodataset.org first."
+    )
+
+
+def coco_paths(
+    root: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """(images folder, instances JSON) of the ``coco`` source: the arguments, else the environment variables."""
+    images_dir = Path(root).expanduser() if root is not None else settings.coco_images_dir()
+    annotations_file = Path(annotations).expanduser() if annotations is not None else settings.coco_annotations_file()
+    missing = [name for name, value in ((settings.COCO_IMAGES_ENV, images_dir),
+                                        (settings.COCO_ANNOTATIONS_ENV, annotations_file)) if value is None]
+    if missing:
+        raise FileNotFoundError(_missing_coco_message(f"{' and '.join(missing)} not set"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(_missing_coco_message(f"images folder {images_dir} does not exist"))
+    if not annotations_file.is_file():
+        raise FileNotFoundError(_missing_coco_message(f"annotations file {annotations_file} does not exist"))
+    return images_dir, annotations_file
+
+
+def _load_coco(
+    root: Path,
+    annotations: Path,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+) -> ImageSet:
+    from .coco import read_coco_annotations
+
+    cache_root = (data_dir or settings.data_dir()) / "cache"
+    coco = read_coco_annotations(annotations, cache_root if cache else None)
+    if not coco.files:
+        raise ValueError(f"{annotations} has no annotated image: nothing to retrieve")
+    if not any((root / name).is_file() for name in coco.files[:1000]):
+        raise FileNotFoundError(_missing_coco_message(
+            f"none of the first images named in {annotations.name} (e.g. {coco.files[0]}) is in {root}; "
+            f"does {settings.COCO_IMAGES_ENV} name the folder that file describes?"
+        ))
+    if coco.unannotated:
+        warnings.warn(
+            f"left out {len(coco.unannotated)} of {len(coco.files) + len(coco.unannotated)} images of "
+            f"{annotations.name}: they have no object annotation, so no query could find them relevant "
+            "(manifests list them with role 'unannotated')",
+            stacklevel=3,
+        )
+    listing = pd.DataFrame({"file": coco.files, "labels": [LABEL_SEPARATOR.join(map(str, s)) for s in coco.label_sets]})
+    info = {"classes": coco.categories, "category_ids": coco.category_ids, "annotations": str(annotations),
+            "unannotated": coco.unannotated}
+    images, table, info = _decode_cached(
+        "coco", root, listing, size, aspect_range, cache, data_dir, progress, info, key_extra=coco.digest()
+    )
+    label_sets = [tuple(int(t) for t in text.split(LABEL_SEPARATOR)) for text in table["labels"]]
+    matrix = label_matrix_from_sets(label_sets, len(info["classes"]))
+    return ImageSet(
+        images=images,
+        labels=primary_labels(matrix),
+        classes=list(info["classes"]),
+        files=table["file"].tolist(),
+        source="coco",
+        root=str(root),
+        skipped=list(info["skipped"]),
+        dropped_aspect=int(info["dropped_aspect"]),
+        label_matrix=matrix,
+        unannotated=list(info["unannotated"]),
+    )
 
 
 def _load_digits(size: int, progress: bool) -> ImageSet:
@@ -372,13 +555,18 @@ def load_images(
     size: int = 160,
     *,
     root: str | os.PathLike | None = None,
+    annotations: str | os.PathLike | None = None,
     aspect_range: tuple[float, float] = (0.9, 1.1),
     download: bool = True,
     cache: bool = True,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> ImageSet:
-    """Load every usable image of ``source`` at ``size`` px; see the module docstring."""
+    """Load every usable image of ``source`` at ``size`` px; see the module docstring.
+
+    ``root`` is the folder of a ``folder`` source, a local Imagenette copy, or the COCO images
+    folder; ``annotations`` is the COCO instances JSON (both default to the environment).
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
     if size not in SIZES:
@@ -389,6 +577,9 @@ def load_images(
     data_dir = Path(data_dir) if data_dir is not None else None
     if source == "digits":
         return _load_digits(size, progress)
+    if source == "coco":
+        images_dir, annotations_file = coco_paths(root, annotations)
+        return _load_coco(images_dir, annotations_file, size, (lo, hi), cache, data_dir, progress)
     if source == "imagenette":
         folder = Path(root) if root is not None else imagenette_root(download, data_dir)
     else:
@@ -419,6 +610,29 @@ def max_balanced_size(class_counts: Sequence[int]) -> int:
     return int(len(counts) * smallest + min(len(counts) - 1, int((counts > smallest).sum())))
 
 
+def balanced_quota(counts: Sequence[int], n: int) -> np.ndarray:
+    """Split ``n`` images over classes holding ``counts`` images, as evenly as the counts allow.
+
+    Every class gets ``min(count, L)`` images, with L the largest level whose total stays within
+    ``n``; the images left over go one each to the classes with images to spare, in the given
+    order. When every class can take an equal share this is the plain balanced split.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if n > counts.sum():
+        raise ValueError(f"cannot draw {n} images from classes holding {int(counts.sum())}")
+    low, high = 0, int(counts.max(initial=0))
+    while low < high:  # bisection on the level L
+        mid = (low + high + 1) // 2
+        if np.minimum(counts, mid).sum() <= n:
+            low = mid
+        else:
+            high = mid - 1
+    quota = np.minimum(counts, low)
+    spare = np.flatnonzero(counts > low)[: n - int(quota.sum())]
+    quota[spare] += 1
+    return quota
+
+
 @dataclass
 class Database:
     """An indexed database (IDB) with its query splits; one manifest row per image.
@@ -426,7 +640,9 @@ class Database:
     ``manifest`` columns: ``file``, ``class``, ``label``, ``role`` (index / train / val /
     test), ``row`` (database row for index images, else -1), ``id`` (the ID text of index
     images, else empty) and ``source_row`` (position in the ImageSet). Index images come first,
-    in ID order, so database row ``r`` has ID number ``r``.
+    in ID order, so database row ``r`` has ID number ``r``. A multi-label database adds
+    ``labels`` (label indices, ";"-joined) and ``categories`` (their names); there ``class``
+    and ``label`` give the primary label.
     """
 
     manifest: pd.DataFrame
@@ -434,13 +650,43 @@ class Database:
     classes: list[str]
     settings: dict
     skipped: list[str] = field(default_factory=list)
+    label_matrix: np.ndarray | None = None  # (len(manifest), C) bool for multi-label data, aligned with manifest
+    unannotated: list[str] = field(default_factory=list)  # source images left out for having no label
 
-    def split(self, role: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return (images (n, S, S, 3) uint8, labels (n,) int64) of one role."""
+    def _mask(self, role: str) -> np.ndarray:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
-        mask = (self.manifest["role"] == role).to_numpy()
+        return (self.manifest["role"] == role).to_numpy()
+
+    def split(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (images (n, S, S, 3) uint8, labels (n,) int64) of one role (primary labels if multi-label)."""
+        mask = self._mask(role)
         return self.images[mask], self.manifest["label"].to_numpy()[mask]
+
+    @property
+    def is_multilabel(self) -> bool:
+        """Whether relevance means "at least one shared label" (True) or "the same class" (False)."""
+        return self.label_matrix is not None
+
+    def multi_hot(self, role: str) -> np.ndarray:
+        """The label sets of one role as a boolean (n, C) matrix (one-hot classes for single-label data)."""
+        mask = self._mask(role)
+        if self.label_matrix is not None:
+            return self.label_matrix[mask]
+        return np.eye(len(self.classes), dtype=bool)[self.manifest["label"].to_numpy()[mask]]
+
+    def relevance_labels(self, role: str) -> np.ndarray:
+        """What relevance compares for one role: classes (n,) int64, or label sets (n, C) bool if multi-label.
+
+        :func:`metrics.label_relevance` and :func:`train.relevant_pairs` take either form.
+        """
+        return self.multi_hot(role) if self.is_multilabel else self.split(role)[1]
+
+    def relevance(self, query_role: str = "test") -> np.ndarray:
+        """(Q, n_index) bool: whether indexed row r is relevant to query q of ``query_role``."""
+        from .metrics import label_relevance
+
+        return label_relevance(self.relevance_labels(query_role), self.relevance_labels("index"))
 
     @property
     def n_index(self) -> int:
@@ -452,7 +698,7 @@ class Database:
         return self.split("index")[1]
 
     def counts(self) -> pd.DataFrame:
-        """Images per class and role."""
+        """Images per class and role (per primary label for multi-label data)."""
         return pd.crosstab(self.manifest["class"], self.manifest["role"]).reindex(columns=list(ROLES), fill_value=0)
 
     def fingerprint(self) -> dict[str, object]:
@@ -468,10 +714,17 @@ class Database:
         keys = ("source", "size", "n", "id_scheme", "seed")
         return {**{k: self.settings.get(k) for k in keys}, "indexed_images_sha1": digest.hexdigest()[:16]}
 
+    def category_counts(self) -> pd.DataFrame:
+        """Images showing each class, per role: a multi-label image counts once for each of its labels."""
+        frame = pd.DataFrame({role: self.multi_hot(role).sum(axis=0) for role in ROLES}, index=self.classes)
+        return frame[frame.sum(axis=1) > 0]
+
     def save_manifest(self, path: str | os.PathLike) -> Path:
-        """Write the manifest as CSV (atomically), with unreadable source files as role 'skipped'."""
-        skipped = pd.DataFrame({"file": self.skipped, "role": "skipped"})
-        table = pd.concat([self.manifest, skipped], ignore_index=True) if self.skipped else self.manifest
+        """Write the manifest as CSV (atomically), with unreadable source files as role 'skipped'
+        and source images without labels as role 'unannotated'."""
+        left_out = [pd.DataFrame({"file": files, "role": role})
+                    for files, role in ((self.skipped, "skipped"), (self.unannotated, "unannotated")) if files]
+        table = pd.concat([self.manifest, *left_out], ignore_index=True) if left_out else self.manifest
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False, errors=FILE_NAME_ERRORS)
         return Path(path)
@@ -493,6 +746,12 @@ def build_database(
     are exact (largest-remainder rounding), e.g. N = 512 gives 128 indexed images. IDs follow
     ``id_scheme`` (random or clustered). The draw depends only on ``seed``, so the two ID
     schemes see the same images in the same roles.
+
+    Multi-label data is balanced over primary labels (each image's rarest label, see
+    :func:`primary_labels`) as far as the data allows: every primary label gets
+    ``min(its images, L)`` with L as large as N permits (:func:`balanced_quota`), so a rare
+    category gives all it has and the others share the rest evenly. Clustered IDs group the
+    indexed images by primary label. Single-label data must balance exactly.
     """
     if id_scheme not in ID_SCHEMES:
         raise ValueError(f"unknown ID scheme {id_scheme!r}; choose one of {ID_SCHEMES}")
@@ -503,42 +762,48 @@ def build_database(
         raise ValueError(f"index_fraction must lie in (0, 1), got {index_fraction}")
     if len(query_fractions) != 3 or min(query_fractions) < 0 or not np.isclose(sum(query_fractions), 1.0):
         raise ValueError(f"query_fractions must be three non-negative numbers summing to 1, got {query_fractions}")
+    multilabel = image_set.is_multilabel
     counts = np.bincount(image_set.labels, minlength=len(image_set.classes))
     present = np.flatnonzero(counts)
     if len(present) < 2:
+        kind = "primary categories" if multilabel else "class(es) with images"
         raise ValueError(
-            f"the {image_set.source} images hold {len(present)} class(es) with images; "
-            "same-class retrieval needs at least 2 classes"
+            f"the {image_set.source} images hold {len(present)} {kind}; "
+            "retrieval needs at least 2 classes (primary categories for multi-label data)"
         )
     empty = [image_set.classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
+    if empty and not multilabel:
         warnings.warn(
             f"class(es) {', '.join(empty)} have no usable images (all unreadable or outside the aspect range) "
             "and are left out of the database",
             stacklevel=2,
         )
-    largest = max_balanced_size(counts[present])
     smallest = int(counts[present].min())
-    if largest < len(present) * 4:
-        # every class needs one indexed image and three pool images at the smallest N
-        small = [image_set.classes[i] for i in present if counts[i] < 4]
-        raise ValueError(
-            f"too few images: a balanced database needs at least 4 usable images per class, but "
-            f"{', '.join(small)} ha{'s' if len(small) == 1 else 've'} fewer (smallest class: {smallest}). "
-            "Add images to those classes or remove their folders"
-        )
+    if multilabel:
+        largest = int(counts.sum())
+        holding = f"with {len(present)} primary categories (smallest {smallest} images), so a database"
+    else:
+        largest = max_balanced_size(counts[present])
+        holding = f"in {len(present)} classes (smallest class {smallest}), so a balanced database"
+        if largest < len(present) * 4:
+            # every class needs one indexed image and three pool images at the smallest N
+            small = [image_set.classes[i] for i in present if counts[i] < 4]
+            raise ValueError(
+                f"too few images: a balanced database needs at least 4 usable images per class, but "
+                f"{', '.join(small)} ha{'s' if len(small) == 1 else 've'} fewer (smallest class: {smallest}). "
+                "Add images to those classes or remove their folders"
+            )
     if not len(present) * 4 <= n <= largest:
         raise ValueError(
             f"N={n} is not possible: {image_set.source} at {image_set.size}px has {len(image_set)} usable images "
-            f"in {len(present)} classes (smallest class {counts[present].min()}), so a balanced database "
-            f"takes N between {len(present) * 4} and {largest}"
+            f"{holding} takes N between {len(present) * 4} and {largest}"
         )
 
     rng = np.random.default_rng(seed)
     # the classes with the most images take the remainder, so every N up to the maximum works
     order = present[np.argsort(-counts[present], kind="stable")]
     quota = np.zeros(len(image_set.classes), dtype=np.int64)
-    quota[order] = apportion(n, np.ones(len(order)))
+    quota[order] = balanced_quota(counts[order], n)
     n_index = apportion(n, [index_fraction, 1 - index_fraction])[0]
     index_quota = np.zeros_like(quota)
     index_quota[order] = apportion(n_index, quota[order])
@@ -570,6 +835,12 @@ def build_database(
         }
     )
     manifest.insert(1, "class", [image_set.classes[i] for i in manifest["label"]])
+    label_columns: list[str] = []
+    if multilabel:
+        sets = label_sets_from_matrix(image_set.label_matrix[source_rows])
+        manifest["labels"] = [LABEL_SEPARATOR.join(map(str, labels)) for labels in sets]
+        manifest["categories"] = [LABEL_SEPARATOR.join(image_set.classes[j] for j in labels) for labels in sets]
+        label_columns = ["labels", "categories"]
     is_index = (manifest["role"] == "index").to_numpy()
     index_part = manifest[is_index].reset_index(drop=True)
     # the ID scheme decides which index image takes which consecutive number
@@ -597,7 +868,7 @@ def build_database(
     queries["row"] = -1
     queries["id"] = ""
     manifest = pd.concat([index_part, queries], ignore_index=True)
-    manifest = manifest[["file", "class", "label", "role", "row", "id", "source_row"]]
+    manifest = manifest[["file", "class", "label", "role", "row", "id", "source_row", *label_columns]]
     images = np.ascontiguousarray(image_set.images[manifest["source_row"].to_numpy()])
     return Database(
         manifest=manifest,
@@ -614,4 +885,6 @@ def build_database(
             "query_fractions": list(query_fractions),
         },
         skipped=list(image_set.skipped),
+        label_matrix=image_set.label_matrix[manifest["source_row"].to_numpy()] if multilabel else None,
+        unannotated=list(image_set.unannotated),
     )

@@ -105,6 +105,10 @@ class QueryDemo:
         self._widget = None  # built on first use of .widget; the methods below work without it
         self.query_images, self.query_labels = db.split(query_role)
         self.index_images, self.index_labels = db.split("index")
+        # label sets as (n, C) bool: one class each for ImageNet-like data, several for COCO
+        self.query_sets, self.index_sets = db.multi_hot(query_role), db.multi_hot("index")
+        self.query_names = [" + ".join(readable_class(db.classes[j]) for j in np.flatnonzero(labels))
+                            for labels in self.query_sets]
         if len(self.query_images) == 0:
             raise ValueError(f"the database has no {query_role!r} queries to choose from")
         self.size = int(db.settings["size"])
@@ -112,7 +116,8 @@ class QueryDemo:
         self.set_k(k)
         self.selected = list(self.models)
         self.query_image: np.ndarray = self.query_images[0]
-        self.query_label: int | None = int(self.query_labels[0])
+        self.query_label: int | None = int(self.query_labels[0])  # primary label for multi-label data
+        self.query_set: np.ndarray | None = self.query_sets[0]  # (C,) bool; None for an upload
         self.query_title = ""
         self.results: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
         self.last_html = ""
@@ -120,11 +125,12 @@ class QueryDemo:
 
     # -- state -----------------------------------------------------------------------------
     def select_query(self, i: int) -> None:
-        """Make test query ``i`` the query (its class is known, so relevance can be marked)."""
+        """Make test query ``i`` the query (its labels are known, so relevance can be marked)."""
         if not 0 <= i < len(self.query_images):
             raise IndexError(f"query {i} does not exist; choose 0..{len(self.query_images) - 1}")
         self.query_image, self.query_label = self.query_images[i], int(self.query_labels[i])
-        self.query_title = f"test query {i}: {readable_class(self.db.classes[self.query_label])}"
+        self.query_set = self.query_sets[i]
+        self.query_title = f"test query {i}: {self.query_names[i]}"
         if self._widget is not None and self._query_box.value != i:
             self._query_box.value = i
 
@@ -139,7 +145,7 @@ class QueryDemo:
             except Exception as error:  # PIL raises several types for a file that is not an image
                 reason = describe_read_error(error)
                 raise ValueError(f"could not read {name!r} as an image ({reason}); upload a JPEG or PNG") from error
-        self.query_image, self.query_label = image, None
+        self.query_image, self.query_label, self.query_set = image, None, None
         self.query_title = f"uploaded: {name}"
 
     def set_k(self, k: int) -> None:
@@ -178,8 +184,8 @@ class QueryDemo:
         return self.results
 
     def is_relevant(self, row: int) -> bool | None:
-        """Whether database row ``row`` shares the query's class (None for an uploaded query)."""
-        return None if self.query_label is None else bool(self.index_labels[row] == self.query_label)
+        """Whether database row ``row`` shares the query's class, or one of its labels if multi-label (None for an upload)."""
+        return None if self.query_set is None else bool((self.index_sets[row] & self.query_set).any())
 
     # -- rendering -------------------------------------------------------------------------
     def render_html(self) -> str:
@@ -245,7 +251,7 @@ class QueryDemo:
     def _build_widget(self):
         import ipywidgets as widgets
 
-        options = [(f"{i}: {readable_class(self.db.classes[int(l)])}", i) for i, l in enumerate(self.query_labels)]
+        options = [(f"{i}: {name}", i) for i, name in enumerate(self.query_names)]
         self._query_box = widgets.Dropdown(options=options, value=0, description="test query")
         self._upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image")
         self._checkboxes = {n: widgets.Checkbox(value=n in self.selected, description=n, indent=False)
@@ -318,7 +324,7 @@ class QueryDemo:
             raise FileNotFoundError(
                 f"no trained DSI models for {_run_name(db)} under {path} (looked for zero_shot.pt and "
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
-                f"`vitdsi study --profile {profile}` (or `make study`) first"
+                f"`vitdsi study --profile {profile} --dataset {db.settings['source']}` (or `make study`) first"
             )
         expected = make_codec(db.n_index)
         models: dict[str, Searcher] = {}

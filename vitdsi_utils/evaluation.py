@@ -26,10 +26,19 @@ PAPER_METRIC = {
 }
 
 
+#: Sources the paper's Table 1 does not describe: its numbers are ImageNet's, so they are not put
+#: beside results on these (the paper printed no COCO table).
+NOT_IN_PAPER_TABLE1 = frozenset({"coco"})
+
+
 def retrieval_metrics(
     ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, *, seed: int = 0, n_resamples: int = 1000
 ) -> pd.DataFrame:
-    """mAP@10, P@10, R@100 and the paper protocol, with 95% intervals and chance (one row per metric)."""
+    """mAP@10, P@10, R@100 and the paper protocol, with 95% intervals and chance (one row per metric).
+
+    Labels are class ids (n,) or multi-hot label sets (n, C), as ``Database.relevance_labels``
+    returns them; see :func:`metrics.label_relevance`.
+    """
     relevant = metrics.label_relevance(query_labels, db_labels)
     return metrics.evaluate_ranking(
         ranked, relevant, ks_precision=(10,), ks_recall=(100,), ks_map=(10,), n_resamples=n_resamples, seed=seed
@@ -57,8 +66,9 @@ def evaluate_bovw(
     progress: bool = True,
 ) -> BoVWResult:
     """Fit BoVW on the indexed images of ``db`` and score its top-``k`` lists for the ``query_role`` queries."""
-    index_images, index_labels = db.split("index")
-    query_images, query_labels = db.split(query_role)
+    index_images, _ = db.split("index")
+    query_images, _ = db.split(query_role)
+    index_labels, query_labels = db.relevance_labels("index"), db.relevance_labels(query_role)
     model = BoVW(n_words, rootsift=rootsift, tfidf=tfidf, random_state=seed, progress=progress)
     start = time.perf_counter()
     model.fit(index_images)
@@ -85,14 +95,17 @@ def bovw_study(
     n_words: int = 200,
     rootsift: bool = False,
     tfidf: bool = False,
+    root: str | Path | None = None,
+    annotations: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Evaluate BoVW for every N and seed; write manifests and result tables under ``out_dir``.
 
-    Returns the long table: one row per (n, seed, metric) with value, interval, chance and,
-    where the paper reported one, its number.
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. Returns the
+    long table: one row per (n, seed, metric) with value, interval, chance and, where the paper
+    reported one, its number.
     """
-    image_set = load_images(source, size, progress=progress)
+    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     out_dir = Path(out_dir) if out_dir is not None else None
     frames = []
     for n in ns:
@@ -115,10 +128,16 @@ def bovw_study(
 
 
 def attach_paper(results: pd.DataFrame) -> pd.DataFrame:
-    """Add a ``paper`` column: the paper's number for the same model, N, IDs and metric (else NaN)."""
+    """Add a ``paper`` column: the paper's number for the same model, N, IDs and metric (else NaN).
+
+    Rows whose ``source`` is in :data:`NOT_IN_PAPER_TABLE1` (COCO) get NaN: the paper's Table 1
+    was measured on ImageNet.
+    """
     paper = paper_table1().rename(columns={"metric": "paper_metric"})
     keyed = results.assign(paper_metric=results["metric"].map(PAPER_METRIC))
     merged = keyed.merge(paper, on=["model", "n", "ids", "paper_metric"], how="left")
+    if "source" in merged.columns:
+        merged.loc[merged["source"].isin(NOT_IN_PAPER_TABLE1), "paper"] = float("nan")
     return merged.drop(columns="paper_metric")
 
 
@@ -202,8 +221,9 @@ def evaluate_dsi(
 
     from .decoding import beam_search
 
-    index_images, index_labels = db.split("index")
-    query_images, query_labels = db.split(query_role)
+    index_images, _ = db.split("index")
+    query_images, _ = db.split(query_role)
+    index_labels, query_labels = db.relevance_labels("index"), db.relevance_labels(query_role)
     start = time.perf_counter()
     _, own = beam_search(model, torch.from_numpy(index_images), codec, k=5, batch_size=batch_size)
     indexed = time.perf_counter()

@@ -112,9 +112,10 @@ def fine_tune(
 ) -> PhaseResult:
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
-    One pair per relevant indexed image of every train query (``max_pairs_per_query`` caps it
-    with a seeded sample), as in the reference implementation; the val queries give the
-    validation curve. ``zero_shot`` is not changed.
+    One pair per relevant indexed image of every train query (relevant: the same class, or a
+    shared label for multi-label data), as in the reference implementation;
+    ``max_pairs_per_query`` caps it with a seeded sample. The val queries give the validation
+    curve. ``zero_shot`` is not changed.
 
     ``multitask=True`` keeps the indexing examples in every epoch beside the pairs, as the
     original DSI trains, so the model is reminded of each image's own ID while it learns
@@ -128,9 +129,10 @@ def fine_tune(
     final = Path(run_dir) / f"{stem}.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec, zero_shot.config, fingerprint)
-    index_labels = db.index_labels
-    train_images, train_labels = db.split("train")
-    val_images, val_labels = db.split("val")
+    index_labels = db.relevance_labels("index")
+    train_images, _ = db.split("train")
+    val_images, _ = db.split("val")
+    train_labels, val_labels = db.relevance_labels("train"), db.relevance_labels("val")
     pairs = RetrievalPairs.from_labels(
         torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
@@ -258,6 +260,8 @@ def dsi_study(
     max_pairs_per_query: int | None = None,
     out_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    annotations: str | Path | None = None,
     progress: bool = True,
     fine_tune_phase: bool = True,
     multitask: bool = False,
@@ -268,10 +272,11 @@ def dsi_study(
     ``out_dir`` receives ``dsi_<source>_<size>px.{csv,md}`` (Table 1 rows) and
     ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps
     the checkpoints, so an interrupted study resumes and a finished one is only re-evaluated.
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`.
     """
     from .data import build_database, load_images
 
-    image_set = load_images(source, size, progress=progress)
+    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     results, histories = [], []
     for n in ns:
         for scheme in schemes:
@@ -329,7 +334,7 @@ def _write_dsi_tables(
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
         + ("" if mix_ratio is False else
-           f"Multi-task: the same schedule with every indexed image in each epoch beside "
+           "Multi-task: the same schedule with every indexed image in each epoch beside "
            + ("every pair. " if mix_ratio is None else f"{mix_ratio} pairs per indexed image. "))
         + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
         "",

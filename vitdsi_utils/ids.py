@@ -30,6 +30,8 @@ def dense_id_order(labels: np.ndarray, scheme: str, seed: int = 0) -> np.ndarray
     ``random``: the database shuffled (the paper's "dense random IDs").
     ``clustered``: items grouped by class (classes in label order, shuffled within a class),
     so that same-class images get consecutive numbers (the paper's "dense clustered IDs").
+    For multi-label data (COCO) ``labels`` are the primary labels, so images are grouped by
+    their primary (rarest) category.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)

@@ -7,7 +7,10 @@ A model answers query ``q`` with a ranked list of distinct database row indices.
 answers is an int array ``ranked`` of shape ``(Q, K)``; ``-1`` means "no result at this rank",
 so a model that returns fewer than ``K`` results pads the *end* of its row with ``-1``. Padded
 ranks count as non-relevant, and ``P@k`` still divides by ``k``: returning nothing is not
-rewarded. Relevance is a boolean matrix ``relevant`` of shape ``(Q, n_db)``.
+rewarded. Relevance is a boolean matrix ``relevant`` of shape ``(Q, n_db)``. ``label_relevance``
+builds it from labels: the same class for single-label data (ImageNet), at least one shared label
+for multi-label data (COCO: a database image is relevant when it shows an object category the
+query shows). R@k and AP@k divide by ``|R|``, the number of relevant items of *that* relevance.
 
 With ``L`` the ranked list of a query, ``R`` its relevant set and ``rel(i)`` whether rank ``i``
 (1-based) is relevant:
@@ -186,13 +189,29 @@ def multilabel_relevance(query_sets: Sequence[Any], db_sets: Sequence[Any]) -> n
 
 
 def label_relevance(query_labels: Sequence[Any], db_labels: Sequence[Any]) -> np.ndarray:
-    """Return (Q, n_db) bool same-class relevance; label sets (e.g. frozensets) mean "sets intersect"."""
+    """Return (Q, n_db) bool relevance: the same class, or at least one shared label for multi-label data.
+
+    Labels come in one of three forms, the same for queries and database: class ids (n,);
+    label sets (sequences of sets, e.g. frozensets); or a multi-hot matrix (n, C) of 0/1 or bool,
+    where row i marks the labels of item i (``Database.relevance_labels`` gives this form).
+    """
     if len(query_labels) and isinstance(query_labels[0], (set, frozenset)):
         return multilabel_relevance(query_labels, db_labels)
     query_labels = np.asarray(query_labels)
     db_labels = np.asarray(db_labels)
+    if query_labels.ndim == 2 and db_labels.ndim == 2:
+        if query_labels.shape[1] != db_labels.shape[1]:
+            raise ValueError(
+                f"multi-hot labels must have the same number of columns (labels): queries {query_labels.shape}, "
+                f"database {db_labels.shape}"
+            )
+        # (Q, C) @ (C, n_db) counts the labels each pair shares
+        return (query_labels != 0).astype(np.int32) @ (db_labels != 0).astype(np.int32).T > 0
     if query_labels.ndim != 1 or db_labels.ndim != 1:
-        raise ValueError("single-label relevance needs 1-D label arrays; use multilabel_relevance for sets")
+        raise ValueError(
+            "labels must be class ids (n,) for both queries and database, or multi-hot (n, C) for both; "
+            f"got shapes {query_labels.shape} and {db_labels.shape}"
+        )
     return query_labels[:, None] == db_labels[None, :]
 
 

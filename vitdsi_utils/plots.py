@@ -78,10 +78,13 @@ def class_gallery(
     per_class: int = 6,
     seed: int = 0,
     title: str | None = None,
+    max_classes: int | None = None,
 ) -> Figure:
     """A grid of ``per_class`` random images (columns) for every class (rows).
 
-    ``source`` is a Database, or images (n, S, S, 3) uint8 with ``labels`` (n,) and ``classes``.
+    ``source`` is a Database, or images (n, S, S, 3) uint8 with ``labels`` (n,) and ``classes``
+    (for multi-label data: primary labels). ``max_classes`` keeps the rows of the classes with
+    the most images (COCO has 80 categories), in label order.
     """
     if isinstance(source, Database):
         images, labels, classes = source.images, source.manifest["label"].to_numpy(), source.classes
@@ -91,6 +94,9 @@ def class_gallery(
             raise ValueError("class_gallery(images, labels, classes): pass labels and class names with raw images")
     labels = np.asarray(labels)
     present = [c for c in range(len(classes)) if np.any(labels == c)]
+    if max_classes is not None and len(present) > max_classes:
+        sizes = np.bincount(labels, minlength=len(classes))
+        present = sorted(sorted(present, key=lambda c: -sizes[c])[:max_classes])
     rng = np.random.default_rng(seed)
     fig, axes = _new_figure(len(present), per_class, (0.9 * per_class + 1.2, 0.9 * len(present) + 0.4))
     for r, label in enumerate(present):

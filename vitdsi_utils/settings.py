@@ -6,6 +6,11 @@ from pathlib import Path
 
 #: A local Imagenette tree in torchvision's ImageFolder layout (``<dir>/{train,val}/<wnid>/*.JPEG``).
 IMAGENETTE_ENV = "VITDSI_IMAGENETTE_DIR"
+#: A local MS COCO images folder, e.g. ``.../coco/train2017`` (the ``file_name`` of every image
+#: in the annotations file is read relative to it).
+COCO_IMAGES_ENV = "VITDSI_COCO_IMAGES"
+#: The COCO-format instances file that describes those images, e.g. ``.../annotations/instances_train2017.json``.
+COCO_ANNOTATIONS_ENV = "VITDSI_COCO_ANNOTATIONS"
 #: Where decoded-image caches, downloads and checkpoints go (default: ``<project>/data``).
 DATA_ENV = "VITDSI_DATA_DIR"
 #: Where tables, figures and executed notebooks go (default: ``<project>/reports``).
@@ -35,4 +40,16 @@ def reports_dir() -> Path:
 def imagenette_dir() -> Path | None:
     """The local Imagenette copy named by ``VITDSI_IMAGENETTE_DIR``, or None when unset."""
     value = os.environ.get(IMAGENETTE_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def coco_images_dir() -> Path | None:
+    """The COCO images folder named by ``VITDSI_COCO_IMAGES``, or None when unset."""
+    value = os.environ.get(COCO_IMAGES_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def coco_annotations_file() -> Path | None:
+    """The COCO instances JSON named by ``VITDSI_COCO_ANNOTATIONS``, or None when unset."""
+    value = os.environ.get(COCO_ANNOTATIONS_ENV)
     return Path(value).expanduser() if value else None

@@ -215,16 +215,14 @@ def relevant_pairs(
     """(query_idx, db_rows), each (n_pairs,): one pair per relevant database row of every query.
 
     Labels are class ids (n,) -- relevant means the same class -- or multi-hot (n, C) --
-    relevant means at least one shared label. Pairs come sorted by query, then row. With
+    relevant means at least one shared label (COCO); ``Database.relevance_labels`` gives the
+    right form. Relevance is :func:`metrics.label_relevance`, the one the metrics use, so the
+    pairs teach exactly what the evaluation rewards. Pairs come sorted by query, then row. With
     ``max_pairs_per_query`` a query keeps a seeded random subset of at most that many rows.
     """
-    q, d = _labels(query_labels), _labels(db_labels)
-    if q.ndim == 1 and d.ndim == 1:
-        relevant = q[:, None] == d[None, :]  # (Q, N)
-    elif q.ndim == 2 and d.ndim == 2:
-        relevant = (q.double() @ d.double().T) > 0  # (Q, N)
-    else:
-        raise ValueError("query and database labels must both be (n,) class ids or both (n, C) multi-hot")
+    from .metrics import label_relevance
+
+    relevant = torch.from_numpy(label_relevance(_labels(query_labels).numpy(), _labels(db_labels).numpy()))  # (Q, N)
     query_idx, rows = relevant.nonzero(as_tuple=True)  # row-major: by query, then row
     if max_pairs_per_query is not None and len(query_idx):
         if max_pairs_per_query < 1:
