@@ -428,9 +428,9 @@ def stale_reasons(path: Path, out: Path, inputs: dict[str, Any], runs: Path) -> 
     if changed:
         reasons.append(f"package source changed: {_listed(changed)}")
     old_upstream = {name: digest for name, digest in stamp.get("upstream", [])}
-    if [name for name, _ in stamp.get("upstream", [])] != [name for name, _ in inputs["upstream"]]:
-        reasons.append(f"the notebooks before it changed: {sorted(old_upstream)} -> "
-                       f"{[name for name, _ in inputs['upstream']]}")
+    old_names, new_names = list(old_upstream), [name for name, _ in inputs["upstream"]]
+    if old_names != new_names:
+        reasons.append(f"the notebooks before it changed: {old_names} -> {new_names}")
     else:
         for name, now in inputs["upstream"]:
             if now is None:
