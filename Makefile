@@ -14,8 +14,9 @@ ifeq ($(origin VITDSI_IMAGENETTE_DIR), undefined)
 endif
 
 PROFILE ?= cpu
+DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw dsi test test-fast bench lab clean-cache
+.PHONY: venv study smoke bovw dsi test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -63,6 +64,11 @@ bench: venv
 	$(BIN)/python benchmarks/bench_bovw.py
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 64
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 160
+
+## the demo in headless Chromium: pick a query, run it, screenshot -> reports/demo/demo_$(DEMO_PROFILE).png
+## (runs the DEMO_PROFILE study first when its models are missing; needs `apt-get install chromium`)
+demo-shot: venv
+	$(BIN)/python scripts/demo_screenshot.py --profile $(DEMO_PROFILE)
 
 clean-cache:
 	rm -rf data/cache

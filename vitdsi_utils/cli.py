@@ -86,8 +86,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     overrides = {"DATASET": args.dataset} if args.dataset else None
     try:
-        run_study(args.profile, start_at=args.start_at, out_root=args.out, runs_dir=args.runs,
-                  overrides=overrides, progress=not args.quiet)
+        run_study(args.profile, start_at=args.start_at, force=args.force, out_root=args.out,
+                  runs_dir=args.runs, overrides=overrides, progress=not args.quiet)
     except StudyFailed as error:
         # with progress on, the runner has printed the error already
         print(f"vitdsi study: {error}" if args.quiet else "vitdsi study: stopped at the failing notebook",
@@ -142,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "
                        "or a path to a YAML profile (default: smoke)")
     study.add_argument("--start-at", default=None, metavar="NAME",
-                       help="skip the notebooks before NAME (e.g. 04 or 04_retrieval); earlier outputs are reused")
+                       help="run NAME (e.g. 04 or 04_retrieval) and every notebook after it; the ones before "
+                       "are skipped unchecked and their earlier outputs reused")
+    study.add_argument("--force", action="store_true",
+                       help="rerun every notebook, even those whose executed copy is up to date "
+                       "(by default a rerun skips them and starts at the first stale one)")
     study.add_argument("--dataset", default=None, choices=SOURCES,
                        help="run the profile on another image source, e.g. coco (reads VITDSI_COCO_IMAGES and "
                        "VITDSI_COCO_ANNOTATIONS); the report then goes to reports/<profile>-<dataset>")
