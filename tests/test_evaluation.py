@@ -130,6 +130,18 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
     histories = pd.read_csv(out / "histories_digits_32px.csv")
     assert set(histories["phase"]) == {"indexing", "retrieval"}
     assert "| DSI zero-shot | 120 | random |" in (out / "dsi_digits_32px.md").read_text()
+    # a second call reuses both trained phases and adds the multi-task model with its own epochs
+    code = main([
+        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "random",
+        "--index-epochs", "2", "--retrieval-epochs", "1", "--max-pairs-per-query", "2",
+        "--multitask", "--mix-ratio", "1.5", "--multitask-epochs", "2", "--out", str(out), "--runs", str(runs),
+    ])
+    assert code == 0
+    results = pd.read_csv(out / "dsi_digits_32px.csv")
+    assert set(results["model"]) == {"DSI zero-shot", "DSI fine-tuned", "DSI multi-task"}
+    assert results.groupby("model")["epochs"].first().to_dict() == {
+        "DSI zero-shot": 2, "DSI fine-tuned": 1, "DSI multi-task": 2}
+    assert "Multi-task: 2 epochs" in (out / "dsi_digits_32px.md").read_text()
 
 
 def test_indexing_is_reproducible_from_the_seed():

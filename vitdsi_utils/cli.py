@@ -73,7 +73,9 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
         model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
         max_pairs_per_query=args.max_pairs_per_query, out_dir=out, runs_dir=runs,
-        multitask=args.multitask, mix_ratio=args.mix_ratio, root=args.root, annotations=args.annotations,
+        multitask=args.multitask, mix_ratio=args.mix_ratio,
+        multitask_config=TrainConfig(epochs=args.multitask_epochs or args.retrieval_epochs, lr=args.lr,
+                                     seed=args.seeds[0]), root=args.root, annotations=args.annotations,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also train a multi-task model: pairs and indexing examples in the same epochs")
     dsi.add_argument("--mix-ratio", type=float, default=None,
                      help="with --multitask: retrieval pairs per indexed image per epoch (default: every pair once)")
+    dsi.add_argument("--multitask-epochs", type=int, default=None,
+                     help="with --multitask: its epochs (default: --retrieval-epochs)")
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)

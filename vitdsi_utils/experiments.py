@@ -205,11 +205,13 @@ def run_experiment(
     max_pairs_per_query: int | None = None,
     multitask: bool = False,
     mix_ratio: float | None = None,
+    multitask_config: TrainConfig | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
     ``multitask`` adds a third model: the zero-shot one trained on pairs and indexing examples
-    together (see :func:`fine_tune`), with ``retrieval_config`` and ``mix_ratio``.
+    together (see :func:`fine_tune`), with ``mix_ratio`` and ``multitask_config`` (default:
+    ``retrieval_config``).
     """
     codec = make_codec(db.n_index)
     zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
@@ -223,8 +225,8 @@ def run_experiment(
     mixed = None
     if multitask:
         mixed = fine_tune(
-            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
-            multitask=True, mix_ratio=mix_ratio,
+            db, zero.model, config=multitask_config or retrieval_config, run_dir=run_dir,
+            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio,
         )
         tables.append(_result_rows(db, mixed, codec, MULTITASK, k))
     table = attach_paper(pd.concat(tables, ignore_index=True))
@@ -266,6 +268,7 @@ def dsi_study(
     fine_tune_phase: bool = True,
     multitask: bool = False,
     mix_ratio: float | None = None,
+    multitask_config: TrainConfig | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -293,6 +296,7 @@ def dsi_study(
                     fine_tune_phase=fine_tune_phase,
                     multitask=multitask,
                     mix_ratio=mix_ratio,
+                    multitask_config=multitask_config,
                 )
                 results.append(experiment.table)
                 for phase in (experiment.zero_shot, experiment.fine_tuned, experiment.multitask):
@@ -304,7 +308,7 @@ def dsi_study(
                 if out_dir is not None:
                     _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
                                       model_overrides, index_config, retrieval_config, max_pairs_per_query,
-                                      mix_ratio if multitask else False)
+                                      mix_ratio if multitask else False, multitask_config)
     return results_frame, history_frame
 
 
@@ -319,6 +323,7 @@ def _write_dsi_tables(
     retrieval_config: TrainConfig | None,
     max_pairs_per_query: int | None,
     mix_ratio: float | None | bool = False,
+    multitask_config: TrainConfig | None = None,
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
@@ -334,8 +339,9 @@ def _write_dsi_tables(
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
         + ("" if mix_ratio is False else
-           "Multi-task: the same schedule with every indexed image in each epoch beside "
-           + ("every pair. " if mix_ratio is None else f"{mix_ratio} pairs per indexed image. "))
+           f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
+           "image in each epoch beside "
+           + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). "))
         + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
         "",
         table1_markdown(results_frame),
