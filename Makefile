@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw dsi test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw dsi dsi-multitask test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ bovw: venv
 dsi: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
 	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi
+
+## the multi-task DSI variant (indexing examples kept in every fine-tuning epoch) beside the models of `make dsi`
+dsi-multitask: venv
+	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
+	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi \
+	  --multitask --mix-ratio 2 --multitask-epochs 30
 
 ## the test suite (what CI runs)
 test: venv
