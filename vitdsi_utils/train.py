@@ -559,7 +559,7 @@ def fit(
         state = load_checkpoint(checkpoint_path, map_location=device)
         if state["extra"].get("phase") != phase:
             raise ValueError(f"{checkpoint_path} holds phase {state['extra'].get('phase')!r}, not {phase!r}")
-        if [tuple(c) for c in state["codec"]["codes"]] != codec.codes:
+        if [tuple(c) for c in state["codec"]["codes"]] != codec.codes or state["codec"]["base"] != codec.base:
             raise ValueError(f"{checkpoint_path} was trained with different IDs")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
