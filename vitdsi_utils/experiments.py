@@ -17,6 +17,7 @@ from .data import Database
 from .evaluation import attach_paper, evaluate_dsi
 from .ids import IDCodec
 from .model import DSIConfig, DSIModel
+from .semantic_ids import codec_for
 from .train import (
     History,
     IndexingTask,
@@ -47,8 +48,6 @@ def run_name(db: Database, ids: str | None = None) -> str:
 def database_codec(db: Database, codec: IDCodec | None = None) -> IDCodec:
     """``codec`` checked against ``db`` (one ID per indexed image), or the database's own dense codec."""
     if codec is None:
-        from .semantic_ids import codec_for
-
         return codec_for(db)
     if len(codec) != db.n_index:
         raise ValueError(
