@@ -280,7 +280,7 @@ import torch
 
 from vitdsi_utils import data, experiments, metrics, plots, study
 from vitdsi_utils.decoding import beam_search
-from vitdsi_utils.ids import make_codec
+from vitdsi_utils.semantic_ids import codec_for
 from vitdsi_utils.tables import write_csv, write_table
 from vitdsi_utils.train import TrainConfig, seed_everything
 
@@ -301,7 +301,7 @@ for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
     loaded = (run_dir / "zero_shot.pt").exists()
     seed_everything(seed)  # the new model's initial weights come from torch's global generator
     zero = experiments.index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
-    codec = make_codec(db.n_index)
+    codec = codec_for(db)  # the database's dense IDs, as the model was indexed with
     _, own = beam_search(zero.model, torch.from_numpy(db.split("index")[0]), codec, k=5)  # as 05_results does
     ia = metrics.evaluate_indexing(own.numpy(), np.arange(db.n_index), ks=(1,), n_db=len(codec)).iloc[0]
     # the accuracy the stopping rule saw: eval mode (no dropout) when it was checked, else the running one
@@ -548,6 +548,107 @@ NOTEBOOKS = {
     "05_results.ipynb": NB_RESULTS,
     "06_demo.ipynb": NB_DEMO,
 }
+
+# ------------------------------------------------------------------------------------------
+# 08_ids: ID schemes (semantic, residual-quantised, atomic IDs against the paper's dense ones)
+IDS = ["IDS_NS", "IDS_SCHEMES", "IDS_K", "IDS_C", "IDS_RQ_LEVELS", "IDS_RQ_CODEBOOK"]
+NB_IDS = [
+    md("""
+# 08 · ID schemes: semantic, residual-quantised and atomic IDs
+
+The paper numbered the indexed images in decimal, either shuffled (*random*) or grouped by class
+(*clustered*), and found random IDs much worse; clustered IDs use the class labels, which a real
+index does not have. This notebook trains the same DSI with three schemes that need no labels:
+
+- **semantic**: hierarchical k-means over image embeddings, as in the original DSI. The images are
+  split into `IDS_K` clusters, a cluster of more than `IDS_C` images is split again, and the members
+  of a small cluster are numbered 0..c-1. Similar images share a prefix.
+- **rq**: residual quantisation. `IDS_RQ_LEVELS` k-means codebooks of `IDS_RQ_CODEBOOK` codewords; each
+  level quantises what the previous levels left. The code is the tuple of codeword numbers.
+  Images that get the same code (a *collision*) each get one more digit, their rank in the group.
+- **atomic**: one output token per image: the decoder chooses among all indexed images in one step.
+
+The embeddings are the images' BoVW histograms (`BOVW_WORDS` words, tf-idf, L2-normalised), the
+only encoder that needs no training. Every model is trained with the profile's settings (those of
+notebooks 03 and 04, whose random and clustered models are loaded here, not retrained).
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "SEEDS"] + MODEL + INDEXING + RETRIEVAL + ["BOVW_WORDS", "K"] + IDS,
+                    runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import pandas as pd
+from IPython.display import Markdown, display
+
+from vitdsi_utils import data, id_study, plots, study
+from vitdsi_utils.tables import write_table
+from vitdsi_utils.train import TrainConfig
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+id_params = dict(k=IDS_K, c=IDS_C, levels=IDS_RQ_LEVELS, codebook_size=IDS_RQ_CODEBOOK, bovw_words=BOVW_WORDS)
+""" + MODEL_OVERRIDES + """
+
+def retrieval_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
+"""),
+    md("""
+## Training and scoring
+
+One line per database and scheme: the IDs (how many tokens, how many raw RQ codes collided), the
+indexing run and its zero-shot IA@1, and the fine-tuning time. `loaded` means the models came from
+an earlier run.
+"""),
+    code("""
+results, runs, histories = id_study.compare_id_schemes(
+    image_set, IDS_NS, IDS_SCHEMES, SEEDS, runs_dir=paths.runs, index_config=index_config,
+    retrieval_config=retrieval_config, model_overrides=model_overrides, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
+    k=K, id_params=id_params)
+histories.to_csv(paths.tables / "histories_ids.csv", index=False)
+"""),
+    md("""
+## The comparison
+
+Metrics over all test queries (IA: all indexed images) with bootstrap 95% intervals. Beside them,
+facts about the IDs: their length in tokens, the decoder's vocabulary (content tokens + BOS/EOS/PAD),
+the share of images whose raw RQ code collided with another's, and the *sibling class agreement*:
+how often two IDs that differ only in their last token belong to the same class (chance in
+brackets), which says how much class information the ID's prefix carries.
+
+*Invalid IDs*: the share of decoded outputs that are not the ID of an indexed image. The beam
+search walks the trie of existing IDs, so its rate is 0 by construction (measured anyway); free
+greedy decoding without the trie shows how often the model on its own would leave the ID set.
+"""),
+    code("""
+markdown = "\\n\\n".join([
+    f"DSI by ID scheme, {DATASET} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
+    f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords.",
+    id_study.ids_markdown(results, runs, IDS_SCHEMES)])
+write_table(results, paths.tables / "ids", markdown=markdown)
+write_table(runs, paths.tables / "ids_runs")
+display(Markdown(markdown))
+"""),
+    code("""
+fig = id_study.id_scheme_bars(results, schemes=IDS_SCHEMES)
+plots.save_figure(fig, paths.figures / "ids_bars.png")
+fig
+"""),
+    md("""
+## Distance to clustered IDs (target 4)
+
+The study's target 4 asks for a label-free scheme within 0.03 of clustered IDs on every metric.
+Each scheme minus clustered, per model and N (point estimates; with this many test queries the
+intervals above are several times wider than 0.03, so a small gap is not evidence of a tie).
+"""),
+    code("""
+if "clustered" in IDS_SCHEMES:
+    gaps = id_study.gap_table(results, reference="clustered")
+    write_table(gaps, paths.tables / "ids_gaps", markdown=id_study.gap_markdown(gaps))
+    display(Markdown(id_study.gap_markdown(gaps)))
+    print("\\n".join(id_study.describe_gaps(gaps)))
+else:
+    print("IDS_SCHEMES has no clustered run to compare with.")
+"""),
+]
+NOTEBOOKS["08_ids.ipynb"] = NB_IDS
 
 
 def build(folder: Path = HERE) -> list[Path]:

@@ -20,7 +20,7 @@ from vitdsi_utils.study import (
 )
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
-FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars")
+FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars")
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
@@ -139,6 +139,10 @@ def test_smoke_study_end_to_end(tmp_path):
     assert {"BoVW", "DSI zero-shot", "DSI fine-tuned"} <= set(table1["model"])
     values = table1[list(METRIC_COLUMNS)].to_numpy()
     assert ((values >= 0) & (values <= 1) | pd.isna(values)).all()
+    ids = pd.read_csv(out / "tables" / "ids.csv")  # 08_ids: every scheme of the profile, both models
+    assert set(ids["ids"]) == set(load_profile("smoke")["IDS_SCHEMES"])
+    assert set(ids["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
+    assert (pd.read_csv(out / "tables" / "ids_runs.csv")["invalid_beam"] == 0).all()
     for figure in FIGURES:
         path = out / "figures" / f"{figure}.png"
         assert path.exists() and path.stat().st_size > 1000, figure

@@ -4,6 +4,8 @@
   batched over queries and beams (the paper's retrieval).
 * :func:`score_all_ids` / :func:`rank_exhaustive` - the exact log-probability of every ID by
   teacher forcing: the upper bound a beam search can reach, and its test oracle.
+* :func:`greedy_decode` - free decoding without the trie, to measure how often the model on its
+  own writes a token sequence that is not an ID.
 
 Scores are sequence log-probabilities: the sum of the log-probabilities of the content tokens
 and EOS (PAD after EOS costs nothing). Results come back on the CPU.
@@ -188,3 +190,38 @@ def rank_exhaustive(
     rows = torch.full((all_scores.shape[0], k), -1, dtype=torch.long)
     scores[:, : top.shape[1]], rows[:, : top.shape[1]] = top, idx
     return scores, rows
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: DSIModel,
+    images: torch.Tensor,
+    codec: IDCodec,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Unconstrained greedy decoding: the most likely token at every step, trie or not -> (Q, max_length) int64.
+
+    The decoder may emit any token of the vocabulary, so the result need not be an ID (see
+    ``semantic_ids.parse_decoded``); it shows what the trie of :func:`beam_search` prevents. As in
+    training, the decoder reads PAD after an EOS. Results are on the CPU.
+    """
+    model.check_codec(codec)
+    images = torch.as_tensor(images)
+    device = _resolve(model, device)
+    out = torch.empty(images.shape[0], codec.max_length, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            memory = model.encode(images[start : start + batch_size].to(device))  # (B, P, D)
+            prefix = torch.full((memory.shape[0], 1), codec.bos, dtype=torch.long, device=device)  # (B, 1)
+            for t in range(codec.max_length):
+                token = model.decode(memory, prefix)[:, -1].argmax(dim=-1)  # (B,)
+                out[start : start + len(token), t] = token.cpu()
+                fed = token.masked_fill(token == codec.eos, codec.pad)  # what the decoder reads after EOS
+                prefix = torch.cat([prefix, fed[:, None]], dim=1)  # (B, t + 2)
+    finally:
+        model.train(was_training)
+    return out

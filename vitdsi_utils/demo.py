@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .data import Database, describe_read_error, load_image
+from .ids import IDCodec
 from .plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
 
 #: Any aspect ratio is accepted for an uploaded image: it is centre-cropped like the database images.
@@ -305,19 +306,24 @@ class QueryDemo:
         bovw_words: int = 200,
         profile: str = "smoke",
         device: str = "auto",
+        codec: IDCodec | None = None,
+        ids: str | None = None,
         **kwargs: Any,
     ) -> "QueryDemo":
         """A demo with BoVW (fitted now) and the DSI models trained for ``db`` by the study (on ``device``).
 
         ``path`` is the run folder itself, the runs folder holding ``<run_name(db)>/``, or a
         profile's report folder (its ``tables/indexing_runs.csv`` names the run folders).
+        ``codec`` is the IDs the models must have been trained with (default: the database's
+        dense IDs); for another scheme pass it with ``ids``, the name in its run folder
+        (``IDAssignment.tag``).
         """
         from .bovw import BoVW
         from .experiments import FINE_TUNED, ZERO_SHOT
-        from .ids import make_codec
+        from .semantic_ids import codec_for
         from .train import load_model, resolve_device
 
-        run = find_run_dir(path, db)
+        run = find_run_dir(path, db, ids)
         found = {name: run / file for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
                  if run is not None and (run / file).is_file()}
         if not found:
@@ -326,7 +332,7 @@ class QueryDemo:
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
                 f"`vitdsi study --profile {profile} --dataset {db.settings['source']}` (or `make study`) first"
             )
-        expected = make_codec(db.n_index)
+        expected = codec if codec is not None else codec_for(db)
         models: dict[str, Searcher] = {}
         bovw = BoVW(bovw_words, random_state=int(db.settings["seed"]), progress=False)
         models["BoVW"] = BoVWSearcher(bovw.fit(db.split("index")[0]))
@@ -340,17 +346,17 @@ class QueryDemo:
         return cls(db, models, **kwargs)
 
 
-def _run_name(db: Database) -> str:
+def _run_name(db: Database, ids: str | None = None) -> str:
     from .experiments import run_name
 
-    return run_name(db)
+    return run_name(db, ids)
 
 
-def find_run_dir(path: str | Path, db: Database) -> Path | None:
-    """The run folder of ``db`` under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
+def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path | None:
+    """The run folder of ``db`` (with IDs ``ids``, default its own) under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
     import pandas as pd
 
-    path, name = Path(path), _run_name(db)
+    path, name = Path(path), _run_name(db, ids)
     candidates = [path, path / name]
     listing = path / "tables" / "indexing_runs.csv"
     if listing.is_file():

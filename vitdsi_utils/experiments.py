@@ -15,8 +15,9 @@ import torch
 
 from .data import Database
 from .evaluation import attach_paper, evaluate_dsi
-from .ids import IDCodec, make_codec
+from .ids import IDCodec
 from .model import DSIConfig, DSIModel
+from .semantic_ids import codec_for
 from .train import (
     History,
     IndexingTask,
@@ -34,10 +35,26 @@ FINE_TUNED = "DSI fine-tuned"
 MULTITASK = "DSI multi-task"
 
 
-def run_name(db: Database) -> str:
-    """A folder name that identifies the database: source, size, N, ID scheme and seed."""
+def run_name(db: Database, ids: str | None = None) -> str:
+    """A folder name that identifies the database: source, size, N, ID scheme and seed.
+
+    ``ids`` names the ID scheme when the codec is not the database's own dense one (e.g.
+    ``IDAssignment.tag``, such as ``semantic-bovw-k10-c10``); default: the database's scheme.
+    """
     s = db.settings
-    return f"{s['source']}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+    return f"{s['source']}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
+
+
+def database_codec(db: Database, codec: IDCodec | None = None) -> IDCodec:
+    """``codec`` checked against ``db`` (one ID per indexed image), or the database's own dense codec."""
+    if codec is None:
+        return codec_for(db)
+    if len(codec) != db.n_index:
+        raise ValueError(
+            f"the codec has {len(codec)} IDs but the database indexes {db.n_index} images; build it for this "
+            "database with semantic_ids.codec_for(db, scheme)"
+        )
+    return codec
 
 
 def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIConfig:
@@ -66,15 +83,17 @@ def index_database(
     model_overrides: dict | None = None,
     config: TrainConfig | None = None,
     run_dir: str | Path | None = None,
+    codec: IDCodec | None = None,
 ) -> PhaseResult:
     """Indexing phase: train a new model until it reproduces every indexed image's ID.
 
-    With ``run_dir``, a finished model is loaded from ``zero_shot.pt`` instead of retrained,
-    and an interrupted one resumes from ``indexing.ckpt``. Either must have been written for
-    this database and model configuration, or a :class:`~vitdsi_utils.train.CheckpointError`
-    names what differs.
+    ``codec`` holds the IDs (database row r gets ``codec.codes[r]``); default: the database's
+    dense IDs (``semantic_ids.codec_for(db)``). With ``run_dir``, a finished model is loaded
+    from ``zero_shot.pt`` instead of retrained, and an interrupted one resumes from
+    ``indexing.ckpt``. Either must have been written for this database, these IDs and this
+    model configuration, or a :class:`~vitdsi_utils.train.CheckpointError` names what differs.
     """
-    codec = make_codec(db.n_index)
+    codec = database_codec(db, codec)
     wanted = model_config(db, codec, **(model_overrides or {}))
     fingerprint = db.fingerprint()
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
@@ -109,6 +128,7 @@ def fine_tune(
     max_pairs_per_query: int | None = None,
     multitask: bool = False,
     mix_ratio: float | None = None,
+    codec: IDCodec | None = None,
 ) -> PhaseResult:
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
@@ -122,8 +142,11 @@ def fine_tune(
     retrieval (the paper fine-tuned on pairs alone and lost most of its indexing accuracy).
     ``mix_ratio`` then resamples the pairs to ``mix_ratio`` per indexed image and epoch (None:
     every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
+
+    ``codec`` must be the one ``zero_shot`` was indexed with (default: the database's dense IDs).
     """
-    codec = make_codec(db.n_index)
+    codec = database_codec(db, codec)
+    zero_shot.check_codec(codec)
     fingerprint = db.fingerprint()
     stem = "multitask" if multitask else "fine_tuned"
     final = Path(run_dir) / f"{stem}.pt" if run_dir else None
@@ -206,34 +229,40 @@ def run_experiment(
     multitask: bool = False,
     mix_ratio: float | None = None,
     multitask_config: TrainConfig | None = None,
+    codec: IDCodec | None = None,
+    ids: str | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
     ``multitask`` adds a third model: the zero-shot one trained on pairs and indexing examples
     together (see :func:`fine_tune`), with ``mix_ratio`` and ``multitask_config`` (default:
-    ``retrieval_config``).
+    ``retrieval_config``). ``codec`` gives the IDs (default: the database's dense IDs, as the
+    paper); ``ids`` names the scheme in the table's ``ids`` column (default: the database's
+    scheme). Give every codec its own ``run_dir``: a folder holding models of other IDs is refused.
     """
-    codec = make_codec(db.n_index)
-    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
-    tables = [_result_rows(db, zero, codec, ZERO_SHOT, k)]
+    codec = database_codec(db, codec)
+    ids = ids or db.settings["id_scheme"]
+    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec)
+    tables = [_result_rows(db, zero, codec, ZERO_SHOT, k, ids)]
     tuned = None
     if fine_tune_phase:
         tuned = fine_tune(
-            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query
+            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
+            codec=codec,
         )
-        tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k))
+        tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k, ids))
     mixed = None
     if multitask:
         mixed = fine_tune(
             db, zero.model, config=multitask_config or retrieval_config, run_dir=run_dir,
-            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio,
+            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio, codec=codec,
         )
-        tables.append(_result_rows(db, mixed, codec, MULTITASK, k))
+        tables.append(_result_rows(db, mixed, codec, MULTITASK, k, ids))
     table = attach_paper(pd.concat(tables, ignore_index=True))
     return DSIExperiment(db, zero, tuned, multitask=mixed, table=table)
 
 
-def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int) -> pd.DataFrame:
+def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int, ids: str) -> pd.DataFrame:
     table, timings = evaluate_dsi(phase.model, codec, db, k=k, seed=db.settings["seed"])
     s = db.settings
     return table.assign(
@@ -241,7 +270,7 @@ def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: s
         source=s["source"],
         size=s["size"],
         n=s["n"],
-        ids=s["id_scheme"],
+        ids=ids,
         seed=s["seed"],
         epochs=phase.epochs,
         train_s=phase.seconds,

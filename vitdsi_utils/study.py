@@ -54,6 +54,7 @@ FIGURE_CAPTIONS = {
     "figure3_retrieval_val": "Figure 3: retrieval phase, validation loss and sequence accuracy per epoch",
     "metric_bars": "BoVW, zero-shot and fine-tuned DSI with 95% intervals, chance (dashed) and the paper (hollow)",
     "demo_example": "One query of the demo: top-K results per model, relevant ones in green",
+    "ids_bars": "DSI by ID scheme (clustered, random, semantic, RQ, atomic) with 95% intervals and chance (dashed)",
 }
 
 
