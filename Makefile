@@ -15,7 +15,7 @@ endif
 
 PROFILE ?= cpu
 
-.PHONY: venv study smoke bovw dsi test test-fast bench lab clean-cache
+.PHONY: venv study smoke bovw dsi dense test test-fast bench lab clean-cache
 
 venv: $(STAMP)
 
@@ -44,6 +44,12 @@ bovw: venv
 dsi: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
 	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi
+
+## the dense baseline (contrastive ViT + FAISS) and re-ranking at 64 px on CPU, N = 512/1024 -> reports/dense/
+## (re-ranks the DSI models that `make dsi` left in data/runs/dsi, where there are any)
+dense: venv
+	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 30 --lr 5e-4 --batch-size 64 --schemes clustered random \
+	  --dsi-runs data/runs/dsi --dsi-table reports/dsi/dsi_imagenette_64px.csv --out reports/dense --runs data/runs/dense
 
 ## the test suite (what CI runs)
 test: venv

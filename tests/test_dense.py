@@ -460,3 +460,62 @@ def test_rerank_study_measures_every_depth_and_improves_a_poor_first_stage():
     assert (study["ms_per_query"] >= study["first_stage_ms"]).all()
     assert (study.loc[study["depth"] > 0, "rerank_ms"] > 0).all()
     assert {"mAP@10", "P@10", "R@100"} <= set(study["metric"])
+
+
+# ------------------------------------------------------------------------------------------
+# The study: first stages from run folders, the command line
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_db():
+    from vitdsi_utils.data import build_database, load_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # digits at 32 px: a few images without SIFT keypoints
+        return build_database(load_images("digits", SIZE, progress=False), 120, id_scheme="clustered", seed=0)
+
+
+def save_untrained_dsi(path, n_ids: int) -> None:
+    from vitdsi_utils.ids import make_codec
+    from vitdsi_utils.train import save_checkpoint
+
+    codec = make_codec(n_ids)
+    config = DSIConfig.from_codec(codec, **TINY)
+    save_checkpoint(path, DSIModel(config), None, config, None, 0, [], codec)
+
+
+def test_dsi_first_stages_come_from_the_run_folder_and_are_re_ranked(tmp_path, digits_db):
+    from vitdsi_utils.dense import first_stages, rerank_database
+
+    save_untrained_dsi(tmp_path / "fine_tuned.pt", digits_db.n_index)
+    stages = first_stages(digits_db, dsi_run_dir=tmp_path)
+    assert list(stages) == ["DSI fine-tuned"]
+    retriever = DenseRetriever.from_model(DenseEncoder(DenseConfig(**TINY)), backend="torch")
+    study = rerank_database(digits_db, retriever, stages, depths=(10,), k=20)
+    assert set(zip(study["first_stage"], study["ids"])) == {("-", "-"), ("DSI fine-tuned", "clustered")}
+    assert set(study["depth"]) == {0, 10, digits_db.n_index}
+    save_untrained_dsi(tmp_path / "zero_shot.pt", digits_db.n_index + 7)  # another database's IDs
+    with pytest.raises(ValueError, match="trained on another database"):
+        first_stages(digits_db, dsi_run_dir=tmp_path)
+
+
+def test_cli_dense_writes_tables_and_the_tradeoff_figure(tmp_path):
+    from vitdsi_utils.cli import main
+
+    out = tmp_path / "dense"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([
+            "dense", "--source", "digits", "--size", "32", "--n", "120", "--epochs", "1", "--batch-size", "16",
+            "--patch", "16", "--dim", "32", "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--words", "20",
+            "--depths", "10", "--dsi-runs", str(tmp_path / "no-dsi"), "--out", str(out), "--runs", str(tmp_path / "runs"),
+        ])
+    assert code == 0
+    results = pd.read_csv(out / "dense_digits_32px.csv")
+    assert set(results["model"]) == {"BoVW", DENSE_MODEL}
+    assert "| Dense (contrastive ViT) | 120 | - | 0 |" in (out / "dense_digits_32px.md").read_text()
+    reranking = pd.read_csv(out / "rerank_digits_32px.csv")
+    assert set(reranking["first_stage"]) == {"-", "BoVW"} and set(reranking["depth"]) == {0, 10, 30}
+    assert "| 120 | BoVW | - | 10 |" in (out / "rerank_digits_32px.md").read_text()
+    assert (out / "rerank_digits_32px.png").stat().st_size > 1000
+    assert len(pd.read_csv(out / "histories_dense_digits_32px.csv")) == 2  # one train and one val row
+    assert (tmp_path / "runs" / "digits-32px-N120-seed0" / "dense.pt").is_file()

@@ -224,45 +224,58 @@ def _series(study: pd.DataFrame) -> pd.Series:
 def tradeoff_figure(
     study: pd.DataFrame, metric: str = "mAP@10", *, by: str | None = "n", title: str | None = None
 ):
-    """Quality (``metric`` with 95% intervals) against time per query (log scale): one line per first stage.
+    """Quality (``metric`` with 95% intervals) against time per query (log scale), one panel per ``by``.
 
-    Each line starts at the first stage alone (depth 0) and runs through its re-ranking
-    depths, each point labelled with M; the re-scorer alone is a star. ``by`` makes one panel
-    per value of that column (e.g. database size ``n``); None draws a single panel.
+    Colour is the first stage (a line joins its points), marker shape the re-ranking depth M
+    (a circle: the first stage alone); the re-scorer searching the whole database is a black
+    star; the dotted line is chance. ``by`` makes one panel per value of that column (e.g.
+    database size ``n``); None draws a single panel.
     """
+    import matplotlib.pyplot as plt
+
     from .plots import _new_figure
 
     rows = study[study["metric"] == metric]
     if rows.empty:
         raise ValueError(f"the study has no {metric!r} rows; it has {sorted(study['metric'].unique())}")
     panels = sorted(rows[by].unique()) if by is not None and by in rows.columns else [None]
-    fig, axes = _new_figure(1, len(panels), (4.6 * len(panels), 3.6))
+    series_names = [s for s in dict.fromkeys(_series(rows)) if s != "-"]
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(series_names)}
+    depths = sorted(d for d in rows.loc[_series(rows) != "-", "depth"].unique() if d > 0)
+    markers = {0: "o", **{d: m for d, m in zip(depths, "s^Dvp<>h")}}
+    fig, axes = _new_figure(1, len(panels), (4.4 * len(panels), 3.9))
     for ax, panel in zip(axes[0], panels):
         part = rows if panel is None else rows[rows[by] == panel]
         for series, line in part.groupby(_series(part), sort=False):
             line = line.sort_values("depth")
-            err = [line["value"] - line["ci_low"], line["ci_high"] - line["value"]]
             if series == "-":
-                label = f"{line['reranker'].iloc[0]} alone"
-                ax.errorbar(line["ms_per_query"], line["value"], yerr=err, marker="*", ms=12, ls="", capsize=3,
-                            color="k", label=label)
+                ax.errorbar(line["ms_per_query"], line["value"],
+                            yerr=[line["value"] - line["ci_low"], line["ci_high"] - line["value"]],
+                            marker="*", ms=12, ls="", capsize=3, color="k")
                 continue
-            handle = ax.errorbar(line["ms_per_query"], line["value"], yerr=err, marker="o", capsize=3,
-                                 label=f"{series} \u2192 {line['reranker'].iloc[-1]}")
-            for x, y, depth in zip(line["ms_per_query"], line["value"], line["depth"]):
-                ax.annotate("alone" if depth == 0 else f"M={depth}", (x, y), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=handle[0].get_color())
-        chance = part["chance"].iloc[0]
-        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+            ax.plot(line["ms_per_query"], line["value"], "-", color=colors[series], alpha=0.6, lw=1)
+            for point in line.itertuples():
+                ax.errorbar(point.ms_per_query, point.value, yerr=[[point.value - point.ci_low],
+                            [point.ci_high - point.value]], marker=markers.get(point.depth, "x"), ms=5,
+                            capsize=2, elinewidth=0.8, color=colors[series])
+        ax.axhline(part["chance"].iloc[0], color="k", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("time per query (ms, batched)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3, which="both")
         if panel is not None:
             ax.set_title(f"{by} = {panel}")
-    axes[0, -1].legend(fontsize=7, loc="best")
+    reranker = rows.loc[rows["reranker"] != "-", "reranker"]
+    name = reranker.iloc[0] if len(reranker) else "re-scorer"
+    handles = [plt.Line2D([], [], color=colors[s], lw=2) for s in series_names]
+    labels = [f"{s} \u2192 {name}" for s in series_names]
+    handles += [plt.Line2D([], [], color="k", marker="*", ms=10, ls=""), plt.Line2D([], [], color="k", ls=":")]
+    labels += [f"{name} alone (whole database)", "chance"]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[d], ls="") for d in [0, *depths]]
+    labels += ["first stage alone (M = 0)", *[f"M = {d}" for d in depths]]
+    fig.legend(handles, labels, loc="lower center", ncols=3, fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(title or f"Re-ranking: {metric} against time per query")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) + 2) // 3), 1, 1))
     return fig
 
 
