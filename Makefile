@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw dsi dsi-multitask test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw dsi dsi-multitask dense test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ dsi-multitask: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
 	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi \
 	  --multitask --mix-ratio 2 --multitask-epochs 30
+
+## the dense baseline (contrastive ViT + FAISS) and re-ranking at 64 px on CPU, N = 512/1024 -> reports/dense/
+## (re-ranks the DSI models that `make dsi` left in data/runs/dsi, where there are any)
+dense: venv
+	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 30 --lr 5e-4 --batch-size 64 --schemes clustered random \
+	  --dsi-runs data/runs/dsi --dsi-table reports/dsi/dsi_imagenette_64px.csv --out reports/dense --runs data/runs/dense
 
 ## the test suite (what CI runs)
 test: venv

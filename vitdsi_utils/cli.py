@@ -83,6 +83,34 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dense(args: argparse.Namespace) -> int:
+    from .dense import DENSE_MODEL, DenseTrainConfig, dense_study
+
+    out = Path(args.out or settings.reports_dir() / "dense")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "dense")
+    overrides = {"patch_size": args.patch, "dim": args.dim, "mlp_dim": args.mlp_dim, "depth": args.depth,
+                 "heads": args.heads, "dropout": args.dropout, "pos_encoding": args.pos, "pooling": args.pooling}
+    train_config = DenseTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, per_class=args.per_class, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, margin=args.margin,
+        entropy_weight=args.entropy_weight, min_crop=args.min_crop, seed=args.seeds[0],
+    )
+    start = time.perf_counter()
+    results, reranking, _ = dense_study(
+        args.source, args.size, tuple(args.n), tuple(args.seeds), schemes=tuple(args.schemes),
+        model_overrides=overrides, train_config=train_config, include_index=not args.queries_only,
+        bovw_words=args.words, depths=tuple(args.depths), runs_dir=runs, dsi_runs=args.dsi_runs,
+        dsi_table=args.dsi_table, out_dir=out, root=args.root,
+    )
+    shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
+    print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
+    from .rerank import summary
+
+    print(summary(reranking).round(3).to_string(index=False))
+    print(f"{DENSE_MODEL} study done in {time.perf_counter() - start:.0f} s; tables in {out}, encoders in {runs}")
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import StudyFailed, run_study
 
@@ -141,6 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)
+
+    dense = commands.add_parser("dense", help="train and evaluate the dense (contrastive ViT) baseline and the "
+                                "re-ranking study for each N (writes CSV + Markdown + a figure)")
+    _add_data_arguments(dense)
+    dense.add_argument("--schemes", nargs="+", default=["clustered"], choices=["clustered", "random"],
+                       help="ID schemes whose DSI models (in --dsi-runs) are re-ranked; the first draws the databases")
+    dense.add_argument("--patch", type=int, default=16, help="patch size (default 16, as the DSI)")
+    dense.add_argument("--dim", type=int, default=128)
+    dense.add_argument("--mlp-dim", type=int, default=256)
+    dense.add_argument("--depth", type=int, default=6)
+    dense.add_argument("--heads", type=int, default=4)
+    dense.add_argument("--dropout", type=float, default=0.1)
+    dense.add_argument("--pos", default="sinusoidal", choices=["sinusoidal", "learned", "conditional"])
+    dense.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="class token or mean of patch tokens")
+    dense.add_argument("--epochs", type=int, default=30)
+    dense.add_argument("--batch-size", type=int, default=64)
+    dense.add_argument("--per-class", type=int, default=2, help="same-class images per group in a batch (>= 2)")
+    dense.add_argument("--lr", type=float, default=5e-4)
+    dense.add_argument("--weight-decay", type=float, default=0.05)
+    dense.add_argument("--warmup-steps", type=int, default=50)
+    dense.add_argument("--margin", type=float, default=0.5, help="contrastive margin (seed 001: 0.5)")
+    dense.add_argument("--entropy-weight", type=float, default=0.7, help="differential-entropy weight (seed 001: 0.7)")
+    dense.add_argument("--min-crop", type=float, default=1.0, help="random crops down to this side fraction (1: none)")
+    dense.add_argument("--queries-only", action="store_true",
+                       help="train on the train queries only (default: also on the indexed images, as the DSI)")
+    dense.add_argument("--words", type=int, default=200, help="BoVW visual words")
+    dense.add_argument("--depths", type=int, nargs="+", default=[10, 50, 100], help="re-ranking depths M")
+    dense.add_argument("--dsi-runs", default=None, help="folder of DSI runs (vitdsi dsi --runs) whose models to re-rank")
+    dense.add_argument("--dsi-table", default=None, help="a DSI results CSV (vitdsi dsi) to show beside the dense rows")
+    dense.add_argument("--out", default=None, help="output folder (default: reports/dense)")
+    dense.add_argument("--runs", default=None, help="encoder checkpoints (default: data/runs/dense)")
+    dense.set_defaults(func=_cmd_dense)
 
     study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
     study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "

@@ -6,6 +6,11 @@ decoder over the ID tokens of an :class:`~vitdsi_utils.ids.IDCodec`; it cross-at
 every encoder token. Both stacks are ``torch.nn`` Transformer layers, which dispatch to
 fused scaled-dot-product attention on GPU.
 
+The encoder lives in :class:`ViTEncoder` (settings in :class:`ViTConfig`), which
+:class:`DSIModel` extends with the decoder; the dense retrieval baseline
+(:mod:`vitdsi_utils.dense`) extends the same class, so both models share one encoder
+implementation and the DSI checkpoint keys stay as they were.
+
 Input format (one, on purpose): images are ``uint8`` tensors ``(B, H, W, 3)``, exactly as the
 dataset is stored on the device. :meth:`DSIModel.encode` converts them to float, scales to
 [0, 1] and normalises with fixed ImageNet channel statistics held as buffers, so callers
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -30,28 +35,30 @@ POS_ENCODINGS = ("sinusoidal", "learned", "conditional")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
+_Config = TypeVar("_Config", bound="ViTConfig")
 
-_INT_FIELDS = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads", "vocab_size", "max_id_length")
+
 
 
 @dataclass
-class DSIConfig:
-    """Hyper-parameters of :class:`DSIModel` (plain values, so they round-trip through JSON)."""
+class ViTConfig:
+    """Hyper-parameters of a :class:`ViTEncoder` (plain values, so they round-trip through JSON)."""
 
     image_size: int = 160  # side of the square input images, px
     patch_size: int = 16  # side of a square patch; must divide image_size
     channels: int = 3  # RGB
-    dim: int = 128  # token width of encoder and decoder
+    dim: int = 128  # token width (of the encoder, and of the DSI decoder)
     mlp_dim: int = 256  # hidden width of each block's feed-forward layer
-    depth: int = 6  # encoder blocks; the decoder has as many
+    depth: int = 6  # encoder blocks (the DSI decoder has as many)
     heads: int = 4  # attention heads; must divide dim
     dropout: float = 0.1  # in attention, feed-forward and after the embeddings
     pos_encoding: str = "sinusoidal"  # "sinusoidal" (fixed 1-D table) | "learned" | "conditional" (PEG)
-    vocab_size: int = 13  # ID tokens incl. BOS/EOS/PAD: codec.vocab_size (10 digits + 3)
-    max_id_length: int = 4  # decoder positions: codec.max_length (content tokens + EOS)
+
+    #: integer fields that must be >= 1 (subclasses extend the tuple)
+    _POSITIVE = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads")
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
+        for name in self._POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
@@ -80,8 +87,6 @@ class DSIConfig:
             raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {POS_ENCODINGS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if self.vocab_size < 4:
-            raise ValueError(f"vocab_size must cover at least one content token and BOS/EOS/PAD, got {self.vocab_size}")
 
     @property
     def grid(self) -> int:
@@ -97,13 +102,28 @@ class DSIConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DSIConfig":
+    def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
         """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown DSIConfig fields: {unknown}")
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
         return cls(**values)
+
+
+@dataclass
+class DSIConfig(ViTConfig):
+    """Hyper-parameters of :class:`DSIModel`: the encoder's (:class:`ViTConfig`) plus the ID vocabulary."""
+
+    vocab_size: int = 13  # ID tokens incl. BOS/EOS/PAD: codec.vocab_size (10 digits + 3)
+    max_id_length: int = 4  # decoder positions: codec.max_length (content tokens + EOS)
+
+    _POSITIVE = ViTConfig._POSITIVE + ("vocab_size", "max_id_length")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size < 4:
+            raise ValueError(f"vocab_size must cover at least one content token and BOS/EOS/PAD, got {self.vocab_size}")
 
     @classmethod
     def from_codec(cls, codec: IDCodec, **overrides: Any) -> "DSIConfig":
@@ -124,7 +144,7 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 class PatchEmbedding(nn.Module):
     """Normalise uint8 images and cut them into patch tokens: (B, H, W, C) uint8 -> (B, P, D)."""
 
-    def __init__(self, config: DSIConfig):
+    def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
         self.proj = nn.Conv2d(config.channels, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
@@ -167,7 +187,7 @@ class PositionEncodingGenerator(nn.Module):
         return x + self.conv(grid).flatten(2).transpose(1, 2)  # (B, P, D)
 
 
-def _block_kwargs(config: DSIConfig) -> dict[str, Any]:
+def _block_kwargs(config: ViTConfig) -> dict[str, Any]:
     return dict(
         d_model=config.dim,
         nhead=config.heads,
@@ -179,13 +199,16 @@ def _block_kwargs(config: DSIConfig) -> dict[str, Any]:
     )
 
 
-class DSIModel(nn.Module):
-    """ViT encoder + autoregressive ID decoder; see the module docstring for the input format."""
+class ViTEncoder(nn.Module):
+    """The ViT encoder: uint8 images (B, H, W, 3) -> tokens (B, P, D); see the module docstring.
 
-    def __init__(self, config: DSIConfig):
+    Subclasses add heads: :class:`DSIModel` a decoder of IDs, ``dense.DenseEncoder`` a pooled
+    embedding. The attribute names below are the checkpoint keys of every subclass.
+    """
+
+    def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
-        # -- encoder
         self.patch_embed = PatchEmbedding(c)
         if c.pos_encoding == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, c.dim))
@@ -202,7 +225,48 @@ class DSIModel(nn.Module):
             norm=nn.LayerNorm(c.dim),
             enable_nested_tensor=False,  # no padding masks here; the nested path only warns with norm_first
         )
-        # -- decoder
+
+    def encode(self, images: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode uint8 images (B, H, W, 3) into tokens (B, P, D), or (B, T + P, D) with ``prefix``.
+
+        ``prefix`` (1 or B, T, D) are extra tokens (e.g. a class token) put before the patch
+        tokens after the positional encoding: they carry no position, attend and are attended
+        to like the patches, and the conditional position generator skips them.
+        """
+        x = self.patch_embed(images)  # (B, P, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        n_prefix = 0
+        if prefix is not None:
+            n_prefix = prefix.shape[1]
+            x = torch.cat([prefix.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, T + P, D)
+        x = self.embed_dropout(x)
+        for i, block in enumerate(self.encoder.layers):
+            x = block(x)
+            if i == 0 and self.peg is not None:
+                # CPVT: the generator works best after the first block, once tokens carry local context
+                x = self.peg(x) if n_prefix == 0 else torch.cat([x[:, :n_prefix], self.peg(x[:, n_prefix:])], dim=1)
+        return self.encoder.norm(x)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class DSIModel(ViTEncoder):
+    """ViT encoder + autoregressive ID decoder; see the module docstring for the input format."""
+
+    config: DSIConfig
+
+    def __init__(self, config: DSIConfig):
+        # the encoder's modules are created first, in the order they always were, so a seeded
+        # initialisation gives the same weights as before the encoder became a base class
+        super().__init__(config)
+        c = config
         self.token_embed = nn.Embedding(c.vocab_size, c.dim)
         if c.pos_encoding == "learned":
             self.token_pos = nn.Parameter(torch.zeros(1, c.max_id_length, c.dim))
@@ -217,19 +281,6 @@ class DSIModel(nn.Module):
         self.head = nn.Linear(c.dim, c.vocab_size)
 
     # ---------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode uint8 images (B, H, W, 3) into memory tokens (B, P, D)."""
-        x = self.patch_embed(images)  # (B, P, D)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        x = self.embed_dropout(x)
-        for i, block in enumerate(self.encoder.layers):
-            x = block(x)  # (B, P, D)
-            if i == 0 and self.peg is not None:
-                # CPVT: the generator works best after the first block, once tokens carry local context
-                x = self.peg(x)
-        return self.encoder.norm(x)  # (B, P, D)
-
     def decode(self, memory: torch.Tensor, decoder_inputs: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, L, V) for every prefix of ``decoder_inputs`` (B, L), given memory (B, P, D)."""
         L = decoder_inputs.shape[1]
@@ -261,11 +312,3 @@ class DSIModel(nn.Module):
             raise ValueError(f"model vocab_size {c.vocab_size} != codec.vocab_size {codec.vocab_size}")
         if c.max_id_length < codec.max_length:
             raise ValueError(f"model max_id_length {c.max_id_length} < codec.max_length {codec.max_length}")
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def num_parameters(self) -> int:
-        """Trainable parameter count."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
