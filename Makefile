@@ -55,7 +55,7 @@ dsi-multitask: venv
 ## the dense baseline (contrastive ViT + FAISS) and re-ranking at 64 px on CPU, N = 512/1024 -> reports/dense/
 ## (re-ranks the DSI models that `make dsi` left in data/runs/dsi, where there are any)
 dense: venv
-	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 30 --lr 5e-4 --batch-size 64 --schemes clustered random \
+	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 90 --lr 5e-4 --batch-size 64 --schemes clustered random \
 	  --dsi-runs data/runs/dsi --dsi-table reports/dsi/dsi_imagenette_64px.csv --out reports/dense --runs data/runs/dense
 
 ## the test suite (what CI runs)
