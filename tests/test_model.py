@@ -136,3 +136,36 @@ def test_sinusoidal_table_is_a_moving_buffer():
     if torch.cuda.is_available():
         cuda_model = DSIModel(tiny_config()).cuda()
         assert cuda_model.pos_embed.is_cuda and cuda_model.patch_embed.scale.is_cuda
+
+
+def test_load_encoder_copies_a_dense_encoder_and_leaves_the_decoder():
+    from vitdsi_utils.dense import DenseConfig, DenseEncoder
+    from vitdsi_utils.model import DSIConfig, DSIModel
+
+    shape = dict(image_size=32, patch_size=8, dim=32, mlp_dim=64, depth=2, heads=2)
+    torch.manual_seed(0)
+    dense = DenseEncoder(DenseConfig(pooling="cls", dropout=0.0, **shape)).eval()
+    dsi = DSIModel(DSIConfig(vocab_size=13, max_id_length=4, dropout=0.1, **shape)).eval()
+    decoder_before = {k: v.clone() for k, v in dsi.state_dict().items() if not k.startswith(dsi.ENCODER_KEYS)}
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    assert not torch.allclose(dsi.encode(images), dense.encode(images))
+    dsi.load_encoder(dense)
+    torch.testing.assert_close(dsi.encode(images), dense.encode(images))
+    after = dsi.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in decoder_before.items())  # heads untouched
+    assert "cls_token" not in dsi.encoder_state_dict()
+
+
+def test_load_encoder_names_what_differs():
+    from vitdsi_utils.dense import DenseConfig, DenseEncoder
+    from vitdsi_utils.model import DSIConfig, DSIModel
+
+    dsi = DSIModel(DSIConfig(vocab_size=13, max_id_length=4, image_size=32, patch_size=8, dim=32, mlp_dim=64,
+                             depth=2, heads=2))
+    other = DenseEncoder(DenseConfig(image_size=32, patch_size=16, dim=32, mlp_dim=64, depth=3, heads=2))
+    with pytest.raises(ValueError, match="patch_size: this model 8, the source 16; depth"):
+        dsi.load_encoder(other)
+    state = dsi.encoder_state_dict()
+    state.pop("encoder.layers.0.linear1.weight")
+    with pytest.raises(ValueError, match="does not fit this model: missing"):
+        dsi.load_encoder(state)

@@ -8,7 +8,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -84,6 +84,7 @@ def index_database(
     config: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     codec: IDCodec | None = None,
+    init: Callable[[DSIModel], object] | None = None,
 ) -> PhaseResult:
     """Indexing phase: train a new model until it reproduces every indexed image's ID.
 
@@ -102,6 +103,8 @@ def index_database(
     config = config or TrainConfig()
     seed_everything(config.seed)  # the initial weights must be as reproducible as the training that follows
     model = DSIModel(wanted)
+    if init is not None:
+        init(model)  # a resumed run then overwrites these weights with its checkpoint's
     index_images, _ = db.split("index")
     start = time.perf_counter()
     history = train_indexing(

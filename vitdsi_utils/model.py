@@ -248,6 +248,46 @@ class ViTEncoder(nn.Module):
                 x = self.peg(x) if n_prefix == 0 else torch.cat([x[:, :n_prefix], self.peg(x[:, n_prefix:])], dim=1)
         return self.encoder.norm(x)
 
+    #: the encoder's own parameter and buffer names (their prefixes); subclasses add heads beside them
+    ENCODER_KEYS = ("patch_embed.", "pos_embed", "peg.", "encoder.")
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights only (no decoder, class token or other head): what :meth:`load_encoder` copies."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.ENCODER_KEYS)}
+
+    def load_encoder(self, other: "ViTEncoder | dict[str, torch.Tensor]") -> None:
+        """Copy the encoder weights of ``other`` (another :class:`ViTEncoder`, or its
+        :meth:`encoder_state_dict`) into this model; the heads keep their weights.
+
+        A DSI can so start from a trained dense encoder (``dense.DenseEncoder``) or a
+        self-supervised one. The two encoders must have the same shape: a ValueError names every
+        encoder field that differs (image size, patch size, width, depth, ...) and says what to do.
+        """
+        if isinstance(other, ViTEncoder):
+            mine, theirs = self.config, other.config
+            differ = [f"{name}: this model {getattr(mine, name)!r}, the source {getattr(theirs, name)!r}"
+                      for name in (f.name for f in fields(ViTConfig)) if name != "dropout"
+                      and getattr(mine, name) != getattr(theirs, name)]
+            if differ:
+                raise ValueError("the encoders differ in " + "; ".join(differ)
+                                 + ". Build this model with the source's encoder settings, or train a source of this shape")
+            state = other.encoder_state_dict()
+        else:
+            state = {k: v for k, v in dict(other).items() if k.startswith(self.ENCODER_KEYS)}
+        own = self.encoder_state_dict()
+        missing = sorted(set(own) - set(state))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or wrong:
+            raise ValueError(
+                f"the source encoder does not fit this model: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                f"other shapes {wrong[:4]}{' ...' if len(wrong) > 4 else ''}; use a source trained with the same "
+                "encoder settings (patch size, width, depth, heads, positional encoding, image size)"
+            )
+        with torch.no_grad():
+            for key, value in self.state_dict().items():  # state_dict tensors share storage with the model
+                if key in own:
+                    value.copy_(state[key])
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
