@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw dsi dsi-multitask dense test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw dsi dsi-multitask dense dsi-dense-init test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -57,6 +57,12 @@ dsi-multitask: venv
 dense: venv
 	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 90 --lr 5e-4 --batch-size 64 --schemes clustered random \
 	  --dsi-runs data/runs/dsi --dsi-table reports/dsi/dsi_imagenette_64px.csv --out reports/dense --runs data/runs/dense
+
+## DSI started from the dense encoder and trained multi-task, beside BoVW and dense search; targets 3 and 4
+## (trains the dense encoders first where `make dense` has not: data/runs/dense) -> reports/dsi_dense_init/
+dsi-dense-init: venv
+	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered random semantic \
+	  --out reports/dsi_dense_init --runs data/runs/dsi_dense_init --dense-runs data/runs/dense
 
 ## the test suite (what CI runs)
 test: venv

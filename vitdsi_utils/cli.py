@@ -111,6 +111,36 @@ def _cmd_dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dense_init(args: argparse.Namespace) -> int:
+    from .dense import DenseTrainConfig
+    from .dense_init import dense_init_study
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "dsi_dense_init")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "dsi_dense_init")
+    dense_runs = Path(args.dense_runs or settings.data_dir() / "runs" / "dense")
+    overrides = {"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos}
+    seed = args.seeds[0]
+    start = time.perf_counter()
+    results, _ = dense_init_study(
+        args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
+        model_overrides=overrides,
+        dense_config=DenseTrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, batch_size=args.dense_batch_size,
+                                      seed=seed),
+        dense_pooling=args.pooling,
+        index_config=TrainConfig(epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr,
+                                 warmup_steps=args.warmup_steps, seed=seed),
+        multitask_config=TrainConfig(epochs=args.multitask_epochs, lr=args.lr, seed=seed),
+        mix_ratio=args.mix_ratio, max_pairs_per_query=args.max_pairs_per_query, bovw_words=args.words,
+        id_params={"k": args.semantic_k, "c": args.semantic_c}, dense_runs=dense_runs, runs_dir=runs, out_dir=out,
+        root=args.root,
+    )
+    shown = results[results["metric"].isin(["IA@1", "mAP@10", "P@10", "R@100"])]
+    print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
+    print(f"dense-init DSI study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import StudyFailed, run_study
 
@@ -201,6 +231,36 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--out", default=None, help="output folder (default: reports/dense)")
     dense.add_argument("--runs", default=None, help="encoder checkpoints (default: data/runs/dense)")
     dense.set_defaults(func=_cmd_dense)
+
+    init = commands.add_parser(
+        "dense-init", help="DSI whose encoder starts from the dense encoder, trained multi-task, beside BoVW and "
+        "the dense model; checks targets 3 and 4 (writes CSV + Markdown)")
+    _add_data_arguments(init)
+    init.add_argument("--schemes", nargs="+", default=["clustered", "random", "semantic"],
+                      choices=["clustered", "random", "semantic"],
+                      help="ID schemes (semantic: hierarchical k-means over the dense embeddings)")
+    init.add_argument("--patch", type=int, default=16, help="patch size (default 16)")
+    init.add_argument("--dropout", type=float, default=0.1)
+    init.add_argument("--pos", default="sinusoidal", choices=["sinusoidal", "learned", "conditional"])
+    init.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="the dense encoder's pooling")
+    init.add_argument("--dense-epochs", type=int, default=90, help="dense encoder epochs (loaded when trained already)")
+    init.add_argument("--dense-lr", type=float, default=5e-4)
+    init.add_argument("--dense-batch-size", type=int, default=64)
+    init.add_argument("--lr", type=float, default=1e-3, help="learning rate of indexing and multi-task training")
+    init.add_argument("--warmup-steps", type=int, default=100)
+    init.add_argument("--index-epochs", type=int, default=400, help="most indexing epochs (stops at the target)")
+    init.add_argument("--target-accuracy", type=float, default=0.99, help="indexing stops at this IA@1")
+    init.add_argument("--multitask-epochs", type=int, default=30)
+    init.add_argument("--mix-ratio", type=float, default=2.0, help="retrieval pairs per indexed image per epoch")
+    init.add_argument("--max-pairs-per-query", type=int, default=5,
+                      help="cap on (query, relevant ID) pairs per query (a seeded sample)")
+    init.add_argument("--semantic-k", type=int, default=10, help="semantic IDs: k-means branching factor")
+    init.add_argument("--semantic-c", type=int, default=10, help="semantic IDs: leaf size")
+    init.add_argument("--words", type=int, default=200, help="BoVW visual words")
+    init.add_argument("--dense-runs", default=None, help="dense encoders (default: data/runs/dense, as vitdsi dense)")
+    init.add_argument("--runs", default=None, help="DSI checkpoints (default: data/runs/dsi_dense_init)")
+    init.add_argument("--out", default=None, help="output folder (default: reports/dsi_dense_init)")
+    init.set_defaults(func=_cmd_dense_init)
 
     study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
     study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "

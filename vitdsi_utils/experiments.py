@@ -234,6 +234,7 @@ def run_experiment(
     multitask_config: TrainConfig | None = None,
     codec: IDCodec | None = None,
     ids: str | None = None,
+    init: Callable[[DSIModel], object] | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
@@ -242,10 +243,12 @@ def run_experiment(
     ``retrieval_config``). ``codec`` gives the IDs (default: the database's dense IDs, as the
     paper); ``ids`` names the scheme in the table's ``ids`` column (default: the database's
     scheme). Give every codec its own ``run_dir``: a folder holding models of other IDs is refused.
+    ``init`` prepares the new model before indexing (see :func:`index_database`).
     """
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
-    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec)
+    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
+                          init=init)
     tables = [_result_rows(db, zero, codec, ZERO_SHOT, k, ids)]
     tuned = None
     if fine_tune_phase:

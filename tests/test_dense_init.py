@@ -1,0 +1,77 @@
+"""The DSI started from the dense encoder and trained multi-task (dense_init.py), on digits at 32 px."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from vitdsi_utils.data import build_database, load_images
+from vitdsi_utils.dense import DenseConfig, DenseEncoder
+from vitdsi_utils.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, dense_init_codec, run_dense_init
+from vitdsi_utils.experiments import index_database
+from vitdsi_utils.train import TrainConfig
+
+SHAPE = dict(patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images("digits", 32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return DenseEncoder(DenseConfig(image_size=32, pooling="mean", **SHAPE)).eval()
+
+
+def test_init_runs_before_indexing_and_not_when_the_run_is_loaded(tmp_path, images, encoder, one_torch_thread):
+    db = build_database(images, 120, id_scheme="clustered", seed=0)
+    seen = []
+
+    def init(model):
+        model.load_encoder(encoder)
+        seen.append({k: v.clone() for k, v in model.encoder_state_dict().items()})
+
+    config = TrainConfig(epochs=1, seed=0, progress=False)
+    first = index_database(db, model_overrides=SHAPE, config=config, run_dir=tmp_path, init=init)
+    assert len(seen) == 1
+    assert all(torch.equal(v, encoder.encoder_state_dict()[k]) for k, v in seen[0].items())
+    # training moved the encoder away from where it started
+    assert any(not torch.equal(v, first.model.encoder_state_dict()[k]) for k, v in seen[0].items())
+    index_database(db, model_overrides=SHAPE, config=config, run_dir=tmp_path, init=init)  # loads zero_shot.pt
+    assert len(seen) == 1
+
+
+def test_semantic_ids_come_from_the_encoder_and_are_distinct(images, encoder):
+    db = build_database(images, 120, id_scheme="clustered", seed=0)
+    codec, facts = dense_init_codec(db, "semantic", encoder, k=3, c=4)
+    assert len(codec) == db.n_index and len(set(codec.codes)) == db.n_index
+    assert facts["tag"] == "semantic-dense-k3-c4"
+    same, _ = dense_init_codec(db, "semantic", encoder, k=3, c=4)
+    assert same.codes == codec.codes  # seeded
+    with pytest.raises(ValueError, match="unknown ID scheme 'rq'"):
+        dense_init_codec(db, "rq", encoder)
+
+
+def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, encoder, one_torch_thread):
+    db = build_database(images, 120, id_scheme="random", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_dense_init(db, encoder, run_dir=tmp_path, model_overrides=SHAPE,
+                             index_config=TrainConfig(epochs=2, seed=0, progress=False),
+                             multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
+                             mix_ratio=1.0, max_pairs_per_query=2, k=10)
+    table = run.experiment.table
+    assert set(table["model"]) == {INIT_ZERO_SHOT, INIT_MULTITASK}
+    assert set(table["ids"]) == {"random"} and run.ids == "random"
+    ia = table[(table["metric"] == "IA@1")]
+    assert len(ia) == 2 and np.all((ia["value"] >= 0) & (ia["value"] <= 1))
+    assert (tmp_path / "zero_shot.pt").exists() and (tmp_path / "multitask.pt").exists()
+
+
+def test_an_encoder_of_another_shape_is_refused(tmp_path, images):
+    db = build_database(images, 120, id_scheme="clustered", seed=0)
+    other = DenseEncoder(DenseConfig(image_size=32, pooling="mean", **{**SHAPE, "dim": 64}))
+    with pytest.raises(ValueError, match="dim: this model 32, the source 64"):
+        run_dense_init(db, other, model_overrides=SHAPE, index_config=TrainConfig(epochs=1, progress=False))
