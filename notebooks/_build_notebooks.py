@@ -550,8 +550,8 @@ NB_DENSE = [
 # 07 · A dense baseline, and re-ranking
 
 The DSI is compared with *index-then-retrieve* systems. BoVW (notebook 02) is the classical one;
-this notebook adds a learned one. A ViT encoder of the DSI's size, with a class token, maps an
-image to one unit-length vector. It is trained on labelled images with a contrastive loss: images
+this notebook adds a learned one. A ViT encoder of the DSI's size maps an image to one
+unit-length vector: the mean of its patch tokens (`DENSE_POOLING: mean`) or a class token (`cls`). It is trained on labelled images with a contrastive loss: images
 of the same class are pulled together, images of different classes are pushed apart while their
 cosine similarity exceeds a margin (`DENSE_MARGIN`). A differential-entropy term (weight
 `DENSE_ENTROPY_WEIGHT`) pushes every embedding away from its nearest neighbour in the batch, so

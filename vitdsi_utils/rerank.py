@@ -301,7 +301,8 @@ def rerank_markdown(study: pd.DataFrame, source: str, size: int) -> str:
         "the first M by cosine similarity and re-orders them, the rest keep their place. `M = 0` is the first "
         "stage alone; `dense alone` searches the whole database with the dense encoder. Values over all test "
         "queries with bootstrap 95% intervals. Time per query: wall time of the batch of test queries divided "
-        "by their number (first stage + re-ranking, which includes embedding the queries).",
+        "by their number (first stage + re-ranking, which includes embedding the queries). A DSI first stage is "
+        "the model found in the run folder; its `M = 0` row is that model's own score.",
         "",
         "| N | first stage | IDs | M | mAP@10 | P@10 | R@100 | first stage ms | re-rank ms | total ms/query |",
         "|---|---|---|---|---|---|---|---|---|---|",
