@@ -62,6 +62,7 @@ __all__ = [
     "cluster_study",
     "study_encoders",
     "summary",
+    "series_label",
     "clusters_markdown",
     "metric_curves",
     "size_histograms",
@@ -341,24 +342,30 @@ def study_encoders(paths: Any, dbs: Mapping[str, Any], profile: str, dataset: st
 # ------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------
-def _series_label(encoder: str, pooling: str) -> str:
+def series_label(encoder: str, pooling: str) -> str:
+    """'Dense · cls', or just the encoder's name for a reference without pooling ('-')."""
     return encoder if pooling == "-" else f"{encoder} · {pooling}"
 
 
 def metric_curves(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), title: str | None = None) -> Figure:
-    """One panel per metric against k, one line per (encoder, pooling); a star marks each line's elbow k."""
+    """One panel per metric against k, one line per (encoder, pooling); a star marks each line's elbow k.
+
+    Colour says the encoder, line style the pooling (solid: cls, dashed: mean, dotted: concat,
+    dash-dot: an untrained reference).
+    """
     from .plots import _new_figure
 
     metrics = [m for m in metrics if m in table.columns]
     fig, axes = _new_figure(1, len(metrics), (3.6 * len(metrics), 3.4))
     styles = {"cls": "-", "mean": "--", "concat": ":", "-": "-."}
-    for i, ((encoder, pooling), group) in enumerate(table.groupby(["encoder", "pooling"], sort=False)):
+    colors = {encoder: f"C{i % 10}" for i, encoder in enumerate(table["encoder"].unique())}  # one per encoder
+    for (encoder, pooling), group in table.groupby(["encoder", "pooling"], sort=False):
         group = group.sort_values("k")
-        color = f"C{i % 10}"
+        color = colors[encoder]
         elbow = elbow_k(group["k"], group["inertia"]) if len(group) >= 3 else None
         for ax, metric in zip(axes[0], metrics):
             ax.plot(group["k"], group[metric], styles.get(pooling, "-"), marker="o", markersize=3, color=color,
-                    label=_series_label(encoder, pooling))
+                    label=series_label(encoder, pooling))
             if elbow is not None:
                 at = group[group["k"] == elbow]
                 ax.plot(at["k"], at[metric], "*", markersize=11, color=color, markeredgecolor="k", markeredgewidth=0.5)
@@ -379,19 +386,22 @@ def size_histograms(sizes: Mapping[str, np.ndarray], title: str | None = None, c
     """One panel per clustering: a histogram of its cluster sizes, the dashed line at equal sizes (n / k)."""
     from .plots import _new_figure
 
+    from matplotlib.ticker import MaxNLocator
+
     rows = -(-len(sizes) // columns)
-    fig, axes = _new_figure(rows, columns, (3.0 * columns, 2.4 * rows), sharex=True)
+    fig, axes = _new_figure(rows, columns, (3.0 * columns, 2.4 * rows))
     largest = max(int(np.max(s)) for s in sizes.values())
     bins = np.linspace(0, largest + 1, min(25, largest + 2))
     for ax, (label, s) in zip(axes.flat, sizes.items()):
         ax.hist(s, bins=bins, color="C0", alpha=0.8)
         ax.axvline(np.sum(s) / len(s), color="k", linestyle="--", linewidth=1)
         ax.set_title(f"{label}\n(k = {len(s)}, largest {int(np.max(s))})", fontsize=7)
+        ax.set_xlim(0, largest + 1)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("images in the cluster", fontsize=7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(sizes):]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("images in the cluster", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("clusters", fontsize=8)
     if title:
