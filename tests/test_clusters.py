@@ -9,7 +9,7 @@ from sklearn.datasets import make_blobs
 
 from vitdsi_utils.clusters import (available_poolings, cluster_gallery, cluster_scores, cluster_sizes, cluster_study,
                                    clusters_markdown, elbow_k, embed, kmeans, metric_curves, purity, size_histograms,
-                                   summary, sweep)
+                                   subset_scores, summary, sweep)
 from vitdsi_utils.dense import DenseConfig, DenseEncoder
 from vitdsi_utils.model import DSIConfig, DSIModel
 
@@ -68,6 +68,19 @@ def test_purity_known_answers():
     assert purity([5, 5, 7], [2, 9, 9]) == pytest.approx(2 / 3)  # label values are names, not positions
 
 
+def test_subset_scores_count_only_the_masked_images():
+    classes = np.array([0, 0, 1, 1, 2, 2])
+    clusters = np.array([0, 0, 1, 1, 1, 0])
+    all_images = subset_scores(clusters, classes, np.ones(6, bool))
+    assert all_images["n"] == 6 and all_images["purity"] == pytest.approx(4 / 6)
+    first_four = subset_scores(clusters, classes, [1, 1, 1, 1, 0, 0])  # clusters and classes coincide there
+    assert first_four == {"n": 4, "purity": 1.0, "nmi": pytest.approx(1.0), "ami": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="selects no image"):
+        subset_scores(clusters, classes, np.zeros(6, bool))
+    with pytest.raises(ValueError, match="same shape"):
+        subset_scores(clusters, classes, [True])
+
+
 def test_elbow_known_answer_and_degenerate_curves():
     assert elbow_k([1, 2, 3, 4, 5, 6], [100, 40, 10, 8, 6, 5]) == 3
     assert elbow_k([6, 1, 3, 2, 5, 4], [5, 100, 10, 40, 6, 8]) == 3  # order of the points does not matter
@@ -86,6 +99,8 @@ def test_cluster_study_labels_rows_and_summary_picks_the_true_k(blobs):
     wide = summary(table, k_reference=4).set_index("encoder")
     assert wide.at["blobs", "best_silhouette_k"] == 4 and wide.at["blobs", "elbow_k"] == 4
     assert wide.at["blobs", "nmi@k4"] == pytest.approx(1.0) and wide.at["noise", "nmi@k4"] < 0.2
+    at_k4 = table[table["k"] == 4].set_index("encoder")
+    assert at_k4.at["blobs", "ami"] == pytest.approx(1.0) and abs(at_k4.at["noise", "ami"]) < 0.05  # chance-corrected
     markdown = clusters_markdown(table, 4, note="blobs")
     assert markdown.startswith("blobs") and "best_silhouette_k" in markdown
 

@@ -33,8 +33,10 @@ Definitions (X the embeddings, c(i) the cluster of image i, y(i) its class, n im
   majority class is their own; 1 when every cluster holds one class (it grows with k, so read it
   beside NMI);
 * NMI: the mutual information of clusters and classes over the arithmetic mean of their
-  entropies (scikit-learn's default); 1 when clusters and classes coincide, about 0 when
-  independent.
+  entropies (scikit-learn's default); 1 when clusters and classes coincide. It is not 0 for
+  independent labels: it grows with k and shrinks with n, so a small sample of images looks
+  better than it is. AMI (adjusted mutual information) subtracts the value expected by chance:
+  about 0 for independent labels, 1 when they coincide.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
-from sklearn.metrics import davies_bouldin_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics import (adjusted_mutual_info_score, davies_bouldin_score, normalized_mutual_info_score,
+                             silhouette_score)
 
 __all__ = [
     "POOLINGS",
@@ -57,6 +60,7 @@ __all__ = [
     "purity",
     "cluster_sizes",
     "cluster_scores",
+    "subset_scores",
     "sweep",
     "elbow_k",
     "cluster_study",
@@ -196,7 +200,7 @@ def cluster_sizes(clusters: Any, k: int | None = None) -> np.ndarray:
 
 
 def cluster_scores(x: Any, clusters: Any, classes: Any = None, *, inertia: float | None = None) -> dict[str, float]:
-    """Scores of one clustering: silhouette, davies_bouldin, inertia, inertia_ratio and, with ``classes``, purity and nmi.
+    """Scores of one clustering: silhouette, davies_bouldin, inertia, inertia_ratio and, with ``classes``, purity, nmi and ami.
 
     ``inertia`` is computed from the cluster means when not given. ``inertia_ratio`` divides it
     by the total sum of squares around the overall mean (the inertia of k = 1).
@@ -221,7 +225,25 @@ def cluster_scores(x: Any, clusters: Any, classes: Any = None, *, inertia: float
     if classes is not None:
         scores["purity"] = purity(classes, clusters)
         scores["nmi"] = float(normalized_mutual_info_score(classes, clusters))
+        scores["ami"] = float(adjusted_mutual_info_score(classes, clusters))
     return scores
+
+
+def subset_scores(clusters: Any, classes: Any, mask: Any) -> dict[str, float]:
+    """Purity, NMI and AMI of a clustering counted over the images where ``mask`` is True only, and their number ``n``.
+
+    The clusters stay those found on every image; only the agreement with the classes is counted
+    on the subset, e.g. on images that no encoder was trained on.
+    """
+    clusters, classes, mask = np.asarray(clusters), np.asarray(classes), np.asarray(mask, dtype=bool)
+    if not clusters.shape == classes.shape == mask.shape:
+        raise ValueError(f"clusters, classes and mask must have the same shape, got {clusters.shape}, "
+                         f"{classes.shape} and {mask.shape}")
+    if not mask.any():
+        raise ValueError("the mask selects no image")
+    return {"n": int(mask.sum()), "purity": purity(classes[mask], clusters[mask]),
+            "nmi": float(normalized_mutual_info_score(classes[mask], clusters[mask])),
+            "ami": float(adjusted_mutual_info_score(classes[mask], clusters[mask]))}
 
 
 # ------------------------------------------------------------------------------------------
