@@ -396,11 +396,12 @@ def metric_curves(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), 
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
-               title="line: encoder · pooling (star: elbow k)", title_fontsize=7, bbox_to_anchor=(0.5, -0.02))
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    fig.tight_layout()
+    # outside the panels, on the right: save_figure and the notebook both crop to what is drawn
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+               title="encoder · pooling (star: elbow k)", title_fontsize=7)
     return fig
 
 
