@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw dsi dsi-multitask dense dsi-dense-init test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask dense dsi-dense-init test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -34,12 +34,20 @@ study: venv
 smoke: venv
 	$(BIN)/vitdsi study --profile smoke
 
-## BoVW at 160 px, N = 512/1024/2048, 3 seeds, with the RootSIFT/tf-idf and K = 1000 checks -> reports/bovw/
+## BoVW at 160 px, N = 512/1024/2048, 3 seeds, with the RootSIFT/tf-idf and K = 1000 checks, then VLAD at 64 px -> reports/bovw/
 bovw: venv
 	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2
 	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2 --rootsift --tfidf
 	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --rootsift --tfidf --words 1000
+	$(MAKE) vlad
+
+## VLAD (K = 16/32/64, power- and intra-normalisation, RootSIFT) beside plain BoVW at 64 px -> reports/bovw/vlad_imagenette_64px.md
+vlad: venv
 	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048
+	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 16 32 64
+	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 16 32 64 --intra-norm
+	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 64 --no-power-norm
+	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 64 --rootsift
 
 ## ViT DSI zero-shot and fine-tuned at 64 px on CPU (N = 512, 1024, 2048, both ID schemes) -> reports/dsi/
 dsi: venv

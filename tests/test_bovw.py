@@ -8,7 +8,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from vitdsi_utils.bovw import BoVW, assign_words, extract_sift, rootsift, word_histograms
+from vitdsi_utils.bovw import (SIFT_DIM, BoVW, assign_words, extract_sift, power_normalise, rootsift, vlad_vectors,
+                               word_histograms)
 
 SIZE = 64
 N_PER_CLASS = 10
@@ -289,3 +290,123 @@ def test_scikit_learn_parameter_protocol():
     params = clone(model).get_params()
     assert params["n_words"] == 7 and params["tfidf"] is True and params["random_state"] == 3
     assert not hasattr(clone(model), "index_")
+    vlad = clone(BoVW(8, encoding="vlad", intra_normalisation=True)).get_params()
+    assert vlad["encoding"] == "vlad" and vlad["intra_normalisation"] is True and vlad["power_normalisation"] is None
+
+
+# -- VLAD -------------------------------------------------------------------------------------
+
+
+def unit(*entries: tuple[int, float]) -> np.ndarray:
+    """A (128,) float32 vector with the given (index, value) entries and zeros elsewhere."""
+    vector = np.zeros(SIFT_DIM, dtype=np.float32)
+    for index, value in entries:
+        vector[index] = value
+    return vector
+
+
+#: Two words: the origin and 10 e0. Image 0 has three descriptors: 4 e1 (word 0, residual 4 e1),
+#: 9 e0 (word 1, residual -e0) and 10 e0 + 2 e2 (word 1, residual 2 e2). Image 1 has none.
+VOCABULARY = np.stack([unit(), unit((0, 10.0))])
+DESCRIPTORS = [np.stack([unit((1, 4.0)), unit((0, 9.0)), unit((0, 10.0), (2, 2.0))]), np.empty((0, SIFT_DIM), np.float32)]
+
+
+def test_vlad_sums_residuals_per_word_known_answer_without_power_normalisation():
+    vectors = vlad_vectors(DESCRIPTORS, VOCABULARY, power_normalisation=False)
+    assert vectors.shape == (2, 2 * SIFT_DIM) and vectors.dtype == np.float32
+    # blocks [4 e1 | -e0 + 2 e2], norm sqrt(16 + 1 + 4)
+    expected = np.concatenate([unit((1, 4.0)), unit((0, -1.0), (2, 2.0))]) / np.sqrt(21.0)
+    np.testing.assert_allclose(vectors[0], expected, atol=1e-6)
+    np.testing.assert_array_equal(vectors[1], 0)  # no descriptors: an all-zero row, no NaN
+
+
+def test_vlad_power_normalisation_known_answer():
+    vectors = vlad_vectors(DESCRIPTORS, VOCABULARY)  # power normalisation is on by default
+    # signed square roots [2 e1 | -1 e0 + sqrt(2) e2], norm sqrt(4 + 1 + 2)
+    expected = np.concatenate([unit((1, 2.0)), unit((0, -1.0), (2, np.sqrt(2.0)))]) / np.sqrt(7.0)
+    np.testing.assert_allclose(vectors[0], expected, atol=1e-6)
+
+
+def test_vlad_intra_normalisation_gives_every_used_word_the_same_weight():
+    vectors = vlad_vectors(DESCRIPTORS, VOCABULARY, intra_normalisation=True)
+    # each block of [2 e1 | -e0 + sqrt(2) e2] scaled to unit length, then the whole by 1/sqrt(2)
+    expected = np.concatenate([unit((1, 1.0)), unit((0, -1.0), (2, np.sqrt(2.0))) / np.sqrt(3.0)]) / np.sqrt(2.0)
+    np.testing.assert_allclose(vectors[0], expected, atol=1e-6)
+    blocks = vectors[0].reshape(2, SIFT_DIM)
+    np.testing.assert_allclose(np.linalg.norm(blocks, axis=1), [2**-0.5, 2**-0.5], atol=1e-6)
+
+
+def test_vlad_unused_words_stay_zero_under_intra_normalisation():
+    vocabulary = np.concatenate([VOCABULARY, unit((5, 100.0))[None]])  # a third word nobody is near
+    vectors = vlad_vectors(DESCRIPTORS[:1], vocabulary, intra_normalisation=True)
+    assert np.isfinite(vectors).all()
+    np.testing.assert_array_equal(vectors[0, 2 * SIFT_DIM :], 0)
+
+
+def test_power_normalisation_keeps_the_sign_and_takes_square_roots():
+    values = np.array([[-4.0, 4.0, 0.0, -0.25, 9.0]])
+    np.testing.assert_allclose(power_normalise(values), [[-2.0, 2.0, 0.0, -0.5, 3.0]])
+    np.testing.assert_allclose(power_normalise(values, alpha=1.0), values)
+    # signed square root is odd: f(-x) = -f(x)
+    x = np.random.default_rng(4).normal(size=(3, 50))
+    np.testing.assert_allclose(power_normalise(-x), -power_normalise(x), atol=1e-7)
+    assert (np.sign(power_normalise(x)) == np.sign(x)).all()
+
+
+@pytest.fixture(scope="module")
+def fitted_vlad(database) -> BoVW:
+    images, _ = database
+    return BoVW(4, encoding="vlad", progress=False).fit(images)
+
+
+def test_vlad_vectors_have_k_times_128_unit_norm_entries_with_both_signs(database, fitted_vlad):
+    images, _ = database
+    assert fitted_vlad.dim_ == 4 * SIFT_DIM
+    assert fitted_vlad.index_.shape == (len(images), 4 * SIFT_DIM) and fitted_vlad.index_.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fitted_vlad.index_, axis=1), 1.0, rtol=1e-5)
+    assert (fitted_vlad.index_ < 0).any() and (fitted_vlad.index_ > 0).any()  # residuals point both ways
+    np.testing.assert_allclose(fitted_vlad.transform(images), fitted_vlad.index_, atol=1e-6)
+
+
+def test_vlad_estimator_matches_the_function_on_the_same_descriptors(database, fitted_vlad):
+    images, _ = database
+    descriptors = extract_sift(images[:5], progress=False)
+    expected = vlad_vectors(descriptors, fitted_vlad.vocabulary_)
+    np.testing.assert_allclose(fitted_vlad.index_[:5], expected, atol=1e-6)
+
+
+def test_vlad_retrieves_itself_and_its_class(database, fitted_vlad):
+    images, labels = database
+    scores, rows = fitted_vlad.search(images, 5)
+    assert (rows[:, 0] == np.arange(len(images))).mean() >= 0.9
+    assert (labels[rows[:, 1:]] == labels[:, None]).mean() > 0.6
+
+
+def test_vlad_flat_image_gets_a_zero_vector_and_a_warning(database, fitted_vlad):
+    with pytest.warns(UserWarning, match="1 of 1 images have no SIFT keypoints"):
+        vectors = fitted_vlad.transform(flat_image())
+    assert vectors.shape == (1, 4 * SIFT_DIM)
+    np.testing.assert_array_equal(vectors, 0)
+
+
+def test_power_normalised_histograms_are_normalised_square_roots(database, fitted):
+    images, _ = database
+    model = BoVW(N_WORDS, power_normalisation=True, progress=False).fit(images)
+    np.testing.assert_array_equal(model.vocabulary_, fitted.vocabulary_)
+    root = np.sqrt(word_histograms(extract_sift(images, progress=False), model.vocabulary_))
+    np.testing.assert_allclose(model.index_, root / np.linalg.norm(root, axis=1, keepdims=True), atol=1e-6)
+    assert model.dim_ == N_WORDS
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"encoding": "fisher"}, "unknown encoding"),
+        ({"encoding": "vlad", "tfidf": True}, "tfidf weights word counts"),
+        ({"intra_normalisation": True}, "applies to encoding='vlad' only"),
+    ],
+)
+def test_options_that_do_not_fit_the_encoding_are_rejected(database, params, message):
+    images, _ = database
+    with pytest.raises(ValueError, match=message):
+        BoVW(4, progress=False, **params).fit(images[:3])

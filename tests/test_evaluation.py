@@ -5,7 +5,8 @@ import torch
 
 from vitdsi_utils.cli import main
 from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.evaluation import attach_paper, bovw_study, evaluate_bovw, retrieval_metrics
+from vitdsi_utils.evaluation import (attach_paper, bovw_study, bovw_variant, evaluate_bovw, retrieval_metrics,
+                                     vlad_comparison)
 from vitdsi_utils.paper import paper_table1, paper_value
 
 
@@ -44,6 +45,51 @@ def test_bovw_study_writes_tables_with_paper_numbers(tmp_path):
     assert pd.read_csv(csv).shape[0] == len(results)
     # no paper numbers exist for N=400, so the paper column is empty
     assert results["paper"].isna().all()
+
+
+@pytest.mark.parametrize(
+    "options, tag",
+    [
+        ({}, "K200"),
+        ({"rootsift": True, "tfidf": True}, "K200_rootsift_tfidf"),
+        ({"power_normalisation": True}, "K200_power"),
+        ({"encoding": "vlad"}, "K200_vlad"),
+        ({"encoding": "vlad", "power_normalisation": True}, "K200_vlad"),  # VLAD's default, not named
+        ({"encoding": "vlad", "intra_normalisation": True, "rootsift": True}, "K200_rootsift_vlad_intra"),
+        ({"encoding": "vlad", "power_normalisation": False}, "K200_vlad_nopower"),
+    ],
+)
+def test_bovw_variant_names_only_what_differs_from_the_defaults(options, tag):
+    assert bovw_variant(200, **options) == tag
+
+
+def test_cli_vlad_writes_its_tables_and_the_comparison_with_plain_bovw(tmp_path, capsys):
+    common = ["bovw", "--source", "digits", "--size", "32", "--n", "400", "--out", str(tmp_path)]
+    # the comparison needs plain BoVW with the baseline's words first, and says so
+    assert main(common + ["--vlad", "--words", "8"]) == 2
+    assert "no plain BoVW table with 200 words" in capsys.readouterr().err
+    assert main(common + ["--words", "200"]) == 0
+    assert main(common + ["--vlad", "--words", "4", "8", "--intra-norm"]) == 0
+    assert main(common + ["--vlad", "--words", "8", "--no-power-norm"]) == 0
+    for variant in ("K200", "K8_vlad", "K4_vlad_intra", "K8_vlad_intra", "K8_vlad_nopower"):
+        assert (tmp_path / f"bovw_digits_32px_{variant}.csv").exists(), variant
+    vlad = pd.read_csv(tmp_path / "bovw_digits_32px_K8_vlad_intra.csv")
+    assert set(vlad["model"]) == {"VLAD"} and set(vlad["dim"]) == {8 * 128} and vlad["paper"].isna().all()
+    compared = pd.read_csv(tmp_path / "vlad_digits_32px.csv")
+    assert set(compared["variant"]) == {"K200", "K8_vlad", "K4_vlad_intra", "K8_vlad_intra", "K8_vlad_nopower"}
+    assert set(compared.loc[compared["variant"] == "K200", "verdict"]) == {"baseline"}
+    assert set(compared.loc[compared["variant"] != "K200", "verdict"]) <= {"better", "worse", "overlap"}
+    markdown = (tmp_path / "vlad_digits_32px.md").read_text()
+    assert "| K8_vlad_nopower | VLAD | 8 | 1024 | 400 | 0 |" in markdown
+    # tf-idf weights counts, which VLAD has none of: refused before any image is read
+    assert main(common + ["--vlad", "--tfidf"]) == 2
+    assert "tfidf weights word counts" in capsys.readouterr().err
+
+
+def test_vlad_comparison_without_vlad_tables_writes_nothing(tmp_path):
+    bovw_study("digits", 32, ns=[400], seeds=[0], out_dir=tmp_path, n_words=16, progress=False)
+    assert vlad_comparison(tmp_path, "digits", 32) is None
+    assert not (tmp_path / "vlad_digits_32px.csv").exists()
 
 
 def test_attach_paper_matches_like_for_like_rows():

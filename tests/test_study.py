@@ -20,7 +20,8 @@ from vitdsi_utils.study import (
 )
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
-FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars")
+FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars",
+           "clusters_metrics", "clusters_sizes", "clusters_gallery_best", "clusters_gallery_worst")
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
@@ -143,6 +144,10 @@ def test_smoke_study_end_to_end(tmp_path):
     assert set(ids["ids"]) == set(load_profile("smoke")["IDS_SCHEMES"])
     assert set(ids["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
     assert (pd.read_csv(out / "tables" / "ids_runs.csv")["invalid_beam"] == 0).all()
+    clusters = pd.read_csv(out / "tables" / "clusters.csv")  # 09_clusters: every trained encoder and reference
+    assert {"DSI zero-shot (random)", "DSI fine-tuned (clustered)", "Dense", "pixels (untrained)"} <= set(clusters["encoder"])
+    assert clusters["silhouette"].between(-1, 1).all() and clusters["nmi"].between(0, 1).all()
+    assert set(pd.read_csv(out / "tables" / "vlad.csv")["model"]) == {"VLAD"}  # 02_bovw's VLAD rows
     for figure in FIGURES:
         path = out / "figures" / f"{figure}.png"
         assert path.exists() and path.stat().st_size > 1000, figure

@@ -6,8 +6,14 @@ Search Index for Image Retrieval": SIFT descriptors are extracted from the grays
 every image becomes the histogram of the words its descriptors fall into, and a query is answered
 with the database images of highest cosine similarity.
 
-Two optional refinements that the paper does not use are available (both off by default):
-RootSIFT descriptors (Arandjelović & Zisserman, CVPR 2012) and tf-idf weighting of the histograms.
+Refinements that the paper does not use are available (all off by default): RootSIFT
+descriptors (Arandjelović & Zisserman, CVPR 2012), tf-idf weighting of the histograms, and a
+second encoding of the same descriptors and words, VLAD (Jégou et al., CVPR 2010): per word, the
+sum of the residuals ``x - c`` of the descriptors x assigned to the word's centre c, concatenated
+into one (n_words * 128) vector, then power-normalised (signed square root; Jégou et al., TPAMI
+2012), optionally intra-normalised per word (Arandjelović & Zisserman, CVPR 2013) and
+L2-normalised. VLAD keeps *where* in descriptor space the descriptors fall, not only how many fall
+in each cell, so it is used with far fewer words (16-64) than a histogram (hundreds to millions).
 """
 from __future__ import annotations
 
@@ -24,9 +30,13 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-__all__ = ["BoVW", "extract_sift", "rootsift", "assign_words", "word_histograms"]
+__all__ = ["BoVW", "ENCODINGS", "extract_sift", "rootsift", "assign_words", "word_histograms", "vlad_vectors",
+           "power_normalise"]
 
 SIFT_DIM = 128  #: length of a SIFT descriptor
+#: How an image's descriptors become one vector: a histogram of word counts (the paper's BoVW)
+#: or VLAD, the per-word sums of residuals to the word's centre.
+ENCODINGS = ("histogram", "vlad")
 
 # Rows of descriptors scored against the vocabulary at once: 32768 x 200 float32 distances
 # are 26 MB, small enough to stay cheap and large enough for an efficient matrix product.
@@ -140,6 +150,52 @@ def word_histograms(descriptors: list[np.ndarray], vocabulary: np.ndarray) -> np
     return flat.reshape(n_images, n_words).astype(np.float32)
 
 
+def power_normalise(vectors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Return ``sign(v) * |v| ** alpha`` element-wise, float32 (alpha 0.5: the signed square root).
+
+    Damps "bursts" (one repeated structure whose many descriptors dominate a vector) while
+    keeping each component's sign, which for VLAD says on which side of the centre the
+    residuals fall.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return (np.sign(vectors) * np.abs(vectors) ** alpha).astype(np.float32, copy=False)
+
+
+def vlad_vectors(
+    descriptors: list[np.ndarray],
+    vocabulary: np.ndarray,
+    *,
+    power_normalisation: bool = True,
+    intra_normalisation: bool = False,
+) -> np.ndarray:
+    """Return the VLAD vectors of each image, (n_images, n_words * 128) float32, rows L2-normalised.
+
+    For image i and word w, block w of the vector is ``sum (x - c_w)`` over the descriptors x of
+    the image whose nearest centre is ``c_w`` (zero when none is). The blocks are concatenated in
+    word order, then, in this order: signed square root of every component (when
+    ``power_normalisation``), L2 normalisation of every block on its own (when
+    ``intra_normalisation``; a zero block stays zero), and L2 normalisation of the whole vector.
+    An image without descriptors gets an all-zero row.
+    """
+    vocabulary = np.asarray(vocabulary, dtype=np.float32)
+    n_images, (n_words, dim) = len(descriptors), vocabulary.shape
+    counts = np.fromiter((len(d) for d in descriptors), dtype=np.int64, count=n_images)
+    sums = np.zeros((n_images * n_words, dim), dtype=np.float64)
+    if counts.sum():
+        stacked = np.concatenate(descriptors).astype(np.float32, copy=False)
+        words = assign_words(stacked, vocabulary)
+        owner = np.repeat(np.arange(n_images, dtype=np.int64), counts)
+        # one unbuffered scatter-add over the flattened (image, word) key sums every block at once
+        np.add.at(sums, owner * n_words + words, stacked - vocabulary[words])
+    blocks = sums.reshape(n_images, n_words, dim).astype(np.float32)
+    if power_normalisation:
+        blocks = power_normalise(blocks)
+    if intra_normalisation:
+        norms = np.linalg.norm(blocks, axis=2, keepdims=True)
+        blocks = np.divide(blocks, norms, out=np.zeros_like(blocks), where=norms > 0)
+    return _l2_normalise(blocks.reshape(n_images, n_words * dim))
+
+
 def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
     """Return the rows of ``vectors`` scaled to unit L2 norm; all-zero rows stay zero."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -158,21 +214,29 @@ def _warn_empty(n_empty: int, n_total: int, what: str, stacklevel: int) -> None:
 
 
 class BoVW(BaseEstimator):
-    """Bag-of-Visual-Words image retrieval: SIFT, k-means words, cosine similarity of histograms.
+    """Bag-of-Visual-Words image retrieval: SIFT, k-means words, cosine similarity of histograms (or VLAD).
 
     ``fit`` extracts grayscale SIFT descriptors from the database images, learns ``n_words``
-    visual words by k-means on them and stores one L2-normalised word histogram per database
-    image. ``search`` encodes the queries the same way and returns the top-k database rows by
-    cosine similarity, in the FAISS convention ``(D, I)``.
+    visual words by k-means on them and stores one L2-normalised vector per database image: the
+    word histogram, or with ``encoding="vlad"`` the VLAD vector. ``search`` encodes the queries
+    the same way and returns the top-k database rows by cosine similarity, in the FAISS
+    convention ``(D, I)``.
 
     Parameters
     ----------
-    n_words : number of visual words K (the paper uses 200).
+    n_words : number of visual words K (the paper uses 200; VLAD is usually run with 16-64).
+    encoding : "histogram" (word counts, the paper's) or "vlad" (per-word sums of the residuals
+        to the word's centre, ``n_words * 128`` values; see :func:`vlad_vectors`).
     rootsift : use RootSIFT descriptors (L1-normalise, then element-wise square root).
     tfidf : weight histograms by ``idf = log(n_db / (1 + df))`` before L2 normalisation, with
         ``df`` the number of database images containing the word. With this smoothed form a
         word present in every database image gets a small *negative* weight (about -1/n_db),
-        which can make cosine scores slightly negative.
+        which can make cosine scores slightly negative. Histograms only: a ValueError with VLAD.
+    power_normalisation : signed square root of every component before the L2 normalisation.
+        None (default) means on for VLAD and off for histograms (for a histogram it is the
+        Hellinger kernel between word distributions).
+    intra_normalisation : VLAD only: L2-normalise each word's block before the final L2
+        normalisation, so that no single word dominates the similarity.
     max_descriptors : k-means is fitted on at most this many database descriptors, drawn
         uniformly without replacement with ``random_state`` when there are more (None: all of
         them). Every descriptor is still assigned to a word for the histograms.
@@ -183,16 +247,17 @@ class BoVW(BaseEstimator):
     Attributes
     ----------
     vocabulary_ : (n_words, 128) float32 k-means centres.
-    index_ : (n_db, n_words) float32 L2-normalised database vectors (rows of images without
+    index_ : (n_db, dim_) float32 L2-normalised database vectors (rows of images without
         keypoints are zero).
+    dim_ : length of an image's vector: n_words (histogram) or n_words * 128 (VLAD).
     idf_ : (n_words,) float32 inverse document frequencies, only when ``tfidf``.
     n_descriptors_ : number of SIFT descriptors found in the database.
     empty_images_ : (m,) int64 database rows whose image has no SIFT keypoints.
 
     Notes
     -----
-    An image without keypoints (a flat image, for instance) has an all-zero histogram, and its
-    vector stays zero after normalisation, so its cosine similarity with every image is 0. A
+    An image without keypoints (a flat image, for instance) has an all-zero vector, which
+    stays zero after normalisation, so its cosine similarity with every image is 0. A
     query without keypoints therefore receives the database in index order, all with score 0,
     and an empty database image always ranks behind every image that scores above 0.
     ``fit`` and ``transform`` each emit one warning counting such images.
@@ -205,8 +270,11 @@ class BoVW(BaseEstimator):
         self,
         n_words: int = 200,
         *,
+        encoding: str = "histogram",
         rootsift: bool = False,
         tfidf: bool = False,
+        power_normalisation: bool | None = None,
+        intra_normalisation: bool = False,
         max_descriptors: int | None = 200_000,
         n_init: int = 1,
         max_iter: int = 100,
@@ -215,8 +283,11 @@ class BoVW(BaseEstimator):
         progress: bool = True,
     ) -> None:
         self.n_words = n_words
+        self.encoding = encoding
         self.rootsift = rootsift
         self.tfidf = tfidf
+        self.power_normalisation = power_normalisation
+        self.intra_normalisation = intra_normalisation
         self.max_descriptors = max_descriptors
         self.n_init = n_init
         self.max_iter = max_iter
@@ -232,7 +303,7 @@ class BoVW(BaseEstimator):
         return self
 
     def fit_transform(self, images: np.ndarray) -> np.ndarray:
-        """Fit on images (n, H, W, 3) and return their vectors (n, n_words) float32 (one SIFT pass)."""
+        """Fit on images (n, H, W, 3) and return their vectors (n, dim_) float32 (one SIFT pass)."""
         return self._fit(images).copy()
 
     def _fit(self, images: np.ndarray) -> np.ndarray:
@@ -250,17 +321,21 @@ class BoVW(BaseEstimator):
                 f"than n_words={self.n_words} visual words; use fewer words, or more or larger images"
             )
         vocabulary = self._kmeans(np.concatenate(descriptors))
-        histograms = word_histograms(descriptors, vocabulary)
 
         self.vocabulary_ = vocabulary
         self.n_descriptors_ = n_descriptors
         self.empty_images_ = np.flatnonzero(counts == 0)
-        if self.tfidf:
-            document_frequency = (histograms > 0).sum(axis=0)
-            self.idf_ = np.log(len(images) / (1.0 + document_frequency)).astype(np.float32)
-        elif hasattr(self, "idf_"):
+        self.dim_ = self.n_words * (SIFT_DIM if self.encoding == "vlad" else 1)
+        if hasattr(self, "idf_"):
             del self.idf_  # left over from an earlier fit with tfidf=True
-        self.index_ = self._weight_and_normalise(histograms)
+        if self.encoding == "histogram":
+            histograms = word_histograms(descriptors, vocabulary)
+            if self.tfidf:
+                document_frequency = (histograms > 0).sum(axis=0)
+                self.idf_ = np.log(len(images) / (1.0 + document_frequency)).astype(np.float32)
+            self.index_ = self._normalise_histograms(histograms)
+        else:
+            self.index_ = self._encode(descriptors)
         _warn_empty(len(self.empty_images_), len(images), "database images", stacklevel=3)
         return self.index_
 
@@ -268,6 +343,14 @@ class BoVW(BaseEstimator):
         """Raise ValueError on hyper-parameters that cannot work."""
         if isinstance(self.n_words, bool) or not isinstance(self.n_words, Integral) or self.n_words < 1:
             raise ValueError(f"n_words must be an integer >= 1, got {self.n_words!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encoding!r}; choose one of {ENCODINGS}")
+        if self.encoding == "vlad" and self.tfidf:
+            raise ValueError("tfidf weights word counts and applies to encoding='histogram' only; VLAD has no "
+                             "counts to weight (use power_normalisation / intra_normalisation instead)")
+        if self.encoding == "histogram" and self.intra_normalisation:
+            raise ValueError("intra_normalisation normalises VLAD's per-word blocks; a histogram has one number "
+                             "per word, so it applies to encoding='vlad' only")
         if self.max_descriptors is not None and (
             not isinstance(self.max_descriptors, Integral) or self.max_descriptors < self.n_words
         ):
@@ -300,20 +383,33 @@ class BoVW(BaseEstimator):
             descriptors = [rootsift(d) for d in descriptors]
         return descriptors
 
-    def _weight_and_normalise(self, histograms: np.ndarray) -> np.ndarray:
-        """Return histograms (n, n_words) tf-idf weighted (if on) and L2-normalised, float32."""
+    @property
+    def _power(self) -> bool:
+        """Whether the signed square root is applied (None: the encoding's default)."""
+        return self.encoding == "vlad" if self.power_normalisation is None else bool(self.power_normalisation)
+
+    def _encode(self, descriptors: list[np.ndarray]) -> np.ndarray:
+        """Return the vectors (n, dim_) float32 of per-image descriptors, rows L2-normalised."""
+        if self.encoding == "vlad":
+            return vlad_vectors(descriptors, self.vocabulary_, power_normalisation=self._power,
+                                intra_normalisation=self.intra_normalisation)
+        return self._normalise_histograms(word_histograms(descriptors, self.vocabulary_))
+
+    def _normalise_histograms(self, histograms: np.ndarray) -> np.ndarray:
+        """Return histograms (n, n_words) tf-idf weighted, power-normalised (each if on) and L2-normalised."""
         if self.tfidf:
             histograms = histograms * self.idf_[None, :]
+        if self._power:
+            histograms = power_normalise(histograms)
         return _l2_normalise(histograms)
 
     def transform(self, images: np.ndarray) -> np.ndarray:
-        """Return the BoVW vectors (n, n_words) float32 of images (n, H, W, 3), rows L2-normalised."""
+        """Return the vectors (n, dim_) float32 of images (n, H, W, 3), rows L2-normalised."""
         check_is_fitted(self, "index_")
         images = _check_images(images)
         descriptors = self._describe(images, desc="SIFT (queries)")
-        histograms = word_histograms(descriptors, self.vocabulary_)
         _warn_empty(sum(len(d) == 0 for d in descriptors), len(images), "images", stacklevel=2)
-        return self._weight_and_normalise(histograms)
+        return self._encode(descriptors)
 
     # -- search --------------------------------------------------------------------------------
 
@@ -327,7 +423,7 @@ class BoVW(BaseEstimator):
         return self.search_vectors(self.transform(query_images), k)
 
     def search_vectors(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (D, I) for vectors (Q, n_words) from ``transform``: scores and rows as in ``search``."""
+        """Return (D, I) for vectors (Q, dim_) from ``transform``: scores and rows as in ``search``."""
         check_is_fitted(self, "index_")
         k = min(_check_k(k), len(self.index_))
         query_vectors = np.asarray(query_vectors, dtype=np.float32)

@@ -41,18 +41,30 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Visual words when --words is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
+BOVW_WORDS, VLAD_WORDS = 200, 64
+
+
 def _cmd_bovw(args: argparse.Namespace) -> int:
-    from .evaluation import bovw_study
+    from .evaluation import bovw_study, vlad_comparison
 
     out = Path(args.out or settings.reports_dir() / "bovw")
+    encoding = "vlad" if args.vlad else "histogram"
     start = time.perf_counter()
-    results = bovw_study(
-        args.source, args.size, args.n, args.seeds, out,
-        n_words=args.words, rootsift=args.rootsift, tfidf=args.tfidf, root=args.root, annotations=args.annotations,
-    )
-    shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
-    print(shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False))
+    for n_words in args.words or [VLAD_WORDS if args.vlad else BOVW_WORDS]:
+        results = bovw_study(
+            args.source, args.size, args.n, args.seeds, out, n_words=n_words, encoding=encoding,
+            rootsift=args.rootsift, tfidf=args.tfidf, power_normalisation=args.power_norm,
+            intra_normalisation=args.intra_norm, root=args.root, annotations=args.annotations,
+        )
+        shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
+        print(f"{results['model'].iloc[0]} {results['variant'].iloc[0]}:")
+        print(shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False))
     print(f"BoVW study done in {time.perf_counter() - start:.0f} s; tables in {out}")
+    if args.vlad:
+        compared = vlad_comparison(out, args.source, args.size)
+        print(f"VLAD beside plain BoVW ({compared['variant'].nunique()} variants): "
+              f"{out / f'vlad_{args.source}_{args.size}px.md'}")
     return 0
 
 
@@ -169,9 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bovw = commands.add_parser("bovw", help="evaluate the BoVW baseline for each N (writes CSV + Markdown)")
     _add_data_arguments(bovw)
-    bovw.add_argument("--words", type=int, default=200, help="visual words K (default: 200, the paper's)")
+    bovw.add_argument("--words", type=int, nargs="+", default=None,
+                      help=f"visual words K, one run per value (default: {BOVW_WORDS}, the paper's; {VLAD_WORDS} with --vlad)")
+    bovw.add_argument("--vlad", action="store_true",
+                      help="VLAD encoding (per-word sums of residuals, K x 128 values) instead of word histograms; "
+                      "also writes vlad_<source>_<size>px.{csv,md}: every VLAD table of --out beside plain BoVW "
+                      f"with {BOVW_WORDS} words (run that first)")
     bovw.add_argument("--rootsift", action="store_true", help="RootSIFT descriptors")
-    bovw.add_argument("--tfidf", action="store_true", help="tf-idf weighting of the histograms")
+    bovw.add_argument("--tfidf", action="store_true", help="tf-idf weighting of the histograms (not with --vlad)")
+    bovw.add_argument("--power-norm", action=argparse.BooleanOptionalAction, default=None,
+                      help="signed square root of every component before L2 (default: on with --vlad, off for histograms)")
+    bovw.add_argument("--intra-norm", action="store_true", help="with --vlad: L2-normalise each word's block first")
     bovw.add_argument("--out", default=None, help="output folder (default: reports/bovw)")
     bovw.set_defaults(func=_cmd_bovw)
     dsi = commands.add_parser("dsi", help="train and evaluate ViT DSI (zero-shot and fine-tuned) for each N and ID scheme")

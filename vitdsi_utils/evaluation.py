@@ -26,6 +26,9 @@ PAPER_METRIC = {
 }
 
 
+#: Model names of the BoVW rows: word histograms (the paper's baseline) and VLAD over the same words.
+BOVW_MODEL, VLAD_MODEL = "BoVW", "VLAD"
+
 #: Sources the paper's Table 1 does not describe: its numbers are ImageNet's, so they are not put
 #: beside results on these (the paper printed no COCO table).
 NOT_IN_PAPER_TABLE1 = frozenset({"coco"})
@@ -54,22 +57,52 @@ class BoVWResult:
     model: BoVW | None = None
 
 
+def bovw_variant(
+    n_words: int,
+    *,
+    encoding: str = "histogram",
+    rootsift: bool = False,
+    tfidf: bool = False,
+    power_normalisation: bool | None = None,
+    intra_normalisation: bool = False,
+) -> str:
+    """The tag of a BoVW setting in file names and tables: 'K200', 'K200_rootsift_tfidf', 'K64_vlad_intra' ...
+
+    The power normalisation is named only where it differs from the encoding's default (on for
+    VLAD, off for histograms): '_nopower' or '_power'.
+    """
+    power_default = encoding == "vlad"
+    power = power_default if power_normalisation is None else bool(power_normalisation)
+    parts = [f"K{n_words}", "rootsift" if rootsift else "", "tfidf" if tfidf else "",
+             "vlad" if encoding == "vlad" else "", "intra" if intra_normalisation else "",
+             "" if power == power_default else ("power" if power else "nopower")]
+    return "_".join(part for part in parts if part)
+
+
 def evaluate_bovw(
     db: Database,
     *,
     n_words: int = 200,
+    encoding: str = "histogram",
     rootsift: bool = False,
     tfidf: bool = False,
+    power_normalisation: bool | None = None,
+    intra_normalisation: bool = False,
     k: int = 100,
     query_role: str = "test",
     seed: int = 0,
     progress: bool = True,
 ) -> BoVWResult:
-    """Fit BoVW on the indexed images of ``db`` and score its top-``k`` lists for the ``query_role`` queries."""
+    """Fit BoVW on the indexed images of ``db`` and score its top-``k`` lists for the ``query_role`` queries.
+
+    ``encoding``, ``rootsift``, ``tfidf``, ``power_normalisation`` and ``intra_normalisation``
+    are :class:`~vitdsi_utils.bovw.BoVW`'s options (``encoding="vlad"`` for VLAD).
+    """
     index_images, _ = db.split("index")
     query_images, _ = db.split(query_role)
     index_labels, query_labels = db.relevance_labels("index"), db.relevance_labels(query_role)
-    model = BoVW(n_words, rootsift=rootsift, tfidf=tfidf, random_state=seed, progress=progress)
+    model = BoVW(n_words, encoding=encoding, rootsift=rootsift, tfidf=tfidf, power_normalisation=power_normalisation,
+                 intra_normalisation=intra_normalisation, random_state=seed, progress=progress)
     start = time.perf_counter()
     model.fit(index_images)
     fitted = time.perf_counter()
@@ -93,18 +126,26 @@ def bovw_study(
     out_dir: str | Path | None = None,
     *,
     n_words: int = 200,
+    encoding: str = "histogram",
     rootsift: bool = False,
     tfidf: bool = False,
+    power_normalisation: bool | None = None,
+    intra_normalisation: bool = False,
     root: str | Path | None = None,
     annotations: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Evaluate BoVW for every N and seed; write manifests and result tables under ``out_dir``.
 
-    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. Returns the
-    long table: one row per (n, seed, metric) with value, interval, chance and, where the paper
+    The options are :class:`~vitdsi_utils.bovw.BoVW`'s (``encoding="vlad"`` for VLAD); the
+    tables are named ``bovw_<source>_<size>px_<variant>`` after :func:`bovw_variant`. ``root``
+    and ``annotations`` locate the images as in :func:`data.load_images`. Returns the long
+    table: one row per (n, seed, metric) with value, interval, chance and, where the paper
     reported one, its number.
     """
+    options = dict(encoding=encoding, rootsift=rootsift, tfidf=tfidf, power_normalisation=power_normalisation,
+                   intra_normalisation=intra_normalisation)
+    BoVW(n_words, **options)._check_params()  # a bad combination fails before the images are loaded
     image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     out_dir = Path(out_dir) if out_dir is not None else None
     frames = []
@@ -113,15 +154,18 @@ def bovw_study(
             db = build_database(image_set, n, seed=seed)
             if out_dir is not None:
                 db.save_manifest(out_dir / "manifests" / f"{source}-{size}px-N{n}-seed{seed}.csv")
-            result = evaluate_bovw(db, n_words=n_words, rootsift=rootsift, tfidf=tfidf, seed=seed, progress=progress)
+            result = evaluate_bovw(db, n_words=n_words, **options, seed=seed, progress=progress)
             frame = result.table.assign(
-                model="BoVW", source=source, size=size, n=n, ids="-", seed=seed, **result.timings
+                model=VLAD_MODEL if encoding == "vlad" else BOVW_MODEL, source=source, size=size, n=n, ids="-", seed=seed, dim=result.model.dim_,
+                **result.timings
             )
             frames.append(frame)
     results = attach_paper(pd.concat(frames, ignore_index=True))
-    results = results.assign(n_words=n_words, rootsift=rootsift, tfidf=tfidf)
+    variant = bovw_variant(n_words, **options)
+    power = (encoding == "vlad") if power_normalisation is None else bool(power_normalisation)
+    results = results.assign(n_words=n_words, rootsift=rootsift, tfidf=tfidf, encoding=encoding,
+                             power_normalisation=power, intra_normalisation=intra_normalisation, variant=variant)
     if out_dir is not None:
-        variant = f"K{n_words}" + ("_rootsift" if rootsift else "") + ("_tfidf" if tfidf else "")
         stem = out_dir / f"bovw_{source}_{size}px_{variant}"
         write_table(results, stem, markdown=bovw_markdown(results, source, size))
     return results
@@ -159,7 +203,7 @@ def table1_markdown(results: pd.DataFrame) -> str:
         "| protocol MAP@10 | paper MAP@10 | protocol R@100 | paper R@100 | chance P@10 | chance R@100 |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    order = {"BoVW": 0, "DSI zero-shot": 1, "DSI fine-tuned": 2, "DSI multi-task": 3}
+    order = {BOVW_MODEL: 0, VLAD_MODEL: 0.5, "DSI zero-shot": 1, "DSI fine-tuned": 2, "DSI multi-task": 3}
     keys = results[["model", "n", "ids", "seed"]].drop_duplicates()
     keys = keys.assign(_o=keys["model"].map(order).fillna(9)).sort_values(["_o", "n", "ids", "seed"])
     for model, n, ids, seed in keys[["model", "n", "ids", "seed"]].itertuples(index=False):
@@ -186,19 +230,123 @@ def table1_markdown(results: pd.DataFrame) -> str:
 def bovw_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     """A Markdown report of a BoVW study: settings, then Table 1's BoVW rows."""
     first = results.iloc[0]
-    options = ", ".join(name for name, on in (("RootSIFT", first["rootsift"]), ("tf-idf", first["tfidf"])) if on)
+    vlad = first.get("encoding", "histogram") == "vlad"
+    flags = (("VLAD", vlad), ("RootSIFT", first["rootsift"]), ("tf-idf", first["tfidf"]),
+             ("intra-normalisation", first.get("intra_normalisation", False)),
+             ("no power normalisation" if vlad else "power normalisation", first.get("power_normalisation", vlad) != vlad))
+    options = ", ".join(name for name, on in flags if on)
     timing = results.groupby(["n", "seed"])[["fit_s", "search_s"]].first().sum(axis=1)
+    encoded = (f"one VLAD vector per image ({first['n_words']} x 128 values: the per-word sums of residuals to "
+               "the word's centre, signed square root unless said otherwise, L2-normalised)" if vlad
+               else "one histogram per image")
     return "\n".join([
         f"# BoVW baseline on {source} at {size} px (K = {first['n_words']}{', ' + options if options else ''})",
         "",
-        f"Grayscale SIFT, k-means vocabulary of {first['n_words']} words fitted on the indexed images, one "
-        "histogram per image, cosine similarity, top-100. " + TABLE1_NOTE,
+        f"Grayscale SIFT, k-means vocabulary of {first['n_words']} words fitted on the indexed images, {encoded}, "
+        "cosine similarity, top-100. " + TABLE1_NOTE,
         "",
         table1_markdown(results),
         "",
         f"Fit + search wall time per run: {timing.min():.1f}-{timing.max():.1f} s "
         "(see reports/benchmarks/ for timings on an idle machine).",
     ])
+
+
+def _read_bovw_table(path: Path) -> pd.DataFrame:
+    """A table written by :func:`bovw_study`, with the columns that tables from before VLAD lack filled in."""
+    frame = pd.read_csv(path)
+    defaults = {"encoding": "histogram", "power_normalisation": False, "intra_normalisation": False,
+                "variant": path.stem.split("px_", 1)[-1], "dim": frame["n_words"].iloc[0]}
+    for column, value in defaults.items():
+        if column not in frame.columns:
+            frame[column] = value
+    return frame
+
+
+def _is_plain_bovw(frame: pd.DataFrame) -> bool:
+    """Whether a BoVW table is the paper's setting: histograms, no RootSIFT, tf-idf or power normalisation."""
+    first = frame.iloc[0]
+    return first["encoding"] == "histogram" and not (first["rootsift"] or first["tfidf"] or first["power_normalisation"])
+
+
+def vlad_comparison(out_dir: str | Path, source: str, size: int, *, baseline_words: int = 200) -> pd.DataFrame | None:
+    """Write ``vlad_<source>_<size>px.{csv,md}``: every VLAD table in ``out_dir`` beside plain BoVW.
+
+    Collects the tables :func:`bovw_study` wrote in ``out_dir`` for ``source`` and ``size``: the
+    VLAD variants and plain BoVW (histograms without options). A VLAD variant is *better* or
+    *worse* than plain BoVW with ``baseline_words`` words (at the same N and seed) on a metric
+    only when their 95% intervals do not overlap. The databases are the same because they are
+    drawn from (source, size, N, seed) alone; the query counts are checked anyway. Returns the
+    long table, or None when ``out_dir`` holds no VLAD table for this source and size.
+    """
+    out_dir = Path(out_dir)
+    frames = [_read_bovw_table(path) for path in sorted(out_dir.glob(f"bovw_{source}_{size}px_K*.csv"))]
+    vlad = [f for f in frames if f["encoding"].iloc[0] == "vlad"]
+    plain = [f for f in frames if _is_plain_bovw(f)]
+    if not vlad:
+        return None
+    baseline = next((f for f in plain if f["n_words"].iloc[0] == baseline_words), None)
+    if baseline is None:
+        raise FileNotFoundError(
+            f"no plain BoVW table with {baseline_words} words for {source} at {size} px in {out_dir}; run "
+            f"`vitdsi bovw --source {source} --size {size} --n ... --words {baseline_words}` first"
+        )
+    results = pd.concat(plain + vlad, ignore_index=True)
+    queries = results[results["metric"] == "P@10"].groupby(["n", "seed"])["n_queries"].nunique()
+    if (queries > 1).any():
+        raise ValueError(f"the BoVW tables in {out_dir} disagree on the number of test queries at "
+                         f"(N, seed) = {list(queries[queries > 1].index)}: they come from different databases")
+    base = baseline[["n", "seed", "metric", "value", "ci_low", "ci_high"]].rename(
+        columns={c: f"baseline_{c}" for c in ("value", "ci_low", "ci_high")})
+    results = results.merge(base, on=["n", "seed", "metric"], how="left")
+    results["verdict"] = np.where(results["ci_low"] > results["baseline_ci_high"], "better",
+                                  np.where(results["ci_high"] < results["baseline_ci_low"], "worse", "overlap"))
+    results.loc[results["variant"] == baseline["variant"].iloc[0], "verdict"] = "baseline"
+    write_table(results, out_dir / f"vlad_{source}_{size}px",
+                markdown=vlad_markdown(results, source, size, baseline["variant"].iloc[0]))
+    return results
+
+
+def vlad_markdown(results: pd.DataFrame, source: str, size: int, baseline: str) -> str:
+    """The VLAD comparison as Markdown: one row per (variant, N, seed), then the verdicts against ``baseline``."""
+    lines = [
+        f"# VLAD against plain BoVW on {source} at {size} px",
+        "",
+        "Both encode the grayscale SIFT descriptors of an image with a k-means vocabulary fitted on the indexed "
+        "images, and rank the indexed images by cosine similarity (top 100). BoVW counts the descriptors per word "
+        "(a K-bin histogram, the paper's baseline). VLAD sums, per word, the residuals `x - c` of the descriptors "
+        "to the word's centre (K x 128 values), takes the signed square root of every component (power "
+        "normalisation; `nopower`: without it), optionally L2-normalises each word's block (`intra`), and "
+        "L2-normalises the vector. `rootsift`: RootSIFT descriptors. Values are over all test queries with "
+        "bootstrap 95% intervals; `vs " + baseline + "` says *better* or *worse* only where the two intervals do "
+        "not overlap (same database, same queries). Times: fit (SIFT, k-means, encoding the indexed images) plus "
+        "search of all test queries, one run on a shared 2-core machine.",
+        "",
+        f"| variant | model | K | dim | N | seed | mAP@10 | P@10 | R@100 | chance P@10 | chance R@100 "
+        f"| fit + search s | vs {baseline}: mAP@10 | P@10 | R@100 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = results[["variant", "n", "seed"]].drop_duplicates()
+    order = {v: i for i, v in enumerate(results.drop_duplicates("variant").sort_values(
+        ["encoding", "n_words", "variant"])["variant"])}
+    keys = keys.assign(_o=keys["variant"].map(order)).sort_values(["n", "seed", "_o"])
+    for variant, n, seed in keys[["variant", "n", "seed"]].itertuples(index=False):
+        row = results[(results["variant"] == variant) & (results["n"] == n) & (results["seed"] == seed)]
+        row = row.set_index("metric")
+
+        def cell(metric: str) -> str:
+            return format_interval(row.at[metric, "value"], row.at[metric, "ci_low"], row.at[metric, "ci_high"])
+
+        first = row.iloc[0]
+        seconds = first["fit_s"] + first["search_s"]
+        verdicts = " | ".join(row.at[m, "verdict"] if first["verdict"] != "baseline" else "–"
+                              for m in ("mAP@10", "P@10", "R@100"))
+        lines.append(
+            f"| {variant} | {first['model']} | {first['n_words']} | {int(first['dim'])} | {n} | {seed} "
+            f"| {cell('mAP@10')} | {cell('P@10')} | {cell('R@100')} | {format_number(row.at['P@10', 'chance'])} "
+            f"| {format_number(row.at['R@100', 'chance'])} | {seconds:.1f} | {verdicts} |"
+        )
+    return "\n".join(lines)
 
 
 def evaluate_dsi(

@@ -24,6 +24,7 @@ RELEVANT_COLOR, IRRELEVANT_COLOR, UNKNOWN_COLOR = "#2ca02c", "#d62728", "#7f7f7f
 #: Bars of metric_bars, in order: (model, ID scheme) -> colour.
 SERIES_COLORS = {
     ("BoVW", "-"): "#7f7f7f",
+    ("VLAD", "-"): "#2ca02c",
     ("DSI zero-shot", "clustered"): "#1f4e9c",
     ("DSI zero-shot", "random"): "#7fa6e0",
     ("DSI fine-tuned", "clustered"): "#c25a0b",

@@ -48,13 +48,17 @@ FIGURE_CAPTIONS = {
     "gallery": "Sample images per class",
     "imagenette_gallery": "Sample Imagenette images per class",
     "split_bar": "Images per class and role",
-    "bovw_vs_n": "BoVW baseline: P@10 and R@100 against N",
+    "bovw_vs_n": "BoVW and VLAD baselines: P@10 and R@100 against N",
     "figure1_indexing": "Figure 1: indexing phase, training loss and sequence accuracy per epoch",
     "figure2_retrieval_train": "Figure 2: retrieval phase, training loss and sequence accuracy per epoch",
     "figure3_retrieval_val": "Figure 3: retrieval phase, validation loss and sequence accuracy per epoch",
     "metric_bars": "BoVW, zero-shot and fine-tuned DSI with 95% intervals, chance (dashed) and the paper (hollow)",
     "demo_example": "One query of the demo: top-K results per model, relevant ones in green",
     "ids_bars": "DSI by ID scheme (clustered, random, semantic, RQ, atomic) with 95% intervals and chance (dashed)",
+    "clusters_metrics": "k-means of the encoders' embeddings: silhouette, Davies-Bouldin, elbow, purity and NMI against k",
+    "clusters_sizes": "Cluster sizes at k = the number of classes, per embedding",
+    "clusters_gallery_best": "The largest clusters of the embedding with the highest NMI",
+    "clusters_gallery_worst": "The largest clusters of the embedding with the lowest NMI",
 }
 
 
