@@ -80,6 +80,9 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, stop_metric=args.stop_metric,
     )
     retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seeds[0])
+    if (args.encoder_init is None) != (args.encoder_weights is None):
+        raise ValueError("--encoder-init and --encoder-weights go together: name the source and its file")
+    encoder_init = (args.encoder_init, args.encoder_weights) if args.encoder_init else None
     start = time.perf_counter()
     results, _ = dsi_study(
         args.source, args.size, tuple(args.n), tuple(args.schemes), tuple(args.seeds),
@@ -88,6 +91,7 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         multitask=args.multitask, mix_ratio=args.mix_ratio,
         multitask_config=TrainConfig(epochs=args.multitask_epochs or args.retrieval_epochs, lr=args.lr,
                                      seed=args.seeds[0]), root=args.root, annotations=args.annotations,
+        encoder_init=encoder_init,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
@@ -150,6 +154,33 @@ def _cmd_dense_init(args: argparse.Namespace) -> int:
     shown = results[results["metric"].isin(["IA@1", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
     print(f"dense-init DSI study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import SSLConfig, comparison_frame, pretrain_study
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "pretrain")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "pretrain")
+    seed = args.seeds[0]
+    ssl_config = SSLConfig(epochs=args.ssl_epochs, batch_size=args.ssl_batch_size, lr=args.ssl_lr,
+                           temperature=args.temperature, min_scale=args.min_scale, seed=seed)
+    index_config = TrainConfig(epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr,
+                               warmup_steps=args.warmup_steps, seed=seed)
+    retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=seed)
+    start = time.perf_counter()
+    result = pretrain_study(
+        args.source, args.size, args.n[0], seed, args.scheme, exclude_ns=tuple(args.exclude_n),
+        model_overrides={"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos},
+        ssl_config=ssl_config, index_config=index_config, retrieval_config=retrieval_config,
+        max_pairs_per_query=args.max_pairs_per_query, baseline_table=args.baseline,
+        baseline_histories=args.baseline_histories, train_scratch=args.scratch, runs_dir=runs, out_dir=out,
+        root=args.root,
+    )
+    print(comparison_frame(result["results"]).to_string(index=False))
+    print(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False))
+    print(f"pretraining study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
     return 0
 
 
@@ -216,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --multitask: retrieval pairs per indexed image per epoch (default: every pair once)")
     dsi.add_argument("--multitask-epochs", type=int, default=None,
                      help="with --multitask: its epochs (default: --retrieval-epochs)")
+    dsi.add_argument("--encoder-init", default=None, choices=["ssl", "dense", "dsi", "torchvision"],
+                     help="start the encoder from pretrained weights (default: random): a `vitdsi pretrain` "
+                          "checkpoint, a dense encoder, a DSI model or a torchvision ViT state dict")
+    dsi.add_argument("--encoder-weights", default=None, metavar="PATH",
+                     help="with --encoder-init: the checkpoint or state dict to copy the encoder from")
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)
@@ -281,6 +317,35 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--runs", default=None, help="DSI checkpoints (default: data/runs/dsi_dense_init)")
     init.add_argument("--out", default=None, help="output folder (default: reports/dsi_dense_init)")
     init.set_defaults(func=_cmd_dense_init)
+    pretrain = commands.add_parser("pretrain", help="self-supervised pretraining of the DSI encoder on images "
+                                   "outside the database, then the DSI from it, compared with from scratch")
+    _add_data_arguments(pretrain)
+    pretrain.set_defaults(n=[512])
+    pretrain.add_argument("--scheme", default="clustered", choices=["clustered", "random"])
+    pretrain.add_argument("--exclude-n", type=int, nargs="+", default=[512, 1024, 2048],
+                          help="pretrain only on images that none of the databases of these sizes uses")
+    pretrain.add_argument("--ssl-epochs", type=int, default=4, help="pretraining epochs over the outside images")
+    pretrain.add_argument("--ssl-batch-size", type=int, default=128)
+    pretrain.add_argument("--ssl-lr", type=float, default=1e-3)
+    pretrain.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
+    pretrain.add_argument("--min-scale", type=float, default=0.25, help="smallest crop area fraction")
+    pretrain.add_argument("--patch", type=int, default=16)
+    pretrain.add_argument("--dropout", type=float, default=0.1)
+    pretrain.add_argument("--pos", default="sinusoidal", choices=["sinusoidal", "learned", "conditional"])
+    pretrain.add_argument("--lr", type=float, default=1e-3, help="DSI learning rate (both phases)")
+    pretrain.add_argument("--warmup-steps", type=int, default=100)
+    pretrain.add_argument("--index-epochs", type=int, default=400)
+    pretrain.add_argument("--target-accuracy", type=float, default=0.99)
+    pretrain.add_argument("--retrieval-epochs", type=int, default=10)
+    pretrain.add_argument("--max-pairs-per-query", type=int, default=5)
+    pretrain.add_argument("--baseline", default=None,
+                          help="a `vitdsi dsi` results CSV whose from-scratch rows are compared (e.g. "
+                               "reports/dsi/dsi_imagenette_64px.csv)")
+    pretrain.add_argument("--baseline-histories", default=None, help="its histories CSV, for the indexing curves")
+    pretrain.add_argument("--scratch", action="store_true", help="train the from-scratch DSI here instead")
+    pretrain.add_argument("--out", default=None, help="output folder (default: reports/pretrain)")
+    pretrain.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/pretrain)")
+    pretrain.set_defaults(func=_cmd_pretrain)
 
     study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
     study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "

@@ -403,7 +403,9 @@ def train_dense(
 
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
         state = _read_checkpoint(checkpoint_path, device)
-        if state["config"] != model.config.to_dict():
+        # a config field added after the checkpoint was written has its default value
+        saved_config = {**DenseConfig().to_dict(), **state["config"]}
+        if saved_config != model.config.to_dict():
             raise ValueError(f"{checkpoint_path} holds a model with another configuration; delete it to retrain")
         stored = DenseTrainConfig.from_dict(state["train_config"] or {}).recipe()
         if stored != config.recipe():

@@ -62,9 +62,42 @@ def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSICon
     return DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
 
 
-def new_model(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIModel:
-    """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise)."""
-    return DSIModel(model_config(db, codec, **model_overrides))
+#: An encoder initialisation: (source, path), source one of ``pretrain.INIT_SOURCES``.
+EncoderInitSpec = tuple[str, "str | Path"]
+
+
+def new_model(
+    db: Database, codec: IDCodec, *, encoder_init: EncoderInitSpec | None = None, **model_overrides: Any
+) -> DSIModel:
+    """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise).
+
+    ``encoder_init=(source, path)`` copies its encoder from a pretrained checkpoint
+    (:func:`vitdsi_utils.pretrain.init_encoder`: "ssl", "dense", "dsi" or "torchvision").
+    """
+    model = DSIModel(model_config(db, codec, **model_overrides))
+    if encoder_init is not None:
+        from .pretrain import init_encoder
+
+        init_encoder(model, *encoder_init)
+    return model
+
+
+def encoder_init_tag(encoder_init: EncoderInitSpec | None) -> str | None:
+    """``"<source>:<hash of the file>"`` for an encoder initialisation (None: random init)."""
+    if encoder_init is None:
+        return None
+    from .pretrain import INIT_SOURCES, EncoderInit
+
+    source, path = encoder_init
+    if source not in INIT_SOURCES:
+        raise ValueError(f"unknown encoder source {source!r}; choose one of {INIT_SOURCES}")
+    if not Path(path).is_file():
+        from .pretrain import _resolve_torchvision_file
+
+        if source != "torchvision":
+            raise FileNotFoundError(f"{path} does not exist: the {source} checkpoint to initialise the encoder from")
+        path = _resolve_torchvision_file(path)
+    return EncoderInit(source, str(path), []).tag()
 
 
 @dataclass
@@ -85,6 +118,7 @@ def index_database(
     run_dir: str | Path | None = None,
     codec: IDCodec | None = None,
     init: Callable[[DSIModel], object] | None = None,
+    encoder_init: EncoderInitSpec | None = None,
 ) -> PhaseResult:
     """Indexing phase: train a new model until it reproduces every indexed image's ID.
 
@@ -93,10 +127,17 @@ def index_database(
     from ``zero_shot.pt`` instead of retrained, and an interrupted one resumes from
     ``indexing.ckpt``. Either must have been written for this database, these IDs and this
     model configuration, or a :class:`~vitdsi_utils.train.CheckpointError` names what differs.
+
+    ``encoder_init=(source, path)`` starts the encoder from pretrained weights instead of
+    random ones (see :func:`new_model`); the source and a hash of the file are recorded in the
+    checkpoints, so a run folder of another initialisation is refused rather than reused.
     """
     codec = database_codec(db, codec)
     wanted = model_config(db, codec, **(model_overrides or {}))
     fingerprint = db.fingerprint()
+    tag = encoder_init_tag(encoder_init)
+    if tag is not None:
+        fingerprint["encoder_init"] = tag
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec, wanted, fingerprint)
@@ -105,6 +146,10 @@ def index_database(
     model = DSIModel(wanted)
     if init is not None:
         init(model)  # a resumed run then overwrites these weights with its checkpoint's
+    if encoder_init is not None:
+        from .pretrain import init_encoder
+
+        init_encoder(model, *encoder_init)
     index_images, _ = db.split("index")
     start = time.perf_counter()
     history = train_indexing(
@@ -235,6 +280,7 @@ def run_experiment(
     codec: IDCodec | None = None,
     ids: str | None = None,
     init: Callable[[DSIModel], object] | None = None,
+    encoder_init: EncoderInitSpec | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
@@ -244,11 +290,13 @@ def run_experiment(
     paper); ``ids`` names the scheme in the table's ``ids`` column (default: the database's
     scheme). Give every codec its own ``run_dir``: a folder holding models of other IDs is refused.
     ``init`` prepares the new model before indexing (see :func:`index_database`).
+    ``encoder_init=(source, path)`` starts the encoder from pretrained weights
+    (:func:`vitdsi_utils.pretrain.init_encoder`); give it its own ``run_dir`` too.
     """
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
     zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
-                          init=init)
+                          init=init, encoder_init=encoder_init)
     tables = [_result_rows(db, zero, codec, ZERO_SHOT, k, ids)]
     tuned = None
     if fine_tune_phase:
@@ -304,6 +352,7 @@ def dsi_study(
     multitask: bool = False,
     mix_ratio: float | None = None,
     multitask_config: TrainConfig | None = None,
+    encoder_init: EncoderInitSpec | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -311,6 +360,8 @@ def dsi_study(
     ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps
     the checkpoints, so an interrupted study resumes and a finished one is only re-evaluated.
     ``root`` and ``annotations`` locate the images as in :func:`data.load_images`.
+    ``encoder_init=(source, path)`` starts every model's encoder from those weights (run
+    folders then end in ``-init-<source>``, and the table has an ``init`` column).
     """
     from .data import build_database, load_images
 
@@ -320,7 +371,8 @@ def dsi_study(
         for scheme in schemes:
             for seed in seeds:
                 db = build_database(image_set, n, id_scheme=scheme, seed=seed)
-                run_dir = Path(runs_dir) / run_name(db) if runs_dir is not None else None
+                name = run_name(db) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
+                run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(
                     db,
                     model_overrides=model_overrides,
@@ -332,7 +384,10 @@ def dsi_study(
                     multitask=multitask,
                     mix_ratio=mix_ratio,
                     multitask_config=multitask_config,
+                    encoder_init=encoder_init,
                 )
+                if encoder_init is not None:
+                    experiment.table["init"] = encoder_init[0]
                 results.append(experiment.table)
                 for phase in (experiment.zero_shot, experiment.fine_tuned, experiment.multitask):
                     if phase is not None and len(phase.history):

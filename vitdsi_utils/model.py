@@ -53,6 +53,7 @@ class ViTConfig:
     heads: int = 4  # attention heads; must divide dim
     dropout: float = 0.1  # in attention, feed-forward and after the embeddings
     pos_encoding: str = "sinusoidal"  # "sinusoidal" (fixed 1-D table) | "learned" | "conditional" (PEG)
+    norm_eps: float = 1e-5  # epsilon of every LayerNorm (torch's default; torchvision's ViTs use 1e-6)
 
     #: integer fields that must be >= 1 (subclasses extend the tuple)
     _POSITIVE = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads")
@@ -66,6 +67,9 @@ class ViTConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, Real):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, Real) or not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be a small positive number (e.g. 1e-5), got {self.norm_eps!r}")
+        self.norm_eps = float(self.norm_eps)
         if self.patch_size > self.image_size:
             raise ValueError(
                 f"patch_size {self.patch_size} is larger than image_size {self.image_size}: an image must hold "
@@ -196,6 +200,7 @@ def _block_kwargs(config: ViTConfig) -> dict[str, Any]:
         activation="gelu",
         batch_first=True,
         norm_first=True,
+        layer_norm_eps=config.norm_eps,
     )
 
 
@@ -222,7 +227,7 @@ class ViTEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(**_block_kwargs(c)),
             num_layers=c.depth,
-            norm=nn.LayerNorm(c.dim),
+            norm=nn.LayerNorm(c.dim, eps=c.norm_eps),
             enable_nested_tensor=False,  # no padding masks here; the nested path only warns with norm_first
         )
 
@@ -314,7 +319,7 @@ class DSIModel(ViTEncoder):
         else:
             self.register_buffer("token_pos", sinusoidal_table(c.max_id_length, c.dim)[None], persistent=False)
         self.decoder = nn.TransformerDecoder(
-            nn.TransformerDecoderLayer(**_block_kwargs(c)), num_layers=c.depth, norm=nn.LayerNorm(c.dim)
+            nn.TransformerDecoderLayer(**_block_kwargs(c)), num_layers=c.depth, norm=nn.LayerNorm(c.dim, eps=c.norm_eps)
         )
         mask = nn.Transformer.generate_square_subsequent_mask(c.max_id_length)  # 0 on/below diagonal, -inf above
         self.register_buffer("causal_mask", mask, persistent=False)
