@@ -98,6 +98,7 @@ class SSLConfig:
     proj_hidden: int = 256  # hidden width of the projection head
     proj_dim: int = 64  # output width of the projection head (the loss works there)
     min_scale: float = 0.25  # random resized crop: smallest area fraction of the image
+    max_ratio: float = 4 / 3  # random resized crop: aspect ratios log-uniform in [1 / max_ratio, max_ratio]
     jitter: float = 0.4  # colour jitter strength: brightness, contrast, saturation factors in [1 - s, 1 + s]
     jitter_p: float = 0.8  # probability that a view is colour-jittered
     gray_p: float = 0.2  # probability that a view is turned to grayscale
@@ -115,6 +116,8 @@ class SSLConfig:
             raise ValueError("lr and temperature must be positive, weight_decay non-negative")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale is an area fraction in (0, 1], got {self.min_scale}")
+        if self.max_ratio < 1:
+            raise ValueError(f"max_ratio is an aspect ratio >= 1, got {self.max_ratio}")
         if not 0 <= self.jitter < 1 or not 0 <= self.jitter_p <= 1 or not 0 <= self.gray_p <= 1:
             raise ValueError("jitter must lie in [0, 1); jitter_p and gray_p are probabilities")
         if self.proj_hidden < 1 or self.proj_dim < 1:
@@ -129,8 +132,12 @@ class SSLConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def recipe(self) -> dict[str, Any]:
-        """The settings that shape the trained encoder (not epochs, device, progress or checkpointing)."""
-        return {k: v for k, v in self.to_dict().items() if k not in {"epochs", "device", "progress", "checkpoint_every"}}
+        """The settings that shape the trained encoder (not device, progress or checkpointing).
+
+        ``epochs`` is part of it: the learning rate decays over all epochs, so a run cannot be
+        resumed with another number of epochs.
+        """
+        return {k: v for k, v in self.to_dict().items() if k not in {"device", "progress", "checkpoint_every"}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def augment_views(images: torch.Tensor, generator: torch.Generator, config: SSLC
     """One random view of every uint8 image (B, H, W, C): same shape, same dtype, same device.
 
     Per image, independently: a random resized crop (area fraction uniform in
-    [``min_scale``, 1], aspect ratio log-uniform in [3/4, 4/3], uniform position, resized back
+    [``min_scale``, 1], aspect ratio log-uniform in [1 / ``max_ratio``, ``max_ratio``], uniform position, resized back
     bilinearly), a horizontal flip with probability 1/2, with probability ``jitter_p`` colour
     jitter (brightness, contrast and saturation factors uniform in [1 - jitter, 1 + jitter],
     applied in that order) and with probability ``gray_p`` conversion to grayscale. Hue is not
@@ -159,7 +166,7 @@ def augment_views(images: torch.Tensor, generator: torch.Generator, config: SSLC
         return images.clone()
     # random resized crop + flip as one affine map per image (output -> input coordinates in [-1, 1])
     area = _uniform(n, config.min_scale, 1.0, generator)
-    log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), generator)
+    log_ratio = _uniform(n, -math.log(config.max_ratio), math.log(config.max_ratio), generator)
     ratio = torch.exp(log_ratio)
     width = torch.sqrt(area * ratio).clamp(max=1.0)  # fractions of the side
     height = torch.sqrt(area / ratio).clamp(max=1.0)
@@ -463,14 +470,25 @@ def _torch_load(path: str | os.PathLike, what: str, hint: str, map_location: Any
         raise ValueError(f"{path} is not {what} that loads safely ({type(error).__name__}: {reason}); {hint}") from error
 
 
+def _kind_of(state: Any) -> str:
+    """What a loaded checkpoint is, in words ("a dense checkpoint", "a dsi checkpoint", ...)."""
+    if isinstance(state, dict):
+        if state.get("kind") == "dense-encoder":
+            return "a dense checkpoint"
+        if "codec" in state:
+            return "a dsi checkpoint"
+        if "conv_proj.weight" in state:
+            return "a torchvision state dict"
+    return "an unknown file"
+
+
 def _read_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     hint = "pretrain an encoder with `vitdsi pretrain` or pretrain.train_ssl(..., checkpoint_path=...)"
     state = _torch_load(path, "a self-supervised encoder checkpoint", hint, map_location)
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         kind = _kind_of(state)
         raise ValueError(f"{path} is {kind}, not a self-supervised encoder checkpoint; "
-                         + (f"use source {kind.split()[1]!r} for it" if kind.startswith("a ") and
-                            kind.split()[1] in INIT_SOURCES else hint))
+                         + (f"use source {kind.split()[1]!r} for it" if kind.split()[1] in INIT_SOURCES else hint))
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unknown SSL checkpoint format {state.get('format')!r} "
                          f"(this version reads {CHECKPOINT_FORMAT}); pretrain again")
