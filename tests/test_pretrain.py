@@ -244,6 +244,27 @@ def test_new_model_takes_an_encoder_init(tmp_path):
     assert encoder_init_tag(None) is None
 
 
+def test_a_run_folder_remembers_its_encoder_init(tmp_path):
+    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.experiments import index_database
+    from vitdsi_utils.train import CheckpointError, TrainConfig
+
+    db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
+    overrides = {k: v for k, v in TINY.items() if k != "image_size"}
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(save_ssl(tmp_path / f"ssl{seed}.pt", SSLEncoder(ViTConfig(**TINY), 32, 16), SSLConfig(), [], epoch=1))
+    quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
+    run = tmp_path / "run"
+    first = index_database(db, model_overrides=overrides, config=quick, run_dir=run, encoder_init=("ssl", paths[0]))
+    again = index_database(db, model_overrides=overrides, config=quick, run_dir=run, encoder_init=("ssl", paths[0]))
+    assert torch.equal(first.model.state_dict()["encoder.norm.weight"], again.model.state_dict()["encoder.norm.weight"])
+    for other in (("ssl", paths[1]), None):
+        with pytest.raises(CheckpointError, match="encoder_init"):
+            index_database(db, model_overrides=overrides, config=quick, run_dir=run, encoder_init=other)
+
+
 def test_the_cli_wants_source_and_weights_together(capsys):
     from vitdsi_utils.cli import main
 

@@ -135,9 +135,8 @@ def index_database(
     codec = database_codec(db, codec)
     wanted = model_config(db, codec, **(model_overrides or {}))
     fingerprint = db.fingerprint()
-    tag = encoder_init_tag(encoder_init)
-    if tag is not None:
-        fingerprint["encoder_init"] = tag
+    # checkpoints written before this key existed do not record it, and are not checked against it
+    fingerprint["encoder_init"] = encoder_init_tag(encoder_init) or "random"
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec, wanted, fingerprint)
