@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask dense dsi-dense-init test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask dense dsi-dense-init pretrain test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -71,6 +71,14 @@ dense: venv
 dsi-dense-init: venv
 	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered random semantic \
 	  --out reports/dsi_dense_init --runs data/runs/dsi_dense_init --dense-runs data/runs/dense
+
+## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
+## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/
+pretrain: venv
+	$(BIN)/vitdsi pretrain --size 64 --n 512 --scheme clustered --ssl-epochs 4 --ssl-batch-size 128 \
+	  --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 --index-epochs 400 --retrieval-epochs 10 \
+	  --max-pairs-per-query 5 --baseline reports/dsi/dsi_imagenette_64px.csv \
+	  --baseline-histories reports/dsi/histories_imagenette_64px.csv --scratch --out reports/pretrain --runs data/runs/pretrain
 
 ## the test suite (what CI runs)
 test: venv

@@ -179,6 +179,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         root=args.root,
     )
     print(comparison_frame(result["results"]).to_string(index=False))
+    if len(result["paired"]):
+        print(result["paired"].round(3).to_string(index=False))
     print(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False))
     print(f"pretraining study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
     return 0
@@ -342,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a `vitdsi dsi` results CSV whose from-scratch rows are compared (e.g. "
                                "reports/dsi/dsi_imagenette_64px.csv)")
     pretrain.add_argument("--baseline-histories", default=None, help="its histories CSV, for the indexing curves")
-    pretrain.add_argument("--scratch", action="store_true", help="train the from-scratch DSI here instead")
+    pretrain.add_argument("--scratch", action="store_true", help="also train the from-scratch DSI here (same settings), and compare "
+                          "it with the SSL-initialised one query by query (paired bootstrap)")
     pretrain.add_argument("--out", default=None, help="output folder (default: reports/pretrain)")
     pretrain.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/pretrain)")
     pretrain.set_defaults(func=_cmd_pretrain)

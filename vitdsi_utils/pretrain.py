@@ -880,7 +880,7 @@ def pretrain_study(
 
         ssl_path = Path(tempfile.mkdtemp()) / "ssl.pt"
         save_ssl(ssl_path, model, ssl_config, ssl_history, epoch=ssl_config.epochs)
-    tables, histories = [], []
+    tables, histories, models = [], [], {}
     runs = [("ssl", ("ssl", ssl_path))] + ([("scratch", None)] if train_scratch else [])
     for init, spec in runs:
         name = run_name(db) + (f"-init-{init}" if spec is not None else "")
@@ -890,28 +890,77 @@ def pretrain_study(
             encoder_init=spec,
         )
         tables.append(experiment.table.assign(init=init))
+        models[init] = experiment
         for phase in (experiment.zero_shot, experiment.fine_tuned):
             if phase is not None and len(phase.history):
                 histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed, init=init))
-    if baseline_table is not None and not train_scratch:
+    paired = pd.DataFrame()
+    if "scratch" in models:
+        from .semantic_ids import codec_for
+
+        codec = codec_for(db)
+        paired = pd.concat([
+            paired_comparison(getattr(models["ssl"], attr).model, getattr(models["scratch"], attr).model, codec, db,
+                              seed=seed).assign(model=name)
+            for attr, name in (("zero_shot", "DSI zero-shot"), ("fine_tuned", "DSI fine-tuned"))
+        ], ignore_index=True)
+    if baseline_table is not None:
         base = pd.read_csv(baseline_table)
         keep = (base["n"] == n) & (base["ids"] == scheme) & (base["seed"] == seed) & (base["size"] == size) \
             & (base["source"] == source)
         if not keep.any():
             raise ValueError(f"{baseline_table} has no row for {source} {size} px, N={n}, {scheme} IDs, seed {seed}; "
                              "run `make dsi` first, or pass train_scratch=True (--scratch)")
-        tables.append(base[keep].drop(columns=[c for c in ("paper",) if c in base.columns]).assign(init="scratch"))
-        if baseline_histories is not None and Path(baseline_histories).is_file():
+        label = "scratch (make dsi)" if train_scratch else "scratch"
+        tables.append(base[keep].drop(columns=[c for c in ("paper",) if c in base.columns]).assign(init=label))
+        if baseline_histories is not None and Path(baseline_histories).is_file() and not train_scratch:
             bh = pd.read_csv(baseline_histories)
             bh = bh[(bh["n"] == n) & (bh["ids"] == scheme) & (bh["seed"] == seed)]
             histories.append(bh.assign(init="scratch"))
     results = attach_paper(pd.concat(tables, ignore_index=True))
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
-    out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame}
+    out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame,
+           "paired": paired}
     if out_dir is not None:
         _write_pretrain_report(out, Path(out_dir), source, size, n, scheme, seed, encoder_config, ssl_config,
                                len(images), ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
     return out
+
+
+def paired_comparison(
+    model_a: Any, model_b: Any, codec: Any, db: Any, *, k: int = 100, n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per-query differences ``a - b`` of two DSI models on the same queries, with paired bootstrap intervals.
+
+    IA@1 over the indexed images; AP@10 and P@10 over the test queries, from the same top-``k``
+    beam search as the evaluation. A paired interval is much narrower than the two separate
+    intervals when both models find the same queries easy or hard. Rows: ``metric``, ``a``,
+    ``b``, ``diff``, ``ci_low``, ``ci_high``, ``n``.
+    """
+    from . import metrics
+    from .decoding import beam_search
+
+    index_images, _ = db.split("index")
+    query_images, _ = db.split("test")
+    relevant = metrics.label_relevance(db.relevance_labels("test"), db.relevance_labels("index"))
+    per_model = []
+    for model in (model_a, model_b):
+        _, own = beam_search(model, torch.from_numpy(index_images), codec, k=1)
+        _, ranked = beam_search(model, torch.from_numpy(query_images), codec, k=min(k, len(codec)))
+        hits = metrics.relevance_matrix(ranked.numpy(), relevant)
+        per_model.append({
+            "IA@1": metrics.indexing_accuracy_at_k(own.numpy(), np.arange(len(index_images)), 1),
+            "mAP@10": metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10),
+            "P@10": metrics.precision_at_k(hits, 10),
+        })
+    rows = []
+    for metric in ("IA@1", "mAP@10", "P@10"):
+        a, b = per_model[0][metric], per_model[1][metric]
+        diff = a - b
+        low, high = metrics.bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
+        rows.append({"metric": metric, "a": float(np.nanmean(a)), "b": float(np.nanmean(b)),
+                     "diff": float(np.nanmean(diff)), "ci_low": low, "ci_high": high, "n": int(np.isfinite(diff).sum())})
+    return pd.DataFrame(rows)
 
 
 def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
@@ -932,23 +981,31 @@ def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     """Left: the InfoNCE loss per pretraining epoch. Right: indexing IA@1 / accuracy per epoch, scratch vs SSL."""
+    from matplotlib.ticker import MaxNLocator
+
     from .plots import _new_figure
 
     fig, axes = _new_figure(1, 2, (9.0, 3.3))
     left, right = axes[0]
     left.plot(ssl_history["epoch"], ssl_history["loss"], "o-", color="tab:purple")
     left.set_xlabel("pretraining epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("InfoNCE loss")
     left.set_title("self-supervised pretraining")
     left.grid(alpha=0.3)
     if len(histories):
         rows = histories[(histories["phase"] == "indexing") & (histories["split"] == "train")]
-        for init, style in (("scratch", "--"), ("ssl", "-")):
+        checks = histories[(histories["phase"] == "indexing") & (histories["split"] == "train_eval")]
+        for init, style, color in (("scratch", "--", "tab:blue"), ("ssl", "-", "tab:orange")):
             group = rows[rows["init"] == init]
             if len(group):
-                right.plot(group["epoch"], group["seq_acc"], style, label=f"{init}: train accuracy")
+                right.plot(group["epoch"], group["seq_acc"], style, color=color, label=f"{init}: running, dropout")
+            check = checks[checks["init"] == init]
+            if len(check):
+                right.plot(check["epoch"], check["seq_acc"], "o", ms=3, color=color,
+                           label=f"{init}: stop check, no dropout")
     right.set_xlabel("indexing epoch")
-    right.set_ylabel("sequence accuracy (train, with dropout)")
+    right.set_ylabel("sequence accuracy on the indexed images")
     right.set_ylim(-0.02, 1.02)
     right.set_title("indexing: from scratch vs from the SSL encoder")
     right.grid(alpha=0.3)
@@ -982,6 +1039,14 @@ def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int, n: 
         "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
         "",
         comparison.to_markdown(index=False),
+        *([] if out["paired"].empty else [
+            "",
+            "Paired differences, SSL init minus scratch, on the same indexed images / test queries "
+            "(95% paired bootstrap intervals):",
+            "",
+            out["paired"][["model", "metric", "a", "b", "diff", "ci_low", "ci_high", "n"]]
+            .rename(columns={"a": "ssl", "b": "scratch"}).round(3).to_markdown(index=False),
+        ]),
         "",
         "Probes of the mean-pooled encoder embeddings on the database (before any DSI training): "
         "kNN (k = 10) class accuracy of the test queries among the indexed images, a logistic-regression "
@@ -991,6 +1056,8 @@ def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int, n: 
     ])
     write_table(out["results"], out_dir / f"pretrain_{stem}", markdown=markdown)
     write_table(out["probes"], out_dir / f"probes_{stem}")
+    if not out["paired"].empty:
+        write_table(out["paired"], out_dir / f"paired_{stem}")
     write_csv(out["ssl_history"], out_dir / f"ssl_history_{stem}.csv")
     if len(out["histories"]):
         write_csv(out["histories"], out_dir / f"histories_{stem}.csv")
