@@ -353,3 +353,48 @@ def test_torchvision_files_that_cannot_be_used(tmp_path, monkeypatch):
         init_encoder(dsi(**TV_TINY), "torchvision", "ViT_B_16_Weights.IMAGENET1K_V1")
     with pytest.raises(FileNotFoundError, match="would have to download"):
         init_encoder(dsi(**TV_TINY), "torchvision", "vit_b_16")
+
+
+# ------------------------------------------------------------------------------------------
+# The study
+# ------------------------------------------------------------------------------------------
+def test_pretrain_study_writes_its_report(tmp_path):
+    from vitdsi_utils.pretrain import paired_comparison, pretrain_study
+    from vitdsi_utils.semantic_ids import codec_for
+    from vitdsi_utils.train import TrainConfig
+
+    quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
+    out = pretrain_study(
+        "digits", 32, 100, 0, "clustered", exclude_ns=(100, 200),
+        model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
+        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
+        train_scratch=True, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out", progress=False,
+    )
+    assert set(out["results"]["init"]) == {"ssl", "scratch"}
+    assert list(out["probes"]["encoder"]) == ["random init", "SSL pretrained"]
+    assert out["probes"][["knn_acc", "linear_acc", "map@10"]].stack().between(0, 1).all()
+    assert 0 < out["probes"]["ssl_images"].iloc[0] <= 1797 - 200  # the digits outside both databases
+    paired = out["paired"]
+    assert np.allclose(paired["diff"], paired["a"] - paired["b"])
+    results = out["results"]
+    for (model, metric), row in paired.set_index(["model", "metric"]).iterrows():
+        ssl = results[(results["model"] == model) & (results["init"] == "ssl") & (results["metric"] == metric)]
+        assert ssl["value"].iloc[0] == pytest.approx(row["a"])
+    for name in ("pretrain_digits_32px.md", "paired_digits_32px.csv", "probes_digits_32px.csv",
+                 "ssl_history_digits_32px.csv", "pretrain_digits_32px.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert "Paired differences" in (tmp_path / "out" / "pretrain_digits_32px.md").read_text()
+
+
+def test_paired_comparison_of_a_model_with_itself_is_zero():
+    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.pretrain import paired_comparison
+    from vitdsi_utils.semantic_ids import codec_for
+
+    db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
+    codec = codec_for(db)
+    torch.manual_seed(0)
+    model = DSIModel(DSIConfig.from_codec(codec, **TINY)).eval()
+    paired = paired_comparison(model, model, codec, db)
+    assert (paired[["diff", "ci_low", "ci_high"]] == 0).all().all()
+    assert list(paired["metric"]) == ["IA@1", "mAP@10", "P@10"]
