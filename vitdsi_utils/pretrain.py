@@ -74,7 +74,7 @@ __all__ = [
 
 INIT_SOURCES = ("ssl", "dense", "dsi", "torchvision")
 #: The parameter-name prefixes of the encoder part of every ViTEncoder subclass.
-ENCODER_PREFIXES = ("patch_embed.", "pos_embed", "peg.", "encoder.")
+ENCODER_PREFIXES = ViTEncoder.ENCODER_KEYS
 #: Config fields that decide the encoder's parameter shapes and meaning; they must agree to copy weights.
 ARCHITECTURE_FIELDS = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads", "pos_encoding",
                        "norm_eps")
@@ -418,9 +418,9 @@ def _mismatches(state: dict, model: SSLEncoder, config: SSLConfig, fingerprint: 
     return problems
 
 
-def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder part of any :class:`ViTEncoder` subclass's state dict (see :data:`ENCODER_PREFIXES`)."""
-    return {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+def encoder_state_dict(model: ViTEncoder) -> dict[str, torch.Tensor]:
+    """The encoder part of any :class:`ViTEncoder` subclass's state dict (:meth:`ViTEncoder.encoder_state_dict`)."""
+    return model.encoder_state_dict()
 
 
 def save_ssl(
@@ -749,12 +749,8 @@ def init_encoder(model: ViTEncoder, source: str, path: str | os.PathLike) -> Enc
     if missing or extra:
         raise ValueError(f"the {source} weights in {path} do not match the encoder's parameters "
                          f"(missing {missing[:5]}, unexpected {extra[:5]}); the file is damaged or of another model")
+    model.load_encoder(weights)  # checks the shapes too
     with torch.no_grad():
-        for key, value in weights.items():
-            target = wanted[key]
-            if target.shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, {tuple(target.shape)} in the model")
-            target.copy_(value.to(target.dtype))
         copied_cls = False
         own = getattr(model, "cls_token", None)
         if cls is not None and isinstance(own, torch.Tensor) and own.shape == cls.shape:
