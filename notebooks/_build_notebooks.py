@@ -1127,7 +1127,7 @@ for n in NS:
         for scheme in INIT_SCHEMES:
             own = scheme if scheme in ("clustered", "random") else ID_SCHEMES[0]
             db = data.build_database(image_set, n, id_scheme=own, seed=seed)
-            run = run_dense_init(db, retriever.model_, scheme=scheme,
+            run = run_dense_init(db, paths.run_dir(first) / "dense.pt", scheme=scheme,
                                  run_dir=paths.runs / run_name(db, f"{scheme}-dense-init"),
                                  model_overrides=model_overrides, index_config=index_config(seed),
                                  multitask_config=multitask_config(seed), mix_ratio=INIT_MIX_RATIO,

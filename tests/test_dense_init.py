@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.dense import DenseConfig, DenseEncoder
+from vitdsi_utils.dense import DenseConfig, DenseEncoder, save_dense
 from vitdsi_utils.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, dense_init_codec, run_dense_init
 from vitdsi_utils.experiments import index_database
 from vitdsi_utils.train import TrainConfig
@@ -23,6 +23,11 @@ def images():
 def encoder():
     torch.manual_seed(0)
     return DenseEncoder(DenseConfig(image_size=32, pooling="mean", **SHAPE)).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder_path(encoder, tmp_path_factory):
+    return save_dense(tmp_path_factory.mktemp("dense") / "dense.pt", encoder, None, [], epoch=0)
 
 
 def test_init_runs_before_indexing_and_not_when_the_run_is_loaded(tmp_path, images, encoder, one_torch_thread):
@@ -54,11 +59,11 @@ def test_semantic_ids_come_from_the_encoder_and_are_distinct(images, encoder):
         dense_init_codec(db, "rq", encoder)
 
 
-def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, encoder, one_torch_thread):
+def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, encoder_path, one_torch_thread):
     db = build_database(images, 120, id_scheme="random", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_dense_init(db, encoder, run_dir=tmp_path, model_overrides=SHAPE,
+        run = run_dense_init(db, encoder_path, run_dir=tmp_path, model_overrides=SHAPE,
                              index_config=TrainConfig(epochs=2, seed=0, progress=False),
                              multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
                              mix_ratio=1.0, max_pairs_per_query=2, k=10)
@@ -68,10 +73,17 @@ def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, e
     ia = table[(table["metric"] == "IA@1")]
     assert len(ia) == 2 and np.all((ia["value"] >= 0) & (ia["value"] <= 1))
     assert (tmp_path / "zero_shot.pt").exists() and (tmp_path / "multitask.pt").exists()
+    # the run folder records the encoder it started from: another one is refused
+    other = save_dense(tmp_path / "other.pt", DenseEncoder(DenseConfig(image_size=32, pooling="mean", **SHAPE)),
+                       None, [], epoch=0)
+    with pytest.raises(ValueError, match="encoder_init"):
+        run_dense_init(db, other, run_dir=tmp_path, model_overrides=SHAPE,
+                       index_config=TrainConfig(epochs=2, seed=0, progress=False))
 
 
 def test_an_encoder_of_another_shape_is_refused(tmp_path, images):
     db = build_database(images, 120, id_scheme="clustered", seed=0)
-    other = DenseEncoder(DenseConfig(image_size=32, pooling="mean", **{**SHAPE, "dim": 64}))
-    with pytest.raises(ValueError, match="dim: this model 32, the source 64"):
+    other = save_dense(tmp_path / "wide.pt", DenseEncoder(DenseConfig(image_size=32, pooling="mean", **{**SHAPE, "dim": 64})),
+                       None, [], epoch=0)
+    with pytest.raises(ValueError, match="dim: 64 in .* 32 in the model"):
         run_dense_init(db, other, model_overrides=SHAPE, index_config=TrainConfig(epochs=1, progress=False))

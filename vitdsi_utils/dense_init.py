@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .data import Database
-from .dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, evaluate_dense, train_or_load
+from .dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, evaluate_dense, load_dense, train_or_load
 from .experiments import MULTITASK, ZERO_SHOT, DSIExperiment, run_experiment, run_name
 from .ids import IDCodec
 from .semantic_ids import ID_SCHEMES, assign_ids
@@ -83,7 +83,7 @@ def dense_init_codec(
 
 def run_dense_init(
     db: Database,
-    encoder: DenseEncoder,
+    encoder_path: str | Path,
     *,
     scheme: str | None = None,
     run_dir: str | Path | None = None,
@@ -95,15 +95,20 @@ def run_dense_init(
     k: int = 100,
     id_params: dict | None = None,
 ) -> DenseInitRun:
-    """Index ``db`` with a DSI whose encoder starts as ``encoder``, then fine-tune it multi-task; score both.
+    """Index ``db`` with a DSI whose encoder starts as the dense encoder saved at ``encoder_path``,
+    then fine-tune it multi-task; score both models.
 
+    ``encoder_path`` is a dense checkpoint (``dense.pt``, written by ``vitdsi dense``, notebook 07 or
+    :func:`~vitdsi_utils.dense.train_or_load`); it must have the DSI encoder's shape
+    (``model_overrides``), or :func:`~vitdsi_utils.pretrain.init_encoder` names what differs.
     ``scheme`` (default: the database's own) picks the IDs, see :func:`dense_init_codec`.
     ``run_dir`` keeps the models (``zero_shot.pt``, ``multitask.pt``) so a rerun only evaluates;
-    give each scheme its own folder. ``encoder`` must have the DSI encoder's shape
-    (``model_overrides``), or :meth:`~vitdsi_utils.model.ViTEncoder.load_encoder` says what differs.
-    The table's models are :data:`INIT_ZERO_SHOT` and :data:`INIT_MULTITASK`.
+    give each scheme its own folder. The checkpoints record which encoder they started from, so
+    a folder trained from another one is refused. The table's models are :data:`INIT_ZERO_SHOT`
+    and :data:`INIT_MULTITASK`.
     """
     scheme = scheme or db.settings["id_scheme"]
+    encoder, _ = load_dense(encoder_path)
     codec, facts = dense_init_codec(db, scheme, encoder, **(id_params or {}))
     experiment = run_experiment(
         db,
@@ -118,7 +123,7 @@ def run_dense_init(
         multitask_config=multitask_config,
         codec=codec,
         ids=scheme,
-        init=lambda model: model.load_encoder(encoder),
+        encoder_init=("dense", encoder_path),
     )
     experiment.table["model"] = experiment.table["model"].replace(_RENAME)
     return DenseInitRun(experiment, scheme, codec, facts)
@@ -141,7 +146,7 @@ def dense_init_study(
     bovw_words: int = 200,
     k: int = 100,
     id_params: dict | None = None,
-    dense_runs: str | Path | None = None,
+    dense_runs: str | Path = "data/runs/dense",
     runs_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     root: str | Path | None = None,
@@ -164,7 +169,7 @@ def dense_init_study(
         for seed in seeds:
             first = build_database(image_set, n, id_scheme=_draw_scheme(schemes[0]), seed=seed)
             # the folder name of `vitdsi dense` (dense.dense_study), so its encoders are reused
-            dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}" if dense_runs is not None else None
+            dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}"
             retriever = train_or_load(first, model_overrides={**overrides, "pooling": dense_pooling},
                                       train_config=dense_config, run_dir=dense_dir)
             dense_rows, timings = evaluate_dense(retriever, first, k=k, seed=seed)
@@ -179,7 +184,7 @@ def dense_init_study(
                 run_dir = Path(runs_dir) / run_name(db, f"{scheme}-dense-init") if runs_dir is not None else None
                 start = time.perf_counter()
                 run = run_dense_init(
-                    db, retriever.model_, scheme=scheme, run_dir=run_dir, model_overrides=overrides,
+                    db, dense_dir / "dense.pt", scheme=scheme, run_dir=run_dir, model_overrides=overrides,
                     index_config=index_config, multitask_config=multitask_config, mix_ratio=mix_ratio,
                     max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params,
                 )

@@ -131,12 +131,15 @@ def index_database(
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights instead of
     random ones (see :func:`new_model`); the source and a hash of the file are recorded in the
     checkpoints, so a run folder of another initialisation is refused rather than reused.
+    ``init`` is called on the new model before training, for an initialisation that is not a
+    file (e.g. ``lambda m: m.load_encoder(encoder)``); such runs are recorded as "custom".
     """
     codec = database_codec(db, codec)
     wanted = model_config(db, codec, **(model_overrides or {}))
     fingerprint = db.fingerprint()
     # checkpoints written before this key existed do not record it, and are not checked against it
-    fingerprint["encoder_init"] = encoder_init_tag(encoder_init) or "random"
+    # a callable ``init`` cannot be identified, so its runs are only told apart from random ones
+    fingerprint["encoder_init"] = encoder_init_tag(encoder_init) or ("custom" if init is not None else "random")
     final = Path(run_dir) / "zero_shot.pt" if run_dir else None
     if final is not None and final.exists():
         return _load_final(final, codec, wanted, fingerprint)
