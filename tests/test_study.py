@@ -20,7 +20,8 @@ from vitdsi_utils.study import (
 )
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
-FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars")
+FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars",
+           "ablations")
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
@@ -143,6 +144,10 @@ def test_smoke_study_end_to_end(tmp_path):
     assert set(ids["ids"]) == set(load_profile("smoke")["IDS_SCHEMES"])
     assert set(ids["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
     assert (pd.read_csv(out / "tables" / "ids_runs.csv")["invalid_beam"] == 0).all()
+    ablation = pd.read_csv(out / "tables" / "ablations.csv")  # 10_ablations: the default, then the profile's factors
+    assert ablation["variant"].iloc[0] == "default"
+    assert set(ablation["factor"]) == {"default", *load_profile("smoke")["ABLATION_FACTORS"]}
+    assert set(ablation["stage"]) == {"zero-shot", "fine-tuned"} and ablation["value"].between(0, 1).all()
     for figure in FIGURES:
         path = out / "figures" / f"{figure}.png"
         assert path.exists() and path.stat().st_size > 1000, figure
