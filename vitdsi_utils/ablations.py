@@ -326,7 +326,7 @@ def ablation_figure(long: pd.DataFrame, title: str | None = None, index_cap: int
         ax_ia.axvline(ia["value"].iloc[0], color=color, ls="--", lw=0.8)
     ax_ia.set_xlabel("IA@1")
     ax_ia.set_xlim(-0.03, 1.03)
-    ax_ia.legend(loc="lower right", fontsize=8)
+    ax_ia.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
 
     epochs = long.groupby("variant", sort=False)["index_epochs"].first().reindex(names)
     bars = ax_ep.barh(y, epochs.to_numpy(), color=colors, alpha=0.7)
