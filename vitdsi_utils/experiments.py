@@ -435,7 +435,8 @@ def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config:
     """A sentence naming the fine-tuning options that differ from plain fine-tuning ('' when none do)."""
     parts = []
     if targets == "same-class":
-        parts.append("one target per train query and epoch, redrawn among its relevant indexed images")
+        parts.append("instead of those fixed pairs, one target per train query and epoch, redrawn at random "
+                     "among its relevant indexed images")
     if index_views:
         parts.append(f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
                      f"(flip, crops >= {view_min_crop:g} of the side)")
