@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask dense dsi-dense-init pretrain test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init pretrain test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -59,6 +59,15 @@ dsi-multitask: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
 	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi \
 	  --multitask --mix-ratio 2 --multitask-epochs 30
+
+## DSI ablations at 64 px, N = 512, one factor at a time (positions, patch, dropout, indexed share, mix ratio,
+## fine-tuning options), short budgets; the default variant reuses the models of `make dsi` -> reports/ablations/
+ABLATE_FACTORS ?= pos patch dropout index-share mix options
+ABLATE_LEVELS  ?= patch=32
+ablations: venv
+	$(BIN)/vitdsi ablate --size 64 --n 512 --scheme clustered --seed 0 --lr 1e-3 --warmup-steps 100 \
+	  --target-accuracy 0.99 --index-epochs 150 --retrieval-epochs 10 --max-pairs-per-query 5 \
+	  --factors $(ABLATE_FACTORS) $(if $(ABLATE_LEVELS),--levels $(ABLATE_LEVELS)) --out reports/ablations --runs data/runs/dsi
 
 ## the dense baseline (contrastive ViT + FAISS) and re-ranking at 64 px on CPU, N = 512/1024 -> reports/dense/
 ## (re-ranks the DSI models that `make dsi` left in data/runs/dsi, where there are any)

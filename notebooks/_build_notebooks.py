@@ -1220,6 +1220,92 @@ print("Target 4:", "met by " + ", ".join(f"{r.model} ({r.ids})" for r in t4_ok[t
 NOTEBOOKS["14_dense_init.ipynb"] = NB_INIT
 
 
+# ------------------------------------------------------------------------------------------
+# 10_ablations: one factor at a time (seed 003, study section 3.2.1)
+ABLATION = ["ABLATION_N", "ABLATION_SCHEME", "ABLATION_FACTORS"]
+NB_ABLATIONS = [
+    md("""
+# 10 · Ablations: what each design choice of the DSI is worth
+
+The paper fixed one ViT DSI and one way of fine-tuning it. Here the model is rebuilt with one
+choice changed at a time, everything else at the profile's default, and each variant is indexed,
+scored zero-shot, fine-tuned and scored again. The factors (`ABLATION_FACTORS` picks some):
+
+- **pos**: how the encoder knows where a patch sits: a fixed sinusoidal table (default), a learned
+  table, or a conditional encoding (a depth-wise convolution over the patch grid, CPVT's PEG);
+- **patch**: patch side 8 / 16 / 32 px: more, smaller tokens or fewer, larger ones;
+- **dropout**: 0 / 0.1 / 0.2;
+- **index-share**: 25% of each class indexed (the paper) or 50%: a larger database to memorise and
+  fewer train queries;
+- **mix**: the multi-task model, which keeps the indexing examples in every fine-tuning epoch, with
+  1, 2 or 4 retrieval examples per indexed image;
+- **options**: plain fine-tuning plus one extra: augmented views (random crop and flip) of the
+  indexed images as extra queries for their own ID; *same-class targets*, where each epoch gives
+  every train query one relevant ID drawn at random instead of fixed pairs; label smoothing 0.1.
+
+The default variant is the model of notebooks 03 and 04 (same database, same settings), so it is
+loaded from the run folder rather than trained again. The fuller grid at 64 px is
+`make ablations` (report in `reports/ablations/`).
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "SEEDS"] + MODEL + INDEXING + RETRIEVAL + ["K"] + ABLATION,
+                    runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+from IPython.display import Markdown, display
+
+from vitdsi_utils import ablations, data, plots, study
+from vitdsi_utils.tables import write_table
+from vitdsi_utils.train import TrainConfig
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+seed = SEEDS[0]
+base_model = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
+                  dropout=DROPOUT, pos_encoding=POS_ENCODING)
+index_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
+                           warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
+retrieval_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
+grid = ablations.ablation_grid(ABLATION_FACTORS, base_model=base_model)
+print(f"{len(grid)} variants:", ", ".join(v.name for v in grid))
+"""),
+    md("""
+## Running the grid
+
+Variants that only change the fine-tuning share the default's indexed model. Every model is saved
+in the run folder, so a rerun only scores them again.
+"""),
+    code("""
+long = ablations.run_ablations(
+    image_set, grid, n=ABLATION_N, seed=seed, scheme=ABLATION_SCHEME, base_model=base_model,
+    index_config=index_config, retrieval_config=retrieval_config, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
+    runs_dir=paths.runs, k=K)
+settings = (f"DSI ablations, {DATASET} at {SIZE} px, N = {ABLATION_N}, {ABLATION_SCHEME} IDs, seed {seed}, "
+            f"profile `{PROFILE}`: indexing until IA@1 >= {TARGET_ACCURACY} or {INDEX_EPOCHS} epochs, "
+            f"fine-tuning {RETRIEVAL_EPOCHS} epochs.")
+markdown = ablations.ablations_markdown(long, settings)
+write_table(long, paths.tables / "ablations", markdown=markdown)
+display(Markdown(markdown))
+"""),
+    md("""
+## Each variant against the default
+
+Left: fine-tuned mAP@10 with its bootstrap interval; the dashed line is the default. Middle: how
+much of the memorised index survives, as IA@1 before (circles) and after (squares) fine-tuning.
+Right: the epochs the indexing run needed to memorise the database (hatched: it hit the epoch cap
+first). With a few dozen test queries the intervals are wide: a shift that stays inside the
+default's interval is no evidence of an effect.
+"""),
+    code("""
+fig = ablations.ablation_figure(long, title=f"DSI ablations, {DATASET} {SIZE} px, N = {ABLATION_N}",
+                                index_cap=INDEX_EPOCHS)
+plots.save_figure(fig, paths.figures / "ablations.png")
+fig
+"""),
+    code("""
+print("\\n".join(ablations.describe(long)))
+"""),
+]
+NOTEBOOKS["10_ablations.ipynb"] = NB_ABLATIONS
+
 def build(folder: Path = HERE) -> list[Path]:
     """Write every notebook (no outputs, no execution counts, kernel python3); return the paths."""
     written = []

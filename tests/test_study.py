@@ -21,7 +21,7 @@ from vitdsi_utils.study import (
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
 FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars",
-           "clusters_metrics", "clusters_sizes", "clusters_gallery_best", "clusters_gallery_worst")
+           "clusters_metrics", "clusters_sizes", "clusters_gallery_best", "clusters_gallery_worst", "ablations")
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
@@ -148,6 +148,10 @@ def test_smoke_study_end_to_end(tmp_path):
     assert {"DSI zero-shot (random)", "DSI fine-tuned (clustered)", "Dense", "pixels (untrained)"} <= set(clusters["encoder"])
     assert clusters["silhouette"].between(-1, 1).all() and clusters["nmi"].between(0, 1).all()
     assert set(pd.read_csv(out / "tables" / "vlad.csv")["model"]) == {"VLAD"}  # 02_bovw's VLAD rows
+    ablation = pd.read_csv(out / "tables" / "ablations.csv")  # 10_ablations: the default, then the profile's factors
+    assert ablation["variant"].iloc[0] == "default"
+    assert set(ablation["factor"]) == {"default", *load_profile("smoke")["ABLATION_FACTORS"]}
+    assert set(ablation["stage"]) == {"zero-shot", "fine-tuned"} and ablation["value"].between(0, 1).all()
     for figure in FIGURES:
         path = out / "figures" / f"{figure}.png"
         assert path.exists() and path.stat().st_size > 1000, figure

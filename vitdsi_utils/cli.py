@@ -23,6 +23,20 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int =
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the database draw")
 
 
+def _add_fine_tune_options(parser: argparse.ArgumentParser) -> None:
+    """The retrieval fine-tuning options of issue 5 (see ``experiments.fine_tune``)."""
+    parser.add_argument("--targets", default="pairs", choices=["pairs", "same-class"],
+                        help="fine-tuning targets: fixed (query, relevant ID) pairs (default), or same-class: one "
+                        "relevant ID per train query, redrawn at random every epoch")
+    parser.add_argument("--index-views", type=int, default=0, metavar="K",
+                        help="add K randomly flipped and cropped views of every indexed image per fine-tuning epoch, "
+                        "as extra queries for that image's own ID (default 0: none)")
+    parser.add_argument("--view-min-crop", type=float, default=0.7,
+                        help="with --index-views: crops keep at least this fraction of the image side (default 0.7)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label smoothing of the fine-tuning cross-entropy (default 0)")
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from .data import build_database, load_images
 
@@ -79,7 +93,8 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr, seed=args.seeds[0],
         warmup_steps=args.warmup_steps, stop_metric=args.stop_metric,
     )
-    retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seeds[0])
+    retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seeds[0],
+                                   label_smoothing=args.label_smoothing)
     if (args.encoder_init is None) != (args.encoder_weights is None):
         raise ValueError("--encoder-init and --encoder-weights go together: name the source and its file")
     encoder_init = (args.encoder_init, args.encoder_weights) if args.encoder_init else None
@@ -90,12 +105,65 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
         max_pairs_per_query=args.max_pairs_per_query, out_dir=out, runs_dir=runs,
         multitask=args.multitask, mix_ratio=args.mix_ratio,
         multitask_config=TrainConfig(epochs=args.multitask_epochs or args.retrieval_epochs, lr=args.lr,
-                                     seed=args.seeds[0]), root=args.root, annotations=args.annotations,
-        encoder_init=encoder_init,
+                                     seed=args.seeds[0], label_smoothing=args.label_smoothing),
+        root=args.root, annotations=args.annotations, encoder_init=encoder_init,
+        targets=args.targets, index_views=args.index_views, view_min_crop=args.view_min_crop,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
     print(f"DSI study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from . import ablations
+    from .data import load_images
+    from .plots import save_figure
+    from .tables import write_table
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "ablations")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "dsi")
+    levels = {}
+    for item in args.levels or []:
+        factor, _, chosen = item.partition("=")
+        if not chosen:
+            raise ValueError(f"--levels takes FACTOR=LEVEL[,LEVEL...], e.g. patch=32; got {item!r}")
+        levels[factor] = chosen.split(",")
+    base = {"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos}
+    grid = ablations.ablation_grid(args.factors, base_model=base, levels=levels)
+    index_config = TrainConfig(epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr,
+                               seed=args.seed, warmup_steps=args.warmup_steps, stop_metric=args.stop_metric)
+    retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seed)
+    run_settings = {"source": args.source, "size": args.size, "n": args.n, "seed": args.seed, "scheme": args.scheme,
+                    "index_epochs_cap": args.index_epochs, "retrieval_epochs": args.retrieval_epochs,
+                    "max_pairs_per_query": args.max_pairs_per_query, "lr": args.lr}
+    stem = out / f"ablations_{args.source}_{args.size}px_N{args.n}"
+    note = (f"# ViT DSI ablations, {args.source} at {args.size} px, N = {args.n}, {args.scheme} IDs, seed {args.seed}\n\n"
+            f"Default: patch {args.patch}, dropout {args.dropout}, {args.pos} positions, 25% of each class indexed, "
+            f"plain fine-tuning. Indexing: lr {args.lr}, warm-up {args.warmup_steps} steps, until IA@1 >= "
+            f"{args.target_accuracy} ({args.stop_metric} rule) or {args.index_epochs} epochs. Fine-tuning: "
+            f"{args.retrieval_epochs} epochs, lr {args.lr}, at most {args.max_pairs_per_query} pairs per query.")
+
+    def write(long):
+        merged = ablations.merge_results(long, stem.with_suffix(".csv"), run_settings)
+        write_table(merged, stem, markdown=ablations.ablations_markdown(merged, note))
+        fig = ablations.ablation_figure(merged, index_cap=args.index_epochs,
+                                        title=f"DSI ablations, {args.source} {args.size} px, N = {args.n}")
+        save_figure(fig, out / f"ablations_{args.source}_{args.size}px_N{args.n}.png")
+        return merged
+
+    image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
+    start = time.perf_counter()
+    print(f"{len(grid)} variants: " + ", ".join(v.name for v in grid))
+    long = ablations.run_ablations(
+        image_set, grid, n=args.n, seed=args.seed, scheme=args.scheme, base_model=base, index_config=index_config,
+        retrieval_config=retrieval_config, max_pairs_per_query=args.max_pairs_per_query,
+        view_min_crop=args.view_min_crop, runs_dir=runs, on_variant=write,
+    )
+    merged = write(long)
+    print(ablations.summary_table(merged).drop(columns=["factor", "level"]).to_string(index=False))
+    print(f"ablations done in {time.perf_counter() - start:.0f} s; table and figure in {out}, models in {runs}")
     return 0
 
 
@@ -254,9 +322,43 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint, a dense encoder, a DSI model or a torchvision ViT state dict")
     dsi.add_argument("--encoder-weights", default=None, metavar="PATH",
                      help="with --encoder-init: the checkpoint or state dict to copy the encoder from")
+    _add_fine_tune_options(dsi)
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")
     dsi.set_defaults(func=_cmd_dsi)
+
+    ablate = commands.add_parser("ablate", help="DSI ablations, one factor at a time: positions, patch, dropout, "
+                                 "indexed share, mix ratio, fine-tuning options (writes CSV + Markdown + a figure)")
+    from .ablations import FACTORS
+
+    ablate.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
+    ablate.add_argument("--root", default=None, help="image folder for --source folder / coco, or an Imagenette copy")
+    ablate.add_argument("--annotations", default=None, help="COCO instances JSON for --source coco")
+    ablate.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
+    ablate.add_argument("--n", type=int, default=512, help="database size N (default 512)")
+    ablate.add_argument("--seed", type=int, default=0, help="database draw and training seed (default 0)")
+    ablate.add_argument("--scheme", default="clustered", choices=["clustered", "random"], help="ID scheme")
+    ablate.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS),
+                        help="factors to vary, one at a time from the default (default: all)")
+    ablate.add_argument("--levels", nargs="+", default=None, metavar="FACTOR=L1,L2",
+                        help="keep only these levels of a factor, e.g. patch=32 (levels: "
+                        + "; ".join(f"{f}: {', '.join(label for label, _ in v)}" for f, v in FACTORS.items()) + ")")
+    ablate.add_argument("--patch", type=int, default=16, help="default patch size")
+    ablate.add_argument("--dropout", type=float, default=0.1, help="default dropout")
+    ablate.add_argument("--pos", default="sinusoidal", choices=["sinusoidal", "learned", "conditional"],
+                        help="default positional encoding")
+    ablate.add_argument("--lr", type=float, default=1e-3)
+    ablate.add_argument("--warmup-steps", type=int, default=100, help="warm-up of the indexing phase")
+    ablate.add_argument("--index-epochs", type=int, default=150, help="cap on indexing epochs (stops at the target)")
+    ablate.add_argument("--target-accuracy", type=float, default=0.99, help="indexing stops at this IA@1")
+    ablate.add_argument("--stop-metric", default="ia", choices=["ia", "eval", "train"])
+    ablate.add_argument("--retrieval-epochs", type=int, default=10, help="fine-tuning epochs")
+    ablate.add_argument("--max-pairs-per-query", type=int, default=5, help="cap on pairs per query (pairs mode)")
+    ablate.add_argument("--view-min-crop", type=float, default=0.7, help="crop side fraction of the index views")
+    ablate.add_argument("--out", default=None, help="output folder (default: reports/ablations)")
+    ablate.add_argument("--runs", default=None, help="model folder (default: data/runs/dsi, shared with vitdsi dsi, "
+                        "so the default variant reuses its models)")
+    ablate.set_defaults(func=_cmd_ablate)
 
     dense = commands.add_parser("dense", help="train and evaluate the dense (contrastive ViT) baseline and the "
                                 "re-ranking study for each N (writes CSV + Markdown + a figure)")

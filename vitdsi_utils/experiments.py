@@ -19,20 +19,26 @@ from .ids import IDCodec
 from .model import DSIConfig, DSIModel
 from .semantic_ids import codec_for
 from .train import (
+    AugmentedViews,
+    CheckpointError,
     History,
     IndexingTask,
     RetrievalPairs,
+    SameClassTargets,
     TrainConfig,
     load_model,
     seed_everything,
+    fit,
     train_indexing,
-    train_multitask,
     train_retrieval,
 )
 
 ZERO_SHOT = "DSI zero-shot"
 FINE_TUNED = "DSI fine-tuned"
 MULTITASK = "DSI multi-task"
+
+#: Retrieval targets of fine-tuning: fixed (query, relevant ID) pairs, or one relevant ID per query redrawn each epoch.
+TARGET_MODES = ("pairs", "same-class")
 
 
 def run_name(db: Database, ids: str | None = None) -> str:
@@ -179,6 +185,9 @@ def fine_tune(
     multitask: bool = False,
     mix_ratio: float | None = None,
     codec: IDCodec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
 ) -> PhaseResult:
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
@@ -193,34 +202,63 @@ def fine_tune(
     ``mix_ratio`` then resamples the pairs to ``mix_ratio`` per indexed image and epoch (None:
     every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
 
+    ``targets="same-class"`` replaces the fixed pairs by one target per train query and epoch,
+    drawn at random among its relevant indexed images (:class:`~vitdsi_utils.train.SameClassTargets`;
+    ``max_pairs_per_query`` then does not apply). ``index_views=k`` adds k randomly flipped and
+    cropped views (crop side >= ``view_min_crop``) of every indexed image per epoch as extra
+    queries whose target is that image's own ID (:class:`~vitdsi_utils.train.AugmentedViews`).
+    Label smoothing is ``config.label_smoothing``.
+
     ``codec`` must be the one ``zero_shot`` was indexed with (default: the database's dense IDs).
+    A finished model in ``run_dir`` is loaded only if it was trained with the same options
+    (targets, views, label smoothing, epochs, pairs, mix ratio); otherwise
+    :class:`~vitdsi_utils.train.CheckpointError` says what differs.
     """
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+    if isinstance(index_views, bool) or not isinstance(index_views, int) or index_views < 0:
+        raise ValueError(f"index_views must be an integer >= 0 (views of each indexed image per epoch), got {index_views!r}")
     codec = database_codec(db, codec)
     zero_shot.check_codec(codec)
     fingerprint = db.fingerprint()
+    config = config or TrainConfig(epochs=75)
+    options = fine_tune_options(config, max_pairs_per_query=max_pairs_per_query, multitask=multitask,
+                                mix_ratio=mix_ratio, targets=targets, index_views=index_views,
+                                view_min_crop=view_min_crop)
     stem = "multitask" if multitask else "fine_tuned"
     final = Path(run_dir) / f"{stem}.pt" if run_dir else None
     if final is not None and final.exists():
-        return _load_final(final, codec, zero_shot.config, fingerprint)
+        return _load_final(final, codec, zero_shot.config, fingerprint, options=options)
     index_labels = db.relevance_labels("index")
     train_images, _ = db.split("train")
     val_images, _ = db.split("val")
     train_labels, val_labels = db.relevance_labels("train"), db.relevance_labels("val")
-    pairs = RetrievalPairs.from_labels(
-        torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
-    )
+    if targets == "same-class":
+        pairs = SameClassTargets.from_labels(torch.from_numpy(train_images), train_labels, index_labels)
+    else:
+        pairs = RetrievalPairs.from_labels(
+            torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
+        )
+    extra_tasks = []
+    if index_views:
+        extra_tasks.append(AugmentedViews(torch.from_numpy(db.split("index")[0]), views=index_views,
+                                          min_crop=view_min_crop))
     val_pairs = RetrievalPairs.from_labels(
         torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
     model = copy.deepcopy(zero_shot)
-    config = config or TrainConfig(epochs=75)
     checkpoint = Path(run_dir) / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
     start = time.perf_counter()
     if multitask:
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
-        history = train_multitask(
-            model, codec, indexing, pairs, mix_ratio=mix_ratio, val=[val_pairs], config=config,
-            checkpoint_path=checkpoint, data_info=fingerprint,
+        history = fit(
+            model, codec, [indexing, pairs, *extra_tasks], mix_ratio=mix_ratio, val=[val_pairs], config=config,
+            checkpoint_path=checkpoint, data_info=fingerprint, stop_on=None, phase="multitask",
+        )
+    elif extra_tasks:
+        history = fit(
+            model, codec, [pairs, *extra_tasks], val=[val_pairs], config=config, checkpoint_path=checkpoint,
+            data_info=fingerprint, stop_on=None, phase="retrieval",
         )
     else:
         history = train_retrieval(
@@ -229,13 +267,50 @@ def fine_tune(
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
-        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
+        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint, options=options)
     return PhaseResult(model, history, seconds, epochs)
 
 
-def _load_final(path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict) -> PhaseResult:
-    """A finished phase from ``path``; CheckpointError if it was trained for another model or database."""
+def fine_tune_options(
+    config: TrainConfig,
+    *,
+    max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
+) -> dict[str, Any]:
+    """The settings that make one fine-tuned model differ from another (stored beside it, checked on load)."""
+    return {
+        "epochs": config.epochs, "lr": config.lr, "label_smoothing": config.label_smoothing,
+        "max_pairs_per_query": None if targets == "same-class" else max_pairs_per_query,
+        "multitask": bool(multitask), "mix_ratio": mix_ratio if multitask else None, "targets": targets,
+        "index_views": int(index_views), "view_min_crop": float(view_min_crop) if index_views else None,
+    }
+
+
+def _load_final(
+    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, options: dict[str, Any] | None = None
+) -> PhaseResult:
+    """A finished phase from ``path``; CheckpointError if it was trained for another model, database or options.
+
+    A model saved before options were recorded is checked against the defaults of the options
+    added since (fixed pairs, no views).
+    """
     model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
+    if options is not None:
+        saved = meta["extra"].get("options")
+        if saved is None:  # written before options were recorded: only the plain settings existed then
+            trained = meta.get("train_config") or {}
+            saved = {"targets": "pairs", "index_views": 0, "label_smoothing": 0.0,
+                     **{k: trained[k] for k in ("epochs", "lr", "label_smoothing") if k in trained}}
+        differ = [f"{k}: saved {saved[k]!r}, requested {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
+        if differ:
+            raise CheckpointError(
+                f"{path} was fine-tuned with other options ({'; '.join(differ)}). Delete it or use another "
+                "run folder to train with these options"
+            )
     return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]))
 
 
@@ -248,10 +323,11 @@ def _save_final(
     seconds: float,
     epochs: int,
     fingerprint: dict,
+    options: dict[str, Any] | None = None,
 ) -> None:
     from .train import save_checkpoint
 
-    extra = {"seconds": seconds, "data": fingerprint}
+    extra = {"seconds": seconds, "data": fingerprint, **({"options": options} if options is not None else {})}
     save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)
 
 
@@ -283,6 +359,9 @@ def run_experiment(
     ids: str | None = None,
     init: Callable[[DSIModel], object] | None = None,
     encoder_init: EncoderInitSpec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
@@ -294,7 +373,10 @@ def run_experiment(
     ``init`` prepares the new model before indexing (see :func:`index_database`).
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights
     (:func:`vitdsi_utils.pretrain.init_encoder`); give it its own ``run_dir`` too.
+    ``targets``, ``index_views`` and ``view_min_crop`` are the fine-tuning options of :func:`fine_tune`
+    (for both the fine-tuned and the multi-task model).
     """
+    options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop)
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
     zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
@@ -304,14 +386,14 @@ def run_experiment(
     if fine_tune_phase:
         tuned = fine_tune(
             db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
-            codec=codec,
+            codec=codec, **options,
         )
         tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k, ids))
     mixed = None
     if multitask:
         mixed = fine_tune(
             db, zero.model, config=multitask_config or retrieval_config, run_dir=run_dir,
-            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio, codec=codec,
+            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio, codec=codec, **options,
         )
         tables.append(_result_rows(db, mixed, codec, MULTITASK, k, ids))
     table = attach_paper(pd.concat(tables, ignore_index=True))
@@ -355,6 +437,9 @@ def dsi_study(
     mix_ratio: float | None = None,
     multitask_config: TrainConfig | None = None,
     encoder_init: EncoderInitSpec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -364,6 +449,8 @@ def dsi_study(
     ``root`` and ``annotations`` locate the images as in :func:`data.load_images`.
     ``encoder_init=(source, path)`` starts every model's encoder from those weights (run
     folders then end in ``-init-<source>``, and the table has an ``init`` column).
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. ``targets``,
+    ``index_views`` and ``view_min_crop`` are the fine-tuning options of :func:`fine_tune`.
     """
     from .data import build_database, load_images
 
@@ -387,6 +474,9 @@ def dsi_study(
                     mix_ratio=mix_ratio,
                     multitask_config=multitask_config,
                     encoder_init=encoder_init,
+                    targets=targets,
+                    index_views=index_views,
+                    view_min_crop=view_min_crop,
                 )
                 if encoder_init is not None:
                     experiment.table["init"] = encoder_init[0]
@@ -400,8 +490,23 @@ def dsi_study(
                 if out_dir is not None:
                     _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
                                       model_overrides, index_config, retrieval_config, max_pairs_per_query,
-                                      mix_ratio if multitask else False, multitask_config)
+                                      mix_ratio if multitask else False, multitask_config,
+                                      fine_tune_note(targets, index_views, view_min_crop, retrieval_config))
     return results_frame, history_frame
+
+
+def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config: TrainConfig | None) -> str:
+    """A sentence naming the fine-tuning options that differ from plain fine-tuning ('' when none do)."""
+    parts = []
+    if targets == "same-class":
+        parts.append("instead of those fixed pairs, one target per train query and epoch, redrawn at random "
+                     "among its relevant indexed images")
+    if index_views:
+        parts.append(f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
+                     f"(flip, crops >= {view_min_crop:g} of the side)")
+    if config is not None and config.label_smoothing:
+        parts.append(f"label smoothing {config.label_smoothing:g}")
+    return ("Fine-tuning options: " + "; ".join(parts) + ". ") if parts else ""
 
 
 def _write_dsi_tables(
@@ -416,6 +521,7 @@ def _write_dsi_tables(
     max_pairs_per_query: int | None,
     mix_ratio: float | None | bool = False,
     multitask_config: TrainConfig | None = None,
+    options_note: str = "",
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
@@ -430,6 +536,7 @@ def _write_dsi_tables(
         f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
+        + options_note
         + ("" if mix_ratio is False else
            f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
            "image in each epoch beside "

@@ -1,5 +1,9 @@
 """Training: indexing (image -> own ID), retrieval fine-tuning (query -> relevant ID), multi-task.
 
+Retrieval fine-tuning has two optional extras: targets redrawn every epoch among a query's
+relevant IDs (:class:`SameClassTargets`) and augmented views of the indexed images as extra
+queries for their own ID (:class:`AugmentedViews`).
+
 All three run through :func:`fit`, one loop over *tasks*: a task is a set of examples
 ``image -> database row`` with a name. Every task's images are moved to the training device
 once; an epoch is a seeded ``torch.randperm`` over the examples of all tasks together and a
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_json
+from .augment import augment
 from .ids import IDCodec
 from .model import DSIConfig, DSIModel
 
@@ -239,12 +244,99 @@ def relevant_pairs(
     return query_idx.long(), rows.long()
 
 
+def draw_relevant(relevant: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One uniformly drawn relevant database row per query: (Q,) long from a boolean (Q, N) relevance matrix.
+
+    Every query needs at least one relevant row. The draw is one vectorised call (no Python
+    loop over queries) and takes its random numbers from ``generator``, so a seeded run repeats it.
+    """
+    relevant = torch.as_tensor(relevant)
+    if relevant.ndim != 2 or relevant.dtype != torch.bool:
+        raise TypeError(f"relevant must be a boolean (queries, rows) matrix, got {relevant.dtype} {tuple(relevant.shape)}")
+    empty = (~relevant.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{len(empty)} queries (first: {empty[:5].tolist()}) have no relevant row; drop them first")
+    return torch.multinomial(relevant.float(), 1, generator=generator).flatten()
+
+
+@dataclass
+class SameClassTargets:
+    """Retrieval examples whose target is redrawn every epoch: query i -> one random relevant row.
+
+    Instead of fixed (query, relevant ID) pairs, each epoch pairs every query image once with a
+    relevant database row drawn uniformly (:func:`draw_relevant`, seeded by the training run's
+    generator), so over the epochs a query meets many relevant IDs while an epoch stays one
+    example per query. ``relevant`` is a boolean (n_queries, n_rows) matrix; queries with no
+    relevant row are left out. Build it from labels with :meth:`from_labels`.
+    """
+
+    images: torch.Tensor
+    relevant: torch.Tensor
+    name: str = "retrieval"
+
+    def __post_init__(self) -> None:
+        self.images = _as_images(self.images)
+        self.relevant = torch.as_tensor(np.asarray(self.relevant) if not isinstance(self.relevant, torch.Tensor)
+                                        else self.relevant).cpu().bool()
+        if self.relevant.ndim != 2 or len(self.relevant) != len(self.images):
+            raise ValueError(
+                f"relevant must be (n_queries, n_rows) with one row per image; got {tuple(self.relevant.shape)} "
+                f"for {len(self.images)} images"
+            )
+        self.query_idx = self.relevant.any(1).nonzero().flatten()  # queries that have a relevant row
+
+    def __len__(self) -> int:
+        return len(self.query_idx)
+
+    @classmethod
+    def from_labels(cls, images: torch.Tensor, query_labels: Any, db_labels: Any, *, name: str = "retrieval"
+                    ) -> "SameClassTargets":
+        """Targets drawn among the rows relevant by :func:`metrics.label_relevance` (same class / shared label)."""
+        from .metrics import label_relevance
+
+        relevant = label_relevance(_labels(query_labels).numpy(), _labels(db_labels).numpy())
+        return cls(images, torch.from_numpy(np.asarray(relevant, dtype=bool)), name=name)
+
+
+@dataclass
+class AugmentedViews:
+    """Randomly flipped and cropped views of the indexed images, each -> its own image's row.
+
+    Extra retrieval examples: a view is a slightly different picture of an indexed image, a
+    stand-in for a query that shows the same thing. Each epoch holds ``views`` examples per
+    image, and every example gets a fresh view when its batch is built (:func:`augment.augment`
+    with ``flip`` and ``min_crop``, seeded by the training run's generator).
+    """
+
+    images: torch.Tensor
+    rows: torch.Tensor | None = None
+    views: int = 1
+    flip: bool = True
+    min_crop: float = 0.7
+    name: str = "views"
+
+    def __post_init__(self) -> None:
+        self.images = _as_images(self.images)
+        self.rows = torch.arange(len(self.images)) if self.rows is None else _as_long(self.rows)
+        if len(self.rows) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.rows)} rows")
+        if isinstance(self.views, bool) or not isinstance(self.views, Integral) or self.views < 1:
+            raise ValueError(f"views must be an integer >= 1 (views of each image per epoch), got {self.views!r}")
+        if not 0 < self.min_crop <= 1:
+            raise ValueError(f"min_crop must lie in (0, 1] (1: no crops), got {self.min_crop}")
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.views
+
+
 @dataclass
 class _Task:
     name: str
     images: torch.Tensor
     rows: torch.Tensor
     image_idx: torch.Tensor | None  # None: example i reads image i
+    augment: tuple[bool, float] | None = None  # (flip, min_crop): a fresh random view per example and batch
+    relevant: torch.Tensor | None = None  # (n_examples, n_rows) bool: rows redrawn every epoch among these
 
 
 def _as_tasks(tasks: Any) -> list[_Task]:
@@ -258,6 +350,13 @@ def _as_tasks(tasks: Any) -> list[_Task]:
             out.append(_Task(t.name, t.images, t.rows, None))
         elif isinstance(t, RetrievalPairs):
             out.append(_Task(t.name, t.images, t.rows, t.query_idx))
+        elif isinstance(t, SameClassTargets):
+            relevant = t.relevant[t.query_idx]
+            out.append(_Task(t.name, t.images, relevant.float().argmax(1), t.query_idx, relevant=relevant))
+        elif isinstance(t, AugmentedViews):
+            n = len(t.images)
+            out.append(_Task(t.name, t.images, t.rows.repeat(t.views), torch.arange(n).repeat(t.views),
+                             augment=(t.flip, t.min_crop)))
         elif isinstance(t, tuple) and len(t) in (3, 4):
             name, images, rows = t[0], _as_images(t[1]), _as_long(t[2])
             idx = _as_long(t[3]) if len(t) == 4 and t[3] is not None else None
@@ -265,7 +364,10 @@ def _as_tasks(tasks: Any) -> list[_Task]:
                 raise ValueError(f"task {name!r}: {len(images)} images but {len(rows)} rows")
             out.append(_Task(str(name), images, rows, idx))
         else:
-            raise TypeError(f"a task is IndexingTask, RetrievalPairs or (name, images, rows[, image_idx]); got {t!r}")
+            raise TypeError(
+                "a task is IndexingTask, RetrievalPairs, SameClassTargets, AugmentedViews or "
+                f"(name, images, rows[, image_idx]); got {type(t).__name__}"
+            )
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")
@@ -300,6 +402,12 @@ class _Pool:
         self.image_idx = torch.cat(image_idx).to(device)
         self.rows = torch.cat(rows).to(device)
         self.task = torch.cat(task).to(device)
+        self.augments = [t.augment for t in tasks]  # per task: (flip, min_crop) or None
+        self.augmented = {i for i, a in enumerate(self.augments) if a is not None}
+        self.resampled = [(i, t.relevant) for i, t in enumerate(tasks) if t.relevant is not None]
+        for i, relevant in self.resampled:
+            if relevant.shape[1] != len(codec):
+                raise ValueError(f"task {self.names[i]!r}: relevance over {relevant.shape[1]} rows, codec has {len(codec)}")
         self.targets = codec.targets().to(device)  # (n_ids, L)
         self.inputs = codec.decoder_inputs(self.targets)  # (n_ids, L)
         self.device = device
@@ -321,10 +429,28 @@ class _Pool:
         ids = torch.cat(parts)
         return ids[torch.randperm(len(ids), generator=generator)].to(self.device)
 
-    def batch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images (B,H,W,3) uint8, decoder inputs (B,L), targets (B,L), task ids (B,)) of example ids (B,)."""
-        rows = self.rows[ids]
-        return self.images[self.image_idx[ids]], self.inputs[rows], self.targets[rows], self.task[ids]
+    def resample(self, generator: torch.Generator) -> None:
+        """Redraw the target row of every example of the redrawn tasks (one vectorised draw per task)."""
+        for i, relevant in self.resampled:
+            start, n = self.spans[i]
+            self.rows[start : start + n] = draw_relevant(relevant, generator).to(self.device)
+
+    def batch(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (B,H,W,3) uint8, decoder inputs (B,L), targets (B,L), task ids (B,)) of example ids (B,).
+
+        With ``generator``, the examples of augmented tasks get a fresh random view each.
+        """
+        rows, task = self.rows[ids], self.task[ids]
+        images = self.images[self.image_idx[ids]]
+        if generator is not None:
+            for i in self.augmented:
+                mask = task == i
+                if bool(mask.any()):
+                    flip, min_crop = self.augments[i]
+                    images[mask] = augment(images[mask], generator, flip=flip, min_crop=min_crop)
+        return images, self.inputs[rows], self.targets[rows], task
 
 
 # ------------------------------------------------------------------------------------------
@@ -668,7 +794,9 @@ def _epoch_counts(pool: _Pool, mix_ratio: float | None) -> dict[str, int] | None
     if "indexing" not in pool.names:
         raise ValueError("mix_ratio is relative to an 'indexing' task, and there is none")
     n_index = pool.spans[pool.names.index("indexing")][1]
-    return {name: max(1, round(mix_ratio * n_index)) for name in pool.names if name != "indexing"}
+    # augmented views keep their own count (views per indexed image): the ratio is about retrieval queries
+    return {name: max(1, round(mix_ratio * n_index)) for i, name in enumerate(pool.names)
+            if name != "indexing" and i not in pool.augmented}
 
 
 def fit(
@@ -688,10 +816,13 @@ def fit(
 ) -> History:
     """Train ``model`` in place on the tasks in ``train``; return the history (``history`` extended).
 
-    ``train`` / ``val``: a list of :class:`IndexingTask`, :class:`RetrievalPairs` or
+    ``train`` / ``val``: a list of :class:`IndexingTask`, :class:`RetrievalPairs`,
+    :class:`SameClassTargets` (targets redrawn at the start of every epoch),
+    :class:`AugmentedViews` (a fresh random view per example and batch) or
     ``(name, images, rows[, image_idx])`` tuples. The examples of all tasks share one shuffled
-    epoch; ``mix_ratio`` resamples every task but "indexing" to ``mix_ratio * n_indexing``
-    examples per epoch. Training stops after ``config.epochs`` epochs or once task
+    epoch; ``mix_ratio`` resamples every task but "indexing" and augmented views to
+    ``mix_ratio * n_indexing`` examples per epoch. Validation never augments or redraws (a
+    :class:`SameClassTargets` given as ``val`` scores each query's first relevant row). Training stops after ``config.epochs`` epochs or once task
     ``stop_on``'s sequence accuracy on its training examples reaches ``config.target_accuracy``
     (None: never early). By default (``config.stop_metric="ia"``) that is re-measured after the
     epoch without dropout, first teacher-forced and then, for an indexing task, as IA@1 of beam
@@ -758,10 +889,11 @@ def fit(
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
+        pool.resample(generator)  # redrawn targets (same-class mode); a no-op for fixed pairs
         order = pool.epoch_order(generator, counts)
         sums = torch.zeros(len(names), 5, dtype=torch.float64, device=device)
         for start in range(0, len(order), config.batch_size):
-            images, inputs, targets, task = pool.batch(order[start : start + config.batch_size])
+            images, inputs, targets, task = pool.batch(order[start : start + config.batch_size], generator)
             if config.warmup_steps:
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
