@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "IA@1 of a DSI trained on N images (writes CSV + Markdown + one figure)")
     _add_data_arguments(scale, sizes_default=64)
     scale.set_defaults(n=[512, 1024, 2048, 4096, 8192, 0])
-    scale.add_argument("--ia-n", type=int, nargs="*", default=[512, 1024],
+    scale.add_argument("--ia-n", type=int, nargs="*", default=[512],
                        help="N of the DSI models trained for IA@1 (0: every usable image); none: latency only")
     scale.add_argument("--index-epochs", type=int, default=100, help="most indexing epochs per N (stops at the target)")
     _add_model_arguments(scale)
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     incremental.add_argument("--replay-ratios", type=float, nargs="+", default=[0.0, 1.0, 4.0],
                              help="old images replayed per new image and epoch (0: no replay)")
     incremental.add_argument("--index-epochs", type=int, default=200, help="most epochs of the initial and the full indexing")
-    incremental.add_argument("--finetune-epochs", type=int, default=60, help="most fine-tuning epochs (stops when the "
+    incremental.add_argument("--finetune-epochs", type=int, default=40, help="most fine-tuning epochs (stops when the "
                              "new images reach the target)")
     _add_model_arguments(incremental)
     incremental.add_argument("--out", default=None, help="output folder (default: reports/incremental)")

@@ -217,7 +217,8 @@ def incremental_study(
             path=path(f"finetune-replay{ratio:g}"), data=fingerprint, mix_ratio=mix, val=val)
         record(name, model, seconds, epochs, ratio, n_new + replay_count(n_new, ratio))
         frame = history.to_frame()
-        curves.append(frame[frame["split"] == "val"].assign(strategy=name, replay_ratio=ratio))
+        frame = frame[(frame["split"] == "val") & frame["task"].isin(["old", "new"])]
+        curves.append(frame.assign(strategy=name, replay_ratio=ratio))
 
     # 3. retraining from scratch on every image
     seed_everything(index_config.seed)
@@ -268,7 +269,7 @@ def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str |
     ax.bar(x - 0.2, results["IA@1 old"], 0.4, label="old images", color="#1f4e9c")
     ax.bar(x + 0.2, results["IA@1 new"].fillna(0), 0.4, label="new images", color="#c25a0b")
     for i, r in results.reset_index(drop=True).iterrows():
-        ax.text(i, 1.03, f"{r['seconds']:.0f} s", ha="center", fontsize=8)
+        ax.text(i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8)
     ax.set_xticks(x, [s.replace(", ", ",\n") for s in results["strategy"]], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("IA@1")

@@ -297,6 +297,20 @@ def ia_table(
 # ------------------------------------------------------------------------------------------
 # Figure and report
 # ------------------------------------------------------------------------------------------
+def _plain_log_ticks(ax: Any, ns: Sequence[int], y: bool = True) -> None:
+    """Ticks at the measured N (plain numbers) and plain numbers on a log y axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator(list(ns)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.tick_params(axis="x", labelrotation=30)
+    if y:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 _COLORS = {METHODS[0]: "#1f4e9c", METHODS[1]: "#7f7f7f", METHODS[2]: "#c25a0b"}
 
 
@@ -311,6 +325,7 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
         ax.plot(part["n"], part["ms_per_query"], marker="o", label=method, color=_COLORS.get(method))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax, sorted(latency["n"].unique()))
     ax.set_xlabel("indexed images N")
     ax.set_ylabel("ms per query (top-100, batched)")
     ax.set_title("Latency per query")
@@ -326,7 +341,8 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
         ax.axhline(0.95, color="k", ls=":", lw=1, label="target 0.95")
         ax.set_xscale("log")
         ax.set_xlim(min(part["n"].min(), latency["n"].min()) / 1.3, max(part["n"].max(), latency["n"].max()) * 1.3)
-        ax.legend(loc="lower left")
+        _plain_log_ticks(ax, sorted(set(latency["n"]) | set(part["n"])), y=False)
+        ax.legend(loc="best")
     else:
         ax.text(0.5, 0.5, "no DSI trained", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(-0.02, 1.05)
