@@ -92,3 +92,22 @@ def test_tiny_model_learns_new_ids_with_replay():
     _, rows = beam_search(model, images, codec, k=1)
     assert torch.equal(rows[16:, 0], torch.arange(16, 24))  # every new image finds its new ID
     assert (rows[:16, 0] == torch.arange(16)).float().mean() >= 0.75  # replay keeps most old IDs
+
+
+def test_cli_incremental_writes_every_strategy(tmp_path):
+    import pandas as pd
+
+    from vitdsi_utils import cli
+
+    out = tmp_path / "inc"
+    code = cli.main(["incremental", "--source", "digits", "--size", "32", "--n", "80", "--replay-ratios", "0", "1",
+                     "--index-epochs", "2", "--finetune-epochs", "2", "--dim", "32", "--mlp-dim", "64", "--depth", "1",
+                     "--heads", "2", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert code == 0
+    results = pd.read_csv(out / "incremental_N80_random.csv")
+    assert list(results["strategy"]) == [inc.INITIAL, inc.finetune_name(0), inc.finetune_name(1), inc.SCRATCH]
+    assert (results["n_old"] + results["n_new"] == 20).all()  # N = 80 indexes 20 images
+    assert results.loc[1:, "IA@1 new"].between(0, 1).all() and pd.isna(results.loc[0, "IA@1 new"])
+    curves = pd.read_csv(out / "incremental_N80_random_curves.csv")
+    assert set(curves["task"]) == {"old", "new"} and set(curves["replay_ratio"]) == {0, 1}
+    assert (out / "incremental_N80_random.png").exists()

@@ -99,3 +99,17 @@ def test_indexing_accuracy_of_an_untrained_model_is_low():
     model = DSIModel(DSIConfig.from_codec(codec, image_size=SIZE, **TINY))
     images = synthetic_set().images[:50]
     assert scale.indexing_accuracy(model, codec, images, beam_size=10) < 0.2
+
+
+def test_cli_scale_latency_only(tmp_path, capsys):
+    from vitdsi_utils import cli
+
+    out = tmp_path / "scale"
+    code = cli.main(["scale", "--source", "digits", "--size", "32", "--n", "30", "60", "--ia-n", "--dim", "32",
+                     "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--queries", "4", "--query-batch", "4",
+                     "--repeats", "1", "--k", "10", "--words", "8", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert code == 0
+    latency = pd.read_csv(out / "scale_latency.csv")
+    assert sorted(set(latency["n"])) == [30, 60] and len(latency) == 6
+    assert (out / "scale.png").stat().st_size > 0 and (out / "scale.md").exists()
+    assert "scale study done" in capsys.readouterr().out

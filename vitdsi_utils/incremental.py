@@ -37,7 +37,8 @@ from matplotlib.figure import Figure
 from .data import Database
 from .ids import IDCodec, decimal_codes
 from .model import DSIConfig, DSIModel
-from .train import History, IndexingTask, TrainConfig, fit, load_model, save_checkpoint, seed_everything
+from .train import (History, IndexingTask, TrainConfig, fit, load_model, resolve_device, save_checkpoint,
+                    seed_everything)
 
 INITIAL = "initial (old images only)"
 SCRATCH = "retrain from scratch"
@@ -123,9 +124,10 @@ def _ia1(model: DSIModel, codec: IDCodec, images: torch.Tensor, rows: Sequence[i
     return float((found[:, 0] == torch.as_tensor(rows)).float().mean())
 
 
-def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict):
+def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, device: str = "auto"):
     if path is not None and path.exists():
-        model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=data)
+        model, _, meta = load_model(path, map_location=resolve_device(device), expect_config=config,
+                                    expect_codec=codec, expect_data=data)
         return model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"])
     return None
 
@@ -135,7 +137,7 @@ def _train(
     data: dict, mix_ratio: float | None = None, val: list | None = None,
 ) -> tuple[DSIModel, History, float, int]:
     """Train (or load from ``path``) ``model`` on ``tasks`` until the "indexing" task reaches the target."""
-    cached = _cached(path, codec, model.config, data)
+    cached = _cached(path, codec, model.config, data, config.device)
     if cached is not None:
         return cached
     start = time.perf_counter()

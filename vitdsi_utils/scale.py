@@ -248,6 +248,8 @@ def indexing_accuracy(model: Any, codec: IDCodec, images: np.ndarray, *, beam_si
     """IA@1: the share of indexed images (row i = image i) whose top-1 beam-search ID is their own."""
     from .decoding import beam_search
 
+    if device is not None:
+        model.to(device)  # a model loaded from a checkpoint sits on the CPU
     _, rows = beam_search(model, torch.from_numpy(np.ascontiguousarray(images)), codec, k=1,
                           beam_size=beam_size, batch_size=batch_size, device=device)
     return float((rows[:, 0] == torch.arange(len(images))).float().mean())
