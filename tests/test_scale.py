@@ -113,3 +113,16 @@ def test_cli_scale_latency_only(tmp_path, capsys):
     assert sorted(set(latency["n"])) == [30, 60] and len(latency) == 6
     assert (out / "scale.png").stat().st_size > 0 and (out / "scale.md").exists()
     assert "scale study done" in capsys.readouterr().out
+
+
+def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
+    rows = [{"n": n, "method": m, "build_s": 1.0, "ms_per_query": 2.0, "k": 10, "queries": 4, "batch": 4,
+             "repeats": 1, "device": "cpu", "size": SIZE} for n in (20, 60) for m in scale.METHODS]
+    path = tmp_path / "scale_latency.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    same = dict(k=10, n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
+    assert len(scale.reusable_latency(path, [20, 60], **same)) == 6
+    assert len(scale.reusable_latency(path, [60], **same)) == 3
+    assert scale.reusable_latency(path, [20, 100], **same) is None  # an N it lacks
+    assert scale.reusable_latency(path, [20], **{**same, "k": 100}) is None  # other settings
+    assert scale.reusable_latency(tmp_path / "missing.csv", [20], **same) is None

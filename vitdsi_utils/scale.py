@@ -379,6 +379,25 @@ def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dic
     return "\n\n".join(parts)
 
 
+def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd.DataFrame | None:
+    """The latency table at ``path`` if it exists and covers every N of ``ns`` for every method with these
+    ``settings`` (k, n_queries, batch_size, repeats, device, size); else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    table = pd.read_csv(path)
+    columns = {"k": "k", "n_queries": "queries", "batch_size": "batch", "repeats": "repeats", "device": "device",
+               "size": "size"}
+    for key, value in settings.items():
+        column = columns[key]
+        if column not in table or set(table[column].astype(str)) != {str(value)}:
+            return None
+    have = set(zip(table["n"], table["method"]))
+    if not all((n, m) in have for n in ns for m in METHODS):
+        return None
+    return table[table["n"].isin(list(ns))].reset_index(drop=True)
+
+
 def scale_study(
     image_set: ImageSet,
     ns: Sequence[int],
@@ -397,9 +416,15 @@ def scale_study(
     amp: bool = False,
     id_scheme: str = "random",
     seed: int = 0,
+    reuse_latency: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
     """Latency for every N of ``ns`` and IA@1 for every N of ``ia_ns``; writes ``scale_latency``,
-    ``scale_ia`` (CSV + Markdown), ``scale.md`` and ``scale.png`` into ``out_dir``."""
+    ``scale_ia`` (CSV + Markdown), ``scale.md`` and ``scale.png`` into ``out_dir``.
+
+    With ``reuse_latency`` an existing ``scale_latency.csv`` in ``out_dir`` is kept when it holds
+    every (N, method) at the same k, query batch, repeats, device and image size (see
+    :func:`reusable_latency`), so adding a trained N does not time every search again.
+    """
     from .plots import save_figure
     from .tables import write_table
 
@@ -407,9 +432,14 @@ def scale_study(
     out.mkdir(parents=True, exist_ok=True)
     ia, histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
                              runs_dir=runs_dir, id_scheme=id_scheme, seed=seed, beam_size=k)
-    latency = latency_table(image_set, ns, n_queries=n_queries, batch_size=batch_size, k=k, repeats=repeats,
-                            model_overrides=model_overrides, bovw_words=bovw_words, device=device, amp=amp,
-                            id_scheme=id_scheme, seed=seed)
+    latency = reusable_latency(out / "scale_latency.csv", ns, k=k, n_queries=n_queries, batch_size=batch_size,
+                               repeats=repeats, device=device, size=image_set.size) if reuse_latency else None
+    if latency is not None:
+        print(f"reusing the latency table {out / 'scale_latency.csv'} (same N, methods and settings)")
+    else:
+        latency = latency_table(image_set, ns, n_queries=n_queries, batch_size=batch_size, k=k, repeats=repeats,
+                                model_overrides=model_overrides, bovw_words=bovw_words, device=device, amp=amp,
+                                id_scheme=id_scheme, seed=seed)
     settings = {"source": image_set.source, "size": image_set.size, "device": device, "k": k,
                 "queries": n_queries, "repeats": repeats}
     write_table(latency, out / "scale_latency")
