@@ -25,6 +25,7 @@ accuracy (greedy decoding) of old and new images: the forgetting curve.
 from __future__ import annotations
 
 import copy
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -272,7 +273,7 @@ def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str |
     ax.bar(x + 0.2, results["IA@1 new"].fillna(0), 0.4, label="new images", color="#c25a0b")
     for i, r in results.reset_index(drop=True).iterrows():
         ax.text(i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8)
-    ax.set_xticks(x, [s.replace(", ", ",\n") for s in results["strategy"]], fontsize=8)
+    ax.set_xticks(x, [textwrap.fill(s, 13) for s in results["strategy"]], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("IA@1")
     ax.set_title("IA@1 after each strategy (training seconds above)")
