@@ -72,7 +72,7 @@ def test_latency_table_has_a_row_per_n_and_method():
                                 model_overrides=TINY, bovw_words=8, progress=False)
     assert len(table) == 6
     assert set(table["method"]) == set(scale.METHODS)
-    assert (table["ms_per_query"] > 0).all() and (table["build_s"] >= 0).all()
+    assert (table["ms_per_query"] > 0).all() and (table["cpu_ms_per_query"] > 0).all() and (table["build_s"] >= 0).all()
     fig = scale.scale_figure(table, pd.DataFrame({"n": [20], "IA@1": [0.5], "epochs": [3], "train_s": [1.0]}))
     assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
     assert "DSI beam search" in scale.scale_markdown(table, None, {"size": SIZE, "k": 10})
@@ -117,7 +117,7 @@ def test_cli_scale_latency_only(tmp_path, capsys):
 
 def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
     rows = [{"n": n, "method": m, "build_s": 1.0, "ms_per_query": 2.0, "k": 10, "queries": 4, "batch": 4,
-             "repeats": 1, "device": "cpu", "size": SIZE} for n in (20, 60) for m in scale.METHODS]
+             "repeats": 1, "device": "cpu", "size": SIZE, "cpu_ms_per_query": 1.5} for n in (20, 60) for m in scale.METHODS]
     path = tmp_path / "scale_latency.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     same = dict(k=10, n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)

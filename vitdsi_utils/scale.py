@@ -113,20 +113,27 @@ def query_views(db: Database, n_queries: int, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # Latency
 # ------------------------------------------------------------------------------------------
-def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, warmup: int = 1) -> float:
-    """Median over ``repeats`` calls of ``search()`` (after ``warmup`` untimed calls), divided by ``n_queries``: seconds."""
+def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per query: medians over ``repeats`` calls of ``search()`` (after ``warmup`` untimed
+    calls), divided by ``n_queries``.
+
+    The CPU time is this process's (all its threads): on a shared machine it is what the search
+    costs, while the wall time also counts the time spent waiting for a core. On a GPU only the
+    wall time means anything.
+    """
     if repeats < 1 or n_queries < 1:
         raise ValueError(f"repeats and n_queries must be at least 1, got {repeats} and {n_queries}")
     for _ in range(warmup):
         search()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         search()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / n_queries
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls) / n_queries, statistics.median(cpus) / n_queries
 
 
 def dsi_latency(
@@ -146,17 +153,17 @@ def dsi_latency(
     from .decoding import beam_search
     from .model import DSIConfig, DSIModel
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     codec = make_codec(n)
-    build = time.perf_counter() - t0
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     torch.manual_seed(seed)
     model = DSIModel(DSIConfig.from_codec(codec, image_size=int(queries.shape[1]), **(model_overrides or {})))
     model.to(device).eval()
     images = torch.from_numpy(np.ascontiguousarray(queries))
     search = lambda: beam_search(model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,  # noqa: E731
                                  device=device, amp=amp)
-    seconds = time_per_query(search, len(queries), repeats)
-    return {"method": METHODS[0], "build_s": build, "ms_per_query": 1000 * seconds,
+    wall, cpu = time_per_query(search, len(queries), repeats)
+    return {"method": METHODS[0], "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall, "cpu_ms_per_query": 1000 * cpu,
             "parameters": model.num_parameters()}
 
 
@@ -168,11 +175,12 @@ def bovw_latency(
     from .bovw import BoVW
 
     model = BoVW(n_words, random_state=seed, n_jobs=n_jobs, progress=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.fit(database_images)
-    build = time.perf_counter() - t0
-    seconds = time_per_query(lambda: model.search(queries, k), len(queries), repeats)
-    return {"method": METHODS[1], "build_s": build, "ms_per_query": 1000 * seconds, "parameters": 0}
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time_per_query(lambda: model.search(queries, k), len(queries), repeats)
+    return {"method": METHODS[1], "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall, "cpu_ms_per_query": 1000 * cpu,
+            "parameters": 0}
 
 
 def dense_latency(
@@ -189,9 +197,12 @@ def dense_latency(
     overrides = {"pooling": "mean", **(model_overrides or {})}
     torch.manual_seed(seed)
     encoder = DenseEncoder(DenseConfig(image_size=int(queries.shape[1]), **overrides)).to(device)
+    c0 = time.process_time()
     retriever = DenseRetriever.from_model(encoder).index(database_images)
-    seconds = time_per_query(lambda: retriever.search(queries, k), len(queries), repeats)
-    return {"method": METHODS[2], "build_s": retriever.index_seconds_, "ms_per_query": 1000 * seconds,
+    build_cpu = time.process_time() - c0
+    wall, cpu = time_per_query(lambda: retriever.search(queries, k), len(queries), repeats)
+    return {"method": METHODS[2], "build_s": retriever.index_seconds_, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall,
+            "cpu_ms_per_query": 1000 * cpu,
             "parameters": encoder.num_parameters(), "backend": retriever.index_.backend}
 
 
@@ -316,20 +327,28 @@ def _plain_log_ticks(ax: Any, ns: Sequence[int], y: bool = True) -> None:
 _COLORS = {METHODS[0]: "#1f4e9c", METHODS[1]: "#7f7f7f", METHODS[2]: "#c25a0b"}
 
 
+def latency_column(latency: pd.DataFrame) -> str:
+    """The column the figure plots: CPU milliseconds per query when every run was on the CPU, else wall milliseconds."""
+    on_cpu = "device" in latency and set(latency["device"].astype(str)) == {"cpu"}
+    return "cpu_ms_per_query" if on_cpu and "cpu_ms_per_query" in latency else "ms_per_query"
+
+
 def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: str | None = None) -> Figure:
-    """Left: milliseconds per query against N, log-log, one line per method. Right: DSI IA@1 against N."""
+    """Left: milliseconds per query against N, log-log, one line per method (CPU time on the CPU, see
+    :func:`latency_column`). Right: DSI IA@1 against N."""
     from .plots import _new_figure
 
+    column = latency_column(latency)
     fig, axes = _new_figure(1, 2, (11, 4.2))
     ax = axes[0, 0]
     for method, part in latency.groupby("method", sort=False):
         part = part.sort_values("n")
-        ax.plot(part["n"], part["ms_per_query"], marker="o", label=method, color=_COLORS.get(method))
+        ax.plot(part["n"], part[column], marker="o", label=method, color=_COLORS.get(method))
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_ticks(ax, sorted(latency["n"].unique()))
     ax.set_xlabel("indexed images N")
-    ax.set_ylabel("ms per query (top-100, batched)")
+    ax.set_ylabel(("CPU " if column.startswith("cpu") else "") + "ms per query (top-100, batched)")
     ax.set_title("Latency per query")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -359,15 +378,20 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
 
 def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dict[str, Any]) -> str:
     """The latency table (ms per query and build seconds, method by N) and the IA@1 table, with their settings."""
-    lat = latency.pivot_table(index="n", columns="method", values="ms_per_query").reindex(
-        columns=[m for m in METHODS if m in set(latency["method"])])
-    build = latency.pivot_table(index="n", columns="method", values="build_s").reindex(columns=lat.columns)
-    table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
+    columns = [m for m in METHODS if m in set(latency["method"])]
+    lat = latency.pivot_table(index="n", columns="method", values="ms_per_query").reindex(columns=columns)
+    build = latency.pivot_table(index="n", columns="method", values="build_s").reindex(columns=columns)
+    if "cpu_ms_per_query" in latency:
+        cpu = latency.pivot_table(index="n", columns="method", values="cpu_ms_per_query").reindex(columns=columns)
+        table = (cpu.round(2).astype(str) + " ms CPU (" + lat.round(2).astype(str) + " ms wall; "
+                 + build.round(1).astype(str) + " s)")
+    else:
+        table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
     parts = [
         f"Scale study, {settings.get('source', 'imagenette')} at {settings.get('size')} px on {settings.get('device')}: "
         f"top-{settings.get('k')} search for a batch of {settings.get('queries')} queries (median of "
-        f"{settings.get('repeats')} repeats after one warm-up call), milliseconds per query, and in brackets the "
-        "build time (DSI: codec and trie; BoVW: SIFT, k-means and histograms; dense: embedding the database and "
+        f"{settings.get('repeats')} repeats after one warm-up call), milliseconds per query (CPU time of the process "
+        "and wall time), and the build time (DSI: codec and trie; BoVW: SIFT, k-means and histograms; dense: embedding the database and "
         "the flat index). DSI and dense encoder are untrained models of the study's size: latency does not "
         "depend on the weights.",
         table.reset_index().to_markdown(index=False),
@@ -393,7 +417,7 @@ def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd
         if column not in table or set(table[column].astype(str)) != {str(value)}:
             return None
     have = set(zip(table["n"], table["method"]))
-    if not all((n, m) in have for n in ns for m in METHODS):
+    if not all((n, m) in have for n in ns for m in METHODS) or "cpu_ms_per_query" not in table:
         return None
     return table[table["n"].isin(list(ns))].reset_index(drop=True)
 
