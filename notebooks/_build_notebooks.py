@@ -913,14 +913,16 @@ fig
     md("""
 ## Reading the figure
 
-- **DSI**: the beam search runs one decoder pass per ID digit, on `K` hypotheses per query, so its
-  cost grows with the number of digits (log10 N) and not with N itself; the encoder pass is the
-  same for every N. A step up appears where N gains a digit (1,000 and 10,000).
-- **BoVW** and **dense**: an exhaustive scan, linear in N, but with a small constant (one
-  matrix-vector product per query); the query's own encoding (SIFT or the ViT encoder) dominates
-  at these N, so their curves stay flat until N is large.
-- **IA@1**: memorising more images takes more epochs of more examples; the cost per epoch is
-  linear in N. The right panel gives the epochs and minutes each N took.
+- **DSI**: the beam search runs one decoder pass per ID digit (plus EOS) on up to `K` hypotheses per
+  query, after one encoder pass that is the same for every N. Its cost grows with the number of
+  digits (log10 N), not with N itself, and within one ID length with how many prefixes the first
+  digits allow: while few exist the beam is narrower (the IDs of N = 1,024 start with 0 or 1).
+- **BoVW** and **dense**: an exhaustive scan, linear in N, but each query costs only one
+  matrix-vector product (and a sort for BoVW), so encoding the query (SIFT or the ViT encoder)
+  dominates at these N.
+  Their curves stay nearly flat.
+- **IA@1**: memorising more images takes more epochs, and each epoch costs time linear in N. The right
+  panel gives the epochs and the (wall-clock) minutes each N took.
 """),
 ]
 NOTEBOOKS["11_scale.ipynb"] = NB_SCALE
