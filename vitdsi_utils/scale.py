@@ -357,8 +357,8 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
         part = ia.sort_values("n")
         ax.plot(part["n"], part["IA@1"], marker="o", color=_COLORS[METHODS[0]], label="DSI (random IDs)")
         for _, r in part.iterrows():
-            ax.annotate(f"{int(r['epochs'])} ep, {r['train_s'] / 60:.1f} min", (r["n"], r["IA@1"]),
-                        textcoords="offset points", xytext=(4, -12), fontsize=7)
+            ax.annotate(f"{r['IA@1']:.3f}\n{int(r['epochs'])} ep\n{r['train_s'] / 60:.0f} min", (r["n"], r["IA@1"]),
+                        textcoords="offset points", xytext=(0, -34), ha="center", fontsize=7)
         ax.axhline(0.95, color="k", ls=":", lw=1, label="target 0.95")
         ax.set_xscale("log")
         ax.set_xlim(min(part["n"].min(), latency["n"].min()) / 1.3, max(part["n"].max(), latency["n"].max()) * 1.3)
