@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init pretrain test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init pretrain scale scale-gpu incremental test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -88,6 +88,23 @@ pretrain: venv
 	  --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 --index-epochs 400 --retrieval-epochs 10 \
 	  --max-pairs-per-query 5 --baseline reports/dsi/dsi_imagenette_64px.csv \
 	  --baseline-histories reports/dsi/histories_imagenette_64px.csv --scratch --out reports/pretrain --runs data/runs/pretrain
+
+## scale: latency per query against N up to all 13,394 images (DSI beam search, BoVW, dense FAISS) and IA@1 of a
+## DSI trained on N = 512 and 1024 images, 64 px, on this CPU -> reports/scale/ (a rerun keeps the latency table)
+scale: venv
+	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 --index-epochs 100 \
+	  --queries 64 --query-batch 64 --repeats 3 --reuse-latency --out reports/scale --runs data/runs/scale
+
+## the full scale study on a GPU: the paper's model at 160 px trained on every N up to all images (hours on one H100)
+scale-gpu: venv
+	$(BIN)/vitdsi scale --size 160 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 2048 4096 8192 0 --index-epochs 1000 \
+	  --device cuda --amp --compile --queries 256 --query-batch 256 --repeats 5 --out reports/scale-gpu --runs data/runs/scale-gpu
+
+## incremental indexing: 20% new images added to a trained DSI (fine-tuning, replay 0/1/4) vs retraining, 64 px,
+## N = 1024 (256 indexed) -> reports/incremental/
+incremental: venv
+	$(BIN)/vitdsi incremental --size 64 --n 1024 --new-fraction 0.2 --replay-ratios 0 1 4 --finetune-epochs 40 \
+	  --out reports/incremental --runs data/runs/incremental
 
 ## the test suite (what CI runs)
 test: venv

@@ -1306,6 +1306,167 @@ print("\\n".join(ablations.describe(long)))
 ]
 NOTEBOOKS["10_ablations.ipynb"] = NB_ABLATIONS
 
+# ------------------------------------------------------------------------------------------
+# 11_scale: latency and IA@1 against N (the study's target 5)
+SCALE = ["SCALE_NS", "SCALE_IA_NS", "SCALE_INDEX_EPOCHS", "SCALE_QUERIES", "SCALE_REPEATS"]
+NB_SCALE = [
+    md("""
+# 11 · Scale: latency and indexing accuracy against N
+
+Target 5 of the study: index all 13,394 Imagenette images with IA@1 >= 0.95, and measure how the
+query latency of each method grows with the number of indexed images N. Here *every* image of a
+database is indexed (`scale.index_all_database`); there is no query pool, because IA@1 only needs
+the indexed images themselves. The timed queries are horizontally flipped copies of indexed images.
+
+- **Latency**: for each N of `SCALE_NS`, top-`K` search for a batch of `SCALE_QUERIES` queries, one
+  warm-up call, then the median of `SCALE_REPEATS` timed calls, per query; beside it the time to
+  build the index. DSI: beam search (width `K`) constrained to the trie of the N IDs. BoVW: SIFT of
+  the queries, word histograms, cosine top-`K`. Dense: the ViT encoder and a flat FAISS index.
+  The DSI and the dense encoder are *untrained* models of the profile's size: how long a search takes
+  depends on N and on the model's size, not on what the weights learnt.
+- **IA@1**: a DSI trained to memorise N images (`SCALE_IA_NS`), at most `SCALE_INDEX_EPOCHS` epochs.
+  Training is what costs: on a CPU only small N are affordable; `make scale` and the `paper`
+  profile (GPU) go further.
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "SEEDS"] + MODEL + ["LR", "BATCH_SIZE", "WARMUP_STEPS",
+                    "TARGET_ACCURACY", "BOVW_WORDS", "K"] + SCALE, runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+import torch
+from IPython.display import Markdown, display
+
+from vitdsi_utils import data, plots, scale, study
+from vitdsi_utils.tables import write_table
+from vitdsi_utils.train import TrainConfig
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# 0 stands for every usable image; an N beyond the data set is left out with a note
+ns = [n or len(image_set) for n in SCALE_NS]
+ia_ns = [n or len(image_set) for n in SCALE_IA_NS]
+too_big = sorted({n for n in ns + ia_ns if n > len(image_set)})
+if too_big:
+    print(f"{DATASET} at {SIZE} px has {len(image_set)} usable images; left out N = {too_big}")
+ns, ia_ns = [n for n in ns if n <= len(image_set)], [n for n in ia_ns if n <= len(image_set)]
+model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
+                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
+index_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=SCALE_INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
+                           warmup_steps=WARMUP_STEPS, seed=SEEDS[0], progress=False)
+print(f"{len(image_set)} images; latency at N = {ns} on {device}; IA@1 at N = {ia_ns}")
+"""),
+    md("""
+## Latency against N
+"""),
+    code("""
+latency = scale.latency_table(image_set, ns, n_queries=SCALE_QUERIES, batch_size=SCALE_QUERIES, k=K,
+                              repeats=SCALE_REPEATS, model_overrides=model_overrides, bovw_words=BOVW_WORDS,
+                              device=device, seed=SEEDS[0])
+write_table(latency, paths.tables / "scale_latency")
+latency.pivot_table(index="n", columns="method", values=["ms_per_query", "build_s"]).round(2)
+"""),
+    md("""
+## IA@1 of a DSI trained on N images
+
+A finished model is loaded from `RUNS_DIR` rather than trained again. `reached` says whether IA@1
+got to `TARGET_ACCURACY` within the epoch cap.
+"""),
+    code("""
+ia, ia_histories = scale.ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
+                                  runs_dir=paths.runs, seed=SEEDS[0], beam_size=K)
+write_table(ia, paths.tables / "scale_ia")
+ia
+"""),
+    code("""
+settings = dict(source=DATASET, size=SIZE, device=device, k=K, queries=SCALE_QUERIES, repeats=SCALE_REPEATS)
+display(Markdown(scale.scale_markdown(latency, ia, settings)))
+fig = scale.scale_figure(latency, ia, title=f"{DATASET} at {SIZE} px, profile {PROFILE}, {device}")
+plots.save_figure(fig, paths.figures / "scale.png")
+fig
+"""),
+    md("""
+## Reading the figure
+
+- **DSI**: the beam search runs one decoder pass per ID digit (plus EOS) on up to `K` hypotheses per
+  query, after one encoder pass that is the same for every N. Its cost grows with the number of
+  digits (log10 N), not with N itself, and within one ID length with how many prefixes the first
+  digits allow: while few exist the beam is narrower (the IDs of N = 1,024 start with 0 or 1).
+- **BoVW** and **dense**: an exhaustive scan, linear in N, but each query costs only one
+  matrix-vector product (and a sort for BoVW), so encoding the query (SIFT or the ViT encoder)
+  dominates at these N.
+  Their curves stay nearly flat.
+- **IA@1**: memorising more images takes more epochs, and each epoch costs time linear in N. The right
+  panel gives the epochs and the (wall-clock) minutes each N took.
+"""),
+]
+NOTEBOOKS["11_scale.ipynb"] = NB_SCALE
+
+# ------------------------------------------------------------------------------------------
+# 12_incremental: adding images to a trained DSI
+INC = ["INC_N", "INC_NEW_FRACTION", "INC_REPLAY_RATIOS", "INC_FINETUNE_EPOCHS"]
+NB_INCREMENTAL = [
+    md("""
+# 12 · Incremental indexing: adding new images to a trained DSI
+
+A DSI's index lives in its weights, so adding images means training. The indexed images of one
+database are split into an initial set and a new batch (`INC_NEW_FRACTION`). A DSI memorises the
+initial set; the new images then get the *next* consecutive IDs (same number of digits, so the
+decoder and its length stay the same, and the trie of all IDs holds both) and are added by
+
+- fine-tuning on the new images alone (replay 0): the model learns them and forgets old IDs;
+- fine-tuning with replay: each epoch also shows `r` old images per new image (resampled every
+  epoch), for each `r` of `INC_REPLAY_RATIOS`;
+- retraining a new model from scratch on all images: the reference.
+
+IDs are random here. With clustered IDs the new images would form a block after all old IDs
+rather than join their class's block, since that would renumber images the model has memorised.
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "SEEDS"] + MODEL + INDEXING + ["K"] + INC,
+                    runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+from IPython.display import Markdown, display
+
+from vitdsi_utils import data, incremental, plots, study
+from vitdsi_utils.tables import write_csv, write_table
+from vitdsi_utils.train import TrainConfig
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = data.load_images(DATASET, SIZE, progress=False)
+db = data.build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
+""" + MODEL_OVERRIDES),
+    md("""
+## Initial model, fine-tuning strategies, retraining
+
+IA@1 by beam search (width `K`) over the trie of all IDs; the initial model is scored on the old
+images with the old IDs. `seconds` is the training time of each step (for fine-tuning: on top of
+the initial model's). Finished models are loaded from `RUNS_DIR`.
+"""),
+    code("""
+config = index_config(SEEDS[0])
+results, curves, fig = incremental.incremental_study(
+    db, index_config=config, finetune_epochs=INC_FINETUNE_EPOCHS, replay_ratios=INC_REPLAY_RATIOS,
+    new_fraction=INC_NEW_FRACTION, model_overrides=model_overrides, beam_size=K, runs_dir=paths.runs,
+    seed=SEEDS[0])
+markdown = incremental.incremental_markdown(results, config, INC_FINETUNE_EPOCHS)
+write_table(results, paths.tables / "incremental", markdown=markdown)
+write_csv(curves, paths.tables / "incremental_curves.csv")
+display(Markdown(markdown))
+"""),
+    md("""
+## Forgetting along the fine-tuning epochs
+
+Right: the sequence accuracy (greedy decoding, teacher-forced, no dropout) of the old images
+(solid) and of the new ones (dashed) after each fine-tuning epoch, per replay ratio. Without replay
+the old images' accuracy falls while the new ones are learnt; replay holds it up, at the price of
+more examples per epoch.
+"""),
+    code("""
+plots.save_figure(fig, paths.figures / "incremental.png")
+fig
+"""),
+]
+NOTEBOOKS["12_incremental.ipynb"] = NB_INCREMENTAL
+
+
 def build(folder: Path = HERE) -> list[Path]:
     """Write every notebook (no outputs, no execution counts, kernel python3); return the paths."""
     written = []

@@ -251,6 +251,74 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(result["paired"].round(3).to_string(index=False))
     print(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False))
     print(f"pretraining study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    return {"patch_size": args.patch, "dim": args.dim, "mlp_dim": args.mlp_dim, "depth": args.depth,
+            "heads": args.heads, "dropout": args.dropout}
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patch", type=int, default=16, help="patch size (default 16, the paper's)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--mlp-dim", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--target-accuracy", type=float, default=0.99, help="indexing stops at this IA@1")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (training and beam search)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA only)")
+    parser.add_argument("--ids", default="random", choices=["random", "clustered"], help="ID scheme (default random)")
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .data import load_images
+    from .scale import scale_markdown, scale_study
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "scale")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "scale")
+    image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
+    ns = [n if n > 0 else len(image_set) for n in args.n]  # 0 means every usable image
+    ia_ns = [n if n > 0 else len(image_set) for n in args.ia_n]
+    config = TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
+                         warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
+                         device=args.device, amp=args.amp, compile=args.compile)
+    start = time.perf_counter()
+    latency, ia, _ = scale_study(
+        image_set, ns, ia_ns, index_config=config, out_dir=out, runs_dir=runs, model_overrides=_model_overrides(args),
+        n_queries=args.queries, batch_size=args.query_batch, k=args.k, repeats=args.repeats, bovw_words=args.words,
+        device=args.device, amp=args.amp, id_scheme=args.ids, seed=args.seeds[0], reuse_latency=args.reuse_latency,
+    )
+    print(scale_markdown(latency, ia, {"source": args.source, "size": args.size, "device": args.device, "k": args.k,
+                                       "queries": args.queries, "repeats": args.repeats}))
+    print(f"scale study done in {time.perf_counter() - start:.0f} s; tables and figure in {out}")
+    return 0
+
+
+def _cmd_incremental(args: argparse.Namespace) -> int:
+    from .data import build_database, load_images
+    from .incremental import incremental_study
+    from .train import TrainConfig
+
+    out = Path(args.out or settings.reports_dir() / "incremental")
+    runs = Path(args.runs or settings.data_dir() / "runs" / "incremental")
+    image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
+    config = TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
+                         warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
+                         device=args.device, amp=args.amp, compile=args.compile)
+    start = time.perf_counter()
+    for n in args.n:
+        db = build_database(image_set, n, id_scheme=args.ids, seed=args.seeds[0])
+        results, _, _ = incremental_study(
+            db, index_config=config, finetune_epochs=args.finetune_epochs, replay_ratios=args.replay_ratios,
+            new_fraction=args.new_fraction, model_overrides=_model_overrides(args), out_dir=out, runs_dir=runs,
+        )
+        print(results.round(3).to_string(index=False))
+    print(f"incremental study done in {time.perf_counter() - start:.0f} s; tables and figure in {out}")
     return 0
 
 
@@ -451,6 +519,40 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--out", default=None, help="output folder (default: reports/pretrain)")
     pretrain.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/pretrain)")
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    scale = commands.add_parser("scale", help="latency per query against N (DSI beam search, BoVW, dense FAISS) and "
+                                "IA@1 of a DSI trained on N images (writes CSV + Markdown + one figure)")
+    _add_data_arguments(scale, sizes_default=64)
+    scale.set_defaults(n=[512, 1024, 2048, 4096, 8192, 0])
+    scale.add_argument("--ia-n", type=int, nargs="*", default=[512],
+                       help="N of the DSI models trained for IA@1 (0: every usable image); none: latency only")
+    scale.add_argument("--index-epochs", type=int, default=100, help="most indexing epochs per N (stops at the target)")
+    _add_model_arguments(scale)
+    scale.add_argument("--queries", type=int, default=64, help="queries in the timed batch")
+    scale.add_argument("--query-batch", type=int, default=64, help="queries decoded together by the beam search")
+    scale.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    scale.add_argument("--k", type=int, default=100, help="results per query (and the DSI beam width)")
+    scale.add_argument("--words", type=int, default=200, help="BoVW visual words")
+    scale.add_argument("--reuse-latency", action="store_true",
+                       help="keep the latency table already in --out when it covers every N at these settings")
+    scale.add_argument("--out", default=None, help="output folder (default: reports/scale)")
+    scale.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/scale)")
+    scale.set_defaults(func=_cmd_scale)
+
+    incremental = commands.add_parser("incremental", help="add new images to a trained DSI: fine-tuning with and "
+                                      "without replay against retraining from scratch (CSV + Markdown + figure)")
+    _add_data_arguments(incremental, sizes_default=64)
+    incremental.set_defaults(n=[1024])
+    incremental.add_argument("--new-fraction", type=float, default=0.2, help="share of the indexed images added later")
+    incremental.add_argument("--replay-ratios", type=float, nargs="+", default=[0.0, 1.0, 4.0],
+                             help="old images replayed per new image and epoch (0: no replay)")
+    incremental.add_argument("--index-epochs", type=int, default=200, help="most epochs of the initial and the full indexing")
+    incremental.add_argument("--finetune-epochs", type=int, default=40, help="most fine-tuning epochs (stops when the "
+                             "new images reach the target)")
+    _add_model_arguments(incremental)
+    incremental.add_argument("--out", default=None, help="output folder (default: reports/incremental)")
+    incremental.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/incremental)")
+    incremental.set_defaults(func=_cmd_incremental)
 
     study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
     study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (~45 min on 2 cores), paper (GPU) "

@@ -1,0 +1,113 @@
+"""Incremental indexing: new IDs, replay sampling, and a tiny model that learns new IDs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitdsi_utils import incremental as inc
+from vitdsi_utils.decoding import beam_search
+from vitdsi_utils.model import DSIConfig, DSIModel
+from vitdsi_utils.train import IndexingTask, TrainConfig, fit
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def walk(trie, tokens) -> int:
+    """The trie node reached by ``tokens`` (-1 when it leaves the trie)."""
+    node = 0
+    for t in tokens:
+        node = int(trie.next_node[node, t])
+        if node < 0:
+            return -1
+    return node
+
+
+def test_new_ids_are_valid_distinct_and_in_the_trie():
+    old, full = inc.incremental_codecs(80, 25)
+    assert len(old) == 80 and len(full) == 105
+    assert full.codes[:80] == old.codes  # old images keep their IDs
+    new = full.codes[80:]
+    assert not set(new) & set(old.codes) and len(set(new)) == 25
+    assert old.max_length == full.max_length  # one decoder length for both
+    for row, code in enumerate(full.codes):
+        node = walk(full.trie, [*code, full.eos])
+        assert node >= 0 and int(full.trie.row[node]) == row
+        assert full.lookup(code) == row
+    # the initial trie does not know the new IDs
+    assert all(walk(old.trie, [*code, old.eos]) < 0 for code in new)
+
+
+def test_capacity_sets_the_id_width():
+    old, full = inc.incremental_codecs(8, 4, capacity=1000)
+    assert {len(c) for c in full.codes} == {3} and full.codes[8] == (0, 0, 8)
+    # without a capacity, the width is that of the final number of IDs, for old IDs too
+    old, full = inc.incremental_codecs(8, 4)
+    assert {len(c) for c in old.codes} == {2}
+    with pytest.raises(ValueError, match="capacity"):
+        inc.incremental_codecs(8, 4, capacity=10)
+
+
+def test_split_new_is_seeded_with_the_asked_fraction():
+    old, new = inc.split_new(100, 0.2, seed=0)
+    assert len(new) == 20 and len(old) == 80
+    assert sorted(np.concatenate([old, new])) == list(range(100))
+    assert np.array_equal(new, inc.split_new(100, 0.2, seed=0)[1])
+    assert not np.array_equal(new, inc.split_new(100, 0.2, seed=1)[1])
+    with pytest.raises(ValueError):
+        inc.split_new(100, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0, 3.0])
+def test_replay_sampling_has_the_ratio_and_is_seeded(ratio):
+    n_old, n_new = 40, 10
+    epochs = inc.epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
+    for rows in epochs:
+        assert sorted(rows[rows >= n_old]) == list(range(n_old, n_old + n_new))  # every new image once
+        assert (rows < n_old).sum() == inc.replay_count(n_new, ratio) == round(ratio * n_new)
+    if ratio:
+        # distinct old images within an epoch while the ratio asks for fewer than all of them,
+        # resampled from one epoch to the next, and the same for the same seed
+        assert len(set(epochs[0][epochs[0] < n_old])) == min(n_old, round(ratio * n_new))
+        assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))
+    again = inc.epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
+    assert all(np.array_equal(a, b) for a, b in zip(epochs, again))
+
+
+def test_tiny_model_learns_new_ids_with_replay():
+    size = 16
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (24, size, size, 3), generator=g, dtype=torch.uint8)
+    old_images, new_images = images[:16], images[16:]
+    old_codec, codec = inc.incremental_codecs(16, 8)
+    torch.manual_seed(0)
+    model = DSIModel(DSIConfig.from_codec(codec, image_size=size, patch_size=8, dim=64, mlp_dim=128, depth=1,
+                                          heads=2, dropout=0.0))
+    config = TrainConfig(lr=3e-3, batch_size=8, epochs=80, target_accuracy=1.0, progress=False, device="cpu")
+    fit(model, old_codec, [IndexingTask(old_images)], config=config, stop_on="indexing")
+    _, rows = beam_search(model, old_images, old_codec, k=1)
+    assert torch.equal(rows[:, 0], torch.arange(16))
+    tasks, mix = inc.finetune_tasks(old_images, new_images, ratio=2.0)
+    fit(model, codec, tasks, config=config, mix_ratio=mix, stop_on="indexing")
+    _, rows = beam_search(model, images, codec, k=1)
+    assert torch.equal(rows[16:, 0], torch.arange(16, 24))  # every new image finds its new ID
+    assert (rows[:16, 0] == torch.arange(16)).float().mean() >= 0.75  # replay keeps most old IDs
+
+
+def test_cli_incremental_writes_every_strategy(tmp_path):
+    import pandas as pd
+
+    from vitdsi_utils import cli
+
+    out = tmp_path / "inc"
+    code = cli.main(["incremental", "--source", "digits", "--size", "32", "--n", "80", "--replay-ratios", "0", "1",
+                     "--index-epochs", "2", "--finetune-epochs", "2", "--dim", "32", "--mlp-dim", "64", "--depth", "1",
+                     "--heads", "2", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert code == 0
+    results = pd.read_csv(out / "incremental_N80_random.csv")
+    assert list(results["strategy"]) == [inc.INITIAL, inc.finetune_name(0), inc.finetune_name(1), inc.SCRATCH]
+    assert (results["n_old"] + results["n_new"] == 20).all()  # N = 80 indexes 20 images
+    assert results.loc[1:, "IA@1 new"].between(0, 1).all() and pd.isna(results.loc[0, "IA@1 new"])
+    curves = pd.read_csv(out / "incremental_N80_random_curves.csv")
+    assert set(curves["task"]) == {"old", "new"} and set(curves["replay_ratio"]) == {0, 1}
+    assert (out / "incremental_N80_random.png").exists()

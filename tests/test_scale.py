@@ -1,0 +1,128 @@
+"""The scale study: databases that index everything, query views, latency rows, the figure."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vitdsi_utils import scale
+from vitdsi_utils.data import ImageSet
+from vitdsi_utils.ids import make_codec
+from vitdsi_utils.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZE = 32
+TINY = dict(patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2)
+
+
+def synthetic_set(per_class: tuple[int, ...] = (30, 30, 25), seed: int = 0) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(per_class)), per_class)
+    images = rng.integers(0, 256, (len(labels), SIZE, SIZE, 3), dtype=np.uint8)
+    return ImageSet(images=images, labels=labels, classes=[f"c{i}" for i in range(len(per_class))],
+                    files=[f"img{i}.png" for i in range(len(labels))], source="synthetic")
+
+
+def test_geometric_series_ends_at_the_whole_set():
+    assert scale.geometric_ns(512, 13_394) == [512, 1024, 2048, 4096, 8192, 13_394]
+    assert scale.geometric_ns(100, 100) == [100]
+    with pytest.raises(ValueError):
+        scale.geometric_ns(100, 50)
+
+
+def test_index_all_database_indexes_every_image():
+    image_set = synthetic_set()
+    db = scale.index_all_database(image_set, len(image_set), id_scheme="random", seed=3)
+    assert db.n_index == len(image_set) and set(db.manifest["role"]) == {"index"}
+    assert sorted(db.manifest["source_row"]) == list(range(len(image_set)))  # each image once
+    assert list(db.manifest["row"]) == list(range(len(image_set)))
+    # images follow the manifest's rows
+    assert np.array_equal(db.images, image_set.images[db.manifest["source_row"].to_numpy()])
+    assert db.settings["index_fraction"] == 1.0
+
+
+def test_index_all_database_balances_and_is_seeded():
+    image_set = synthetic_set()
+    db = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=0)
+    assert db.manifest["label"].value_counts().sort_index().tolist() == [20, 20, 20]
+    # clustered: classes in consecutive blocks
+    assert list(db.manifest["label"]) == sorted(db.manifest["label"])
+    again = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=0)
+    other = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=1)
+    assert again.manifest.equals(db.manifest)
+    assert not other.manifest["source_row"].equals(db.manifest["source_row"])
+    with pytest.raises(ValueError, match="n must lie"):
+        scale.index_all_database(image_set, len(image_set) + 1)
+
+
+def test_query_views_are_flipped_indexed_images():
+    db = scale.index_all_database(synthetic_set(), 40, seed=0)
+    queries = scale.query_views(db, 8, seed=5)
+    assert queries.shape == (8, SIZE, SIZE, 3) and queries.dtype == np.uint8
+    unflipped = queries[:, :, ::-1]
+    assert all(any(np.array_equal(q, im) for im in db.images) for q in unflipped)
+    assert np.array_equal(queries, scale.query_views(db, 8, seed=5))
+
+
+def test_latency_table_has_a_row_per_n_and_method():
+    image_set = synthetic_set()
+    table = scale.latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=10, repeats=1,
+                                model_overrides=TINY, bovw_words=8, progress=False)
+    assert len(table) == 6
+    assert set(table["method"]) == set(scale.METHODS)
+    assert (table["ms_per_query"] > 0).all() and (table["cpu_ms_per_query"] > 0).all() and (table["build_s"] >= 0).all()
+    fig = scale.scale_figure(table, pd.DataFrame({"n": [20], "IA@1": [0.5], "epochs": [3], "train_s": [1.0]}))
+    assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    assert "DSI beam search" in scale.scale_markdown(table, None, {"size": SIZE, "k": 10})
+
+
+def test_ia_table_trains_and_reports_the_target(tmp_path):
+    image_set = synthetic_set()
+    config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, progress=False, device="cpu")
+    ia, histories = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
+    row = ia.iloc[0]
+    assert row["n"] == 12 and row["epochs"] == 2 and 0 <= row["IA@1"] <= 1
+    assert row["reached"] == (row["IA@1"] >= 0.99)
+    assert set(histories["n"]) == {12}
+    # a second call loads the saved model instead of training again
+    again, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
+    assert again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["train_s"] == pytest.approx(row["train_s"])
+
+
+def test_indexing_accuracy_of_an_untrained_model_is_low():
+    codec = make_codec(50)
+    from vitdsi_utils.model import DSIConfig, DSIModel
+
+    torch.manual_seed(0)
+    model = DSIModel(DSIConfig.from_codec(codec, image_size=SIZE, **TINY))
+    images = synthetic_set().images[:50]
+    assert scale.indexing_accuracy(model, codec, images, beam_size=10) < 0.2
+
+
+def test_cli_scale_latency_only(tmp_path, capsys):
+    from vitdsi_utils import cli
+
+    out = tmp_path / "scale"
+    code = cli.main(["scale", "--source", "digits", "--size", "32", "--n", "30", "60", "--ia-n", "--dim", "32",
+                     "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--queries", "4", "--query-batch", "4",
+                     "--repeats", "1", "--k", "10", "--words", "8", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    assert code == 0
+    latency = pd.read_csv(out / "scale_latency.csv")
+    assert sorted(set(latency["n"])) == [30, 60] and len(latency) == 6
+    assert (out / "scale.png").stat().st_size > 0 and (out / "scale.md").exists()
+    assert "scale study done" in capsys.readouterr().out
+
+
+def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
+    rows = [{"n": n, "method": m, "build_s": 1.0, "ms_per_query": 2.0, "k": 10, "queries": 4, "batch": 4,
+             "repeats": 1, "device": "cpu", "size": SIZE, "cpu_ms_per_query": 1.5} for n in (20, 60) for m in scale.METHODS]
+    path = tmp_path / "scale_latency.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    same = dict(k=10, n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
+    assert len(scale.reusable_latency(path, [20, 60], **same)) == 6
+    assert len(scale.reusable_latency(path, [60], **same)) == 3
+    assert scale.reusable_latency(path, [20, 100], **same) is None  # an N it lacks
+    assert scale.reusable_latency(path, [20], **{**same, "k": 100}) is None  # other settings
+    assert scale.reusable_latency(tmp_path / "missing.csv", [20], **same) is None
