@@ -205,3 +205,15 @@ def test_indexing_is_reproducible_from_the_seed():
     runs = [index_database(db, model_overrides=tiny, config=TrainConfig(epochs=2, progress=False, seed=3)) for _ in range(2)]
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_attach_paper_twice_is_attaching_once():
+    import pandas as pd
+
+    from vitdsi_utils.evaluation import attach_paper
+
+    rows = pd.DataFrame({"model": ["DSI zero-shot", "BoVW"], "n": [512, 512], "ids": ["clustered", "-"],
+                         "metric": ["IA@1", "mAP@10"], "value": [0.9, 0.1], "source": ["imagenette"] * 2})
+    once = attach_paper(rows)
+    assert once.loc[0, "paper"] == pytest.approx(0.833)  # the paper's zero-shot IA@1, N = 512, clustered
+    pd.testing.assert_frame_equal(attach_paper(once), once)

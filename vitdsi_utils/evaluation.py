@@ -175,9 +175,11 @@ def attach_paper(results: pd.DataFrame) -> pd.DataFrame:
     """Add a ``paper`` column: the paper's number for the same model, N, IDs and metric (else NaN).
 
     Rows whose ``source`` is in :data:`NOT_IN_PAPER_TABLE1` (COCO) get NaN: the paper's Table 1
-    was measured on ImageNet.
+    was measured on ImageNet. A ``paper`` column already there is replaced, so attaching twice is
+    the same as attaching once.
     """
     paper = paper_table1().rename(columns={"metric": "paper_metric"})
+    results = results.drop(columns="paper", errors="ignore")
     keyed = results.assign(paper_metric=results["metric"].map(PAPER_METRIC))
     merged = keyed.merge(paper, on=["model", "n", "ids", "paper_metric"], how="left")
     if "source" in merged.columns:
