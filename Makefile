@@ -57,7 +57,7 @@ dsi: venv
 ## the multi-task DSI variant (indexing examples kept in every fine-tuning epoch) beside the models of `make dsi`
 dsi-multitask: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
-	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi \
+	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi_multitask --runs data/runs/dsi \
 	  --multitask --mix-ratio 2 --multitask-epochs 30
 
 ## DSI ablations at 64 px, N = 512, one factor at a time (positions, patch, dropout, indexed share, mix ratio,
