@@ -36,7 +36,7 @@ import hashlib
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +52,7 @@ from . import metrics
 from ._io import atomic_path
 from .augment import augment  # noqa: F401  (also importable from here, where it first lived)
 from .model import ViTConfig, ViTEncoder
+from .train import History, PlainConfig, _rng_state, load_model, restore_training
 
 __all__ = [
     "DENSE_MODEL",
@@ -255,7 +256,7 @@ def class_batches(
 # Training
 # ------------------------------------------------------------------------------------------
 @dataclass
-class DenseTrainConfig:
+class DenseTrainConfig(PlainConfig):
     """Optimisation settings of :func:`train_dense` (plain values, stored in checkpoints)."""
 
     epochs: int = 50  # passes over the training images
@@ -287,14 +288,6 @@ class DenseTrainConfig:
             raise ValueError(f"min_crop is a fraction of the image side in (0, 1], got {self.min_crop}")
         if not -1.0 <= self.margin <= 1.0:
             raise ValueError(f"margin is a cosine similarity and must lie in [-1, 1], got {self.margin}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DenseTrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def recipe(self) -> dict[str, Any]:
         """The settings that shape the trained model (not epochs, device, progress or batch sizes of embedding)."""
@@ -361,8 +354,6 @@ def train_dense(
     ``config.checkpoint_every`` epochs and after the last; if it exists and ``resume``,
     training continues from it (a finished run returns at once).
     """
-    from .train import History, _rng_state, _set_rng_state
-
     config = config or DenseTrainConfig()
     device = _resolve_device(config.device)
     images = _as_image_tensor(images, model.config)
@@ -393,12 +384,8 @@ def train_dense(
         if state["epoch"] > config.epochs:
             raise ValueError(f"{checkpoint_path} holds a model trained for {state['epoch']} epochs, more than the "
                              f"{config.epochs} asked for; delete it to retrain")
-        model.load_state_dict(state["model"])
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        history[:] = state["history"]
+        restore_training(state, model, optimizer, history, generator)
         start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
-        _set_rng_state(state["rng"], generator)
     else:
         torch.manual_seed(config.seed)
 
@@ -506,7 +493,6 @@ def _read_checkpoint(path: str | os.PathLike, map_location: str | torch.device =
 
 def load_dense(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseEncoder, dict]:
     """(encoder in eval mode, meta: every checkpoint entry but weights, optimiser and RNG); ``weights_only=True``."""
-    from .train import History
 
     state = _read_checkpoint(path, map_location)
     model = DenseEncoder(DenseConfig.from_dict(state["config"]))
@@ -669,8 +655,6 @@ class DenseRetriever:
     @classmethod
     def from_model(cls, model: DenseEncoder, *, backend: str = "auto", history: list | None = None) -> "DenseRetriever":
         """A retriever around an already trained encoder."""
-        from .train import History
-
         retriever = cls(model.config, backend=backend)
         retriever.model_ = model.eval()
         retriever.history_ = History(history or [])
@@ -817,7 +801,6 @@ def first_stages(db: Any, *, bovw: Any = None, dsi_run_dir: str | os.PathLike | 
     from .demo import BoVWSearcher, DSISearcher
     from .experiments import FINE_TUNED, ZERO_SHOT
     from .ids import make_codec
-    from .train import load_model
 
     stages: dict[str, Any] = {}
     if bovw is not None:

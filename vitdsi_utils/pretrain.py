@@ -38,7 +38,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +51,8 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .model import ViTConfig, ViTEncoder
+from .train import (History, PlainConfig, TrainConfig, _rng_state, load_checkpoint, resolve_device, restore_training,
+                    seed_everything)
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
@@ -86,7 +88,7 @@ CHECKPOINT_FORMAT = 1
 # Settings
 # ------------------------------------------------------------------------------------------
 @dataclass
-class SSLConfig:
+class SSLConfig(PlainConfig):
     """Settings of :func:`train_ssl` (plain values, stored in checkpoints)."""
 
     epochs: int = 20  # passes over the unlabelled images
@@ -122,14 +124,6 @@ class SSLConfig:
             raise ValueError("jitter must lie in [0, 1); jitter_p and gray_p are probabilities")
         if self.proj_hidden < 1 or self.proj_dim < 1:
             raise ValueError("proj_hidden and proj_dim must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SSLConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def recipe(self) -> dict[str, Any]:
         """The settings that shape the trained encoder (not device, progress or checkpointing).
@@ -319,8 +313,6 @@ def train_ssl(
     written every ``checkpoint_every`` epochs and after the last; an existing one is resumed
     (a finished run returns at once) when it was written for the same model, settings and images.
     """
-    from .train import History, _rng_state, _set_rng_state, resolve_device
-
     config = config or SSLConfig()
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
@@ -349,12 +341,8 @@ def train_ssl(
         if state["epoch"] > config.epochs:
             raise ValueError(f"{checkpoint_path} holds {state['epoch']} epochs, more than the {config.epochs} asked "
                              "for; delete it to pretrain again")
-        model.load_state_dict(state["model"])
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        history[:] = state["history"]
+        restore_training(state, model, optimizer, history, generator)
         start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
-        _set_rng_state(state["rng"], generator)
     else:
         torch.manual_seed(config.seed)
 
@@ -497,8 +485,6 @@ def _read_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, A
 
 def load_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[SSLEncoder, dict]:
     """(pretrained encoder with its head, in eval mode; meta: configs, epoch, history, extra)."""
-    from .train import History
-
     state = _read_ssl(path, map_location)
     model = SSLEncoder(ViTConfig.from_dict(state["config"]), **state["head"])
     model.load_state_dict(state["model"])
@@ -709,7 +695,6 @@ def _source_encoder(source: str, path: str | os.PathLike, target: ViTConfig) -> 
                 DenseConfig.from_dict(state["config"]), model.get("cls_token"), str(path), {"epochs": state["epoch"]})
     if source == "dsi":
         from .model import DSIConfig
-        from .train import load_checkpoint
 
         state = load_checkpoint(path)
         return ({k: v for k, v in state["model"].items() if k.startswith(ENCODER_PREFIXES)},
@@ -840,7 +825,6 @@ def pretrain_study(
     from .evaluation import attach_paper
     from .experiments import run_experiment, run_name
     from .model import DSIConfig
-    from .train import TrainConfig, seed_everything
 
     runs_dir = Path(runs_dir) if runs_dir is not None else None
     ssl_config = ssl_config or SSLConfig(progress=progress)

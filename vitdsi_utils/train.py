@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,8 @@ from .augment import augment
 from .ids import IDCodec
 from .model import DSIConfig, DSIModel
 
+_C = TypeVar("_C", bound="PlainConfig")
+
 CHECKPOINT_FORMAT = 1
 STOP_METRICS = ("ia", "eval", "train")
 HISTORY_COLUMNS = ("phase", "epoch", "split", "task", "loss", "token_acc", "seq_acc", "seconds", "n_examples")
@@ -52,8 +54,24 @@ _TRAIN_INTS = {"batch_size": 1, "epochs": 0, "seed": 0, "warmup_steps": 0, "eval
 _TRAIN_FLOATS = ("lr", "target_accuracy", "weight_decay", "label_smoothing", "grad_clip", "stop_check_from")
 
 
+class PlainConfig:
+    """``to_dict`` / ``from_dict`` of the training configs (dataclasses of plain values).
+
+    ``from_dict`` ignores keys it does not know, so a checkpoint written by a version with more
+    settings still loads; a missing key takes its default.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_C], values: dict[str, Any]) -> _C:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(PlainConfig):
     """Optimisation settings of :func:`fit` (plain values, stored in checkpoints)."""
 
     lr: float = 5e-4  # Adam learning rate (after warm-up)
@@ -108,14 +126,6 @@ class TrainConfig:
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -584,6 +594,26 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> 
         generator.set_state(state["generator"].cpu())
 
 
+def restore_training(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list,
+    generator: torch.Generator | None,
+) -> None:
+    """Put a run back where checkpoint ``state`` left it: weights, optimiser, history rows and RNG streams.
+
+    Shared by every resumable training loop (DSI, dense encoder, self-supervised encoder); each
+    reads its own epoch and step counters from ``state``. A checkpoint saved without an
+    optimiser leaves ``optimizer`` as it is.
+    """
+    model.load_state_dict(state["model"])
+    if state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    history[:] = state["history"]
+    _set_rng_state(state["rng"], generator)
+
+
 def _plain(value: Any, where: str) -> Any:
     """``value`` with NumPy scalars as Python numbers and paths as text; TypeError for anything else but plain data.
 
@@ -867,11 +897,8 @@ def fit(
                 "give each phase its own checkpoint path"
             )
         check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history[:] = state["history"]
+        restore_training(state, model, optimizer, history, generator)
         start_epoch, step, stopped = state["epoch"], state["extra"]["step"], state["extra"]["stopped"]
-        _set_rng_state(state["rng"], generator)
     else:
         torch.manual_seed(config.seed)
 
