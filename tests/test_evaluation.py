@@ -37,6 +37,19 @@ def test_evaluate_bovw_on_digits_beats_chance():
     assert result.timings["n_index"] == 100
 
 
+def test_bovw_averaged_over_vocabularies_is_the_mean_of_the_single_fits():
+    db = build_database(load_images("digits", 32, progress=False), 400, seed=0)
+    first, second = (evaluate_bovw(db, n_words=16, seed=seed, progress=False) for seed in (0, 1))
+    both = evaluate_bovw(db, n_words=16, seed=0, vocabularies=2, progress=False)
+    assert both.timings["vocabularies"] == 2 and first.timings["vocabularies"] == 1
+    values = [result.table.set_index("metric")["value"] for result in (first, second, both)]
+    assert not np.allclose(values[0], values[1])  # the two vocabularies do rank differently
+    for metric in ("P@10", "R@100", "mAP@10"):
+        assert values[2][metric] == pytest.approx((values[0][metric] + values[1][metric]) / 2)
+    with pytest.raises(ValueError, match="vocabularies must be an integer >= 1"):
+        evaluate_bovw(db, n_words=16, vocabularies=0, progress=False)
+
+
 def test_bovw_study_writes_tables_with_paper_numbers(tmp_path):
     results = bovw_study("digits", 32, ns=[400], seeds=[0], out_dir=tmp_path, n_words=16, progress=False)
     csv = tmp_path / "bovw_digits_32px_K16.csv"

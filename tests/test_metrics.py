@@ -117,6 +117,25 @@ def test_evaluate_ranking_table():
     assert df["value"].between(0, 1).all()
 
 
+def test_a_stack_of_rankings_averages_every_metric_per_query():
+    # a second ranker that finds query 0's relevant rows first and misses query 1's
+    other = np.array([[1, 3, 5, 0], [4, 0, 2, 3], [5, 4, 3, 2]])
+    kwargs = dict(ks_precision=(2,), ks_recall=(4,), ks_map=(4,), n_resamples=200)
+    stacked = M.evaluate_ranking(np.stack([RANKED, other]), RELEVANT, **kwargs).set_index("metric")
+    # query 0: P@2 1/2 and 1, R@4 2/3 and 1, AP@4 5/9 and 1; query 1: P@2 1/2 and 0, R@4 1 and 0, AP@4 1/2 and 0
+    assert stacked.at["P@2", "value"] == pytest.approx(((1 / 2 + 1) / 2 + (1 / 2 + 0) / 2 + 0) / 3)
+    assert stacked.at["R@4", "value"] == pytest.approx(((2 / 3 + 1) / 2 + (1 + 0) / 2) / 2)
+    assert stacked.at["mAP@4", "value"] == pytest.approx(((5 / 9 + 1) / 2 + (1 / 2 + 0) / 2) / 2)
+    assert stacked.at["mAP@4", "n_ignored"] == 1  # query 2 has no relevant row in either ranking
+    # the paper protocol sees the same queries (all three here), so it averages too
+    assert stacked.at["paper MAP@10 (mean P@10, 10 queries)", "value"] == pytest.approx(((2 + 3) / 20 + (1 + 0) / 20) / 3)
+    # a stack of one ranking is that ranking
+    single = M.evaluate_ranking(RANKED, RELEVANT, **kwargs)
+    pd.testing.assert_frame_equal(M.evaluate_ranking(RANKED[None], RELEVANT, **kwargs), single)
+    with pytest.raises(ValueError, match="at least one ranking"):
+        M.evaluate_ranking(RANKED[:0][None][:0], RELEVANT, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # validation
 

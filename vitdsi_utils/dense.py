@@ -886,6 +886,7 @@ def dense_study(
     train_config: DenseTrainConfig | None = None,
     include_index: bool = True,
     bovw_words: int = 200,
+    bovw_vocabularies: int = 1,
     depths: tuple[int, ...] = (10, 50, 100),
     k: int = 100,
     runs_dir: str | os.PathLike | None = None,
@@ -899,7 +900,7 @@ def dense_study(
 
     Per database (drawn with ``schemes[0]``'s IDs): the dense encoder is trained (or loaded
     from ``runs_dir``) and evaluated, and BoVW is fitted and evaluated on the same test
-    queries. The re-ranking study re-scores BoVW's candidates and, for every scheme whose DSI
+    queries (averaged over ``bovw_vocabularies`` k-means vocabularies). The re-ranking study re-scores BoVW's candidates and, for every scheme whose DSI
     models ``dsi_runs/<run name>/`` holds, the DSI's, with the dense encoder. ``dsi_table``
     (a CSV written by ``vitdsi dsi``) adds the DSI rows of the same databases to the results
     for comparison. With ``out_dir``: ``dense_<source>_<size>px``, ``rerank_<source>_<size>px``
@@ -925,7 +926,8 @@ def dense_study(
             histories.append(retriever.history_.to_frame().assign(n=n, ids="-", seed=seed))
             table, timings = evaluate_dense(retriever, db, k=k, seed=seed)
             results.append(table.assign(**timings))
-            bovw = evaluate_bovw(db, n_words=bovw_words, k=k, seed=seed, progress=progress)
+            bovw = evaluate_bovw(db, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
+                                 progress=progress)
             results.append(bovw.table.assign(model="BoVW", source=source, size=size, n=n, ids="-", seed=seed,
                                              **bovw.timings))
             for i, scheme in enumerate(schemes):

@@ -144,6 +144,7 @@ def dense_init_study(
     mix_ratio: float | None = 2.0,
     max_pairs_per_query: int | None = None,
     bovw_words: int = 200,
+    bovw_vocabularies: int = 1,
     k: int = 100,
     id_params: dict | None = None,
     dense_runs: str | Path = "data/runs/dense",
@@ -157,7 +158,8 @@ def dense_init_study(
     The dense encoder of each database is trained once (or loaded from ``dense_runs/<database>/dense.pt``,
     where ``vitdsi dense`` keeps it) on the database drawn for the first scheme.
     ``out_dir`` receives ``dsi_dense_init_<source>_<size>px.{csv,md}`` and ``histories_...csv``,
-    rewritten after every run.
+    rewritten after every run. ``bovw_vocabularies`` averages BoVW over that many k-means
+    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`).
     """
     from .data import build_database, load_images
     from .evaluation import evaluate_bovw
@@ -175,7 +177,8 @@ def dense_init_study(
             dense_rows, timings = evaluate_dense(retriever, first, k=k, seed=seed)
             results.append(dense_rows.assign(train_s=timings["train_s"],
                                              search_ms_per_query=timings["search_ms_per_query"]))
-            bovw = evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, progress=False)
+            bovw = evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
+                                 progress=False)
             s = first.settings
             results.append(bovw.table.assign(model="BoVW", source=s["source"], size=s["size"], n=n, ids="-",
                                              seed=seed, **bovw.timings))

@@ -400,15 +400,21 @@ def _paper_protocol(
     (``*_p2.5`` / ``*_p97.5``): the range the paper's number could land in by query choice alone.
     """
     hits = _check_hits(hits)
+    return _paper_protocol_of(precision_at_k(hits, 10), recall_at_k(hits, n_relevant, 100), n_queries=n_queries,
+                              seed=seed, n_draws=n_draws)
+
+
+def _paper_protocol_of(
+    p10: np.ndarray, r100: np.ndarray, *, n_queries: int, seed: int, n_draws: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`_paper_protocol` from per-query P@10 and R@100 (NaN: no relevant item)."""
     if n_queries < 1 or n_draws < 1:
         raise ValueError("n_queries and n_draws must be positive")
-    p10 = precision_at_k(hits, 10)
-    r100 = recall_at_k(hits, n_relevant, 100)
     keys = ("paper_map@10", "paper_recall@100", "paper_map@10_std", "paper_recall@100_std")
     spread_keys = ("paper_map@10_p2.5", "paper_map@10_p97.5", "paper_recall@100_p2.5", "paper_recall@100_p97.5")
-    if hits.shape[0] == 0:
+    if p10.shape[0] == 0:
         return dict.fromkeys(keys + spread_keys, float("nan")), np.array([], dtype=np.int64)
-    idx = _draw_query_subsets(hits.shape[0], n_queries, n_draws, seed)
+    idx = _draw_query_subsets(p10.shape[0], n_queries, n_draws, seed)
     p_means = p10[idx].mean(axis=1)
     r_means = _row_nanmeans(r100[idx])
     values = (p_means[0], r_means[0], _std_over_draws(p_means), _std_over_draws(r_means))
@@ -449,6 +455,12 @@ def evaluate_ranking(
 ) -> pd.DataFrame:
     """Return a table, one row per metric (P@k, R@k, mAP@k, then the paper protocol), columns RESULT_COLUMNS.
 
+    ``ranked`` is one ranking (Q, k) or a stack of V rankings (V, Q, k) of the same queries, for
+    instance from V fits of a baseline with different random seeds. With a stack, every metric
+    is first computed per ranking and then averaged per query over the V rankings, so the
+    interval is over queries of the seed-averaged score: the ranker's expected quality, not the
+    luck of one fit.
+
     ``value`` is the mean over queries (fractions in [0, 1]); ``ci_low``/``ci_high`` a 95%
     percentile bootstrap interval over queries; ``chance`` the expectation for a random
     ranking; ``n_queries`` the queries averaged and ``n_ignored`` those skipped because they
@@ -457,15 +469,25 @@ def evaluate_ranking(
     chance level of the metric they are computed from.
     """
     relevant = np.asarray(relevant)
-    hits = relevance_matrix(ranked, relevant)
+    ranked = np.asarray(ranked)
+    if ranked.ndim == 3:
+        if ranked.shape[0] == 0:
+            raise ValueError("a stack of rankings (V, Q, k) needs at least one ranking")
+        stack = [relevance_matrix(r, relevant) for r in ranked]
+    else:
+        stack = [relevance_matrix(ranked, relevant)]
     n_rel = relevant.sum(axis=1)
     n_db = relevant.shape[1]
 
+    def per_query(metric: Any, *args: Any) -> np.ndarray:
+        """The metric of every query, averaged over the rankings of the stack."""
+        return np.mean([metric(hits, *args) for hits in stack], axis=0)
+
     # (name, per-query values, chance) for every requested metric
-    specs = [(f"P@{k}", precision_at_k(hits, k), chance_precision_at_k(n_rel, n_db, k)) for k in ks_precision]
-    specs += [(f"R@{k}", recall_at_k(hits, n_rel, k), chance_recall_at_k(n_rel, n_db, k)) for k in ks_recall]
+    specs = [(f"P@{k}", per_query(precision_at_k, k), chance_precision_at_k(n_rel, n_db, k)) for k in ks_precision]
+    specs += [(f"R@{k}", per_query(recall_at_k, n_rel, k), chance_recall_at_k(n_rel, n_db, k)) for k in ks_recall]
     specs += [
-        (f"mAP@{k}", average_precision_at_k(hits, n_rel, k), chance_average_precision_at_k(n_rel, n_db, k))
+        (f"mAP@{k}", per_query(average_precision_at_k, n_rel, k), chance_average_precision_at_k(n_rel, n_db, k))
         for k in ks_map
     ]
     rows = [_summary_row(name, values, chance, n_resamples, seed) for name, values, chance in specs]
@@ -473,7 +495,8 @@ def evaluate_ranking(
     # The paper's protocol: report its first draw, and how many of the drawn queries entered it.
     # Its "interval" is the 2.5-97.5 percentile range over 1000 draws of 10 queries: where the
     # paper's number could have landed by the choice of queries alone (not a bootstrap CI).
-    paper, drawn = _paper_protocol(hits, n_rel, n_queries=10, seed=seed, n_draws=1000)
+    paper, drawn = _paper_protocol_of(per_query(precision_at_k, 10), per_query(recall_at_k, n_rel, 100),
+                                      n_queries=10, seed=seed, n_draws=1000)
     n_recall_valid = int(np.count_nonzero(n_rel[drawn] > 0))
     rows.append({
         "metric": "paper MAP@10 (mean P@10, 10 queries)", "value": paper["paper_map@10"],
