@@ -1476,6 +1476,99 @@ fig
 NOTEBOOKS["12_incremental.ipynb"] = NB_INCREMENTAL
 
 
+# ------------------------------------------------------------------------------------------
+# 13_pretrain: the DSI's encoder pretrained without labels on images outside the databases
+PRETRAIN = ["PRETRAIN_N", "PRETRAIN_SCHEME", "SSL_EPOCHS", "SSL_BATCH_SIZE", "SSL_IMAGES"]
+NB_PRETRAIN = [
+    md("""
+# 13 · A better start for the encoder: self-supervised pretraining
+
+Notebook 03's DSI starts from random weights and has to learn what photos look like from the few
+hundred images it memorises. Pretrained weights cannot be downloaded on the project's machines, so
+the encoder learns from unlabelled images itself, in the style of SimCLR: two random views of every
+image (crop, flip, colour jitter, grayscale), and an InfoNCE loss that asks each view to find its
+partner among the other views of the batch. Labels are never read.
+
+The images come from *outside* every database of this profile (`NS`), in any role (indexed, train,
+val or test query), so the pretraining never sees an image that is later memorised or used as a
+query. `SSL_IMAGES` of them (a seeded subset; all of them when it is `None`) are used for
+`SSL_EPOCHS` epochs.
+
+The DSI is then indexed and fine-tuned from the pretrained encoder with notebook 03/04's settings,
+on the same database (`PRETRAIN_N`, `PRETRAIN_SCHEME` IDs), and compared with the model that
+03/04 trained from scratch, which is loaded from `RUNS_DIR`. A user who has a torchvision ViT's
+weights can start from those instead: `vitdsi dsi --encoder-init torchvision PATH`.
+"""),
+    parameters_cell(["PROFILE", "DATASET", "SIZE", "NS", "SEEDS"] + MODEL + INDEXING + RETRIEVAL + ["K"] + PRETRAIN,
+                    runner=("OUT_DIR", "RUNS_DIR")),
+    code("""
+from IPython.display import Markdown, display
+
+from vitdsi_utils import study
+from vitdsi_utils.plots import save_figure
+from vitdsi_utils.pretrain import SSLConfig, pretrain_figure, pretrain_study
+from vitdsi_utils.tables import write_csv, write_table
+from vitdsi_utils.train import TrainConfig
+
+paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+seed = SEEDS[0]
+""" + MODEL_OVERRIDES + """
+
+def retrieval_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
+"""),
+    md("""
+## Pretraining, then the DSI from the pretrained encoder
+
+The pretrained encoder is kept in `RUNS_DIR` (`ssl-...` folder), so a rerun loads it. The
+from-scratch DSI is notebook 03/04's model of the same database, loaded; the DSI from the
+pretrained encoder has its own run folder (`...-init-ssl`).
+"""),
+    code("""
+out = pretrain_study(
+    DATASET, SIZE, PRETRAIN_N, seed, PRETRAIN_SCHEME, exclude_ns=NS, model_overrides=model_overrides,
+    ssl_config=SSLConfig(epochs=SSL_EPOCHS, batch_size=SSL_BATCH_SIZE, seed=seed, progress=False),
+    index_config=index_config(seed), retrieval_config=retrieval_config(seed),
+    max_pairs_per_query=MAX_PAIRS_PER_QUERY, train_scratch=True, max_images=SSL_IMAGES, runs_dir=paths.runs,
+    progress=False,
+)
+write_table(out["results"], paths.tables / "pretrain", markdown=out["markdown"])
+write_table(out["paired"], paths.tables / "pretrain_paired")
+write_table(out["probes"], paths.tables / "pretrain_probes")
+write_csv(out["ssl_history"], paths.tables / "pretrain_ssl_history.csv")
+write_csv(out["histories"], paths.tables / "pretrain_histories.csv")
+display(Markdown(out["markdown"]))
+"""),
+    md("""
+## What the pretraining changed
+
+Left: the InfoNCE loss per pretraining epoch. Right: how fast each DSI memorises its indexed images
+(sequence accuracy per indexing epoch; the dots are the stop checks without dropout). The paired
+differences below compare the two DSIs query by query on the same test queries, which gives much
+narrower intervals than comparing the two rows' separate intervals.
+"""),
+    code("""
+fig = pretrain_figure(out["ssl_history"], out["histories"])
+save_figure(fig, paths.figures / "pretrain.png")
+results = out["results"]
+epochs = results[results["model"] == "DSI zero-shot"].groupby("init")["epochs"].first()
+print(f"indexing epochs to IA@1 >= {TARGET_ACCURACY}: from scratch {epochs.get('scratch')}, "
+      f"from the pretrained encoder {epochs.get('ssl')}")
+for row in out["paired"].itertuples():
+    verdict = ("better" if row.ci_low > 0 else "worse" if row.ci_high < 0 else "no difference the interval can tell")
+    print(f"{row.model}, {row.metric}: pretrained minus scratch {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] "
+          f"-> {verdict}")
+fig
+"""),
+    md("""
+The probes in the table above say how much the pretraining taught the encoder before any DSI
+training: the class accuracy of a 10-nearest-neighbour vote and of a linear probe on its
+embeddings, and cosine retrieval mAP@10, for the random and the pretrained encoder.
+`make pretrain` runs a longer pretraining on every outside image (`reports/pretrain/`).
+"""),
+]
+NOTEBOOKS["13_pretrain.ipynb"] = NB_PRETRAIN
+
 def build(folder: Path = HERE) -> list[Path]:
     """Write every notebook (no outputs, no execution counts, kernel python3); return the paths."""
     written = []

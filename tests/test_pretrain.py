@@ -368,12 +368,13 @@ def test_pretrain_study_writes_its_report(tmp_path):
         "digits", 32, 100, 0, "clustered", exclude_ns=(100, 200),
         model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
         ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
-        train_scratch=True, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out", progress=False,
+        train_scratch=True, max_images=300, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out", progress=False,
     )
     assert set(out["results"]["init"]) == {"ssl", "scratch"}
+    assert out["probes"]["ssl_images"].iloc[0] == 300  # a subset of the digits outside both databases
+    assert "over 300 images that no database of the study uses" in out["markdown"]
     assert list(out["probes"]["encoder"]) == ["random init", "SSL pretrained"]
     assert out["probes"][["knn_acc", "linear_acc", "map@10"]].stack().between(0, 1).all()
-    assert 0 < out["probes"]["ssl_images"].iloc[0] <= 1797 - 200  # the digits outside both databases
     paired = out["paired"]
     assert np.allclose(paired["diff"], paired["a"] - paired["b"])
     results = out["results"]
@@ -384,6 +385,13 @@ def test_pretrain_study_writes_its_report(tmp_path):
                  "ssl_history_digits_32px.csv", "pretrain_digits_32px.png"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "Paired differences" in (tmp_path / "out" / "pretrain_digits_32px.md").read_text()
+
+
+def test_pretrain_study_refuses_a_subset_too_small_for_info_nce():
+    from vitdsi_utils.pretrain import pretrain_study
+
+    with pytest.raises(ValueError, match="max_images must be None or an integer >= 2"):
+        pretrain_study("digits", 32, 100, 0, max_images=1, progress=False)
 
 
 def test_paired_comparison_of_a_model_with_itself_is_zero():

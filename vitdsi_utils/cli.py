@@ -248,8 +248,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         model_overrides={"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos},
         ssl_config=ssl_config, index_config=index_config, retrieval_config=retrieval_config,
         max_pairs_per_query=args.max_pairs_per_query, baseline_table=args.baseline,
-        baseline_histories=args.baseline_histories, train_scratch=args.scratch, runs_dir=runs, out_dir=out,
-        root=args.root,
+        baseline_histories=args.baseline_histories, train_scratch=args.scratch, max_images=args.ssl_images,
+        runs_dir=runs, out_dir=out, root=args.root,
     )
     print(comparison_frame(result["results"]).to_string(index=False))
     if len(result["paired"]):
@@ -509,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pretrain only on images that none of the databases of these sizes uses")
     pretrain.add_argument("--ssl-epochs", type=int, default=4, help="pretraining epochs over the outside images")
     pretrain.add_argument("--ssl-batch-size", type=int, default=128)
+    pretrain.add_argument("--ssl-images", type=int, default=None,
+                          help="pretrain on a seeded random subset of this many outside images (default: all)")
     pretrain.add_argument("--ssl-lr", type=float, default=1e-3)
     pretrain.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
     pretrain.add_argument("--min-scale", type=float, default=0.25, help="smallest crop area fraction")

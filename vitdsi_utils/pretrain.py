@@ -804,6 +804,7 @@ def pretrain_study(
     baseline_table: str | os.PathLike | None = None,
     baseline_histories: str | os.PathLike | None = None,
     train_scratch: bool = False,
+    max_images: int | None = None,
     runs_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
@@ -818,9 +819,13 @@ def pretrain_study(
     is trained from the pretrained encoder with ``index_config`` / ``retrieval_config``; the
     from-scratch numbers come from ``baseline_table`` (a ``vitdsi dsi`` CSV, with
     ``baseline_histories`` for its curves) or, with ``train_scratch``, from a run here.
-    Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` = scratch / ssl),
-    ``probes``, ``ssl_history``, ``histories`` (indexing curves) and a figure.
+    ``max_images`` pretrains on a seeded random subset of that many outside images (None: all),
+    for a shorter run. Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` =
+    scratch / ssl), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``
+    and a figure; ``markdown`` is the report (settings, the tables and the probes).
     """
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 2):
+        raise ValueError(f"max_images must be None or an integer >= 2 (InfoNCE needs two images), got {max_images!r}")
     from .data import build_database, load_images
     from .evaluation import attach_paper
     from .experiments import run_experiment, run_name
@@ -836,6 +841,9 @@ def pretrain_study(
     others = [build_database(image_set, m, id_scheme=scheme, seed=seed) for m in sorted(set(exclude_ns) - {n})
               if m <= len(image_set.images)]
     images, rows = outside_images(image_set, [db, *others])
+    if max_images is not None and max_images < len(images):
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), size=max_images, replace=False))
+        images, rows = images[keep], rows[keep]
     # the encoder of the DSI: every architecture field of the DSI's config, so the weights fit it
     dsi_fields = DSIConfig(image_size=size, **overrides).to_dict()
     encoder_config = ViTConfig(**{k: v for k, v in dsi_fields.items() if k in {f.name for f in fields(ViTConfig)}})
@@ -901,9 +909,10 @@ def pretrain_study(
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame,
            "paired": paired}
+    out["markdown"] = _pretrain_markdown(out, source, size, n, scheme, seed, encoder_config, ssl_config, len(images),
+                                         ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
     if out_dir is not None:
-        _write_pretrain_report(out, Path(out_dir), source, size, n, scheme, seed, encoder_config, ssl_config,
-                               len(images), ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
+        _write_pretrain_report(out, Path(out_dir), source, size)
     return out
 
 
@@ -994,13 +1003,10 @@ def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     return fig
 
 
-def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int, n: int, scheme: str, seed: int,
-                           encoder_config: ViTConfig, ssl_config: SSLConfig, n_images: int, ssl_seconds: float,
-                           index_config: Any, retrieval_config: Any, max_pairs: int | None) -> None:
-    from .plots import save_figure
-    from .tables import write_csv, write_table
-
-    stem = f"{source}_{size}px"
+def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, seed: int,
+                       encoder_config: ViTConfig, ssl_config: SSLConfig, n_images: int, ssl_seconds: float,
+                       index_config: Any, retrieval_config: Any, max_pairs: int | None) -> str:
+    """The report of :func:`pretrain_study`: settings, DSI rows by initialisation, paired differences, probes."""
     comparison = comparison_frame(out["results"])
     probes = out["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3)
     c, s = encoder_config, ssl_config
@@ -1012,7 +1018,7 @@ def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int, n: 
         f"image (random resized crop down to {s.min_scale:g} of the area, flip, colour jitter {s.jitter:g} with "
         f"p {s.jitter_p:g}, grayscale with p {s.gray_p:g}), projection head {c.dim}-{s.proj_hidden}-{s.proj_dim}, "
         f"AdamW lr {s.lr:g} (warm-up {s.warmup_steps} steps, cosine decay), batch {s.batch_size}, {s.epochs} epochs "
-        f"over the {n_images} images that no database of the study uses ({ssl_seconds / 60:.1f} min). "
+        f"over {n_images} images that no database of the study uses ({ssl_seconds / 60:.1f} min). "
         f"DSI: indexing lr {index_config.lr:g}, warm-up {index_config.warmup_steps}, until IA@1 >= "
         f"{index_config.target_accuracy} (at most {index_config.epochs} epochs); fine-tuning {retrieval_config.epochs} "
         f"epochs" + (f", at most {max_pairs} pairs per query" if max_pairs else "") + ". Metrics over all test "
@@ -1034,7 +1040,15 @@ def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int, n: 
         "",
         probes.to_markdown(index=False),
     ])
-    write_table(out["results"], out_dir / f"pretrain_{stem}", markdown=markdown)
+    return markdown
+
+
+def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int) -> None:
+    from .plots import save_figure
+    from .tables import write_csv, write_table
+
+    stem = f"{source}_{size}px"
+    write_table(out["results"], out_dir / f"pretrain_{stem}", markdown=out["markdown"])
     write_table(out["probes"], out_dir / f"probes_{stem}")
     if not out["paired"].empty:
         write_table(out["paired"], out_dir / f"paired_{stem}")
