@@ -1192,7 +1192,10 @@ Computed from the tables above, never written in advance.
 - **Target 3**: a DSI variant with IA@1 >= 0.95 whose 95% intervals of mAP@10 *and* P@10 lie
   wholly above BoVW's, at every N. Overlapping intervals do not count.
 - **Target 4**: a scheme without labels within 0.03 of clustered IDs on every metric (point
-  estimates; the intervals are far wider than 0.03 at these query counts).
+  estimates; the intervals are far wider than 0.03 at these query counts). As written, the target
+  is two-sided, so a scheme that *beats* clustered IDs by more than 0.03 fails it; the last column
+  gives the one-sided reading (no metric more than 0.03 below clustered), and both verdicts are
+  printed.
 """),
     code("""
 t2 = targets.zero_shot_memorisation(results)
@@ -1224,6 +1227,10 @@ t4_ok = targets.summarise(t4, column="within_target")
 print("Target 4:", "met by " + ", ".join(f"{r.model} ({r.ids})" for r in t4_ok[t4_ok["met_everywhere"]].itertuples())
       if t4_ok["met_everywhere"].any() else
       f"not met; the smallest largest-gap is {t4['max_abs_gap'].min():.3f}" if len(t4) else "no scheme to compare")
+if len(t4):
+    one_sided = targets.summarise(t4, column="not_worse")
+    print("Target 4, one-sided (no metric more than 0.03 below clustered at every N):",
+          ", ".join(f"{r.model} ({r.ids})" for r in one_sided[one_sided["met_everywhere"]].itertuples()) or "none")
 """),
 ]
 NOTEBOOKS["14_dense_init.ipynb"] = NB_INIT

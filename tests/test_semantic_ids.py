@@ -12,7 +12,7 @@ import torch
 from vitdsi_utils.data import build_database, load_images
 from vitdsi_utils.decoding import beam_search, greedy_decode, rank_exhaustive
 from vitdsi_utils.experiments import fine_tune, index_database, run_name
-from vitdsi_utils.id_study import gap_table, ids_markdown
+from vitdsi_utils.id_study import gap_markdown, gap_table, ids_markdown
 from vitdsi_utils.ids import IDCodec, make_codec
 from vitdsi_utils.model import DSIConfig, DSIModel
 from vitdsi_utils.semantic_ids import (
@@ -263,15 +263,18 @@ def test_sibling_agreement_known_answer():
 def test_gap_table_and_markdown():
     rows = []
     for model, ids, ia, p10 in [("DSI zero-shot", "clustered", 1.0, 0.30), ("DSI zero-shot", "random", 0.98, 0.20),
-                                ("DSI zero-shot", "semantic", 0.99, 0.29)]:
+                                ("DSI zero-shot", "semantic", 0.99, 0.29), ("DSI zero-shot", "rq", 1.0, 0.38)]:
         for metric, value in (("IA@1", ia), ("P@10", p10)):
             rows.append(dict(model=model, n=512, seed=0, ids=ids, metric=metric, value=value, ci_low=value - 0.05,
                              ci_high=value + 0.05, chance=0.1))
     results = pd.DataFrame(rows)
     gaps = gap_table(results, metrics=("IA@1", "P@10"))
-    assert gaps["ids"].tolist() == ["random", "semantic"]
-    assert gaps["P@10"].tolist() == pytest.approx([-0.10, -0.01])
-    assert gaps["within_target"].tolist() == [False, True]
+    assert gaps["ids"].tolist() == ["random", "semantic", "rq"]
+    assert gaps["P@10"].tolist() == pytest.approx([-0.10, -0.01, 0.08])
+    # as written (|gap| <= 0.03) the better rq IDs fail; read one-sided (no metric 0.03 below) they pass
+    assert gaps["within_target"].tolist() == [False, True, False]
+    assert gaps["not_worse"].tolist() == [False, True, True]
+    assert "| DSI zero-shot | 512 | 0 | rq | +0.000 | +0.080 | 0.080 | no | yes |" in gap_markdown(gaps)
     runs = pd.DataFrame([dict(model="DSI zero-shot", n=512, seed=0, ids=ids, mean_length=2.0, max_length=3,
                               vocab_size=13, collision_rate=0.0, sibling_agreement=0.5, sibling_chance=0.1,
                               invalid_beam=0.0, invalid_greedy=0.25, train_s=10.0)
