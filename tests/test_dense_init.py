@@ -79,6 +79,16 @@ def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, e
     with pytest.raises(ValueError, match="encoder_init"):
         run_dense_init(db, other, run_dir=tmp_path, model_overrides=SHAPE,
                        index_config=TrainConfig(epochs=2, seed=0, progress=False))
+    # the multi-task options reach the fine-tuning: the finished model was trained on fixed pairs, so
+    # asking for same-class targets in the same folder is refused with the option named
+    from vitdsi_utils.train import CheckpointError
+
+    with warnings.catch_warnings(), pytest.raises(CheckpointError, match="targets"):
+        warnings.simplefilter("ignore")
+        run_dense_init(db, encoder_path, run_dir=tmp_path, model_overrides=SHAPE,
+                       index_config=TrainConfig(epochs=2, seed=0, progress=False),
+                       multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
+                       mix_ratio=1.0, max_pairs_per_query=2, k=10, targets="same-class")
 
 
 def test_an_encoder_of_another_shape_is_refused(tmp_path, images):

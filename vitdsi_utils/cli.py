@@ -220,7 +220,8 @@ def _cmd_dense_init(args: argparse.Namespace) -> int:
                                  warmup_steps=args.warmup_steps, seed=seed),
         multitask_config=TrainConfig(epochs=args.multitask_epochs, lr=args.lr, seed=seed),
         mix_ratio=args.mix_ratio, max_pairs_per_query=args.max_pairs_per_query, bovw_words=args.words,
-        bovw_vocabularies=args.vocabularies, id_params={"k": args.semantic_k, "c": args.semantic_c},
+        bovw_vocabularies=args.vocabularies, targets=args.targets, index_views=args.index_views,
+        id_params={"k": args.semantic_k, "c": args.semantic_c},
         dense_runs=dense_runs, runs_dir=runs, out_dir=out,
         root=args.root,
     )
@@ -491,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--mix-ratio", type=float, default=2.0, help="retrieval pairs per indexed image per epoch")
     init.add_argument("--max-pairs-per-query", type=int, default=5,
                       help="cap on (query, relevant ID) pairs per query (a seeded sample)")
+    init.add_argument("--targets", default="pairs", choices=["pairs", "same-class"],
+                      help="multi-task retrieval targets: fixed (query, relevant ID) pairs, or one relevant ID "
+                      "drawn per train query and epoch")
+    init.add_argument("--index-views", type=int, default=0,
+                      help="augmented views of every indexed image per epoch as extra queries of its own ID")
     init.add_argument("--semantic-k", type=int, default=10, help="semantic IDs: k-means branching factor")
     init.add_argument("--semantic-c", type=int, default=10, help="semantic IDs: leaf size")
     init.add_argument("--words", type=int, default=200, help="BoVW visual words")

@@ -94,6 +94,8 @@ def run_dense_init(
     max_pairs_per_query: int | None = None,
     k: int = 100,
     id_params: dict | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
 ) -> DenseInitRun:
     """Index ``db`` with a DSI whose encoder starts as the dense encoder saved at ``encoder_path``,
     then fine-tune it multi-task; score both models.
@@ -105,7 +107,8 @@ def run_dense_init(
     ``run_dir`` keeps the models (``zero_shot.pt``, ``multitask.pt``) so a rerun only evaluates;
     give each scheme its own folder. The checkpoints record which encoder they started from, so
     a folder trained from another one is refused. The table's models are :data:`INIT_ZERO_SHOT`
-    and :data:`INIT_MULTITASK`.
+    and :data:`INIT_MULTITASK`. ``targets`` and ``index_views`` are the multi-task phase's
+    fine-tuning options (:func:`~vitdsi_utils.experiments.fine_tune`), e.g. ``targets="same-class"``.
     """
     scheme = scheme or db.settings["id_scheme"]
     encoder, _ = load_dense(encoder_path)
@@ -124,6 +127,8 @@ def run_dense_init(
         codec=codec,
         ids=scheme,
         encoder_init=("dense", encoder_path),
+        targets=targets,
+        index_views=index_views,
     )
     experiment.table["model"] = experiment.table["model"].replace(_RENAME)
     return DenseInitRun(experiment, scheme, codec, facts)
@@ -147,6 +152,8 @@ def dense_init_study(
     bovw_vocabularies: int = 1,
     k: int = 100,
     id_params: dict | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
     dense_runs: str | Path = "data/runs/dense",
     runs_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -159,7 +166,8 @@ def dense_init_study(
     where ``vitdsi dense`` keeps it) on the database drawn for the first scheme.
     ``out_dir`` receives ``dsi_dense_init_<source>_<size>px.{csv,md}`` and ``histories_...csv``,
     rewritten after every run. ``bovw_vocabularies`` averages BoVW over that many k-means
-    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`).
+    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`). ``targets`` and ``index_views``
+    go to :func:`run_dense_init`.
     """
     from .data import build_database, load_images
     from .evaluation import evaluate_bovw
@@ -189,7 +197,8 @@ def dense_init_study(
                 run = run_dense_init(
                     db, dense_dir / "dense.pt", scheme=scheme, run_dir=run_dir, model_overrides=overrides,
                     index_config=index_config, multitask_config=multitask_config, mix_ratio=mix_ratio,
-                    max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params,
+                    max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params, targets=targets,
+                    index_views=index_views,
                 )
                 results.append(run.experiment.table)
                 facts.append({"n": n, "seed": seed, "ids": scheme, **run.id_facts,
