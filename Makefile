@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init pretrain scale scale-gpu incremental test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init pretrain scale scale-gpu incremental test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -80,6 +80,16 @@ dense: venv
 dsi-dense-init: venv
 	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered random semantic \
 	  --out reports/dsi_dense_init --runs data/runs/dsi_dense_init --dense-runs data/runs/dense
+
+## the same with same-class targets in the multi-task phase, the setting chosen on the val queries at N = 1024
+## (`make tune-dense-init` -> reports/dsi_dense_init/tuning_val_N1024.md) -> reports/dsi_dense_init_sameclass/
+dsi-dense-init-sameclass: venv
+	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered semantic --targets same-class \
+	  --out reports/dsi_dense_init_sameclass --runs data/runs/dsi_dense_init_sameclass --dense-runs data/runs/dense
+
+## multi-task settings of the dense-init DSI scored on the val queries (needs `make dsi-dense-init`) -> reports/dsi_dense_init/
+tune-dense-init: venv
+	$(BIN)/python scripts/tune_dense_init.py --n 1024 --scheme clustered
 
 ## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
 ## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/
