@@ -385,6 +385,16 @@ def test_pretrain_study_writes_its_report(tmp_path):
                  "ssl_history_digits_32px.csv", "pretrain_digits_32px.png"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "Paired differences" in (tmp_path / "out" / "pretrain_digits_32px.md").read_text()
+    # other pretraining settings get their own encoder and DSI folders instead of a refused checkpoint
+    pretrain_study(
+        "digits", 32, 100, 0, "clustered", exclude_ns=(100, 200),
+        model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
+        ssl_config=SSLConfig(epochs=2, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
+        max_images=300, runs_dir=tmp_path / "runs", progress=False,
+    )
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert "ssl-digits-32px-N100-seed0-e1-b64-i300" in runs and "ssl-digits-32px-N100-seed0-e2-b64-i300" in runs
+    assert sum(name.endswith("-init-ssl-e2-b64-i300") for name in runs) == 1
 
 
 def test_pretrain_study_refuses_a_subset_too_small_for_info_nce():

@@ -847,7 +847,10 @@ def pretrain_study(
     # the encoder of the DSI: every architecture field of the DSI's config, so the weights fit it
     dsi_fields = DSIConfig(image_size=size, **overrides).to_dict()
     encoder_config = ViTConfig(**{k: v for k, v in dsi_fields.items() if k in {f.name for f in fields(ViTConfig)}})
-    ssl_dir = runs_dir / f"ssl-{source}-{size}px-N{n}-seed{seed}" if runs_dir is not None else None
+    # one folder per pretraining (epochs, batch, number of images), so a study whose SSL settings
+    # change trains a new encoder beside the old one instead of refusing the old checkpoint
+    ssl_tag = f"e{ssl_config.epochs}-b{ssl_config.batch_size}-i{len(images)}"
+    ssl_dir = runs_dir / f"ssl-{source}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
     ssl_path = ssl_dir / "ssl.pt" if ssl_dir is not None else None
     torch.manual_seed(ssl_config.seed)
     model = SSLEncoder(encoder_config, ssl_config.proj_hidden, ssl_config.proj_dim)
@@ -871,7 +874,7 @@ def pretrain_study(
     tables, histories, models = [], [], {}
     runs = [("ssl", ("ssl", ssl_path))] + ([("scratch", None)] if train_scratch else [])
     for init, spec in runs:
-        name = run_name(db) + (f"-init-{init}" if spec is not None else "")
+        name = run_name(db) + (f"-init-{init}-{ssl_tag}" if spec is not None else "")
         experiment = run_experiment(
             db, model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
             run_dir=runs_dir / name if runs_dir is not None else None, max_pairs_per_query=max_pairs_per_query,
