@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     incremental.set_defaults(func=_cmd_incremental)
 
     study = commands.add_parser("study", help="run the study's notebooks with a profile's parameters (report in reports/<profile>)")
-    study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (64 px, over an hour on 2 cores), paper (GPU) "
+    study.add_argument("--profile", default="smoke", help="smoke (minutes, CI), cpu (64 px, about 40 minutes on 2 cores), paper (GPU) "
                        "or a path to a YAML profile (default: smoke)")
     study.add_argument("--start-at", default=None, metavar="NAME",
                        help="run NAME (e.g. 04 or 04_retrieval) and every notebook after it; the ones before "
