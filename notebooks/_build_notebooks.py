@@ -74,6 +74,12 @@ def index_config(seed: int) -> TrainConfig:
                        warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
 """
 
+RETRIEVAL_CONFIG = """
+
+def retrieval_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
+"""
+
 # ------------------------------------------------------------------------------------------
 NB_DATA = [
     md("""
@@ -391,11 +397,7 @@ from vitdsi_utils.train import TrainConfig, seed_everything
 
 paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 image_set = data.load_images(DATASET, SIZE, progress=False)
-""" + MODEL_OVERRIDES + """
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-"""),
+""" + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     code("""
 histories = []
 for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
@@ -800,11 +802,7 @@ from vitdsi_utils.train import TrainConfig
 paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 image_set = data.load_images(DATASET, SIZE, progress=False)
 id_params = dict(k=IDS_K, c=IDS_C, levels=IDS_RQ_LEVELS, codebook_size=IDS_RQ_CODEBOOK, bovw_words=BOVW_WORDS)
-""" + MODEL_OVERRIDES + """
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-"""),
+""" + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""
 ## Training and scoring
 
@@ -1519,11 +1517,7 @@ from vitdsi_utils.train import TrainConfig
 
 paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 seed = SEEDS[0]
-""" + MODEL_OVERRIDES + """
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-"""),
+""" + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""
 ## Pretraining, then the DSI from the pretrained encoder
 

@@ -263,6 +263,21 @@ def _model_overrides(args: argparse.Namespace) -> dict:
             "heads": args.heads, "dropout": args.dropout}
 
 
+def _index_config(args: argparse.Namespace):
+    """The indexing settings of `_add_model_arguments` as a TrainConfig (epochs from --index-epochs)."""
+    from .train import TrainConfig
+
+    return TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
+                       warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
+                       device=args.device, amp=args.amp, compile=args.compile)
+
+
+def _add_vocabularies_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocabularies", type=int, default=BOVW_VOCABULARIES,
+                        help="average BoVW's metrics per query over this many k-means vocabularies "
+                        "(seeds seed, seed+1, ...)")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", type=int, default=16, help="patch size (default 16, the paper's)")
     parser.add_argument("--dim", type=int, default=128)
@@ -283,16 +298,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_scale(args: argparse.Namespace) -> int:
     from .data import load_images
     from .scale import scale_markdown, scale_study
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "scale")
     runs = Path(args.runs or settings.data_dir() / "runs" / "scale")
     image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
     ns = [n if n > 0 else len(image_set) for n in args.n]  # 0 means every usable image
     ia_ns = [n if n > 0 else len(image_set) for n in args.ia_n]
-    config = TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
-                         warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
-                         device=args.device, amp=args.amp, compile=args.compile)
+    config = _index_config(args)
     start = time.perf_counter()
     latency, ia, _ = scale_study(
         image_set, ns, ia_ns, index_config=config, out_dir=out, runs_dir=runs, model_overrides=_model_overrides(args),
@@ -308,14 +320,11 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 def _cmd_incremental(args: argparse.Namespace) -> int:
     from .data import build_database, load_images
     from .incremental import incremental_study
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "incremental")
     runs = Path(args.runs or settings.data_dir() / "runs" / "incremental")
     image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
-    config = TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
-                         warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
-                         device=args.device, amp=args.amp, compile=args.compile)
+    config = _index_config(args)
     start = time.perf_counter()
     for n in args.n:
         db = build_database(image_set, n, id_scheme=args.ids, seed=args.seeds[0])
@@ -362,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="VLAD encoding (per-word sums of residuals, K x 128 values) instead of word histograms; "
                       "also writes vlad_<source>_<size>px.{csv,md}: every VLAD table of --out beside plain BoVW "
                       f"with {BOVW_WORDS} words (run that first)")
-    bovw.add_argument("--vocabularies", type=int, default=BOVW_VOCABULARIES,
-                      help="average the metrics per query over this many k-means vocabularies (seeds seed, seed+1, ...)")
+    _add_vocabularies_argument(bovw)
     bovw.add_argument("--rootsift", action="store_true", help="RootSIFT descriptors")
     bovw.add_argument("--tfidf", action="store_true", help="tf-idf weighting of the histograms (not with --vlad)")
     bovw.add_argument("--power-norm", action=argparse.BooleanOptionalAction, default=None,
@@ -461,8 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--queries-only", action="store_true",
                        help="train on the train queries only (default: also on the indexed images, as the DSI)")
     dense.add_argument("--words", type=int, default=200, help="BoVW visual words")
-    dense.add_argument("--vocabularies", type=int, default=BOVW_VOCABULARIES,
-                      help="average BoVW per query over this many k-means vocabularies (seeds seed, seed+1, ...)")
+    _add_vocabularies_argument(dense)
     dense.add_argument("--depths", type=int, nargs="+", default=[10, 50, 100], help="re-ranking depths M")
     dense.add_argument("--dsi-runs", default=None, help="folder of DSI runs (vitdsi dsi --runs) whose models to re-rank")
     dense.add_argument("--dsi-table", default=None, help="a DSI results CSV (vitdsi dsi) to show beside the dense rows")
@@ -500,8 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--semantic-k", type=int, default=10, help="semantic IDs: k-means branching factor")
     init.add_argument("--semantic-c", type=int, default=10, help="semantic IDs: leaf size")
     init.add_argument("--words", type=int, default=200, help="BoVW visual words")
-    init.add_argument("--vocabularies", type=int, default=BOVW_VOCABULARIES,
-                      help="average BoVW per query over this many k-means vocabularies (seeds seed, seed+1, ...)")
+    _add_vocabularies_argument(init)
     init.add_argument("--dense-runs", default=None, help="dense encoders (default: data/runs/dense, as vitdsi dense)")
     init.add_argument("--runs", default=None, help="DSI checkpoints (default: data/runs/dsi_dense_init)")
     init.add_argument("--out", default=None, help="output folder (default: reports/dsi_dense_init)")

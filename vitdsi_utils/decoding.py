@@ -13,7 +13,9 @@ and EOS (PAD after EOS costs nothing). Results come back on the CPU.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
+import numpy as np
 import torch
 
 from .ids import IDCodec, PrefixTrie
@@ -130,6 +132,30 @@ def beam_search(
     finally:
         model.train(was_training)
     return scores, rows
+
+
+def indexing_accuracy(
+    model: DSIModel,
+    codec: IDCodec,
+    images: Any,
+    rows: Any = None,
+    *,
+    beam_size: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> float:
+    """IA@1: the share of indexed ``images`` whose top-1 beam-search ID is their own.
+
+    ``images`` are uint8 (N, H, W, 3), array or tensor; ``rows`` their rows in ``codec``
+    (default ``0 .. N-1``). With ``device`` the model is moved there first (a model loaded from a
+    checkpoint sits on the CPU). The beam search leaves the model's train/eval mode as it was.
+    """
+    if device is not None:
+        model.to(device)
+    images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows)
+    _, found = beam_search(model, images, codec, k=1, beam_size=beam_size, batch_size=batch_size, device=device)
+    return float((found[:, 0] == rows).float().mean())
 
 
 @torch.inference_mode()

@@ -493,7 +493,6 @@ def _read_checkpoint(path: str | os.PathLike, map_location: str | torch.device =
 
 def load_dense(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseEncoder, dict]:
     """(encoder in eval mode, meta: every checkpoint entry but weights, optimiser and RNG); ``weights_only=True``."""
-
     state = _read_checkpoint(path, map_location)
     model = DenseEncoder(DenseConfig.from_dict(state["config"]))
     try:
@@ -900,8 +899,9 @@ def dense_study(
 
     Per database (drawn with ``schemes[0]``'s IDs): the dense encoder is trained (or loaded
     from ``runs_dir``) and evaluated, and BoVW is fitted and evaluated on the same test
-    queries (averaged over ``bovw_vocabularies`` k-means vocabularies). The re-ranking study re-scores BoVW's candidates and, for every scheme whose DSI
-    models ``dsi_runs/<run name>/`` holds, the DSI's, with the dense encoder. ``dsi_table``
+    queries (averaged over ``bovw_vocabularies`` k-means vocabularies). The re-ranking study
+    re-scores BoVW's candidates and, for every scheme whose DSI models ``dsi_runs/<run name>/``
+    holds, the DSI's, with the dense encoder. ``dsi_table``
     (a CSV written by ``vitdsi dsi``) adds the DSI rows of the same databases to the results
     for comparison. With ``out_dir``: ``dense_<source>_<size>px``, ``rerank_<source>_<size>px``
     (CSV + Markdown), ``histories_dense_<source>_<size>px.csv`` and the figure

@@ -123,8 +123,7 @@ def evaluate_bovw(
         rankings.append(ranked)
         fit_s += fitted - start
         search_s += searched - fitted
-    table = retrieval_metrics(np.stack(rankings) if vocabularies > 1 else rankings[0], query_labels, index_labels,
-                              seed=seed)
+    table = retrieval_metrics(np.stack(rankings), query_labels, index_labels, seed=seed)
     timings = {
         "fit_s": fit_s / vocabularies,
         "search_s": search_s / vocabularies,

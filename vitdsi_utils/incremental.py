@@ -36,6 +36,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import Database
+from .decoding import indexing_accuracy
 from .ids import IDCodec, decimal_codes
 from .model import DSIConfig, DSIModel
 from .train import (History, IndexingTask, TrainConfig, fit, load_model, resolve_device, save_checkpoint,
@@ -118,13 +119,6 @@ def epoch_examples(n_old: int, n_new: int, ratio: float, seed: int = 0, epochs: 
 # ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
-def _ia1(model: DSIModel, codec: IDCodec, images: torch.Tensor, rows: Sequence[int], beam_size: int) -> float:
-    from .decoding import beam_search
-
-    _, found = beam_search(model, images, codec, k=1, beam_size=beam_size)
-    return float((found[:, 0] == torch.as_tensor(rows)).float().mean())
-
-
 def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, device: str = "auto"):
     if path is not None and path.exists():
         model, _, meta = load_model(path, map_location=resolve_device(device), expect_config=config,
@@ -195,8 +189,9 @@ def incremental_study(
 
     def record(strategy: str, model: DSIModel, seconds: float, epochs: int, ratio: float | None,
                per_epoch: int, with_new: bool = True) -> None:
-        ia_old = _ia1(model, codec if with_new else old_codec, old_images, range(n_old), beam_size)
-        ia_new = _ia1(model, codec, new_images, range(n_old, n_old + n_new), beam_size) if with_new else np.nan
+        ia_old = indexing_accuracy(model, codec if with_new else old_codec, old_images, beam_size=beam_size)
+        ia_new = (indexing_accuracy(model, codec, new_images, torch.arange(n_old, n_old + n_new), beam_size=beam_size)
+                  if with_new else np.nan)
         rows.append({"strategy": strategy, "replay_ratio": ratio, "IA@1 old": ia_old, "IA@1 new": ia_new,
                      "IA@1 all": (ia_old * n_old + ia_new * n_new) / (n_old + n_new) if with_new else np.nan,
                      "epochs": epochs, "seconds": seconds, "examples_per_epoch": per_epoch,
@@ -236,13 +231,13 @@ def incremental_study(
                              f"{n_old} images, then {n_new} new ({db.settings['id_scheme']} IDs)")
     if out_dir is not None:
         from .plots import save_figure
-        from .tables import write_table
+        from .tables import write_csv, write_table
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"incremental_N{db.settings['n']}_{db.settings['id_scheme']}"
         write_table(results, out / stem, markdown=incremental_markdown(results, index_config, finetune_epochs))
-        curves_frame.to_csv(out / f"{stem}_curves.csv", index=False)
+        write_csv(curves_frame, out / f"{stem}_curves.csv")
         save_figure(fig, out / f"{stem}.png")
     return results, curves_frame, fig
 

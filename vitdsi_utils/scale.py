@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import Database, ImageSet, balanced_quota
+from .decoding import indexing_accuracy
 from .ids import IDCodec, dense_id_order, make_codec
 
 #: Methods of the latency table, in plotting order.
@@ -136,6 +137,12 @@ def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, 
     return statistics.median(walls) / n_queries, statistics.median(cpus) / n_queries
 
 
+def _latency_row(method: str, build: float, build_cpu: float, wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
+    """One row of the latency table: build seconds (wall, CPU) and milliseconds per query (wall, CPU)."""
+    return {"method": method, "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall,
+            "cpu_ms_per_query": 1000 * cpu, **extra}
+
+
 def dsi_latency(
     n: int,
     queries: np.ndarray,
@@ -163,8 +170,7 @@ def dsi_latency(
     search = lambda: beam_search(model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,  # noqa: E731
                                  device=device, amp=amp)
     wall, cpu = time_per_query(search, len(queries), repeats)
-    return {"method": METHODS[0], "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall, "cpu_ms_per_query": 1000 * cpu,
-            "parameters": model.num_parameters()}
+    return _latency_row(METHODS[0], build, build_cpu, wall, cpu, parameters=model.num_parameters())
 
 
 def bovw_latency(
@@ -179,8 +185,7 @@ def bovw_latency(
     model.fit(database_images)
     build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     wall, cpu = time_per_query(lambda: model.search(queries, k), len(queries), repeats)
-    return {"method": METHODS[1], "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall, "cpu_ms_per_query": 1000 * cpu,
-            "parameters": 0}
+    return _latency_row(METHODS[1], build, build_cpu, wall, cpu, parameters=0)
 
 
 def dense_latency(
@@ -201,9 +206,8 @@ def dense_latency(
     retriever = DenseRetriever.from_model(encoder).index(database_images)
     build_cpu = time.process_time() - c0
     wall, cpu = time_per_query(lambda: retriever.search(queries, k), len(queries), repeats)
-    return {"method": METHODS[2], "build_s": retriever.index_seconds_, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall,
-            "cpu_ms_per_query": 1000 * cpu,
-            "parameters": encoder.num_parameters(), "backend": retriever.index_.backend}
+    return _latency_row(METHODS[2], retriever.index_seconds_, build_cpu, wall, cpu,
+                        parameters=encoder.num_parameters(), backend=retriever.index_.backend)
 
 
 def latency_table(
@@ -254,18 +258,6 @@ def latency_table(
 # ------------------------------------------------------------------------------------------
 # Indexing accuracy
 # ------------------------------------------------------------------------------------------
-def indexing_accuracy(model: Any, codec: IDCodec, images: np.ndarray, *, beam_size: int = 100,
-                      batch_size: int = 64, device: str | None = None) -> float:
-    """IA@1: the share of indexed images (row i = image i) whose top-1 beam-search ID is their own."""
-    from .decoding import beam_search
-
-    if device is not None:
-        model.to(device)  # a model loaded from a checkpoint sits on the CPU
-    _, rows = beam_search(model, torch.from_numpy(np.ascontiguousarray(images)), codec, k=1,
-                          beam_size=beam_size, batch_size=batch_size, device=device)
-    return float((rows[:, 0] == torch.arange(len(images))).float().mean())
-
-
 def ia_table(
     image_set: ImageSet,
     ns: Sequence[int],
@@ -296,7 +288,7 @@ def ia_table(
         if last is not None and last["split"] == "train_eval" and "ia1" in history and not pd.isna(last["ia1"]):
             ia1 = float(last["ia1"])
         else:
-            ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam_size,
+            ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam_size, batch_size=64,
                                     device=index_config.device if index_config.device != "auto" else None)
         target = index_config.target_accuracy
         rows.append({"n": n, "IA@1": ia1, "epochs": result.epochs, "train_s": result.seconds,
@@ -450,7 +442,7 @@ def scale_study(
     :func:`reusable_latency`), so adding a trained N does not time every search again.
     """
     from .plots import save_figure
-    from .tables import write_table
+    from .tables import write_csv, write_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +461,7 @@ def scale_study(
     write_table(latency, out / "scale_latency")
     write_table(ia, out / "scale_ia")
     if len(histories):
-        histories.to_csv(out / "scale_histories.csv", index=False)
+        write_csv(histories, out / "scale_histories.csv")
     (out / "scale.md").write_text(scale_markdown(latency, ia, settings) + "\n")
     fig = scale_figure(latency, ia, title=f"{image_set.source} at {image_set.size} px, {device}")
     save_figure(fig, out / "scale.png")

@@ -992,14 +992,9 @@ def _reached_target(train_metrics: dict, stop_on: str | None, config: TrainConfi
 
 def _indexing_accuracy(model: DSIModel, codec: IDCodec, task: _Task, beam: int) -> float:
     """IA@1: the share of the task's images whose beam-search top-1 is their own row."""
-    from .decoding import beam_search  # decoding imports the model module too; keep train importable alone
+    from .decoding import indexing_accuracy  # decoding imports the model module too; keep train importable alone
 
-    was_training = model.training
-    try:
-        _, rows = beam_search(model, task.images, codec, k=1, beam_size=max(1, beam))
-    finally:
-        model.train(was_training)
-    return float((rows[:, 0] == task.rows).float().mean())
+    return indexing_accuracy(model, codec, task.images, task.rows, beam_size=max(1, beam))
 
 
 def train_indexing(
