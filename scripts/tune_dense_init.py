@@ -34,6 +34,10 @@ VARIANTS = {
     "index-views-1": (30, 2.0, {"index_views": 1}, 0.0),
     "same-class": (30, 2.0, {"targets": "same-class"}, 0.0),
     "label-smoothing-0.1": (30, 2.0, {}, 0.1),
+    # indexing alone after the multi-task epochs until IA@1 is back at 0.98 (at most 20 epochs)
+    "consolidate": (30, 2.0, {"consolidate": 20}, 0.0),
+    "same-class+views-1": (30, 2.0, {"targets": "same-class", "index_views": 1}, 0.0),
+    "same-class+consolidate": (30, 2.0, {"targets": "same-class", "consolidate": 20}, 0.0),
 }
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Multi-task settings of the dense-init DSI, scored on the val queries (N = {args.n}, {args.scheme} IDs, "
         f"{args.size} px, seed {args.seed})",
         "",
-        f"`python scripts/tune_dense_init.py --n {args.n} --scheme {args.scheme}`: each variant fine-tunes the same "
+        f"`python scripts/tune_dense_init.py {' '.join(argv if argv is not None else sys.argv[1:])}`: each variant fine-tunes the same "
         f"zero-shot model (indexed from the dense encoder) multi-task, and is scored on the {n_val} val queries "
         "(IA@1: the indexed images); the test queries are not looked at. 95% bootstrap intervals.",
         "",

@@ -214,3 +214,40 @@ def test_dsi_command_exposes_the_options():
     assert (args.targets, args.index_views, args.view_min_crop, args.label_smoothing) == ("same-class", 2, 0.5, 0.1)
     plain = build_parser().parse_args(["dsi"])
     assert (plain.targets, plain.index_views, plain.label_smoothing) == ("pairs", 0, 0.0)
+
+
+def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
+    """consolidate=E: indexing alone after fine-tuning, at most E epochs, stopped by the IA@1 rule."""
+    from vitdsi_utils.decoding import indexing_accuracy
+    from vitdsi_utils.semantic_ids import codec_for
+
+    overrides = dict(dim=16, mlp_dim=32, depth=1, heads=2)
+    zero = index_database(digits_db, model_overrides=overrides, config=quiet(epochs=1))
+    # an unreachable target: every one of the E epochs runs, after the fine-tuning epochs
+    capped = fine_tune(digits_db, zero.model, config=quiet(epochs=2, target_accuracy=1.0), multitask=True,
+                       mix_ratio=1.0, consolidate=3)
+    frame = capped.history.to_frame()
+    consolidation = frame[(frame["phase"] == "consolidate") & (frame["split"] == "train")]
+    assert consolidation["epoch"].tolist() == [1, 2, 3]
+    assert set(consolidation["task"]) == {"indexing"}
+    assert capped.epochs == 2 + 3
+    # a target already met: the rule stops after the first epoch, and the IA@1 it read is the model's
+    easy = fine_tune(digits_db, zero.model, config=quiet(epochs=1, target_accuracy=0.0), consolidate=5,
+                     run_dir=tmp_path)
+    frame = easy.history.to_frame()
+    checks = frame[(frame["phase"] == "consolidate") & (frame["split"] == "train_eval")]
+    assert frame[frame["phase"] == "consolidate"]["epoch"].max() == 1 and len(checks) == 1
+    index_images = digits_db.split("index")[0]
+    measured = indexing_accuracy(easy.model, codec_for(digits_db), index_images, beam_size=100)
+    assert checks["ia1"].iloc[0] == pytest.approx(measured)
+    # the option is recorded: the same folder refuses a request without consolidation
+    with pytest.raises(CheckpointError, match="consolidate"):
+        fine_tune(digits_db, zero.model, config=quiet(epochs=1, target_accuracy=0.0), run_dir=tmp_path)
+    with pytest.raises(ValueError, match="consolidate must be"):
+        fine_tune(digits_db, zero.model, config=quiet(epochs=1), consolidate=-1)
+
+
+def test_consolidate_reaches_both_commands():
+    assert build_parser().parse_args(["dsi", "--consolidate", "7"]).consolidate == 7
+    assert build_parser().parse_args(["dense-init", "--consolidate", "20"]).consolidate == 20
+    assert build_parser().parse_args(["dense-init"]).consolidate == 0

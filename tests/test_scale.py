@@ -126,3 +126,37 @@ def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
     assert scale.reusable_latency(path, [20, 100], **same) is None  # an N it lacks
     assert scale.reusable_latency(path, [20], **{**same, "k": 100}) is None  # other settings
     assert scale.reusable_latency(tmp_path / "missing.csv", [20], **same) is None
+
+
+def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_path, monkeypatch):
+    """A run stopped by the cheap "eval" rule gets IA@1 by beam search once; a rerun reads it back."""
+    image_set = synthetic_set()
+    config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
+                         device="cpu")
+    ia, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
+                           beam_size=10)
+    row = ia.iloc[0]
+    assert (row["batch_size"], row["lr"], row["stop_rule"], row["ia_beam"]) == (8, 3e-3, "eval", 10)
+    saved = list(tmp_path.glob("*/ia1_beam10.json"))
+    assert len(saved) == 1
+    calls = []
+    monkeypatch.setattr(scale, "indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
+    # another requested batch size does not relabel the saved model, and its IA@1 is not measured again
+    other = TrainConfig(lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
+                        device="cpu")
+    again, _ = scale.ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path,
+                              beam_size=10)
+    assert not calls and again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["batch_size"] == 8
+    # another beam width is a new measurement
+    wider, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
+                              beam_size=20)
+    assert calls == [1] and wider.iloc[0]["IA@1"] == 0.5 and wider.iloc[0]["ia_beam"] == 20
+
+
+def test_scale_command_passes_the_stop_rule():
+    from vitdsi_utils import cli
+
+    args = cli.build_parser().parse_args(["scale", "--stop-metric", "eval", "--batch-size", "128"])
+    config = cli._index_config(args)
+    assert (config.stop_metric, config.batch_size) == ("eval", 128)
+    assert cli._index_config(cli.build_parser().parse_args(["scale"])).stop_metric == "ia"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .ids import IDCodec, PrefixTrie
 from .model import DSIModel
@@ -96,6 +97,7 @@ def beam_search(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     amp: bool = False,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k distinct valid IDs per query image: uint8 (Q, H, W, 3) -> (scores (Q, k) float32, rows (Q, k) int64).
 
@@ -104,7 +106,8 @@ def beam_search(
     score, the remaining entries are row -1 and score -inf. ``beam_size`` (default k, at least
     k) hypotheses are kept per step; ``batch_size`` queries are decoded together, which costs
     about ``batch_size * beam_size * P * D`` floats of repeated encoder memory. ``amp`` runs the
-    model in bf16 on CUDA (faster, slightly different scores). Results are on the CPU.
+    model in bf16 on CUDA (faster, slightly different scores). ``progress`` shows a bar over the
+    query batches (for long runs, e.g. IA@1 of a whole large database). Results are on the CPU.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -123,7 +126,8 @@ def beam_search(
     model.eval()
     try:
         with _autocast(device, amp):
-            for start in range(0, Q, batch_size):
+            starts = range(0, Q, batch_size)
+            for start in tqdm(starts, desc="beam search", unit="batch", disable=not progress or len(starts) < 2):
                 batch = images[start : start + batch_size].to(device, non_blocking=True)
                 s, r = _beam_batch(model, batch, codec, trie, widths)
                 n = min(k, s.shape[1])
@@ -143,6 +147,7 @@ def indexing_accuracy(
     beam_size: int | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> float:
     """IA@1: the share of indexed ``images`` whose top-1 beam-search ID is their own.
 
@@ -154,7 +159,8 @@ def indexing_accuracy(
         model.to(device)
     images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows)
-    _, found = beam_search(model, images, codec, k=1, beam_size=beam_size, batch_size=batch_size, device=device)
+    _, found = beam_search(model, images, codec, k=1, beam_size=beam_size, batch_size=batch_size, device=device,
+                           progress=progress)
     return float((found[:, 0] == rows).float().mean())
 
 

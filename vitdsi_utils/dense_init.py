@@ -96,6 +96,7 @@ def run_dense_init(
     id_params: dict | None = None,
     targets: str = "pairs",
     index_views: int = 0,
+    consolidate: int = 0,
 ) -> DenseInitRun:
     """Index ``db`` with a DSI whose encoder starts as the dense encoder saved at ``encoder_path``,
     then fine-tune it multi-task; score both models.
@@ -107,8 +108,8 @@ def run_dense_init(
     ``run_dir`` keeps the models (``zero_shot.pt``, ``multitask.pt``) so a rerun only evaluates;
     give each scheme its own folder. The checkpoints record which encoder they started from, so
     a folder trained from another one is refused. The table's models are :data:`INIT_ZERO_SHOT`
-    and :data:`INIT_MULTITASK`. ``targets`` and ``index_views`` are the multi-task phase's
-    fine-tuning options (:func:`~vitdsi_utils.experiments.fine_tune`), e.g. ``targets="same-class"``.
+    and :data:`INIT_MULTITASK`. ``targets``, ``index_views`` and ``consolidate`` are the multi-task
+    phase's fine-tuning options (:func:`~vitdsi_utils.experiments.fine_tune`), e.g. ``targets="same-class"``.
     """
     scheme = scheme or db.settings["id_scheme"]
     encoder, _ = load_dense(encoder_path)
@@ -129,6 +130,7 @@ def run_dense_init(
         encoder_init=("dense", encoder_path),
         targets=targets,
         index_views=index_views,
+        consolidate=consolidate,
     )
     experiment.table["model"] = experiment.table["model"].replace(_RENAME)
     return DenseInitRun(experiment, scheme, codec, facts)
@@ -154,6 +156,7 @@ def dense_init_study(
     id_params: dict | None = None,
     targets: str = "pairs",
     index_views: int = 0,
+    consolidate: int = 0,
     dense_runs: str | Path = "data/runs/dense",
     runs_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -166,8 +169,8 @@ def dense_init_study(
     where ``vitdsi dense`` keeps it) on the database drawn for the first scheme.
     ``out_dir`` receives ``dsi_dense_init_<source>_<size>px.{csv,md}`` and ``histories_...csv``,
     rewritten after every run. ``bovw_vocabularies`` averages BoVW over that many k-means
-    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`). ``targets`` and ``index_views``
-    go to :func:`run_dense_init`.
+    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`). ``targets``, ``index_views`` and
+    ``consolidate`` go to :func:`run_dense_init`.
     """
     from .data import build_database, load_images
     from .evaluation import evaluate_bovw
@@ -198,7 +201,7 @@ def dense_init_study(
                     db, dense_dir / "dense.pt", scheme=scheme, run_dir=run_dir, model_overrides=overrides,
                     index_config=index_config, multitask_config=multitask_config, mix_ratio=mix_ratio,
                     max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params, targets=targets,
-                    index_views=index_views,
+                    index_views=index_views, consolidate=consolidate,
                 )
                 results.append(run.experiment.table)
                 facts.append({"n": n, "seed": seed, "ids": scheme, **run.id_facts,

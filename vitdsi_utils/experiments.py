@@ -5,6 +5,7 @@ so a notebook can pick up where the previous one stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class PhaseResult:
     history: History
     seconds: float
     epochs: int
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig it was trained with (plain values)
 
 
 def index_database(
@@ -172,7 +174,7 @@ def index_database(
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if final is not None:
         _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
-    return PhaseResult(model, history, seconds, epochs)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict())
 
 
 def fine_tune(
@@ -188,6 +190,7 @@ def fine_tune(
     targets: str = "pairs",
     index_views: int = 0,
     view_min_crop: float = 0.7,
+    consolidate: int = 0,
 ) -> PhaseResult:
     """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
 
@@ -209,6 +212,11 @@ def fine_tune(
     queries whose target is that image's own ID (:class:`~vitdsi_utils.train.AugmentedViews`).
     Label smoothing is ``config.label_smoothing``.
 
+    ``consolidate=E`` appends up to E epochs of indexing alone (phase "consolidate"), stopped as
+    soon as the indexed images' beam-search IA@1 reaches ``config.target_accuracy``: retrieval
+    training moves some indexed images off their IDs, and this puts them back, so the model
+    keeps its index by a stop rule rather than by luck. Its epochs count in the result's epochs.
+
     ``codec`` must be the one ``zero_shot`` was indexed with (default: the database's dense IDs).
     A finished model in ``run_dir`` is loaded only if it was trained with the same options
     (targets, views, label smoothing, epochs, pairs, mix ratio); otherwise
@@ -218,13 +226,15 @@ def fine_tune(
         raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
     if isinstance(index_views, bool) or not isinstance(index_views, int) or index_views < 0:
         raise ValueError(f"index_views must be an integer >= 0 (views of each indexed image per epoch), got {index_views!r}")
+    if isinstance(consolidate, bool) or not isinstance(consolidate, int) or consolidate < 0:
+        raise ValueError(f"consolidate must be an integer >= 0 (most indexing epochs after fine-tuning), got {consolidate!r}")
     codec = database_codec(db, codec)
     zero_shot.check_codec(codec)
     fingerprint = db.fingerprint()
     config = config or TrainConfig(epochs=75)
     options = fine_tune_options(config, max_pairs_per_query=max_pairs_per_query, multitask=multitask,
                                 mix_ratio=mix_ratio, targets=targets, index_views=index_views,
-                                view_min_crop=view_min_crop)
+                                view_min_crop=view_min_crop, consolidate=consolidate)
     stem = "multitask" if multitask else "fine_tuned"
     final = Path(run_dir) / f"{stem}.pt" if run_dir else None
     if final is not None and final.exists():
@@ -264,11 +274,18 @@ def fine_tune(
         history = train_retrieval(
             model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint, data_info=fingerprint
         )
+    if consolidate:
+        history = train_indexing(
+            model, codec, torch.from_numpy(db.split("index")[0]), config=dataclasses.replace(config, epochs=consolidate),
+            history=history, checkpoint_path=Path(run_dir) / "consolidate.ckpt" if run_dir else None,
+            data_info=fingerprint, phase="consolidate",
+        )
     seconds = time.perf_counter() - start
-    epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
+    frame = history.to_frame()
+    epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
     if final is not None:
         _save_final(final, model, codec, config, history, seconds, epochs, fingerprint, options=options)
-    return PhaseResult(model, history, seconds, epochs)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict())
 
 
 def fine_tune_options(
@@ -280,9 +297,11 @@ def fine_tune_options(
     targets: str = "pairs",
     index_views: int = 0,
     view_min_crop: float = 0.7,
+    consolidate: int = 0,
 ) -> dict[str, Any]:
     """The settings that make one fine-tuned model differ from another (stored beside it, checked on load)."""
     return {
+        "consolidate": int(consolidate), "target_accuracy": config.target_accuracy if consolidate else None,
         "epochs": config.epochs, "lr": config.lr, "label_smoothing": config.label_smoothing,
         "max_pairs_per_query": None if targets == "same-class" else max_pairs_per_query,
         "multitask": bool(multitask), "mix_ratio": mix_ratio if multitask else None, "targets": targets,
@@ -305,13 +324,15 @@ def _load_final(
             trained = meta.get("train_config") or {}
             saved = {"targets": "pairs", "index_views": 0, "label_smoothing": 0.0,
                      **{k: trained[k] for k in ("epochs", "lr", "label_smoothing") if k in trained}}
+        saved = {"consolidate": 0, "target_accuracy": None, **saved}  # saved before consolidation existed
         differ = [f"{k}: saved {saved[k]!r}, requested {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
         if differ:
             raise CheckpointError(
                 f"{path} was fine-tuned with other options ({'; '.join(differ)}). Delete it or use another "
                 "run folder to train with these options"
             )
-    return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]))
+    return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]),
+                       dict(meta.get("train_config") or {}))
 
 
 def _save_final(
@@ -362,6 +383,7 @@ def run_experiment(
     targets: str = "pairs",
     index_views: int = 0,
     view_min_crop: float = 0.7,
+    consolidate: int = 0,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
@@ -373,10 +395,10 @@ def run_experiment(
     ``init`` prepares the new model before indexing (see :func:`index_database`).
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights
     (:func:`vitdsi_utils.pretrain.init_encoder`); give it its own ``run_dir`` too.
-    ``targets``, ``index_views`` and ``view_min_crop`` are the fine-tuning options of :func:`fine_tune`
-    (for both the fine-tuned and the multi-task model).
+    ``targets``, ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of
+    :func:`fine_tune` (for both the fine-tuned and the multi-task model).
     """
-    options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop)
+    options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop, consolidate=consolidate)
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
     zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
@@ -440,6 +462,7 @@ def dsi_study(
     targets: str = "pairs",
     index_views: int = 0,
     view_min_crop: float = 0.7,
+    consolidate: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -477,6 +500,7 @@ def dsi_study(
                     targets=targets,
                     index_views=index_views,
                     view_min_crop=view_min_crop,
+                    consolidate=consolidate,
                 )
                 if encoder_init is not None:
                     experiment.table["init"] = encoder_init[0]

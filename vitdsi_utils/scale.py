@@ -24,6 +24,7 @@ retrieval method's cost grows with N. This module does both parts:
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from ._io import write_json
 from .data import Database, ImageSet, balanced_quota
 from .decoding import indexing_accuracy
 from .ids import IDCodec, dense_id_order, make_codec
@@ -271,9 +273,13 @@ def ia_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train (or load) a DSI that memorises each N of ``ns``; return (one row per N, the training histories).
 
-    ``index_config`` (a :class:`train.TrainConfig`) caps the epochs and sets the IA target; the row
-    says whether the target was reached. IA@1 is re-measured by beam search (width ``beam_size``)
-    unless the run stopped on the IA check, whose value it then reuses (same weights, same search).
+    ``index_config`` (a :class:`train.TrainConfig`) caps the epochs and sets the stop rule; the row
+    says whether IA@1 reached its target, and which batch size, learning rate and stop rule
+    trained the model (read from the checkpoint, so a model loaded from ``runs_dir`` reports its
+    own). IA@1 is re-measured by beam search (width ``beam_size``) unless the run stopped on the IA
+    check, whose value it then reuses (same weights, same search). A re-measured value is kept in
+    the run folder (``ia1_beam<width>.json``, tied to the model's epochs and training time), since
+    at N = 13,394 one beam search over every indexed image costs tens of CPU minutes.
     """
     from .experiments import index_database
 
@@ -285,18 +291,46 @@ def ia_table(
         result = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
         history = result.history.to_frame()
         last = history.iloc[-1] if len(history) else None
+        trained = {**index_config.to_dict(), **result.config}
         if last is not None and last["split"] == "train_eval" and "ia1" in history and not pd.isna(last["ia1"]):
-            ia1 = float(last["ia1"])
+            ia1, beam = float(last["ia1"]), int(trained.get("stop_beam", beam_size))
         else:
-            ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam_size, batch_size=64,
-                                    device=index_config.device if index_config.device != "auto" else None)
-        target = index_config.target_accuracy
+            beam = beam_size
+            ia1 = _cached_ia1(run_dir, beam, result)
+            if ia1 is None:
+                ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam, batch_size=64,
+                                        device=index_config.device if index_config.device != "auto" else None,
+                                        progress=n >= 4096)
+                _cache_ia1(run_dir, beam, result, ia1)
+        target = trained["target_accuracy"]
         rows.append({"n": n, "IA@1": ia1, "epochs": result.epochs, "train_s": result.seconds,
                      "s_per_epoch": result.seconds / max(1, result.epochs), "target": target,
-                     "reached": ia1 >= target, "max_epochs": index_config.epochs, "size": image_set.size,
-                     "ids": id_scheme})
+                     "reached": ia1 >= target, "max_epochs": trained["epochs"], "batch_size": trained["batch_size"],
+                     "lr": trained["lr"], "stop_rule": trained["stop_metric"], "ia_beam": beam,
+                     "size": image_set.size, "ids": id_scheme})
         histories.append(history.assign(n=n))
     return pd.DataFrame(rows), (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())
+
+
+def _ia1_key(result: Any) -> dict[str, Any]:
+    return {"epochs": int(result.epochs), "train_s": round(float(result.seconds), 3)}
+
+
+def _cached_ia1(run_dir: Path | None, beam: int, result: Any) -> float | None:
+    """The IA@1 measured earlier for this very model (same epochs and training time), if any."""
+    path = run_dir / f"ia1_beam{beam}.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return float(saved["ia1"]) if saved.get("model") == _ia1_key(result) and "ia1" in saved else None
+
+
+def _cache_ia1(run_dir: Path | None, beam: int, result: Any, ia1: float) -> None:
+    if run_dir is not None and run_dir.is_dir():
+        write_json(run_dir / f"ia1_beam{beam}.json", {"ia1": ia1, "beam": beam, "model": _ia1_key(result)})
 
 
 # ------------------------------------------------------------------------------------------
@@ -389,7 +423,9 @@ def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dic
         table.reset_index().to_markdown(index=False),
     ]
     if ia is not None and len(ia):
-        shown = ia[["n", "IA@1", "reached", "epochs", "max_epochs", "train_s", "s_per_epoch", "size", "ids"]]
+        columns = ["n", "IA@1", "ia_beam", "target", "reached", "epochs", "max_epochs", "batch_size", "lr",
+                   "stop_rule", "train_s", "s_per_epoch", "size", "ids"]
+        shown = ia[[c for c in columns if c in ia]]  # tables written before a column existed lack it
         parts += ["DSI trained to memorise N images (indexing until IA@1 >= target or the epoch cap):",
                   shown.round(3).to_markdown(index=False)]
     return "\n\n".join(parts)
