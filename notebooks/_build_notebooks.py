@@ -1483,7 +1483,8 @@ NOTEBOOKS["12_incremental.ipynb"] = NB_INCREMENTAL
 
 # ------------------------------------------------------------------------------------------
 # 13_pretrain: the DSI's encoder pretrained without labels on images outside the databases
-PRETRAIN = ["PRETRAIN_N", "PRETRAIN_SCHEME", "SSL_EPOCHS", "SSL_BATCH_SIZE", "SSL_IMAGES"]
+PRETRAIN = ["PRETRAIN_N", "PRETRAIN_SCHEME", "SSL_EPOCHS", "SSL_BATCH_SIZE", "SSL_IMAGES", "PRETRAIN_SEMANTIC_IDS",
+            "IDS_K", "IDS_C"]
 NB_PRETRAIN = [
     md("""
 # 13 · A better start for the encoder: self-supervised pretraining
@@ -1503,6 +1504,11 @@ The DSI is then indexed and fine-tuned from the pretrained encoder with notebook
 on the same database (`PRETRAIN_N`, `PRETRAIN_SCHEME` IDs), and compared with the model that
 03/04 trained from scratch, which is loaded from `RUNS_DIR`. A user who has a torchvision ViT's
 weights can start from those instead: `vitdsi dsi --encoder-init torchvision PATH`.
+
+With `PRETRAIN_SEMANTIC_IDS`, a third DSI starts from the same pretrained encoder but gets
+label-free IDs: semantic IDs (hierarchical k-means, branching `IDS_K`, leaf size `IDS_C`) over the
+pretrained encoder's embeddings of the indexed images. Clustered IDs need every indexed image's
+class; these need none, so they say what the pretraining alone can put into the IDs.
 """),
     parameters_cell(["PROFILE", "DATASET", "SIZE", "NS", "SEEDS"] + MODEL + INDEXING + RETRIEVAL + ["K"] + PRETRAIN,
                     runner=("OUT_DIR", "RUNS_DIR")),
@@ -1530,11 +1536,13 @@ out = pretrain_study(
     DATASET, SIZE, PRETRAIN_N, seed, PRETRAIN_SCHEME, exclude_ns=NS, model_overrides=model_overrides,
     ssl_config=SSLConfig(epochs=SSL_EPOCHS, batch_size=SSL_BATCH_SIZE, seed=seed, progress=False),
     index_config=index_config(seed), retrieval_config=retrieval_config(seed),
-    max_pairs_per_query=MAX_PAIRS_PER_QUERY, train_scratch=True, max_images=SSL_IMAGES, runs_dir=paths.runs,
-    progress=False,
+    max_pairs_per_query=MAX_PAIRS_PER_QUERY, train_scratch=True, max_images=SSL_IMAGES,
+    semantic_ids={"k": IDS_K, "c": IDS_C} if PRETRAIN_SEMANTIC_IDS else None, runs_dir=paths.runs, progress=False,
 )
 write_table(out["results"], paths.tables / "pretrain", markdown=out["markdown"])
 write_table(out["paired"], paths.tables / "pretrain_paired")
+if len(out["id_facts"]):
+    write_table(out["id_facts"], paths.tables / "pretrain_semantic_ids")
 write_table(out["probes"], paths.tables / "pretrain_probes")
 write_csv(out["ssl_history"], paths.tables / "pretrain_ssl_history.csv")
 write_csv(out["histories"], paths.tables / "pretrain_histories.csv")
@@ -1566,6 +1574,10 @@ The probes in the table above say how much the pretraining taught the encoder be
 training: the class accuracy of a 10-nearest-neighbour vote and of a linear probe on its
 embeddings, and cosine retrieval mAP@10, for the random and the pretrained encoder.
 `make pretrain` runs a longer pretraining on every outside image (`reports/pretrain/`).
+
+The semantic-ID table (when `PRETRAIN_SEMANTIC_IDS` is on) asks the same question of the IDs:
+how often two images under the same parent prefix share a class, for k-means over the pretrained
+encoder's embeddings and over a random encoder's, against the share expected of random groups.
 """),
 ]
 NOTEBOOKS["13_pretrain.ipynb"] = NB_PRETRAIN

@@ -416,3 +416,43 @@ def test_paired_comparison_of_a_model_with_itself_is_zero():
     paired = paired_comparison(model, model, codec, db)
     assert (paired[["diff", "ci_low", "ci_high"]] == 0).all().all()
     assert list(paired["metric"]) == ["IA@1", "mAP@10", "P@10"]
+
+
+def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_path):
+    from vitdsi_utils.cli import build_parser
+    from vitdsi_utils.pretrain import comparison_frame, pretrain_study
+    from vitdsi_utils.semantic_ids import hierarchical_kmeans_codes
+    from vitdsi_utils.train import TrainConfig, load_model
+
+    quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
+    out = pretrain_study(
+        "digits", 32, 100, 0, "clustered", exclude_ns=(100,),
+        model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
+        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
+        max_images=200, semantic_ids={"k": 3, "c": 4}, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out",
+        progress=False,
+    )
+    results = out["results"]
+    assert set(zip(results["init"], results["ids"])) == {("ssl", "clustered"), ("ssl", "semantic")}
+    table = comparison_frame(results)
+    assert len(table) == 4 and set(table["ids"]) == {"clustered", "semantic"}  # zero-shot and fine-tuned of each
+    facts = out["id_facts"]
+    assert list(facts["embeddings"]) == ["random init", "SSL pretrained"]
+    assert list(facts["tag"]) == ["semantic-random-encoder-k3-c4", "semantic-ssl-k3-c4"]
+    assert facts["sibling_agreement"].between(0, 1).all() and (facts["n_ids"] == 25).all()
+    # the DSI's IDs are the k-means codes of the SSL encoder's embeddings of the indexed images, in row order
+    folder = next(p for p in (tmp_path / "runs").iterdir() if "semantic-ssl-k3-c4" in p.name)
+    assert folder.name.endswith("-init-ssl-e1-b64-i200")
+    _, codec, _ = load_model(folder / "zero_shot.pt")
+    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.pretrain import _embed, load_ssl
+
+    db = build_database(load_images("digits", 32, progress=False), 100, id_scheme="clustered", seed=0)
+    ssl_file = next((tmp_path / "runs").glob("ssl-*/ssl.pt"))
+    encoder, _ = load_ssl(ssl_file)
+    expected = hierarchical_kmeans_codes(_embed(encoder, db.split("index")[0]).double().numpy(), k=3, c=4, seed=0)
+    assert [tuple(c) for c in codec.codes] == [tuple(c) for c in expected]
+    assert (tmp_path / "out" / "ids_digits_32px.csv").is_file()
+    assert "Semantic IDs from the encoder's embeddings" in out["markdown"]
+    args = build_parser().parse_args(["pretrain", "--semantic-ids", "--semantic-k", "5"])
+    assert (args.semantic_ids, args.semantic_k, args.semantic_c) == (True, 5, 10)

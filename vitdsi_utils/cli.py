@@ -259,6 +259,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         ssl_config=ssl_config, index_config=index_config, retrieval_config=retrieval_config,
         max_pairs_per_query=args.max_pairs_per_query, baseline_table=args.baseline,
         baseline_histories=args.baseline_histories, train_scratch=args.scratch, max_images=args.ssl_images,
+        semantic_ids={"k": args.semantic_k, "c": args.semantic_c} if args.semantic_ids else None,
         runs_dir=runs, out_dir=out, root=args.root,
     )
     print(comparison_frame(result["results"]).to_string(index=False))
@@ -555,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--baseline-histories", default=None, help="its histories CSV, for the indexing curves")
     pretrain.add_argument("--scratch", action="store_true", help="also train the from-scratch DSI here (same settings), and compare "
                           "it with the SSL-initialised one query by query (paired bootstrap)")
+    pretrain.add_argument("--semantic-ids", action="store_true",
+                          help="also train a DSI from the SSL encoder whose IDs are semantic IDs (hierarchical "
+                          "k-means) over the SSL encoder's embeddings of the indexed images: label-free IDs")
+    pretrain.add_argument("--semantic-k", type=int, default=10, help="semantic IDs: k-means branching factor")
+    pretrain.add_argument("--semantic-c", type=int, default=10, help="semantic IDs: leaf size")
     pretrain.add_argument("--out", default=None, help="output folder (default: reports/pretrain)")
     pretrain.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/pretrain)")
     pretrain.set_defaults(func=_cmd_pretrain)

@@ -805,6 +805,7 @@ def pretrain_study(
     baseline_histories: str | os.PathLike | None = None,
     train_scratch: bool = False,
     max_images: int | None = None,
+    semantic_ids: dict | None = None,
     runs_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
@@ -820,9 +821,17 @@ def pretrain_study(
     from-scratch numbers come from ``baseline_table`` (a ``vitdsi dsi`` CSV, with
     ``baseline_histories`` for its curves) or, with ``train_scratch``, from a run here.
     ``max_images`` pretrains on a seeded random subset of that many outside images (None: all),
-    for a shorter run. Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` =
-    scratch / ssl), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``
-    and a figure; ``markdown`` is the report (settings, the tables and the probes).
+    for a shorter run.
+
+    ``semantic_ids`` (e.g. ``{"k": 10, "c": 10}``) adds a third DSI, also from the SSL encoder, whose
+    IDs are label-free semantic IDs: hierarchical k-means over the *SSL encoder's* embeddings of
+    the indexed images (:func:`~vitdsi_utils.semantic_ids.assign_ids`, tag ``semantic-ssl-k..-c..``).
+    ``id_facts`` then says how often sibling IDs (same parent prefix) share a class, for those IDs
+    and for the same k-means over a randomly initialised encoder's embeddings.
+
+    Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` = scratch / ssl, ``ids``
+    the scheme), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``,
+    ``id_facts`` and a figure; ``markdown`` is the report (settings, the tables and the probes).
     """
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 2):
         raise ValueError(f"max_images must be None or an integer >= 2 (InfoNCE needs two images), got {max_images!r}")
@@ -872,19 +881,29 @@ def pretrain_study(
         ssl_path = Path(tempfile.mkdtemp()) / "ssl.pt"
         save_ssl(ssl_path, model, ssl_config, ssl_history, epoch=ssl_config.epochs)
     tables, histories, models = [], [], {}
-    runs = [("ssl", ("ssl", ssl_path))] + ([("scratch", None)] if train_scratch else [])
-    for init, spec in runs:
-        name = run_name(db) + (f"-init-{init}-{ssl_tag}" if spec is not None else "")
+    # (init, encoder file, IDs: None = the database's own; else an IDAssignment)
+    runs: list[tuple[str, Any, Any]] = [("ssl", ("ssl", ssl_path), None)]
+    if train_scratch:
+        runs.append(("scratch", None, None))
+    id_facts = pd.DataFrame()
+    if semantic_ids is not None:
+        semantic, id_facts = _ssl_semantic_ids(db, model, random_encoder, seed, semantic_ids)
+        runs.append(("ssl", ("ssl", ssl_path), semantic))
+    for init, spec, assignment in runs:
+        ids = scheme if assignment is None else assignment.scheme
+        name = run_name(db, None if assignment is None else assignment.tag) + (
+            f"-init-{init}-{ssl_tag}" if spec is not None else "")
         experiment = run_experiment(
             db, model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
             run_dir=runs_dir / name if runs_dir is not None else None, max_pairs_per_query=max_pairs_per_query,
-            encoder_init=spec,
+            encoder_init=spec, codec=None if assignment is None else assignment.codec, ids=ids,
         )
         tables.append(experiment.table.assign(init=init))
-        models[init] = experiment
+        if assignment is None:
+            models[init] = experiment
         for phase in (experiment.zero_shot, experiment.fine_tuned):
             if phase is not None and len(phase.history):
-                histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed, init=init))
+                histories.append(phase.history.to_frame().assign(n=n, ids=ids, seed=seed, init=init))
     paired = pd.DataFrame()
     if "scratch" in models:
         from .semantic_ids import codec_for
@@ -911,12 +930,30 @@ def pretrain_study(
     results = attach_paper(pd.concat(tables, ignore_index=True))
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame,
-           "paired": paired}
+           "paired": paired, "id_facts": id_facts}
     out["markdown"] = _pretrain_markdown(out, source, size, n, scheme, seed, encoder_config, ssl_config, len(images),
                                          ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
     if out_dir is not None:
         _write_pretrain_report(out, Path(out_dir), source, size)
     return out
+
+
+def _ssl_semantic_ids(db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncoder, seed: int,
+                      params: dict) -> tuple[Any, pd.DataFrame]:
+    """Semantic IDs from the SSL encoder's embeddings of the indexed images, and facts beside those of a random encoder."""
+    from .semantic_ids import assign_ids, sibling_agreement
+
+    index_images = db.split("index")[0]
+    rows, chosen = [], None
+    for name, encoder in (("random init", random_encoder), ("SSL pretrained", ssl_encoder)):
+        embeddings = _embed(encoder, index_images).double().numpy()
+        assignment = assign_ids(db, "semantic", embeddings=embeddings, embedding_name="ssl" if encoder is ssl_encoder
+                                else "random-encoder", seed=seed, **params)
+        agreement, chance = sibling_agreement(assignment.codec, db.index_labels)
+        rows.append({"embeddings": name, **assignment.summary(), "sibling_agreement": agreement,
+                     "sibling_chance": chance})
+        chosen = assignment  # the SSL one, last
+    return chosen, pd.DataFrame(rows)
 
 
 def paired_comparison(
@@ -937,7 +974,9 @@ def paired_comparison(
     relevant = metrics.label_relevance(db.relevance_labels("test"), db.relevance_labels("index"))
     per_model = []
     for model in (model_a, model_b):
-        _, own = beam_search(model, torch.from_numpy(index_images), codec, k=1)
+        # the evaluation's search (evaluation.evaluate_dsi: top-5, so a beam of 5): with a beam of 1
+        # the top-1 can differ, and the paired IA@1 would not match the table's
+        _, own = beam_search(model, torch.from_numpy(index_images), codec, k=min(5, len(codec)))
         _, ranked = beam_search(model, torch.from_numpy(query_images), codec, k=min(k, len(codec)))
         hits = metrics.relevance_matrix(ranked.numpy(), relevant)
         per_model.append({
@@ -960,15 +999,16 @@ def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
     from .tables import format_interval
 
     rows = []
-    for (model, init), group in results.groupby(["model", "init"], sort=False):
-        row = {"model": model, "init": init}
+    keys = ["model", "init"] + (["ids"] if "ids" in results else [])
+    for key, group in results.groupby(keys, sort=False):
+        row = dict(zip(keys, key))
         for metric in COMPARED:
             hit = group[group["metric"] == metric]
             row[metric] = format_interval(*hit[["value", "ci_low", "ci_high"]].iloc[0]) if len(hit) else "–"
         row["epochs"] = int(group["epochs"].iloc[0]) if "epochs" in group else None
         row["train_s"] = round(float(group["train_s"].iloc[0]), 1) if "train_s" in group else None
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["model", "init"], ascending=[False, True], ignore_index=True)
+    return pd.DataFrame(rows).sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), ignore_index=True)
 
 
 def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
@@ -988,14 +1028,21 @@ def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     if len(histories):
         rows = histories[(histories["phase"] == "indexing") & (histories["split"] == "train")]
         checks = histories[(histories["phase"] == "indexing") & (histories["split"] == "train_eval")]
-        for init, style, color in (("scratch", "--", "tab:blue"), ("ssl", "-", "tab:orange")):
-            group = rows[rows["init"] == init]
-            if len(group):
-                right.plot(group["epoch"], group["seq_acc"], style, color=color, label=f"{init}: running, dropout")
-            check = checks[checks["init"] == init]
-            if len(check):
-                right.plot(check["epoch"], check["seq_acc"], "o", ms=3, color=color,
-                           label=f"{init}: stop check, no dropout")
+        styles = {"scratch": ("--", "tab:blue"), "ssl": ("-", "tab:orange")}
+        runs = list(dict.fromkeys(zip(rows["init"], rows["ids"]))) if "ids" in rows else [(i, None) for i in styles]
+        several_ids = len({ids for _, ids in runs}) > 1
+        for number, (init, ids) in enumerate(runs):
+            style, color = styles.get(init, (":", "tab:gray"))
+            if several_ids and ids != runs[0][1]:  # another ID scheme: same init, its own colour
+                style, color = "-.", "tab:green" if number < 4 else "tab:red"
+            label = f"{init}" + (f", {ids} IDs" if several_ids else "")
+            pick = (rows["init"] == init) & ((rows["ids"] == ids) if ids is not None else True)
+            if pick.any():
+                right.plot(rows[pick]["epoch"], rows[pick]["seq_acc"], style, color=color, label=f"{label}: running, dropout")
+            pick = (checks["init"] == init) & ((checks["ids"] == ids) if ids is not None else True)
+            if pick.any():
+                right.plot(checks[pick]["epoch"], checks[pick]["seq_acc"], "o", ms=3, color=color,
+                           label=f"{label}: stop check, no dropout")
     right.set_xlabel("indexing epoch")
     right.set_ylabel("sequence accuracy on the indexed images")
     right.set_ylim(-0.02, 1.02)
@@ -1036,6 +1083,16 @@ def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, s
             out["paired"][["model", "metric", "a", "b", "diff", "ci_low", "ci_high", "n"]]
             .rename(columns={"a": "ssl", "b": "scratch"}).round(3).to_markdown(index=False),
         ]),
+        *([] if out["id_facts"].empty else [
+            "",
+            "Semantic IDs from the encoder's embeddings (hierarchical k-means over the mean-pooled embeddings of the "
+            "indexed images; the `semantic` rows above are the DSI from the SSL encoder with the SSL ones). "
+            "`sibling_agreement`: the share of pairs of images under the same parent prefix that share a class; "
+            "`sibling_chance`: the same for random groups of those sizes.",
+            "",
+            out["id_facts"][["embeddings", "tag", "n_ids", "mean_length", "max_length", "sibling_agreement",
+                             "sibling_chance"]].round(3).to_markdown(index=False),
+        ]),
         "",
         "Probes of the mean-pooled encoder embeddings on the database (before any DSI training): "
         "kNN (k = 10) class accuracy of the test queries among the indexed images, a logistic-regression "
@@ -1055,6 +1112,8 @@ def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int) -> 
     write_table(out["probes"], out_dir / f"probes_{stem}")
     if not out["paired"].empty:
         write_table(out["paired"], out_dir / f"paired_{stem}")
+    if not out["id_facts"].empty:
+        write_table(out["id_facts"], out_dir / f"ids_{stem}")
     write_csv(out["ssl_history"], out_dir / f"ssl_history_{stem}.csv")
     if len(out["histories"]):
         write_csv(out["histories"], out_dir / f"histories_{stem}.csv")
