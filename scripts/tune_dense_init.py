@@ -9,6 +9,10 @@ It loads the zero-shot model that ``make dsi-dense-init`` indexed from the dense
 mAP@10 and P@10 with bootstrap intervals). The table goes to ``--out``
 (``reports/dsi_dense_init/tuning_val_N<N>.{csv,md}``). The variant chosen here is then run
 on the test queries by ``make dsi-dense-init-sameclass``.
+
+``--model PATH`` tunes from any other zero-shot model instead (a ``zero_shot.pt`` of the same
+database), e.g. the patch-8 DSI of ``make dsi-patch8``; ``--tag`` then names the table
+(``tuning_val_N<N>_<tag>``).
 """
 from __future__ import annotations
 
@@ -49,15 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--runs", default="data/runs/dsi_dense_init", help="where make dsi-dense-init put its models")
+    parser.add_argument("--model", default=None,
+                        help="a zero_shot.pt of this database to tune from (default: the dense-init one in --runs)")
+    parser.add_argument("--tag", default=None, help="suffix of the table's name (tuning_val_N<N>_<tag>)")
     parser.add_argument("--out", default="reports/dsi_dense_init")
     args = parser.parse_args(argv)
 
     image_set = data.load_images("imagenette", args.size, progress=False)
     db = data.build_database(image_set, args.n, id_scheme=args.scheme, seed=args.seed)
-    path = Path(args.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
+    path = Path(args.model) if args.model else Path(args.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
     if not path.is_file():
-        print(f"{path} is missing: run `make dsi-dense-init` first (it indexes the DSI from the dense encoder)",
-              file=sys.stderr)
+        hint = "" if args.model else ": run `make dsi-dense-init` first (it indexes the DSI from the dense encoder)"
+        print(f"{path} is missing{hint}", file=sys.stderr)
         return 1
     zero, codec, _ = load_model(path)
     rows = []
@@ -83,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             .where(shown[shown["metric"] == "IA@1"].set_index("variant")["value"] >= 0.95).idxmax())
     n_val = int(long[long["metric"] == "mAP@10"]["n_queries"].iloc[0])
     markdown = "\n".join([
-        f"# Multi-task settings of the dense-init DSI, scored on the val queries (N = {args.n}, {args.scheme} IDs, "
+        f"# Multi-task settings of the {'dense-init ' if not args.model else ''}DSI{' (' + args.tag + ')' if args.tag else ''}, scored on the val queries (N = {args.n}, {args.scheme} IDs, "
         f"{args.size} px, seed {args.seed})",
         "",
         f"`python scripts/tune_dense_init.py {' '.join(argv if argv is not None else sys.argv[1:])}`: each variant fine-tunes the same "
-        f"zero-shot model (indexed from the dense encoder) multi-task, and is scored on the {n_val} val queries "
+        f"zero-shot model (`{path}`) multi-task, and is scored on the {n_val} val queries "
         "(IA@1: the indexed images); the test queries are not looked at. 95% bootstrap intervals.",
         "",
         wide.to_markdown(index=False),
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Highest val mAP@10 with IA@1 >= 0.95: **{best}**. The differences between variants are inside the "
         "intervals, so this is a choice, not a finding.",
     ])
-    write_table(long, Path(args.out) / f"tuning_val_N{args.n}", markdown=markdown)
+    stem = f"tuning_val_N{args.n}" + (f"_{args.tag}" if args.tag else "")
+    write_table(long, Path(args.out) / stem, markdown=markdown)
     print(markdown)
     return 0
 

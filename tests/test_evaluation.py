@@ -203,6 +203,25 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
     assert "Multi-task: 2 epochs" in (out / "dsi_digits_32px.md").read_text()
 
 
+def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path):
+    out, runs = tmp_path / "dsi", tmp_path / "runs"
+    code = main([
+        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "clustered", "random",
+        "--index-epochs", "2", "--max-pairs-per-query", "2", "--multitask", "--mix-ratio", "1", "--multitask-epochs",
+        "1", "--no-fine-tune", "--bovw", "--words", "8", "--vocabularies", "2", "--out", str(out), "--runs", str(runs),
+    ])
+    assert code == 0
+    results = pd.read_csv(out / "dsi_digits_32px.csv")
+    assert set(results["model"]) == {"BoVW", "DSI zero-shot", "DSI multi-task"}  # no plain fine-tuning
+    bovw = results[results["model"] == "BoVW"]
+    assert len(bovw[bovw["metric"] == "P@10"]) == 1  # one BoVW row per database, shared by both ID schemes
+    text = (out / "dsi_digits_32px.md").read_text()
+    assert "## Target 3" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("| DSI ")][-4:]
+    assert all(line.rstrip().endswith(("| yes |", "| no |")) for line in verdicts)
+    assert not any(p.name == "fine_tuned.pt" for p in runs.rglob("*.pt"))
+
+
 def test_indexing_is_reproducible_from_the_seed():
     import warnings
 

@@ -118,7 +118,8 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
                                      seed=args.seeds[0], label_smoothing=args.label_smoothing),
         root=args.root, annotations=args.annotations, encoder_init=encoder_init,
         targets=args.targets, index_views=args.index_views, view_min_crop=args.view_min_crop,
-        consolidate=args.consolidate,
+        consolidate=args.consolidate, fine_tune_phase=not args.no_fine_tune,
+        bovw_vocabularies=args.vocabularies if args.bovw else 0, bovw_words=args.words,
     )
     shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
@@ -420,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint, a dense encoder, a DSI model or a torchvision ViT state dict")
     dsi.add_argument("--encoder-weights", default=None, metavar="PATH",
                      help="with --encoder-init: the checkpoint or state dict to copy the encoder from")
+    dsi.add_argument("--no-fine-tune", action="store_true",
+                     help="skip plain retrieval fine-tuning (keep the zero-shot and, with --multitask, the multi-task model)")
+    dsi.add_argument("--bovw", action="store_true",
+                     help="add BoVW's rows for each database (--words words, averaged over --vocabularies k-means "
+                     "vocabularies) and target 3's verdict for every DSI row")
+    dsi.add_argument("--words", type=int, default=200, help="with --bovw: BoVW visual words (default 200, the paper's)")
+    _add_vocabularies_argument(dsi)
     _add_fine_tune_options(dsi)
     dsi.add_argument("--out", default=None, help="output folder (default: reports/dsi)")
     dsi.add_argument("--runs", default=None, help="checkpoint folder (default: data/runs/dsi)")

@@ -238,22 +238,13 @@ def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     """Table 1 rows of the study, then the verdicts of targets 3 and 4."""
     from .evaluation import TABLE1_NOTE, attach_paper, table1_markdown
     from .id_study import gap_markdown, gap_table
-    from .targets import beats_baseline
+    from .targets import target3_markdown
 
     lines = [f"# DSI with a dense-initialised encoder, trained multi-task, on {source} at {size} px", "",
              TABLE1_NOTE, "", table1_markdown(attach_paper(results)), ""]
-    verdicts = beats_baseline(results)
-    verdicts = verdicts[verdicts["model"] != DENSE_MODEL]
-    if len(verdicts):
-        lines += ["## Target 3: IA@1 >= 0.95 and disjoint intervals above BoVW on mAP@10 and P@10", "",
-                  "| model | IDs | N | IA@1 | mAP@10 vs BoVW | P@10 vs BoVW | met |", "|---|---|---|---|---|---|---|"]
-        for r in verdicts.to_dict("records"):
-            lines.append(
-                f"| {r['model']} | {r['ids']} | {r['n']} | {r['IA@1']:.3f} "
-                f"| {r['mAP@10']:.3f} [{r['mAP@10 low']:.3f}, {r['mAP@10 high']:.3f}] vs {r['BoVW mAP@10 high']:.3f} (upper) "
-                f"| {r['P@10']:.3f} [{r['P@10 low']:.3f}, {r['P@10 high']:.3f}] vs {r['BoVW P@10 high']:.3f} (upper) "
-                f"| {'yes' if r['met'] else 'no'} |")
-        lines.append("")
+    target3 = target3_markdown(results, exclude=[DENSE_MODEL])
+    if target3:
+        lines += [target3, ""]
     dsi = results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]
     if "clustered" in set(dsi["ids"]) and dsi["ids"].nunique() > 1:
         lines += ["## Target 4: each scheme minus clustered IDs (point estimates)", "",

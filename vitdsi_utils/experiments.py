@@ -463,6 +463,8 @@ def dsi_study(
     index_views: int = 0,
     view_min_crop: float = 0.7,
     consolidate: int = 0,
+    bovw_vocabularies: int = 0,
+    bovw_words: int = 200,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
 
@@ -473,9 +475,13 @@ def dsi_study(
     ``encoder_init=(source, path)`` starts every model's encoder from those weights (run
     folders then end in ``-init-<source>``, and the table has an ``init`` column).
     ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. ``targets``,
-    ``index_views`` and ``view_min_crop`` are the fine-tuning options of :func:`fine_tune`.
+    ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of :func:`fine_tune`.
+    ``bovw_vocabularies > 0`` adds BoVW's rows for each database (``bovw_words`` words, metrics
+    averaged per query over that many k-means vocabularies, :func:`evaluation.evaluate_bovw`), and
+    the Markdown then gives target 3's verdict for every DSI row.
     """
     from .data import build_database, load_images
+    from .evaluation import evaluate_bovw
 
     image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     results, histories = [], []
@@ -483,6 +489,12 @@ def dsi_study(
         for scheme in schemes:
             for seed in seeds:
                 db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+                if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
+                    bovw = evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
+                                         progress=False)
+                    s = db.settings
+                    results.append(bovw.table.assign(model="BoVW", source=s["source"], size=s["size"], n=n, ids="-",
+                                                     seed=seed, **bovw.timings))
                 name = run_name(db) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
                 run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(
@@ -515,7 +527,8 @@ def dsi_study(
                     _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
                                       model_overrides, index_config, retrieval_config, max_pairs_per_query,
                                       mix_ratio if multitask else False, multitask_config,
-                                      fine_tune_note(targets, index_views, view_min_crop, retrieval_config))
+                                      fine_tune_note(targets, index_views, view_min_crop, retrieval_config),
+                                      consolidate)
     return results_frame, history_frame
 
 
@@ -546,9 +559,11 @@ def _write_dsi_tables(
     mix_ratio: float | None | bool = False,
     multitask_config: TrainConfig | None = None,
     options_note: str = "",
+    consolidate: int = 0,
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
+    from .targets import target3_markdown
 
     out_dir = Path(out_dir)
     overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
@@ -565,15 +580,22 @@ def _write_dsi_tables(
            f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
            "image in each epoch beside "
            + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). "))
+        + (f"Then up to {consolidate} epochs of indexing alone, until IA@1 is back at "
+           f"{(multitask_config or rc).target_accuracy}. " if consolidate else "")
+        + ("BoVW: averaged per query over its k-means vocabularies (see its rows). "
+           if "BoVW" in set(results_frame["model"]) else "")
         + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
         "",
         table1_markdown(results_frame),
         "",
         "Epochs and training time per run:",
         "",
-        results_frame.groupby(["model", "n", "ids", "seed"])[["epochs", "train_s", "search_ms_per_query"]]
-        .first().round(1).reset_index().to_markdown(index=False),
+        results_frame[results_frame["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"])
+        [["epochs", "train_s", "search_ms_per_query"]].first().round(1).reset_index().to_markdown(index=False),
     ])
+    target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
+    if target3:
+        markdown += "\n\n" + target3
     write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
     if len(history_frame):
         write_table(history_frame, out_dir / f"histories_{source}_{size}px")

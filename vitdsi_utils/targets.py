@@ -24,6 +24,7 @@ import pandas as pd
 __all__ = [
     "beats_baseline",
     "summarise",
+    "target3_markdown",
     "zero_shot_memorisation",
 ]
 
@@ -109,3 +110,23 @@ def summarise(per_database: pd.DataFrame, by: Sequence[str] = ("model", "ids"), 
         met_at=(column, "sum"),
         met_everywhere=(column, "all"),
     ).reset_index()
+
+
+def target3_markdown(results: pd.DataFrame, *, exclude: Sequence[str] = (), baseline: str = "BoVW") -> str:
+    """Target 3's verdict per model and database as a Markdown section ('' without baseline rows).
+
+    ``exclude`` names models left out (e.g. the dense baseline, which is not a DSI).
+    """
+    verdicts = beats_baseline(results, baseline=baseline)
+    verdicts = verdicts[~verdicts["model"].isin(list(exclude))]
+    if not len(verdicts):
+        return ""
+    lines = [f"## Target 3: IA@1 >= 0.95 and disjoint intervals above {baseline} on mAP@10 and P@10", "",
+             f"| model | IDs | N | IA@1 | mAP@10 vs {baseline} | P@10 vs {baseline} | met |", "|---|---|---|---|---|---|---|"]
+    for r in verdicts.to_dict("records"):
+        lines.append(
+            f"| {r['model']} | {r['ids']} | {r['n']} | {r['IA@1']:.3f} "
+            f"| {r['mAP@10']:.3f} [{r['mAP@10 low']:.3f}, {r['mAP@10 high']:.3f}] vs {r[f'{baseline} mAP@10 high']:.3f} (upper) "
+            f"| {r['P@10']:.3f} [{r['P@10 low']:.3f}, {r['P@10 high']:.3f}] vs {r[f'{baseline} P@10 high']:.3f} (upper) "
+            f"| {'yes' if r['met'] else 'no'} |")
+    return "\n".join(lines)
