@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -90,6 +90,21 @@ dsi-dense-init-sameclass: venv
 ## multi-task settings of the dense-init DSI scored on the val queries (needs `make dsi-dense-init`) -> reports/dsi_dense_init/
 tune-dense-init: venv
 	$(BIN)/python scripts/tune_dense_init.py --n 1024 --scheme clustered
+
+## patch 8 against patch 16 at N = 512: multi-task settings scored on the val queries, from the zero-shot models of
+## `make dsi` and `make ablations ABLATE_FACTORS=patch ABLATE_LEVELS=patch=8` -> reports/dsi_patch8/tuning_val_N512_*.md
+tune-patch8: venv
+	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch16 --out reports/dsi_patch8 \
+	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/zero_shot.pt
+	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch8 --out reports/dsi_patch8 \
+	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/ablations/patch_size8/zero_shot.pt
+
+## the setting chosen there on every N: patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with same-class
+## targets, beside BoVW averaged over 5 vocabularies; target 3's verdicts -> reports/dsi_patch8/
+dsi-patch8: venv
+	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --schemes clustered --patch 8 --lr 1e-3 --warmup-steps 100 \
+	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
+	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8 --runs data/runs/dsi_patch8
 
 ## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
 ## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/
