@@ -249,3 +249,29 @@ def test_attach_paper_twice_is_attaching_once():
     once = attach_paper(rows)
     assert once.loc[0, "paper"] == pytest.approx(0.833)  # the paper's zero-shot IA@1, N = 512, clustered
     pd.testing.assert_frame_equal(attach_paper(once), once)
+
+
+def test_evaluate_dsi_averages_a_list_of_models_per_query():
+    """Several training seeds of one recipe: each metric is the per-query mean over the models."""
+    import torch
+
+    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.evaluation import evaluate_dsi
+    from vitdsi_utils.model import DSIConfig, DSIModel
+    from vitdsi_utils.semantic_ids import codec_for
+
+    db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
+    codec = codec_for(db)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(DSIModel(DSIConfig.from_codec(codec, image_size=32, dim=16, mlp_dim=32, depth=1, heads=2)))
+    singles = [evaluate_dsi(m, codec, db, k=20)[0].set_index("metric")["value"] for m in models]
+    both = evaluate_dsi(models, codec, db, k=20)[0].set_index("metric")
+    for metric in ("IA@1", "IA@5", "mAP@10", "P@10", "R@100"):
+        assert both.loc[metric, "value"] == pytest.approx((singles[0][metric] + singles[1][metric]) / 2)
+        assert both.loc[metric, "ci_low"] <= both.loc[metric, "value"] <= both.loc[metric, "ci_high"]
+    same = evaluate_dsi([models[0], models[0]], codec, db, k=20)[0].set_index("metric")["value"]
+    assert np.allclose(same.to_numpy(dtype=float), singles[0].to_numpy(dtype=float), equal_nan=True)
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate_dsi([], codec, db)

@@ -395,32 +395,47 @@ def evaluate_dsi(
 
     Both come from trie-constrained beam search, so every list holds distinct, valid IDs.
     Returns (table, timings) with one table row per metric.
+
+    ``model`` may also be a list of models trained alike with different seeds (same codec): every
+    metric is then averaged per image / query over the models before the bootstrap over queries,
+    as BoVW is averaged over its k-means vocabularies, so the row is the training recipe's expected
+    quality rather than one run's. The timings are then per model.
     """
     import torch
 
     from .decoding import beam_search
 
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("evaluate_dsi needs a model, or a non-empty list of models")
     index_images, _ = db.split("index")
     query_images, _ = db.split(query_role)
     index_labels, query_labels = db.relevance_labels("index"), db.relevance_labels(query_role)
-    start = time.perf_counter()
-    _, own = beam_search(model, torch.from_numpy(index_images), codec, k=5, batch_size=batch_size)
-    indexed = time.perf_counter()
-    _, ranked = beam_search(
-        model, torch.from_numpy(query_images), codec, k=min(k, len(codec)), beam_size=beam_size, batch_size=batch_size
-    )
-    searched = time.perf_counter()
+    owns, rankings, index_s, search_s = [], [], 0.0, 0.0
+    for one in models:
+        start = time.perf_counter()
+        _, own = beam_search(one, torch.from_numpy(index_images), codec, k=5, batch_size=batch_size)
+        indexed = time.perf_counter()
+        _, ranked = beam_search(
+            one, torch.from_numpy(query_images), codec, k=min(k, len(codec)), beam_size=beam_size, batch_size=batch_size
+        )
+        searched = time.perf_counter()
+        owns.append(own.numpy())
+        rankings.append(ranked.numpy())
+        index_s, search_s = index_s + indexed - start, search_s + searched - indexed
+    stacked = len(models) > 1
     table = pd.concat(
         [
-            metrics.evaluate_indexing(own.numpy(), np.arange(len(index_images)), ks=(1, 5), seed=seed, n_db=len(codec)),
-            retrieval_metrics(ranked.numpy(), query_labels, index_labels, seed=seed),
+            metrics.evaluate_indexing(np.stack(owns) if stacked else owns[0], np.arange(len(index_images)), ks=(1, 5),
+                                      seed=seed, n_db=len(codec)),
+            retrieval_metrics(np.stack(rankings) if stacked else rankings[0], query_labels, index_labels, seed=seed),
         ],
         ignore_index=True,
     )
     timings = {
-        "indexing_eval_s": indexed - start,
-        "search_s": searched - indexed,
-        "search_ms_per_query": 1000 * (searched - indexed) / max(len(query_images), 1),
+        "indexing_eval_s": index_s / len(models),
+        "search_s": search_s / len(models),
+        "search_ms_per_query": 1000 * search_s / len(models) / max(len(query_images), 1),
         "n_index": len(index_images),
     }
     return table, timings

@@ -524,13 +524,18 @@ def evaluate_indexing(
 
     ``n_db`` is the size of the indexed database, used for range checks and the chance level;
     by default every indexed image is a query, so ``n_db`` is the number of queries.
+    ``ranked`` is one ranking (n, k) or a stack (S, n, k) of several models' rankings of the same
+    images; a stack is averaged per image over S before the bootstrap, as in :func:`evaluate_ranking`.
     """
     ranked = np.asarray(ranked)
+    stack = ranked if ranked.ndim == 3 else ranked[None]
+    if stack.shape[0] == 0:
+        raise ValueError("a stack of rankings (S, n, k) needs at least one ranking")
     if n_db is None:
-        n_db = ranked.shape[0]
+        n_db = stack.shape[1]
     rows = [
         _summary_row(
-            f"IA@{k}", indexing_accuracy_at_k(ranked, targets, k, n_db=n_db),
+            f"IA@{k}", np.mean([indexing_accuracy_at_k(r, targets, k, n_db=n_db) for r in stack], axis=0),
             chance_indexing_accuracy_at_k(n_db, k), n_resamples, seed,
         )
         for k in ks

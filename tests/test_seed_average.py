@@ -1,0 +1,43 @@
+"""scripts/seed_average.py: one recipe, several training seeds, per-seed rows and the per-query seed average."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_average.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("seed_average", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_average_trains_each_seed_once_and_reports_the_average(tmp_path):
+    script = load_script()
+    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
+              "--words", "8", "--vocabularies", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert script.main(common + ["--seeds", "1", "--no-report"]) == 0  # train only
+    assert not (tmp_path / "out").exists()
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["digits-32px-N100-clustered-seed0-train1"]
+    trained = tmp_path / "runs" / folders[0] / "multitask.pt"
+    stamp = trained.stat().st_mtime_ns
+    assert script.main(common + ["--seeds", "0", "1"]) == 0
+    assert trained.stat().st_mtime_ns == stamp  # seed 1 loaded, not trained again
+    long = pd.read_csv(tmp_path / "out" / "seeds_N100.csv")
+    assert set(long["model"]) == {"DSI multi-task, seed 0", "DSI multi-task, seed 1", script.AVERAGE, "BoVW"}
+    value = long.set_index(["model", "metric"])["value"]
+    for metric in ("IA@1", "mAP@10", "P@10"):  # the average of the per-query means is the mean of the seeds' means
+        expected = (value[("DSI multi-task, seed 0", metric)] + value[("DSI multi-task, seed 1", metric)]) / 2
+        assert value[(script.AVERAGE, metric)] == pytest.approx(expected)
+    text = (tmp_path / "out" / "seeds_N100.md").read_text()
+    assert "2 training seeds" in text and "| DSI multi-task, seed average |" in text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "digits-32px-N100-clustered-seed0", "digits-32px-N100-clustered-seed0-train1"]
