@@ -216,7 +216,7 @@ def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path):
     bovw = results[results["model"] == "BoVW"]
     assert len(bovw[bovw["metric"] == "P@10"]) == 1  # one BoVW row per database, shared by both ID schemes
     text = (out / "dsi_digits_32px.md").read_text()
-    assert "## Target 3" in text
+    assert "## Target 3" in text and "No plain retrieval fine-tuning." in text
     verdicts = [line for line in text.splitlines() if line.startswith("| DSI ")][-4:]
     assert all(line.rstrip().endswith(("| yes |", "| no |")) for line in verdicts)
     assert not any(p.name == "fine_tuned.pt" for p in runs.rglob("*.pt"))

@@ -528,7 +528,7 @@ def dsi_study(
                                       model_overrides, index_config, retrieval_config, max_pairs_per_query,
                                       mix_ratio if multitask else False, multitask_config,
                                       fine_tune_note(targets, index_views, view_min_crop, retrieval_config),
-                                      consolidate)
+                                      consolidate, fine_tune_phase)
     return results_frame, history_frame
 
 
@@ -560,6 +560,7 @@ def _write_dsi_tables(
     multitask_config: TrainConfig | None = None,
     options_note: str = "",
     consolidate: int = 0,
+    fine_tune_phase: bool = True,
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
@@ -572,7 +573,9 @@ def _write_dsi_tables(
         f"# ViT DSI on {source} at {size} px",
         "",
         f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
-        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
+        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. "
+        + (f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, " if fine_tune_phase else
+           "No plain retrieval fine-tuning. Retrieval examples: ")
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
            if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
         + options_note
