@@ -928,8 +928,7 @@ def dense_study(
             results.append(table.assign(**timings))
             bovw = evaluate_bovw(db, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
                                  progress=progress)
-            results.append(bovw.table.assign(model="BoVW", source=source, size=size, n=n, ids="-", seed=seed,
-                                             **bovw.timings))
+            results.append(bovw.rows(db))
             for i, scheme in enumerate(schemes):
                 scheme_db = db if i == 0 else build_database(image_set, n, id_scheme=scheme, seed=seed)
                 dsi_dir = Path(dsi_runs) / run_name(scheme_db) if dsi_runs is not None else None

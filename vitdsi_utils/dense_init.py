@@ -188,11 +188,8 @@ def dense_init_study(
             dense_rows, timings = evaluate_dense(retriever, first, k=k, seed=seed)
             results.append(dense_rows.assign(train_s=timings["train_s"],
                                              search_ms_per_query=timings["search_ms_per_query"]))
-            bovw = evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
-                                 progress=False)
-            s = first.settings
-            results.append(bovw.table.assign(model="BoVW", source=s["source"], size=s["size"], n=n, ids="-",
-                                             seed=seed, **bovw.timings))
+            results.append(evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
+                                         progress=False).rows(first))
             for scheme in schemes:
                 db = build_database(image_set, n, id_scheme=_draw_scheme(scheme), seed=seed)
                 run_dir = Path(runs_dir) / run_name(db, f"{scheme}-dense-init") if runs_dir is not None else None

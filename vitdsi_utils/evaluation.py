@@ -56,6 +56,12 @@ class BoVWResult:
     timings: dict = field(default_factory=dict)
     model: BoVW | None = None
 
+    def rows(self, db: Database) -> pd.DataFrame:
+        """The table as result rows of ``db`` beside the DSI's: model BoVW, the database's keys, ids "-", timings."""
+        s = db.settings
+        return self.table.assign(model=BOVW_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-",
+                                 seed=s["seed"], **self.timings)
+
 
 def bovw_variant(
     n_words: int,
@@ -423,12 +429,11 @@ def evaluate_dsi(
         owns.append(own.numpy())
         rankings.append(ranked.numpy())
         index_s, search_s = index_s + indexed - start, search_s + searched - indexed
-    stacked = len(models) > 1
-    table = pd.concat(
+    table = pd.concat(  # a stack of one scores exactly as the single ranking
         [
-            metrics.evaluate_indexing(np.stack(owns) if stacked else owns[0], np.arange(len(index_images)), ks=(1, 5),
-                                      seed=seed, n_db=len(codec)),
-            retrieval_metrics(np.stack(rankings) if stacked else rankings[0], query_labels, index_labels, seed=seed),
+            metrics.evaluate_indexing(np.stack(owns), np.arange(len(index_images)), ks=(1, 5), seed=seed,
+                                      n_db=len(codec)),
+            retrieval_metrics(np.stack(rankings), query_labels, index_labels, seed=seed),
         ],
         ignore_index=True,
     )

@@ -490,11 +490,8 @@ def dsi_study(
             for seed in seeds:
                 db = build_database(image_set, n, id_scheme=scheme, seed=seed)
                 if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
-                    bovw = evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
-                                         progress=False)
-                    s = db.settings
-                    results.append(bovw.table.assign(model="BoVW", source=s["source"], size=s["size"], n=n, ids="-",
-                                                     seed=seed, **bovw.timings))
+                    results.append(evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
+                                                 progress=False).rows(db))
                 name = run_name(db) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
                 run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(

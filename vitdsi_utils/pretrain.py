@@ -944,16 +944,14 @@ def _ssl_semantic_ids(db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncod
     from .semantic_ids import assign_ids, sibling_agreement
 
     index_images = db.split("index")[0]
-    rows, chosen = [], None
-    for name, encoder in (("random init", random_encoder), ("SSL pretrained", ssl_encoder)):
+    rows, assignments = [], {}
+    for name, tag, encoder in (("random init", "random-encoder", random_encoder), ("SSL pretrained", "ssl", ssl_encoder)):
         embeddings = _embed(encoder, index_images).double().numpy()
-        assignment = assign_ids(db, "semantic", embeddings=embeddings, embedding_name="ssl" if encoder is ssl_encoder
-                                else "random-encoder", seed=seed, **params)
-        agreement, chance = sibling_agreement(assignment.codec, db.index_labels)
-        rows.append({"embeddings": name, **assignment.summary(), "sibling_agreement": agreement,
+        assignments[tag] = assign_ids(db, "semantic", embeddings=embeddings, embedding_name=tag, seed=seed, **params)
+        agreement, chance = sibling_agreement(assignments[tag].codec, db.index_labels)
+        rows.append({"embeddings": name, **assignments[tag].summary(), "sibling_agreement": agreement,
                      "sibling_chance": chance})
-        chosen = assignment  # the SSL one, last
-    return chosen, pd.DataFrame(rows)
+    return assignments["ssl"], pd.DataFrame(rows)
 
 
 def paired_comparison(
@@ -1026,23 +1024,23 @@ def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     left.set_title("self-supervised pretraining")
     left.grid(alpha=0.3)
     if len(histories):
-        rows = histories[(histories["phase"] == "indexing") & (histories["split"] == "train")]
-        checks = histories[(histories["phase"] == "indexing") & (histories["split"] == "train_eval")]
+        indexing = histories[histories["phase"] == "indexing"]
+        if "ids" not in indexing:
+            indexing = indexing.assign(ids="")
         styles = {"scratch": ("--", "tab:blue"), "ssl": ("-", "tab:orange")}
-        runs = list(dict.fromkeys(zip(rows["init"], rows["ids"]))) if "ids" in rows else [(i, None) for i in styles]
+        others = iter(["tab:green", "tab:red", "tab:purple", "tab:brown"])  # further ID schemes of one init
+        runs = list(dict.fromkeys(zip(indexing["init"], indexing["ids"])))
         several_ids = len({ids for _, ids in runs}) > 1
-        for number, (init, ids) in enumerate(runs):
+        for init, ids in runs:
             style, color = styles.get(init, (":", "tab:gray"))
-            if several_ids and ids != runs[0][1]:  # another ID scheme: same init, its own colour
-                style, color = "-.", "tab:green" if number < 4 else "tab:red"
+            if ids != runs[0][1]:
+                style, color = "-.", next(others, "tab:gray")
             label = f"{init}" + (f", {ids} IDs" if several_ids else "")
-            pick = (rows["init"] == init) & ((rows["ids"] == ids) if ids is not None else True)
-            if pick.any():
-                right.plot(rows[pick]["epoch"], rows[pick]["seq_acc"], style, color=color, label=f"{label}: running, dropout")
-            pick = (checks["init"] == init) & ((checks["ids"] == ids) if ids is not None else True)
-            if pick.any():
-                right.plot(checks[pick]["epoch"], checks[pick]["seq_acc"], "o", ms=3, color=color,
-                           label=f"{label}: stop check, no dropout")
+            run = indexing[(indexing["init"] == init) & (indexing["ids"] == ids)]
+            for split, fmt, what in (("train", style, "running, dropout"), ("train_eval", "o", "stop check, no dropout")):
+                part = run[run["split"] == split]
+                if len(part):
+                    right.plot(part["epoch"], part["seq_acc"], fmt, ms=3, color=color, label=f"{label}: {what}")
     right.set_xlabel("indexing epoch")
     right.set_ylabel("sequence accuracy on the indexed images")
     right.set_ylim(-0.02, 1.02)
