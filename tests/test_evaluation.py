@@ -217,8 +217,16 @@ def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path):
     assert len(bovw[bovw["metric"] == "P@10"]) == 1  # one BoVW row per database, shared by both ID schemes
     text = (out / "dsi_digits_32px.md").read_text()
     assert "## Target 3" in text and "No plain retrieval fine-tuning." in text
+    text, target4 = text.split("## Target 4")
     verdicts = [line for line in text.splitlines() if line.startswith("| DSI ")][-4:]
     assert all(line.rstrip().endswith(("| yes |", "| no |")) for line in verdicts)
+    # target 4: random minus clustered, for each DSI model, matching the two rows of the table
+    gaps = [line.split("|") for line in target4.splitlines() if line.startswith("| DSI ")]
+    assert sorted(g[1].strip() for g in gaps) == ["DSI multi-task", "DSI zero-shot"]
+    assert all(g[4].strip() == "random" for g in gaps)
+    wide = results[(results["metric"] == "mAP@10") & (results["model"] == "DSI zero-shot")].set_index("ids")["value"]
+    zero_shot = next(g for g in gaps if g[1].strip() == "DSI zero-shot")
+    assert float(zero_shot[6]) == pytest.approx(wide["random"] - wide["clustered"], abs=5e-4)
     assert not any(p.name == "fine_tuned.pt" for p in runs.rglob("*.pt"))
 
 

@@ -596,6 +596,12 @@ def _write_dsi_tables(
     target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
     if target3:
         markdown += "\n\n" + target3
+    dsi_rows = results_frame[results_frame["model"] != "BoVW"]
+    if "clustered" in set(dsi_rows["ids"]) and dsi_rows["ids"].nunique() > 1:
+        from .id_study import gap_markdown, gap_table
+
+        markdown += ("\n\n## Target 4: each scheme minus clustered IDs (point estimates)\n\n"
+                     + gap_markdown(gap_table(dsi_rows, reference="clustered")))
     write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
     if len(history_frame):
         write_table(history_frame, out_dir / f"histories_{source}_{size}px")
