@@ -283,3 +283,30 @@ def test_evaluate_dsi_averages_a_list_of_models_per_query():
     assert np.allclose(same.to_numpy(dtype=float), singles[0].to_numpy(dtype=float), equal_nan=True)
     with pytest.raises(ValueError, match="non-empty list"):
         evaluate_dsi([], codec, db)
+
+
+def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path):
+    out, runs = tmp_path / "dsi", tmp_path / "runs"
+    code = main([
+        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "clustered", "atomic",
+        "--index-epochs", "2", "--max-pairs-per-query", "2", "--no-fine-tune",
+        "--out", str(out), "--runs", str(runs),
+    ])
+    assert code == 0
+    results = pd.read_csv(out / "dsi_digits_32px.csv")
+    assert set(results["ids"]) == {"clustered", "atomic"}
+    assert sorted(p.name for p in runs.iterdir()) == ["digits-32px-N120-atomic-seed0", "digits-32px-N120-clustered-seed0"]
+    from vitdsi_utils.train import load_model
+
+    model, codec, _ = load_model(runs / "digits-32px-N120-atomic-seed0" / "zero_shot.pt")
+    assert len(codec) == 30 and codec.max_length == 2  # 30 indexed images, one token each + EOS
+    assert model.config.vocab_size == 30 + 3
+    text = (out / "dsi_digits_32px.md").read_text()
+    assert "## Target 4" in text and "| atomic |" in text.split("## Target 4")[1]
+
+
+def test_dsi_study_names_the_unknown_scheme():
+    from vitdsi_utils.experiments import dsi_study
+
+    with pytest.raises(ValueError, match="unknown ID scheme"):
+        dsi_study("digits", 32, ns=(120,), schemes=("clustered", "hashed"))

@@ -476,23 +476,37 @@ def dsi_study(
     folders then end in ``-init-<source>``, and the table has an ``init`` column).
     ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. ``targets``,
     ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of :func:`fine_tune`.
+    ``schemes`` may also name the codec schemes of :func:`~vitdsi_utils.semantic_ids.assign_ids`
+    (``atomic``; ``semantic`` and ``rq`` over BoVW histograms of the indexed images, default settings),
+    assigned to the indexed images of the random build.
     ``bovw_vocabularies > 0`` adds BoVW's rows for each database (``bovw_words`` words, metrics
     averaged per query over that many k-means vocabularies, :func:`evaluation.evaluate_bovw`), and
     the Markdown then gives target 3's verdict for every DSI row.
     """
     from .data import build_database, load_images
     from .evaluation import evaluate_bovw
+    from .ids import ID_SCHEMES
+    from .semantic_ids import CODEC_SCHEMES, assign_ids
 
+    unknown = [s for s in schemes if s not in CODEC_SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown ID scheme(s) {unknown}; choose among {CODEC_SCHEMES}")
     image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     results, histories = [], []
     for n in ns:
         for scheme in schemes:
             for seed in seeds:
-                db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+                # dense IDs follow the database's row order; the codec schemes are assigned to the
+                # indexed images of the random build (the same images in the same roles)
+                db = build_database(image_set, n, id_scheme=scheme if scheme in ID_SCHEMES else "random", seed=seed)
+                codec, tag = None, None
+                if scheme not in ID_SCHEMES:
+                    assignment = assign_ids(db, scheme, seed=seed)
+                    codec, tag = assignment.codec, assignment.tag
                 if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
                     results.append(evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
                                                  progress=False).rows(db))
-                name = run_name(db) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
+                name = run_name(db, tag) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
                 run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(
                     db,
@@ -510,6 +524,8 @@ def dsi_study(
                     index_views=index_views,
                     view_min_crop=view_min_crop,
                     consolidate=consolidate,
+                    codec=codec,
+                    ids=scheme,
                 )
                 if encoder_init is not None:
                     experiment.table["init"] = encoder_init[0]
