@@ -41,3 +41,15 @@ def test_seed_average_trains_each_seed_once_and_reports_the_average(tmp_path):
     assert "2 training seeds" in text and "| DSI multi-task, seed average |" in text
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "digits-32px-N100-clustered-seed0", "digits-32px-N100-clustered-seed0-train1"]
+
+
+def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tmp_path):
+    script = load_script()
+    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
+              "--words", "8", "--vocabularies", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert script.main(common + ["--seeds", "0", "--scheme", "random"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits-32px-N100-random-seed0"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seeds_N100_random.csv", "seeds_N100_random.md"]
+    long = pd.read_csv(tmp_path / "out" / "seeds_N100_random.csv")
+    assert set(long["ids"]) == {"random"}
+    assert "random IDs" in (tmp_path / "out" / "seeds_N100_random.md").read_text()
