@@ -100,9 +100,9 @@ tune-patch8: venv
 	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/ablations/patch_size8/zero_shot.pt
 
 ## the setting chosen there on every N: patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with same-class
-## targets, clustered and random IDs, beside BoVW averaged over 5 vocabularies; targets 3 and 4 -> reports/dsi_patch8/
+## targets, clustered, random and atomic IDs, beside BoVW averaged over 5 vocabularies; targets 3 and 4 -> reports/dsi_patch8/
 dsi-patch8: venv
-	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --schemes clustered random --patch 8 --lr 1e-3 --warmup-steps 100 \
+	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --schemes clustered random atomic --patch 8 --lr 1e-3 --warmup-steps 100 \
 	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
 	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8 --runs data/runs/dsi_patch8
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/seed_average.py                       # the make dsi-patch8 recipe, N = 512, seeds 0-4
     .venv/bin/python scripts/seed_average.py --seeds 1 2 --no-report   # train only (e.g. two processes side by side)
-    .venv/bin/python scripts/seed_average.py --scheme random          # the same recipe and images with random IDs
+    .venv/bin/python scripts/seed_average.py --scheme atomic          # the same recipe and images with atomic IDs
 
 A single training run is one draw of the training noise (initial weights, example order,
 dropout); at N = 512, with 38 test queries, that noise moves a DSI's P@10 by a few hundredths,
@@ -13,9 +13,11 @@ until IA@1 >= 0.99, multi-task with same-class targets; options below) is traine
 ``make dsi-patch8`` trained (``<runs>/<database>/``); seed s > 0 trains into
 ``<runs>/<database>-train<s>/``, so a rerun loads instead of retraining.
 
-``--scheme random`` trains the recipe on the same images with random IDs (the database of seed 0
-built with that scheme); its report is ``seeds_N<N>_random``, so target 4 (random within 0.03 of
-clustered) can be read seed-averaged on both sides.
+``--scheme random`` or ``--scheme atomic`` trains the recipe on the same images with random IDs
+(the database of seed 0 built with that scheme) or atomic IDs (one token per indexed image, given
+to the random build's indexed images, as ``vitdsi dsi --schemes atomic`` does). The report is then
+``seeds_N<N>_<scheme>``, so target 4 (a label-free scheme within 0.03 of clustered IDs) can be
+read seed-averaged on both sides.
 
 The report (``<out>/seeds_N<N>.{csv,md}``) has one row per seed and one row for the seed
 average (every metric averaged per image / query over the seeds, then a bootstrap over
@@ -34,7 +36,7 @@ import pandas as pd
 from vitdsi_utils import data
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.experiments import MULTITASK, fine_tune, index_database, run_name
-from vitdsi_utils.semantic_ids import codec_for
+from vitdsi_utils.semantic_ids import assign_ids
 from vitdsi_utils.tables import write_table
 from vitdsi_utils.targets import beats_baseline
 from vitdsi_utils.train import TrainConfig
@@ -42,16 +44,16 @@ from vitdsi_utils.train import TrainConfig
 AVERAGE = "DSI multi-task, seed average"
 
 
-def train_seed(db, seed: int, args: argparse.Namespace):
+def train_seed(db, seed: int, args: argparse.Namespace, assignment):
     """The zero-shot and multi-task models of one training seed (loaded when its folder has them)."""
-    folder = Path(args.runs) / (run_name(db) + ("" if seed == 0 else f"-train{seed}"))
+    folder = Path(args.runs) / (run_name(db, assignment.tag) + ("" if seed == 0 else f"-train{seed}"))
     overrides = {"patch_size": args.patch, "dropout": 0.1, "pos_encoding": "sinusoidal"}
     index_config = TrainConfig(epochs=args.index_epochs, target_accuracy=0.99, lr=args.lr, seed=seed,
                                warmup_steps=100, stop_metric="ia")
-    zero = index_database(db, model_overrides=overrides, config=index_config, run_dir=folder)
+    zero = index_database(db, model_overrides=overrides, config=index_config, run_dir=folder, codec=assignment.codec)
     config = TrainConfig(epochs=args.multitask_epochs, lr=args.lr, seed=seed)
     tuned = fine_tune(db, zero.model, config=config, run_dir=folder, max_pairs_per_query=5, multitask=True,
-                      mix_ratio=args.mix_ratio, targets=args.targets)
+                      mix_ratio=args.mix_ratio, targets=args.targets, codec=assignment.codec)
     return zero, tuned
 
 
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multitask-epochs", type=int, default=30)
     parser.add_argument("--mix-ratio", type=float, default=2.0)
     parser.add_argument("--targets", default="same-class", choices=["pairs", "same-class"])
-    parser.add_argument("--scheme", default="clustered", choices=["clustered", "random"],
-                        help="ID scheme of the database (default clustered); the images are the same for both")
+    parser.add_argument("--scheme", default="clustered", choices=["clustered", "random", "atomic"],
+                        help="ID scheme (default clustered); the images are the same for every scheme")
     parser.add_argument("--vocabularies", type=int, default=5, help="BoVW k-means vocabularies averaged")
     parser.add_argument("--words", type=int, default=200, help="BoVW visual words")
     parser.add_argument("--source", default="imagenette", help="image source (default imagenette)")
@@ -77,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     image_set = data.load_images(args.source, args.size, progress=False)
-    db = data.build_database(image_set, args.n, id_scheme=args.scheme, seed=0)
-    codec = codec_for(db)
+    db = data.build_database(image_set, args.n, id_scheme="clustered" if args.scheme == "clustered" else "random", seed=0)
+    assignment = assign_ids(db, args.scheme, seed=0)
+    codec = assignment.codec
     rows, models = [], []
     for seed in args.seeds:
         start = time.perf_counter()
-        zero, tuned = train_seed(db, seed, args)
+        zero, tuned = train_seed(db, seed, args, assignment)
         print(f"seed {seed}: indexing {zero.epochs} epochs, multi-task {tuned.epochs} epochs "
               f"({time.perf_counter() - start:.0f} s here)", flush=True)
         models.append(tuned.model)

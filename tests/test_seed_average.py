@@ -53,3 +53,27 @@ def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tm
     long = pd.read_csv(tmp_path / "out" / "seeds_N100_random.csv")
     assert set(long["ids"]) == {"random"}
     assert "random IDs" in (tmp_path / "out" / "seeds_N100_random.md").read_text()
+
+
+def test_seed_average_with_atomic_ids_shares_the_folder_of_vitdsi_dsi(tmp_path):
+    from vitdsi_utils.cli import main as vitdsi
+
+    script = load_script()
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
+              "--runs", str(runs)]
+    assert vitdsi(["dsi", "--schemes", "atomic", "--patch", "8", "--lr", "1e-3", "--warmup-steps", "100",
+                   "--target-accuracy", "0.99", "--max-pairs-per-query", "5", "--multitask", "--mix-ratio", "2",
+                   "--targets", "same-class", "--no-fine-tune", "--out", str(tmp_path / "dsi"), *common]) == 0
+    trained = runs / "digits-32px-N100-atomic-seed0" / "multitask.pt"
+    stamp = trained.stat().st_mtime_ns
+    assert script.main(common + ["--seeds", "0", "--scheme", "atomic", "--words", "8", "--vocabularies", "2",
+                                 "--out", str(out)]) == 0
+    assert trained.stat().st_mtime_ns == stamp  # the recipe's seed 0 is the model `vitdsi dsi` trained
+    long = pd.read_csv(out / "seeds_N100_atomic.csv")
+    assert set(long["ids"]) == {"atomic"}
+    dsi = pd.read_csv(tmp_path / "dsi" / "dsi_digits_32px.csv")
+    ours = long[long["model"] == "DSI multi-task, seed 0"].set_index("metric")["value"]
+    theirs = dsi[dsi["model"] == "DSI multi-task"].set_index("metric")["value"]
+    for metric in ("IA@1", "mAP@10", "P@10"):
+        assert ours[metric] == pytest.approx(theirs[metric])
