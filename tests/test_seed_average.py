@@ -52,7 +52,19 @@ def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seeds_N100_random.csv", "seeds_N100_random.md"]
     long = pd.read_csv(tmp_path / "out" / "seeds_N100_random.csv")
     assert set(long["ids"]) == {"random"}
-    assert "random IDs" in (tmp_path / "out" / "seeds_N100_random.md").read_text()
+    text = (tmp_path / "out" / "seeds_N100_random.md").read_text()
+    assert "random IDs" in text and "## Target 4" not in text  # no clustered report to compare with yet
+    # with the clustered report beside it, a rerun (loading the model) adds target 4's differences
+    assert script.main(common + ["--seeds", "0"]) == 0
+    assert script.main(common + ["--seeds", "0", "--scheme", "random"]) == 0
+    text = (tmp_path / "out" / "seeds_N100_random.md").read_text()
+    gaps = [line.split("|") for line in text.split("## Target 4")[1].splitlines() if line.startswith("| DSI")]
+    assert sorted(g[1].strip() for g in gaps) == ["DSI multi-task, seed 0", "DSI multi-task, seed average"]
+    clustered = pd.read_csv(tmp_path / "out" / "seeds_N100.csv").set_index(["model", "metric"])["value"]
+    ours = pd.read_csv(tmp_path / "out" / "seeds_N100_random.csv").set_index(["model", "metric"])["value"]
+    average = next(g for g in gaps if "average" in g[1])
+    expected = ours[(script.AVERAGE, "mAP@10")] - clustered[(script.AVERAGE, "mAP@10")]
+    assert float(average[6]) == pytest.approx(expected, abs=5e-4)
 
 
 def test_seed_average_with_atomic_ids_shares_the_folder_of_vitdsi_dsi(tmp_path):
