@@ -127,7 +127,7 @@ scale-all: venv
 	mkdir -p reports/scale_all
 	test -f reports/scale_all/scale_latency.csv || cp reports/scale/scale_latency.csv reports/scale_all/
 	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 0 --index-epochs 400 --batch-size 128 \
-	  --stop-metric eval --target-accuracy 0.98 --queries 64 --query-batch 64 --repeats 3 --reuse-latency \
+	  --stop-metric eval --stop-check-every 5 --target-accuracy 0.98 --queries 64 --query-batch 64 --repeats 3 --reuse-latency \
 	  --out reports/scale_all --runs data/runs/scale
 
 ## the full scale study on a GPU: the paper's model at 160 px trained on every N up to all images (hours on one H100)

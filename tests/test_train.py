@@ -134,6 +134,24 @@ def test_other_stop_metrics():
         quiet(stop_metric="val")
 
 
+def test_periodic_stop_checks_open_a_gate_that_dropout_keeps_shut():
+    """stop_check_every re-scores every E epochs even when the running accuracy never reaches the gate."""
+    codec = make_codec(32)
+    images = images_of(32, seed=2)
+    config = dict(lr=3e-3, batch_size=8, epochs=80, target_accuracy=1.0, stop_metric="eval", stop_check_from=2.0)
+    model = tiny_model(codec, dim=64, mlp_dim=128, dropout=0.3)
+    frame = train_indexing(model, codec, images, config=quiet(**config)).to_frame()
+    assert "train_eval" not in set(frame.split) and frame.epoch.max() == 80  # gate never opens: every epoch runs
+    model = tiny_model(codec, dim=64, mlp_dim=128, dropout=0.3)
+    frame = train_indexing(model, codec, images, config=quiet(**config, stop_check_every=3)).to_frame()
+    checks = frame[frame.split == "train_eval"]
+    assert len(checks) >= 1 and (checks.epoch % 3 == 0).all()  # only the periodic checks
+    assert checks.iloc[-1]["seq_acc"] == 1.0 and (checks.iloc[:-1]["seq_acc"] < 1.0).all()
+    assert frame.epoch.max() == checks.epoch.max() < 80  # stopped on the first check that passed
+    with pytest.raises(ValueError, match="stop_check_every"):
+        quiet(stop_check_every=-1)
+
+
 # -- tasks, history --------------------------------------------------------------------------
 def test_multitask_mix_ratio_and_validation(tmp_path):
     codec = make_codec(20)

@@ -280,7 +280,8 @@ def _index_config(args: argparse.Namespace):
 
     return TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
                        warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
-                       stop_metric=args.stop_metric, device=args.device, amp=args.amp, compile=args.compile)
+                       stop_metric=args.stop_metric, stop_check_every=args.stop_check_every, device=args.device,
+                       amp=args.amp, compile=args.compile)
 
 
 def _add_vocabularies_argument(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +305,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how indexing's stop accuracy is read: ia = IA@1 of beam search (default), eval = "
                         "teacher-forced accuracy without dropout (cheap at large N; IA@1 is then measured once at "
                         "the end), train = the running accuracy")
+    parser.add_argument("--stop-check-every", type=int, default=0, metavar="E",
+                        help="with --stop-metric ia/eval: also check every E epochs, whatever the running accuracy "
+                        "(default 0: only once the running accuracy, with dropout, is within 80%% of the target)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (training and beam search)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA only)")
