@@ -236,3 +236,17 @@ def test_an_image_cache_holding_pickled_objects_is_not_unpickled(image_tree, tmp
     with pytest.warns(UserWarning, match="ignoring the damaged image cache"):
         image_set = load_images("folder", 32, root=image_tree, progress=False)
     assert len(image_set) == 36 and not marker.exists()
+
+
+def test_a_resumed_run_counts_the_seconds_of_every_session(digits, tmp_path, monkeypatch):
+    db = quick_database(digits, "random")
+    index_database(db, model_overrides=TINY, config=quiet(epochs=1, target_accuracy=2.0), run_dir=tmp_path)
+    (tmp_path / "zero_shot.pt").unlink()  # as if killed after epoch 1's checkpoint
+    state = load_checkpoint(tmp_path / "indexing.ckpt")
+    state["history"][0]["seconds"] = 1000.0  # an earlier session's long epoch
+    torch.save(state, tmp_path / "indexing.ckpt")
+    resumed = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=2.0), run_dir=tmp_path)
+    assert resumed.epochs == 2
+    assert 1000.0 < resumed.seconds < 1000.0 + 60  # the first session's 1000 s plus this one's, not this one's alone
+    again = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=2.0), run_dir=tmp_path)
+    assert again.seconds == pytest.approx(resumed.seconds)  # the finished model keeps its total

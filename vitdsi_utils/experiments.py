@@ -42,6 +42,16 @@ MULTITASK = "DSI multi-task"
 TARGET_MODES = ("pairs", "same-class")
 
 
+def _seconds_before(checkpoint: Path | None) -> float:
+    """Training seconds already spent in an unfinished run's checkpoint (0 without one), so the time of a
+    run resumed over several sessions counts every session, not the last one only."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0.0
+    from .train import load_checkpoint
+
+    return float(sum(row.get("seconds", 0.0) for row in load_checkpoint(checkpoint)["history"]))
+
+
 def run_name(db: Database, ids: str | None = None) -> str:
     """A folder name that identifies the database: source, size, N, ID scheme and seed.
 
@@ -161,13 +171,14 @@ def index_database(
 
         init_encoder(model, *encoder_init)
     index_images, _ = db.split("index")
-    start = time.perf_counter()
+    checkpoint = Path(run_dir) / "indexing.ckpt" if run_dir else None
+    start = time.perf_counter() - _seconds_before(checkpoint)
     history = train_indexing(
         model,
         codec,
         torch.from_numpy(index_images),
         config=config,
-        checkpoint_path=Path(run_dir) / "indexing.ckpt" if run_dir else None,
+        checkpoint_path=checkpoint,
         data_info=fingerprint,
     )
     seconds = time.perf_counter() - start
@@ -258,7 +269,9 @@ def fine_tune(
     )
     model = copy.deepcopy(zero_shot)
     checkpoint = Path(run_dir) / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
-    start = time.perf_counter()
+    consolidation = Path(run_dir) / "consolidate.ckpt" if run_dir else None
+    # a consolidation checkpoint's history holds the fine-tuning rows too
+    start = time.perf_counter() - (_seconds_before(consolidation) or _seconds_before(checkpoint))
     if multitask:
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
         history = fit(
@@ -277,7 +290,7 @@ def fine_tune(
     if consolidate:
         history = train_indexing(
             model, codec, torch.from_numpy(db.split("index")[0]), config=dataclasses.replace(config, epochs=consolidate),
-            history=history, checkpoint_path=Path(run_dir) / "consolidate.ckpt" if run_dir else None,
+            history=history, checkpoint_path=consolidation,
             data_info=fingerprint, phase="consolidate",
         )
     seconds = time.perf_counter() - start
