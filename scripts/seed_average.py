@@ -40,7 +40,7 @@ from vitdsi_utils import data
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.experiments import MULTITASK, fine_tune, index_database, run_name
 from vitdsi_utils.id_study import gap_markdown, gap_table
-from vitdsi_utils.semantic_ids import assign_ids
+from vitdsi_utils.semantic_ids import database_with_ids
 from vitdsi_utils.tables import write_table
 from vitdsi_utils.targets import beats_baseline
 from vitdsi_utils.train import TrainConfig
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     image_set = data.load_images(args.source, args.size, progress=False)
-    db = data.build_database(image_set, args.n, id_scheme="clustered" if args.scheme == "clustered" else "random", seed=0)
-    assignment = assign_ids(db, args.scheme, seed=0)
+    db, assignment = database_with_ids(image_set, args.n, args.scheme, seed=0)
     codec = assignment.codec
     rows, models = [], []
     for seed in args.seeds:

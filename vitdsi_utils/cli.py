@@ -400,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     bovw.set_defaults(func=_cmd_bovw)
     dsi = commands.add_parser("dsi", help="train and evaluate ViT DSI (zero-shot and fine-tuned) for each N and ID scheme")
     _add_data_arguments(dsi)
-    dsi.add_argument("--schemes", nargs="+", default=["clustered", "random"],
-                     choices=["clustered", "random", "atomic", "semantic", "rq"],
+    from .semantic_ids import CODEC_SCHEMES
+
+    dsi.add_argument("--schemes", nargs="+", default=["clustered", "random"], choices=CODEC_SCHEMES,
                      help="ID schemes (default: clustered random); atomic is one output token per indexed image, "
                           "semantic and rq are k-means codes of the indexed images' BoVW histograms")
     dsi.add_argument("--patch", type=int, default=16, help="patch size (default 16)")

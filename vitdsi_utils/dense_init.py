@@ -234,16 +234,14 @@ def _write(results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, 
 def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     """Table 1 rows of the study, then the verdicts of targets 3 and 4."""
     from .evaluation import TABLE1_NOTE, attach_paper, table1_markdown
-    from .id_study import gap_markdown, gap_table
-    from .targets import target3_markdown
+    from .targets import target3_markdown, target4_markdown
 
     lines = [f"# DSI with a dense-initialised encoder, trained multi-task, on {source} at {size} px", "",
              TABLE1_NOTE, "", table1_markdown(attach_paper(results)), ""]
     target3 = target3_markdown(results, exclude=[DENSE_MODEL])
     if target3:
         lines += [target3, ""]
-    dsi = results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]
-    if "clustered" in set(dsi["ids"]) and dsi["ids"].nunique() > 1:
-        lines += ["## Target 4: each scheme minus clustered IDs (point estimates)", "",
-                  gap_markdown(gap_table(dsi, reference="clustered"))]
+    target4 = target4_markdown(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])])
+    if target4:
+        lines.append(target4)
     return "\n".join(lines)

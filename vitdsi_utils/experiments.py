@@ -496,10 +496,9 @@ def dsi_study(
     averaged per query over that many k-means vocabularies, :func:`evaluation.evaluate_bovw`), and
     the Markdown then gives target 3's verdict for every DSI row.
     """
-    from .data import build_database, load_images
+    from .data import load_images
     from .evaluation import evaluate_bovw
-    from .ids import ID_SCHEMES
-    from .semantic_ids import CODEC_SCHEMES, assign_ids
+    from .semantic_ids import CODEC_SCHEMES, database_with_ids
 
     unknown = [s for s in schemes if s not in CODEC_SCHEMES]
     if unknown:
@@ -509,17 +508,11 @@ def dsi_study(
     for n in ns:
         for scheme in schemes:
             for seed in seeds:
-                # dense IDs follow the database's row order; the codec schemes are assigned to the
-                # indexed images of the random build (the same images in the same roles)
-                db = build_database(image_set, n, id_scheme=scheme if scheme in ID_SCHEMES else "random", seed=seed)
-                codec, tag = None, None
-                if scheme not in ID_SCHEMES:
-                    assignment = assign_ids(db, scheme, seed=seed)
-                    codec, tag = assignment.codec, assignment.tag
+                db, assignment = database_with_ids(image_set, n, scheme, seed=seed)
                 if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
                     results.append(evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
                                                  progress=False).rows(db))
-                name = run_name(db, tag) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
+                name = run_name(db, assignment.tag) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
                 run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(
                     db,
@@ -537,7 +530,7 @@ def dsi_study(
                     index_views=index_views,
                     view_min_crop=view_min_crop,
                     consolidate=consolidate,
-                    codec=codec,
+                    codec=assignment.codec,
                     ids=scheme,
                 )
                 if encoder_init is not None:
@@ -590,7 +583,7 @@ def _write_dsi_tables(
 ) -> None:
     from .evaluation import TABLE1_NOTE, table1_markdown
     from .tables import write_table
-    from .targets import target3_markdown
+    from .targets import target3_markdown, target4_markdown
 
     out_dir = Path(out_dir)
     overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
@@ -625,12 +618,9 @@ def _write_dsi_tables(
     target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
     if target3:
         markdown += "\n\n" + target3
-    dsi_rows = results_frame[results_frame["model"] != "BoVW"]
-    if "clustered" in set(dsi_rows["ids"]) and dsi_rows["ids"].nunique() > 1:
-        from .id_study import gap_markdown, gap_table
-
-        markdown += ("\n\n## Target 4: each scheme minus clustered IDs (point estimates)\n\n"
-                     + gap_markdown(gap_table(dsi_rows, reference="clustered")))
+    target4 = target4_markdown(results_frame[results_frame["model"] != "BoVW"])
+    if target4:
+        markdown += "\n\n" + target4
     write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
     if len(history_frame):
         write_table(history_frame, out_dir / f"histories_{source}_{size}px")

@@ -19,10 +19,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .data import ImageSet, build_database
+from .data import ImageSet
 from .experiments import FINE_TUNED, ZERO_SHOT, run_experiment, run_name
-from .ids import ID_SCHEMES
-from .semantic_ids import assign_ids, invalid_id_rates, sibling_agreement
+from .semantic_ids import database_with_ids, invalid_id_rates, sibling_agreement
 from .tables import format_interval, format_number
 from .train import TrainConfig
 
@@ -75,8 +74,7 @@ def compare_id_schemes(
     for n in ns:
         for seed in seeds:
             for scheme in schemes:
-                db = build_database(image_set, n, id_scheme=scheme if scheme in ID_SCHEMES else "random", seed=seed)
-                assignment = assign_ids(db, scheme, seed=seed, **(id_params or {}))
+                db, assignment = database_with_ids(image_set, n, scheme, seed=seed, **(id_params or {}))
                 run_dir = runs_dir / run_name(db, assignment.tag)
                 loaded = (run_dir / "fine_tuned.pt").exists()
                 experiment = run_experiment(

@@ -364,6 +364,19 @@ def assign_ids(
     return IDAssignment(scheme, codec, collision_rate(raw), params, time.perf_counter() - start)
 
 
+def database_with_ids(image_set: Any, n: int, scheme: str, *, seed: int = 0, **id_params: Any) -> tuple["Database", IDAssignment]:
+    """A database of ``n`` images of ``image_set`` and its indexed images' IDs under any scheme.
+
+    The dense schemes (random, clustered) order the database's rows, so the database is built with
+    that scheme; the others are given to the indexed images of the random build, which holds the same
+    images in the same roles. ``id_params`` go to :func:`assign_ids`.
+    """
+    from .data import build_database
+
+    db = build_database(image_set, n, id_scheme=scheme if scheme in ID_SCHEMES else "random", seed=seed)
+    return db, assign_ids(db, scheme, seed=seed, **id_params)
+
+
 def codec_for(db: "Database", scheme: str | None = None, **kwargs: Any) -> IDCodec:
     """The codec of ``db``'s indexed images under ``scheme``: :func:`assign_ids` without the facts around it.
 

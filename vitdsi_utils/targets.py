@@ -9,7 +9,8 @@ a target is met or missed, not only whether.
 * :func:`beats_baseline` - target 3: a DSI variant with IA@1 >= 0.95 whose mAP@10 and P@10
   intervals lie above the baseline's (BoVW) at every N.
 * target 4 (an ID scheme within 0.03 of clustered IDs on every metric) is
-  :func:`vitdsi_utils.id_study.gap_table`; :func:`summarise` reads its ``within_target`` column.
+  :func:`vitdsi_utils.id_study.gap_table`; :func:`summarise` reads its ``within_target`` column,
+  and :func:`target4_markdown` gives its Markdown section.
 
 "Above" means that the lower end of the model's 95% bootstrap interval is above the upper end
 of the baseline's; overlapping intervals are not a win.
@@ -25,6 +26,7 @@ __all__ = [
     "beats_baseline",
     "summarise",
     "target3_markdown",
+    "target4_markdown",
     "zero_shot_memorisation",
 ]
 
@@ -130,3 +132,16 @@ def target3_markdown(results: pd.DataFrame, *, exclude: Sequence[str] = (), base
             f"| {r['P@10']:.3f} [{r['P@10 low']:.3f}, {r['P@10 high']:.3f}] vs {r[f'{baseline} P@10 high']:.3f} (upper) "
             f"| {'yes' if r['met'] else 'no'} |")
     return "\n".join(lines)
+
+
+def target4_markdown(dsi_results: pd.DataFrame, *, reference: str = "clustered") -> str:
+    """Target 4 as a Markdown section: each ID scheme minus ``reference`` ('' unless both are there).
+
+    ``dsi_results`` holds the DSI rows only (baselines have no ID scheme to compare).
+    """
+    from .id_study import gap_markdown, gap_table
+
+    if reference not in set(dsi_results["ids"]) or dsi_results["ids"].nunique() < 2:
+        return ""
+    return "\n".join([f"## Target 4: each scheme minus {reference} IDs (point estimates)", "",
+                       gap_markdown(gap_table(dsi_results, reference=reference))])
