@@ -161,4 +161,6 @@ def test_smoke_study_end_to_end(tmp_path):
     table_lines = [line for line in table1_md.splitlines() if line.startswith("| DSI")]
     assert table_lines and all(line in readme for line in table_lines)
     assert re.search(r"!\[metric_bars\]\(figures/metric_bars\.png\)", readme)
+    uncaptioned = [p.stem for p in (out / "figures").glob("*.png") if f"### {p.stem}\n" in readme]
+    assert not uncaptioned, f"add these figures to study.FIGURE_CAPTIONS: {uncaptioned}"
     assert (out / "timings.csv").exists()

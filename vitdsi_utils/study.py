@@ -59,6 +59,15 @@ FIGURE_CAPTIONS = {
     "clusters_sizes": "Cluster sizes at k = the number of classes, per embedding",
     "clusters_gallery_best": "The largest clusters of the embedding with the highest NMI",
     "clusters_gallery_worst": "The largest clusters of the embedding with the lowest NMI",
+    "dense_training": "Dense encoder: contrastive loss, entropy regulariser and total objective per epoch",
+    "dense_validation": "Dense encoder: validation mAP@10 and P@10 per epoch",
+    "dense_vs_n": "Dense search, BoVW and DSI: mAP@10, P@10 and R@100 against N",
+    "rerank_tradeoff": "Re-ranking: mAP@10 against time per query, per first stage and candidate depth M",
+    "dense_init_vs_n": "DSI from the dense encoder (multi-task) beside BoVW, dense search and the fine-tuned DSI, against N",
+    "ablations": "Ablations: fine-tuned mAP@10, IA@1 before and after fine-tuning, and indexing epochs per setting",
+    "scale": "Scale: query latency against N (DSI beam search, BoVW, dense search) and DSI IA@1",
+    "incremental": "Incremental indexing: IA@1 on old and new images per strategy (training seconds above), and forgetting along the fine-tuning epochs",
+    "pretrain": "Self-supervised pretraining: InfoNCE loss per epoch and indexing speed from each initialisation",
 }
 
 
