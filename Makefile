@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
+.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -105,6 +105,13 @@ dsi-patch8: venv
 	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --schemes clustered random atomic --patch 8 --lr 1e-3 --warmup-steps 100 \
 	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
 	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8 --runs data/runs/dsi_patch8
+
+## semantic and RQ IDs (k-means codes of the indexed images' BoVW histograms) with the same recipe, N = 512 and 1024,
+## beside its clustered rows (loaded from data/runs/dsi_patch8 when `make dsi-patch8` ran) -> reports/dsi_patch8/semantic_rq/
+dsi-patch8-semantic: venv
+	$(BIN)/vitdsi dsi --size 64 --n 512 1024 --schemes clustered semantic rq --patch 8 --lr 1e-3 --warmup-steps 100 \
+	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
+	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8/semantic_rq --runs data/runs/dsi_patch8
 
 ## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
 ## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/

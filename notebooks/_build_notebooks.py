@@ -316,7 +316,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vitdsi_utils import data, experiments, metrics, plots, study
+from vitdsi_utils import data, experiments, metrics, plots, settings, study
 from vitdsi_utils.decoding import beam_search
 from vitdsi_utils.semantic_ids import codec_for
 from vitdsi_utils.tables import write_csv, write_table
@@ -346,7 +346,7 @@ for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
     train_acc = (zero.history.last("train_eval") or zero.history.last("train"))["seq_acc"]
     runs.append(dict(run=experiments.run_name(db), n=n, ids=scheme, seed=seed, epochs=zero.epochs,
                      seconds=zero.seconds, train_seq_acc=train_acc, ia1=ia.value, ia1_low=ia.ci_low,
-                     ia1_high=ia.ci_high, loaded=loaded, run_dir=str(run_dir)))
+                     ia1_high=ia.ci_high, loaded=loaded, run_dir=settings.portable_path(run_dir)))
     histories.append(zero.history.to_frame().assign(n=n, ids=scheme, seed=seed))
     print(f"N={n} {scheme:9s} seed {seed}: {zero.epochs} epochs, {zero.seconds:.0f} s, train acc {train_acc:.3f}, "
           f"IA@1 {ia.value:.3f} [{ia.ci_low:.3f}, {ia.ci_high:.3f}]" + (" (loaded)" if loaded else ""))

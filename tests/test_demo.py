@@ -6,6 +6,7 @@ import re
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -122,3 +123,21 @@ def test_from_run_dir_loads_the_trained_models(db, tmp_path):
         demo = QueryDemo.from_run_dir(tmp_path, db, bovw_words=30, k=3)
         results = demo.run()
     assert list(results) == ["BoVW", "DSI zero-shot"]
+
+
+def test_report_listing_names_run_folders_relative_to_the_project(db, tmp_path, monkeypatch):
+    """A report's indexing_runs.csv stays usable in another checkout: run_dir is project-relative."""
+    from vitdsi_utils import settings
+    from vitdsi_utils.demo import find_run_dir
+
+    monkeypatch.setattr(settings, "project_root", lambda: tmp_path / "checkout")
+    run = tmp_path / "checkout" / "data" / "runs" / "cpu" / run_name(db)
+    run.mkdir(parents=True)
+    (run / "zero_shot.pt").write_bytes(b"")
+    assert settings.portable_path(run) == f"data/runs/cpu/{run_name(db)}"
+    assert settings.portable_path(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    report = tmp_path / "report"
+    (report / "tables").mkdir(parents=True)
+    pd.DataFrame({"run": [run_name(db)], "run_dir": [settings.portable_path(run)]}).to_csv(
+        report / "tables" / "indexing_runs.csv", index=False)
+    assert find_run_dir(report, db) == run

@@ -356,12 +356,14 @@ def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path
     """The run folder of ``db`` (with IDs ``ids``, default its own) under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
     import pandas as pd
 
+    from .settings import resolve_portable
+
     path, name = Path(path), _run_name(db, ids)
     candidates = [path, path / name]
     listing = path / "tables" / "indexing_runs.csv"
     if listing.is_file():
         runs = pd.read_csv(listing)
-        candidates += [Path(p) for p in runs.loc[runs["run"] == name, "run_dir"]]
+        candidates += [resolve_portable(p) for p in runs.loc[runs["run"] == name, "run_dir"]]
     for candidate in candidates:
         if (candidate / "zero_shot.pt").is_file() or (candidate / "fine_tuned.pt").is_file():
             return candidate

@@ -23,6 +23,22 @@ def project_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
+def portable_path(path: str | Path) -> str:
+    """``path`` relative to the project root when it lies inside it (so a table that names it stays true
+    in another checkout), else absolute. :func:`resolve_portable` reads it back."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve_portable(path: str | Path) -> Path:
+    """A path written by :func:`portable_path`: relative ones are read against the project root."""
+    path = Path(path)
+    return path if path.is_absolute() else project_root() / path
+
+
 def data_dir() -> Path:
     """The data folder (created if missing)."""
     path = Path(os.environ.get(DATA_ENV) or project_root() / "data")
