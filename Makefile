@@ -99,19 +99,20 @@ tune-patch8: venv
 	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch8 --out reports/dsi_patch8 \
 	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/ablations/patch_size8/zero_shot.pt
 
-## the setting chosen there on every N: patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with same-class
-## targets, clustered, random and atomic IDs, beside BoVW averaged over 5 vocabularies; targets 3 and 4 -> reports/dsi_patch8/
+## the recipe chosen there: patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with same-class targets,
+## beside BoVW averaged over 5 vocabularies (the models go to data/runs/dsi_patch8)
+PATCH8_RECIPE = --size 64 --patch 8 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 --index-epochs 400 \
+  --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 --targets same-class --no-fine-tune --bovw \
+  --runs data/runs/dsi_patch8
+
+## that recipe on every N with clustered, random and atomic IDs; targets 3 and 4 -> reports/dsi_patch8/
 dsi-patch8: venv
-	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --schemes clustered random atomic --patch 8 --lr 1e-3 --warmup-steps 100 \
-	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
-	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8 --runs data/runs/dsi_patch8
+	$(BIN)/vitdsi dsi $(PATCH8_RECIPE) --n 512 1024 2048 --schemes clustered random atomic --out reports/dsi_patch8
 
 ## semantic and RQ IDs (k-means codes of the indexed images' BoVW histograms) with the same recipe, N = 512 and 1024,
 ## beside its clustered rows (loaded from data/runs/dsi_patch8 when `make dsi-patch8` ran) -> reports/dsi_patch8/semantic_rq/
 dsi-patch8-semantic: venv
-	$(BIN)/vitdsi dsi --size 64 --n 512 1024 --schemes clustered semantic rq --patch 8 --lr 1e-3 --warmup-steps 100 \
-	  --target-accuracy 0.99 --index-epochs 400 --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 \
-	  --targets same-class --no-fine-tune --bovw --out reports/dsi_patch8/semantic_rq --runs data/runs/dsi_patch8
+	$(BIN)/vitdsi dsi $(PATCH8_RECIPE) --n 512 1024 --schemes clustered semantic rq --out reports/dsi_patch8/semantic_rq
 
 ## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
 ## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/
