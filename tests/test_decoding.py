@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdsi_utils.decoding import beam_search, beam_widths, rank_exhaustive, score_all_ids
-from vitdsi_utils.ids import IDCodec, decimal_codes, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-
+from vitdsi_utils.ids.codec import IDCodec, decimal_codes, make_codec
+from vitdsi_utils.model.decoding import beam_search, beam_widths, rank_exhaustive, score_all_ids
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
