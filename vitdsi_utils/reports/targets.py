@@ -1,4 +1,4 @@
-"""The project's targets (``STUDY.md`` section 4), checked on result tables.
+"""The project's targets (``docs/protocol.md`` section 4), checked on result tables.
 
 Every function takes the long result table the notebooks and CLI studies write (one row per
 model, database and metric: columns ``model, ids, n, seed, metric, value, ci_low, ci_high``)
