@@ -47,7 +47,7 @@ def main() -> None:
         t2 = time.perf_counter()
         _, ranked = model.search_vectors(query_vectors, 100)
         t3 = time.perf_counter()
-        metrics.evaluate_ranking(ranked, label_relevance(test_labels, index_labels))
+        metrics.evaluate_ranking(ranked, label_relevance(test_labels, index_labels, kind="class"))
         t4 = time.perf_counter()
         timings.update(
             fit_s=t1 - t0,

@@ -209,7 +209,7 @@ def test_recall_and_ap_count_every_image_sharing_a_label():
     # database rows: {cat}, {dog}, {cat, dog}, {car}, {boat, car}; labels car=0, boat=1, cat=2, dog=3
     db_sets = label_matrix_from_sets([(CAT,), (DOG,), (CAT, DOG), (CAR,), (BOAT, CAR)], 4)
     query_sets = label_matrix_from_sets([(DOG, BOAT), (CAR,)], 4)
-    relevant = label_relevance(query_sets, db_sets)
+    relevant = label_relevance(query_sets, db_sets, kind="multi-hot")
     np.testing.assert_array_equal(relevant, [[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]])
     ranked = np.array([[3, 2, 0, 4, 1], [4, 0, 3, 1, 2]])
     hits = metrics.relevance_matrix(ranked, relevant)
@@ -225,10 +225,10 @@ def test_recall_and_ap_count_every_image_sharing_a_label():
     # the same answer from label sets given as Python sets
     as_sets = label_relevance([frozenset({"dog", "boat"}), frozenset({"car"})],
                                       [frozenset({"cat"}), frozenset({"dog"}), frozenset({"cat", "dog"}),
-                                       frozenset({"car"}), frozenset({"boat", "car"})])
+                                       frozenset({"car"}), frozenset({"boat", "car"})], kind="sets")
     np.testing.assert_array_equal(as_sets, relevant)
     with pytest.raises(ValueError, match="same number of columns"):
-        label_relevance(query_sets, db_sets[:, :3])
+        label_relevance(query_sets, db_sets[:, :3], kind="multi-hot")
 
 
 def test_bovw_and_dsi_are_scored_with_multilabel_relevance(tmp_path, one_torch_thread):

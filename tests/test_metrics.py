@@ -335,4 +335,4 @@ def test_multilabel_relevance_hand_example():
         dtype=bool,
     )
     np.testing.assert_array_equal(multilabel_relevance(queries, db), expected)
-    np.testing.assert_array_equal(label_relevance(queries, db), expected)
+    np.testing.assert_array_equal(label_relevance(queries, db, kind="sets"), expected)

@@ -63,9 +63,9 @@ def test_loss_ignores_pad():
 def test_relevant_pairs_known_answer():
     query_idx, rows = relevant_pairs([0, 1, 2], [1, 0, 1, 3])
     assert query_idx.tolist() == [0, 1, 1] and rows.tolist() == [1, 0, 2]
-    # multi-hot labels: relevant when any label is shared
-    q = torch.tensor([[1, 0, 1], [0, 1, 0]])
-    d = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 0]])
+    # multi-hot labels (boolean: an integer matrix could also be rows of label ids): relevant when any label is shared
+    q = torch.tensor([[1, 0, 1], [0, 1, 0]]).bool()
+    d = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 1, 0]]).bool()
     query_idx, rows = relevant_pairs(q, d)
     assert list(zip(query_idx.tolist(), rows.tolist())) == [(0, 0), (0, 2), (1, 1), (1, 2)]
 

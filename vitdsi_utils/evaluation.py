@@ -17,14 +17,15 @@ from vitdsi_utils.reports.tables import BOVW_MODEL
 
 
 def retrieval_metrics(
-    ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, *, seed: int = 0, n_resamples: int = 1000
+    ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, *, kind: str | None = None, seed: int = 0,
+    n_resamples: int = 1000,
 ) -> pd.DataFrame:
     """mAP@10, P@10, R@100 and the paper protocol, with 95% intervals and chance (one row per metric).
 
     Labels are class ids (n,) or multi-hot label sets (n, C), as ``Database.relevance_labels``
-    returns them; see :func:`label_relevance`.
+    returns them, and ``kind`` says which (``Database.relevance_kind``); see :func:`label_relevance`.
     """
-    relevant = label_relevance(query_labels, db_labels)
+    relevant = label_relevance(query_labels, db_labels, kind=kind)
     return metrics.evaluate_ranking(
         ranked, relevant, ks_precision=(10,), ks_recall=(100,), ks_map=(10,), n_resamples=n_resamples, seed=seed
     )
@@ -111,7 +112,7 @@ def evaluate_bovw(
         rankings.append(ranked)
         fit_s += fitted - start
         search_s += searched - fitted
-    table = retrieval_metrics(np.stack(rankings), query_labels, index_labels, seed=seed)
+    table = retrieval_metrics(np.stack(rankings), query_labels, index_labels, kind=db.relevance_kind, seed=seed)
     timings = {
         "fit_s": fit_s / vocabularies,
         "search_s": search_s / vocabularies,
@@ -168,7 +169,7 @@ def evaluate_dsi(
         [
             metrics.evaluate_indexing(np.stack(owns), np.arange(len(index_images)), ks=(1, 5), seed=seed,
                                       n_db=len(codec)),
-            retrieval_metrics(np.stack(rankings), query_labels, index_labels, seed=seed),
+            retrieval_metrics(np.stack(rankings), query_labels, index_labels, kind=db.relevance_kind, seed=seed),
         ],
         ignore_index=True,
     )

@@ -118,14 +118,21 @@ class Database:
     def relevance_labels(self, role: str) -> np.ndarray:
         """What relevance compares for one role: classes (n,) int64, or label sets (n, C) bool if multi-label.
 
-        :func:`metrics.label_relevance` and :func:`train.relevant_pairs` take either form.
+        :attr:`relevance_kind` names the form for :func:`~vitdsi_utils.data.relevance.label_relevance`
+        (whose ``kind=`` it is); :func:`training.tasks.relevant_pairs` takes either form.
         """
-        return self.multi_hot(role) if self.is_multilabel else self.split(role)[1]
+        return self.multi_hot(role) if self.is_multilabel else self.split(role)[1].astype(np.int64)
+
+    @property
+    def relevance_kind(self) -> str:
+        """The form of :meth:`relevance_labels`: ``"multi-hot"`` for multi-label data, else ``"class"``."""
+        return "multi-hot" if self.is_multilabel else "class"
 
     def relevance(self, query_role: str = "test") -> np.ndarray:
         """(Q, n_index) bool: whether indexed row r is relevant to query q of ``query_role``."""
 
-        return label_relevance(self.relevance_labels(query_role), self.relevance_labels("index"))
+        return label_relevance(self.relevance_labels(query_role), self.relevance_labels("index"),
+                               kind=self.relevance_kind)
 
     @property
     def n_index(self) -> int:

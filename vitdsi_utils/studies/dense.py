@@ -81,13 +81,14 @@ def evaluate_dense(
     bootstrap; ``seed`` in the table is the database's.
     """
 
-    index_images, index_labels = db.split("index")
-    query_images, query_labels = db.split(query_role)
+    index_images, _ = db.split("index")
+    query_images, _ = db.split(query_role)
     retriever.index(index_images)
     start = time.perf_counter()
     _, ranked = retriever.search(query_images, k)
     searched = time.perf_counter() - start
-    table = retrieval_metrics(ranked, query_labels, index_labels, seed=seed)
+    table = retrieval_metrics(ranked, db.relevance_labels(query_role), db.relevance_labels("index"),
+                              kind=db.relevance_kind, seed=seed)
     s = db.settings
     table = table.assign(model=DENSE_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-", seed=s["seed"])
     timings = {
@@ -146,10 +147,10 @@ def rerank_database(
     """
 
     retriever.index(db.split("index")[0])
-    query_images, query_labels = db.split(query_role)
-    study = rerank_study(stages, VectorScorer.from_dense(retriever, "dense"), query_images, query_labels,
-                         db.index_labels, depths=depths, k=k, seed=int(db.settings["seed"]),
-                         include_alone=include_alone)
+    query_images, _ = db.split(query_role)
+    study = rerank_study(stages, VectorScorer.from_dense(retriever, "dense"), query_images,
+                         db.relevance_labels(query_role), db.relevance_labels("index"), kind=db.relevance_kind,
+                         depths=depths, k=k, seed=int(db.settings["seed"]), include_alone=include_alone)
     s = db.settings
     ids = np.where(study["first_stage"].str.startswith("DSI"), s["id_scheme"], "-")
     return study.assign(n=s["n"], ids=ids, seed=s["seed"], size=s["size"], source=s["source"])

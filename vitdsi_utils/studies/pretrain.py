@@ -59,7 +59,7 @@ def embedding_probe(encoder: ViTEncoder, db: Any, *, k: int = 10, seed: int = 0)
     probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     probe.fit(np.concatenate([train_z, index_z]), np.concatenate([train_labels, index_labels]))
     linear = float((probe.predict(test_z) == test_labels).mean())
-    relevant = label_relevance(test_labels, index_labels)
+    relevant = label_relevance(test_labels, index_labels, kind="class")
     hits = metrics.relevance_matrix(nearest[:, :10], relevant)
     ap = metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10)
     chance = float(np.bincount(test_labels).max() / len(test_labels))
@@ -245,7 +245,7 @@ def paired_comparison(
 
     index_images, _ = db.split("index")
     query_images, _ = db.split("test")
-    relevant = label_relevance(db.relevance_labels("test"), db.relevance_labels("index"))
+    relevant = db.relevance("test")
     per_model = []
     for model in (model_a, model_b):
         # the evaluation's search (evaluation.evaluate_dsi: top-5, so a beam of 5): with a beam of 1

@@ -28,6 +28,7 @@ def rerank_study(
     query_labels: np.ndarray,
     database_labels: np.ndarray,
     *,
+    kind: str | None = None,
     depths: Sequence[int] = (10, 50, 100),
     k: int = 100,
     seed: int = 0,
@@ -40,7 +41,8 @@ def rerank_study(
     With ``include_alone`` one more row group scores the ``scorer`` alone over the whole
     database (``first_stage`` "-", ``depth`` = the database size). Time per query is the wall time of the whole batch of
     queries divided by their number: the first stage's search for that many candidates, plus
-    encoding the queries with the scorer and re-ordering. Returns the long table of
+    encoding the queries with the scorer and re-ordering. ``kind`` says what the labels are
+    (:func:`~vitdsi_utils.data.relevance.label_relevance`). Returns the long table of
     :func:`evaluation.retrieval_metrics` rows (mAP@10, P@10, R@100 and the paper protocol) with
     columns ``first_stage``, ``reranker``, ``depth``, ``candidates``, ``first_stage_ms``,
     ``rerank_ms`` and ``ms_per_query``.
@@ -55,7 +57,7 @@ def rerank_study(
 
     def add(ranked: np.ndarray, first_stage: str, reranker: str, depth: int, candidates: int,
             first_s: float, rerank_s: float) -> None:
-        table = retrieval_metrics(ranked, query_labels, database_labels, seed=seed)
+        table = retrieval_metrics(ranked, query_labels, database_labels, kind=kind, seed=seed)
         frames.append(table.assign(
             first_stage=first_stage, reranker=reranker, depth=depth, candidates=candidates,
             first_stage_ms=1000 * first_s / n_queries, rerank_ms=1000 * rerank_s / n_queries,
