@@ -318,7 +318,7 @@ def test_cli_data_writes_coco_manifests(coco_dir, tmp_path, capsys):
     code = main(["data", "--source", "coco", "--root", str(coco_dir["images"]), "--annotations",
                  str(coco_dir["annotations"]), "--size", "32", "--n", "16", "--out", str(tmp_path)])
     assert code == 0
-    assert "2 without annotations" in capsys.readouterr().out
+    assert "2 left out for having no annotation" in capsys.readouterr().out
     manifest = pd.read_csv(tmp_path / "coco-32px-N16-seed0-clustered.csv", keep_default_na=False)
     assert (manifest["role"] == "unannotated").sum() == 2 and "categories" in manifest.columns
 

@@ -6,9 +6,18 @@ the study on a folder of one's own images.
 """
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+import warnings
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vitdsi_utils import cli
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
 from vitdsi_utils.data.relevance import label_relevance
 
 
@@ -72,3 +81,75 @@ def test_every_form_of_the_same_labels_gives_the_same_relevance():
     expected = label_relevance(sets_q, sets_db, kind="sets")
     np.testing.assert_array_equal(label_relevance(hot_q, hot_db, kind="multi-hot"), expected)
     np.testing.assert_array_equal(label_relevance(hot_q.astype(bool), hot_db.astype(bool)), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Manifests keep their format, and every unused file is named with its reason
+# ------------------------------------------------------------------------------------------
+def _bad_entries(root: Path) -> None:
+    """One of each kind of file the folder source cannot use, beside the good images."""
+    (root / "alpha" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")  # unreadable
+    os.symlink(root / "nowhere.jpg", root / "alpha" / "dangling.jpg")  # a broken symbolic link
+    (root / "beta" / "album.jpg").mkdir()  # a directory named like an image
+    (root / "beta" / "notes.txt").write_text("shot on a sunny day")  # not an image extension
+    Image.new("RGB", (40, 40)).save(root / "stray.png")  # an image outside any class folder
+    (root / "gamma" / ".hidden.png").write_bytes(b"")  # hidden: ignored
+
+
+def test_manifest_columns_stay_integers_after_a_skip(image_tree, tmp_path):
+    _bad_entries(image_tree)
+    with pytest.warns(UserWarning, match="skipped 5 unreadable"):
+        image_set = load_images("folder", 32, root=image_tree, progress=False)
+    path = build_database(image_set, 36, seed=0).save_manifest(tmp_path / "manifest.csv")
+    text = path.read_text()
+    table = pd.read_csv(path, keep_default_na=False)
+    assert {c: str(table[c].dtype) for c in ("label", "row", "source_row")} == dict.fromkeys(
+        ("label", "row", "source_row"), "int64")
+    assert ".0," not in text  # no 2.0 or -1.0 anywhere
+    skipped = table[table["role"] == "skipped"].set_index("file")
+    assert skipped.loc["alpha/broken.jpg", "label"] == 0 and skipped.loc["alpha/broken.jpg", "class"] == "alpha"
+    assert (skipped["row"] == -1).all() and (skipped["source_row"] == -1).all()
+    assert list(table.columns) == ["file", "class", "label", "role", "row", "id", "source_row", "reason"]
+
+
+def test_broken_links_directories_and_other_unused_files_are_named_and_listed(image_tree, tmp_path):
+    _bad_entries(image_tree)
+    with pytest.warns(UserWarning) as record:
+        image_set = load_images("folder", 32, root=image_tree, progress=False)
+    messages = [str(w.message) for w in record if "unreadable" in str(w.message)]
+    assert len(messages) == 1  # one warning for all of them
+    message = messages[0]
+    for name in ("alpha/broken.jpg", "alpha/dangling.jpg (broken symbolic link)",
+                 "beta/album.jpg (a directory, not an image file)", "beta/notes.txt (not an image file extension (.txt))",
+                 "stray.png (an image outside any class folder)", "alpha/alpha_wide.jpg (96 x 48 px)"):
+        assert name in message, name
+    assert "dropped 3 image(s) whose aspect ratio (width / height) is outside [0.9, 1.1]" in message
+    assert ".hidden.png" not in message
+    assert image_set.skipped == ["alpha/broken.jpg", "alpha/dangling.jpg", "beta/album.jpg", "beta/notes.txt", "stray.png"]
+
+    table = pd.read_csv(build_database(image_set, 36).save_manifest(tmp_path / "m.csv"), keep_default_na=False)
+    reasons = table[~table["role"].isin(["index", "train", "val", "test"])].set_index("file")
+    assert reasons.loc["alpha/dangling.jpg", "reason"] == "broken symbolic link"
+    assert reasons.loc["beta/album.jpg", "reason"] == "a directory, not an image file"
+    assert reasons.loc["stray.png", ["class", "label"]].tolist() == ["", -1]
+    assert reasons.loc["gamma/gamma_wide.jpg", "role"] == "dropped"
+    assert reasons.loc["gamma/gamma_wide.jpg", "reason"] == "96 x 48 px: aspect 2.00 is outside [0.9, 1.1]"
+    assert len(reasons) == 5 + 3  # every unused file, and nothing else
+
+
+def test_the_data_summary_counts_only_classes_that_have_images(image_tree, capsys):
+    empty = image_tree / "delta"
+    empty.mkdir()
+    for i in range(4):
+        (empty / f"broken_{i}.jpg").write_bytes(b"\xff\xd8 garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_set = load_images("folder", 32, root=image_tree, progress=False)
+    line = image_set.summary()
+    assert line.startswith("36 usable tree images at 32 px in 3 classes (1 of the 4 class folders has no usable image: delta;")
+    assert "3 dropped by the aspect rule, 4 unreadable" in line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["data", "--source", "folder", "--root", str(image_tree), "--size", "32", "--n", "36",
+                         "--out", str(image_tree.parent / "out")]) == 0
+    assert "in 3 classes (1 of the 4 class folders has no usable image: delta" in capsys.readouterr().out

@@ -74,9 +74,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     out = Path(args.out or settings.reports_dir() / "data")
     image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
-    print(f"{len(image_set)} usable images in {len(image_set.classes)} classes "
-          f"({len(image_set.skipped)} unreadable, {image_set.dropped_aspect} outside the aspect range"
-          + (f", {len(image_set.unannotated)} without annotations" if image_set.is_multilabel else "") + ")")
+    print(image_set.summary())
     for n in args.n:
         for seed in args.seeds:
             for scheme in ("random", "clustered"):

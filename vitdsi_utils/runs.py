@@ -35,13 +35,16 @@ def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path
 
 
 def run_name(db: Database, ids: str | None = None) -> str:
-    """A folder name that identifies the database: source, size, N, ID scheme and seed.
+    """A folder name that identifies the database: data set, size, N, ID scheme and seed.
 
-    ``ids`` names the ID scheme when the codec is not the database's own dense one (e.g.
-    ``IDAssignment.tag``, such as ``semantic-bovw-k10-c10``); default: the database's scheme.
+    The data set is its name (``ImageSet.name``: the source, or a folder's own name), so two image
+    folders never share run folders. ``ids`` names the ID scheme when the codec is not the
+    database's own dense one (e.g. ``IDAssignment.tag``, such as ``semantic-bovw-k10-c10``);
+    default: the database's scheme.
     """
     s = db.settings
-    return f"{s['source']}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
+    dataset = s.get("dataset") or s["source"]
+    return f"{dataset}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pandas as pd
 
 from vitdsi_utils.atomic import atomic_path
 from vitdsi_utils.data.files import FILE_NAME_ERRORS
-from vitdsi_utils.data.images import LABEL_SEPARATOR, ImageSet, label_sets_from_matrix
+from vitdsi_utils.data.images import LABEL_SEPARATOR, ImageSet, label_sets_from_matrix, left_out_frame
 from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.ids.codec import ID_SCHEMES, dense_id_order
 from vitdsi_utils.ids.schemes import IDAssignment, assign_ids
@@ -82,7 +82,8 @@ class Database:
     images, else empty) and ``source_row`` (position in the ImageSet). Index images come first,
     in ID order, so database row ``r`` has ID number ``r``. A multi-label database adds
     ``labels`` (label indices, ";"-joined) and ``categories`` (their names); there ``class``
-    and ``label`` give the primary label.
+    and ``label`` give the primary label. ``left_out`` lists the source's files that no database
+    can use (``ImageSet.left_out``); :meth:`save_manifest` writes them below the manifest.
     """
 
     manifest: pd.DataFrame
@@ -92,6 +93,7 @@ class Database:
     skipped: list[str] = field(default_factory=list)
     label_matrix: np.ndarray | None = None  # (len(manifest), C) bool for multi-label data, aligned with manifest
     unannotated: list[str] = field(default_factory=list)  # source images left out for having no label
+    left_out: pd.DataFrame = field(default_factory=lambda: left_out_frame([]))  # file, class, label, role, reason
 
     def _mask(self, role: str) -> np.ndarray:
         if role not in ROLES:
@@ -165,12 +167,31 @@ class Database:
         frame = pd.DataFrame({role: self.multi_hot(role).sum(axis=0) for role in ROLES}, index=self.classes)
         return frame[frame.sum(axis=1) > 0]
 
+    def manifest_table(self) -> pd.DataFrame:
+        """The manifest as written: every image of the database, then every file of the source it does not use.
+
+        The left-out files come with role ``skipped`` (cannot be read: unreadable, a broken link, a
+        directory, ...), ``dropped`` (outside the aspect range) or ``unannotated``, their class and label
+        where known (else "" and -1), ``row`` and ``source_row`` -1, and a ``reason``. The integer
+        columns (``label``, ``row``, ``source_row``) stay integers whatever is left out.
+        """
+        left = self.left_out
+        listed = set(left["file"])
+        extra = [(file, "", -1, role, "") for files, role in ((self.skipped, "skipped"), (self.unannotated, "unannotated"))
+                 for file in files if file not in listed]
+        if extra:  # a database built by hand may name left-out files without the table
+            left = pd.concat([left, left_out_frame(extra)], ignore_index=True)
+        used = self.manifest.assign(reason="")
+        rows = left.assign(row=-1, id="", source_row=-1)
+        for column in used.columns.difference(rows.columns):  # labels, categories of multi-label data
+            rows[column] = ""
+        table = pd.concat([used, rows[used.columns]], ignore_index=True)
+        return table.astype({"label": np.int64, "row": np.int64, "source_row": np.int64})
+
     def save_manifest(self, path: str | os.PathLike) -> Path:
-        """Write the manifest as CSV (atomically), with unreadable source files as role 'skipped'
-        and source images without labels as role 'unannotated'."""
-        left_out = [pd.DataFrame({"file": files, "role": role})
-                    for files, role in ((self.skipped, "skipped"), (self.unannotated, "unannotated")) if files]
-        table = pd.concat([self.manifest, *left_out], ignore_index=True) if left_out else self.manifest
+        """Write :meth:`manifest_table` as CSV (atomically): the database's images, then the source's
+        left-out files (roles 'skipped', 'dropped', 'unannotated') with their reason."""
+        table = self.manifest_table()
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False, errors=FILE_NAME_ERRORS)
         return Path(path)
@@ -322,6 +343,7 @@ def build_database(
         classes=list(image_set.classes),
         settings={
             "source": image_set.source,
+            "dataset": image_set.name,
             "root": image_set.root,
             "size": image_set.size,
             "n": n,
@@ -333,6 +355,7 @@ def build_database(
         skipped=list(image_set.skipped),
         label_matrix=image_set.label_matrix[manifest["source_row"].to_numpy()] if multilabel else None,
         unannotated=list(image_set.unannotated),
+        left_out=image_set.left_out.copy(),
     )
 
 

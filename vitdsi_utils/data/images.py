@@ -35,11 +35,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +51,13 @@ from tqdm.auto import tqdm
 from vitdsi_utils import settings
 from vitdsi_utils.atomic import atomic_dir
 from vitdsi_utils.data.coco import read_coco_annotations
-from vitdsi_utils.data.files import FILE_NAME_ERRORS, describe_read_error, list_image_files, load_image
+from vitdsi_utils.data.files import (
+    FILE_NAME_ERRORS,
+    describe_read_error,
+    list_image_files,
+    load_image,
+    scan_image_folder,
+)
 
 SOURCES = ("imagenette", "digits", "folder", "coco")
 
@@ -61,7 +69,7 @@ SIZES = (32, 64, 160, 256)
 LABEL_SEPARATOR = ";"  # joins the labels of one image in manifests and caches ("0;3;17")
 
 
-_CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when preprocessing or the cached facts change, so old caches are not reused
 
 
 IMAGENETTE_CLASSES = {
@@ -92,12 +100,18 @@ class ImageSet:
     files: list[str]  # (M,) paths relative to root (or synthetic names)
     source: str
     root: str | None = None
-    skipped: list[str] = field(default_factory=list)  # unreadable files, relative paths
+    skipped: list[str] = field(default_factory=list)  # files that cannot be read as images, relative paths
     dropped_aspect: int = 0  # readable images outside the aspect range
     label_matrix: np.ndarray | None = None  # (M, C) bool for multi-label sources, else None
     unannotated: list[str] = field(default_factory=list)  # multi-label sources: images without labels, left out
+    #: every file of the source that is not used, one row each: file, class, label (-1: unknown), role
+    #: (``skipped``: cannot be read; ``dropped``: outside the aspect range; ``unannotated``) and reason
+    left_out: pd.DataFrame = field(default_factory=lambda: left_out_frame([]))
+    #: what reports call the data set: the source, or for a folder its folder's name (see :func:`dataset_name`)
+    name: str = ""
 
     def __post_init__(self) -> None:
+        self.name = self.name or self.source
         if self.label_matrix is not None:
             matrix = np.asarray(self.label_matrix, dtype=bool)
             if matrix.shape != (len(self.labels), len(self.classes)):
@@ -131,6 +145,54 @@ class ImageSet:
         if self.label_matrix is None:
             return self.class_counts()
         return pd.Series(self.label_matrix.sum(axis=0), index=self.classes)
+
+    def summary(self) -> str:
+        """One line: usable images, the classes that have any (naming those that have none), and what was left out."""
+        counts = self.class_counts()
+        empty = counts.index[counts.to_numpy() == 0].tolist()
+        kind = "primary categories" if self.is_multilabel else "classes"
+        held = int((counts > 0).sum())
+        line = f"{len(self)} usable {self.name} images at {self.size} px in {held} {kind}"
+        if empty and not self.is_multilabel:
+            shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+            line += (f" ({len(empty)} of the {len(counts)} class folders {'has' if len(empty) == 1 else 'have'} "
+                     f"no usable image: {shown}; every file there is unreadable or outside the aspect range)")
+        elif self.is_multilabel:
+            line += f" ({int((self.category_counts() > 0).sum())} of {len(self.classes)} categories shown)"
+        line += f"; {self.dropped_aspect} dropped by the aspect rule, {len(self.skipped)} unreadable"
+        if self.is_multilabel:
+            line += f", {len(self.unannotated)} left out for having no annotation"
+        return line
+
+
+#: Columns of the table of files a source does not use (``ImageSet.left_out``), as manifests list them.
+LEFT_OUT_COLUMNS = ("file", "class", "label", "role", "reason")
+
+
+def left_out_frame(rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
+    """The table of unused files from rows (file, class, label, role, reason); labels stay integers (-1: unknown)."""
+    frame = pd.DataFrame(list(rows), columns=list(LEFT_OUT_COLUMNS))
+    return frame.astype({"file": object, "class": object, "label": np.int64, "role": object, "reason": object})
+
+
+def dataset_name(source: str, root: str | os.PathLike | None = None, name: str | None = None) -> str:
+    """What reports call a data set: ``name`` when given, else the source; a ``folder`` source is named after its folder.
+
+    A folder whose name is also a source's (``imagenette``, ...) becomes ``folder-<name>``, so a
+    folder of one's own images is never labelled as one of the bundled sources. The result is
+    safe in file names: characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``.
+    """
+    if name is None or not str(name).strip():
+        if source == "folder" and root is not None:
+            name = Path(root).expanduser().resolve().name or "folder"
+            if name in SOURCES:
+                name = f"folder-{name}"
+        else:
+            name = source
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name).strip()).strip("-.")
+    if not cleaned:
+        raise ValueError(f"dataset name {name!r} has no letter or digit; name it with letters, digits, '.', '_' or '-'")
+    return cleaned
 
 
 def primary_labels(label_matrix: np.ndarray) -> np.ndarray:
@@ -215,26 +277,38 @@ def _cache_key(
 
 def _decode_all(
     root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], progress: bool, desc: str
-) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """Decode files in parallel; return (images of kept files, kept mask, unreadable file -> reason)."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, str], dict[str, str], dict[str, list[int]]]:
+    """Decode files in parallel.
+
+    Returns (images of kept files, kept mask, unreadable file -> reason, file outside the aspect
+    range -> reason, upscaled file -> [width, height]: kept images whose shorter side is below ``size``).
+    """
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     kept = np.zeros(len(files), dtype=bool)
     unreadable: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    upscaled: dict[str, list[int]] = {}
+    low, high = aspect_range
 
     def work(i: int) -> None:
         try:
-            image = load_image(root / files[i], size, aspect_range)
+            image, (width, height) = load_image(root / files[i], size, aspect_range, return_size=True)
         except Exception as error:  # truncated, empty or non-image files: skipped and reported below
             unreadable[files[i]] = describe_read_error(error)
             return
-        if image is not None:
-            out[i] = image
-            kept[i] = True
+        if image is None:
+            dropped[files[i]] = f"{width} x {height} px: aspect {width / height:.2f} is outside [{low:g}, {high:g}]"
+            return
+        out[i] = image
+        kept[i] = True
+        if min(width, height) < size:
+            upscaled[files[i]] = [width, height]
 
     # Pillow releases the GIL while decoding and resampling, so threads use every core
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, disable=not progress, unit="img"))
-    return out[kept], kept, dict(sorted(unreadable.items()))
+    return (out[kept], kept, dict(sorted(unreadable.items())), dict(sorted(dropped.items())),
+            dict(sorted(upscaled.items())))
 
 
 def _decode_cached(
@@ -251,43 +325,92 @@ def _decode_cached(
 ) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Decode the files of ``table`` (a ``file`` column, then label columns), or read them from the cache.
 
-    Returns (images of the kept files, the kept rows of ``table``, ``info`` plus ``skipped``
-    and ``dropped_aspect``), and warns once about unreadable files.
+    Returns (images of the kept files, the kept rows of ``table``, ``info`` plus ``skipped``,
+    ``skip_reasons`` (unreadable files), ``dropped`` (file -> reason, outside the aspect range),
+    ``dropped_aspect`` (their number) and ``upscaled`` (file -> [width, height])).
     """
     key = _cache_key(source, root, table["file"].tolist(), size, aspect_range, key_extra)
     cache_dir = (data_dir or settings.data_dir()) / "cache" / f"{source}-{size}px-{key}"
     cached = _read_cache(cache_dir) if cache else None
     if cached is not None:
-        images, table, info = cached
-    else:
-        files = table["file"].tolist()
-        images, kept, unreadable = _decode_all(root, files, size, aspect_range, progress, f"decoding {source} @{size}px")
-        table = table[kept]
-        info = {
-            "source": source,
-            "root": str(root),
-            "size": size,
-            "aspect_range": list(aspect_range),
-            **info,
-            "skipped": list(unreadable),
-            "skip_reasons": unreadable,
-            "dropped_aspect": int((~kept).sum()) - len(unreadable),
-        }
-        if cache:
-            with atomic_dir(cache_dir) as tmp:
-                np.save(tmp / "images.npy", images)
-                table.to_csv(tmp / "files.csv", index=False, errors=FILE_NAME_ERRORS)
-                (tmp / "info.json").write_text(json.dumps(info, indent=2))
-    if info["skipped"]:
-        reasons = info.get("skip_reasons", {})
-        shown = "; ".join(f"{name} ({reasons[name]})" if name in reasons else name for name in info["skipped"][:10])
-        more = f"; and {len(info['skipped']) - 10} more" if len(info["skipped"]) > 10 else ""
-        warnings.warn(
-            f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}{more}. "
-            "They are listed in the manifest with role 'skipped'; fix or delete them to silence this warning",
-            stacklevel=4,
-        )
+        return cached
+    files = table["file"].tolist()
+    images, kept, unreadable, dropped, upscaled = _decode_all(
+        root, files, size, aspect_range, progress, f"decoding {source} @{size}px"
+    )
+    table = table[kept]
+    info = {
+        "source": source,
+        "root": str(root),
+        "size": size,
+        "aspect_range": list(aspect_range),
+        **info,
+        "skipped": list(unreadable),
+        "skip_reasons": unreadable,
+        "dropped": dropped,
+        "dropped_aspect": len(dropped),
+        "upscaled": upscaled,
+    }
+    if cache:
+        with atomic_dir(cache_dir) as tmp:
+            np.save(tmp / "images.npy", images)
+            table.to_csv(tmp / "files.csv", index=False, errors=FILE_NAME_ERRORS)
+            (tmp / "info.json").write_text(json.dumps(info, indent=2))
     return images, table, info
+
+
+def _named(entries: Sequence[tuple[str, str]], limit: int = 10) -> str:
+    """'a.jpg (reason); b.jpg (reason)' for the first ``limit`` entries, then how many more."""
+    shown = "; ".join(f"{name} ({reason})" if reason else name for name, reason in entries[:limit])
+    return shown + (f"; and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def _warn_left_out(root: Path, left_out: pd.DataFrame, aspect_range: tuple[float, float], stacklevel: int = 4) -> None:
+    """One warning that names every file left out (the first ten of each kind) and where the full list is."""
+    skipped = left_out[left_out["role"] == "skipped"]
+    dropped = left_out[left_out["role"] == "dropped"]
+    parts = []
+    if len(skipped):
+        parts.append(f"skipped {len(skipped)} unreadable image file(s) under {root}: "
+                     + _named(list(zip(skipped["file"], skipped["reason"]))))
+    if len(dropped):
+        where = "" if len(skipped) else f" under {root}"
+        sizes = [reason.split(":")[0] for reason in dropped["reason"]]  # "96 x 48 px: aspect 2.00 is outside ..."
+        parts.append(f"dropped {len(dropped)} image(s){where} whose aspect ratio (width / height) is outside "
+                     f"[{aspect_range[0]:g}, {aspect_range[1]:g}]: " + _named(list(zip(dropped["file"], sizes))))
+    if parts:
+        warnings.warn(
+            "; ".join(parts) + ". The manifest lists every one with its reason (role 'skipped' or 'dropped', "
+            "column 'reason'); fix or delete them to silence this warning",
+            stacklevel=stacklevel,
+        )
+
+
+def _warn_upscaled(upscaled: dict[str, list[int]], n_images: int, size: int, stacklevel: int = 4) -> None:
+    """One warning when images smaller than ``size`` px were upscaled, with their number and the smallest ones."""
+    if not upscaled:
+        return
+    smallest = sorted(upscaled.items(), key=lambda item: (min(item[1]), item[0]))
+    shown = ", ".join(f"{name} ({w} x {h} px)" for name, (w, h) in smallest[:5])
+    fits = [s for s in SIZES if s <= min(smallest[-1][1])]
+    advice = (f"use SIZE {fits[-1]} or less to avoid it" if fits else
+              f"no supported size ({', '.join(map(str, SIZES))} px) avoids it for all of them")
+    warnings.warn(
+        f"{len(upscaled)} of {n_images} images are smaller than {size} px and were upscaled, so they hold less "
+        f"detail than the image size suggests: smallest {shown}"
+        + (f" and {len(upscaled) - 5} more" if len(upscaled) > 5 else "") + f"; {advice}",
+        stacklevel=stacklevel,
+    )
+
+
+def _left_out_rows(info: dict, labels: dict[str, int], classes: Sequence[str]) -> list[tuple]:
+    """Rows (file, class, label, role, reason) for the unreadable and the dropped files of a decoding ``info``."""
+    rows = []
+    for role, reasons in (("skipped", info.get("skip_reasons", {})), ("dropped", info.get("dropped", {}))):
+        for name, reason in reasons.items():
+            label = int(labels.get(name, -1))
+            rows.append((name, classes[label] if label >= 0 else "", label, role, reason))
+    return rows
 
 
 def _load_folder(
@@ -298,23 +421,33 @@ def _load_folder(
     cache: bool,
     data_dir: Path | None,
     progress: bool,
+    name: str | None = None,
 ) -> ImageSet:
-    files, classes, labels = list_image_files(root)
-    listing = pd.DataFrame({"file": files, "label": labels})
+    scan = scan_image_folder(root)
+    listing = pd.DataFrame({"file": scan.files, "label": scan.labels})
     images, table, info = _decode_cached(
-        source, root, listing, size, aspect_range, cache, data_dir, progress, {"classes": classes}
+        source, root, listing, size, aspect_range, cache, data_dir, progress, {"classes": scan.classes}
     )
+    classes = list(info["classes"])
+    rows = [(file, folder, classes.index(folder) if folder in classes else -1, "skipped", reason)
+            for file, (folder, reason) in scan.unused.items()]
+    rows += _left_out_rows(info, dict(zip(scan.files, scan.labels)), classes)
+    left_out = left_out_frame(sorted(rows))
+    _warn_left_out(root, left_out, aspect_range)
+    _warn_upscaled(info.get("upscaled", {}), len(table), size)
     # classes whose every image was unreadable or out of aspect range keep their label slot,
     # so labels stay comparable across sizes; build_database ignores empty classes
     return ImageSet(
         images=images,
         labels=table["label"].to_numpy(dtype=np.int64),
-        classes=list(info["classes"]),
+        classes=classes,
         files=table["file"].tolist(),
         source=source,
         root=str(root),
-        skipped=list(info["skipped"]),
+        skipped=sorted(left_out.loc[left_out["role"] == "skipped", "file"]),
         dropped_aspect=int(info["dropped_aspect"]),
+        left_out=left_out,
+        name=dataset_name(source, root, name),
     )
 
 
@@ -331,7 +464,7 @@ def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None
         table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS,
                             dtype={"labels": str})  # label sets such as "3" or "0;3" stay text
         images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
-        if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped_aspect"} <= set(info):
+        if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped", "upscaled"} <= set(info):
             raise ValueError("its parts do not fit together")
     except (OSError, ValueError, KeyError) as error:
         warnings.warn(f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4)
@@ -373,6 +506,7 @@ def _load_coco(
     cache: bool,
     data_dir: Path | None,
     progress: bool,
+    name: str | None = None,
 ) -> ImageSet:
 
     cache_root = (data_dir or settings.data_dir()) / "cache"
@@ -399,6 +533,12 @@ def _load_coco(
     )
     label_sets = [tuple(int(t) for t in text.split(LABEL_SEPARATOR)) for text in table["labels"]]
     matrix = label_matrix_from_sets(label_sets, len(info["classes"]))
+    # the primary label of a left-out image is not defined (it depends on the usable images), so -1
+    rows = _left_out_rows(info, {}, info["classes"])
+    rows += [(file, "", -1, "unannotated", f"no object annotation in {annotations.name}") for file in info["unannotated"]]
+    left_out = left_out_frame(sorted(rows))
+    _warn_left_out(root, left_out, aspect_range)
+    _warn_upscaled(info.get("upscaled", {}), len(table), size)
     return ImageSet(
         images=images,
         labels=primary_labels(matrix),
@@ -410,10 +550,12 @@ def _load_coco(
         dropped_aspect=int(info["dropped_aspect"]),
         label_matrix=matrix,
         unannotated=list(info["unannotated"]),
+        left_out=left_out,
+        name=dataset_name("coco", root, name),
     )
 
 
-def _load_digits(size: int, progress: bool) -> ImageSet:
+def _load_digits(size: int, progress: bool, name: str | None = None) -> ImageSet:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -430,6 +572,7 @@ def _load_digits(size: int, progress: bool) -> ImageSet:
         classes=[str(d) for d in range(10)],
         files=[f"digits/{i:04d}" for i in range(len(grey))],
         source="digits",
+        name=dataset_name("digits", None, name),
     )
 
 
@@ -444,11 +587,18 @@ def load_images(
     cache: bool = True,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> ImageSet:
     """Load every usable image of ``source`` at ``size`` px; see the module docstring.
 
     ``root`` is the folder of a ``folder`` source, a local Imagenette copy, or the COCO images
     folder; ``annotations`` is the COCO instances JSON (both default to the environment).
+    ``name`` is what reports call the data (``ImageSet.name``; default: :func:`dataset_name`,
+    the folder's name for a ``folder`` source, else the source).
+
+    One warning names the files that are not used (unreadable ones, broken links, directories,
+    images outside the aspect range, ...; the manifest lists all of them with their reason), and
+    one more counts the images smaller than ``size`` px, which are upscaled.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
@@ -459,17 +609,20 @@ def load_images(
         raise ValueError(f"aspect_range must satisfy 0 < low <= high, got {aspect_range}")
     data_dir = Path(data_dir) if data_dir is not None else None
     if source == "digits":
-        return _load_digits(size, progress)
+        return _load_digits(size, progress, name)
     if source == "coco":
         images_dir, annotations_file = coco_paths(root, annotations)
-        return _load_coco(images_dir, annotations_file, size, (lo, hi), cache, data_dir, progress)
+        return _load_coco(images_dir, annotations_file, size, (lo, hi), cache, data_dir, progress, name)
     if source == "imagenette":
         folder = Path(root) if root is not None else imagenette_root(download, data_dir)
     else:
         if root is None:
-            raise ValueError("source='folder' needs root=<path to an ImageFolder tree>")
+            raise ValueError(
+                "source='folder' needs root=<path to an ImageFolder tree <root>/<class>/<image>> "
+                "(on the command line: --root PATH; in a study profile: DATASET_ROOT)"
+            )
         folder = Path(root).expanduser()
-    return _load_folder(source, folder, size, (lo, hi), cache, data_dir, progress)
+    return _load_folder(source, folder, size, (lo, hi), cache, data_dir, progress, name)
 
 
 def sample_image_folder(

@@ -107,10 +107,11 @@ def index_all_database(image_set: ImageSet, n: int, *, id_scheme: str = "random"
         manifest=manifest,
         images=np.ascontiguousarray(image_set.images[picked]),
         classes=list(image_set.classes),
-        settings={"source": image_set.source, "root": image_set.root, "size": image_set.size, "n": n,
+        settings={"source": image_set.source, "dataset": image_set.name, "root": image_set.root, "size": image_set.size, "n": n,
                   "id_scheme": id_scheme, "seed": seed, "index_fraction": 1.0, "query_fractions": [0.0, 0.0, 0.0]},
         skipped=list(image_set.skipped),
         label_matrix=image_set.label_matrix[picked] if image_set.is_multilabel else None,
+        left_out=image_set.left_out.copy(),
     )
 
 
