@@ -7,18 +7,24 @@ the study on a folder of one's own images.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import textured_image
 from PIL import Image
 
 from vitdsi_utils import cli
+from vitdsi_utils.bovw import BoVW, NoKeypointsWarning
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.evaluation import evaluate_bovw
+from vitdsi_utils.model import vit
+from vitdsi_utils.studies.pretrain import indexing_epochs_summary
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,3 +159,85 @@ def test_the_data_summary_counts_only_classes_that_have_images(image_tree, capsy
         assert cli.main(["data", "--source", "folder", "--root", str(image_tree), "--size", "32", "--n", "36",
                          "--out", str(image_tree.parent / "out")]) == 0
     assert "in 3 classes (1 of the 4 class folders has no usable image: delta" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# Messages that are true, each said once
+# ------------------------------------------------------------------------------------------
+def _zero_shot_rows(rows):
+    return pd.DataFrame([{"model": "DSI zero-shot", "init": init, "ids": "clustered", "metric": "IA@1", "value": ia,
+                          "epochs": epochs} for init, ia, epochs in rows])
+
+
+def test_the_pretrain_summary_never_calls_the_epoch_cap_the_epochs_to_the_target():
+    text = indexing_epochs_summary(_zero_shot_rows([("scratch", 0.48, 40), ("ssl", 0.995, 12)]), 0.99, 40)
+    assert text == ("indexing: from scratch: target IA@1 >= 0.99 not reached, IA@1 0.480 after 40 epochs (the cap); "
+                    "from the pretrained encoder: 12 epochs to IA@1 >= 0.99 (IA@1 0.995)")
+    early = indexing_epochs_summary(_zero_shot_rows([("ssl", 0.97, 25)]), 0.99, 40)
+    assert "not reached, IA@1 0.970 after 25 epochs (stopped by the stop check before the cap of 40)" in early
+
+
+def test_images_smaller_than_the_size_are_upscaled_with_one_warning(tmp_path):
+    root = tmp_path / "small"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["ants", "bees"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(textured_image(rng, (28, 28), label)).save(root / name / f"{i}.png")
+    Image.new("RGB", (3, 3), (0, 255, 0)).save(root / "bees" / "speck.png")
+    with pytest.warns(UserWarning) as record:
+        image_set = load_images("folder", 32, root=root, progress=False)
+    messages = [str(w.message) for w in record if "upscaled" in str(w.message)]
+    assert messages == [
+        "11 of 11 images are smaller than 32 px and were upscaled, so they hold less detail than the image size "
+        "suggests: smallest bees/speck.png (3 x 3 px), ants/0.png (28 x 28 px), ants/1.png (28 x 28 px), "
+        "ants/2.png (28 x 28 px), ants/3.png (28 x 28 px) and 6 more; no supported size (32, 64, 160, 256 px) "
+        "avoids it for all of them"
+    ]
+    assert len(image_set) == 11
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 48 px images at 32 px: nothing to say
+        load_images("folder", 32, root=_textured_tree(tmp_path / "large", side=48), progress=False)
+
+
+def _textured_tree(root: Path, classes=("ants", "bees", "wasps"), per_class: int = 8, side: int = 40) -> Path:
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(textured_image(rng, (side, side), label)).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_a_patch_grid_of_few_tokens_is_warned_about_once(monkeypatch):
+    monkeypatch.setattr(vit, "_WARNED_GRIDS", set())
+    with pytest.warns(UserWarning, match=r"patch_size 16 at 32 px leaves 2 x 2 = 4 token\(s\) per image: .*"
+                                         r"patch_size 8 gives 4 x 4 tokens at this size"):
+        vit.ViTConfig(image_size=32, patch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vit.DSIConfig(image_size=32, patch_size=16)  # said once
+        vit.ViTConfig(image_size=64, patch_size=16)  # 4 x 4 tokens: fine
+    with pytest.warns(UserWarning, match=r"patch_size 16 at 48 px leaves 3 x 3 = 9 token\(s\).*patch_size 12 gives 4 x 4"):
+        vit.ViTConfig(image_size=48, patch_size=16)
+
+
+def test_bovw_says_once_that_images_have_no_keypoints_whatever_the_number_of_vocabularies(tmp_path):
+    image_set = load_images("folder", 32, root=_textured_tree(tmp_path / "tree"), progress=False)
+    image_set.images[::4] = 0  # flat images: no SIFT keypoint
+    db = build_database(image_set, 24, seed=0)
+    with pytest.warns(NoKeypointsWarning) as record:
+        evaluate_bovw(db, n_words=5, vocabularies=3, progress=False)
+    database = [w for w in record if "database images have no SIFT keypoints" in str(w.message)]
+    assert len(database) == 1
+
+
+def test_too_many_visual_words_for_a_small_database_says_which_setting_works(tmp_path):
+    image_set = load_images("folder", 32, root=_textured_tree(tmp_path / "tree"), progress=False)
+    index = build_database(image_set, 24, seed=0).split("index")[0]
+    with pytest.raises(ValueError, match=r"n_words=200 visual words need at least 200 SIFT descriptors, but the 6 "
+                                         r"database images have (\d+) .*Any n_words <= \1 works; n_words=(\d+) gives") as error:
+        BoVW(200, progress=False).fit(index)
+    suggested = int(re.search(r"--words (\d+)", str(error.value)).group(1))
+    assert f"BOVW_WORDS: {suggested}" in str(error.value)
+    assert BoVW(suggested, progress=False).fit(index).vocabulary_.shape == (suggested, 128)  # and it does work

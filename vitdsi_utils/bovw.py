@@ -205,15 +205,34 @@ def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32, copy=False)
 
 
+class NoKeypointsWarning(UserWarning):
+    """Some images have no SIFT keypoints, so their BoVW vector is all zeros (one warning per fit or search)."""
+
+
 def _warn_empty(n_empty: int, n_total: int, what: str, stacklevel: int) -> None:
     """Warn once that ``n_empty`` of ``n_total`` images had no SIFT keypoints."""
     if n_empty:
         warnings.warn(
             f"{n_empty} of {n_total} {what} have no SIFT keypoints; their BoVW vector is all zeros, "
             "so their cosine similarity with every image is 0",
-            UserWarning,
+            NoKeypointsWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+def words_advice(n_words: int, n_descriptors: int, n_images: int) -> str:
+    """Why ``n_words`` visual words cannot be learnt from ``n_descriptors`` descriptors, and which setting can."""
+    if n_descriptors == 0:
+        return (f"the {n_images} database images have no SIFT keypoints at all (flat or tiny images), so no "
+                "vocabulary can be learnt; use larger or more textured images (a larger SIZE)")
+    suggested = max(1, min(n_descriptors, n_descriptors // 10))  # about ten descriptors per word
+    return (
+        f"n_words={n_words} visual words need at least {n_words} SIFT descriptors, but the {n_images} database "
+        f"images have {n_descriptors} ({n_descriptors / n_images:.1f} per image). Any n_words <= {n_descriptors} "
+        f"works; n_words={suggested} gives about ten descriptors per word. Set it with --words {suggested} "
+        f"(vitdsi bovw, dsi, dense, ...) or BOVW_WORDS: {suggested} (VLAD_WORDS for VLAD) in a study profile, "
+        "or use more or larger images"
+    )
 
 
 class BoVW(BaseEstimator):
@@ -263,7 +282,7 @@ class BoVW(BaseEstimator):
     stays zero after normalisation, so its cosine similarity with every image is 0. A
     query without keypoints therefore receives the database in index order, all with score 0,
     and an empty database image always ranks behind every image that scores above 0.
-    ``fit`` and ``transform`` each emit one warning counting such images.
+    ``fit`` and ``transform`` each emit one :class:`NoKeypointsWarning` counting such images.
 
     Ties in score are broken by the lower database row. ``search`` returns ``min(k, n_db)``
     columns, so fewer than ``k`` when the database is smaller than ``k``.
@@ -319,10 +338,7 @@ class BoVW(BaseEstimator):
         counts = np.array([len(d) for d in descriptors], dtype=np.int64)
         n_descriptors = int(counts.sum())
         if n_descriptors < self.n_words:
-            raise ValueError(
-                f"the {len(images)} database images have only {n_descriptors} SIFT descriptors, fewer "
-                f"than n_words={self.n_words} visual words; use fewer words, or more or larger images"
-            )
+            raise ValueError(words_advice(self.n_words, n_descriptors, len(images)))
         vocabulary = self._kmeans(np.concatenate(descriptors))
 
         self.vocabulary_ = vocabulary

@@ -30,7 +30,7 @@ from vitdsi_utils.studies.dense import dense_study
 from vitdsi_utils.studies.dense_init import dense_init_study
 from vitdsi_utils.studies.dsi import dsi_study
 from vitdsi_utils.studies.incremental import incremental_study
-from vitdsi_utils.studies.pretrain import comparison_frame, pretrain_study
+from vitdsi_utils.studies.pretrain import comparison_frame, indexing_epochs_summary, pretrain_study
 from vitdsi_utils.studies.rerank import summary
 from vitdsi_utils.studies.scale import scale_markdown, scale_study
 from vitdsi_utils.training.config import TrainConfig
@@ -274,6 +274,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         runs_dir=runs, out_dir=out, root=args.root,
     )
     print(comparison_frame(result["results"]).to_string(index=False))
+    print(indexing_epochs_summary(result["results"], args.target_accuracy, args.index_epochs))
     if len(result["paired"]):
         print(result["paired"].round(3).to_string(index=False))
     print(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False))

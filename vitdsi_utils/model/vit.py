@@ -20,6 +20,7 @@ never normalise (and can never normalise twice).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 from typing import Any, TypeVar
@@ -41,6 +42,32 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 _Config = TypeVar("_Config", bound="ViTConfig")
+
+
+#: Fewer patch tokens per side than this draw a warning (once per image and patch size and process):
+#: a 2 x 2 or 3 x 3 grid leaves the encoder a handful of coarse patches to attend over.
+MIN_GRID = 4
+
+
+_WARNED_GRIDS: set[tuple[int, int]] = set()
+
+
+def _warn_few_tokens(image_size: int, patch_size: int) -> None:
+    """Warn once per (image size, patch size) when the patch grid is smaller than MIN_GRID x MIN_GRID."""
+    grid = image_size // patch_size
+    if grid >= MIN_GRID or (image_size, patch_size) in _WARNED_GRIDS:
+        return
+    _WARNED_GRIDS.add((image_size, patch_size))
+    finer = [p for p in range(patch_size - 1, 0, -1) if image_size % p == 0 and image_size // p >= MIN_GRID]
+    advice = (f"patch_size {finer[0]} gives {image_size // finer[0]} x {image_size // finer[0]} tokens at this size"
+              if finer else "use larger images")
+    warnings.warn(
+        f"patch_size {patch_size} at {image_size} px leaves {grid} x {grid} = {grid * grid} token(s) per image: "
+        f"the encoder sees each image as {grid * grid} coarse patch(es) and its attention has little to work with; "
+        f"{advice} (PATCH_SIZE in a study profile, --patch on the command line)",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 @dataclass
@@ -94,6 +121,7 @@ class ViTConfig:
             raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; choose one of {POS_ENCODINGS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        _warn_few_tokens(self.image_size, self.patch_size)
 
     @property
     def grid(self) -> int:

@@ -284,6 +284,38 @@ def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), ignore_index=True)
 
 
+def indexing_epochs_summary(results: pd.DataFrame, target_accuracy: float, epoch_cap: int) -> str:
+    """How each DSI's indexing ended, in words: the epochs to reach IA@1 >= target, or that it did not.
+
+    One clause per (init, IDs) of the ``DSI zero-shot`` rows of ``results`` (:func:`pretrain_study`):
+    "from scratch: 12 epochs to IA@1 >= 0.99 (IA@1 0.995)" when the target was met, else
+    "from scratch: target not reached, IA@1 0.48 after 40 epochs (the cap)". An epoch count at the
+    cap is never reported as the epochs needed to reach the target.
+    """
+    names = {"scratch": "from scratch", "ssl": "from the pretrained encoder"}
+    zero = results[results["model"] == "DSI zero-shot"]
+    keys = ["init"] + (["ids"] if "ids" in zero else [])
+    groups = list(zero.groupby(keys, sort=False))
+    several_ids = "ids" in zero and zero["ids"].nunique() > 1
+    clauses = []
+    for key, group in groups:
+        init, ids = (key[0], key[1] if len(key) > 1 else None) if isinstance(key, tuple) else (key, None)
+        label = names.get(init, init) + (f" ({ids} IDs)" if several_ids and ids is not None else "")
+        ia = group.loc[group["metric"] == "IA@1", "value"]
+        epochs = int(group["epochs"].iloc[0]) if "epochs" in group and group["epochs"].notna().any() else None
+        if ia.empty or epochs is None:
+            clauses.append(f"{label}: no indexing result")
+            continue
+        value = float(ia.iloc[0])
+        if value >= target_accuracy:
+            clauses.append(f"{label}: {epochs} epochs to IA@1 >= {target_accuracy:g} (IA@1 {value:.3f})")
+        else:
+            ended = "the cap" if epochs >= epoch_cap else f"stopped by the stop check before the cap of {epoch_cap}"
+            clauses.append(f"{label}: target IA@1 >= {target_accuracy:g} not reached, IA@1 {value:.3f} after "
+                           f"{epochs} epochs ({ended})")
+    return "indexing: " + "; ".join(clauses)
+
+
 def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     """Left: the InfoNCE loss per pretraining epoch. Right: indexing IA@1 / accuracy per epoch, scratch vs SSL."""
     from matplotlib.ticker import MaxNLocator
@@ -347,6 +379,9 @@ def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, s
         "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
         "",
         comparison.to_markdown(index=False),
+        "",
+        "Indexing " + indexing_epochs_summary(out["results"], index_config.target_accuracy,
+                                              index_config.epochs).removeprefix("indexing ") + ".",
         *([] if out["paired"].empty else [
             "",
             "Paired differences, SSL init minus scratch, on the same indexed images / test queries "
