@@ -17,13 +17,15 @@ import pytest
 from conftest import textured_image
 from PIL import Image
 
-from vitdsi_utils import cli
+from vitdsi_utils import cli, metrics
 from vitdsi_utils.bovw import BoVW, NoKeypointsWarning
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.model import vit
+from vitdsi_utils.reports.paper import table1_markdown
+from vitdsi_utils.reports.tables import UNINFORMATIVE_NOTE, metric_cell, write_table
 from vitdsi_utils.studies.pretrain import indexing_epochs_summary
 
 
@@ -241,3 +243,46 @@ def test_too_many_visual_words_for_a_small_database_says_which_setting_works(tmp
     suggested = int(re.search(r"--words (\d+)", str(error.value)).group(1))
     assert f"BOVW_WORDS: {suggested}" in str(error.value)
     assert BoVW(suggested, progress=False).fit(index).vocabulary_.shape == (suggested, 128)  # and it does work
+
+
+# ------------------------------------------------------------------------------------------
+# Metric cells that carry no information are marked
+# ------------------------------------------------------------------------------------------
+def _ranking(n_db: int, n_queries: int = 6, k: int = 100, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    db_labels, query_labels = np.arange(n_db) % 3, np.arange(n_queries) % 3
+    ranked = np.stack([rng.permutation(n_db)[:k] for _ in range(n_queries)])
+    return ranked, label_relevance(query_labels, db_labels)
+
+
+def test_recall_at_k_of_every_indexed_image_is_flagged_uninformative():
+    ranked, relevant = _ranking(50)  # 50 indexed images, R@100 returns all of them
+    table = metrics.evaluate_ranking(ranked, relevant).set_index("metric")
+    assert table.at["R@100", "value"] == 1.0 and table.at["R@100", "chance"] == 1.0
+    assert table["uninformative"].to_dict() == {"P@10": False, "R@100": True, "mAP@10": False,
+                                                "paper MAP@10 (mean P@10, 10 queries)": False,
+                                                "paper R@100 (10 queries)": True}
+    ranked, relevant = _ranking(300)
+    assert not metrics.evaluate_ranking(ranked, relevant)["uninformative"].any()  # R@100 of 300: chance 1/3
+    ia = metrics.evaluate_indexing(np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]]), np.arange(3), ks=(1, 5))
+    assert ia.set_index("metric")["uninformative"].to_dict() == {"IA@1": False, "IA@5": True}
+
+
+def test_markdown_tables_mark_uninformative_cells_and_explain_the_mark(tmp_path):
+    ranked, relevant = _ranking(50)
+    results = metrics.evaluate_ranking(ranked, relevant).assign(model="BoVW", n=200, ids="-", seed=0)
+    markdown = table1_markdown(results)
+    row = next(line for line in markdown.splitlines() if line.startswith("| BoVW"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[10].startswith("1.000 [") and cells[10].endswith("]†")  # R@100
+    assert not cells[9].endswith("†")  # P@10 is informative
+    assert markdown.endswith(UNINFORMATIVE_NOTE) and "chance >= 0.999" in UNINFORMATIVE_NOTE
+    csv, _ = write_table(results, tmp_path / "table1", markdown=markdown)
+    written = pd.read_csv(csv).set_index("metric")
+    assert written.at["R@100", "uninformative"] and not written.at["P@10", "uninformative"]
+    # a table written before the flag existed is judged by its chance level
+    old = results.drop(columns="uninformative").set_index("metric")
+    assert metric_cell(old.loc["R@100"]).endswith("†") and not metric_cell(old.loc["P@10"]).endswith("†")
+    ranked, relevant = _ranking(300)
+    informative = metrics.evaluate_ranking(ranked, relevant).assign(model="BoVW", n=1200, ids="-", seed=0)
+    assert "†" not in table1_markdown(informative)

@@ -39,8 +39,19 @@ import pandas as pd
 
 #: Columns of the tables returned by ``evaluate_ranking`` and ``evaluate_indexing``.
 #: ``n_queries`` counts the queries that entered the value; ``n_ignored`` those left out
-#: because the metric is undefined for them (no relevant item).
-RESULT_COLUMNS = ("metric", "value", "ci_low", "ci_high", "chance", "n_queries", "n_ignored")
+#: because the metric is undefined for them (no relevant item); ``uninformative`` marks a metric
+#: that a random ranking scores as well (see :func:`is_uninformative`).
+RESULT_COLUMNS = ("metric", "value", "ci_low", "ci_high", "chance", "n_queries", "n_ignored", "uninformative")
+
+
+#: A metric whose chance level reaches this carries no information about the ranking: e.g. R@k or
+#: IA@k with k at least the number of indexed images (every indexed image is returned).
+UNINFORMATIVE_CHANCE = 0.999
+
+
+def is_uninformative(chance: float) -> bool:
+    """Whether a metric with this chance level says nothing about a ranking (a random one scores >= 0.999)."""
+    return bool(chance is not None and not np.isnan(chance) and chance >= UNINFORMATIVE_CHANCE)
 
 
 PAD = -1  #: marks "no result at this rank" in a ranking
@@ -348,6 +359,7 @@ def _summary_row(metric: str, per_query: np.ndarray, chance: float, n_resamples:
         "chance": float(chance),
         "n_queries": n_valid,
         "n_ignored": int(per_query.size - n_valid),
+        "uninformative": is_uninformative(chance),
     }
 
 
@@ -416,6 +428,8 @@ def evaluate_ranking(
         "ci_low": paper["paper_recall@100_p2.5"], "ci_high": paper["paper_recall@100_p97.5"], "chance": chance_recall_at_k(n_rel, n_db, 100),
         "n_queries": n_recall_valid, "n_ignored": drawn.size - n_recall_valid,
     })
+    for row in rows[-2:]:
+        row["uninformative"] = is_uninformative(row["chance"])
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
 
 

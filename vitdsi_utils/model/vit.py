@@ -20,6 +20,7 @@ never normalise (and can never normalise twice).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
@@ -66,8 +67,16 @@ def _warn_few_tokens(image_size: int, patch_size: int) -> None:
         f"the encoder sees each image as {grid * grid} coarse patch(es) and its attention has little to work with; "
         f"{advice} (PATCH_SIZE in a study profile, --patch on the command line)",
         UserWarning,
-        stacklevel=4,
+        stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning of this module at the code that built the config."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename in (__file__, "<string>"):  # "<string>": dataclass __init__
+        frame, level = frame.f_back, level + 1
+    return level - 1
 
 
 @dataclass

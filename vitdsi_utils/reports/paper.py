@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vitdsi_utils.reports.tables import BOVW_MODEL, VLAD_MODEL, format_interval, format_number
+from vitdsi_utils.reports.tables import (
+    BOVW_MODEL,
+    VLAD_MODEL,
+    format_number,
+    metric_cell,
+    with_uninformative_note,
+)
 
 NAN = float("nan")
 
@@ -107,9 +113,7 @@ def table1_markdown(results: pd.DataFrame) -> str:
         row = group.set_index("metric")
 
         def cell(metric: str) -> str:
-            if metric not in row.index:
-                return "–"
-            return format_interval(row.at[metric, "value"], row.at[metric, "ci_low"], row.at[metric, "ci_high"])
+            return metric_cell(row.loc[metric]) if metric in row.index else "–"
 
         def number(metric: str, column: str) -> str:
             return format_number(row.at[metric, column]) if metric in row.index and column in row.columns else "–"
@@ -120,4 +124,4 @@ def table1_markdown(results: pd.DataFrame) -> str:
             f"| {cell(PROTOCOL_MAP)} | {number(PROTOCOL_MAP, 'paper')} | {cell(PROTOCOL_RECALL)} "
             f"| {number(PROTOCOL_RECALL, 'paper')} | {number('P@10', 'chance')} | {number('R@100', 'chance')} |"
         )
-    return "\n".join(lines)
+    return with_uninformative_note("\n".join(lines))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from vitdsi_utils.atomic import atomic_path
+from vitdsi_utils.metrics import is_uninformative
 
 
 def format_interval(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -23,6 +26,37 @@ def format_interval(value: float, low: float, high: float, digits: int = 3) -> s
 def format_number(value: float, digits: int = 3) -> str:
     """A float with fixed digits, '–' for a missing one."""
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+#: Marks a metric cell that carries no information (see :func:`metrics.is_uninformative`), and its footnote.
+UNINFORMATIVE_MARK = "†"
+
+
+UNINFORMATIVE_NOTE = (
+    "† carries no information: a random ranking scores as well (chance >= 0.999), e.g. R@k or IA@k when k is at "
+    "least the number of indexed images, so that every indexed image is returned. The CSV marks these rows in its "
+    "column `uninformative`."
+)
+
+
+def uninformative(row: Mapping[str, Any]) -> bool:
+    """Whether a result row is flagged ``uninformative`` (or, in tables written before the flag, has chance >= 0.999)."""
+    flag = row.get("uninformative")
+    if flag is not None and not (isinstance(flag, float) and math.isnan(flag)):
+        return bool(flag)
+    chance = row.get("chance")
+    return chance is not None and is_uninformative(float(chance))
+
+
+def metric_cell(row: Mapping[str, Any], digits: int = 3) -> str:
+    """A result row's 'value [low, high]', with the mark † when the metric carries no information."""
+    text = format_interval(row["value"], row["ci_low"], row["ci_high"], digits)
+    return text + UNINFORMATIVE_MARK if text != "–" and uninformative(row) else text
+
+
+def with_uninformative_note(markdown: str) -> str:
+    """``markdown`` followed by the footnote of † when a cell of it carries the mark."""
+    return f"{markdown}\n\n{UNINFORMATIVE_NOTE}" if UNINFORMATIVE_MARK in markdown else markdown
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:

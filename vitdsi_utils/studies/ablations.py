@@ -43,7 +43,7 @@ from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.model.vit import DSIConfig
 from vitdsi_utils.phases import fine_tune, index_database
 from vitdsi_utils.reports.plots import new_figure
-from vitdsi_utils.reports.tables import format_interval
+from vitdsi_utils.reports.tables import metric_cell, with_uninformative_note
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.training.config import TrainConfig
 
@@ -279,7 +279,7 @@ def summary_table(long: pd.DataFrame, *, intervals: bool = True) -> pd.DataFrame
                 row[column] = "–" if intervals else np.nan
                 continue
             h = hit.iloc[0]
-            row[column] = format_interval(h["value"], h["ci_low"], h["ci_high"]) if intervals else float(h["value"])
+            row[column] = metric_cell(h) if intervals else float(h["value"])
         row["fine-tune s"] = round(float(first["tune_s"]), 1)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -296,7 +296,7 @@ def ablations_markdown(long: pd.DataFrame, settings: str = "") -> str:
         + (f" Chance P@10 is {float(chance.iloc[0]):.3f}." if len(chance) else "")
     )
     table = summary_table(long).drop(columns=["factor", "level"]).to_markdown(index=False)
-    return "\n\n".join(p for p in (settings, note, table) if p)
+    return with_uninformative_note("\n\n".join(p for p in (settings, note, table) if p))
 
 
 def ablation_figure(long: pd.DataFrame, title: str | None = None, index_cap: int | None = None) -> Figure:

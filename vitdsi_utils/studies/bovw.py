@@ -13,7 +13,14 @@ from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
-from vitdsi_utils.reports.tables import BOVW_MODEL, VLAD_MODEL, format_interval, format_number, write_table
+from vitdsi_utils.reports.tables import (
+    BOVW_MODEL,
+    VLAD_MODEL,
+    format_number,
+    metric_cell,
+    with_uninformative_note,
+    write_table,
+)
 
 
 def bovw_study(
@@ -190,7 +197,7 @@ def vlad_markdown(results: pd.DataFrame, source: str, size: int, baseline: str) 
         row = row.set_index("metric")
 
         def cell(metric: str, row: pd.DataFrame = row) -> str:
-            return format_interval(row.at[metric, "value"], row.at[metric, "ci_low"], row.at[metric, "ci_high"])
+            return metric_cell(row.loc[metric])
 
         first = row.iloc[0]
         seconds = first["fit_s"] + first["search_s"]
@@ -201,4 +208,4 @@ def vlad_markdown(results: pd.DataFrame, source: str, size: int, baseline: str) 
             f"| {cell('mAP@10')} | {cell('P@10')} | {cell('R@100')} | {format_number(row.at['P@10', 'chance'])} "
             f"| {format_number(row.at['R@100', 'chance'])} | {seconds:.1f} | {verdicts} |"
         )
-    return "\n".join(lines)
+    return with_uninformative_note("\n".join(lines))

@@ -24,7 +24,7 @@ from vitdsi_utils.data.database import database_with_ids
 from vitdsi_utils.data.images import ImageSet
 from vitdsi_utils.ids.schemes import sibling_agreement
 from vitdsi_utils.model.decoding import invalid_id_rates
-from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, format_interval, format_number
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, format_number, metric_cell, with_uninformative_note
 from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, ordered_by_scheme
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.studies.dsi import run_experiment
@@ -126,8 +126,7 @@ def ids_markdown(results: pd.DataFrame, runs: pd.DataFrame, schemes: Sequence[st
         def cell(metric: str, rows: pd.DataFrame = rows) -> str:
             if metric not in rows.index:
                 return "–"
-            r = rows.loc[metric]
-            return format_interval(r["value"], r["ci_low"], r["ci_high"])
+            return metric_cell(rows.loc[metric])
 
         lines.append(
             f"| {run.model} | {run.n} | {run.ids} | {run.seed} | {cell('IA@1')} | {cell('mAP@10')} | {cell('P@10')} "
@@ -137,7 +136,7 @@ def ids_markdown(results: pd.DataFrame, runs: pd.DataFrame, schemes: Sequence[st
         )
     chance = results[results["metric"].isin(["P@10", "R@100"])].groupby(["n", "metric"])["chance"].first()
     notes = ", ".join(f"{metric} {value:.3f} at N={n}" for (n, metric), value in chance.items())
-    return "\n".join(lines) + f"\n\nChance levels of a random ranking: {notes}."
+    return with_uninformative_note("\n".join(lines) + f"\n\nChance levels of a random ranking: {notes}.")
 
 
 def id_scheme_bars(results: pd.DataFrame, metrics: Sequence[str] = METRICS, schemes: Sequence[str] | None = None) -> Figure:

@@ -23,7 +23,7 @@ from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
 from vitdsi_utils.reports.paper import attach_paper
 from vitdsi_utils.reports.plots import new_figure, save_figure
-from vitdsi_utils.reports.tables import format_interval, write_csv, write_table
+from vitdsi_utils.reports.tables import metric_cell, with_uninformative_note, write_csv, write_table
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.training.config import TrainConfig, seed_everything
@@ -277,7 +277,7 @@ def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, key))
         for metric in COMPARED:
             hit = group[group["metric"] == metric]
-            row[metric] = format_interval(*hit[["value", "ci_low", "ci_high"]].iloc[0]) if len(hit) else "–"
+            row[metric] = metric_cell(hit.iloc[0]) if len(hit) else "–"
         row["epochs"] = int(group["epochs"].iloc[0]) if "epochs" in group else None
         row["train_s"] = round(float(group["train_s"].iloc[0]), 1) if "train_s" in group else None
         rows.append(row)
@@ -378,7 +378,7 @@ def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, s
         f"epochs" + (f", at most {max_pairs} pairs per query" if max_pairs else "") + ". Metrics over all test "
         "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
         "",
-        comparison.to_markdown(index=False),
+        with_uninformative_note(comparison.to_markdown(index=False)),
         "",
         "Indexing " + indexing_epochs_summary(out["results"], index_config.target_accuracy,
                                               index_config.epochs).removeprefix("indexing ") + ".",

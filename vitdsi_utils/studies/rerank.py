@@ -11,7 +11,7 @@ import pandas as pd
 
 from vitdsi_utils.evaluation import retrieval_metrics
 from vitdsi_utils.reports.plots import new_figure
-from vitdsi_utils.reports.tables import format_interval, format_number
+from vitdsi_utils.reports.tables import format_number, metric_cell, with_uninformative_note
 from vitdsi_utils.retrieval.rerank import Searcher, VectorScorer, cosine_scores, positive_int, rerank
 
 
@@ -192,9 +192,7 @@ def rerank_markdown(study: pd.DataFrame, source: str, size: int) -> str:
         first = group.iloc[0]
 
         def cell(metric: str, row: pd.DataFrame = row) -> str:
-            if metric not in row.index:
-                return "–"
-            return format_interval(row.at[metric, "value"], row.at[metric, "ci_low"], row.at[metric, "ci_high"])
+            return metric_cell(row.loc[metric]) if metric in row.index else "–"
 
         name = f"{first['reranker']} alone" if first["first_stage"] == "-" else first["first_stage"]
         depth = "all" if first["first_stage"] == "-" else int(first["depth"])
@@ -203,4 +201,4 @@ def rerank_markdown(study: pd.DataFrame, source: str, size: int) -> str:
             f"| {cell('R@100')} | {format_number(first['first_stage_ms'], 1)} | {format_number(first['rerank_ms'], 1)} "
             f"| {format_number(first['ms_per_query'], 1)} |"
         )
-    return "\n".join(lines)
+    return with_uninformative_note("\n".join(lines))
