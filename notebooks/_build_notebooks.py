@@ -43,7 +43,12 @@ def parameters_cell(keys: list[str], runner: tuple[str, ...] = ("OUT_DIR",)) -> 
     lines = ["# Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with",
              "# those of vitdsi_utils/profiles/NAME.yaml (smoke, cpu or paper)."]
     if "DATASET" in keys:
-        lines.append("# DATASET: imagenette | digits | coco (coco reads VITDSI_COCO_IMAGES and VITDSI_COCO_ANNOTATIONS).")
+        lines += ["# DATASET: imagenette | digits | folder | coco. DATASET_ROOT: the folder's ImageFolder tree (folder),",
+                  "# a local Imagenette copy, or the COCO images (None: VITDSI_COCO_IMAGES); DATASET_ANNOTATIONS: COCO's",
+                  "# instances file (None: VITDSI_COCO_ANNOTATIONS); DATASET_NAME: what the reports call the data",
+                  "# (None: the folder's name for folder, else DATASET)."]
+        at = keys.index("DATASET") + 1
+        keys = keys[:at] + ["DATASET_ROOT", "DATASET_ANNOTATIONS", "DATASET_NAME"] + keys[at:]
     width = max(len(f"{k} = {literal(SMOKE[k])}") for k in keys) + 2
     for key in keys:
         assignment = f"{key} = {literal(SMOKE[key])}"
@@ -104,12 +109,13 @@ from IPython.display import display
 
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import build_database, databases
-from vitdsi_utils.data.images import load_images, sample_image_folder
+from vitdsi_utils.data.images import dataset_name, load_images, sample_image_folder
 from vitdsi_utils.reports.plots import class_gallery, readable_class, save_figure, split_bar
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.runs import run_name
 
 paths = StudyPaths.create(PROFILE, OUT_DIR)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
 print(f"profile {PROFILE}: tables -> {paths.tables}, figures -> {paths.figures}")
 """),
     md("""
@@ -120,10 +126,9 @@ is outside [0.9, 1.1] are dropped, as in the paper. The count per class bounds t
 balanced database.
 """),
     code("""
-image_set = load_images(DATASET, SIZE, progress=False)
-print(f"{len(image_set)} usable {DATASET} images at {SIZE} px in {len(image_set.classes)} classes; "
-      f"{image_set.dropped_aspect} dropped by the aspect rule, {len(image_set.skipped)} unreadable"
-      + (f", {len(image_set.unannotated)} left out for having no annotation" if image_set.is_multilabel else ""))
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
+print(image_set.summary())
 counts = image_set.class_counts().rename(index=readable_class).rename("images").to_frame()
 if image_set.is_multilabel:
     counts = counts.rename(columns={"images": "primary"}).assign(showing=image_set.category_counts().to_numpy())
@@ -139,11 +144,11 @@ if image_set.is_multilabel:
     per_image = pd.Series(image_set.label_matrix.sum(axis=1)).value_counts().sort_index()
     display(per_image.rename_axis("categories per image").rename("images").to_frame().T)
 else:
-    print(f"{DATASET} is single-label: one class per image, relevance means the same class.")
+    print(f"{DATASET_NAME} is single-label: one class per image, relevance means the same class.")
 """),
     code("""
 fig = class_gallery(image_set.images, image_set.labels, image_set.classes, per_class=GALLERY_PER_CLASS,
-                          max_classes=20, title=f"{DATASET} at {SIZE} px"
+                          max_classes=20, title=f"{DATASET_NAME} at {SIZE} px"
                           + (" (rows: primary category)" if image_set.is_multilabel else ""))
 save_figure(fig, paths.figures / "gallery.png")
 fig
@@ -154,7 +159,7 @@ Imagenette images are shown here too, so the smoke run also checks that the real
 Only a handful of files is decoded.
 """),
     code("""
-if IMAGENETTE_PREVIEW and DATASET != "imagenette":
+if IMAGENETTE_PREVIEW and DATASET == "digits":
     folder = settings.imagenette_dir()
     if folder is None or not folder.is_dir():
         print(f"Imagenette preview skipped: set {settings.IMAGENETTE_ENV} to a local Imagenette copy to see it.")
@@ -250,6 +255,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from vitdsi_utils import evaluation
+from vitdsi_utils.data.images import dataset_name
 from vitdsi_utils.reports.paper import TABLE1_NOTE, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure
 from vitdsi_utils.reports.targets import baseline_verdicts
@@ -258,13 +264,15 @@ from vitdsi_utils.studies.bovw import bovw_study
 from vitdsi_utils.reports.tables import write_table
 
 paths = StudyPaths.create(PROFILE, OUT_DIR)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
 """),
     code("""
 bovw = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=BOVW_WORDS,
-                             vocabularies=BOVW_VOCABULARIES, progress=False)
+                             vocabularies=BOVW_VOCABULARIES, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS,
+                             progress=False)
 averaged = (f"metrics averaged per query over {BOVW_VOCABULARIES} k-means vocabularies" if BOVW_VOCABULARIES > 1
             else "one k-means vocabulary")
-markdown = "\\n\\n".join([f"BoVW, {BOVW_WORDS} visual words ({averaged}), {DATASET} at {SIZE} px. " + TABLE1_NOTE,
+markdown = "\\n\\n".join([f"BoVW, {BOVW_WORDS} visual words ({averaged}), {DATASET_NAME} at {SIZE} px. " + TABLE1_NOTE,
                          table1_markdown(bovw)])
 write_table(bovw, paths.tables / "bovw", markdown=markdown)
 display(Markdown(markdown))
@@ -278,10 +286,11 @@ at 64 px (`make vlad`).
 """),
     code("""
 vlad = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=VLAD_WORDS, encoding="vlad",
-                             vocabularies=BOVW_VOCABULARIES, progress=False)
+                             vocabularies=BOVW_VOCABULARIES, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS,
+                             progress=False)
 both = pd.concat([bovw, vlad], ignore_index=True)
 vlad_markdown = "\\n\\n".join([f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words x 128, power-normalised), "
-                              f"{DATASET} at {SIZE} px. " + TABLE1_NOTE, table1_markdown(both)])
+                              f"{DATASET_NAME} at {SIZE} px. " + TABLE1_NOTE, table1_markdown(both)])
 write_table(vlad, paths.tables / "vlad", markdown=vlad_markdown)
 display(Markdown(vlad_markdown))
 for row in baseline_verdicts(both, "mAP@10").itertuples():
@@ -327,7 +336,7 @@ import torch
 
 from vitdsi_utils import metrics, settings
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.phases import index_database
 from vitdsi_utils.reports.plots import save_figure, training_curves
 from vitdsi_utils.runs import StudyPaths, run_name
@@ -337,7 +346,9 @@ from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 """ + MODEL_OVERRIDES),
     md("""
 ## Training
@@ -406,7 +417,7 @@ curve. The result is the *fine-tuned* DSI, saved beside the zero-shot model.
 import pandas as pd
 
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.phases import fine_tune, index_database
 from vitdsi_utils.reports.plots import save_figure, training_curves
 from vitdsi_utils.runs import StudyPaths
@@ -414,7 +425,9 @@ from vitdsi_utils.reports.tables import write_csv
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     code("""
 histories = []
@@ -476,7 +489,7 @@ from IPython.display import Markdown, display
 
 from vitdsi_utils import evaluation
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_bars, save_figure
 from vitdsi_utils.reports.targets import baseline_verdicts
@@ -485,7 +498,9 @@ from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.reports.tables import write_table
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 bovw_csv = paths.tables / "bovw.csv"
 if not bovw_csv.exists():
     raise FileNotFoundError(f"{bovw_csv} is missing: run "
@@ -510,7 +525,7 @@ results = attach_paper(pd.concat(frames, ignore_index=True))
 ## Table 1
 """),
     code("""
-table1 = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
+table1 = "\\n\\n".join([f"{DATASET_NAME} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
                        table1_markdown(results)])
 write_table(results, paths.tables / "table1", markdown=table1)
 display(Markdown(table1))
@@ -568,13 +583,15 @@ folder (`RUNS_DIR`), for the first database of the grid.
 import pandas as pd
 
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.demo import QueryDemo
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 db = build_database(image_set, NS[0], id_scheme=ID_SCHEMES[0], seed=SEEDS[0])
 demo = QueryDemo.from_run_dir(paths.runs, db, bovw_words=BOVW_WORDS, profile=PROFILE, k=10)
 demo
@@ -636,7 +653,7 @@ from IPython.display import Markdown, display
 
 from vitdsi_utils import evaluation
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure, training_curves
 from vitdsi_utils.reports.targets import baseline_verdicts
@@ -648,7 +665,9 @@ from vitdsi_utils.studies.dense import evaluate_dense, first_stages, rerank_data
 from vitdsi_utils.reports.tables import write_table
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 dense_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
                        dropout=DROPOUT, pos_encoding=POS_ENCODING, pooling=DENSE_POOLING)
 
@@ -723,7 +742,7 @@ else:
     results = ours
     print(f"{table1_csv} is missing (notebook 05 writes it): BoVW as fitted here, no DSI rows")
 results = attach_paper(results)
-markdown = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
+markdown = "\\n\\n".join([f"{DATASET_NAME} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
                          table1_markdown(results)])
 write_table(results, paths.tables / "dense", markdown=markdown)
 display(Markdown(markdown))
@@ -769,7 +788,7 @@ for (n, seed), (first_db, retriever) in retrievers.items():
             studies.append(rerank_database(db, retriever, stages, depths=tuple(RERANK_DEPTHS), k=K,
                                            include_alone=i == 0))
 reranking = pd.concat(studies, ignore_index=True)
-rerank_md = rerank_markdown(reranking, DATASET, SIZE)
+rerank_md = rerank_markdown(reranking, DATASET_NAME, SIZE)
 write_table(reranking, paths.tables / "rerank", markdown=rerank_md)
 display(Markdown(rerank_md))
 """),
@@ -830,7 +849,7 @@ notebooks 03 and 04, whose random and clustered models are loaded here, not retr
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.targets import gap_markdown, gap_table
 from vitdsi_utils.runs import StudyPaths
@@ -839,7 +858,9 @@ from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 id_params = dict(k=IDS_K, c=IDS_C, levels=IDS_RQ_LEVELS, codebook_size=IDS_RQ_CODEBOOK, bovw_words=BOVW_WORDS)
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""
@@ -871,7 +892,7 @@ greedy decoding without the trie shows how often the model on its own would leav
 """),
     code("""
 markdown = "\\n\\n".join([
-    f"DSI by ID scheme, {DATASET} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
+    f"DSI by ID scheme, {DATASET_NAME} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
     f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords.",
     ids_markdown(results, runs, IDS_SCHEMES)])
 write_table(results, paths.tables / "ids", markdown=markdown)
@@ -942,7 +963,7 @@ from IPython.display import Markdown, display
 
 from vitdsi_utils import clusters
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.clusters import cluster_gallery, cluster_study, clusters_markdown, metric_curves, series_label, size_histograms, study_encoders, summary
@@ -950,7 +971,9 @@ from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
 from vitdsi_utils.reports.tables import write_table
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 n, seed = CLUSTER_N or max(NS), SEEDS[0]
 if n not in NS:
     raise ValueError(f"CLUSTER_N = {n} is not one of NS = {NS}: encoders are trained only for the databases of NS")
@@ -1006,7 +1029,7 @@ start = time.perf_counter()
 table, labels = cluster_study(embeddings, classes, ks, n_init=CLUSTER_N_INIT, random_state=seed,
                                        progress=False)
 print(f"{len(table)} clusterings in {time.perf_counter() - start:.1f} s")
-note = (f"k-means of {len(images)} {DATASET} images at {SIZE} px (database N = {n}, seed {seed}, role {CLUSTER_ROLE}), "
+note = (f"k-means of {len(images)} {DATASET_NAME} images at {SIZE} px (database N = {n}, seed {seed}, role {CLUSTER_ROLE}), "
         f"{CLUSTER_N_INIT} restart(s) per k, embeddings {'L2-normalised' if CLUSTER_NORMALISE else 'as they come'}, "
         f"profile `{PROFILE}`.")
 write_table(table, paths.tables / "clusters", markdown=clusters_markdown(table, k_reference, note=note))
@@ -1040,7 +1063,7 @@ write_table(unseen_table, paths.tables / "clusters_unseen")
 unseen_table.round(3)
 """),
     code("""
-fig = metric_curves(table, title=f"k-means of the embeddings ({DATASET}, {SIZE} px, {len(images)} images)")
+fig = metric_curves(table, title=f"k-means of the embeddings ({DATASET_NAME}, {SIZE} px, {len(images)} images)")
 save_figure(fig, paths.figures / "clusters_metrics.png")
 fig
 """),
@@ -1141,7 +1164,7 @@ from IPython.display import Markdown, display
 
 from vitdsi_utils import evaluation
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.paper import attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure
 from vitdsi_utils.reports.targets import beats_baseline, summarise, zero_shot_memorisation
@@ -1155,7 +1178,9 @@ from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 """ + MODEL_OVERRIDES + """
 
 def multitask_config(seed: int) -> TrainConfig:
@@ -1317,7 +1342,7 @@ loaded from the run folder rather than trained again. The fuller grid at 64 px i
     code("""
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.ablations import ablation_figure, ablation_grid, ablations_markdown, describe, run_ablations
@@ -1325,7 +1350,9 @@ from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 seed = SEEDS[0]
 base_model = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
                   dropout=DROPOUT, pos_encoding=POS_ENCODING)
@@ -1346,7 +1373,7 @@ long = run_ablations(
     image_set, grid, n=ABLATION_N, seed=seed, scheme=ABLATION_SCHEME, base_model=base_model,
     index_config=index_config, retrieval_config=retrieval_config, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
     runs_dir=paths.runs, k=K)
-settings = (f"DSI ablations, {DATASET} at {SIZE} px, N = {ABLATION_N}, {ABLATION_SCHEME} IDs, seed {seed}, "
+settings = (f"DSI ablations, {DATASET_NAME} at {SIZE} px, N = {ABLATION_N}, {ABLATION_SCHEME} IDs, seed {seed}, "
             f"profile `{PROFILE}`: indexing until IA@1 >= {TARGET_ACCURACY} or {INDEX_EPOCHS} epochs, "
             f"fine-tuning {RETRIEVAL_EPOCHS} epochs.")
 markdown = ablations_markdown(long, settings)
@@ -1363,7 +1390,7 @@ first). With a few dozen test queries the intervals are wide: a shift that stays
 default's interval is no evidence of an effect.
 """),
     code("""
-fig = ablation_figure(long, title=f"DSI ablations, {DATASET} {SIZE} px, N = {ABLATION_N}",
+fig = ablation_figure(long, title=f"DSI ablations, {DATASET_NAME} {SIZE} px, N = {ABLATION_N}",
                                 index_cap=INDEX_EPOCHS)
 save_figure(fig, paths.figures / "ablations.png")
 fig
@@ -1402,7 +1429,7 @@ the indexed images themselves. The timed queries are horizontally flipped copies
 import torch
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.scale import ia_table, index_all_database, latency_table, scale_figure, scale_markdown
@@ -1410,14 +1437,16 @@ from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # 0 stands for every usable image; an N beyond the data set is left out with a note
 ns = [n or len(image_set) for n in SCALE_NS]
 ia_ns = [n or len(image_set) for n in SCALE_IA_NS]
 too_big = sorted({n for n in ns + ia_ns if n > len(image_set)})
 if too_big:
-    print(f"{DATASET} at {SIZE} px has {len(image_set)} usable images; left out N = {too_big}")
+    print(f"{DATASET_NAME} at {SIZE} px has {len(image_set)} usable images; left out N = {too_big}")
 ns, ia_ns = [n for n in ns if n <= len(image_set)], [n for n in ia_ns if n <= len(image_set)]
 model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
                        dropout=DROPOUT, pos_encoding=POS_ENCODING)
@@ -1448,9 +1477,9 @@ write_table(ia, paths.tables / "scale_ia")
 ia
 """),
     code("""
-settings = dict(source=DATASET, size=SIZE, device=device, k=K, queries=SCALE_QUERIES, repeats=SCALE_REPEATS)
+settings = dict(source=DATASET_NAME, size=SIZE, device=device, k=K, queries=SCALE_QUERIES, repeats=SCALE_REPEATS)
 display(Markdown(scale_markdown(latency, ia, settings)))
-fig = scale_figure(latency, ia, title=f"{DATASET} at {SIZE} px, profile {PROFILE}, {device}")
+fig = scale_figure(latency, ia, title=f"{DATASET_NAME} at {SIZE} px, profile {PROFILE}, {device}")
 save_figure(fig, paths.figures / "scale.png")
 fig
 """),
@@ -1497,7 +1526,7 @@ rather than join their class's block, since that would renumber images the model
 from IPython.display import Markdown, display
 
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.incremental import incremental_markdown, incremental_study
@@ -1505,7 +1534,9 @@ from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = load_images(DATASET, SIZE, progress=False)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
+                        progress=False)
 db = build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
 """ + MODEL_OVERRIDES),
     md("""
@@ -1576,14 +1607,16 @@ class; these need none, so they say what the pretraining alone can put into the 
     code("""
 from IPython.display import Markdown, display
 
+from vitdsi_utils.data.images import dataset_name
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.baselines.ssl import SSLConfig
-from vitdsi_utils.studies.pretrain import pretrain_figure, pretrain_study
+from vitdsi_utils.studies.pretrain import indexing_epochs_summary, pretrain_figure, pretrain_study
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.training.config import TrainConfig
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
 seed = SEEDS[0]
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""
@@ -1599,7 +1632,8 @@ out = pretrain_study(
     ssl_config=SSLConfig(epochs=SSL_EPOCHS, batch_size=SSL_BATCH_SIZE, seed=seed, progress=False),
     index_config=index_config(seed), retrieval_config=retrieval_config(seed),
     max_pairs_per_query=MAX_PAIRS_PER_QUERY, train_scratch=True, max_images=SSL_IMAGES,
-    semantic_ids={"k": IDS_K, "c": IDS_C} if PRETRAIN_SEMANTIC_IDS else None, runs_dir=paths.runs, progress=False,
+    semantic_ids={"k": IDS_K, "c": IDS_C} if PRETRAIN_SEMANTIC_IDS else None, runs_dir=paths.runs,
+    root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, progress=False,
 )
 write_table(out["results"], paths.tables / "pretrain", markdown=out["markdown"])
 write_table(out["paired"], paths.tables / "pretrain_paired")
@@ -1622,9 +1656,7 @@ narrower intervals than comparing the two rows' separate intervals.
 fig = pretrain_figure(out["ssl_history"], out["histories"])
 save_figure(fig, paths.figures / "pretrain.png")
 results = out["results"]
-epochs = results[results["model"] == "DSI zero-shot"].groupby("init")["epochs"].first()
-print(f"indexing epochs to IA@1 >= {TARGET_ACCURACY}: from scratch {epochs.get('scratch')}, "
-      f"from the pretrained encoder {epochs.get('ssl')}")
+print(indexing_epochs_summary(results, TARGET_ACCURACY, INDEX_EPOCHS))
 for row in out["paired"].itertuples():
     verdict = ("better" if row.ci_low > 0 else "worse" if row.ci_high < 0 else "no difference the interval can tell")
     print(f"{row.model}, {row.metric}: pretrained minus scratch {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] "

@@ -286,3 +286,95 @@ def test_markdown_tables_mark_uninformative_cells_and_explain_the_mark(tmp_path)
     ranked, relevant = _ranking(300)
     informative = metrics.evaluate_ranking(ranked, relevant).assign(model="BoVW", n=1200, ids="-", seed=0)
     assert "†" not in table1_markdown(informative)
+
+
+# ------------------------------------------------------------------------------------------
+# The study on any source: a folder with its root, COCO with its files
+# ------------------------------------------------------------------------------------------
+def test_cli_study_passes_the_folder_and_its_root(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("vitdsi_utils.cli.run_study", lambda profile, **kwargs: calls.append(kwargs["overrides"]))
+    assert cli.main(["study", "--dataset", "folder", "--root", str(tmp_path), "--dataset-name", "pets", "--quiet"]) == 0
+    assert cli.main(["study", "--dataset", "coco", "--root", "imgs", "--annotations", "a.json", "--quiet"]) == 0
+    assert calls == [
+        {"DATASET": "folder", "DATASET_ROOT": str(tmp_path), "DATASET_NAME": "pets"},
+        {"DATASET": "coco", "DATASET_ROOT": "imgs", "DATASET_ANNOTATIONS": "a.json"},
+    ]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "folder"], "the folder source needs its images: --root PATH on the command line (DATASET_ROOT"),
+    (["--dataset", "folder", "--root", "/no/such/folder"], "the image folder /no/such/folder (--root, DATASET_ROOT) "
+                                                           "does not exist"),
+    (["--root", "/tmp"], "the digits source is bundled with scikit-learn and reads no files; drop --root"),
+    (["--dataset", "folder", "--root", "/tmp", "--annotations", "x.json"], "--annotations (DATASET_ANNOTATIONS) "
+                                                                          "belongs to the coco source"),
+    (["--dataset", "coco"], "COCO images are not available"),
+])
+def test_a_study_whose_data_cannot_be_read_stops_before_any_notebook(argv, message, monkeypatch, tmp_path, capsys):
+    for name in ("VITDSI_COCO_IMAGES", "VITDSI_COCO_ANNOTATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VITDSI_REPORTS_DIR", str(tmp_path / "reports"))
+    assert cli.main(["study", "--profile", "smoke", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitdsi study: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())  # nothing ran
+
+
+def test_dataset_names_come_from_the_folder_and_never_say_imagenette(tmp_path):
+    from vitdsi_utils.data.images import dataset_name
+
+    assert dataset_name("folder", tmp_path / "my pets") == "my-pets"
+    assert dataset_name("folder", tmp_path / "imagenette") == "folder-imagenette"
+    assert dataset_name("folder", tmp_path / "x", "Garden birds") == "Garden-birds"
+    assert dataset_name("coco") == "coco" and dataset_name("digits", None, None) == "digits"
+    with pytest.raises(ValueError, match="has no letter or digit"):
+        dataset_name("folder", tmp_path, "///")
+
+
+def write_folder_fixture(root: Path, classes=("ants", "bees", "moths", "wasps"), per_class: int = 60) -> Path:
+    """A small ImageFolder tree of tiny generated images (PNG and JPEG), with one unreadable file."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            suffix = ".png" if i % 2 else ".jpg"
+            Image.fromarray(textured_image(rng, (40, 40), label)).save(root / name / f"{name}_{i:03d}{suffix}")
+    (root / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
+    return root
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_smoke_study_runs_on_a_folder_and_labels_it_by_the_folder(tmp_path, monkeypatch):
+    """`vitdsi study --dataset folder --root PATH` end to end, through Table 1 and the demo (01-06).
+
+    The later notebooks read the data the same way (``load_images(DATASET, SIZE, root=DATASET_ROOT,
+    ...)``); running all 14 here would triple the time for no new path (the COCO study runs them all).
+    """
+    from vitdsi_utils.runner import run
+
+    every = run.study_notebooks()
+    monkeypatch.setattr(run, "study_notebooks", lambda folder=None: every[:6])
+    root = write_folder_fixture(tmp_path / "bugs")  # 240 usable images: N = 200 fits
+    monkeypatch.setenv("VITDSI_REPORTS_DIR", str(tmp_path / "reports"))
+    monkeypatch.chdir(tmp_path)  # a relative --root reaches the notebooks as an absolute path
+    assert cli.main(["study", "--profile", "smoke", "--dataset", "folder", "--root", "bugs", "--quiet"]) == 0
+
+    out = tmp_path / "reports" / "smoke-bugs"
+    timings = pd.read_csv(out / "timings.csv")
+    assert timings["notebook"].tolist() == [p.stem for p in every[:6]] and (timings["status"] == "ok").all()
+    table1 = pd.read_csv(out / "tables" / "table1.csv")
+    assert set(table1["source"]) == {"folder"} and table1["paper"].isna().all()  # the paper measured ImageNet
+    assert {"BoVW", "DSI zero-shot", "DSI fine-tuned"} <= set(table1["model"]) and "uninformative" in table1
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# The vitdsi study, profile `smoke`, data `bugs`")
+    assert f"vitdsi study --profile smoke --dataset folder --root {root}" in readme
+    for path in [out / "README.md", *(out / "tables").glob("*.md")]:
+        assert "imagenette" not in path.read_text().lower().replace("imagenette_preview", ""), path.name
+    assert (out / "tables" / "table1.md").read_text().startswith("bugs at 32 px")
+    manifest = pd.read_csv(out / "tables" / "manifest_bugs-32px-N200-clustered-seed0.csv", keep_default_na=False)
+    assert manifest.loc[manifest["role"] == "skipped", "file"].tolist() == ["ants/broken.jpg"]
+    assert str(manifest["source_row"].dtype) == "int64"
+    assert "240 usable bugs images at 32 px in 4 classes" in (out / "notebooks" / "01_data.ipynb").read_text()
+    assert not (out / "figures" / "imagenette_gallery.png").exists()

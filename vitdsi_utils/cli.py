@@ -271,7 +271,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         max_pairs_per_query=args.max_pairs_per_query, baseline_table=args.baseline,
         baseline_histories=args.baseline_histories, train_scratch=args.scratch, max_images=args.ssl_images,
         semantic_ids={"k": args.semantic_k, "c": args.semantic_c} if args.semantic_ids else None,
-        runs_dir=runs, out_dir=out, root=args.root,
+        runs_dir=runs, out_dir=out, root=args.root, annotations=args.annotations,
     )
     print(comparison_frame(result["results"]).to_string(index=False))
     print(indexing_epochs_summary(result["results"], args.target_accuracy, args.index_epochs))
@@ -365,7 +365,9 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
 
-    overrides = {"DATASET": args.dataset} if args.dataset else None
+    given = {"DATASET": args.dataset, "DATASET_ROOT": args.root, "DATASET_ANNOTATIONS": args.annotations,
+             "DATASET_NAME": args.dataset_name}
+    overrides = {key: value for key, value in given.items() if value is not None} or None
     try:
         run_study(args.profile, start_at=args.start_at, force=args.force, out_root=args.out,
                   runs_dir=args.runs, overrides=overrides, progress=not args.quiet)
@@ -628,8 +630,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rerun every notebook, even those whose executed copy is up to date "
                        "(by default a rerun skips them and starts at the first stale one)")
     study.add_argument("--dataset", default=None, choices=SOURCES,
-                       help="run the profile on another image source, e.g. coco (reads VITDSI_COCO_IMAGES and "
-                       "VITDSI_COCO_ANNOTATIONS); the report then goes to reports/<profile>-<dataset>")
+                       help="run the profile on another image source: folder (your own images, with --root), coco "
+                       "(--root and --annotations, or VITDSI_COCO_IMAGES and VITDSI_COCO_ANNOTATIONS), imagenette, "
+                       "digits; the report then goes to reports/<profile>-<name>")
+    study.add_argument("--root", default=None, metavar="PATH",
+                       help="the images: an ImageFolder tree <root>/<class>/<image> for --dataset folder, a local "
+                       "Imagenette copy, or the COCO images folder (profile key DATASET_ROOT)")
+    study.add_argument("--annotations", default=None, metavar="JSON",
+                       help="the COCO instances file for --dataset coco (profile key DATASET_ANNOTATIONS)")
+    study.add_argument("--dataset-name", default=None, metavar="NAME",
+                       help="what the reports call the data set (default: the folder's name for --dataset folder, "
+                       "else the source; profile key DATASET_NAME)")
     study.add_argument("--out", default=None, help="report folder (default: reports/<profile>)")
     study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")
     study.add_argument("--quiet", action="store_true", help="no progress output")

@@ -150,8 +150,9 @@ class ImageSet:
         """One line: usable images, the classes that have any (naming those that have none), and what was left out."""
         counts = self.class_counts()
         empty = counts.index[counts.to_numpy() == 0].tolist()
-        kind = "primary categories" if self.is_multilabel else "classes"
         held = int((counts > 0).sum())
+        kind = ("primary categories" if self.is_multilabel else "classes") if held != 1 else (
+            "primary category" if self.is_multilabel else "class")
         line = f"{len(self)} usable {self.name} images at {self.size} px in {held} {kind}"
         if empty and not self.is_multilabel:
             shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
@@ -574,6 +575,43 @@ def _load_digits(size: int, progress: bool, name: str | None = None) -> ImageSet
         source="digits",
         name=dataset_name("digits", None, name),
     )
+
+
+def check_dataset(
+    source: str, root: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None
+) -> tuple[str | None, str | None]:
+    """Check that ``source`` can be read with ``root`` / ``annotations``; return both as absolute paths (or None).
+
+    Catches before any work starts what :func:`load_images` would fail on: an unknown source, a
+    ``folder`` without its root, a root or annotations file that does not exist, COCO without its
+    two paths (from the arguments or the environment), or paths given to a source that reads none
+    (``digits``). The messages name the command-line options and the profile keys.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
+    given = {"--root (DATASET_ROOT)": root, "--annotations (DATASET_ANNOTATIONS)": annotations}
+    if source == "digits":
+        named = [option for option, value in given.items() if value is not None]
+        if named:
+            raise ValueError(f"the digits source is bundled with scikit-learn and reads no files; drop {' and '.join(named)}")
+        return None, None
+    if source in ("folder", "imagenette") and annotations is not None:
+        raise ValueError(f"--annotations (DATASET_ANNOTATIONS) belongs to the coco source, not {source}; drop it")
+    if source == "folder" and root is None:
+        raise ValueError(
+            "the folder source needs its images: --root PATH on the command line (DATASET_ROOT in a profile), "
+            "an ImageFolder tree <root>/<class>/<image>"
+        )
+    if source == "coco":
+        images_dir, annotations_file = coco_paths(root, annotations)  # raises, naming what is missing
+        return (str(images_dir.resolve()) if root is not None else None,
+                str(annotations_file.resolve()) if annotations is not None else None)
+    if root is None:
+        return None, None
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the image folder {folder} (--root, DATASET_ROOT) does not exist or is not a folder")
+    return str(folder.resolve()), None
 
 
 def load_images(

@@ -66,14 +66,14 @@ PAPER_METRIC = {
 
 
 #: Sources the paper's Table 1 does not describe: its numbers are ImageNet's, so they are not put
-#: beside results on these (the paper printed no COCO table).
-NOT_IN_PAPER_TABLE1 = frozenset({"coco"})
+#: beside results on these (the paper printed no COCO table; a folder holds one's own images).
+NOT_IN_PAPER_TABLE1 = frozenset({"coco", "folder"})
 
 
 def attach_paper(results: pd.DataFrame) -> pd.DataFrame:
     """Add a ``paper`` column: the paper's number for the same model, N, IDs and metric (else NaN).
 
-    Rows whose ``source`` is in :data:`NOT_IN_PAPER_TABLE1` (COCO) get NaN: the paper's Table 1
+    Rows whose ``source`` is in :data:`NOT_IN_PAPER_TABLE1` (COCO, a folder) get NaN: the paper's Table 1
     was measured on ImageNet. A ``paper`` column already there is replaced, so attaching twice is
     the same as attaching once.
     """

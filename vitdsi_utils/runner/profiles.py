@@ -14,6 +14,11 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 RUNNER_PARAMETERS = ("OUT_DIR", "RUNS_DIR")
 
 
+#: Where a profile's ``DATASET`` is read from and what reports call it; None (the default of a profile
+#: that leaves them out): the environment's folders, and the folder's name or the source.
+DATASET_PARAMETERS = ("DATASET_ROOT", "DATASET_ANNOTATIONS", "DATASET_NAME")
+
+
 # ------------------------------------------------------------------------------------------
 # Profiles
 # ------------------------------------------------------------------------------------------
@@ -39,6 +44,28 @@ def load_profile(name: str | Path) -> dict[str, Any]:
     if lower:
         raise ValueError(f"{path}: parameter names must be UPPER_CASE (notebook knobs), got {lower}")
     params.setdefault("PROFILE", path.stem)
+    return params
+
+
+def resolve_dataset(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with its data set checked and pinned down, before any notebook runs.
+
+    ``DATASET_ROOT`` and ``DATASET_ANNOTATIONS`` become absolute paths (the notebooks run in
+    ``notebooks/``), and ``DATASET_NAME`` the name every report uses (:func:`dataset_name`: the
+    given name, else a folder's own name, else the source). A source that cannot be read so (a
+    ``folder`` without its root, a path that does not exist, COCO without its files) raises the
+    error :func:`check_dataset` gives. A profile without ``DATASET`` is left as it is.
+    """
+    from vitdsi_utils.data.images import check_dataset, dataset_name
+
+    params = dict(params)
+    if "DATASET" not in params:
+        return params
+    for key in DATASET_PARAMETERS:
+        params.setdefault(key, None)
+    root, annotations = check_dataset(params["DATASET"], params["DATASET_ROOT"], params["DATASET_ANNOTATIONS"])
+    name = dataset_name(params["DATASET"], root, params["DATASET_NAME"])
+    params.update(DATASET_ROOT=root, DATASET_ANNOTATIONS=annotations, DATASET_NAME=name)
     return params
 
 

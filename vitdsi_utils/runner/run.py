@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from vitdsi_utils import settings
-from vitdsi_utils.runner.profiles import load_profile, notebook_parameters
+from vitdsi_utils.runner.profiles import DATASET_PARAMETERS, load_profile, notebook_parameters, resolve_dataset
 from vitdsi_utils.runner.report import TIMING_COLUMNS, earlier_timings, write_readme, write_timings
 from vitdsi_utils.runner.stamps import (
     _products,
@@ -150,9 +150,12 @@ def run_study(
 
     ``profile`` is a bundled name, a YAML path or a dict of parameters; ``overrides`` replace
     single parameters. ``out_root`` defaults to ``reports/<profile>`` and ``runs_dir`` to
-    ``data/runs/<profile>``; when ``overrides`` change the profile's ``DATASET`` (e.g. to
-    ``coco``), to ``reports/<profile>-<dataset>`` and ``data/runs/<profile>-<dataset>``, so the
-    profile's own report is kept.
+    ``data/runs/<profile>``; when ``overrides`` change the profile's data set (``DATASET``,
+    ``DATASET_ROOT``, ``DATASET_ANNOTATIONS`` or ``DATASET_NAME``: e.g. ``coco``, or ``folder`` with
+    its root), to ``reports/<profile>-<name>`` and ``data/runs/<profile>-<name>``, with ``<name>``
+    the data set's name (``DATASET_NAME``, else a folder's own name, else the source), so the
+    profile's own report is kept. The data set is checked before the first notebook runs
+    (:func:`~vitdsi_utils.runner.profiles.resolve_dataset`).
 
     A notebook whose executed copy is up to date (see :func:`stale_reasons`) is skipped, and
     the run starts at the first one that is not: a rerun after a failure or an interruption
@@ -168,17 +171,26 @@ def run_study(
     nothing runs and timings.csv and README.md are left as they are.
     """
     params = dict(profile) if isinstance(profile, dict) else load_profile(profile)
+    if "DATASET" in params:  # profiles written before these keys existed read their data as before
+        for key in DATASET_PARAMETERS:
+            params.setdefault(key, None)
     unknown = sorted(set(overrides or {}) - set(params))
     if unknown:  # most likely a typo, which would otherwise be ignored silently
         raise ValueError(f"overrides {unknown} name no parameter of the profile; it has {sorted(params)}")
-    profile_dataset = params.get("DATASET")
+    dataset_keys = ("DATASET", *DATASET_PARAMETERS)
+    profile_dataset = {k: params.get(k) for k in dataset_keys}
     params.update(overrides or {})
+    changed = [k for k in dataset_keys if params.get(k) != profile_dataset[k]]
+    params = resolve_dataset(params)  # fails here, before any notebook, when the data cannot be read
     name = str(params.get("PROFILE", "custom"))
     command = f"vitdsi study --profile {name}"
     folder = name
-    if params.get("DATASET") != profile_dataset:
-        command += f" --dataset {params['DATASET']}"
-        folder = f"{name}-{params['DATASET']}"
+    if changed:  # another data set than the profile's: its own report and runs folders
+        options = {"DATASET": "--dataset", "DATASET_ROOT": "--root", "DATASET_ANNOTATIONS": "--annotations",
+                   "DATASET_NAME": "--dataset-name"}
+        shown = [k for k in dataset_keys if k in changed or (k == "DATASET" and changed)]
+        command += "".join(f" {options[k]} {params[k]}" for k in shown if params.get(k) is not None)
+        folder = f"{name}-{params['DATASET_NAME']}"
     out = Path(out_root) if out_root is not None else settings.reports_dir() / folder
     runs = Path(runs_dir) if runs_dir is not None else settings.data_dir() / "runs" / folder
     params.update(OUT_DIR=str(out.resolve()), RUNS_DIR=str(runs.resolve()))

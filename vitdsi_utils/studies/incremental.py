@@ -187,7 +187,8 @@ def incremental_study(
     run = None
     if runs_dir is not None:
         s = db.settings
-        run = Path(runs_dir) / f"incremental-{s['source']}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+        dataset = s.get("dataset") or s["source"]
+        run = Path(runs_dir) / f"incremental-{dataset}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
 
     def path(stem: str) -> Path | None:
         return run / f"{stem}.pt" if run is not None else None
@@ -235,7 +236,8 @@ def incremental_study(
 
     results = pd.DataFrame(rows).assign(n=db.settings["n"], size=db.settings["size"], ids=db.settings["id_scheme"])
     curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    fig = incremental_figure(results, curves_frame, title=f"{db.settings['source']} at {db.settings['size']} px: "
+    dataset = db.settings.get("dataset") or db.settings["source"]
+    fig = incremental_figure(results, curves_frame, title=f"{dataset} at {db.settings['size']} px: "
                              f"{n_old} images, then {n_new} new ({db.settings['id_scheme']} IDs)")
     if out_dir is not None:
 

@@ -93,6 +93,7 @@ def pretrain_study(
     runs_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
+    annotations: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Pretrain an encoder on the images outside the databases, then index and fine-tune a DSI from it.
@@ -111,7 +112,8 @@ def pretrain_study(
     IDs are label-free semantic IDs: hierarchical k-means over the *SSL encoder's* embeddings of
     the indexed images (:func:`~vitdsi_utils.semantic_ids.assign_ids`, tag ``semantic-ssl-k..-c..``).
     ``id_facts`` then says how often sibling IDs (same parent prefix) share a class, for those IDs
-    and for the same k-means over a randomly initialised encoder's embeddings.
+    and for the same k-means over a randomly initialised encoder's embeddings. ``root`` and
+    ``annotations`` locate the images as in :func:`~vitdsi_utils.data.images.load_images`.
 
     Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` = scratch / ssl, ``ids``
     the scheme), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``,
@@ -125,7 +127,7 @@ def pretrain_study(
     index_config = index_config or TrainConfig(epochs=400, lr=1e-3, warmup_steps=100, target_accuracy=0.99, seed=seed)
     retrieval_config = retrieval_config or TrainConfig(epochs=10, lr=1e-3, seed=seed)
     overrides = dict(model_overrides or {})
-    image_set = load_images(source, size, root=root, progress=progress)
+    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     db = build_database(image_set, n, id_scheme=scheme, seed=seed)
     others = [build_database(image_set, m, id_scheme=scheme, seed=seed) for m in sorted(set(exclude_ns) - {n})
               if m <= len(image_set.images)]
@@ -139,7 +141,7 @@ def pretrain_study(
     # one folder per pretraining (epochs, batch, number of images), so a study whose SSL settings
     # change trains a new encoder beside the old one instead of refusing the old checkpoint
     ssl_tag = f"e{ssl_config.epochs}-b{ssl_config.batch_size}-i{len(images)}"
-    ssl_dir = runs_dir / f"ssl-{source}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
+    ssl_dir = runs_dir / f"ssl-{image_set.name}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
     ssl_path = ssl_dir / "ssl.pt" if ssl_dir is not None else None
     torch.manual_seed(ssl_config.seed)
     model = SSLEncoder(encoder_config, ssl_config.proj_hidden, ssl_config.proj_dim)

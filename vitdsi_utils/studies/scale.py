@@ -294,7 +294,7 @@ def ia_table(
     rows, histories = [], []
     for n in ns:
         db = index_all_database(image_set, n, id_scheme=id_scheme, seed=seed)
-        run_dir = Path(runs_dir) / f"scale-{db.settings['source']}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}" \
+        run_dir = Path(runs_dir) / f"scale-{image_set.name}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}" \
             if runs_dir else None
         result = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
         history = result.history.to_frame()
@@ -497,7 +497,7 @@ def scale_study(
         latency = latency_table(image_set, ns, n_queries=n_queries, batch_size=batch_size, k=k, repeats=repeats,
                                 model_overrides=model_overrides, bovw_words=bovw_words, device=device, amp=amp,
                                 id_scheme=id_scheme, seed=seed)
-    settings = {"source": image_set.source, "size": image_set.size, "device": device, "k": k,
+    settings = {"source": image_set.name, "size": image_set.size, "device": device, "k": k,
                 "queries": n_queries, "repeats": repeats}
     write_table(latency, out / "scale_latency")
     write_table(ia, out / "scale_ia")
