@@ -79,7 +79,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             for scheme in ("random", "clustered"):
                 db = build_database(image_set, n, id_scheme=scheme, seed=seed)
-                path = db.save_manifest(out / f"{args.source}-{args.size}px-N{n}-seed{seed}-{scheme}.csv")
+                path = db.save_manifest(out / f"{image_set.name}-{args.size}px-N{n}-seed{seed}-{scheme}.csv")
             print(f"N={n} seed={seed}: " + ", ".join(f"{role} {count}" for role, count in db.counts().sum().items())
                   + f" -> {path.parent}")
     return 0

@@ -298,10 +298,12 @@ class QueryDemo:
         found = {name: run / file for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
                  if run is not None and (run / file).is_file()}
         if not found:
+            s = db.settings
+            options = f" --dataset {s['source']}" + (f" --root {s['root']}" if s["source"] == "folder" and s.get("root") else "")
             raise FileNotFoundError(
                 f"no trained DSI models for {run_name(db)} under {path} (looked for zero_shot.pt and "
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
-                f"`vitdsi study --profile {profile} --dataset {db.settings['source']}` (or `make study`) first"
+                f"`vitdsi study --profile {profile}{options}` (or `make study`) first"
             )
         expected = codec if codec is not None else codec_for(db)
         models: dict[str, Searcher] = {}
