@@ -50,7 +50,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int =
 
 
 def _add_fine_tune_options(parser: argparse.ArgumentParser) -> None:
-    """The retrieval fine-tuning options of issue 5 (see ``experiments.fine_tune``)."""
+    """The retrieval fine-tuning options of issue 5 (see ``phases.fine_tune``)."""
     parser.add_argument("--targets", default="pairs", choices=["pairs", "same-class"],
                         help="fine-tuning targets: fixed (query, relevant ID) pairs (default), or same-class: one "
                         "relevant ID per train query, redrawn at random every epoch")

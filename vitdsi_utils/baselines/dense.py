@@ -4,7 +4,7 @@ The "index-then-retrieve" counterpart of the DSI with a learned representation. 
 recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021; seed 001
 of the study):
 
-* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.ViTEncoder`, same size by
+* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.vit.ViTEncoder`, same size by
   default: patch 16, width 128, 6 blocks, 4 heads), pooled into one vector per image (the mean
   of the patch tokens, or the output of an added class token as in seed 001) and
   L2-normalised, so an inner product is a cosine similarity;

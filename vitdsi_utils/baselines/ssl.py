@@ -2,7 +2,7 @@
 
 The DSI normally starts from random weights and has to learn what images look like from 128
 indexed images and a few hundred queries. This module gives its ViT encoder (and the dense
-baseline's, which is the same :class:`~vitdsi_utils.model.ViTEncoder`) a better start.
+baseline's, which is the same :class:`~vitdsi_utils.model.vit.ViTEncoder`) a better start.
 
 **Self-supervised pretraining** (:func:`train_ssl`). No pretrained weights can be downloaded on
 the project's machines, so the encoder learns from unlabelled images itself, SimCLR style:
@@ -22,8 +22,8 @@ is what a user with a photo archive beside their database would have.
 a DSI model or dense encoder from
 
 * ``"ssl"``: a checkpoint of :func:`train_ssl` / :func:`save_ssl`;
-* ``"dense"``: a dense-retrieval checkpoint (:func:`vitdsi_utils.dense.save_dense`);
-* ``"dsi"``: a DSI checkpoint (:func:`vitdsi_utils.train.save_checkpoint`);
+* ``"dense"``: a dense-retrieval checkpoint (:func:`vitdsi_utils.baselines.dense.save_dense`);
+* ``"dsi"``: a DSI checkpoint (:func:`vitdsi_utils.training.checkpoint.save_checkpoint`);
 * ``"torchvision"``: a state dict of torchvision's ``VisionTransformer`` (e.g. the
   ``vit_b_16`` weights file a user has locally), with its parameter names mapped onto ours.
 

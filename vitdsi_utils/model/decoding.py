@@ -237,7 +237,7 @@ def greedy_decode(
     """Unconstrained greedy decoding: the most likely token at every step, trie or not -> (Q, max_length) int64.
 
     The decoder may emit any token of the vocabulary, so the result need not be an ID (see
-    ``semantic_ids.parse_decoded``); it shows what the trie of :func:`beam_search` prevents. As in
+    ``parse_decoded``); it shows what the trie of :func:`beam_search` prevents. As in
     training, the decoder reads PAD after an EOS. Results are on the CPU.
     """
     model.check_codec(codec)

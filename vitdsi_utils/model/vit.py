@@ -2,13 +2,13 @@
 
 The encoder is a plain ViT without a class token (patch embedding, positional encoding,
 pre-norm Transformer blocks, final LayerNorm). The decoder is a pre-norm Transformer
-decoder over the ID tokens of an :class:`~vitdsi_utils.ids.IDCodec`; it cross-attends to
+decoder over the ID tokens of an :class:`~vitdsi_utils.ids.codec.IDCodec`; it cross-attends to
 every encoder token. Both stacks are ``torch.nn`` Transformer layers, which dispatch to
 fused scaled-dot-product attention on GPU.
 
 The encoder lives in :class:`ViTEncoder` (settings in :class:`ViTConfig`), which
 :class:`DSIModel` extends with the decoder; the dense retrieval baseline
-(:mod:`vitdsi_utils.dense`) extends the same class, so both models share one encoder
+(:mod:`vitdsi_utils.baselines.dense`) extends the same class, so both models share one encoder
 implementation and the DSI checkpoint keys stay as they were.
 
 Input format (one, on purpose): images are ``uint8`` tensors ``(B, H, W, 3)``, exactly as the

@@ -240,7 +240,7 @@ def checkpoint_mismatches(
 
     ``config``: the model configuration the run asks for (a :class:`DSIConfig`, or a dict of
     the fields to check). ``codec``: the IDs the run uses. ``data``: facts about the database
-    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.Database.fingerprint>`); a key the
+    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.database.Database.fingerprint>`); a key the
     checkpoint does not record (older checkpoints) is not checked.
     """
     problems = []
