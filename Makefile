@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
+.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -162,8 +162,13 @@ incremental: venv
 	$(BIN)/vitdsi incremental --size 64 --n 1024 --new-fraction 0.2 --replay-ratios 0 1 4 --finetune-epochs 40 \
 	  --out reports/incremental --runs data/runs/incremental
 
-## the test suite (what CI runs)
-test: venv
+## lint: ruff's checks and the import contracts of pyproject.toml (layers, no cycles)
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+## the test suite, after lint (what CI runs)
+test: lint
 	$(BIN)/python -m pytest -q
 
 ## the suite without the notebook runs

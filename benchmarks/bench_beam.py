@@ -38,12 +38,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdsi_utils import settings
-from vitdsi_utils.decoding import beam_search, beam_search_reference
 from vitdsi_utils.environment import describe_machine, machine_info
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import resolve_device
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.model.decoding import beam_search, beam_search_reference
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import resolve_device
 
 IMPLEMENTATIONS = {"reference": beam_search_reference, "incremental": beam_search}
 TOLERANCE = 1e-5  #: scores of the two implementations agree to this

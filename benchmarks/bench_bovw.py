@@ -15,9 +15,11 @@ import pandas as pd
 
 from vitdsi_utils import metrics, settings
 from vitdsi_utils.bovw import BoVW
-from vitdsi_utils.data import build_database, load_images
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.environment import describe_machine, machine_info
-from vitdsi_utils.tables import write_table
+from vitdsi_utils.reports.tables import write_table
 
 
 def main() -> None:
@@ -45,7 +47,7 @@ def main() -> None:
         t2 = time.perf_counter()
         _, ranked = model.search_vectors(query_vectors, 100)
         t3 = time.perf_counter()
-        metrics.evaluate_ranking(ranked, metrics.label_relevance(test_labels, index_labels))
+        metrics.evaluate_ranking(ranked, label_relevance(test_labels, index_labels))
         t4 = time.perf_counter()
         timings.update(
             fit_s=t1 - t0,

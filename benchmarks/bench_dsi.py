@@ -33,12 +33,14 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdsi_utils import settings
-from vitdsi_utils.decoding import beam_search
 from vitdsi_utils.environment import describe_machine, machine_info
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import IndexingTask, TrainConfig, fit, resolve_device
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.model.decoding import beam_search
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.loop import fit
+from vitdsi_utils.training.tasks import IndexingTask
 
 
 def random_images(n: int, size: int, device: torch.device, seed: int = 0) -> torch.Tensor:

@@ -38,14 +38,19 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from bench_beam import TOLERANCE, compare  # noqa: E402
 
 from vitdsi_utils import settings  # noqa: E402
-from vitdsi_utils.data import load_images  # noqa: E402
-from vitdsi_utils.decoding import beam_search, beam_search_reference, greedy_decode, score_all_ids  # noqa: E402
+from vitdsi_utils.data.database import database_with_ids  # noqa: E402
+from vitdsi_utils.data.images import load_images  # noqa: E402
 from vitdsi_utils.environment import describe_machine  # noqa: E402
-from vitdsi_utils.experiments import index_database  # noqa: E402
-from vitdsi_utils.semantic_ids import database_with_ids  # noqa: E402
-from vitdsi_utils.study import load_profile  # noqa: E402
-from vitdsi_utils.tables import write_table  # noqa: E402
-from vitdsi_utils.train import TrainConfig  # noqa: E402
+from vitdsi_utils.model.decoding import (  # noqa: E402
+    beam_search,
+    beam_search_reference,
+    greedy_decode,
+    score_all_ids,
+)
+from vitdsi_utils.phases import index_database  # noqa: E402
+from vitdsi_utils.reports.tables import write_table  # noqa: E402
+from vitdsi_utils.runner.profiles import load_profile  # noqa: E402
+from vitdsi_utils.training.config import TrainConfig  # noqa: E402
 
 
 def model_overrides(p: dict) -> dict:

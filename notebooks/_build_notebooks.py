@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from vitdsi_utils.study import load_profile
+from vitdsi_utils.runner.profiles import load_profile
 
 HERE = Path(__file__).resolve().parent
 #: The kernel every notebook names: "python3", the Python that runs Jupyter (the project's .venv).
@@ -102,10 +102,14 @@ category: the rarest of its categories in the whole data set.
 import pandas as pd
 from IPython.display import display
 
-from vitdsi_utils import data, plots, settings, study
-from vitdsi_utils.experiments import run_name
+from vitdsi_utils import settings
+from vitdsi_utils.data.database import build_database, databases
+from vitdsi_utils.data.images import load_images, sample_image_folder
+from vitdsi_utils.reports.plots import class_gallery, readable_class, save_figure, split_bar
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.runs import run_name
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR)
+paths = StudyPaths.create(PROFILE, OUT_DIR)
 print(f"profile {PROFILE}: tables -> {paths.tables}, figures -> {paths.figures}")
 """),
     md("""
@@ -116,11 +120,11 @@ is outside [0.9, 1.1] are dropped, as in the paper. The count per class bounds t
 balanced database.
 """),
     code("""
-image_set = data.load_images(DATASET, SIZE, progress=False)
+image_set = load_images(DATASET, SIZE, progress=False)
 print(f"{len(image_set)} usable {DATASET} images at {SIZE} px in {len(image_set.classes)} classes; "
       f"{image_set.dropped_aspect} dropped by the aspect rule, {len(image_set.skipped)} unreadable"
       + (f", {len(image_set.unannotated)} left out for having no annotation" if image_set.is_multilabel else ""))
-counts = image_set.class_counts().rename(index=plots.readable_class).rename("images").to_frame()
+counts = image_set.class_counts().rename(index=readable_class).rename("images").to_frame()
 if image_set.is_multilabel:
     counts = counts.rename(columns={"images": "primary"}).assign(showing=image_set.category_counts().to_numpy())
 counts.T
@@ -138,10 +142,10 @@ else:
     print(f"{DATASET} is single-label: one class per image, relevance means the same class.")
 """),
     code("""
-fig = plots.class_gallery(image_set.images, image_set.labels, image_set.classes, per_class=GALLERY_PER_CLASS,
+fig = class_gallery(image_set.images, image_set.labels, image_set.classes, per_class=GALLERY_PER_CLASS,
                           max_classes=20, title=f"{DATASET} at {SIZE} px"
                           + (" (rows: primary category)" if image_set.is_multilabel else ""))
-plots.save_figure(fig, paths.figures / "gallery.png")
+save_figure(fig, paths.figures / "gallery.png")
 fig
 """),
     md("""
@@ -155,10 +159,10 @@ if IMAGENETTE_PREVIEW and DATASET != "imagenette":
     if folder is None or not folder.is_dir():
         print(f"Imagenette preview skipped: set {settings.IMAGENETTE_ENV} to a local Imagenette copy to see it.")
     else:
-        images, labels, classes = study.sample_image_folder(folder, SIZE, per_class=GALLERY_PER_CLASS)
-        fig = plots.class_gallery(images, labels, classes, per_class=GALLERY_PER_CLASS,
+        images, labels, classes = sample_image_folder(folder, SIZE, per_class=GALLERY_PER_CLASS)
+        fig = class_gallery(images, labels, classes, per_class=GALLERY_PER_CLASS,
                                   title=f"Imagenette at {SIZE} px (a sample)")
-        plots.save_figure(fig, paths.figures / "imagenette_gallery.png")
+        save_figure(fig, paths.figures / "imagenette_gallery.png")
         display(fig)
 """),
     md("""
@@ -170,7 +174,7 @@ splits over the classes (primary categories for multi-label data, which are bala
 the data allows: a rare category gives all its images, the others share the rest evenly).
 """),
     code("""
-first = {n: data.build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=SEEDS[0]) for n in NS}
+first = {n: build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=SEEDS[0]) for n in NS}
 pd.DataFrame({f"N={n}": db.counts().sum() for n, db in first.items()}).T
 """),
     code("""
@@ -180,11 +184,11 @@ if db.is_multilabel:
     print(f"N={NS[0]}: a test query has {relevant.sum(axis=1).mean():.1f} relevant indexed images on average "
           f"(min {relevant.sum(axis=1).min()}, max {relevant.sum(axis=1).max()}) of {db.n_index}; "
           "images showing each category, per role:")
-    display(db.category_counts().rename(index=plots.readable_class).T)
+    display(db.category_counts().rename(index=readable_class).T)
 """),
     code("""
-fig = plots.split_bar(first[NS[0]])
-plots.save_figure(fig, paths.figures / "split_bar.png")
+fig = split_bar(first[NS[0]])
+save_figure(fig, paths.figures / "split_bar.png")
 fig
 """),
     md("""
@@ -196,11 +200,11 @@ classes come in blocks, so the first digits of an ID already say a lot about the
 """),
     code("""
 n, seed = NS[0], SEEDS[0]
-by_scheme = {scheme: data.build_database(image_set, n, id_scheme=scheme, seed=seed)
+by_scheme = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed)
              for scheme in ("random", "clustered")}
 first_ids = pd.DataFrame({"id": by_scheme["random"].manifest["id"].head(12)})
 for scheme, db in by_scheme.items():
-    first_ids[f"{scheme} IDs: class"] = db.manifest["class"].head(12).map(plots.readable_class)
+    first_ids[f"{scheme} IDs: class"] = db.manifest["class"].head(12).map(readable_class)
 first_ids
 """),
     md("""
@@ -210,7 +214,7 @@ One CSV per database of the grid (N × ID scheme × seed): file, class, role, da
 Later notebooks rebuild the same databases from the same seed; the manifests let anyone check that.
 """),
     code("""
-for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
     path = db.save_manifest(paths.tables / f"manifest_{run_name(db)}.csv")
     print(f"{path.name}: {db.n_index} indexed, {len(db.manifest) - db.n_index} queries")
 """),
@@ -245,18 +249,23 @@ the word's centre, takes the signed square root of every value and L2-normalises
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import evaluation, plots, study
-from vitdsi_utils.tables import write_table
+from vitdsi_utils import evaluation
+from vitdsi_utils.reports.paper import TABLE1_NOTE, table1_markdown
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure
+from vitdsi_utils.reports.targets import baseline_verdicts
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.bovw import bovw_study
+from vitdsi_utils.reports.tables import write_table
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR)
+paths = StudyPaths.create(PROFILE, OUT_DIR)
 """),
     code("""
-bovw = evaluation.bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=BOVW_WORDS,
+bovw = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=BOVW_WORDS,
                              vocabularies=BOVW_VOCABULARIES, progress=False)
 averaged = (f"metrics averaged per query over {BOVW_VOCABULARIES} k-means vocabularies" if BOVW_VOCABULARIES > 1
             else "one k-means vocabulary")
-markdown = "\\n\\n".join([f"BoVW, {BOVW_WORDS} visual words ({averaged}), {DATASET} at {SIZE} px. " + evaluation.TABLE1_NOTE,
-                         evaluation.table1_markdown(bovw)])
+markdown = "\\n\\n".join([f"BoVW, {BOVW_WORDS} visual words ({averaged}), {DATASET} at {SIZE} px. " + TABLE1_NOTE,
+                         table1_markdown(bovw)])
 write_table(bovw, paths.tables / "bovw", markdown=markdown)
 display(Markdown(markdown))
 """),
@@ -268,14 +277,14 @@ Table 1 in notebook 05 keeps the paper's baseline alone. `reports/bovw/` compare
 at 64 px (`make vlad`).
 """),
     code("""
-vlad = evaluation.bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=VLAD_WORDS, encoding="vlad",
+vlad = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=VLAD_WORDS, encoding="vlad",
                              vocabularies=BOVW_VOCABULARIES, progress=False)
 both = pd.concat([bovw, vlad], ignore_index=True)
 vlad_markdown = "\\n\\n".join([f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words x 128, power-normalised), "
-                              f"{DATASET} at {SIZE} px. " + evaluation.TABLE1_NOTE, evaluation.table1_markdown(both)])
+                              f"{DATASET} at {SIZE} px. " + TABLE1_NOTE, table1_markdown(both)])
 write_table(vlad, paths.tables / "vlad", markdown=vlad_markdown)
 display(Markdown(vlad_markdown))
-for row in study.baseline_verdicts(both, "mAP@10").itertuples():
+for row in baseline_verdicts(both, "mAP@10").itertuples():
     print(f"N={row.n}, seed {row.seed}: VLAD mAP@10 {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] vs "
           f"BoVW {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, {row.baseline_ci_high:.3f}] -> {row.verdict}")
 """),
@@ -285,8 +294,8 @@ more relevant ones to find (recall at a fixed cut-off falls) and more distractor
 the dotted lines show where a random ranking would be.
 """),
     code("""
-fig = plots.metric_vs_n(both, ("P@10", "R@100"), title=f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words)")
-plots.save_figure(fig, paths.figures / "bovw_vs_n.png")
+fig = metric_vs_n(both, ("P@10", "R@100"), title=f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words)")
+save_figure(fig, paths.figures / "bovw_vs_n.png")
 fig
 """),
     code("""
@@ -316,14 +325,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vitdsi_utils import data, experiments, metrics, plots, settings, study
-from vitdsi_utils.decoding import beam_search
-from vitdsi_utils.semantic_ids import codec_for
-from vitdsi_utils.tables import write_csv, write_table
-from vitdsi_utils.train import TrainConfig, seed_everything
+from vitdsi_utils import metrics, settings
+from vitdsi_utils.data.database import databases
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.phases import index_database
+from vitdsi_utils.reports.plots import save_figure, training_curves
+from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.model.decoding import beam_search
+from vitdsi_utils.ids.schemes import codec_for
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.training.config import TrainConfig, seed_everything
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 """ + MODEL_OVERRIDES),
     md("""
 ## Training
@@ -333,18 +347,18 @@ dropout, as the stopping rule does) and IA@1 with its 95% interval. `loaded` mea
 """),
     code("""
 runs, histories = [], []
-for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
     n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
     run_dir = paths.run_dir(db)
     loaded = (run_dir / "zero_shot.pt").exists()
     seed_everything(seed)  # the new model's initial weights come from torch's global generator
-    zero = experiments.index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
+    zero = index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
     codec = codec_for(db)  # the database's dense IDs, as the model was indexed with
     _, own = beam_search(zero.model, torch.from_numpy(db.split("index")[0]), codec, k=5)  # as 05_results does
     ia = metrics.evaluate_indexing(own.numpy(), np.arange(db.n_index), ks=(1,), n_db=len(codec)).iloc[0]
     # the accuracy the stopping rule saw: eval mode (no dropout) when it was checked, else the running one
     train_acc = (zero.history.last("train_eval") or zero.history.last("train"))["seq_acc"]
-    runs.append(dict(run=experiments.run_name(db), n=n, ids=scheme, seed=seed, epochs=zero.epochs,
+    runs.append(dict(run=run_name(db), n=n, ids=scheme, seed=seed, epochs=zero.epochs,
                      seconds=zero.seconds, train_seq_acc=train_acc, ia1=ia.value, ia1_low=ia.ci_low,
                      ia1_high=ia.ci_high, loaded=loaded, run_dir=settings.portable_path(run_dir)))
     histories.append(zero.history.to_frame().assign(n=n, ids=scheme, seed=seed))
@@ -363,9 +377,9 @@ Training loss and sequence accuracy per epoch, one curve per N and ID scheme (as
 Figure 1). Larger databases take more epochs to memorise.
 """),
     code("""
-fig = plots.training_curves(histories, phase="indexing", split="train", metrics=("loss", "seq_acc"),
+fig = training_curves(histories, phase="indexing", split="train", metrics=("loss", "seq_acc"),
                             title="Figure 1: indexing (train)")
-plots.save_figure(fig, paths.figures / "figure1_indexing.png")
+save_figure(fig, paths.figures / "figure1_indexing.png")
 fig
 """),
     code("""
@@ -391,23 +405,27 @@ curve. The result is the *fine-tuned* DSI, saved beside the zero-shot model.
     code("""
 import pandas as pd
 
-from vitdsi_utils import data, experiments, plots, study
-from vitdsi_utils.tables import write_csv
-from vitdsi_utils.train import TrainConfig, seed_everything
+from vitdsi_utils.data.database import databases
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.reports.plots import save_figure, training_curves
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.reports.tables import write_csv
+from vitdsi_utils.training.config import TrainConfig, seed_everything
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     code("""
 histories = []
-for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
     n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
     run_dir = paths.run_dir(db)
     if not (run_dir / "zero_shot.pt").exists():
         print(f"N={n} {scheme} seed {seed}: no zero-shot model from 03_indexing in {run_dir}; training it now")
         seed_everything(seed)
-    zero = experiments.index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
-    tuned = experiments.fine_tune(db, zero.model, config=retrieval_config(seed), run_dir=run_dir,
+    zero = index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
+    tuned = fine_tune(db, zero.model, config=retrieval_config(seed), run_dir=run_dir,
                                   max_pairs_per_query=MAX_PAIRS_PER_QUERY)
     history = tuned.history.to_frame().assign(n=n, ids=scheme, seed=seed)
     histories.append(history)
@@ -426,13 +444,13 @@ single target sequence stays low even when the model ranks relevant IDs well. A 
 that rises while the training loss falls means the model memorises the training queries.
 """),
     code("""
-fig = plots.training_curves(histories, phase="retrieval", split="train", title="Figure 2: retrieval (train)")
-plots.save_figure(fig, paths.figures / "figure2_retrieval_train.png")
+fig = training_curves(histories, phase="retrieval", split="train", title="Figure 2: retrieval (train)")
+save_figure(fig, paths.figures / "figure2_retrieval_train.png")
 fig
 """),
     code("""
-fig = plots.training_curves(histories, phase="retrieval", split="val", title="Figure 3: retrieval (validation)")
-plots.save_figure(fig, paths.figures / "figure3_retrieval_val.png")
+fig = training_curves(histories, phase="retrieval", split="val", title="Figure 3: retrieval (validation)")
+save_figure(fig, paths.figures / "figure3_retrieval_val.png")
 fig
 """),
 ]
@@ -456,12 +474,18 @@ paper's numbers stand beside ours (its MAP@10 and R@100 used 10 random queries, 
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, evaluation, plots, study
-from vitdsi_utils.experiments import FINE_TUNED, ZERO_SHOT
-from vitdsi_utils.tables import write_table
+from vitdsi_utils import evaluation
+from vitdsi_utils.data.database import databases
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import metric_bars, save_figure
+from vitdsi_utils.reports.targets import baseline_verdicts
+from vitdsi_utils.runs import StudyPaths, load_trained
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.reports.tables import write_table
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 bovw_csv = paths.tables / "bovw.csv"
 if not bovw_csv.exists():
     raise FileNotFoundError(f"{bovw_csv} is missing: run "
@@ -470,30 +494,30 @@ bovw = pd.read_csv(bovw_csv)
 """),
     code("""
 frames = [bovw.drop(columns="paper")]
-for db in study.databases(image_set, NS, ID_SCHEMES, SEEDS):
+for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
     run_dir, s = paths.run_dir(db), db.settings
     for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
-        model, codec, meta = study.load_trained(run_dir / file, PROFILE, dataset=DATASET)
+        model, codec, meta = load_trained(run_dir / file, PROFILE, dataset=DATASET)
         table, timings = evaluation.evaluate_dsi(model, codec, db, k=K, seed=s["seed"])
         frames.append(table.assign(model=name, source=s["source"], size=s["size"], n=s["n"], ids=s["id_scheme"],
                                    seed=s["seed"], epochs=meta["epoch"], train_s=meta["extra"].get("seconds"),
                                    **timings))
         print(f"{name}, N={s['n']} {s['id_scheme']} seed {s['seed']}: "
               f"{timings['search_ms_per_query']:.1f} ms per query")
-results = evaluation.attach_paper(pd.concat(frames, ignore_index=True))
+results = attach_paper(pd.concat(frames, ignore_index=True))
 """),
     md("""
 ## Table 1
 """),
     code("""
-table1 = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + evaluation.TABLE1_NOTE,
-                       evaluation.table1_markdown(results)])
+table1 = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
+                       table1_markdown(results)])
 write_table(results, paths.tables / "table1", markdown=table1)
 display(Markdown(table1))
 """),
     code("""
-fig = plots.metric_bars(results, ("IA@1", "mAP@10", "P@10", "R@100"))
-plots.save_figure(fig, paths.figures / "metric_bars.png")
+fig = metric_bars(results, ("IA@1", "mAP@10", "P@10", "R@100"))
+save_figure(fig, paths.figures / "metric_bars.png")
 fig
 """),
     md("""
@@ -504,7 +528,7 @@ when its 95% interval lies wholly above BoVW's at the same N; overlapping interv
 """),
     code("""
 def sentence(metric: str) -> None:
-    verdicts = study.baseline_verdicts(results, metric)
+    verdicts = baseline_verdicts(results, metric)
     for row in verdicts.itertuples():
         print(f"  N={row.n} seed {row.seed}, {row.model} ({row.ids}): {row.value:.3f} "
               f"[{row.ci_low:.3f}, {row.ci_high:.3f}] vs BoVW {row.baseline_value:.3f} -> {row.verdict}")
@@ -543,12 +567,15 @@ folder (`RUNS_DIR`), for the first database of the grid.
     code("""
 import pandas as pd
 
-from vitdsi_utils import data, plots, study
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.demo import QueryDemo
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
-db = data.build_database(image_set, NS[0], id_scheme=ID_SCHEMES[0], seed=SEEDS[0])
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
+db = build_database(image_set, NS[0], id_scheme=ID_SCHEMES[0], seed=SEEDS[0])
 demo = QueryDemo.from_run_dir(paths.runs, db, bovw_words=BOVW_WORDS, profile=PROFILE, k=10)
 demo
 """),
@@ -567,7 +594,7 @@ summary = pd.DataFrame(
     columns=["model", "K", "relevant", "latency_ms"],
 )
 fig = demo.result_figure()
-plots.save_figure(fig, paths.figures / "demo_example.png")
+save_figure(fig, paths.figures / "demo_example.png")
 print(f"{demo.query_title}: " + "; ".join(f"{r.model} {r.relevant}/{r.K} relevant in {r.latency_ms:.1f} ms"
                                           for r in summary.itertuples()))
 fig
@@ -607,13 +634,21 @@ re-ranking buys in quality and what it costs in time per query.
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, evaluation, plots, rerank, study
-from vitdsi_utils.dense import (DENSE_MODEL, DenseTrainConfig, evaluate_dense, faiss_available, first_stages,
-                                rerank_database, train_or_load)
-from vitdsi_utils.tables import write_table
+from vitdsi_utils import evaluation
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure, training_curves
+from vitdsi_utils.reports.targets import baseline_verdicts
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.rerank import rerank_markdown, summary, tradeoff_figure
+from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseTrainConfig
+from vitdsi_utils.baselines.index import faiss_available
+from vitdsi_utils.studies.dense import evaluate_dense, first_stages, rerank_database, train_or_load
+from vitdsi_utils.reports.tables import write_table
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 dense_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
                        dropout=DROPOUT, pos_encoding=POS_ENCODING, pooling=DENSE_POOLING)
 
@@ -636,7 +671,7 @@ the encoder came from an earlier run (`dense.pt` in the run folder).
 retrievers, histories = {}, []
 for n in NS:
     for seed in SEEDS:
-        db = data.build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=seed)
+        db = build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=seed)
         retriever = train_or_load(db, model_overrides=dense_overrides, train_config=dense_config(seed),
                                   include_index=DENSE_TRAIN_ON_INDEX, run_dir=paths.run_dir(db))
         retrievers[(n, seed)] = (db, retriever)
@@ -649,15 +684,15 @@ histories = pd.concat(histories, ignore_index=True)
 histories.to_csv(paths.tables / "histories_dense.csv", index=False)
 """),
     code("""
-fig = plots.training_curves(histories, phase="dense", split="train", metrics=("loss", "contrastive", "entropy"),
+fig = training_curves(histories, phase="dense", split="train", metrics=("loss", "contrastive", "entropy"),
                             title="Dense encoder: training objective per epoch")
-plots.save_figure(fig, paths.figures / "dense_training.png")
+save_figure(fig, paths.figures / "dense_training.png")
 fig
 """),
     code("""
-fig = plots.training_curves(histories, phase="dense", split="val", metrics=("map@10", "p@10"),
+fig = training_curves(histories, phase="dense", split="val", metrics=("map@10", "p@10"),
                             title="Dense encoder: validation queries per epoch")
-plots.save_figure(fig, paths.figures / "dense_validation.png")
+save_figure(fig, paths.figures / "dense_validation.png")
 fig
 """),
     md("""
@@ -687,15 +722,15 @@ if table1_csv.exists():
 else:
     results = ours
     print(f"{table1_csv} is missing (notebook 05 writes it): BoVW as fitted here, no DSI rows")
-results = evaluation.attach_paper(results)
-markdown = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + evaluation.TABLE1_NOTE,
-                         evaluation.table1_markdown(results)])
+results = attach_paper(results)
+markdown = "\\n\\n".join([f"{DATASET} at {SIZE} px, profile `{PROFILE}`. " + TABLE1_NOTE,
+                         table1_markdown(results)])
 write_table(results, paths.tables / "dense", markdown=markdown)
 display(Markdown(markdown))
 """),
     code("""
-fig = plots.metric_vs_n(results, ("mAP@10", "P@10", "R@100"), title="Dense, BoVW and DSI against N")
-plots.save_figure(fig, paths.figures / "dense_vs_n.png")
+fig = metric_vs_n(results, ("mAP@10", "P@10", "R@100"), title="Dense, BoVW and DSI against N")
+save_figure(fig, paths.figures / "dense_vs_n.png")
 fig
 """),
     md("""
@@ -705,7 +740,7 @@ another model only when their 95% intervals do not overlap.
     code("""
 for metric in ("mAP@10", "P@10"):
     print(metric)
-    for row in study.baseline_verdicts(results, metric, baseline=DENSE_MODEL).itertuples():
+    for row in baseline_verdicts(results, metric, baseline=DENSE_MODEL).itertuples():
         side = {"better": "worse", "worse": "better"}.get(row.verdict, "overlaps")  # from the dense model's side
         name = row.model if row.ids == "-" else f"{row.model} ({row.ids})"
         print(f"  N={row.n} seed {row.seed}: dense {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, "
@@ -726,7 +761,7 @@ as much as a full dense search at these database sizes.
 studies = []
 for (n, seed), (first_db, retriever) in retrievers.items():
     for i, scheme in enumerate(ID_SCHEMES):
-        db = first_db if i == 0 else data.build_database(image_set, n, id_scheme=scheme, seed=seed)
+        db = first_db if i == 0 else build_database(image_set, n, id_scheme=scheme, seed=seed)
         stages = first_stages(db, bovw=bovw_models[(n, seed)] if i == 0 else None, dsi_run_dir=paths.run_dir(db))
         if not any(name.startswith("DSI") for name in stages):
             print(f"N={n} {scheme} seed {seed}: no DSI models in {paths.run_dir(db)} (notebooks 03/04 train them)")
@@ -734,17 +769,17 @@ for (n, seed), (first_db, retriever) in retrievers.items():
             studies.append(rerank_database(db, retriever, stages, depths=tuple(RERANK_DEPTHS), k=K,
                                            include_alone=i == 0))
 reranking = pd.concat(studies, ignore_index=True)
-rerank_md = rerank.rerank_markdown(reranking, DATASET, SIZE)
+rerank_md = rerank_markdown(reranking, DATASET, SIZE)
 write_table(reranking, paths.tables / "rerank", markdown=rerank_md)
 display(Markdown(rerank_md))
 """),
     code("""
-fig = rerank.tradeoff_figure(reranking, "mAP@10")
-plots.save_figure(fig, paths.figures / "rerank_tradeoff.png")
+fig = tradeoff_figure(reranking, "mAP@10")
+save_figure(fig, paths.figures / "rerank_tradeoff.png")
 fig
 """),
     code("""
-wide = rerank.summary(reranking)  # the mean over seeds where there are several
+wide = summary(reranking)  # the mean over seeds where there are several
 for n, group in wide.groupby("n"):
     alone = group[group["first_stage"] == "-"].iloc[0]
     print(f"N={n}: dense alone mAP@10 {alone['mAP@10']:.3f} in {alone['ms_per_query']:.1f} ms per query")
@@ -795,12 +830,16 @@ notebooks 03 and 04, whose random and clustered models are loaded here, not retr
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, id_study, plots, study
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.reports.targets import gap_markdown, gap_table
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.ids import compare_id_schemes, describe_gaps, id_scheme_bars, ids_markdown
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 id_params = dict(k=IDS_K, c=IDS_C, levels=IDS_RQ_LEVELS, codebook_size=IDS_RQ_CODEBOOK, bovw_words=BOVW_WORDS)
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""
@@ -811,7 +850,7 @@ indexing run and its zero-shot IA@1, and the fine-tuning time. `loaded` means th
 an earlier run.
 """),
     code("""
-results, runs, histories = id_study.compare_id_schemes(
+results, runs, histories = compare_id_schemes(
     image_set, IDS_NS, IDS_SCHEMES, SEEDS, runs_dir=paths.runs, index_config=index_config,
     retrieval_config=retrieval_config, model_overrides=model_overrides, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
     k=K, id_params=id_params)
@@ -834,14 +873,14 @@ greedy decoding without the trie shows how often the model on its own would leav
 markdown = "\\n\\n".join([
     f"DSI by ID scheme, {DATASET} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
     f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords.",
-    id_study.ids_markdown(results, runs, IDS_SCHEMES)])
+    ids_markdown(results, runs, IDS_SCHEMES)])
 write_table(results, paths.tables / "ids", markdown=markdown)
 write_table(runs, paths.tables / "ids_runs")
 display(Markdown(markdown))
 """),
     code("""
-fig = id_study.id_scheme_bars(results, schemes=IDS_SCHEMES)
-plots.save_figure(fig, paths.figures / "ids_bars.png")
+fig = id_scheme_bars(results, schemes=IDS_SCHEMES)
+save_figure(fig, paths.figures / "ids_bars.png")
 fig
 """),
     md("""
@@ -853,10 +892,10 @@ intervals above are several times wider than 0.03, so a small gap is not evidenc
 """),
     code("""
 if "clustered" in IDS_SCHEMES:
-    gaps = id_study.gap_table(results, reference="clustered")
-    write_table(gaps, paths.tables / "ids_gaps", markdown=id_study.gap_markdown(gaps))
-    display(Markdown(id_study.gap_markdown(gaps)))
-    print("\\n".join(id_study.describe_gaps(gaps)))
+    gaps = gap_table(results, reference="clustered")
+    write_table(gaps, paths.tables / "ids_gaps", markdown=gap_markdown(gaps))
+    display(Markdown(gap_markdown(gaps)))
+    print("\\n".join(describe_gaps(gaps)))
 else:
     print("IDS_SCHEMES has no clustered run to compare with.")
 """),
@@ -901,16 +940,21 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import clusters, data, plots, study
-from vitdsi_utils.semantic_ids import bovw_embeddings, pixel_embeddings
-from vitdsi_utils.tables import write_table
+from vitdsi_utils import clusters
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.clusters import cluster_gallery, cluster_study, clusters_markdown, metric_curves, series_label, size_histograms, study_encoders, summary
+from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
+from vitdsi_utils.reports.tables import write_table
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 n, seed = CLUSTER_N or max(NS), SEEDS[0]
 if n not in NS:
     raise ValueError(f"CLUSTER_N = {n} is not one of NS = {NS}: encoders are trained only for the databases of NS")
-dbs = {scheme: data.build_database(image_set, n, id_scheme=scheme, seed=seed) for scheme in ID_SCHEMES}
+dbs = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed) for scheme in ID_SCHEMES}
 db = dbs[ID_SCHEMES[0]]  # every scheme draws the same images in the same roles
 if CLUSTER_ROLE == "all":
     images, classes = db.images, db.manifest["label"].to_numpy()
@@ -927,7 +971,7 @@ print(f"N={n} seed {seed}: {len(images)} images ({CLUSTER_ROLE}) in {len(np.uniq
 One row per embedding: its width and the time it took (every image, one pass of the encoder).
 """),
     code("""
-encoders = clusters.study_encoders(paths, dbs, PROFILE, dataset=DATASET)
+encoders = study_encoders(paths, dbs, PROFILE, dataset=DATASET)
 embeddings, rows = {}, []
 for name, model in encoders.items():
     for pooling in CLUSTER_POOLINGS:
@@ -959,14 +1003,14 @@ are each nearly pure), so read it beside NMI.
 """),
     code("""
 start = time.perf_counter()
-table, labels = clusters.cluster_study(embeddings, classes, ks, n_init=CLUSTER_N_INIT, random_state=seed,
+table, labels = cluster_study(embeddings, classes, ks, n_init=CLUSTER_N_INIT, random_state=seed,
                                        progress=False)
 print(f"{len(table)} clusterings in {time.perf_counter() - start:.1f} s")
 note = (f"k-means of {len(images)} {DATASET} images at {SIZE} px (database N = {n}, seed {seed}, role {CLUSTER_ROLE}), "
         f"{CLUSTER_N_INIT} restart(s) per k, embeddings {'L2-normalised' if CLUSTER_NORMALISE else 'as they come'}, "
         f"profile `{PROFILE}`.")
-write_table(table, paths.tables / "clusters", markdown=clusters.clusters_markdown(table, k_reference, note=note))
-chosen = clusters.summary(table, k_reference)
+write_table(table, paths.tables / "clusters", markdown=clusters_markdown(table, k_reference, note=note))
+chosen = summary(table, k_reference)
 write_table(chosen, paths.tables / "clusters_summary")
 chosen.round(3)
 """),
@@ -996,8 +1040,8 @@ write_table(unseen_table, paths.tables / "clusters_unseen")
 unseen_table.round(3)
 """),
     code("""
-fig = clusters.metric_curves(table, title=f"k-means of the embeddings ({DATASET}, {SIZE} px, {len(images)} images)")
-plots.save_figure(fig, paths.figures / "clusters_metrics.png")
+fig = metric_curves(table, title=f"k-means of the embeddings ({DATASET}, {SIZE} px, {len(images)} images)")
+save_figure(fig, paths.figures / "clusters_metrics.png")
 fig
 """),
     md("""
@@ -1009,11 +1053,11 @@ because the database is balanced. One or two giant clusters mean that most image
 the encoder.
 """),
     code("""
-sizes = {clusters.series_label(encoder, pooling): clusters.cluster_sizes(labels[(encoder, pooling, k_reference)],
+sizes = {series_label(encoder, pooling): clusters.cluster_sizes(labels[(encoder, pooling, k_reference)],
                                                                           k_reference)
          for encoder, pooling in embeddings}
-fig = clusters.size_histograms(sizes, title=f"Cluster sizes at k = {k_reference}")
-plots.save_figure(fig, paths.figures / "clusters_sizes.png")
+fig = size_histograms(sizes, title=f"Cluster sizes at k = {k_reference}")
+save_figure(fig, paths.figures / "clusters_sizes.png")
 fig
 """),
     md("""
@@ -1028,11 +1072,11 @@ at_k = table[table["k"] == k_reference].sort_values("nmi", ascending=False)
 picks = {"best": at_k.iloc[0], "worst": at_k.iloc[-1]}
 figures = []
 for tag, row in picks.items():
-    label = clusters.series_label(row["encoder"], row["pooling"])
-    fig = clusters.cluster_gallery(images, labels[(row["encoder"], row["pooling"], k_reference)], classes, db.classes,
+    label = series_label(row["encoder"], row["pooling"])
+    fig = cluster_gallery(images, labels[(row["encoder"], row["pooling"], k_reference)], classes, db.classes,
                                    n_clusters=CLUSTER_GALLERY_CLUSTERS, per_cluster=CLUSTER_GALLERY_IMAGES, seed=seed,
                                    title=f"{tag} NMI at k = {k_reference}: {label} (NMI {row['nmi']:.2f})")
-    plots.save_figure(fig, paths.figures / f"clusters_gallery_{tag}.png")
+    save_figure(fig, paths.figures / f"clusters_gallery_{tag}.png")
     figures.append(fig)
 figures[0]
 """),
@@ -1048,7 +1092,7 @@ Computed from the table, not written in advance.
 ref = table[table["k"] == k_reference].set_index(["encoder", "pooling"])
 for (encoder, pooling), row in ref.sort_values("nmi", ascending=False).iterrows():
     best = chosen[(chosen["encoder"] == encoder) & (chosen["pooling"] == pooling)].iloc[0]
-    print(f"{clusters.series_label(encoder, pooling):42s} k={k_reference}: NMI {row['nmi']:.3f}, purity "
+    print(f"{series_label(encoder, pooling):42s} k={k_reference}: NMI {row['nmi']:.3f}, purity "
           f"{row['purity']:.3f}, silhouette {row['silhouette']:.3f}, DB {row['davies_bouldin']:.2f}; "
           f"elbow k {best['elbow_k']}, best-silhouette k {best['best_silhouette_k']}")
 for scheme in ID_SCHEMES:
@@ -1057,11 +1101,11 @@ for scheme in ID_SCHEMES:
     for pooling, zero, tuned in pairs:
         print(f"DSI {scheme} IDs, {pooling} pooling: NMI {zero:.3f} after indexing -> {tuned:.3f} after fine-tuning")
 for row in unseen_table.sort_values("nmi", ascending=False).itertuples():
-    print(f"{clusters.series_label(row.encoder, row.pooling):42s} NMI {row.nmi:.3f} / AMI {row.ami:.3f} on all images, "
+    print(f"{series_label(row.encoder, row.pooling):42s} NMI {row.nmi:.3f} / AMI {row.ami:.3f} on all images, "
           f"{row.nmi_unseen:.3f} / {row.ami_unseen:.3f} on the {row.n_unseen} val/test queries")
 silhouette_best = ref["silhouette"].idxmax()
-print(f"Highest silhouette at k={k_reference}: {clusters.series_label(*silhouette_best)}; highest NMI: "
-      f"{clusters.series_label(*ref['nmi'].idxmax())}.")
+print(f"Highest silhouette at k={k_reference}: {series_label(*silhouette_best)}; highest NMI: "
+      f"{series_label(*ref['nmi'].idxmax())}.")
 """),
 ]
 NOTEBOOKS["09_clusters.ipynb"] = NB_CLUSTERS
@@ -1095,16 +1139,23 @@ The last section checks the targets of `STUDY.md` on every model of the study.
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, evaluation, plots, study, targets
-from vitdsi_utils.dense import DENSE_MODEL, DenseTrainConfig, train_or_load
-from vitdsi_utils.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, run_dense_init
-from vitdsi_utils.experiments import run_name
-from vitdsi_utils.id_study import gap_markdown, gap_table
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils import evaluation
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.paper import attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure
+from vitdsi_utils.reports.targets import beats_baseline, summarise, zero_shot_memorisation
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseTrainConfig
+from vitdsi_utils.studies.dense import train_or_load
+from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, run_dense_init
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.reports.targets import gap_markdown, gap_table
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 """ + MODEL_OVERRIDES + """
 
 def multitask_config(seed: int) -> TrainConfig:
@@ -1127,13 +1178,13 @@ the models came from an earlier run.
 frames, histories, id_facts = [], [], []
 for n in NS:
     for seed in SEEDS:
-        first = data.build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=seed)
+        first = build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=seed)
         retriever = train_or_load(first, model_overrides={**model_overrides, "pooling": DENSE_POOLING},
                                   train_config=dense_config(seed), include_index=DENSE_TRAIN_ON_INDEX,
                                   run_dir=paths.run_dir(first))
         for scheme in INIT_SCHEMES:
             own = scheme if scheme in ("clustered", "random") else ID_SCHEMES[0]
-            db = data.build_database(image_set, n, id_scheme=own, seed=seed)
+            db = build_database(image_set, n, id_scheme=own, seed=seed)
             run = run_dense_init(db, paths.run_dir(first) / "dense.pt", scheme=scheme,
                                  run_dir=paths.runs / run_name(db, f"{scheme}-dense-init"),
                                  model_overrides=model_overrides, index_config=index_config(seed),
@@ -1170,15 +1221,15 @@ results = pd.concat(earlier + [ours], ignore_index=True)
 results = results[results["n"].isin(NS) & results["seed"].isin(SEEDS)]
 results = results.drop(columns=[c for c in ("paper",) if c in results.columns])
 results = results.drop_duplicates(subset=["model", "ids", "n", "seed", "metric"], keep="last")
-results = evaluation.attach_paper(results)
-write_table(results, paths.tables / "dense_init", markdown=evaluation.table1_markdown(results))
-display(Markdown(evaluation.table1_markdown(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])])))
+results = attach_paper(results)
+write_table(results, paths.tables / "dense_init", markdown=table1_markdown(results))
+display(Markdown(table1_markdown(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])])))
 """),
     code("""
 shown = results[results["model"].isin(["BoVW", DENSE_MODEL, "DSI fine-tuned", INIT_MULTITASK])
                 & results["ids"].isin(["-", "clustered", "random", "semantic"])]
-fig = plots.metric_vs_n(shown, ("IA@1", "mAP@10", "P@10"), title="BoVW, dense search, DSI, and the dense-init DSI")
-plots.save_figure(fig, paths.figures / "dense_init_vs_n.png")
+fig = metric_vs_n(shown, ("IA@1", "mAP@10", "P@10"), title="BoVW, dense search, DSI, and the dense-init DSI")
+save_figure(fig, paths.figures / "dense_init_vs_n.png")
 fig
 """),
     md("""
@@ -1196,20 +1247,20 @@ Computed from the tables above, never written in advance.
   printed.
 """),
     code("""
-t2 = targets.zero_shot_memorisation(results)
+t2 = zero_shot_memorisation(results)
 t2 = pd.concat([t2.assign(model="DSI zero-shot"),
-                targets.zero_shot_memorisation(results, model=INIT_ZERO_SHOT).assign(model=INIT_ZERO_SHOT)])
-display(Markdown(targets.summarise(t2[t2["ids"].isin(["clustered", "random"])]).to_markdown(index=False)))
-t3 = targets.beats_baseline(results)
+                zero_shot_memorisation(results, model=INIT_ZERO_SHOT).assign(model=INIT_ZERO_SHOT)])
+display(Markdown(summarise(t2[t2["ids"].isin(["clustered", "random"])]).to_markdown(index=False)))
+t3 = beats_baseline(results)
 t3 = t3[t3["model"] != DENSE_MODEL]
 write_table(t3, paths.tables / "target3")
-display(Markdown(targets.summarise(t3).to_markdown(index=False)))
+display(Markdown(summarise(t3).to_markdown(index=False)))
 t4 = gap_table(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])], reference="clustered")
 write_table(t4, paths.tables / "target4", markdown=gap_markdown(t4))
 display(Markdown(gap_markdown(t4)))
 """),
     code("""
-met3 = targets.summarise(t3)
+met3 = summarise(t3)
 met3 = met3[met3["met_everywhere"]]
 best = t3[t3["model"] == INIT_MULTITASK]
 print("Target 2:", "met" if t2[t2["ids"].isin(["clustered", "random"]) & (t2["model"] == "DSI zero-shot")]["met"].all()
@@ -1221,12 +1272,12 @@ for r in best.to_dict("records"):
           f"mAP@10 low end {r['mAP@10 low']:.3f} vs BoVW high end {r['BoVW mAP@10 high']:.3f}; "
           f"P@10 low end {r['P@10 low']:.3f} vs BoVW high end {r['BoVW P@10 high']:.3f} -> "
           f"{'met' if r['met'] else 'not met'}")
-t4_ok = targets.summarise(t4, column="within_target")
+t4_ok = summarise(t4, column="within_target")
 print("Target 4:", "met by " + ", ".join(f"{r.model} ({r.ids})" for r in t4_ok[t4_ok["met_everywhere"]].itertuples())
       if t4_ok["met_everywhere"].any() else
       f"not met; the smallest largest-gap is {t4['max_abs_gap'].min():.3f}" if len(t4) else "no scheme to compare")
 if len(t4):
-    one_sided = targets.summarise(t4, column="not_worse")
+    one_sided = summarise(t4, column="not_worse")
     print("Target 4, one-sided (no metric more than 0.03 below clustered at every N):",
           ", ".join(f"{r.model} ({r.ids})" for r in one_sided[one_sided["met_everywhere"]].itertuples()) or "none")
 """),
@@ -1266,19 +1317,22 @@ loaded from the run folder rather than trained again. The fuller grid at 64 px i
     code("""
 from IPython.display import Markdown, display
 
-from vitdsi_utils import ablations, data, plots, study
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.ablations import ablation_figure, ablation_grid, ablations_markdown, describe, run_ablations
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 seed = SEEDS[0]
 base_model = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
                   dropout=DROPOUT, pos_encoding=POS_ENCODING)
 index_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
                            warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
 retrieval_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-grid = ablations.ablation_grid(ABLATION_FACTORS, base_model=base_model)
+grid = ablation_grid(ABLATION_FACTORS, base_model=base_model)
 print(f"{len(grid)} variants:", ", ".join(v.name for v in grid))
 """),
     md("""
@@ -1288,14 +1342,14 @@ Variants that only change the fine-tuning share the default's indexed model. Eve
 in the run folder, so a rerun only scores them again.
 """),
     code("""
-long = ablations.run_ablations(
+long = run_ablations(
     image_set, grid, n=ABLATION_N, seed=seed, scheme=ABLATION_SCHEME, base_model=base_model,
     index_config=index_config, retrieval_config=retrieval_config, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
     runs_dir=paths.runs, k=K)
 settings = (f"DSI ablations, {DATASET} at {SIZE} px, N = {ABLATION_N}, {ABLATION_SCHEME} IDs, seed {seed}, "
             f"profile `{PROFILE}`: indexing until IA@1 >= {TARGET_ACCURACY} or {INDEX_EPOCHS} epochs, "
             f"fine-tuning {RETRIEVAL_EPOCHS} epochs.")
-markdown = ablations.ablations_markdown(long, settings)
+markdown = ablations_markdown(long, settings)
 write_table(long, paths.tables / "ablations", markdown=markdown)
 display(Markdown(markdown))
 """),
@@ -1309,13 +1363,13 @@ first). With a few dozen test queries the intervals are wide: a shift that stays
 default's interval is no evidence of an effect.
 """),
     code("""
-fig = ablations.ablation_figure(long, title=f"DSI ablations, {DATASET} {SIZE} px, N = {ABLATION_N}",
+fig = ablation_figure(long, title=f"DSI ablations, {DATASET} {SIZE} px, N = {ABLATION_N}",
                                 index_cap=INDEX_EPOCHS)
-plots.save_figure(fig, paths.figures / "ablations.png")
+save_figure(fig, paths.figures / "ablations.png")
 fig
 """),
     code("""
-print("\\n".join(ablations.describe(long)))
+print("\\n".join(describe(long)))
 """),
 ]
 NOTEBOOKS["10_ablations.ipynb"] = NB_ABLATIONS
@@ -1329,7 +1383,7 @@ NB_SCALE = [
 
 Target 5 of the study: index all 13,394 Imagenette images with IA@1 >= 0.95, and measure how the
 query latency of each method grows with the number of indexed images N. Here *every* image of a
-database is indexed (`scale.index_all_database`); there is no query pool, because IA@1 only needs
+database is indexed (`index_all_database`); there is no query pool, because IA@1 only needs
 the indexed images themselves. The timed queries are horizontally flipped copies of indexed images.
 
 - **Latency**: for each N of `SCALE_NS`, top-`K` search for a batch of `SCALE_QUERIES` queries, one
@@ -1348,12 +1402,15 @@ the indexed images themselves. The timed queries are horizontally flipped copies
 import torch
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, plots, scale, study
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.scale import ia_table, index_all_database, latency_table, scale_figure, scale_markdown
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # 0 stands for every usable image; an N beyond the data set is left out with a note
 ns = [n or len(image_set) for n in SCALE_NS]
@@ -1372,7 +1429,7 @@ print(f"{len(image_set)} images; latency at N = {ns} on {device}; IA@1 at N = {i
 ## Latency against N
 """),
     code("""
-latency = scale.latency_table(image_set, ns, n_queries=SCALE_QUERIES, batch_size=SCALE_QUERIES, k=K,
+latency = latency_table(image_set, ns, n_queries=SCALE_QUERIES, batch_size=SCALE_QUERIES, k=K,
                               repeats=SCALE_REPEATS, model_overrides=model_overrides, bovw_words=BOVW_WORDS,
                               device=device, seed=SEEDS[0])
 write_table(latency, paths.tables / "scale_latency")
@@ -1385,16 +1442,16 @@ A finished model is loaded from `RUNS_DIR` rather than trained again. `reached` 
 got to `TARGET_ACCURACY` within the epoch cap.
 """),
     code("""
-ia, ia_histories = scale.ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
+ia, ia_histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
                                   runs_dir=paths.runs, seed=SEEDS[0], beam_size=K)
 write_table(ia, paths.tables / "scale_ia")
 ia
 """),
     code("""
 settings = dict(source=DATASET, size=SIZE, device=device, k=K, queries=SCALE_QUERIES, repeats=SCALE_REPEATS)
-display(Markdown(scale.scale_markdown(latency, ia, settings)))
-fig = scale.scale_figure(latency, ia, title=f"{DATASET} at {SIZE} px, profile {PROFILE}, {device}")
-plots.save_figure(fig, paths.figures / "scale.png")
+display(Markdown(scale_markdown(latency, ia, settings)))
+fig = scale_figure(latency, ia, title=f"{DATASET} at {SIZE} px, profile {PROFILE}, {device}")
+save_figure(fig, paths.figures / "scale.png")
 fig
 """),
     md("""
@@ -1439,13 +1496,17 @@ rather than join their class's block, since that would renumber images the model
     code("""
 from IPython.display import Markdown, display
 
-from vitdsi_utils import data, incremental, plots, study
-from vitdsi_utils.tables import write_csv, write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.incremental import incremental_markdown, incremental_study
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-image_set = data.load_images(DATASET, SIZE, progress=False)
-db = data.build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
+db = build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
 """ + MODEL_OVERRIDES),
     md("""
 ## Initial model, fine-tuning strategies, retraining
@@ -1456,11 +1517,11 @@ the initial model's). Finished models are loaded from `RUNS_DIR`.
 """),
     code("""
 config = index_config(SEEDS[0])
-results, curves, fig = incremental.incremental_study(
+results, curves, fig = incremental_study(
     db, index_config=config, finetune_epochs=INC_FINETUNE_EPOCHS, replay_ratios=INC_REPLAY_RATIOS,
     new_fraction=INC_NEW_FRACTION, model_overrides=model_overrides, beam_size=K, runs_dir=paths.runs,
     seed=SEEDS[0])
-markdown = incremental.incremental_markdown(results, config, INC_FINETUNE_EPOCHS)
+markdown = incremental_markdown(results, config, INC_FINETUNE_EPOCHS)
 write_table(results, paths.tables / "incremental", markdown=markdown)
 write_csv(curves, paths.tables / "incremental_curves.csv")
 display(Markdown(markdown))
@@ -1474,7 +1535,7 @@ the old images' accuracy falls while the new ones are learnt; replay holds it up
 more examples per epoch.
 """),
     code("""
-plots.save_figure(fig, paths.figures / "incremental.png")
+save_figure(fig, paths.figures / "incremental.png")
 fig
 """),
 ]
@@ -1515,13 +1576,14 @@ class; these need none, so they say what the pretraining alone can put into the 
     code("""
 from IPython.display import Markdown, display
 
-from vitdsi_utils import study
-from vitdsi_utils.plots import save_figure
-from vitdsi_utils.pretrain import SSLConfig, pretrain_figure, pretrain_study
-from vitdsi_utils.tables import write_csv, write_table
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.baselines.ssl import SSLConfig
+from vitdsi_utils.studies.pretrain import pretrain_figure, pretrain_study
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.training.config import TrainConfig
 
-paths = study.StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
 seed = SEEDS[0]
 """ + MODEL_OVERRIDES + RETRIEVAL_CONFIG),
     md("""

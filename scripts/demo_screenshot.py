@@ -33,16 +33,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # this checkout's vitdsi_utils, not whichever one is installed
     sys.path.insert(0, str(ROOT))
 
 from vitdsi_utils import settings  # noqa: E402
-from vitdsi_utils.study import load_profile, notebook_parameters, notebooks_dir, run_study  # noqa: E402
+from vitdsi_utils.runner.profiles import load_profile, notebook_parameters  # noqa: E402
+from vitdsi_utils.runner.run import notebooks_dir, run_study  # noqa: E402
 
 #: Debian's Chromium; VITDSI_CHROMIUM names another binary.
 CHROMIUM = os.environ.get("VITDSI_CHROMIUM", "/usr/bin/chromium")
@@ -80,8 +81,9 @@ def demo_parameters(profile: str, runs: Path, out_dir: Path) -> dict:
 
 def models_present(params: dict) -> bool:
     """Whether RUNS_DIR holds a trained model for the first database of the grid (the one the demo loads)."""
-    from vitdsi_utils.data import build_database, load_images
-    from vitdsi_utils.demo import find_run_dir
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
+    from vitdsi_utils.runs import find_run_dir
 
     image_set = load_images(params["DATASET"], params["SIZE"], progress=False)
     db = build_database(image_set, params["NS"][0], id_scheme=params["ID_SCHEMES"][0], seed=params["SEEDS"][0])

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitdsi_utils import data
+from vitdsi_utils.data.database import database_with_ids
+from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
-from vitdsi_utils.experiments import MULTITASK, fine_tune, index_database, run_name
-from vitdsi_utils.id_study import gap_markdown, gap_table
-from vitdsi_utils.semantic_ids import database_with_ids
-from vitdsi_utils.tables import write_table
-from vitdsi_utils.targets import beats_baseline
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.reports.tables import MULTITASK, write_table
+from vitdsi_utils.reports.targets import beats_baseline, gap_markdown, gap_table
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.config import TrainConfig
 
 AVERAGE = "DSI multi-task, seed average"
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="train (or load) the seeds, write nothing")
     args = parser.parse_args(argv)
 
-    image_set = data.load_images(args.source, args.size, progress=False)
+    image_set = load_images(args.source, args.size, progress=False)
     db, assignment = database_with_ids(image_set, args.n, args.scheme, seed=0)
     codec = assignment.codec
     rows, models = [], []

@@ -24,11 +24,14 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from vitdsi_utils import data
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import evaluate_dsi
-from vitdsi_utils.experiments import fine_tune, run_name
-from vitdsi_utils.tables import format_interval, write_table
-from vitdsi_utils.train import TrainConfig, load_model
+from vitdsi_utils.phases import fine_tune
+from vitdsi_utils.reports.tables import format_interval, write_table
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.checkpoint import load_model
+from vitdsi_utils.training.config import TrainConfig
 
 #: name -> (multi-task epochs, mix ratio, fine_tune options, label smoothing); "base" is `make dsi-dense-init`'s
 VARIANTS = {
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/dsi_dense_init")
     args = parser.parse_args(argv)
 
-    image_set = data.load_images("imagenette", args.size, progress=False)
-    db = data.build_database(image_set, args.n, id_scheme=args.scheme, seed=args.seed)
+    image_set = load_images("imagenette", args.size, progress=False)
+    db = build_database(image_set, args.n, id_scheme=args.scheme, seed=args.seed)
     path = Path(args.model) if args.model else Path(args.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
     if not path.is_file():
         hint = "" if args.model else ": run `make dsi-dense-init` first (it indexes the DSI from the dense encoder)"

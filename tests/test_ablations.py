@@ -6,11 +6,21 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from vitdsi_utils import ablations
-from vitdsi_utils.ablations import FINE_TUNED, ZERO_SHOT, Variant, ablation_grid
 from vitdsi_utils.cli import build_parser, main
-from vitdsi_utils.data import load_images
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.studies.ablations import (
+    FINE_TUNED,
+    ZERO_SHOT,
+    Variant,
+    ablation_figure,
+    ablation_grid,
+    ablations_markdown,
+    describe,
+    merge_results,
+    run_ablations,
+    summary_table,
+)
+from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,7 +78,7 @@ def small_run(tmp_path_factory):
                          levels={"patch": ["32"], "options": ["same-class targets"]})
     runs = tmp_path_factory.mktemp("runs")
     seen = []
-    long = ablations.run_ablations(
+    long = run_ablations(
         image_set, grid, n=80, base_model=BASE, index_config=TrainConfig(epochs=2, progress=False),
         retrieval_config=TrainConfig(epochs=1, progress=False), max_pairs_per_query=2, runs_dir=runs,
         progress=False, on_variant=seen.append,
@@ -95,21 +105,21 @@ def test_run_gives_both_stages_of_every_variant(small_run):
 
 def test_summary_markdown_and_figure(small_run):
     long = small_run[0]
-    summary = ablations.summary_table(long, intervals=False)
+    summary = summary_table(long, intervals=False)
     assert list(summary["variant"]) == ["default", "patch: 32", "options: same-class targets"]
     assert summary["epochs to memorise"].between(1, 2).all()
     assert summary["tuned mAP@10"].between(0, 1).all()
-    text = ablations.ablations_markdown(long, "settings here")
+    text = ablations_markdown(long, "settings here")
     assert text.startswith("settings here") and "| options: same-class targets |" in text and "[" in text
-    assert len(ablations.describe(long)) == 2
-    fig = ablations.ablation_figure(long, index_cap=2)
+    assert len(describe(long)) == 2
+    fig = ablation_figure(long, index_cap=2)
     assert len(fig.axes) == 3
     assert sum(bar.get_hatch() == "//" for bar in fig.axes[2].patches) == (summary["epochs to memorise"] >= 2).sum()
 
 
 def test_rerun_loads_the_models(small_run):
     long, runs, _, image_set, grid = small_run
-    again = ablations.run_ablations(
+    again = run_ablations(
         image_set, grid, n=80, base_model=BASE, index_config=TrainConfig(epochs=2, progress=False),
         retrieval_config=TrainConfig(epochs=1, progress=False), max_pairs_per_query=2, runs_dir=runs, progress=False,
     )
@@ -119,11 +129,11 @@ def test_rerun_loads_the_models(small_run):
 def test_merge_keeps_other_variants_of_the_same_settings_only(small_run, tmp_path):
     long = small_run[0]
     path = tmp_path / "table.csv"
-    first = ablations.merge_results(long[long["variant"] != "patch: 32"], path, {"n": 80})
+    first = merge_results(long[long["variant"] != "patch: 32"], path, {"n": 80})
     first.to_csv(path, index=False)
-    merged = ablations.merge_results(long[long["variant"] == "patch: 32"], path, {"n": 80})
+    merged = merge_results(long[long["variant"] == "patch: 32"], path, {"n": 80})
     assert list(dict.fromkeys(merged["variant"])) == ["default", "patch: 32", "options: same-class targets"]
-    other = ablations.merge_results(long[long["variant"] == "patch: 32"], path, {"n": 160})
+    other = merge_results(long[long["variant"] == "patch: 32"], path, {"n": 160})
     assert set(other["variant"]) == {"patch: 32"}
 
 

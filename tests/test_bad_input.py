@@ -17,18 +17,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import textured_image
 from PIL import Image, ImageOps
 
-from vitdsi_utils import _io, cli, data, plots, tables, train
+from vitdsi_utils import cli, settings
+from vitdsi_utils.atomic import atomic_dir, write_json, write_text
 from vitdsi_utils.bovw import BoVW
-from vitdsi_utils.data import build_database, load_image, load_images
-from vitdsi_utils.demo import BoVWSearcher, DSISearcher, QueryDemo
-from vitdsi_utils.experiments import new_model
-from vitdsi_utils.ids import dense_id_order, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.study import load_profile
-
-from conftest import textured_image
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.files import load_image
+from vitdsi_utils.data.images import ImageSet, load_images
+from vitdsi_utils.demo import QueryDemo
+from vitdsi_utils.ids.codec import dense_id_order, make_codec
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.phases import new_model
+from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.retrieval.searchers import BoVWSearcher, DSISearcher
+from vitdsi_utils.runner.profiles import load_profile
+from vitdsi_utils.training.checkpoint import load_checkpoint, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,7 +162,7 @@ def test_a_very_large_image_outside_the_aspect_range_is_rejected_without_decodin
     def must_not_decode(image):
         raise AssertionError("the aspect check should have rejected the image from its header")
 
-    monkeypatch.setattr(data.ImageOps, "exif_transpose", must_not_decode)
+    monkeypatch.setattr(ImageOps, "exif_transpose", must_not_decode)
     assert load_image(big_photo, 64) is None
 
 
@@ -220,7 +227,7 @@ def test_every_odd_format_goes_through_the_folder_pipeline(tmp_path):
             Image.fromarray(array).save(folder / f"plain_{i}.jpg")
         Image.fromarray(array).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
         Image.fromarray(array).convert("CMYK").save(folder / "print.jpg")
-        Image.fromarray((array[..., 0].astype(np.uint16) * 257)).save(folder / "deep.png")
+        Image.fromarray(array[..., 0].astype(np.uint16) * 257).save(folder / "deep.png")
         exif_rotated_jpeg(folder / "rotated.jpg", array, 6)
     image_set = load_images("folder", 32, root=root, progress=False)
     assert len(image_set) == 20 and image_set.skipped == [] and image_set.images.dtype == np.uint8
@@ -325,7 +332,7 @@ def test_impossible_database_sizes(digits, n, message):
 
 def test_numpy_integer_n_is_fine_and_a_tiny_n_warns_about_missing_test_queries(digits):
     assert build_database(digits, np.int64(400)).settings["n"] == 400
-    two_classes = data.ImageSet(
+    two_classes = ImageSet(
         np.zeros((12, 2, 2, 3), np.uint8), np.repeat([0, 1], 6), ["a", "b"], [f"f{i}" for i in range(12)], "x"
     )
     with pytest.warns(UserWarning, match=r"N=8 leaves no test queries .* use N >= 9"):
@@ -400,7 +407,7 @@ def test_numpy_values_in_a_model_config_become_plain_numbers():
 )
 def test_training_settings_errors_say_what_is_expected(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.TrainConfig(**overrides)
+        TrainConfig(**overrides)
 
 
 def test_cli_reports_a_patch_size_that_does_not_divide_the_images(capsys, tmp_path):
@@ -505,7 +512,10 @@ def test_an_upload_without_an_extension_is_read_by_its_content(demo):
 # ------------------------------------------------------------------------------------------
 # Writes that fail half-way leave the previous file and no partial one
 # ------------------------------------------------------------------------------------------
-def half_then_fail(exception: BaseException = OSError(28, "No space left on device")):
+NO_SPACE = OSError(28, "No space left on device")
+
+
+def half_then_fail(exception: BaseException = NO_SPACE):
     """A writer (obj, target, ...) that writes half of a real file to ``target``, then raises."""
 
     def write(*args, **kwargs):
@@ -524,12 +534,12 @@ def leftovers(folder: Path) -> list[str]:
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, exception):
     codec = make_codec(12)
     model = DSIModel(DSIConfig.from_codec(codec, image_size=16, patch_size=8, dim=16, mlp_dim=16, depth=1, heads=2))
-    path = train.save_checkpoint(tmp_path / "model.pt", model, None, model.config, None, 3, [], codec)
+    path = save_checkpoint(tmp_path / "model.pt", model, None, model.config, None, 3, [], codec)
     before = path.read_bytes()
     with monkeypatch.context() as patch, pytest.raises(type(exception)):
-        patch.setattr(train.torch, "save", half_then_fail(exception))
-        train.save_checkpoint(path, model, None, model.config, None, 4, [], codec)
-    assert path.read_bytes() == before and train.load_checkpoint(path)["epoch"] == 3
+        patch.setattr(torch, "save", half_then_fail(exception))
+        save_checkpoint(path, model, None, model.config, None, 4, [], codec)
+    assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 3
     assert leftovers(tmp_path) == []
 
 
@@ -545,9 +555,9 @@ def test_manifest_write_failure_keeps_the_previous_manifest(tmp_path, monkeypatc
 
 def test_cache_write_failure_leaves_no_cache_and_the_next_run_decodes_again(image_tree, monkeypatch):
     with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
-        patch.setattr(data.np, "save", half_then_fail())
+        patch.setattr(np, "save", half_then_fail())
         load_images("folder", 32, root=image_tree, progress=False)
-    cache_root = data.settings.data_dir() / "cache"
+    cache_root = settings.data_dir() / "cache"
     assert list(cache_root.iterdir()) == []  # neither a cache nor a temporary folder
     image_set = load_images("folder", 32, root=image_tree, progress=False)
     assert len(image_set) == 36 and len(list(cache_root.iterdir())) == 1
@@ -555,7 +565,7 @@ def test_cache_write_failure_leaves_no_cache_and_the_next_run_decodes_again(imag
 
 def test_a_damaged_cache_is_decoded_again_not_trusted(image_tree):
     first = load_images("folder", 32, root=image_tree, progress=False)
-    (cache,) = (data.settings.data_dir() / "cache").iterdir()
+    (cache,) = (settings.data_dir() / "cache").iterdir()
     (cache / "images.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.warns(UserWarning, match="ignoring the damaged image cache"):
         second = load_images("folder", 32, root=image_tree, progress=False)
@@ -566,38 +576,38 @@ def test_a_damaged_cache_is_decoded_again_not_trusted(image_tree):
 
 def test_table_and_report_write_failures_keep_the_previous_files(tmp_path, monkeypatch):
     frame = pd.DataFrame({"metric": ["P@10"], "value": [0.5]})
-    csv_path, md_path = tables.write_table(frame, tmp_path / "table1")
+    csv_path, md_path = write_table(frame, tmp_path / "table1")
     before = csv_path.read_text(), md_path.read_text()
     with monkeypatch.context() as patch:
         patch.setattr(Path, "write_text", half_then_fail())
         with pytest.raises(OSError):  # the Markdown fails after the CSV was written: neither is replaced
-            tables.write_table(frame.assign(value=0.9), tmp_path / "table1")
+            write_table(frame.assign(value=0.9), tmp_path / "table1")
         with pytest.raises(OSError):
-            _io.write_json(tmp_path / "table1.csv", {"half": "written"})
+            write_json(tmp_path / "table1.csv", {"half": "written"})
     assert (csv_path.read_text(), md_path.read_text()) == before and leftovers(tmp_path) == []
 
 
 def test_figure_write_failure_keeps_the_previous_figure(tmp_path, monkeypatch):
     matplotlib.use("Agg")
-    fig, axes = plots._new_figure(1, 1, (2, 2))
-    path = plots.save_figure(fig, tmp_path / "figure1.png")
+    fig, axes = new_figure(1, 1, (2, 2))
+    path = save_figure(fig, tmp_path / "figure1.png")
     before = path.read_bytes()
     with monkeypatch.context() as patch, pytest.raises(OSError):
         patch.setattr(type(fig), "savefig", lambda self, target, **kw: half_then_fail()(target))
-        plots.save_figure(fig, path)
+        save_figure(fig, path)
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 
 def test_folder_write_failure_keeps_the_previous_folder(tmp_path):
     target = tmp_path / "cache-entry"
-    with _io.atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with _io.atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             (tmp / "a.txt").write_text("new, half")
             raise RuntimeError("crash while filling the folder")
     assert (target / "a.txt").read_text() == "old" and leftovers(tmp_path) == []
-    with _io.atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and leftovers(tmp_path) == []
 
@@ -605,8 +615,8 @@ def test_folder_write_failure_keeps_the_previous_folder(tmp_path):
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     old_mask = os.umask(0o022)
     try:
-        file_mode = stat.S_IMODE(_io.write_text(tmp_path / "report.md", "x").stat().st_mode)
-        with _io.atomic_dir(tmp_path / "folder"):
+        file_mode = stat.S_IMODE(write_text(tmp_path / "report.md", "x").stat().st_mode)
+        with atomic_dir(tmp_path / "folder"):
             pass
         folder_mode = stat.S_IMODE((tmp_path / "folder").stat().st_mode)
     finally:

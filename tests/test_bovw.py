@@ -8,8 +8,16 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from vitdsi_utils.bovw import (SIFT_DIM, BoVW, assign_words, extract_sift, power_normalise, rootsift, vlad_vectors,
-                               word_histograms)
+from vitdsi_utils.bovw import (
+    SIFT_DIM,
+    BoVW,
+    assign_words,
+    extract_sift,
+    power_normalise,
+    rootsift,
+    vlad_vectors,
+    word_histograms,
+)
 
 SIZE = 64
 N_PER_CLASS = 10

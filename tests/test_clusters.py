@@ -2,16 +2,31 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from sklearn.datasets import make_blobs
 
-from vitdsi_utils.clusters import (available_poolings, cluster_gallery, cluster_scores, cluster_sizes, cluster_study,
-                                   clusters_markdown, elbow_k, embed, kmeans, metric_curves, purity, size_histograms,
-                                   subset_scores, summary, sweep)
-from vitdsi_utils.dense import DenseConfig, DenseEncoder
-from vitdsi_utils.model import DSIConfig, DSIModel
+from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
+from vitdsi_utils.clusters import (
+    available_poolings,
+    cluster_scores,
+    cluster_sizes,
+    elbow_k,
+    embed,
+    kmeans,
+    purity,
+    subset_scores,
+    sweep,
+)
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.studies.clusters import (
+    cluster_gallery,
+    cluster_study,
+    clusters_markdown,
+    metric_curves,
+    size_histograms,
+    summary,
+)
 
 N_BLOBS = 4
 

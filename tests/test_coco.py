@@ -12,19 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import write_coco_fixture
-from vitdsi_utils import coco, data, metrics
+
+from vitdsi_utils import metrics
 from vitdsi_utils.cli import main
-from vitdsi_utils.data import (
-    ImageSet,
-    balanced_quota,
-    build_database,
-    label_matrix_from_sets,
-    load_images,
-    primary_labels,
-)
-from vitdsi_utils.evaluation import attach_paper, evaluate_bovw, evaluate_dsi
+from vitdsi_utils.data.coco import read_coco_annotations
+from vitdsi_utils.data.database import balanced_quota, build_database
+from vitdsi_utils.data.files import load_image
+from vitdsi_utils.data.images import ImageSet, label_matrix_from_sets, load_images, primary_labels
+from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
+from vitdsi_utils.reports.paper import attach_paper
 
 CAR, BOAT, CAT, DOG, TOOTHBRUSH = range(5)  # labels of the fixture's categories, in COCO id order
 
@@ -105,29 +103,29 @@ def test_bad_annotation_files_are_named(tmp_path):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="no list 'categories'"):
-        coco.read_coco_annotations(path)
+        read_coco_annotations(path)
     path.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.jpg"}],
         "annotations": [{"id": 7, "image_id": 1, "category_id": 99}],
         "categories": [{"id": 1, "name": "person"}],
     }))
     with pytest.raises(ValueError, match="annotation 7 refers to category id 99"):
-        coco.read_coco_annotations(path)
+        read_coco_annotations(path)
     path.write_text("{ not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        coco.read_coco_annotations(path)
+        read_coco_annotations(path)
 
 
 def test_coco_cache_skips_parsing_and_decoding_until_the_annotations_change(coco_dir, monkeypatch):
     first = load_fixture(coco_dir)
     decoded = []
-    real_load_image = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k))
+    real_load_image = load_image
+    monkeypatch.setattr("vitdsi_utils.data.images.load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k))
 
     def no_parse(*args, **kwargs):
         raise AssertionError("the annotations were parsed again despite the cached summary")
 
-    monkeypatch.setattr(coco, "parse_coco_annotations", no_parse)
+    monkeypatch.setattr("vitdsi_utils.data.coco.parse_coco_annotations", no_parse)
     second = load_fixture(coco_dir)
     assert decoded == [] and second.files == first.files
     assert np.array_equal(second.label_matrix, first.label_matrix) and np.array_equal(second.images, first.images)
@@ -185,7 +183,10 @@ def test_multilabel_database_balances_primary_categories_as_far_as_the_data_allo
 def test_relevance_is_a_shared_label_not_the_same_primary_label(skewed_db):
     _, db = skewed_db
     relevant = db.relevance("test")
-    sets = lambda role: [set(s.split(";")) for s in db.manifest.loc[db.manifest["role"] == role, "labels"]]
+
+    def sets(role):
+        return [set(s.split(";")) for s in db.manifest.loc[db.manifest["role"] == role, "labels"]]
+
     expected = np.array([[bool(q & d) for d in sets("index")] for q in sets("test")])
     np.testing.assert_array_equal(relevant, expected)
     same_primary = db.split("test")[1][:, None] == db.index_labels[None, :]
@@ -208,7 +209,7 @@ def test_recall_and_ap_count_every_image_sharing_a_label():
     # database rows: {cat}, {dog}, {cat, dog}, {car}, {boat, car}; labels car=0, boat=1, cat=2, dog=3
     db_sets = label_matrix_from_sets([(CAT,), (DOG,), (CAT, DOG), (CAR,), (BOAT, CAR)], 4)
     query_sets = label_matrix_from_sets([(DOG, BOAT), (CAR,)], 4)
-    relevant = metrics.label_relevance(query_sets, db_sets)
+    relevant = label_relevance(query_sets, db_sets)
     np.testing.assert_array_equal(relevant, [[0, 1, 1, 0, 1], [0, 0, 0, 1, 1]])
     ranked = np.array([[3, 2, 0, 4, 1], [4, 0, 3, 1, 2]])
     hits = metrics.relevance_matrix(ranked, relevant)
@@ -222,18 +223,18 @@ def test_recall_and_ap_count_every_image_sharing_a_label():
     assert table.at["mAP@5", "value"] == pytest.approx(((1 / 2 + 2 / 4 + 3 / 5) / 3 + (1 + 2 / 3) / 2) / 2)
     assert table.at["P@2", "chance"] == pytest.approx((3 / 5 + 2 / 5) / 2)
     # the same answer from label sets given as Python sets
-    as_sets = metrics.label_relevance([frozenset({"dog", "boat"}), frozenset({"car"})],
+    as_sets = label_relevance([frozenset({"dog", "boat"}), frozenset({"car"})],
                                       [frozenset({"cat"}), frozenset({"dog"}), frozenset({"cat", "dog"}),
                                        frozenset({"car"}), frozenset({"boat", "car"})])
     np.testing.assert_array_equal(as_sets, relevant)
     with pytest.raises(ValueError, match="same number of columns"):
-        metrics.label_relevance(query_sets, db_sets[:, :3])
+        label_relevance(query_sets, db_sets[:, :3])
 
 
 def test_bovw_and_dsi_are_scored_with_multilabel_relevance(tmp_path, one_torch_thread):
-    from vitdsi_utils.decoding import beam_search
-    from vitdsi_utils.experiments import new_model
-    from vitdsi_utils.ids import make_codec
+    from vitdsi_utils.ids.codec import make_codec
+    from vitdsi_utils.model.decoding import beam_search
+    from vitdsi_utils.phases import new_model
 
     db = build_database(load_fixture(write_coco_fixture(tmp_path / "coco", repeats=5)), 40, seed=0)
     assert (db.n_index, len(db.split("test")[0])) == (10, 3)
@@ -271,9 +272,10 @@ def test_paper_numbers_are_not_put_beside_coco_results():
 
 # ---------------------------------------------------------------- fine-tuning pairs and the demo
 def test_fine_tuning_pairs_follow_multilabel_relevance(skewed_db, one_torch_thread):
-    from vitdsi_utils.experiments import fine_tune, new_model
-    from vitdsi_utils.ids import make_codec
-    from vitdsi_utils.train import RetrievalPairs, TrainConfig, relevant_pairs
+    from vitdsi_utils.ids.codec import make_codec
+    from vitdsi_utils.phases import fine_tune, new_model
+    from vitdsi_utils.training.config import TrainConfig
+    from vitdsi_utils.training.tasks import RetrievalPairs, relevant_pairs
 
     _, db = skewed_db
     relevant = db.relevance("train")
@@ -323,7 +325,7 @@ def test_cli_data_writes_coco_manifests(coco_dir, tmp_path, capsys):
 
 def test_cli_study_passes_the_dataset_override(monkeypatch):
     calls = []
-    monkeypatch.setattr("vitdsi_utils.study.run_study", lambda profile, **kwargs: calls.append((profile, kwargs)))
+    monkeypatch.setattr("vitdsi_utils.cli.run_study", lambda profile, **kwargs: calls.append((profile, kwargs)))
     assert main(["study", "--profile", "cpu", "--dataset", "coco", "--quiet"]) == 0
     assert calls[0][0] == "cpu" and calls[0][1]["overrides"] == {"DATASET": "coco"}
     with pytest.raises(SystemExit):  # argparse names the sources it knows
@@ -334,7 +336,7 @@ def test_cli_study_passes_the_dataset_override(monkeypatch):
 @pytest.mark.notebook
 @pytest.mark.slow
 def test_smoke_study_runs_on_coco(tmp_path, monkeypatch):
-    from vitdsi_utils.study import run_study, study_notebooks
+    from vitdsi_utils.runner.run import run_study, study_notebooks
 
     fixture = write_coco_fixture(tmp_path / "coco", repeats=30)  # 240 usable images: N = 200 fits
     monkeypatch.setenv("VITDSI_COCO_IMAGES", str(fixture["images"]))

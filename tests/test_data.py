@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vitdsi_utils import data
-from vitdsi_utils.data import apportion, build_database, load_image, load_images, max_balanced_size
+from vitdsi_utils import settings
+from vitdsi_utils.data.database import apportion, build_database, max_balanced_size
+from vitdsi_utils.data.files import load_image
+from vitdsi_utils.data.images import ImageSet, load_images
 
 
 # ---------------------------------------------------------------- preprocessing of one image
@@ -86,14 +88,14 @@ def test_folder_source_skips_bad_files_with_one_warning(image_tree):
 def test_cache_is_reused_and_keyed_by_settings(image_tree, monkeypatch):
     first = load_images("folder", 32, root=image_tree, progress=False)
     calls = []
-    real_load_image = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k))
+    real_load_image = load_image
+    monkeypatch.setattr("vitdsi_utils.data.images.load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k))
     second = load_images("folder", 32, root=image_tree, progress=False)
     assert calls == [], "decoded again despite the cache"
     assert np.array_equal(first.images, second.images) and first.files == second.files
     load_images("folder", 64, root=image_tree, progress=False)  # another size is another cache
     assert len(calls) == 39
-    cache_root = data.settings.data_dir() / "cache"
+    cache_root = settings.data_dir() / "cache"
     assert len(list(cache_root.glob("folder-*px-*"))) == 2
     assert not [p for p in cache_root.iterdir() if p.name.endswith(".tmp")], "a temporary folder was left behind"
 
@@ -164,7 +166,7 @@ def test_max_balanced_size():
 
 @pytest.mark.parametrize("n, n_index", [(512, 128), (1024, 256), (2048, 512), (1000, 250)])
 def test_database_split_matches_the_study(n, n_index):
-    image_set = data.ImageSet(
+    image_set = ImageSet(
         images=np.zeros((3000, 2, 2, 3), dtype=np.uint8),
         labels=np.repeat(np.arange(10), 300),
         classes=[f"c{i}" for i in range(10)],
@@ -208,7 +210,7 @@ def test_database_errors_say_what_is_possible():
         build_database(image_set, 5000)
     with pytest.raises(ValueError, match="unknown ID scheme"):
         build_database(image_set, 400, id_scheme="semantic-ish")
-    one_class = data.ImageSet(np.zeros((50, 2, 2, 3), np.uint8), np.zeros(50, np.int64), ["only"], ["f"] * 50, "x")
+    one_class = ImageSet(np.zeros((50, 2, 2, 3), np.uint8), np.zeros(50, np.int64), ["only"], ["f"] * 50, "x")
     with pytest.raises(ValueError, match="at least 2 classes"):
         build_database(one_class, 40)
 

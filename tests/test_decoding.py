@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdsi_utils.decoding import (
+from vitdsi_utils.ids.codec import IDCodec, decimal_codes, make_codec
+from vitdsi_utils.ids.schemes import atomic_codec
+from vitdsi_utils.model.decoding import (
     beam_search,
     beam_search_reference,
     beam_widths,
@@ -14,11 +16,9 @@ from vitdsi_utils.decoding import (
     rank_exhaustive,
     score_all_ids,
 )
-from vitdsi_utils.ids import IDCodec, decimal_codes, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.semantic_ids import atomic_codec
-from vitdsi_utils.train import TrainConfig, train_indexing
-
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.loop import train_indexing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -261,7 +261,7 @@ def test_greedy_decode_equals_the_full_decoder(variant, trained):
 
 
 def test_batches_are_sized_by_memory(monkeypatch):
-    from vitdsi_utils import decoding
+    from vitdsi_utils.model import decoding
 
     codec = CODECS["decimal37x3"]
     model, images = tiny_model(codec).eval(), random_images(7)

@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 
 from vitdsi_utils.bovw import BoVW
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.demo import BoVWSearcher, DSISearcher, QueryDemo
-from vitdsi_utils.experiments import new_model, run_name
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.train import save_checkpoint
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.demo import QueryDemo
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.phases import new_model
+from vitdsi_utils.retrieval.searchers import BoVWSearcher, DSISearcher
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.checkpoint import save_checkpoint
 
 HIT = re.compile(r'<figure class="vitdsi-hit" data-model="([^"]+)" data-row="(\d+)" data-relevant="(\w+)"')
 TINY = dict(patch_size=16, dim=16, mlp_dim=32, depth=1, heads=2)
@@ -128,7 +131,7 @@ def test_from_run_dir_loads_the_trained_models(db, tmp_path):
 def test_report_listing_names_run_folders_relative_to_the_project(db, tmp_path, monkeypatch):
     """A report's indexing_runs.csv stays usable in another checkout: run_dir is project-relative."""
     from vitdsi_utils import settings
-    from vitdsi_utils.demo import find_run_dir
+    from vitdsi_utils.runs import find_run_dir
 
     monkeypatch.setattr(settings, "project_root", lambda: tmp_path / "checkout")
     run = tmp_path / "checkout" / "data" / "runs" / "cpu" / run_name(db)

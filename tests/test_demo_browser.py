@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.experiments import FINE_TUNED, ZERO_SHOT, new_model, run_name
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.plots import IRRELEVANT_COLOR, RELEVANT_COLOR
-from vitdsi_utils.study import load_profile
-from vitdsi_utils.train import save_checkpoint
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.phases import new_model
+from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.runner.profiles import load_profile
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.checkpoint import save_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo_screenshot.py"
 TINY = dict(patch_size=16, dim=16, mlp_dim=32, depth=1, heads=2)

@@ -10,26 +10,26 @@ import pandas as pd
 import pytest
 import torch
 
-from vitdsi_utils.dense import (
+from vitdsi_utils.baselines.dense import (
     DENSE_MODEL,
     DenseConfig,
     DenseEncoder,
-    DenseRetriever,
     DenseTrainConfig,
-    FlatIPIndex,
-    augment,
     class_batches,
     contrastive_loss,
     dense_loss,
     entropy_loss,
-    evaluate_dense,
     load_dense,
     save_dense,
     train_dense,
-    train_or_load,
 )
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.rerank import VectorScorer, cosine_scores, rerank, rerank_study
+from vitdsi_utils.baselines.index import FlatIPIndex
+from vitdsi_utils.data.augment import augment
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.retrieval.rerank import VectorScorer, cosine_scores, rerank
+from vitdsi_utils.retrieval.searchers import DenseRetriever
+from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
+from vitdsi_utils.studies.rerank import rerank_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -336,8 +336,8 @@ def test_loading_errors_say_what_to_do(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_dense(garbage)
-    from vitdsi_utils.ids import make_codec
-    from vitdsi_utils.train import save_checkpoint
+    from vitdsi_utils.ids.codec import make_codec
+    from vitdsi_utils.training.checkpoint import save_checkpoint
 
     dsi_config = DSIConfig(**TINY)
     save_checkpoint(tmp_path / "dsi.pt", DSIModel(dsi_config), None, dsi_config, None, 0, [], make_codec(10))
@@ -367,7 +367,8 @@ def test_retriever_says_what_is_missing():
 # One database, end to end
 # ------------------------------------------------------------------------------------------
 def test_train_or_load_and_evaluate_on_digits(tmp_path):
-    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
 
     db = build_database(load_images("digits", SIZE, progress=False), 120, seed=0)
     config = DenseTrainConfig(epochs=2, batch_size=16, progress=False)
@@ -469,7 +470,8 @@ def test_rerank_study_measures_every_depth_and_improves_a_poor_first_stage():
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_db():
-    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # digits at 32 px: a few images without SIFT keypoints
@@ -477,8 +479,8 @@ def digits_db():
 
 
 def save_untrained_dsi(path, n_ids: int) -> None:
-    from vitdsi_utils.ids import make_codec
-    from vitdsi_utils.train import save_checkpoint
+    from vitdsi_utils.ids.codec import make_codec
+    from vitdsi_utils.training.checkpoint import save_checkpoint
 
     codec = make_codec(n_ids)
     config = DSIConfig.from_codec(codec, **TINY)
@@ -486,7 +488,7 @@ def save_untrained_dsi(path, n_ids: int) -> None:
 
 
 def test_dsi_first_stages_come_from_the_run_folder_and_are_re_ranked(tmp_path, digits_db):
-    from vitdsi_utils.dense import first_stages, rerank_database
+    from vitdsi_utils.studies.dense import first_stages, rerank_database
 
     save_untrained_dsi(tmp_path / "fine_tuned.pt", digits_db.n_index)
     stages = first_stages(digits_db, dsi_run_dir=tmp_path)

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.dense import DenseConfig, DenseEncoder, save_dense
-from vitdsi_utils.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, dense_init_codec, run_dense_init
-from vitdsi_utils.experiments import index_database
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder, save_dense
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.phases import index_database
+from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, dense_init_codec, run_dense_init
+from vitdsi_utils.training.config import TrainConfig
 
 SHAPE = dict(patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2)
 
@@ -81,7 +82,7 @@ def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, e
                        index_config=TrainConfig(epochs=2, seed=0, progress=False))
     # the multi-task options reach the fine-tuning: the finished model was trained on fixed pairs, so
     # asking for same-class targets in the same folder is refused with the option named
-    from vitdsi_utils.train import CheckpointError
+    from vitdsi_utils.training.checkpoint import CheckpointError
 
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="targets"):
         warnings.simplefilter("ignore")

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from vitdsi_utils.cli import main
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.evaluation import (attach_paper, bovw_study, bovw_variant, evaluate_bovw, retrieval_metrics,
-                                     vlad_comparison)
-from vitdsi_utils.paper import paper_table1, paper_value
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw, retrieval_metrics
+from vitdsi_utils.reports.paper import attach_paper, paper_table1, paper_value
+from vitdsi_utils.studies.bovw import bovw_study, vlad_comparison
 
 
 def test_paper_table_has_every_cell_of_table1():
@@ -127,8 +128,9 @@ def test_cli_reports_bad_requests_without_traceback(capsys):
 def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
     import warnings
 
-    from vitdsi_utils.experiments import FINE_TUNED, ZERO_SHOT, run_experiment
-    from vitdsi_utils.train import TrainConfig
+    from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+    from vitdsi_utils.studies.dsi import run_experiment
+    from vitdsi_utils.training.config import TrainConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -154,8 +156,10 @@ def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
 def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
     import warnings
 
-    from vitdsi_utils.experiments import FINE_TUNED, MULTITASK, ZERO_SHOT, run_experiment
-    from vitdsi_utils.train import TrainConfig, load_checkpoint
+    from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
+    from vitdsi_utils.studies.dsi import run_experiment
+    from vitdsi_utils.training.checkpoint import load_checkpoint
+    from vitdsi_utils.training.config import TrainConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -235,8 +239,8 @@ def test_indexing_is_reproducible_from_the_seed():
 
     import torch
 
-    from vitdsi_utils.experiments import index_database
-    from vitdsi_utils.train import TrainConfig
+    from vitdsi_utils.phases import index_database
+    from vitdsi_utils.training.config import TrainConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -250,7 +254,7 @@ def test_indexing_is_reproducible_from_the_seed():
 def test_attach_paper_twice_is_attaching_once():
     import pandas as pd
 
-    from vitdsi_utils.evaluation import attach_paper
+    from vitdsi_utils.reports.paper import attach_paper
 
     rows = pd.DataFrame({"model": ["DSI zero-shot", "BoVW"], "n": [512, 512], "ids": ["clustered", "-"],
                          "metric": ["IA@1", "mAP@10"], "value": [0.9, 0.1], "source": ["imagenette"] * 2})
@@ -263,10 +267,11 @@ def test_evaluate_dsi_averages_a_list_of_models_per_query():
     """Several training seeds of one recipe: each metric is the per-query mean over the models."""
     import torch
 
-    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
     from vitdsi_utils.evaluation import evaluate_dsi
-    from vitdsi_utils.model import DSIConfig, DSIModel
-    from vitdsi_utils.semantic_ids import codec_for
+    from vitdsi_utils.ids.schemes import codec_for
+    from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
     db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
     codec = codec_for(db)
@@ -296,7 +301,7 @@ def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path)
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["ids"]) == {"clustered", "atomic"}
     assert sorted(p.name for p in runs.iterdir()) == ["digits-32px-N120-atomic-seed0", "digits-32px-N120-clustered-seed0"]
-    from vitdsi_utils.train import load_model
+    from vitdsi_utils.training.checkpoint import load_model
 
     model, codec, _ = load_model(runs / "digits-32px-N120-atomic-seed0" / "zero_shot.pt")
     assert len(codec) == 30 and codec.max_length == 2  # 30 indexed images, one token each + EOS
@@ -306,7 +311,7 @@ def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path)
 
 
 def test_dsi_study_names_the_unknown_scheme():
-    from vitdsi_utils.experiments import dsi_study
+    from vitdsi_utils.studies.dsi import dsi_study
 
     with pytest.raises(ValueError, match="unknown ID scheme"):
         dsi_study("digits", 32, ns=(120,), schemes=("clustered", "hashed"))

@@ -5,22 +5,22 @@ import pytest
 import torch
 
 from vitdsi_utils.cli import build_parser
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.experiments import fine_tune, index_database
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.train import (
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.training.checkpoint import CheckpointError
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.loop import epoch_counts, fit
+from vitdsi_utils.training.tasks import (
     AugmentedViews,
-    CheckpointError,
     IndexingTask,
+    Pool,
     RetrievalPairs,
     SameClassTargets,
-    TrainConfig,
-    _as_tasks,
-    _epoch_counts,
-    _Pool,
+    as_tasks,
     draw_relevant,
-    fit,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,7 +100,7 @@ def test_pool_redraws_targets_each_epoch_among_relevant_rows():
     relevant = relevance()
     codec = make_codec(relevant.shape[1])
     task = SameClassTargets(images_of(len(relevant)), relevant)
-    pool = _Pool(_as_tasks([task]), codec, torch.device("cpu"))
+    pool = Pool(as_tasks([task]), codec, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     seen = []
     for _ in range(3):
@@ -115,7 +115,7 @@ def test_fixed_pairs_are_never_redrawn():
     relevant = relevance()
     codec = make_codec(relevant.shape[1])
     pairs = RetrievalPairs(images_of(len(relevant)), relevant.float().argmax(1))
-    pool = _Pool(_as_tasks([pairs]), codec, torch.device("cpu"))
+    pool = Pool(as_tasks([pairs]), codec, torch.device("cpu"))
     before = pool.rows.clone()
     pool.resample(torch.Generator().manual_seed(0))
     assert torch.equal(pool.rows, before)
@@ -140,7 +140,7 @@ def test_views_keep_the_target_id_and_change_the_image():
     images = images_of(8)
     views = AugmentedViews(images, views=3, flip=True, min_crop=0.6)
     assert len(views) == 24
-    pool = _Pool(_as_tasks([views]), codec, torch.device("cpu"))
+    pool = Pool(as_tasks([views]), codec, torch.device("cpu"))
     ids = torch.arange(len(pool))
     batch, _, targets, _ = pool.batch(ids, torch.Generator().manual_seed(0))
     own = torch.arange(8).repeat(3)
@@ -155,7 +155,7 @@ def test_views_keep_the_target_id_and_change_the_image():
 def test_flip_only_views_are_the_image_or_its_mirror():
     codec = make_codec(6)
     images = images_of(6)
-    pool = _Pool(_as_tasks([AugmentedViews(images, views=4, flip=True, min_crop=1.0)]), codec, torch.device("cpu"))
+    pool = Pool(as_tasks([AugmentedViews(images, views=4, flip=True, min_crop=1.0)]), codec, torch.device("cpu"))
     batch, _, _, _ = pool.batch(torch.arange(len(pool)), torch.Generator().manual_seed(1))
     source = images[torch.arange(6).repeat(4)]
     same = (batch == source).flatten(1).all(1)
@@ -166,11 +166,11 @@ def test_flip_only_views_are_the_image_or_its_mirror():
 def test_mix_ratio_leaves_the_views_count_alone():
     codec = make_codec(8)
     images = images_of(8)
-    tasks = _as_tasks([IndexingTask(images), RetrievalPairs(images_of(20, 1), torch.arange(20) % 8),
+    tasks = as_tasks([IndexingTask(images), RetrievalPairs(images_of(20, 1), torch.arange(20) % 8),
                        AugmentedViews(images, views=2)])
-    pool = _Pool(tasks, codec, torch.device("cpu"))
-    assert _epoch_counts(pool, 4.0) == {"retrieval": 32}
-    order = pool.epoch_order(torch.Generator().manual_seed(0), _epoch_counts(pool, 4.0))
+    pool = Pool(tasks, codec, torch.device("cpu"))
+    assert epoch_counts(pool, 4.0) == {"retrieval": 32}
+    order = pool.epoch_order(torch.Generator().manual_seed(0), epoch_counts(pool, 4.0))
     assert torch.bincount(pool.task[order], minlength=3).tolist() == [8, 32, 16]
 
 
@@ -218,8 +218,8 @@ def test_dsi_command_exposes_the_options():
 
 def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
     """consolidate=E: indexing alone after fine-tuning, at most E epochs, stopped by the IA@1 rule."""
-    from vitdsi_utils.decoding import indexing_accuracy
-    from vitdsi_utils.semantic_ids import codec_for
+    from vitdsi_utils.ids.schemes import codec_for
+    from vitdsi_utils.model.decoding import indexing_accuracy
 
     overrides = dict(dim=16, mlp_dim=32, depth=1, heads=2)
     zero = index_database(digits_db, model_overrides=overrides, config=quiet(epochs=1))

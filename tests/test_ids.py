@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitdsi_utils.ids import IDCodec, decimal_codes, dense_id_order, make_codec
+from vitdsi_utils.ids.codec import IDCodec, decimal_codes, dense_id_order, make_codec
 
 
 def test_decimal_codes_fixed_width():

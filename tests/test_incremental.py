@@ -5,10 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from vitdsi_utils import incremental as inc
-from vitdsi_utils.decoding import beam_search
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.train import IndexingTask, TrainConfig, fit
+from vitdsi_utils.model.decoding import beam_search
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.studies.incremental import (
+    INITIAL,
+    SCRATCH,
+    epoch_examples,
+    finetune_name,
+    finetune_tasks,
+    incremental_codecs,
+    replay_count,
+    split_new,
+)
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.loop import fit
+from vitdsi_utils.training.tasks import IndexingTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,7 +35,7 @@ def walk(trie, tokens) -> int:
 
 
 def test_new_ids_are_valid_distinct_and_in_the_trie():
-    old, full = inc.incremental_codecs(80, 25)
+    old, full = incremental_codecs(80, 25)
     assert len(old) == 80 and len(full) == 105
     assert full.codes[:80] == old.codes  # old images keep their IDs
     new = full.codes[80:]
@@ -39,38 +50,38 @@ def test_new_ids_are_valid_distinct_and_in_the_trie():
 
 
 def test_capacity_sets_the_id_width():
-    old, full = inc.incremental_codecs(8, 4, capacity=1000)
+    old, full = incremental_codecs(8, 4, capacity=1000)
     assert {len(c) for c in full.codes} == {3} and full.codes[8] == (0, 0, 8)
     # without a capacity, the width is that of the final number of IDs, for old IDs too
-    old, full = inc.incremental_codecs(8, 4)
+    old, full = incremental_codecs(8, 4)
     assert {len(c) for c in old.codes} == {2}
     with pytest.raises(ValueError, match="capacity"):
-        inc.incremental_codecs(8, 4, capacity=10)
+        incremental_codecs(8, 4, capacity=10)
 
 
 def test_split_new_is_seeded_with_the_asked_fraction():
-    old, new = inc.split_new(100, 0.2, seed=0)
+    old, new = split_new(100, 0.2, seed=0)
     assert len(new) == 20 and len(old) == 80
     assert sorted(np.concatenate([old, new])) == list(range(100))
-    assert np.array_equal(new, inc.split_new(100, 0.2, seed=0)[1])
-    assert not np.array_equal(new, inc.split_new(100, 0.2, seed=1)[1])
+    assert np.array_equal(new, split_new(100, 0.2, seed=0)[1])
+    assert not np.array_equal(new, split_new(100, 0.2, seed=1)[1])
     with pytest.raises(ValueError):
-        inc.split_new(100, 1.0)
+        split_new(100, 1.0)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0, 3.0])
 def test_replay_sampling_has_the_ratio_and_is_seeded(ratio):
     n_old, n_new = 40, 10
-    epochs = inc.epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
+    epochs = epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
     for rows in epochs:
         assert sorted(rows[rows >= n_old]) == list(range(n_old, n_old + n_new))  # every new image once
-        assert (rows < n_old).sum() == inc.replay_count(n_new, ratio) == round(ratio * n_new)
+        assert (rows < n_old).sum() == replay_count(n_new, ratio) == round(ratio * n_new)
     if ratio:
         # distinct old images within an epoch while the ratio asks for fewer than all of them,
         # resampled from one epoch to the next, and the same for the same seed
         assert len(set(epochs[0][epochs[0] < n_old])) == min(n_old, round(ratio * n_new))
         assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))
-    again = inc.epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
+    again = epoch_examples(n_old, n_new, ratio, seed=0, epochs=2)
     assert all(np.array_equal(a, b) for a, b in zip(epochs, again))
 
 
@@ -79,7 +90,7 @@ def test_tiny_model_learns_new_ids_with_replay():
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (24, size, size, 3), generator=g, dtype=torch.uint8)
     old_images, new_images = images[:16], images[16:]
-    old_codec, codec = inc.incremental_codecs(16, 8)
+    old_codec, codec = incremental_codecs(16, 8)
     torch.manual_seed(0)
     model = DSIModel(DSIConfig.from_codec(codec, image_size=size, patch_size=8, dim=64, mlp_dim=128, depth=1,
                                           heads=2, dropout=0.0))
@@ -87,7 +98,7 @@ def test_tiny_model_learns_new_ids_with_replay():
     fit(model, old_codec, [IndexingTask(old_images)], config=config, stop_on="indexing")
     _, rows = beam_search(model, old_images, old_codec, k=1)
     assert torch.equal(rows[:, 0], torch.arange(16))
-    tasks, mix = inc.finetune_tasks(old_images, new_images, ratio=2.0)
+    tasks, mix = finetune_tasks(old_images, new_images, ratio=2.0)
     fit(model, codec, tasks, config=config, mix_ratio=mix, stop_on="indexing")
     _, rows = beam_search(model, images, codec, k=1)
     assert torch.equal(rows[16:, 0], torch.arange(16, 24))  # every new image finds its new ID
@@ -105,7 +116,7 @@ def test_cli_incremental_writes_every_strategy(tmp_path):
                      "--heads", "2", "--out", str(out), "--runs", str(tmp_path / "runs")])
     assert code == 0
     results = pd.read_csv(out / "incremental_N80_random.csv")
-    assert list(results["strategy"]) == [inc.INITIAL, inc.finetune_name(0), inc.finetune_name(1), inc.SCRATCH]
+    assert list(results["strategy"]) == [INITIAL, finetune_name(0), finetune_name(1), SCRATCH]
     assert (results["n_old"] + results["n_new"] == 20).all()  # N = 80 indexes 20 images
     assert results.loc[1:, "IA@1 new"].between(0, 1).all() and pd.isna(results.loc[0, "IA@1 new"])
     curves = pd.read_csv(out / "incremental_N80_random_curves.csv")

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 import vitdsi_utils.metrics as M
+from vitdsi_utils.data.relevance import label_relevance, multilabel_relevance
 
 # ----------------------------------------------------------------------------------------------
 # A hand-worked example: 6 database rows, 3 queries, rankings of length K = 4.
@@ -318,7 +319,7 @@ def test_paper_protocol_is_mean_precision_of_the_drawn_queries(many_queries):
 
 
 def test_label_relevance_single_label():
-    rel = M.label_relevance(np.array([0, 2]), np.array([2, 0, 0, 1]))
+    rel = label_relevance(np.array([0, 2]), np.array([2, 0, 0, 1]))
     np.testing.assert_array_equal(rel, [[0, 1, 1, 0], [1, 0, 0, 0]])
 
 
@@ -333,5 +334,5 @@ def test_multilabel_relevance_hand_example():
         ],
         dtype=bool,
     )
-    np.testing.assert_array_equal(M.multilabel_relevance(queries, db), expected)
-    np.testing.assert_array_equal(M.label_relevance(queries, db), expected)
+    np.testing.assert_array_equal(multilabel_relevance(queries, db), expected)
+    np.testing.assert_array_equal(label_relevance(queries, db), expected)

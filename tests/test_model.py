@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.model import IMAGE_MEAN, IMAGE_STD, POS_ENCODINGS, DSIConfig, DSIModel
-
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.model.vit import IMAGE_MEAN, IMAGE_STD, POS_ENCODINGS, DSIConfig, DSIModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,8 +138,8 @@ def test_sinusoidal_table_is_a_moving_buffer():
 
 
 def test_load_encoder_copies_a_dense_encoder_and_leaves_the_decoder():
-    from vitdsi_utils.dense import DenseConfig, DenseEncoder
-    from vitdsi_utils.model import DSIConfig, DSIModel
+    from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
+    from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
     shape = dict(image_size=32, patch_size=8, dim=32, mlp_dim=64, depth=2, heads=2)
     torch.manual_seed(0)
@@ -157,8 +156,8 @@ def test_load_encoder_copies_a_dense_encoder_and_leaves_the_decoder():
 
 
 def test_load_encoder_names_what_differs():
-    from vitdsi_utils.dense import DenseConfig, DenseEncoder
-    from vitdsi_utils.model import DSIConfig, DSIModel
+    from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
+    from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
     dsi = DSIModel(DSIConfig(vocab_size=13, max_id_length=4, image_size=32, patch_size=8, dim=32, mlp_dim=64,
                              depth=2, heads=2))

@@ -5,21 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from vitdsi_utils.dense import DenseConfig, DenseEncoder, DenseTrainConfig, save_dense
-from vitdsi_utils.model import IMAGE_MEAN, IMAGE_STD, DSIConfig, DSIModel, ViTConfig, ViTEncoder
-from vitdsi_utils.pretrain import (
+from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder, DenseTrainConfig, save_dense
+from vitdsi_utils.baselines.init import init_encoder, torchvision_overrides
+from vitdsi_utils.baselines.ssl import (
     SSLConfig,
     SSLEncoder,
     augment_views,
     encoder_state_dict,
     info_nce,
-    init_encoder,
     load_ssl,
     outside_images,
     save_ssl,
-    torchvision_overrides,
     train_ssl,
 )
+from vitdsi_utils.model.vit import IMAGE_MEAN, IMAGE_STD, DSIConfig, DSIModel, ViTConfig, ViTEncoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,7 +110,7 @@ def test_ssl_loss_of_an_encoder_is_lower_for_views_of_the_same_image():
 # Pretraining and its checkpoints
 # ------------------------------------------------------------------------------------------
 def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
-    from vitdsi_utils import pretrain
+    from vitdsi_utils.baselines.ssl import save_ssl  # noqa: F401
 
     data = smooth_images(24)
     config = SSLConfig(epochs=4, batch_size=12, lr=3e-3, warmup_steps=2, progress=False)
@@ -123,14 +122,14 @@ def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     path = tmp_path / "ssl.pt"
     torch.manual_seed(0)
     first = SSLEncoder(ViTConfig(**TINY), 32, 16)
-    saved = pretrain.save_ssl
+    saved = save_ssl
 
     def save_then_stop(*args, **kwargs):  # the run is killed right after its second checkpoint
         saved(*args, **kwargs)
         if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "save_ssl", save_then_stop)
+    monkeypatch.setattr("vitdsi_utils.baselines.ssl.save_ssl", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_ssl(first, data, config=config, checkpoint_path=path)
     monkeypatch.undo()
@@ -151,7 +150,8 @@ def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_outside_images_leave_out_every_database_image():
-    from vitdsi_utils.data import build_database, load_images
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
 
     image_set = load_images("digits", 32, progress=False)
     small, large = build_database(image_set, 100, seed=0), build_database(image_set, 200, seed=1)
@@ -204,8 +204,9 @@ def test_an_ssl_checkpoint_initialises_dense_and_dsi_models(tmp_path):
 
 
 def test_a_dsi_checkpoint_initialises_another_dsi_encoder(tmp_path):
-    from vitdsi_utils.ids import make_codec
-    from vitdsi_utils.train import TrainConfig, save_checkpoint
+    from vitdsi_utils.ids.codec import make_codec
+    from vitdsi_utils.training.checkpoint import save_checkpoint
+    from vitdsi_utils.training.config import TrainConfig
 
     codec = make_codec(20)
     torch.manual_seed(0)
@@ -229,9 +230,10 @@ def test_the_wrong_kind_of_file_is_named(tmp_path):
 
 
 def test_new_model_takes_an_encoder_init(tmp_path):
-    from vitdsi_utils.data import build_database, load_images
-    from vitdsi_utils.experiments import encoder_init_tag, new_model
-    from vitdsi_utils.semantic_ids import codec_for
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
+    from vitdsi_utils.ids.schemes import codec_for
+    from vitdsi_utils.phases import encoder_init_tag, new_model
 
     db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
     torch.manual_seed(0)
@@ -245,9 +247,11 @@ def test_new_model_takes_an_encoder_init(tmp_path):
 
 
 def test_a_run_folder_remembers_its_encoder_init(tmp_path):
-    from vitdsi_utils.data import build_database, load_images
-    from vitdsi_utils.experiments import index_database
-    from vitdsi_utils.train import CheckpointError, TrainConfig
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
+    from vitdsi_utils.phases import index_database
+    from vitdsi_utils.training.checkpoint import CheckpointError
+    from vitdsi_utils.training.config import TrainConfig
 
     db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
     overrides = {k: v for k, v in TINY.items() if k != "image_size"}
@@ -359,9 +363,8 @@ def test_torchvision_files_that_cannot_be_used(tmp_path, monkeypatch):
 # The study
 # ------------------------------------------------------------------------------------------
 def test_pretrain_study_writes_its_report(tmp_path):
-    from vitdsi_utils.pretrain import paired_comparison, pretrain_study
-    from vitdsi_utils.semantic_ids import codec_for
-    from vitdsi_utils.train import TrainConfig
+    from vitdsi_utils.studies.pretrain import pretrain_study
+    from vitdsi_utils.training.config import TrainConfig
 
     quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
     out = pretrain_study(
@@ -398,16 +401,17 @@ def test_pretrain_study_writes_its_report(tmp_path):
 
 
 def test_pretrain_study_refuses_a_subset_too_small_for_info_nce():
-    from vitdsi_utils.pretrain import pretrain_study
+    from vitdsi_utils.studies.pretrain import pretrain_study
 
     with pytest.raises(ValueError, match="max_images must be None or an integer >= 2"):
         pretrain_study("digits", 32, 100, 0, max_images=1, progress=False)
 
 
 def test_paired_comparison_of_a_model_with_itself_is_zero():
-    from vitdsi_utils.data import build_database, load_images
-    from vitdsi_utils.pretrain import paired_comparison
-    from vitdsi_utils.semantic_ids import codec_for
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
+    from vitdsi_utils.ids.schemes import codec_for
+    from vitdsi_utils.studies.pretrain import paired_comparison
 
     db = build_database(load_images("digits", 32, progress=False), 100, seed=0)
     codec = codec_for(db)
@@ -420,9 +424,10 @@ def test_paired_comparison_of_a_model_with_itself_is_zero():
 
 def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_path):
     from vitdsi_utils.cli import build_parser
-    from vitdsi_utils.pretrain import comparison_frame, pretrain_study
-    from vitdsi_utils.semantic_ids import hierarchical_kmeans_codes
-    from vitdsi_utils.train import TrainConfig, load_model
+    from vitdsi_utils.ids.schemes import hierarchical_kmeans_codes
+    from vitdsi_utils.studies.pretrain import comparison_frame, pretrain_study
+    from vitdsi_utils.training.checkpoint import load_model
+    from vitdsi_utils.training.config import TrainConfig
 
     quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
     out = pretrain_study(
@@ -444,13 +449,14 @@ def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_pa
     folder = next(p for p in (tmp_path / "runs").iterdir() if "semantic-ssl-k3-c4" in p.name)
     assert folder.name.endswith("-init-ssl-e1-b64-i200")
     _, codec, _ = load_model(folder / "zero_shot.pt")
-    from vitdsi_utils.data import build_database, load_images
-    from vitdsi_utils.pretrain import _embed, load_ssl
+    from vitdsi_utils.baselines.ssl import embed_images, load_ssl
+    from vitdsi_utils.data.database import build_database
+    from vitdsi_utils.data.images import load_images
 
     db = build_database(load_images("digits", 32, progress=False), 100, id_scheme="clustered", seed=0)
     ssl_file = next((tmp_path / "runs").glob("ssl-*/ssl.pt"))
     encoder, _ = load_ssl(ssl_file)
-    expected = hierarchical_kmeans_codes(_embed(encoder, db.split("index")[0]).double().numpy(), k=3, c=4, seed=0)
+    expected = hierarchical_kmeans_codes(embed_images(encoder, db.split("index")[0]).double().numpy(), k=3, c=4, seed=0)
     assert [tuple(c) for c in codec.codes] == [tuple(c) for c in expected]
     assert (tmp_path / "out" / "ids_digits_32px.csv").is_file()
     assert "Semantic IDs from the encoder's embeddings" in out["markdown"]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vitdsi_utils import metrics
-from vitdsi_utils.ids import IDCodec, decimal_codes, dense_id_order, make_codec
+from vitdsi_utils.ids.codec import IDCodec, decimal_codes, dense_id_order, make_codec
 
 # the shared 2-core machine makes single examples slow now and then: no per-example deadline
 quick = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,10 +6,11 @@ import warnings
 import pandas as pd
 import pytest
 
-from vitdsi_utils.data import build_database, load_images
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import evaluate_bovw
-from vitdsi_utils.experiments import run_experiment
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

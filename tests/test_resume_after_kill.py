@@ -18,10 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from vitdsi_utils import train
-from vitdsi_utils.data import Database, build_database, load_images
-from vitdsi_utils.experiments import index_database, run_experiment
-from vitdsi_utils.train import TrainConfig, load_checkpoint
+from vitdsi_utils.data.database import Database, build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.phases import index_database
+from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.training import loop
+from vitdsi_utils.training.checkpoint import load_checkpoint
+from vitdsi_utils.training.config import TrainConfig
 
 TINY = dict(patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2, dropout=0.1)
 KILL_AFTER_EPOCH = 2  # the child hangs in the epoch after this checkpoint, and is killed there
@@ -48,7 +51,7 @@ def child(run_dir: Path, marker: Path) -> None:
     torch.set_num_threads(1)
     saved = {"epoch": 0}
     steps_after = {"n": 0}
-    real_save, real_losses = train.save_checkpoint, train.token_losses
+    real_save, real_losses = loop.save_checkpoint, loop.token_losses
 
     def save(*args, **kwargs):
         path = real_save(*args, **kwargs)
@@ -63,7 +66,7 @@ def child(run_dir: Path, marker: Path) -> None:
                 time.sleep(300)  # wait here for the SIGKILL
         return real_losses(*args, **kwargs)
 
-    train.save_checkpoint, train.token_losses = save, losses
+    loop.save_checkpoint, loop.token_losses = save, losses  # where fit() looks them up
     index_database(small_database(), model_overrides=TINY, config=index_config(), run_dir=run_dir)
     raise SystemExit("the child finished training: it was never killed")
 

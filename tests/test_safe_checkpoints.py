@@ -9,21 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from vitdsi_utils import data
-from vitdsi_utils.data import build_database, load_images
+from vitdsi_utils import settings
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
 from vitdsi_utils.demo import QueryDemo
-from vitdsi_utils.experiments import index_database
-from vitdsi_utils.ids import IDCodec, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.train import (
-    CheckpointError,
-    TrainConfig,
-    fit,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-    train_indexing,
-)
+from vitdsi_utils.ids.codec import IDCodec, make_codec
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.phases import index_database
+from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.loop import fit, train_indexing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -228,7 +223,7 @@ def test_only_plain_data_is_written(tmp_path):
 
 def test_an_image_cache_holding_pickled_objects_is_not_unpickled(image_tree, tmp_path):
     load_images("folder", 32, root=image_tree, progress=False)
-    (cache,) = (data.settings.data_dir() / "cache").iterdir()
+    (cache,) = (settings.data_dir() / "cache").iterdir()
     marker = tmp_path / "ran"
     array = np.empty(1, dtype=object)
     array[0] = Payload(str(marker))

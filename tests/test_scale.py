@@ -6,10 +6,21 @@ import pandas as pd
 import pytest
 import torch
 
-from vitdsi_utils import scale
-from vitdsi_utils.data import ImageSet
-from vitdsi_utils.ids import make_codec
-from vitdsi_utils.train import TrainConfig
+from vitdsi_utils.data.images import ImageSet
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.model.decoding import indexing_accuracy
+from vitdsi_utils.studies.scale import (
+    METHODS,
+    geometric_ns,
+    ia_table,
+    index_all_database,
+    latency_table,
+    query_views,
+    reusable_latency,
+    scale_figure,
+    scale_markdown,
+)
+from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,15 +37,15 @@ def synthetic_set(per_class: tuple[int, ...] = (30, 30, 25), seed: int = 0) -> I
 
 
 def test_geometric_series_ends_at_the_whole_set():
-    assert scale.geometric_ns(512, 13_394) == [512, 1024, 2048, 4096, 8192, 13_394]
-    assert scale.geometric_ns(100, 100) == [100]
+    assert geometric_ns(512, 13_394) == [512, 1024, 2048, 4096, 8192, 13_394]
+    assert geometric_ns(100, 100) == [100]
     with pytest.raises(ValueError):
-        scale.geometric_ns(100, 50)
+        geometric_ns(100, 50)
 
 
 def test_index_all_database_indexes_every_image():
     image_set = synthetic_set()
-    db = scale.index_all_database(image_set, len(image_set), id_scheme="random", seed=3)
+    db = index_all_database(image_set, len(image_set), id_scheme="random", seed=3)
     assert db.n_index == len(image_set) and set(db.manifest["role"]) == {"index"}
     assert sorted(db.manifest["source_row"]) == list(range(len(image_set)))  # each image once
     assert list(db.manifest["row"]) == list(range(len(image_set)))
@@ -45,60 +56,60 @@ def test_index_all_database_indexes_every_image():
 
 def test_index_all_database_balances_and_is_seeded():
     image_set = synthetic_set()
-    db = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=0)
+    db = index_all_database(image_set, 60, id_scheme="clustered", seed=0)
     assert db.manifest["label"].value_counts().sort_index().tolist() == [20, 20, 20]
     # clustered: classes in consecutive blocks
     assert list(db.manifest["label"]) == sorted(db.manifest["label"])
-    again = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=0)
-    other = scale.index_all_database(image_set, 60, id_scheme="clustered", seed=1)
+    again = index_all_database(image_set, 60, id_scheme="clustered", seed=0)
+    other = index_all_database(image_set, 60, id_scheme="clustered", seed=1)
     assert again.manifest.equals(db.manifest)
     assert not other.manifest["source_row"].equals(db.manifest["source_row"])
     with pytest.raises(ValueError, match="n must lie"):
-        scale.index_all_database(image_set, len(image_set) + 1)
+        index_all_database(image_set, len(image_set) + 1)
 
 
 def test_query_views_are_flipped_indexed_images():
-    db = scale.index_all_database(synthetic_set(), 40, seed=0)
-    queries = scale.query_views(db, 8, seed=5)
+    db = index_all_database(synthetic_set(), 40, seed=0)
+    queries = query_views(db, 8, seed=5)
     assert queries.shape == (8, SIZE, SIZE, 3) and queries.dtype == np.uint8
     unflipped = queries[:, :, ::-1]
     assert all(any(np.array_equal(q, im) for im in db.images) for q in unflipped)
-    assert np.array_equal(queries, scale.query_views(db, 8, seed=5))
+    assert np.array_equal(queries, query_views(db, 8, seed=5))
 
 
 def test_latency_table_has_a_row_per_n_and_method():
     image_set = synthetic_set()
-    table = scale.latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=10, repeats=1,
+    table = latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=10, repeats=1,
                                 model_overrides=TINY, bovw_words=8, progress=False)
     assert len(table) == 6
-    assert set(table["method"]) == set(scale.METHODS)
+    assert set(table["method"]) == set(METHODS)
     assert (table["ms_per_query"] > 0).all() and (table["cpu_ms_per_query"] > 0).all() and (table["build_s"] >= 0).all()
-    fig = scale.scale_figure(table, pd.DataFrame({"n": [20], "IA@1": [0.5], "epochs": [3], "train_s": [1.0]}))
+    fig = scale_figure(table, pd.DataFrame({"n": [20], "IA@1": [0.5], "epochs": [3], "train_s": [1.0]}))
     assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
-    assert "DSI beam search" in scale.scale_markdown(table, None, {"size": SIZE, "k": 10})
+    assert "DSI beam search" in scale_markdown(table, None, {"size": SIZE, "k": 10})
 
 
 def test_ia_table_trains_and_reports_the_target(tmp_path):
     image_set = synthetic_set()
     config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, progress=False, device="cpu")
-    ia, histories = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
+    ia, histories = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
     row = ia.iloc[0]
     assert row["n"] == 12 and row["epochs"] == 2 and 0 <= row["IA@1"] <= 1
     assert row["reached"] == (row["IA@1"] >= 0.99)
     assert set(histories["n"]) == {12}
     # a second call loads the saved model instead of training again
-    again, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
+    again, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path)
     assert again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["train_s"] == pytest.approx(row["train_s"])
 
 
 def test_indexing_accuracy_of_an_untrained_model_is_low():
     codec = make_codec(50)
-    from vitdsi_utils.model import DSIConfig, DSIModel
+    from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
     torch.manual_seed(0)
     model = DSIModel(DSIConfig.from_codec(codec, image_size=SIZE, **TINY))
     images = synthetic_set().images[:50]
-    assert scale.indexing_accuracy(model, codec, images, beam_size=10) < 0.2
+    assert indexing_accuracy(model, codec, images, beam_size=10) < 0.2
 
 
 def test_cli_scale_latency_only(tmp_path, capsys):
@@ -117,15 +128,15 @@ def test_cli_scale_latency_only(tmp_path, capsys):
 
 def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
     rows = [{"n": n, "method": m, "build_s": 1.0, "ms_per_query": 2.0, "k": 10, "queries": 4, "batch": 4,
-             "repeats": 1, "device": "cpu", "size": SIZE, "cpu_ms_per_query": 1.5} for n in (20, 60) for m in scale.METHODS]
+             "repeats": 1, "device": "cpu", "size": SIZE, "cpu_ms_per_query": 1.5} for n in (20, 60) for m in METHODS]
     path = tmp_path / "scale_latency.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     same = dict(k=10, n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
-    assert len(scale.reusable_latency(path, [20, 60], **same)) == 6
-    assert len(scale.reusable_latency(path, [60], **same)) == 3
-    assert scale.reusable_latency(path, [20, 100], **same) is None  # an N it lacks
-    assert scale.reusable_latency(path, [20], **{**same, "k": 100}) is None  # other settings
-    assert scale.reusable_latency(tmp_path / "missing.csv", [20], **same) is None
+    assert len(reusable_latency(path, [20, 60], **same)) == 6
+    assert len(reusable_latency(path, [60], **same)) == 3
+    assert reusable_latency(path, [20, 100], **same) is None  # an N it lacks
+    assert reusable_latency(path, [20], **{**same, "k": 100}) is None  # other settings
+    assert reusable_latency(tmp_path / "missing.csv", [20], **same) is None
 
 
 def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_path, monkeypatch):
@@ -133,22 +144,22 @@ def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_pat
     image_set = synthetic_set()
     config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
                          device="cpu")
-    ia, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
+    ia, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
                            beam_size=10)
     row = ia.iloc[0]
     assert (row["batch_size"], row["lr"], row["stop_rule"], row["ia_beam"]) == (8, 3e-3, "eval", 10)
     saved = list(tmp_path.glob("*/ia1_beam10.json"))
     assert len(saved) == 1
     calls = []
-    monkeypatch.setattr(scale, "indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
+    monkeypatch.setattr("vitdsi_utils.studies.scale.indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
     # another requested batch size does not relabel the saved model, and its IA@1 is not measured again
     other = TrainConfig(lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
                         device="cpu")
-    again, _ = scale.ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path,
+    again, _ = ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path,
                               beam_size=10)
     assert not calls and again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["batch_size"] == 8
     # another beam width is a new measurement
-    wider, _ = scale.ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
+    wider, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
                               beam_size=20)
     assert calls == [1] and wider.iloc[0]["IA@1"] == 0.5 and wider.iloc[0]["ia_beam"] == 20
 
@@ -164,28 +175,30 @@ def test_scale_command_passes_the_stop_rule():
 
 def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
     """Top-10 and top-100 beside each other (issue 17): one build per (N, method), a row per k."""
+    from vitdsi_utils.studies import scale as scale_module
+
     image_set = synthetic_set()
     builds = []
-    bovw_rows = scale._bovw_latency_rows
-    monkeypatch.setattr(scale, "_bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
-    table = scale.latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=[3, 10], repeats=1,
+    bovw_rows = scale_module._bovw_latency_rows
+    monkeypatch.setattr(scale_module, "_bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
+    table = latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=[3, 10], repeats=1,
                                 model_overrides=TINY, bovw_words=8, progress=False)
     assert len(table) == 12 and builds == [1, 1]
     assert sorted(set(zip(table["n"], table["method"], table["k"]))) == sorted(
-        (n, m, k) for n in (20, 60) for m in scale.METHODS for k in (3, 10))
-    fig = scale.scale_figure(table)
+        (n, m, k) for n in (20, 60) for m in METHODS for k in (3, 10))
+    fig = scale_figure(table)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "DSI beam search, top-3" in labels and "Dense (FAISS), top-10" in labels
-    text = scale.scale_markdown(table, None, {"size": SIZE})
+    text = scale_markdown(table, None, {"size": SIZE})
     assert "Top-3:" in text and "Top-10:" in text and "At N = 60, top-10: DSI beam search" in text
     assert "x dense search" in text
     # a table with both list lengths is reusable for both, not for another set
     path = tmp_path / "scale_latency.csv"
     table.to_csv(path, index=False)
     same = dict(n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
-    assert len(scale.reusable_latency(path, [20, 60], k=[3, 10], **same)) == 12
-    assert scale.reusable_latency(path, [20, 60], k=10, **same) is None
-    assert scale.reusable_latency(path, [20, 60], k=[10, 100], **same) is None
+    assert len(reusable_latency(path, [20, 60], k=[3, 10], **same)) == 12
+    assert reusable_latency(path, [20, 60], k=10, **same) is None
+    assert reusable_latency(path, [20, 60], k=[10, 100], **same) is None
 
 
 def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path):

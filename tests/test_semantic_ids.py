@@ -9,26 +9,28 @@ import pandas as pd
 import pytest
 import torch
 
-from vitdsi_utils.data import build_database, load_images
-from vitdsi_utils.decoding import beam_search, greedy_decode, rank_exhaustive
-from vitdsi_utils.experiments import fine_tune, index_database, run_name
-from vitdsi_utils.id_study import gap_markdown, gap_table, ids_markdown
-from vitdsi_utils.ids import IDCodec, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.semantic_ids import (
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.ids.codec import IDCodec, make_codec
+from vitdsi_utils.ids.schemes import (
     assign_ids,
     atomic_codec,
     codec_for,
     collision_rate,
     hierarchical_kmeans_codes,
-    invalid_id_rates,
-    parse_decoded,
     pixel_embeddings,
-    resolve_collisions,
     residual_quantise,
+    resolve_collisions,
     sibling_agreement,
 )
-from vitdsi_utils.train import TrainConfig, train_indexing
+from vitdsi_utils.model.decoding import beam_search, greedy_decode, invalid_id_rates, parse_decoded, rank_exhaustive
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.reports.targets import gap_markdown, gap_table
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.ids import ids_markdown
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.loop import train_indexing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

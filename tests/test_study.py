@@ -9,15 +9,9 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from vitdsi_utils import cli
-from vitdsi_utils.study import (
-    StudyFailed,
-    baseline_verdicts,
-    known_profiles,
-    load_profile,
-    notebook_parameters,
-    run_study,
-    study_notebooks,
-)
+from vitdsi_utils.reports.targets import baseline_verdicts
+from vitdsi_utils.runner.profiles import known_profiles, load_profile, notebook_parameters
+from vitdsi_utils.runner.run import StudyFailed, run_study, study_notebooks
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
 FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars",
@@ -66,7 +60,7 @@ def test_cli_exits_1_when_the_study_fails(monkeypatch, capsys):
     def fail(*args, **kwargs):
         raise StudyFailed("03_indexing.ipynb failed in cell 4 with ValueError: bad")
 
-    monkeypatch.setattr("vitdsi_utils.study.run_study", fail)
+    monkeypatch.setattr("vitdsi_utils.cli.run_study", fail)
     assert cli.main(["study", "--profile", "smoke", "--quiet"]) == 1
     assert "ValueError: bad" in capsys.readouterr().err
 

@@ -11,14 +11,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from vitdsi_utils import cli
-from vitdsi_utils.study import (
-    PACKAGE_DIR,
-    notebook_inputs,
-    run_study,
-    stale_reasons,
-    stamp_path,
-    write_stamp,
-)
+from vitdsi_utils.runner.run import run_study
+from vitdsi_utils.runner.stamps import PACKAGE_DIR, notebook_inputs, stale_reasons, stamp_path, write_stamp
 
 PARAMETERS = 'PROFILE = "x"\nLR = 0.1\nOUT_DIR = None\nRUNS_DIR = None'
 
@@ -158,7 +152,7 @@ def test_outputs_and_undeclared_parameters_do_not_make_a_notebook_stale(stamped)
 
 def test_cli_passes_force_to_the_runner(monkeypatch):
     seen = {}
-    monkeypatch.setattr("vitdsi_utils.study.run_study", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("vitdsi_utils.cli.run_study", lambda *args, **kwargs: seen.update(kwargs))
     assert cli.main(["study", "--profile", "smoke", "--force", "--quiet"]) == 0
     assert seen["force"] is True and seen["start_at"] is None
     assert cli.main(["study", "--profile", "smoke", "--quiet"]) == 0

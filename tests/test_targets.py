@@ -1,8 +1,8 @@
-"""The target checks of STUDY.md section 4 on hand-made result tables with known verdicts."""
+"""The target checks of docs/protocol.md section 4 on hand-made result tables with known verdicts."""
 import pandas as pd
 import pytest
 
-from vitdsi_utils import targets
+from vitdsi_utils.reports.targets import beats_baseline, gap_table, summarise, zero_shot_memorisation
 
 
 def row(model, ids, n, metric, value, low=None, high=None, seed=0):
@@ -17,7 +17,7 @@ def table(rows):
 def test_zero_shot_memorisation_threshold_is_inclusive():
     t = table([row("DSI zero-shot", "clustered", 512, "IA@1", 0.99), row("DSI zero-shot", "random", 512, "IA@1", 0.9899),
                row("DSI fine-tuned", "random", 512, "IA@1", 1.0)])
-    out = targets.zero_shot_memorisation(t)
+    out = zero_shot_memorisation(t)
     assert list(out["ids"]) == ["clustered", "random"]  # only the zero-shot model
     assert list(out["met"]) == [True, False]
 
@@ -40,7 +40,7 @@ def test_beats_baseline_needs_disjoint_intervals_on_both_metrics_and_ia():
     # D: worse
     rows += [row("D", "random", 512, "IA@1", 1.0), row("D", "random", 512, "mAP@10", 0.01, 0.0, 0.03),
              row("D", "random", 512, "P@10", 0.05, 0.02, 0.08)]
-    out = targets.beats_baseline(table(rows)).set_index("model")
+    out = beats_baseline(table(rows)).set_index("model")
     assert out.loc["A", "met"] and not out.loc["B", "met"] and not out.loc["C", "met"] and not out.loc["D", "met"]
     assert out.loc["B", "P@10 verdict"] == "overlap" and out.loc["B", "mAP@10 verdict"] == "better"
     assert out.loc["D", "mAP@10 verdict"] == "worse"
@@ -52,30 +52,29 @@ def test_beats_baseline_every_n_in_summary():
     for n, low in ((512, 0.2), (1024, 0.1)):  # at 1024 the P@10 interval reaches into BoVW's
         rows += [row("A", "clustered", n, "IA@1", 0.97), row("A", "clustered", n, "mAP@10", 0.3, 0.2, 0.4),
                  row("A", "clustered", n, "P@10", 0.3, low, 0.4)]
-    per_db = targets.beats_baseline(table(rows))
-    summary = targets.summarise(per_db)
+    per_db = beats_baseline(table(rows))
+    summary = summarise(per_db)
     assert summary.loc[0, "n_databases"] == 2 and summary.loc[0, "met_at"] == 1
     assert not summary.loc[0, "met_everywhere"]
     assert summary.loc[0, "Ns"] == "512, 1024"
 
 
 def test_summarise_reads_the_gap_table_of_target_4():
-    from vitdsi_utils import id_study
 
     rows = []
     for metric, ref, sem in (("IA@1", 1.0, 0.99), ("mAP@10", 0.25, 0.23)):
         rows += [row("DSI", "clustered", 512, metric, ref), row("DSI", "semantic", 512, metric, sem),
                  row("DSI", "clustered", 1024, metric, ref), row("DSI", "semantic", 1024, metric, sem - 0.1)]
-    gaps = id_study.gap_table(table(rows), metrics=("IA@1", "mAP@10"))
-    summary = targets.summarise(gaps, column="within_target").iloc[0]
+    gaps = gap_table(table(rows), metrics=("IA@1", "mAP@10"))
+    summary = summarise(gaps, column="within_target").iloc[0]
     assert summary["met_at"] == 1 and not summary["met_everywhere"]
     with pytest.raises(ValueError, match="no 'met' column"):
-        targets.summarise(gaps)
+        summarise(gaps)
 
 
 def test_missing_columns_and_repeated_rows_are_refused():
     with pytest.raises(ValueError, match="lacks the columns"):
-        targets.beats_baseline(pd.DataFrame({"model": ["A"], "metric": ["IA@1"], "value": [1.0]}))
+        beats_baseline(pd.DataFrame({"model": ["A"], "metric": ["IA@1"], "value": [1.0]}))
     rows = [row("A", "clustered", 512, "IA@1", 1.0)] * 2
     with pytest.raises(ValueError, match="more than once"):
-        targets.zero_shot_memorisation(table([dict(r, model="DSI zero-shot") for r in rows]))
+        zero_shot_memorisation(table([dict(r, model="DSI zero-shot") for r in rows]))

@@ -6,28 +6,22 @@ import json
 import pytest
 import torch
 
-from vitdsi_utils.decoding import beam_search
-from vitdsi_utils.ids import IDCodec, make_codec
-from vitdsi_utils.model import DSIConfig, DSIModel
-from vitdsi_utils.train import (
-    HISTORY_COLUMNS,
-    History,
-    IndexingTask,
-    RetrievalPairs,
-    TrainConfig,
+from vitdsi_utils.ids.codec import IDCodec, make_codec
+from vitdsi_utils.model.decoding import beam_search
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.history import HISTORY_COLUMNS, History
+from vitdsi_utils.training.loop import (
     evaluate,
     fit,
-    load_checkpoint,
-    load_model,
-    relevant_pairs,
-    save_checkpoint,
     sequence_loss,
     token_losses,
     train_indexing,
     train_multitask,
     train_retrieval,
 )
-
+from vitdsi_utils.training.tasks import IndexingTask, RetrievalPairs, relevant_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,6 +15,7 @@ into one (n_words * 128) vector, then power-normalised (signed square root; Jég
 L2-normalised. VLAD keeps *where* in descriptor space the descriptors fall, not only how many fall
 in each cell, so it is used with far fewer words (16-64) than a histogram (hundreds to millions).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,17 +31,19 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-__all__ = ["BoVW", "ENCODINGS", "extract_sift", "rootsift", "assign_words", "word_histograms", "vlad_vectors",
-           "power_normalise"]
-
 SIFT_DIM = 128  #: length of a SIFT descriptor
+
+
 #: How an image's descriptors become one vector: a histogram of word counts (the paper's BoVW)
 #: or VLAD, the per-word sums of residuals to the word's centre.
 ENCODINGS = ("histogram", "vlad")
 
+
 # Rows of descriptors scored against the vocabulary at once: 32768 x 200 float32 distances
 # are 26 MB, small enough to stay cheap and large enough for an efficient matrix product.
 _ASSIGN_CHUNK = 32_768
+
+
 # Queries scored against the database at once, so that (queries x database) stays bounded.
 _SEARCH_CHUNK = 1_024
 
@@ -297,7 +300,7 @@ class BoVW(BaseEstimator):
 
     # -- fitting -------------------------------------------------------------------------------
 
-    def fit(self, images: np.ndarray) -> "BoVW":
+    def fit(self, images: np.ndarray) -> BoVW:
         """Learn the vocabulary from database images (n, H, W, 3) uint8 RGB and index them."""
         self._fit(images)
         return self

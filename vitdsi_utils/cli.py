@@ -1,4 +1,5 @@
 """Command line: ``vitdsi <command>`` or ``python -m vitdsi_utils <command>``."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,11 +7,36 @@ import sys
 import time
 from pathlib import Path
 
-from . import settings
+from vitdsi_utils import settings
+from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseTrainConfig
+from vitdsi_utils.baselines.ssl import SSLConfig
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.ids.schemes import CODEC_SCHEMES
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.runner.run import StudyFailed, run_study
+from vitdsi_utils.studies.ablations import (
+    FACTORS,
+    ablation_figure,
+    ablation_grid,
+    ablations_markdown,
+    merge_results,
+    run_ablations,
+    summary_table,
+)
+from vitdsi_utils.studies.bovw import bovw_study, vlad_comparison
+from vitdsi_utils.studies.dense import dense_study
+from vitdsi_utils.studies.dense_init import dense_init_study
+from vitdsi_utils.studies.dsi import dsi_study
+from vitdsi_utils.studies.incremental import incremental_study
+from vitdsi_utils.studies.pretrain import comparison_frame, pretrain_study
+from vitdsi_utils.studies.rerank import summary
+from vitdsi_utils.studies.scale import scale_markdown, scale_study
+from vitdsi_utils.training.config import TrainConfig
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int = 160) -> None:
-    from .data import SIZES, SOURCES
 
     parser.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
     parser.add_argument("--root", default=None,
@@ -45,7 +71,6 @@ def _add_consolidate_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .data import build_database, load_images
 
     out = Path(args.out or settings.reports_dir() / "data")
     image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
@@ -64,12 +89,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 #: Visual words when --words is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
 BOVW_WORDS, VLAD_WORDS = 200, 64
+
+
 #: k-means vocabularies BoVW's metrics are averaged over; one fit moves P@10 by a few points on a small database
 BOVW_VOCABULARIES = 5
 
 
 def _cmd_bovw(args: argparse.Namespace) -> int:
-    from .evaluation import bovw_study, vlad_comparison
 
     out = Path(args.out or settings.reports_dir() / "bovw")
     encoding = "vlad" if args.vlad else "histogram"
@@ -93,8 +119,6 @@ def _cmd_bovw(args: argparse.Namespace) -> int:
 
 
 def _cmd_dsi(args: argparse.Namespace) -> int:
-    from .experiments import dsi_study
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "dsi")
     runs = Path(args.runs or settings.data_dir() / "runs" / "dsi")
@@ -128,11 +152,6 @@ def _cmd_dsi(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from . import ablations
-    from .data import load_images
-    from .plots import save_figure
-    from .tables import write_table
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "ablations")
     runs = Path(args.runs or settings.data_dir() / "runs" / "dsi")
@@ -143,7 +162,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             raise ValueError(f"--levels takes FACTOR=LEVEL[,LEVEL...], e.g. patch=32; got {item!r}")
         levels[factor] = chosen.split(",")
     base = {"patch_size": args.patch, "dropout": args.dropout, "pos_encoding": args.pos}
-    grid = ablations.ablation_grid(args.factors, base_model=base, levels=levels)
+    grid = ablation_grid(args.factors, base_model=base, levels=levels)
     index_config = TrainConfig(epochs=args.index_epochs, target_accuracy=args.target_accuracy, lr=args.lr,
                                seed=args.seed, warmup_steps=args.warmup_steps, stop_metric=args.stop_metric)
     retrieval_config = TrainConfig(epochs=args.retrieval_epochs, lr=args.lr, seed=args.seed)
@@ -158,9 +177,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             f"{args.retrieval_epochs} epochs, lr {args.lr}, at most {args.max_pairs_per_query} pairs per query.")
 
     def write(long):
-        merged = ablations.merge_results(long, stem.with_suffix(".csv"), run_settings)
-        write_table(merged, stem, markdown=ablations.ablations_markdown(merged, note))
-        fig = ablations.ablation_figure(merged, index_cap=args.index_epochs,
+        merged = merge_results(long, stem.with_suffix(".csv"), run_settings)
+        write_table(merged, stem, markdown=ablations_markdown(merged, note))
+        fig = ablation_figure(merged, index_cap=args.index_epochs,
                                         title=f"DSI ablations, {args.source} {args.size} px, N = {args.n}")
         save_figure(fig, out / f"ablations_{args.source}_{args.size}px_N{args.n}.png")
         return merged
@@ -168,19 +187,18 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     image_set = load_images(args.source, args.size, root=args.root, annotations=args.annotations)
     start = time.perf_counter()
     print(f"{len(grid)} variants: " + ", ".join(v.name for v in grid))
-    long = ablations.run_ablations(
+    long = run_ablations(
         image_set, grid, n=args.n, seed=args.seed, scheme=args.scheme, base_model=base, index_config=index_config,
         retrieval_config=retrieval_config, max_pairs_per_query=args.max_pairs_per_query,
         view_min_crop=args.view_min_crop, runs_dir=runs, on_variant=write,
     )
     merged = write(long)
-    print(ablations.summary_table(merged).drop(columns=["factor", "level"]).to_string(index=False))
+    print(summary_table(merged).drop(columns=["factor", "level"]).to_string(index=False))
     print(f"ablations done in {time.perf_counter() - start:.0f} s; table and figure in {out}, models in {runs}")
     return 0
 
 
 def _cmd_dense(args: argparse.Namespace) -> int:
-    from .dense import DENSE_MODEL, DenseTrainConfig, dense_study
 
     out = Path(args.out or settings.reports_dir() / "dense")
     runs = Path(args.runs or settings.data_dir() / "runs" / "dense")
@@ -201,7 +219,6 @@ def _cmd_dense(args: argparse.Namespace) -> int:
     )
     shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
     print(shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string())
-    from .rerank import summary
 
     print(summary(reranking).round(3).to_string(index=False))
     print(f"{DENSE_MODEL} study done in {time.perf_counter() - start:.0f} s; tables in {out}, encoders in {runs}")
@@ -209,9 +226,6 @@ def _cmd_dense(args: argparse.Namespace) -> int:
 
 
 def _cmd_dense_init(args: argparse.Namespace) -> int:
-    from .dense import DenseTrainConfig
-    from .dense_init import dense_init_study
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "dsi_dense_init")
     runs = Path(args.runs or settings.data_dir() / "runs" / "dsi_dense_init")
@@ -242,8 +256,6 @@ def _cmd_dense_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import SSLConfig, comparison_frame, pretrain_study
-    from .train import TrainConfig
 
     out = Path(args.out or settings.reports_dir() / "pretrain")
     runs = Path(args.runs or settings.data_dir() / "runs" / "pretrain")
@@ -269,6 +281,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     print(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False))
     print(f"pretraining study done in {time.perf_counter() - start:.0f} s; tables in {out}, checkpoints in {runs}")
 
+
 def _model_overrides(args: argparse.Namespace) -> dict:
     return {"patch_size": args.patch, "dim": args.dim, "mlp_dim": args.mlp_dim, "depth": args.depth,
             "heads": args.heads, "dropout": args.dropout}
@@ -276,7 +289,6 @@ def _model_overrides(args: argparse.Namespace) -> dict:
 
 def _index_config(args: argparse.Namespace):
     """The indexing settings of `_add_model_arguments` as a TrainConfig (epochs from --index-epochs)."""
-    from .train import TrainConfig
 
     return TrainConfig(epochs=args.index_epochs, lr=args.lr, batch_size=args.batch_size,
                        warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy, seed=args.seeds[0],
@@ -315,8 +327,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from .data import load_images
-    from .scale import scale_markdown, scale_study
 
     out = Path(args.out or settings.reports_dir() / "scale")
     runs = Path(args.runs or settings.data_dir() / "runs" / "scale")
@@ -338,8 +348,6 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_incremental(args: argparse.Namespace) -> int:
-    from .data import build_database, load_images
-    from .incremental import incremental_study
 
     out = Path(args.out or settings.reports_dir() / "incremental")
     runs = Path(args.runs or settings.data_dir() / "runs" / "incremental")
@@ -358,7 +366,6 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from .study import StudyFailed, run_study
 
     overrides = {"DATASET": args.dataset} if args.dataset else None
     try:
@@ -373,7 +380,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import SOURCES
 
     parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -401,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     bovw.set_defaults(func=_cmd_bovw)
     dsi = commands.add_parser("dsi", help="train and evaluate ViT DSI (zero-shot and fine-tuned) for each N and ID scheme")
     _add_data_arguments(dsi)
-    from .semantic_ids import CODEC_SCHEMES
 
     dsi.add_argument("--schemes", nargs="+", default=["clustered", "random"], choices=CODEC_SCHEMES,
                      help="ID schemes (default: clustered random); atomic is one output token per indexed image, "
@@ -444,7 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablate = commands.add_parser("ablate", help="DSI ablations, one factor at a time: positions, patch, dropout, "
                                  "indexed share, mix ratio, fine-tuning options (writes CSV + Markdown + a figure)")
-    from .ablations import FACTORS
 
     ablate.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
     ablate.add_argument("--root", default=None, help="image folder for --source folder / coco, or an Imagenette copy")

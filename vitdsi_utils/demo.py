@@ -10,6 +10,7 @@ A *searcher* is any object with ``search(images, k) -> (scores, rows)`` for uint
 rendered results (one ``<figure data-model=... data-row=... data-relevant=...>`` per hit) and
 :meth:`QueryDemo.result_figure` draws them with :func:`plots.result_grid`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,57 +19,31 @@ import io
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .data import Database, describe_read_error, load_image
-from .ids import IDCodec
-from .plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
+from vitdsi_utils.bovw import BoVW
+from vitdsi_utils.data.database import Database
+from vitdsi_utils.data.files import describe_read_error, load_image
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.ids.schemes import codec_for
+from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.retrieval.searchers import BoVWSearcher, DSISearcher, Searcher
+from vitdsi_utils.runs import find_run_dir, run_name
+from vitdsi_utils.training.checkpoint import load_model
+from vitdsi_utils.training.config import resolve_device
 
 #: Any aspect ratio is accepted for an uploaded image: it is centre-cropped like the database images.
 UPLOAD_ASPECT_RANGE = (1e-6, 1e6)
+
+
 THUMBNAIL_PX = 72  # displayed side of a result thumbnail in the HTML grid
+
+
 GALLERY_QUERIES = 60  # test queries shown in the thumbnail strip (all are in the dropdown)
-
-
-class Searcher(Protocol):
-    """What QueryDemo needs of a model: a batched top-k search over the indexed images."""
-
-    def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k), rows (Q, k)) for uint8 images (Q, S, S, 3)."""
-        ...
-
-
-class BoVWSearcher:
-    """A fitted :class:`bovw.BoVW` as a searcher: cosine scores of its visual-word histograms."""
-
-    def __init__(self, bovw: Any):
-        self.bovw = bovw
-
-    def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine scores (Q, k), rows (Q, k)); k is capped at the database size."""
-        return self.bovw.search(np.asarray(images), k)
-
-
-class DSISearcher:
-    """A DSI model as a searcher: trie-constrained beam search, scores are sequence log-probabilities."""
-
-    def __init__(self, model: Any, codec: Any, *, beam_size: int | None = None):
-        self.model, self.codec, self.beam_size = model, codec, beam_size
-
-    def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(log-probabilities (Q, k), rows (Q, k)); k is capped at the number of IDs."""
-        import torch
-
-        from .decoding import beam_search
-
-        k = min(k, len(self.codec))
-        beam = None if self.beam_size is None else max(self.beam_size, k)
-        images = torch.from_numpy(np.ascontiguousarray(images))
-        scores, rows = beam_search(self.model, images, self.codec, k=k, beam_size=beam)
-        return scores.numpy(), rows.numpy()
 
 
 def thumbnail_uri(image: np.ndarray, px: int | None = None) -> str:
@@ -309,7 +284,7 @@ class QueryDemo:
         codec: IDCodec | None = None,
         ids: str | None = None,
         **kwargs: Any,
-    ) -> "QueryDemo":
+    ) -> QueryDemo:
         """A demo with BoVW (fitted now) and the DSI models trained for ``db`` by the study (on ``device``).
 
         ``path`` is the run folder itself, the runs folder holding ``<run_name(db)>/``, or a
@@ -318,17 +293,13 @@ class QueryDemo:
         dense IDs); for another scheme pass it with ``ids``, the name in its run folder
         (``IDAssignment.tag``).
         """
-        from .bovw import BoVW
-        from .experiments import FINE_TUNED, ZERO_SHOT
-        from .semantic_ids import codec_for
-        from .train import load_model, resolve_device
 
         run = find_run_dir(path, db, ids)
         found = {name: run / file for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
                  if run is not None and (run / file).is_file()}
         if not found:
             raise FileNotFoundError(
-                f"no trained DSI models for {_run_name(db)} under {path} (looked for zero_shot.pt and "
+                f"no trained DSI models for {run_name(db)} under {path} (looked for zero_shot.pt and "
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
                 f"`vitdsi study --profile {profile} --dataset {db.settings['source']}` (or `make study`) first"
             )
@@ -344,27 +315,3 @@ class QueryDemo:
             )
             models[name] = DSISearcher(model, codec)
         return cls(db, models, **kwargs)
-
-
-def _run_name(db: Database, ids: str | None = None) -> str:
-    from .experiments import run_name
-
-    return run_name(db, ids)
-
-
-def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path | None:
-    """The run folder of ``db`` (with IDs ``ids``, default its own) under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
-    import pandas as pd
-
-    from .settings import resolve_portable
-
-    path, name = Path(path), _run_name(db, ids)
-    candidates = [path, path / name]
-    listing = path / "tables" / "indexing_runs.csv"
-    if listing.is_file():
-        runs = pd.read_csv(listing)
-        candidates += [resolve_portable(p) for p in runs.loc[runs["run"] == name, "run_dir"]]
-    for candidate in candidates:
-        if (candidate / "zero_shot.pt").is_file() or (candidate / "fine_tuned.pt").is_file():
-            return candidate
-    return None

@@ -1,4 +1,5 @@
 """What machine and software produced a result: stamped on every benchmark and report."""
+
 from __future__ import annotations
 
 import os

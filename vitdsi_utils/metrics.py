@@ -27,45 +27,23 @@ for it. Aggregates (``evaluate_ranking``) drop those queries and say how many we
 
 Everything is vectorised over queries; the only Python loops run over the short list of ``k``.
 """
+
 from __future__ import annotations
 
-from itertools import chain
+from collections.abc import Sequence
 from numbers import Integral
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-
-__all__ = [
-    "relevance_matrix",
-    "label_relevance",
-    "multilabel_relevance",
-    "precision_at_k",
-    "recall_at_k",
-    "average_precision_at_k",
-    "indexing_accuracy_at_k",
-    "chance_precision_at_k",
-    "chance_recall_at_k",
-    "chance_average_precision_at_k",
-    "chance_indexing_accuracy_at_k",
-    "bootstrap_ci",
-    "paper_protocol",
-    "evaluate_ranking",
-    "evaluate_indexing",
-    "RESULT_COLUMNS",
-]
 
 #: Columns of the tables returned by ``evaluate_ranking`` and ``evaluate_indexing``.
 #: ``n_queries`` counts the queries that entered the value; ``n_ignored`` those left out
 #: because the metric is undefined for them (no relevant item).
 RESULT_COLUMNS = ("metric", "value", "ci_low", "ci_high", "chance", "n_queries", "n_ignored")
 
+
 PAD = -1  #: marks "no result at this rank" in a ranking
-
-
-# ----------------------------------------------------------------------------------------------
-# input checks
 
 
 def _check_k(k: Any) -> int:
@@ -146,10 +124,6 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------
-# relevance
-
-
 def relevance_matrix(ranked: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """Return hits (Q, K) bool: whether ``ranked[q, i]`` is relevant to query q (False for -1)."""
     relevant = np.asarray(relevant)
@@ -167,56 +141,6 @@ def relevance_matrix(ranked: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     # -1 would index the last column, so look up a dummy column and mask it out afterwards
     looked_up = np.take_along_axis(relevant, np.maximum(ranked, 0), axis=1)
     return looked_up & (ranked != PAD)
-
-
-def multilabel_relevance(query_sets: Sequence[Any], db_sets: Sequence[Any]) -> np.ndarray:
-    """Return (Q, n_db) bool: True where a query's label set and a database item's set intersect."""
-    # Only labels that some query carries can make a database item relevant, so the
-    # vocabulary comes from the queries and database labels outside it are dropped.
-    vocab = {label: j for j, label in enumerate(dict.fromkeys(chain.from_iterable(query_sets)))}
-
-    def indicator(sets: Sequence[Any]) -> sp.csr_matrix:
-        columns = [[vocab[label] for label in s if label in vocab] for s in sets]
-        lengths = np.fromiter((len(c) for c in columns), dtype=np.int64, count=len(columns))
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
-        indices = np.fromiter(chain.from_iterable(columns), dtype=np.int64, count=int(indptr[-1]))
-        data = np.ones(indices.size, dtype=np.int32)
-        return sp.csr_matrix((data, indices, indptr), shape=(len(columns), len(vocab)))
-
-    # (Q, V) @ (V, n_db) counts the shared labels of every pair
-    shared = indicator(query_sets) @ indicator(db_sets).T
-    return shared.toarray() > 0
-
-
-def label_relevance(query_labels: Sequence[Any], db_labels: Sequence[Any]) -> np.ndarray:
-    """Return (Q, n_db) bool relevance: the same class, or at least one shared label for multi-label data.
-
-    Labels come in one of three forms, the same for queries and database: class ids (n,);
-    label sets (sequences of sets, e.g. frozensets); or a multi-hot matrix (n, C) of 0/1 or bool,
-    where row i marks the labels of item i (``Database.relevance_labels`` gives this form).
-    """
-    if len(query_labels) and isinstance(query_labels[0], (set, frozenset)):
-        return multilabel_relevance(query_labels, db_labels)
-    query_labels = np.asarray(query_labels)
-    db_labels = np.asarray(db_labels)
-    if query_labels.ndim == 2 and db_labels.ndim == 2:
-        if query_labels.shape[1] != db_labels.shape[1]:
-            raise ValueError(
-                f"multi-hot labels must have the same number of columns (labels): queries {query_labels.shape}, "
-                f"database {db_labels.shape}"
-            )
-        # (Q, C) @ (C, n_db) counts the labels each pair shares
-        return (query_labels != 0).astype(np.int32) @ (db_labels != 0).astype(np.int32).T > 0
-    if query_labels.ndim != 1 or db_labels.ndim != 1:
-        raise ValueError(
-            "labels must be class ids (n,) for both queries and database, or multi-hot (n, C) for both; "
-            f"got shapes {query_labels.shape} and {db_labels.shape}"
-        )
-    return query_labels[:, None] == db_labels[None, :]
-
-
-# ----------------------------------------------------------------------------------------------
-# per-query metrics
 
 
 def precision_at_k(hits: np.ndarray, k: int) -> np.ndarray:
@@ -266,10 +190,6 @@ def indexing_accuracy_at_k(
     return (ranked[:, :k] == targets[:, None]).any(axis=1).astype(np.float64)
 
 
-# ----------------------------------------------------------------------------------------------
-# chance levels: exact expectations under a uniformly random ordering of all n_db items
-
-
 def _check_chance_args(n_relevant: Any, n_db: int, k: int) -> tuple[np.ndarray, int, int]:
     if isinstance(n_db, bool) or not isinstance(n_db, Integral) or n_db < 1:
         raise ValueError(f"n_db must be a positive integer, got {n_db!r}")
@@ -316,10 +236,6 @@ def chance_indexing_accuracy_at_k(n_db: int, k: int) -> float:
     return min(k, n) / n
 
 
-# ----------------------------------------------------------------------------------------------
-# uncertainty
-
-
 def bootstrap_ci(
     values: np.ndarray, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -339,10 +255,6 @@ def bootstrap_ci(
     alpha = 1.0 - confidence
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
-
-
-# ----------------------------------------------------------------------------------------------
-# the original paper's protocol
 
 
 def _draw_query_subsets(n_total: int, n_queries: int, n_draws: int, seed: int) -> np.ndarray:
@@ -423,10 +335,6 @@ def _paper_protocol_of(
     spread = (*np.percentile(p_means, [2.5, 97.5]), *(np.percentile(finite_r, [2.5, 97.5]) if finite_r.size else (np.nan, np.nan)))
     result.update(zip(spread_keys, map(float, spread)))
     return result, idx[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# summary tables
 
 
 def _summary_row(metric: str, per_query: np.ndarray, chance: float, n_resamples: int, seed: int) -> dict:

@@ -1,4 +1,5 @@
 """Where the toolkit reads images and writes caches and reports: one place, set by environment."""
+
 from __future__ import annotations
 
 import os
@@ -6,13 +7,21 @@ from pathlib import Path
 
 #: A local Imagenette tree in torchvision's ImageFolder layout (``<dir>/{train,val}/<wnid>/*.JPEG``).
 IMAGENETTE_ENV = "VITDSI_IMAGENETTE_DIR"
+
+
 #: A local MS COCO images folder, e.g. ``.../coco/train2017`` (the ``file_name`` of every image
 #: in the annotations file is read relative to it).
 COCO_IMAGES_ENV = "VITDSI_COCO_IMAGES"
+
+
 #: The COCO-format instances file that describes those images, e.g. ``.../annotations/instances_train2017.json``.
 COCO_ANNOTATIONS_ENV = "VITDSI_COCO_ANNOTATIONS"
+
+
 #: Where decoded-image caches, downloads and checkpoints go (default: ``<project>/data``).
 DATA_ENV = "VITDSI_DATA_DIR"
+
+
 #: Where tables, figures and executed notebooks go (default: ``<project>/reports``).
 REPORTS_ENV = "VITDSI_REPORTS_DIR"
 

@@ -1,0 +1,1 @@
+"""Learned encoders beside the DSI: the dense retrieval baseline, self-supervised pretraining, encoder initialisation."""

@@ -1,0 +1,491 @@
+"""Dense retrieval baseline: a ViT trained for metric learning, its database in a flat FAISS index.
+
+The "index-then-retrieve" counterpart of the DSI with a learned representation. It follows the
+recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021; seed 001
+of the study):
+
+* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.ViTEncoder`, same size by
+  default: patch 16, width 128, 6 blocks, 4 heads), pooled into one vector per image (the mean
+  of the patch tokens, or the output of an added class token as in seed 001) and
+  L2-normalised, so an inner product is a cosine similarity;
+* it is trained with a contrastive loss with margin ``beta`` (0.5): every same-class pair of a
+  batch is pulled together, and a different-class pair is pushed apart only while its
+  similarity exceeds the margin;
+* plus a differential-entropy regulariser of weight ``lambda`` (0.7): the Kozachenko-Leonenko
+  estimate ``-mean_i log(min_{j != i} ||z_i - z_j||)`` over the batch (Sablayrolles et al.,
+  2019), which spreads the embeddings over the sphere and so keeps them from collapsing;
+* the indexed (database) images are embedded once and stored in a FAISS ``IndexFlatIP``;
+  a query is answered with its top-k database rows by inner product (exact search).
+
+In formulas, for a batch of N embeddings z with labels y::
+
+    L_contrastive = 1/N sum_i [ sum_{j != i, y_j = y_i} (1 - z_i.z_j) + sum_{y_j != y_i} max(0, z_i.z_j - beta) ]
+    L_entropy     = -1/N sum_i log(min_{j != i} ||z_i - z_j||)
+    L             = L_contrastive + lambda * L_entropy
+
+Batches are drawn so that positives always exist: each batch is made of groups of
+``per_class`` images of one class (see :func:`class_batches`).
+
+Entry points: :class:`DenseRetriever` (scikit-learn style: ``fit``, ``transform``, ``index``,
+``search``), :func:`train_dense`, :func:`evaluate_dense` and :func:`train_or_load`, which the
+notebook ``07_dense`` and ``vitdsi dense`` use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitdsi_utils import metrics
+from vitdsi_utils.atomic import atomic_path
+from vitdsi_utils.baselines.index import FlatIPIndex
+from vitdsi_utils.data.augment import augment
+from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
+from vitdsi_utils.training.checkpoint import restore_training, rng_state
+from vitdsi_utils.training.config import PlainConfig
+from vitdsi_utils.training.history import History
+
+#: The model name of the dense rows in the result tables.
+DENSE_MODEL = "Dense (contrastive ViT)"
+
+
+POOLINGS = ("cls", "mean")
+
+
+CHECKPOINT_KIND = "dense-encoder"
+
+
+CHECKPOINT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+@dataclass
+class DenseConfig(ViTConfig):
+    """Hyper-parameters of :class:`DenseEncoder`: the ViT encoder's plus the pooling."""
+
+    # "mean": mean of the patch tokens | "cls": output of an added class token (seed 001's choice, for
+    # pretrained ViTs). Trained from scratch at 64 px, mean pooling scored higher on the val queries.
+    pooling: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+
+
+class DenseEncoder(ViTEncoder):
+    """The ViT encoder with one L2-normalised embedding per image: uint8 (B, H, W, 3) -> float (B, D).
+
+    Images are uint8 and channels-last, as everywhere in the toolkit (the encoder normalises
+    them). With ``pooling="cls"`` a learned class token is put before the patch tokens and its
+    output is the embedding; with ``"mean"`` the patch tokens are averaged.
+    """
+
+    config: DenseConfig
+
+    def __init__(self, config: DenseConfig):
+        super().__init__(config)
+        if config.pooling == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        else:
+            self.cls_token = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings (B, D) float32 of uint8 images (B, H, W, 3)."""
+        tokens = self.encode(images, prefix=self.cls_token)  # (B, [1 +] P, D)
+        pooled = tokens[:, 0] if self.cls_token is not None else tokens.mean(dim=1)
+        return F.normalize(pooled.float(), dim=-1)
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Embeddings (n, D) float32 on the CPU, in eval mode, ``batch_size`` images at a time."""
+        images = _as_image_tensor(images, self.config)
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self(images[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(images), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.config.dim)
+
+
+def _as_image_tensor(images: np.ndarray | torch.Tensor, config: ViTConfig) -> torch.Tensor:
+    """uint8 images (n, S, S, C) as a CPU tensor; a clear error for anything else."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"images must be uint8 (n, {config.image_size}, {config.image_size}, {config.channels}); got {got}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (config.image_size, config.image_size, config.channels):
+        raise ValueError(
+            f"images must have shape (n, {config.image_size}, {config.image_size}, {config.channels}); "
+            f"got {tuple(images.shape)}"
+        )
+    return images
+
+
+# ------------------------------------------------------------------------------------------
+# The objective
+# ------------------------------------------------------------------------------------------
+class LossTerms(NamedTuple):
+    """The training objective and its two parts (scalar tensors)."""
+
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    entropy: torch.Tensor
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Contrastive loss with a margin on the similarities of unit vectors (B, D) with labels (B,).
+
+    ``1/B * sum_i [sum_{j != i, same label} (1 - s_ij) + sum_{other label} max(0, s_ij - margin)]``
+    with ``s_ij = z_i . z_j``. Negatives less similar than the margin contribute nothing.
+    """
+    similarity = embeddings @ embeddings.T  # (B, B)
+    same = labels[:, None] == labels[None, :]
+    not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = (1.0 - similarity)[same & not_self].sum()
+    negative = F.relu(similarity - margin)[~same].sum()
+    return (positive + negative) / len(labels)
+
+
+def entropy_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko differential-entropy regulariser: ``-mean_i log(min_{j != i} ||z_i - z_j||)``.
+
+    Minimising it pushes every embedding away from its nearest neighbour in the batch. The
+    nearest neighbour is found by inner product (the embeddings are unit vectors) and the
+    distance computed directly, with ``eps`` guarding against log 0 for duplicates.
+    """
+    if len(embeddings) < 2:
+        raise ValueError("the entropy regulariser needs at least 2 embeddings in a batch")
+    with torch.no_grad():
+        similarity = embeddings @ embeddings.T
+        similarity.fill_diagonal_(-float("inf"))
+        nearest = similarity.argmax(dim=1)  # (B,)
+    distance = F.pairwise_distance(embeddings, embeddings[nearest], eps=eps)  # (B,)
+    return -torch.log(distance + eps).mean()
+
+
+def dense_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5, entropy_weight: float = 0.7
+) -> LossTerms:
+    """The training objective ``contrastive + entropy_weight * entropy`` and its parts."""
+    contrastive = contrastive_loss(embeddings, labels, margin)
+    entropy = entropy_loss(embeddings) if entropy_weight else embeddings.new_zeros(())
+    return LossTerms(contrastive + entropy_weight * entropy, contrastive, entropy)
+
+
+# ------------------------------------------------------------------------------------------
+# Batches with positives
+# ------------------------------------------------------------------------------------------
+def class_batches(
+    labels: torch.Tensor, batch_size: int, per_class: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """One epoch of batches of example indices, each made of groups of ``per_class`` same-class examples.
+
+    Every class is shuffled and cut into groups of ``per_class``; the groups of all classes
+    are shuffled together and ``batch_size // per_class`` of them form a batch. So every
+    example appears at most once per epoch (the last ``count % per_class`` of a class, a
+    different random few each epoch, sit the epoch out), no batch holds an image twice, and
+    every example of a batch has at least ``per_class - 1`` positives beside it. All of it is
+    tensor operations seeded by ``generator``.
+    """
+    if per_class < 2:
+        raise ValueError(f"per_class must be >= 2 so that every batch holds positive pairs, got {per_class}")
+    if batch_size < per_class:
+        raise ValueError(f"batch_size {batch_size} must hold at least one group of per_class={per_class} images")
+    _, labels = torch.unique(labels.cpu(), return_inverse=True)  # labels 0..C-1
+    n = len(labels)
+    order = torch.randperm(n, generator=generator)
+    order = order[torch.argsort(labels[order], stable=True)]  # by class, random inside a class
+    counts = torch.bincount(labels)
+    first = torch.cumsum(counts, 0) - counts
+    ranked = labels[order]
+    rank = torch.arange(n) - first[ranked]  # position inside its class
+    usable = rank < (counts - counts % per_class)[ranked]
+    groups = order[usable].view(-1, per_class)  # each class's usable run is a whole number of groups
+    if len(groups) == 0:
+        raise ValueError(
+            f"no class has {per_class} or more training images (class sizes {counts.tolist()}); "
+            "lower per_class or train on more images"
+        )
+    groups = groups[torch.randperm(len(groups), generator=generator)]
+    per_batch = max(1, batch_size // per_class)
+    return [chunk.reshape(-1) for chunk in groups.split(per_batch)]
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+@dataclass
+class DenseTrainConfig(PlainConfig):
+    """Optimisation settings of :func:`train_dense` (plain values, stored in checkpoints)."""
+
+    epochs: int = 50  # passes over the training images
+    batch_size: int = 64  # images per step (seed 001: 64)
+    per_class: int = 2  # images of one class that enter a batch together, so positives always exist
+    lr: float = 5e-4  # AdamW learning rate after warm-up
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    warmup_steps: int = 50  # linear learning-rate warm-up
+    margin: float = 0.5  # contrastive margin beta (seed 001: 0.5)
+    entropy_weight: float = 0.7  # weight lambda of the differential-entropy regulariser (seed 001: 0.7)
+    flip: bool = True  # random horizontal flips of the training images
+    min_crop: float = 1.0  # < 1: random crops of this fraction of the side or more, resized back (1: no crops)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0  # seeds the initial weights, the batches, the flips and dropout
+    device: str = "auto"  # "auto" (cuda if available, else cpu), or any torch device string
+    progress: bool = True  # tqdm bar over epochs
+    eval_batch_size: int = 256  # images per forward pass when embedding
+    checkpoint_every: int = 5  # with a checkpoint path: save every n epochs (and after the last)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("epochs must be >= 0; batch_size, eval_batch_size and checkpoint_every >= 1")
+        if self.per_class < 2 or self.batch_size < self.per_class:
+            raise ValueError(f"need 2 <= per_class <= batch_size, got per_class={self.per_class}, "
+                             f"batch_size={self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.entropy_weight < 0:
+            raise ValueError("lr must be positive; weight_decay and entropy_weight non-negative")
+        if not 0.0 < self.min_crop <= 1.0:
+            raise ValueError(f"min_crop is a fraction of the image side in (0, 1], got {self.min_crop}")
+        if not -1.0 <= self.margin <= 1.0:
+            raise ValueError(f"margin is a cosine similarity and must lie in [-1, 1], got {self.margin}")
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that shape the trained model (not epochs, device, progress or batch sizes of embedding)."""
+        ignored = {"epochs", "device", "progress", "eval_batch_size", "checkpoint_every"}
+        return {k: v for k, v in self.to_dict().items() if k not in ignored}
+
+
+def _resolve_device(device: str) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
+    labels = torch.as_tensor(np.asarray(labels)).long().flatten()
+    if len(labels) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    return labels
+
+
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short hash of the training images and labels, so a checkpoint is not resumed on other data."""
+    digest = hashlib.sha1(labels.cpu().numpy().astype(np.int64).tobytes())
+    digest.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _validation_scores(
+    model: DenseEncoder, val: tuple, batch_size: int, k: int = 10
+) -> dict[str, float]:
+    """mAP@k and P@k of the val queries against the val database, by exact cosine search."""
+    query_images, query_labels, db_images, db_labels = val
+    queries = model.embed(query_images, batch_size)
+    database = model.embed(db_images, batch_size)
+    _, rows = FlatIPIndex(database.numpy(), backend="torch").search(queries.numpy(), k)
+    relevant = label_relevance(np.asarray(query_labels), np.asarray(db_labels))
+    hits = metrics.relevance_matrix(rows, relevant)
+    n_relevant = relevant.sum(axis=1)
+    return {
+        f"map@{k}": float(np.nanmean(metrics.average_precision_at_k(hits, n_relevant, k))),
+        f"p@{k}": float(metrics.precision_at_k(hits, k).mean()),
+    }
+
+
+def train_dense(
+    model: DenseEncoder,
+    images: np.ndarray | torch.Tensor,
+    labels: Any,
+    *,
+    config: DenseTrainConfig | None = None,
+    val: tuple | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = True,
+) -> History:
+    """Train ``model`` in place on uint8 ``images`` (n, S, S, 3) with class ``labels`` (n,); return the history.
+
+    The images are moved to the training device once as one uint8 tensor; an epoch is
+    :func:`class_batches` over them, so there is no per-sample Python work. History rows
+    (``phase="dense"``): per epoch a ``train`` row with the mean ``loss``, ``contrastive`` and
+    ``entropy`` over the epoch's steps, and with ``val=(query_images, query_labels,
+    db_images, db_labels)`` a ``val`` row with ``map@10`` and ``p@10`` of the val queries
+    searched in that database. With ``checkpoint_path`` a checkpoint is written every
+    ``config.checkpoint_every`` epochs and after the last; if it exists and ``resume``,
+    training continues from it (a finished run returns at once).
+    """
+    config = config or DenseTrainConfig()
+    device = _resolve_device(config.device)
+    images = _as_image_tensor(images, model.config)
+    labels = _labels_tensor(labels, len(images))
+    if len(images) < 2:
+        raise ValueError("training needs at least 2 images")
+    model.to(device)
+    data, targets = images.to(device), labels.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = History()
+    start_epoch, step = 0, 0
+    fingerprint = _fingerprint(images, labels)
+
+    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
+        state = read_dense_checkpoint(checkpoint_path, device)
+        # a config field added after the checkpoint was written has its default value
+        saved_config = {**DenseConfig().to_dict(), **state["config"]}
+        if saved_config != model.config.to_dict():
+            raise ValueError(f"{checkpoint_path} holds a model with another configuration; delete it to retrain")
+        stored = DenseTrainConfig.from_dict(state["train_config"] or {}).recipe()
+        if stored != config.recipe():
+            changed = sorted(k for k in stored if stored[k] != config.recipe()[k])
+            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
+                             "delete it to retrain")
+        if state["extra"].get("data") != fingerprint:
+            raise ValueError(f"{checkpoint_path} was trained on other images; delete it to retrain")
+        if state["epoch"] > config.epochs:
+            raise ValueError(f"{checkpoint_path} holds a model trained for {state['epoch']} epochs, more than the "
+                             f"{config.epochs} asked for; delete it to retrain")
+        restore_training(state, model, optimizer, history, generator)
+        start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
+    else:
+        torch.manual_seed(config.seed)
+
+    def save(epoch: int) -> None:
+        save_dense(checkpoint_path, model, config, history, epoch=epoch, optimizer=optimizer,
+                   rng=rng_state(generator), extra={"data": fingerprint, "step": step})
+
+    bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, desc="dense",
+               disable=not config.progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        batches = class_batches(labels, config.batch_size, config.per_class, generator)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for ids in batches:
+            ids = ids.to(device)
+            batch = augment(data[ids], generator, flip=config.flip, min_crop=config.min_crop)
+            if config.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            terms = dense_loss(model(batch), targets[ids], margin=config.margin,
+                               entropy_weight=config.entropy_weight)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            sums += torch.stack([t.detach().double() for t in terms])
+        means = (sums / max(len(batches), 1)).tolist()
+        row = {"phase": "dense", "epoch": epoch + 1, "split": "train", "task": "contrastive",
+               "loss": means[0], "contrastive": means[1], "entropy": means[2],
+               "seconds": time.perf_counter() - t0, "n_examples": int(sum(len(b) for b in batches))}
+        history.append(row)
+        postfix = {"loss": f"{means[0]:.3f}"}
+        if val is not None:
+            t1 = time.perf_counter()
+            scores = _validation_scores(model, val, config.eval_batch_size)
+            history.append({"phase": "dense", "epoch": epoch + 1, "split": "val", "task": "contrastive",
+                            **scores, "seconds": time.perf_counter() - t1, "n_examples": len(val[0])})
+            postfix["val_map@10"] = f"{scores['map@10']:.3f}"
+        bar.set_postfix(postfix)
+        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
+            save(epoch + 1)
+    bar.close()
+    if checkpoint_path is not None and not Path(checkpoint_path).exists():
+        save(config.epochs)  # zero epochs asked for: still leave the (untrained) model where it was asked for
+    model.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+def save_dense(
+    path: str | os.PathLike,
+    model: DenseEncoder,
+    train_config: DenseTrainConfig | None,
+    history: list[dict] | None,
+    *,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write the encoder, its configs, history, optimiser and RNG state atomically (plain data and tensors only)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": CHECKPOINT_KIND,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": model.config.to_dict(),
+        "train_config": train_config.to_dict() if train_config is not None else None,
+        "epoch": int(epoch),
+        "history": [dict(r) for r in history or []],
+        "rng": rng,
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), "
+            "`vitdsi dense`, or notebook 07_dense)"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated files and foreign pickles raise several types
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
+                         "delete it and train again") from error
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        what = "a DSI checkpoint" if isinstance(state, dict) and "codec" in state else "not a dense-encoder checkpoint"
+        raise ValueError(f"{path} is {what}; load DSI models with train.load_model, dense encoders from "
+                         "files written by save_dense / train_dense")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unknown dense checkpoint format {state.get('format')!r} "
+                         f"(this version reads format {CHECKPOINT_FORMAT}); train again")
+    return state
+
+
+def load_dense(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseEncoder, dict]:
+    """(encoder in eval mode, meta: every checkpoint entry but weights, optimiser and RNG); ``weights_only=True``."""
+    state = read_dense_checkpoint(path, map_location)
+    model = DenseEncoder(DenseConfig.from_dict(state["config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit the stored configuration ({error})") from error
+    model.to(map_location).eval()
+    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+    meta["history"] = History(meta["history"])
+    return model, meta
+
+
+# ------------------------------------------------------------------------------------------
+# Exact inner-product search
+# ------------------------------------------------------------------------------------------
+def _finished(path: str | os.PathLike | None, epochs: int) -> bool:
+    """Whether a checkpoint at ``path`` already holds ``epochs`` epochs (so fitting only loads it)."""
+    if path is None or not Path(path).is_file():
+        return False
+    return int(read_dense_checkpoint(path)["epoch"]) >= epochs

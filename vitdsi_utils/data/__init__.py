@@ -1,0 +1,1 @@
+"""Images in, databases out: sources, files, caches and manifests, balanced databases, relevance."""

@@ -1,0 +1,499 @@
+"""Image sources -> preprocessed uint8 arrays (cached) -> an indexed database with query splits.
+
+Sources:
+
+* ``imagenette``: the ten Imagenette classes. Read from the folder named by
+  ``VITDSI_IMAGENETTE_DIR`` when set; otherwise torchvision downloads the official
+  ``imagenette2-160`` archive into ``<data>/raw/``.
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB. No download;
+  the dataset of smoke runs and tests.
+* ``folder``: any ImageFolder tree (``<root>/<class>/<image>``), e.g. a user's own photos.
+* ``coco``: MS COCO (or any COCO-format data set): an images folder and its ``instances_*.json``,
+  named by ``VITDSI_COCO_IMAGES`` and ``VITDSI_COCO_ANNOTATIONS`` (or ``root=`` and
+  ``annotations=``). Never downloaded. Every image carries the *set* of its annotated object
+  categories; images without annotations are left out and counted.
+
+Single-label sources give each image one class. Multi-label sources (``coco``) give each image a
+set of labels, stored as a boolean matrix ``label_matrix`` (images x categories), plus a
+*primary* label: the image's rarest category (fewest usable images in the whole source; ties go
+to the lower category index). The primary label stands in for "the class" wherever one is needed:
+balancing a database, grouping clustered IDs, galleries. Relevance never uses it: a database image
+is relevant to a query when their label sets intersect (for single-label data: the same class).
+Rarest rather than most frequent, because on COCO the most frequent category of almost every
+photo with people is "person": balancing over it would leave persons out of nearly every other
+category's share, while the rarest category spreads co-occurring frequent categories over all
+shares and gives rare categories as many images as the data has.
+
+Preprocessing follows the study: keep images whose aspect ratio (width / height) lies in
+``aspect_range`` (default [0.9, 1.1]), crop the centre square, resize to ``size`` px, RGB uint8.
+Decoded images are cached under ``<data>/cache/`` keyed by the settings and the file list,
+so a rerun does not decode JPEGs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vitdsi_utils import settings
+from vitdsi_utils.atomic import atomic_dir
+from vitdsi_utils.data.coco import read_coco_annotations
+from vitdsi_utils.data.files import FILE_NAME_ERRORS, describe_read_error, list_image_files, load_image
+
+SOURCES = ("imagenette", "digits", "folder", "coco")
+
+
+#: Image sizes the study uses (64, 160, 256) plus 32 px for smoke runs.
+SIZES = (32, 64, 160, 256)
+
+
+LABEL_SEPARATOR = ";"  # joins the labels of one image in manifests and caches ("0;3;17")
+
+
+_CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+
+
+IMAGENETTE_CLASSES = {
+    "n01440764": "tench",
+    "n02102040": "English springer",
+    "n02979186": "cassette player",
+    "n03000684": "chain saw",
+    "n03028079": "church",
+    "n03394916": "French horn",
+    "n03417042": "garbage truck",
+    "n03425413": "gas pump",
+    "n03445777": "golf ball",
+    "n03888257": "parachute",
+}
+
+
+@dataclass
+class ImageSet:
+    """Every usable image of a source, preprocessed: ``images[i]`` has class ``classes[labels[i]]``.
+
+    For multi-label sources ``label_matrix[i, j]`` says whether image i shows category
+    ``classes[j]``, and ``labels[i]`` is its primary label (see :func:`primary_labels`).
+    """
+
+    images: np.ndarray  # (M, S, S, 3) uint8
+    labels: np.ndarray  # (M,) int64; the primary label of multi-label images
+    classes: list[str]
+    files: list[str]  # (M,) paths relative to root (or synthetic names)
+    source: str
+    root: str | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files, relative paths
+    dropped_aspect: int = 0  # readable images outside the aspect range
+    label_matrix: np.ndarray | None = None  # (M, C) bool for multi-label sources, else None
+    unannotated: list[str] = field(default_factory=list)  # multi-label sources: images without labels, left out
+
+    def __post_init__(self) -> None:
+        if self.label_matrix is not None:
+            matrix = np.asarray(self.label_matrix, dtype=bool)
+            if matrix.shape != (len(self.labels), len(self.classes)):
+                raise ValueError(
+                    f"label_matrix must be (images, classes) = {(len(self.labels), len(self.classes))}, got {matrix.shape}"
+                )
+            if len(matrix) and not matrix.any(axis=1).all():
+                raise ValueError("every image of a multi-label set needs at least one label; leave unlabelled images out")
+            if not matrix[np.arange(len(matrix)), self.labels].all():
+                raise ValueError("an image's primary label must be one of its labels")
+            self.label_matrix = matrix
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def is_multilabel(self) -> bool:
+        """Whether images carry label sets (relevance: at least one shared label) rather than one class."""
+        return self.label_matrix is not None
+
+    def class_counts(self) -> pd.Series:
+        """Images per class name (per primary label for multi-label sets)."""
+        return pd.Series(np.bincount(self.labels, minlength=len(self.classes)), index=self.classes)
+
+    def category_counts(self) -> pd.Series:
+        """Images showing each class name: a multi-label image counts once for every label it has."""
+        if self.label_matrix is None:
+            return self.class_counts()
+        return pd.Series(self.label_matrix.sum(axis=0), index=self.classes)
+
+
+def primary_labels(label_matrix: np.ndarray) -> np.ndarray:
+    """The primary label (M,) of every row of a boolean (M, C) label matrix: its rarest label.
+
+    Rarity is the number of rows (images) that carry a label; ties go to the lower label.
+    Every row needs at least one label.
+    """
+    matrix = np.asarray(label_matrix, dtype=bool)
+    if matrix.ndim != 2:
+        raise ValueError(f"label_matrix must be 2-D (images, classes), got shape {matrix.shape}")
+    if len(matrix) and not matrix.any(axis=1).all():
+        raise ValueError("every image needs at least one label to have a primary label")
+    frequency = matrix.sum(axis=0).astype(np.float64)
+    cost = np.where(matrix, frequency[None, :], np.inf)
+    return cost.argmin(axis=1).astype(np.int64)  # argmin takes the first (lowest) label on ties
+
+
+def label_matrix_from_sets(label_sets: Sequence[Sequence[int]], n_classes: int) -> np.ndarray:
+    """A boolean (M, C) matrix from M label sets of label indices in 0..C-1."""
+    matrix = np.zeros((len(label_sets), n_classes), dtype=bool)
+    for i, labels in enumerate(label_sets):
+        matrix[i, list(labels)] = True
+    return matrix
+
+
+def label_sets_from_matrix(label_matrix: np.ndarray) -> list[tuple[int, ...]]:
+    """The label set (sorted tuple of label indices) of every row of a boolean (M, C) matrix."""
+    return [tuple(np.flatnonzero(row).tolist()) for row in np.asarray(label_matrix, dtype=bool)]
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+def _missing_imagenette_message(reason: str) -> str:
+    return (
+        f"Imagenette images are not available ({reason}). Either set {settings.IMAGENETTE_ENV} to a "
+        "local copy in ImageFolder layout (<dir>/train/<wnid>/*.JPEG, <dir>/val/...), or let "
+        "torchvision download imagenette2-160 (needs internet; load_images(..., download=True)), "
+        "or use source='digits' for a download-free run."
+    )
+
+
+def imagenette_root(download: bool = True, data_dir: Path | None = None) -> Path:
+    """The Imagenette folder: ``VITDSI_IMAGENETTE_DIR``, an earlier download, or a new download."""
+    local = settings.imagenette_dir()
+    if local is not None:
+        if not local.is_dir():
+            raise FileNotFoundError(_missing_imagenette_message(f"{settings.IMAGENETTE_ENV}={local} is not a folder"))
+        return local
+    raw = (data_dir or settings.data_dir()) / "raw"
+    downloaded = raw / "imagenette2-160"
+    if downloaded.is_dir():
+        return downloaded
+    if not download:
+        raise FileNotFoundError(_missing_imagenette_message(f"{settings.IMAGENETTE_ENV} is unset and download=False"))
+    from torchvision.datasets import Imagenette
+
+    try:
+        Imagenette(str(raw), split="train", size="160px", download=True)
+    except Exception as error:  # network errors come in many types; all mean the same here
+        raise FileNotFoundError(_missing_imagenette_message(f"download failed: {error}")) from error
+    return downloaded
+
+
+def _cache_key(
+    source: str, root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], extra: str = ""
+) -> str:
+    digest = hashlib.sha1()
+    digest.update(json.dumps([_CACHE_VERSION, source, str(root.resolve()), size, list(aspect_range)]).encode())
+    for name in files:  # a changed, added or removed file gives a new key
+        # os.fsencode keeps the exact bytes of names that are not valid UTF-8
+        try:
+            stat = (root / name).stat()
+            digest.update(os.fsencode(name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a listed file that is missing is reported as unreadable when decoding
+            digest.update(os.fsencode(name) + b"\0missing\n")
+    if extra:  # e.g. the labels of an annotations file, which the file list alone does not pin
+        digest.update(extra.encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_all(
+    root: Path, files: Sequence[str], size: int, aspect_range: tuple[float, float], progress: bool, desc: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Decode files in parallel; return (images of kept files, kept mask, unreadable file -> reason)."""
+    out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
+    kept = np.zeros(len(files), dtype=bool)
+    unreadable: dict[str, str] = {}
+
+    def work(i: int) -> None:
+        try:
+            image = load_image(root / files[i], size, aspect_range)
+        except Exception as error:  # truncated, empty or non-image files: skipped and reported below
+            unreadable[files[i]] = describe_read_error(error)
+            return
+        if image is not None:
+            out[i] = image
+            kept[i] = True
+
+    # Pillow releases the GIL while decoding and resampling, so threads use every core
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, disable=not progress, unit="img"))
+    return out[kept], kept, dict(sorted(unreadable.items()))
+
+
+def _decode_cached(
+    source: str,
+    root: Path,
+    table: pd.DataFrame,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+    info: dict,
+    key_extra: str = "",
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Decode the files of ``table`` (a ``file`` column, then label columns), or read them from the cache.
+
+    Returns (images of the kept files, the kept rows of ``table``, ``info`` plus ``skipped``
+    and ``dropped_aspect``), and warns once about unreadable files.
+    """
+    key = _cache_key(source, root, table["file"].tolist(), size, aspect_range, key_extra)
+    cache_dir = (data_dir or settings.data_dir()) / "cache" / f"{source}-{size}px-{key}"
+    cached = _read_cache(cache_dir) if cache else None
+    if cached is not None:
+        images, table, info = cached
+    else:
+        files = table["file"].tolist()
+        images, kept, unreadable = _decode_all(root, files, size, aspect_range, progress, f"decoding {source} @{size}px")
+        table = table[kept]
+        info = {
+            "source": source,
+            "root": str(root),
+            "size": size,
+            "aspect_range": list(aspect_range),
+            **info,
+            "skipped": list(unreadable),
+            "skip_reasons": unreadable,
+            "dropped_aspect": int((~kept).sum()) - len(unreadable),
+        }
+        if cache:
+            with atomic_dir(cache_dir) as tmp:
+                np.save(tmp / "images.npy", images)
+                table.to_csv(tmp / "files.csv", index=False, errors=FILE_NAME_ERRORS)
+                (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    if info["skipped"]:
+        reasons = info.get("skip_reasons", {})
+        shown = "; ".join(f"{name} ({reasons[name]})" if name in reasons else name for name in info["skipped"][:10])
+        more = f"; and {len(info['skipped']) - 10} more" if len(info["skipped"]) > 10 else ""
+        warnings.warn(
+            f"skipped {len(info['skipped'])} unreadable image file(s) under {root}: {shown}{more}. "
+            "They are listed in the manifest with role 'skipped'; fix or delete them to silence this warning",
+            stacklevel=4,
+        )
+    return images, table, info
+
+
+def _load_folder(
+    source: str,
+    root: Path,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+) -> ImageSet:
+    files, classes, labels = list_image_files(root)
+    listing = pd.DataFrame({"file": files, "label": labels})
+    images, table, info = _decode_cached(
+        source, root, listing, size, aspect_range, cache, data_dir, progress, {"classes": classes}
+    )
+    # classes whose every image was unreadable or out of aspect range keep their label slot,
+    # so labels stay comparable across sizes; build_database ignores empty classes
+    return ImageSet(
+        images=images,
+        labels=table["label"].to_numpy(dtype=np.int64),
+        classes=list(info["classes"]),
+        files=table["file"].tolist(),
+        source=source,
+        root=str(root),
+        skipped=list(info["skipped"]),
+        dropped_aspect=int(info["dropped_aspect"]),
+    )
+
+
+def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None:
+    """(images, file table, info) of a decoded-image cache, or None when there is none or it is damaged.
+
+    Caches are written atomically, so damage means something outside the toolkit changed the
+    folder; the images are then decoded again (and the cache rewritten) rather than trusted.
+    """
+    if not (cache_dir / "info.json").exists():
+        return None
+    try:
+        info = json.loads((cache_dir / "info.json").read_text())
+        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS,
+                            dtype={"labels": str})  # label sets such as "3" or "0;3" stay text
+        images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
+        if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped_aspect"} <= set(info):
+            raise ValueError("its parts do not fit together")
+    except (OSError, ValueError, KeyError) as error:
+        warnings.warn(f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4)
+        return None
+    return images, table, info
+
+
+def _missing_coco_message(reason: str) -> str:
+    return (
+        f"COCO images are not available ({reason}). Set {settings.COCO_IMAGES_ENV} to the images folder "
+        f"(e.g. .../coco/train2017) and {settings.COCO_ANNOTATIONS_ENV} to its instances file (e.g. "
+        ".../coco/annotations/instances_train2017.json), or pass root= and annotations= to load_images. "
+        "Nothing is downloaded: get COCO from https://cocodataset.org first."
+    )
+
+
+def coco_paths(
+    root: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """(images folder, instances JSON) of the ``coco`` source: the arguments, else the environment variables."""
+    images_dir = Path(root).expanduser() if root is not None else settings.coco_images_dir()
+    annotations_file = Path(annotations).expanduser() if annotations is not None else settings.coco_annotations_file()
+    missing = [name for name, value in ((settings.COCO_IMAGES_ENV, images_dir),
+                                        (settings.COCO_ANNOTATIONS_ENV, annotations_file)) if value is None]
+    if missing:
+        raise FileNotFoundError(_missing_coco_message(f"{' and '.join(missing)} not set"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(_missing_coco_message(f"images folder {images_dir} does not exist"))
+    if not annotations_file.is_file():
+        raise FileNotFoundError(_missing_coco_message(f"annotations file {annotations_file} does not exist"))
+    return images_dir, annotations_file
+
+
+def _load_coco(
+    root: Path,
+    annotations: Path,
+    size: int,
+    aspect_range: tuple[float, float],
+    cache: bool,
+    data_dir: Path | None,
+    progress: bool,
+) -> ImageSet:
+
+    cache_root = (data_dir or settings.data_dir()) / "cache"
+    coco = read_coco_annotations(annotations, cache_root if cache else None)
+    if not coco.files:
+        raise ValueError(f"{annotations} has no annotated image: nothing to retrieve")
+    if not any((root / name).is_file() for name in coco.files[:1000]):
+        raise FileNotFoundError(_missing_coco_message(
+            f"none of the first images named in {annotations.name} (e.g. {coco.files[0]}) is in {root}; "
+            f"does {settings.COCO_IMAGES_ENV} name the folder that file describes?"
+        ))
+    if coco.unannotated:
+        warnings.warn(
+            f"left out {len(coco.unannotated)} of {len(coco.files) + len(coco.unannotated)} images of "
+            f"{annotations.name}: they have no object annotation, so no query could find them relevant "
+            "(manifests list them with role 'unannotated')",
+            stacklevel=3,
+        )
+    listing = pd.DataFrame({"file": coco.files, "labels": [LABEL_SEPARATOR.join(map(str, s)) for s in coco.label_sets]})
+    info = {"classes": coco.categories, "category_ids": coco.category_ids, "annotations": str(annotations),
+            "unannotated": coco.unannotated}
+    images, table, info = _decode_cached(
+        "coco", root, listing, size, aspect_range, cache, data_dir, progress, info, key_extra=coco.digest()
+    )
+    label_sets = [tuple(int(t) for t in text.split(LABEL_SEPARATOR)) for text in table["labels"]]
+    matrix = label_matrix_from_sets(label_sets, len(info["classes"]))
+    return ImageSet(
+        images=images,
+        labels=primary_labels(matrix),
+        classes=list(info["classes"]),
+        files=table["file"].tolist(),
+        source="coco",
+        root=str(root),
+        skipped=list(info["skipped"]),
+        dropped_aspect=int(info["dropped_aspect"]),
+        label_matrix=matrix,
+        unannotated=list(info["unannotated"]),
+    )
+
+
+def _load_digits(size: int, progress: bool) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8), ink is bright
+    images = np.stack(
+        [
+            np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR).convert("RGB"))
+            for g in tqdm(grey, desc=f"digits @{size}px", disable=not progress, unit="img")
+        ]
+    )
+    return ImageSet(
+        images=images,
+        labels=digits.target.astype(np.int64),
+        classes=[str(d) for d in range(10)],
+        files=[f"digits/{i:04d}" for i in range(len(grey))],
+        source="digits",
+    )
+
+
+def load_images(
+    source: str = "imagenette",
+    size: int = 160,
+    *,
+    root: str | os.PathLike | None = None,
+    annotations: str | os.PathLike | None = None,
+    aspect_range: tuple[float, float] = (0.9, 1.1),
+    download: bool = True,
+    cache: bool = True,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """Load every usable image of ``source`` at ``size`` px; see the module docstring.
+
+    ``root`` is the folder of a ``folder`` source, a local Imagenette copy, or the COCO images
+    folder; ``annotations`` is the COCO instances JSON (both default to the environment).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
+    if size not in SIZES:
+        raise ValueError(f"unsupported image size {size}; choose one of {SIZES} px")
+    lo, hi = aspect_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"aspect_range must satisfy 0 < low <= high, got {aspect_range}")
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if source == "digits":
+        return _load_digits(size, progress)
+    if source == "coco":
+        images_dir, annotations_file = coco_paths(root, annotations)
+        return _load_coco(images_dir, annotations_file, size, (lo, hi), cache, data_dir, progress)
+    if source == "imagenette":
+        folder = Path(root) if root is not None else imagenette_root(download, data_dir)
+    else:
+        if root is None:
+            raise ValueError("source='folder' needs root=<path to an ImageFolder tree>")
+        folder = Path(root).expanduser()
+    return _load_folder(source, folder, size, (lo, hi), cache, data_dir, progress)
+
+
+def sample_image_folder(
+    root: str | Path, size: int, per_class: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A few preprocessed images per class of an ImageFolder tree, without decoding the whole tree.
+
+    Returns (images (n, size, size, 3) uint8, labels (n,), class names); images outside the
+    aspect range are skipped, as in the study.
+    """
+
+    files, classes, labels = list_image_files(root)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    images, kept = [], []
+    for label in range(len(classes)):
+        for i in rng.permutation(np.flatnonzero(labels == label)):
+            try:
+                image = load_image(Path(root) / files[i], size)
+            except OSError:  # an unreadable file is left out here, as load_images leaves it out
+                continue
+            if image is not None:
+                images.append(image)
+                kept.append(label)
+            if kept.count(label) == per_class:
+                break
+    return np.stack(images), np.asarray(kept), classes

@@ -1,0 +1,339 @@
+"""The DSI's training phases on one database: indexing, then retrieval fine-tuning, each trained or loaded.
+
+A finished phase is loaded from its run folder instead of trained again, and an interrupted one
+resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdsi_utils.baselines.init import EncoderInit, init_encoder, resolve_torchvision_file
+from vitdsi_utils.baselines.ssl import INIT_SOURCES
+from vitdsi_utils.data.database import Database
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.ids.schemes import codec_for
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig, seed_everything
+from vitdsi_utils.training.history import History
+from vitdsi_utils.training.loop import fit, train_indexing, train_retrieval
+from vitdsi_utils.training.tasks import AugmentedViews, IndexingTask, RetrievalPairs, SameClassTargets
+
+#: Retrieval targets of fine-tuning: fixed (query, relevant ID) pairs, or one relevant ID per query redrawn each epoch.
+TARGET_MODES = ("pairs", "same-class")
+
+
+def _seconds_before(checkpoint: Path | None) -> float:
+    """Training seconds already spent in an unfinished run's checkpoint (0 without one), so the time of a
+    run resumed over several sessions counts every session, not the last one only."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0.0
+
+    return float(sum(row.get("seconds", 0.0) for row in load_checkpoint(checkpoint)["history"]))
+
+
+def database_codec(db: Database, codec: IDCodec | None = None) -> IDCodec:
+    """``codec`` checked against ``db`` (one ID per indexed image), or the database's own dense codec."""
+    if codec is None:
+        return codec_for(db)
+    if len(codec) != db.n_index:
+        raise ValueError(
+            f"the codec has {len(codec)} IDs but the database indexes {db.n_index} images; build it for this "
+            "database with semantic_ids.codec_for(db, scheme)"
+        )
+    return codec
+
+
+def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSIConfig:
+    """The configuration of a DSI model for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise)."""
+    return DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
+
+
+#: An encoder initialisation: (source, path), source one of ``pretrain.INIT_SOURCES``.
+EncoderInitSpec = tuple[str, "str | Path"]
+
+
+def new_model(
+    db: Database, codec: IDCodec, *, encoder_init: EncoderInitSpec | None = None, **model_overrides: Any
+) -> DSIModel:
+    """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise).
+
+    ``encoder_init=(source, path)`` copies its encoder from a pretrained checkpoint
+    (:func:`vitdsi_utils.pretrain.init_encoder`: "ssl", "dense", "dsi" or "torchvision").
+    """
+    model = DSIModel(model_config(db, codec, **model_overrides))
+    if encoder_init is not None:
+
+        init_encoder(model, *encoder_init)
+    return model
+
+
+def encoder_init_tag(encoder_init: EncoderInitSpec | None) -> str | None:
+    """``"<source>:<hash of the file>"`` for an encoder initialisation (None: random init)."""
+    if encoder_init is None:
+        return None
+
+    source, path = encoder_init
+    if source not in INIT_SOURCES:
+        raise ValueError(f"unknown encoder source {source!r}; choose one of {INIT_SOURCES}")
+    if not Path(path).is_file():
+
+        if source != "torchvision":
+            raise FileNotFoundError(f"{path} does not exist: the {source} checkpoint to initialise the encoder from")
+        path = resolve_torchvision_file(path)
+    return EncoderInit(source, str(path), []).tag()
+
+
+@dataclass
+class PhaseResult:
+    """A trained model of one phase, with its history and the wall time it took."""
+
+    model: DSIModel
+    history: History
+    seconds: float
+    epochs: int
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig it was trained with (plain values)
+
+
+def index_database(
+    db: Database,
+    *,
+    model_overrides: dict | None = None,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    codec: IDCodec | None = None,
+    init: Callable[[DSIModel], object] | None = None,
+    encoder_init: EncoderInitSpec | None = None,
+) -> PhaseResult:
+    """Indexing phase: train a new model until it reproduces every indexed image's ID.
+
+    ``codec`` holds the IDs (database row r gets ``codec.codes[r]``); default: the database's
+    dense IDs (``semantic_ids.codec_for(db)``). With ``run_dir``, a finished model is loaded
+    from ``zero_shot.pt`` instead of retrained, and an interrupted one resumes from
+    ``indexing.ckpt``. Either must have been written for this database, these IDs and this
+    model configuration, or a :class:`~vitdsi_utils.train.CheckpointError` names what differs.
+
+    ``encoder_init=(source, path)`` starts the encoder from pretrained weights instead of
+    random ones (see :func:`new_model`); the source and a hash of the file are recorded in the
+    checkpoints, so a run folder of another initialisation is refused rather than reused.
+    ``init`` is called on the new model before training, for an initialisation that is not a
+    file (e.g. ``lambda m: m.load_encoder(encoder)``); such runs are recorded as "custom".
+    """
+    codec = database_codec(db, codec)
+    wanted = model_config(db, codec, **(model_overrides or {}))
+    fingerprint = db.fingerprint()
+    # checkpoints written before this key existed do not record it, and are not checked against it
+    # a callable ``init`` cannot be identified, so its runs are only told apart from random ones
+    fingerprint["encoder_init"] = encoder_init_tag(encoder_init) or ("custom" if init is not None else "random")
+    final = Path(run_dir) / "zero_shot.pt" if run_dir else None
+    if final is not None and final.exists():
+        return _load_final(final, codec, wanted, fingerprint)
+    config = config or TrainConfig()
+    seed_everything(config.seed)  # the initial weights must be as reproducible as the training that follows
+    model = DSIModel(wanted)
+    if init is not None:
+        init(model)  # a resumed run then overwrites these weights with its checkpoint's
+    if encoder_init is not None:
+
+        init_encoder(model, *encoder_init)
+    index_images, _ = db.split("index")
+    checkpoint = Path(run_dir) / "indexing.ckpt" if run_dir else None
+    start = time.perf_counter() - _seconds_before(checkpoint)
+    history = train_indexing(
+        model,
+        codec,
+        torch.from_numpy(index_images),
+        config=config,
+        checkpoint_path=checkpoint,
+        data_info=fingerprint,
+    )
+    seconds = time.perf_counter() - start
+    epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
+    if final is not None:
+        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict())
+
+
+def fine_tune(
+    db: Database,
+    zero_shot: DSIModel,
+    *,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
+    codec: IDCodec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
+    consolidate: int = 0,
+) -> PhaseResult:
+    """Retrieval phase: a copy of the indexed model trained on (query, relevant ID) pairs.
+
+    One pair per relevant indexed image of every train query (relevant: the same class, or a
+    shared label for multi-label data), as in the reference implementation;
+    ``max_pairs_per_query`` caps it with a seeded sample. The val queries give the validation
+    curve. ``zero_shot`` is not changed.
+
+    ``multitask=True`` keeps the indexing examples in every epoch beside the pairs, as the
+    original DSI trains, so the model is reminded of each image's own ID while it learns
+    retrieval (the paper fine-tuned on pairs alone and lost most of its indexing accuracy).
+    ``mix_ratio`` then resamples the pairs to ``mix_ratio`` per indexed image and epoch (None:
+    every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
+
+    ``targets="same-class"`` replaces the fixed pairs by one target per train query and epoch,
+    drawn at random among its relevant indexed images (:class:`~vitdsi_utils.train.SameClassTargets`;
+    ``max_pairs_per_query`` then does not apply). ``index_views=k`` adds k randomly flipped and
+    cropped views (crop side >= ``view_min_crop``) of every indexed image per epoch as extra
+    queries whose target is that image's own ID (:class:`~vitdsi_utils.train.AugmentedViews`).
+    Label smoothing is ``config.label_smoothing``.
+
+    ``consolidate=E`` appends up to E epochs of indexing alone (phase "consolidate"), stopped as
+    soon as the indexed images' beam-search IA@1 reaches ``config.target_accuracy``: retrieval
+    training moves some indexed images off their IDs, and this puts them back, so the model
+    keeps its index by a stop rule rather than by luck. Its epochs count in the result's epochs.
+
+    ``codec`` must be the one ``zero_shot`` was indexed with (default: the database's dense IDs).
+    A finished model in ``run_dir`` is loaded only if it was trained with the same options
+    (targets, views, label smoothing, epochs, pairs, mix ratio); otherwise
+    :class:`~vitdsi_utils.train.CheckpointError` says what differs.
+    """
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+    if isinstance(index_views, bool) or not isinstance(index_views, int) or index_views < 0:
+        raise ValueError(f"index_views must be an integer >= 0 (views of each indexed image per epoch), got {index_views!r}")
+    if isinstance(consolidate, bool) or not isinstance(consolidate, int) or consolidate < 0:
+        raise ValueError(f"consolidate must be an integer >= 0 (most indexing epochs after fine-tuning), got {consolidate!r}")
+    codec = database_codec(db, codec)
+    zero_shot.check_codec(codec)
+    fingerprint = db.fingerprint()
+    config = config or TrainConfig(epochs=75)
+    options = fine_tune_options(config, max_pairs_per_query=max_pairs_per_query, multitask=multitask,
+                                mix_ratio=mix_ratio, targets=targets, index_views=index_views,
+                                view_min_crop=view_min_crop, consolidate=consolidate)
+    stem = "multitask" if multitask else "fine_tuned"
+    final = Path(run_dir) / f"{stem}.pt" if run_dir else None
+    if final is not None and final.exists():
+        return _load_final(final, codec, zero_shot.config, fingerprint, options=options)
+    index_labels = db.relevance_labels("index")
+    train_images, _ = db.split("train")
+    val_images, _ = db.split("val")
+    train_labels, val_labels = db.relevance_labels("train"), db.relevance_labels("val")
+    if targets == "same-class":
+        pairs = SameClassTargets.from_labels(torch.from_numpy(train_images), train_labels, index_labels)
+    else:
+        pairs = RetrievalPairs.from_labels(
+            torch.from_numpy(train_images), train_labels, index_labels, max_pairs_per_query=max_pairs_per_query
+        )
+    extra_tasks = []
+    if index_views:
+        extra_tasks.append(AugmentedViews(torch.from_numpy(db.split("index")[0]), views=index_views,
+                                          min_crop=view_min_crop))
+    val_pairs = RetrievalPairs.from_labels(
+        torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
+    )
+    model = copy.deepcopy(zero_shot)
+    checkpoint = Path(run_dir) / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
+    consolidation = Path(run_dir) / "consolidate.ckpt" if run_dir else None
+    # a consolidation checkpoint's history holds the fine-tuning rows too
+    start = time.perf_counter() - (_seconds_before(consolidation) or _seconds_before(checkpoint))
+    if multitask:
+        indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
+        history = fit(
+            model, codec, [indexing, pairs, *extra_tasks], mix_ratio=mix_ratio, val=[val_pairs], config=config,
+            checkpoint_path=checkpoint, data_info=fingerprint, stop_on=None, phase="multitask",
+        )
+    elif extra_tasks:
+        history = fit(
+            model, codec, [pairs, *extra_tasks], val=[val_pairs], config=config, checkpoint_path=checkpoint,
+            data_info=fingerprint, stop_on=None, phase="retrieval",
+        )
+    else:
+        history = train_retrieval(
+            model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint, data_info=fingerprint
+        )
+    if consolidate:
+        history = train_indexing(
+            model, codec, torch.from_numpy(db.split("index")[0]), config=dataclasses.replace(config, epochs=consolidate),
+            history=history, checkpoint_path=consolidation,
+            data_info=fingerprint, phase="consolidate",
+        )
+    seconds = time.perf_counter() - start
+    frame = history.to_frame()
+    epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
+    if final is not None:
+        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint, options=options)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict())
+
+
+def fine_tune_options(
+    config: TrainConfig,
+    *,
+    max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
+    consolidate: int = 0,
+) -> dict[str, Any]:
+    """The settings that make one fine-tuned model differ from another (stored beside it, checked on load)."""
+    return {
+        "consolidate": int(consolidate), "target_accuracy": config.target_accuracy if consolidate else None,
+        "epochs": config.epochs, "lr": config.lr, "label_smoothing": config.label_smoothing,
+        "max_pairs_per_query": None if targets == "same-class" else max_pairs_per_query,
+        "multitask": bool(multitask), "mix_ratio": mix_ratio if multitask else None, "targets": targets,
+        "index_views": int(index_views), "view_min_crop": float(view_min_crop) if index_views else None,
+    }
+
+
+def _load_final(
+    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, options: dict[str, Any] | None = None
+) -> PhaseResult:
+    """A finished phase from ``path``; CheckpointError if it was trained for another model, database or options.
+
+    A model saved before options were recorded is checked against the defaults of the options
+    added since (fixed pairs, no views).
+    """
+    model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
+    if options is not None:
+        saved = meta["extra"].get("options")
+        if saved is None:  # written before options were recorded: only the plain settings existed then
+            trained = meta.get("train_config") or {}
+            saved = {"targets": "pairs", "index_views": 0, "label_smoothing": 0.0,
+                     **{k: trained[k] for k in ("epochs", "lr", "label_smoothing") if k in trained}}
+        saved = {"consolidate": 0, "target_accuracy": None, **saved}  # saved before consolidation existed
+        differ = [f"{k}: saved {saved[k]!r}, requested {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
+        if differ:
+            raise CheckpointError(
+                f"{path} was fine-tuned with other options ({'; '.join(differ)}). Delete it or use another "
+                "run folder to train with these options"
+            )
+    return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]),
+                       dict(meta.get("train_config") or {}))
+
+
+def _save_final(
+    path: Path,
+    model: DSIModel,
+    codec: IDCodec,
+    config: TrainConfig,
+    history: History,
+    seconds: float,
+    epochs: int,
+    fingerprint: dict,
+    options: dict[str, Any] | None = None,
+) -> None:
+
+    extra = {"seconds": seconds, "data": fingerprint, **({"options": options} if options is not None else {})}
+    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)

@@ -1,0 +1,1 @@
+"""Retrieval over any model: the one Searcher interface and two-stage re-ranking."""

@@ -1,0 +1,237 @@
+"""The study as a sequence of notebooks: profiles of parameters, and a runner that executes them.
+
+A *profile* (``vitdsi_utils/profiles/<name>.yaml``) holds the study's knobs as UPPER_CASE
+keys: dataset, image size, database sizes N, ID schemes, seeds, model and training settings.
+:func:`run_study` executes ``notebooks/NN_*.ipynb`` in order with papermill, handing every
+notebook the profile keys it declares in its ``parameters`` cell, plus ``OUT_DIR`` (where
+tables and figures go) and ``RUNS_DIR`` (where trained models go, so later notebooks load
+what earlier ones trained). Outputs::
+
+    <out>/notebooks/NN_*.ipynb   executed copies
+    <out>/tables/*.csv, *.md     result tables (Table 1 in table1.md)
+    <out>/figures/*.png          Figures 1-3 and the others
+    <out>/timings.csv            wall time per notebook
+    <out>/README.md              parameters, timings, machine, Table 1 and the figures
+    <out>/stamps/NN_*.json       one per notebook that finished: what its run depended on
+
+A rerun skips every notebook whose stamp still matches (same notebook source, parameters,
+package source and upstream stamps, executed copy and written files still there) and starts
+at the first one that does not; see :func:`stale_reasons`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vitdsi_utils import settings
+from vitdsi_utils.runner.profiles import load_profile, notebook_parameters
+from vitdsi_utils.runner.report import TIMING_COLUMNS, earlier_timings, write_readme, write_timings
+from vitdsi_utils.runner.stamps import (
+    _products,
+    _snapshot,
+    _stamp_seconds,
+    notebook_inputs,
+    stale_reasons,
+    stamp_path,
+    write_stamp,
+)
+
+
+class StudyFailed(RuntimeError):
+    """A notebook of the study raised; the message names the notebook, the cell and the error."""
+
+
+# ------------------------------------------------------------------------------------------
+# Notebooks
+# ------------------------------------------------------------------------------------------
+def notebooks_dir() -> Path:
+    """The folder of the study's notebooks (``<repository>/notebooks``)."""
+    return settings.project_root() / "notebooks"
+
+
+def study_notebooks(folder: Path | None = None) -> list[Path]:
+    """The study's notebooks ``NN_*.ipynb`` in execution (sorted) order."""
+    folder = folder or notebooks_dir()
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no notebooks NN_*.ipynb in {folder}; is this a checkout of the project?")
+    return found
+
+
+def _resolve_notebook(name: str | Path) -> Path:
+    """A notebook path from a path, a file name or a stem ('03_indexing')."""
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path
+    candidate = notebooks_dir() / (path.name if path.suffix == ".ipynb" else f"{path.name}.ipynb")
+    if not candidate.is_file():
+        raise FileNotFoundError(f"no notebook {name!r}; the study has {[p.stem for p in study_notebooks()]}")
+    return candidate
+
+
+def _start_index(paths: list[Path], start_at: str) -> int:
+    """Position of the first notebook whose stem starts with ``start_at`` ('03' or '03_indexing')."""
+    stem = Path(start_at).stem
+    for i, path in enumerate(paths):
+        if path.stem == stem or path.stem.startswith(stem):
+            return i
+    raise ValueError(f"--start-at {start_at!r} names no notebook; choose one of {[p.stem for p in paths]}")
+
+
+class _Indented:
+    """A file-like stream that prints what a notebook's cells print, indented under the runner's lines."""
+
+    def write(self, text: str) -> None:
+        text = text.rstrip("\n")
+        if text:
+            print("    " + text.replace("\n", "\n    "), flush=True)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def execute_notebook(path: Path, output: Path, params: dict[str, Any], *, kernel_name: str, progress: bool) -> float:
+    """Execute one notebook into ``output``; return its wall time (s). Raises StudyFailed on an error.
+
+    With ``progress`` the notebook's printed output is echoed live, so a cell that trains for
+    minutes still shows one line per finished run.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    echo = _Indented() if progress else None
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(output),
+            parameters=notebook_parameters(path, params),
+            kernel_name=kernel_name,
+            cwd=str(path.parent),
+            progress_bar=False,  # a per-cell bar says little when one cell trains for minutes
+            stdout_file=echo,
+            stderr_file=echo,
+            # the kernel's own log only says that it runs over local TCP and is stopped at the end;
+            # a kernel that dies still fails the notebook
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+        )
+    except PapermillExecutionError as error:
+        raise StudyFailed(
+            f"{path.name} failed with {error.ename}: {error.evalue}\n"
+            f"the full traceback is in cell {error.cell_index} of the executed copy {output}"
+        ) from error
+    except Exception as error:  # a dead kernel or a missing kernelspec: no cell to blame
+        raise StudyFailed(f"{path.name} could not run: {type(error).__name__}: {error}") from error
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------
+# The runner
+# ------------------------------------------------------------------------------------------
+def run_study(
+    profile: str | dict[str, Any],
+    *,
+    notebooks: Iterable[str | Path] | None = None,
+    start_at: str | None = None,
+    force: bool = False,
+    out_root: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    kernel_name: str = "python3",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Execute the study's notebooks with a profile's parameters; return wall times (notebook, seconds, status).
+
+    ``profile`` is a bundled name, a YAML path or a dict of parameters; ``overrides`` replace
+    single parameters. ``out_root`` defaults to ``reports/<profile>`` and ``runs_dir`` to
+    ``data/runs/<profile>``; when ``overrides`` change the profile's ``DATASET`` (e.g. to
+    ``coco``), to ``reports/<profile>-<dataset>`` and ``data/runs/<profile>-<dataset>``, so the
+    profile's own report is kept.
+
+    A notebook whose executed copy is up to date (see :func:`stale_reasons`) is skipped, and
+    the run starts at the first one that is not: a rerun after a failure or an interruption
+    picks up where it stopped. Each notebook that finishes gets a stamp in ``<out>/stamps/``;
+    a notebook about to run loses its stamp, and so do the ones after it, so a failure leaves
+    only the notebooks before it stamped. Since a stamp records the stamps before it, a rerun
+    notebook makes every later one stale. ``force`` reruns every notebook. With ``start_at``
+    the notebooks before it are skipped unchecked (their outputs from an earlier run are used)
+    and the named one and all after it run. Stops at the first failing notebook with StudyFailed.
+
+    Status per notebook: ``ok`` (ran now), ``up to date`` (skipped; seconds of its last run),
+    ``earlier run`` (before ``start_at``) or ``failed``. When every notebook is up to date
+    nothing runs and timings.csv and README.md are left as they are.
+    """
+    params = dict(profile) if isinstance(profile, dict) else load_profile(profile)
+    unknown = sorted(set(overrides or {}) - set(params))
+    if unknown:  # most likely a typo, which would otherwise be ignored silently
+        raise ValueError(f"overrides {unknown} name no parameter of the profile; it has {sorted(params)}")
+    profile_dataset = params.get("DATASET")
+    params.update(overrides or {})
+    name = str(params.get("PROFILE", "custom"))
+    command = f"vitdsi study --profile {name}"
+    folder = name
+    if params.get("DATASET") != profile_dataset:
+        command += f" --dataset {params['DATASET']}"
+        folder = f"{name}-{params['DATASET']}"
+    out = Path(out_root) if out_root is not None else settings.reports_dir() / folder
+    runs = Path(runs_dir) if runs_dir is not None else settings.data_dir() / "runs" / folder
+    params.update(OUT_DIR=str(out.resolve()), RUNS_DIR=str(runs.resolve()))
+
+    paths = [_resolve_notebook(n) for n in notebooks] if notebooks is not None else study_notebooks()
+    first = _start_index(paths, start_at) if start_at else 0
+    timings = earlier_timings(out, paths[:first])
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    _say(progress, f"study '{name}': {len(paths) - first} notebook(s) -> {out}")
+    study_start = time.perf_counter()
+    ran = False
+    for i, path in enumerate(paths[first:], start=first):
+        label = f"[{i + 1}/{len(paths)}] {path.stem}"
+        inputs = notebook_inputs(path, params, paths[:i], out, kernel_name=kernel_name)
+        if not ran:  # once a notebook has run, every later one is stale: its upstream stamp changed
+            if force or start_at:
+                why = "--force" if force else f"--start-at {start_at}"
+                _say(progress, f"{label}: running ({why}) ...")
+            else:
+                reasons = stale_reasons(path, out, inputs, runs)
+                if not reasons:
+                    seconds = _stamp_seconds(out, path)
+                    timings.append({"notebook": path.stem, "seconds": seconds, "status": "up to date"})
+                    _say(progress, f"{label}: up to date, skipped")
+                    continue
+                _say(progress, f"{label}: stale ({'; '.join(reasons)}); running ...")
+        else:
+            _say(progress, f"{label}: running (a notebook before it ran) ...")
+        for later in paths[i:]:  # its stamp and the later ones describe outputs about to be replaced
+            stamp_path(out, later).unlink(missing_ok=True)
+        ran = True
+        before = _snapshot(out, runs)
+        try:
+            seconds = execute_notebook(path, out / "notebooks" / path.name, params,
+                                       kernel_name=kernel_name, progress=progress)
+        except StudyFailed as error:
+            _say(progress, f"{label} FAILED\n{error}")
+            write_timings(out, timings + [{"notebook": path.stem, "seconds": float("nan"), "status": "failed"}])
+            raise
+        write_stamp(out, path, inputs, seconds=seconds, products=_products(before, _snapshot(out, runs)))
+        timings.append({"notebook": path.stem, "seconds": seconds, "status": "ok"})
+        _say(progress, f"{label} done in {seconds:.1f} s")
+    frame = pd.DataFrame(timings, columns=list(TIMING_COLUMNS))
+    if not ran:
+        _say(progress, f"study '{name}': every notebook is up to date, nothing ran (--force reruns them); "
+                       f"report: {out / 'README.md'}")
+        return frame
+    frame = write_timings(out, timings)
+    write_readme(out, params, frame, command=command)
+    _say(progress, f"study '{name}' done in {time.perf_counter() - study_start:.1f} s; report: {out / 'README.md'}")
+    return frame
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)

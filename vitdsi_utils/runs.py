@@ -1,0 +1,102 @@
+"""Run folders: where a trained model of a database lives, what its files are called, and loading it back.
+
+One run folder per database (``<runs>/<run name>/``) holds its trained DSI models (``zero_shot.pt``,
+``fine_tuned.pt``, ``multitask.pt``) and their histories. This module is the one place that names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitdsi_utils import settings
+from vitdsi_utils.data.database import Database
+from vitdsi_utils.settings import resolve_portable
+from vitdsi_utils.training.checkpoint import load_model
+from vitdsi_utils.training.config import resolve_device
+
+
+def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path | None:
+    """The run folder of ``db`` (with IDs ``ids``, default its own) under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
+    import pandas as pd
+
+
+    path, name = Path(path), run_name(db, ids)
+    candidates = [path, path / name]
+    listing = path / "tables" / "indexing_runs.csv"
+    if listing.is_file():
+        runs = pd.read_csv(listing)
+        candidates += [resolve_portable(p) for p in runs.loc[runs["run"] == name, "run_dir"]]
+    for candidate in candidates:
+        if (candidate / "zero_shot.pt").is_file() or (candidate / "fine_tuned.pt").is_file():
+            return candidate
+    return None
+
+
+def run_name(db: Database, ids: str | None = None) -> str:
+    """A folder name that identifies the database: source, size, N, ID scheme and seed.
+
+    ``ids`` names the ID scheme when the codec is not the database's own dense one (e.g.
+    ``IDAssignment.tag``, such as ``semantic-bovw-k10-c10``); default: the database's scheme.
+    """
+    s = db.settings
+    return f"{s['source']}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers the notebooks share: where outputs go, the grid of databases, loading trained models
+# ------------------------------------------------------------------------------------------
+@dataclass
+class StudyPaths:
+    """Where a profile's outputs go: ``out`` (tables/, figures/) and ``runs`` (one folder of models per database)."""
+
+    out: Path
+    runs: Path
+
+    @classmethod
+    def create(
+        cls, profile: str, out_dir: str | Path | None = None, runs_dir: str | Path | None = None
+    ) -> StudyPaths:
+        """The notebooks' OUT_DIR / RUNS_DIR, or ``reports/<profile>`` / ``data/runs/<profile>``.
+
+        tables/ and figures/ are created; run folders appear when a model is saved.
+        """
+        paths = cls(
+            Path(out_dir) if out_dir else settings.reports_dir() / profile,
+            Path(runs_dir) if runs_dir else settings.data_dir() / "runs" / profile,
+        )
+        for folder in (paths.tables, paths.figures):
+            folder.mkdir(parents=True, exist_ok=True)
+        return paths
+
+    @property
+    def tables(self) -> Path:
+        return self.out / "tables"
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+    def run_dir(self, db: Any) -> Path:
+        """The folder of ``db``'s trained models (``zero_shot.pt``, ``fine_tuned.pt``)."""
+
+        return self.runs / run_name(db)
+
+
+def load_trained(
+    path: str | Path, profile: str = "smoke", device: str = "auto", dataset: str | None = None
+) -> tuple[Any, Any, dict]:
+    """(model on ``device``, codec, meta) of a model the study trained; when missing, an error naming its notebook.
+
+    ``dataset`` (the notebooks' DATASET) goes into the command the error suggests.
+    """
+
+    path = Path(path)
+    if not path.is_file():
+        notebook = "03_indexing" if path.name == "zero_shot.pt" else "04_retrieval"
+        raise FileNotFoundError(
+            f"{path} does not exist: notebook {notebook} trains it; run "
+            f"`vitdsi study --profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at {notebook}`"
+        )
+    return load_model(path, map_location=resolve_device(device))

@@ -1,0 +1,368 @@
+"""Ablations of the ViT DSI: one factor at a time away from a default, each variant indexed, fine-tuned, scored.
+
+A *grid* is a list of :class:`Variant`: the default first, then, per factor, each of its other
+levels with everything else left at the default (seed 003 and section 3.2.1 of the study).
+Factors (:data:`FACTORS`):
+
+- ``pos``: positional encoding of the encoder: sinusoidal (default), learned, conditional (PEG);
+- ``patch``: patch side 8 / 16 (default) / 32 px;
+- ``dropout``: 0 / 0.1 (default) / 0.2;
+- ``index-share``: share of each class in the indexed database: 25% (default, the paper) or 50%;
+- ``mix``: the multi-task model (indexing examples in every fine-tuning epoch) at mix ratios
+  1, 2 and 4 retrieval examples per indexed image, against plain fine-tuning;
+- ``options``: plain fine-tuning plus one option of issue 5: augmented views of the indexed
+  images as extra queries, same-class targets redrawn every epoch, label smoothing 0.1.
+
+The first four change the indexed model, so each needs an indexing run of its own; the last
+two reuse the default's indexed model and only fine-tune. :func:`run_ablations` runs a grid
+and returns one long table (a row per variant, stage and metric, with bootstrap intervals);
+:func:`summary_table`, :func:`ablations_markdown` and :func:`ablation_figure` present it.
+
+Models go to ``runs_dir/<run name>/`` as in :func:`experiments.dsi_study`, so the default
+variant *is* the model of ``vitdsi dsi`` (or notebooks 03/04) when the settings agree, and is
+loaded rather than trained again; the other variants live in ``ablations/<tag>/`` below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import ImageSet
+from vitdsi_utils.evaluation import evaluate_dsi
+from vitdsi_utils.ids.schemes import codec_for
+from vitdsi_utils.model.vit import DSIConfig
+from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.reports.plots import new_figure
+from vitdsi_utils.reports.tables import format_interval
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.config import TrainConfig
+
+#: factor -> its levels: (label, Variant fields). The level equal to the default is marked by DEFAULT_LEVELS.
+FACTORS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "pos": [("sinusoidal", {"model": {"pos_encoding": "sinusoidal"}}),
+            ("learned", {"model": {"pos_encoding": "learned"}}),
+            ("conditional", {"model": {"pos_encoding": "conditional"}})],
+    "patch": [("8", {"model": {"patch_size": 8}}), ("16", {"model": {"patch_size": 16}}),
+              ("32", {"model": {"patch_size": 32}})],
+    "dropout": [("0", {"model": {"dropout": 0.0}}), ("0.1", {"model": {"dropout": 0.1}}),
+                ("0.2", {"model": {"dropout": 0.2}})],
+    "index-share": [("25%", {"index_fraction": 0.25}), ("50%", {"index_fraction": 0.5})],
+    "mix": [("multi-task 1", {"multitask": True, "mix_ratio": 1.0}),
+            ("multi-task 2", {"multitask": True, "mix_ratio": 2.0}),
+            ("multi-task 4", {"multitask": True, "mix_ratio": 4.0})],
+    "options": [("index views", {"index_views": 1}), ("same-class targets", {"targets": "same-class"}),
+                ("label smoothing 0.1", {"label_smoothing": 0.1})],
+}
+
+
+#: The stages a variant is scored at.
+ZERO_SHOT, FINE_TUNED = "zero-shot", "fine-tuned"
+
+
+#: Metrics shown in the summary and the figure (all from :func:`evaluation.evaluate_dsi`).
+SUMMARY_METRICS = ("IA@1", "mAP@10", "P@10", "R@100")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the grid: the default's, with one factor changed (``factor``/``level`` name it)."""
+
+    factor: str = "default"
+    level: str = "default"
+    model: dict[str, Any] = field(default_factory=dict)  # DSIConfig overrides on top of the base model
+    index_fraction: float = 0.25  # share of each class that is indexed
+    multitask: bool = False  # fine-tune with the indexing examples in every epoch
+    mix_ratio: float | None = None  # with multitask: retrieval examples per indexed image and epoch
+    targets: str = "pairs"  # "pairs" | "same-class" (see experiments.fine_tune)
+    index_views: int = 0  # augmented views of each indexed image per fine-tuning epoch
+    label_smoothing: float = 0.0  # of the fine-tuning loss
+
+    @property
+    def name(self) -> str:
+        return "default" if self.factor == "default" else f"{self.factor}: {self.level}"
+
+    def index_tag(self, base_model: dict[str, Any]) -> str:
+        """A folder name for the indexed model: the model settings and the indexed share that differ from the base."""
+        changed = {k: v for k, v in self.model.items() if base_model.get(k, _DEFAULT_MODEL.get(k)) != v}
+        parts = [f"{k}{v}" for k, v in sorted(changed.items())]
+        if self.index_fraction != 0.25:
+            parts.append(f"index{self.index_fraction:g}")
+        return "-".join(parts)
+
+    def fine_tune_tag(self) -> str:
+        """A folder name for the fine-tuned model ('' for plain fine-tuning)."""
+        parts = []
+        if self.multitask:
+            parts.append(f"multitask{self.mix_ratio:g}" if self.mix_ratio is not None else "multitask")
+        if self.targets != "pairs":
+            parts.append(self.targets)
+        if self.index_views:
+            parts.append(f"views{self.index_views}")
+        if self.label_smoothing:
+            parts.append(f"ls{self.label_smoothing:g}")
+        return "-".join(parts)
+
+
+def _model_defaults() -> dict[str, Any]:
+
+    return DSIConfig().to_dict()
+
+
+_DEFAULT_MODEL = _model_defaults()
+
+
+def ablation_grid(
+    factors: Sequence[str] = tuple(FACTORS),
+    *,
+    base_model: dict[str, Any] | None = None,
+    levels: dict[str, Sequence[str]] | None = None,
+) -> list[Variant]:
+    """The default variant, then every other level of each factor in ``factors`` (one factor at a time).
+
+    ``base_model`` holds the default's model settings (e.g. the profile's patch size); a level
+    equal to it is the default itself and is not repeated. ``levels`` keeps only the named
+    levels of a factor, e.g. ``{"patch": ["32"]}``.
+    """
+    unknown = [f for f in factors if f not in FACTORS]
+    if unknown:
+        raise ValueError(f"unknown ablation factors {unknown}; choose among {list(FACTORS)}")
+    base_model = dict(base_model or {})
+    default = Variant(model=base_model)
+    grid = [default]
+    for factor in factors:
+        wanted = None if levels is None or factor not in levels else [str(x) for x in levels[factor]]
+        known = [label for label, _ in FACTORS[factor]]
+        if wanted is not None and set(wanted) - set(known):
+            raise ValueError(f"factor {factor!r} has levels {known}; got {wanted}")
+        for label, settings in FACTORS[factor]:
+            if wanted is not None and label not in wanted:
+                continue
+            settings = dict(settings)
+            model = {**base_model, **settings.pop("model", {})}
+            variant = Variant(factor=factor, level=label, model=model, **settings)
+            if _same_setting(variant, default, base_model):
+                continue  # this level is the default
+            grid.append(variant)
+    return grid
+
+
+def _same_setting(a: Variant, b: Variant, base_model: dict[str, Any]) -> bool:
+    return a.index_tag(base_model) == b.index_tag(base_model) and a.fine_tune_tag() == b.fine_tune_tag()
+
+
+def run_ablations(
+    image_set: ImageSet,
+    variants: Sequence[Variant],
+    *,
+    n: int,
+    index_config: TrainConfig,
+    retrieval_config: TrainConfig,
+    seed: int = 0,
+    scheme: str = "clustered",
+    base_model: dict[str, Any] | None = None,
+    max_pairs_per_query: int | None = None,
+    view_min_crop: float = 0.7,
+    runs_dir: str | Path | None = None,
+    k: int = 100,
+    progress: bool = True,
+    on_variant: Callable[[pd.DataFrame], None] | None = None,
+) -> pd.DataFrame:
+    """Index, score zero-shot, fine-tune and score every variant; one long table.
+
+    Columns: variant, factor, level, stage (zero-shot | fine-tuned), metric, value, ci_low,
+    ci_high, chance, index_epochs, index_s (to memorise: until ``index_config.target_accuracy``
+    or its epoch cap), tune_epochs, tune_s, n_index. Variants that share an indexed model (the
+    fine-tuning factors) index once. With ``runs_dir`` every model is saved and a finished one
+    is loaded (see the module docstring); without it nothing is written. ``on_variant`` is
+    called with the table so far after every variant (e.g. to write it, so a long grid shows
+    its progress).
+    """
+    base_model = dict(base_model or {})
+    default_db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+    root = Path(runs_dir) / run_name(default_db) if runs_dir is not None else None
+    indexed: dict[str, tuple[Any, Any, pd.DataFrame]] = {}  # index tag -> (db, PhaseResult, zero-shot table)
+    frames = []
+    bar = tqdm(variants, desc="ablations", disable=not progress)
+    for variant in bar:
+        bar.set_postfix_str(variant.name)
+        tag = variant.index_tag(base_model)
+        if tag not in indexed:
+            db = default_db if variant.index_fraction == 0.25 else build_database(
+                image_set, n, id_scheme=scheme, seed=seed, index_fraction=variant.index_fraction)
+            run_dir = None if root is None else (root if not tag else root / "ablations" / tag)
+            zero = index_database(db, model_overrides=dict(variant.model), config=index_config, run_dir=run_dir)
+            table, _ = evaluate_dsi(zero.model, _codec(db), db, k=k, seed=seed)
+            indexed[tag] = (db, zero, table)
+        db, zero, zero_table = indexed[tag]
+        ft_tag = variant.fine_tune_tag()
+        index_dir = None if root is None else (root if not tag else root / "ablations" / tag)
+        tune_dir = None if index_dir is None else (index_dir if not ft_tag else index_dir / "ablations" / ft_tag)
+        config = dataclasses.replace(retrieval_config, label_smoothing=variant.label_smoothing)
+        tuned = fine_tune(
+            db, zero.model, config=config, run_dir=tune_dir, max_pairs_per_query=max_pairs_per_query,
+            multitask=variant.multitask, mix_ratio=variant.mix_ratio, targets=variant.targets,
+            index_views=variant.index_views, view_min_crop=view_min_crop,
+        )
+        tuned_table, _ = evaluate_dsi(tuned.model, _codec(db), db, k=k, seed=seed)
+        common = dict(variant=variant.name, factor=variant.factor, level=variant.level, index_epochs=zero.epochs,
+                      index_s=zero.seconds, tune_epochs=tuned.epochs, tune_s=tuned.seconds, n_index=db.n_index)
+        frames.append(zero_table.assign(stage=ZERO_SHOT, **common))
+        frames.append(tuned_table.assign(stage=FINE_TUNED, **common))
+        if on_variant is not None:
+            on_variant(ordered_by_scheme(pd.concat(frames, ignore_index=True)))
+    bar.close()
+    return ordered_by_scheme(pd.concat(frames, ignore_index=True))
+
+
+def ordered_by_scheme(long: pd.DataFrame) -> pd.DataFrame:
+    first = ["variant", "factor", "level", "stage", "metric", "value", "ci_low", "ci_high", "chance"]
+    return long[[c for c in first if c in long.columns] + [c for c in long.columns if c not in first]]
+
+
+def merge_results(new: pd.DataFrame, path: str | Path, settings: dict[str, Any]) -> pd.DataFrame:
+    """``new`` plus the rows of the table at ``path`` for other variants run with the same ``settings``.
+
+    Lets a grid run in parts (e.g. two processes with different factors) into one table; rows
+    written with other settings (another N, budget, ...) are dropped, never mixed in. ``new``
+    gets the ``settings`` as columns.
+    """
+    new = new.assign(**{k: str(v) for k, v in settings.items()})
+    path = Path(path)
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    same = np.ones(len(old), dtype=bool)
+    for key, value in settings.items():
+        same &= old[key].astype(str).to_numpy() == str(value) if key in old.columns else False
+    kept = old[same & ~old["variant"].isin(set(new["variant"]))]
+    merged = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    order = {name: i for i, name in enumerate(_grid_order())}
+    rank = merged["variant"].map(lambda v: order.get(v, len(order)))
+    return ordered_by_scheme(merged.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True))
+
+
+def _grid_order() -> list[str]:
+    return [v.name for v in ablation_grid()]
+
+
+def _codec(db):
+
+    return codec_for(db)
+
+
+def summary_table(long: pd.DataFrame, *, intervals: bool = True) -> pd.DataFrame:
+    """One row per variant: epochs and seconds to memorise, zero-shot IA@1, fine-tuned metrics.
+
+    With ``intervals`` the metric cells are text 'value [low, high]'; without, plain numbers.
+    """
+    rows = []
+    for name, group in long.groupby("variant", sort=False):
+        first = group.iloc[0]
+        row: dict[str, Any] = {"variant": name, "factor": first["factor"], "level": first["level"],
+                               "indexed": int(first["n_index"]), "epochs to memorise": int(first["index_epochs"]),
+                               "s to memorise": round(float(first["index_s"]), 1)}
+        cells = [(ZERO_SHOT, "IA@1")] + [(FINE_TUNED, m) for m in SUMMARY_METRICS]
+        for stage, metric in cells:
+            hit = group[(group["stage"] == stage) & (group["metric"] == metric)]
+            column = f"{'zero-shot' if stage == ZERO_SHOT else 'tuned'} {metric}"
+            if hit.empty:
+                row[column] = "–" if intervals else np.nan
+                continue
+            h = hit.iloc[0]
+            row[column] = format_interval(h["value"], h["ci_low"], h["ci_high"]) if intervals else float(h["value"])
+        row["fine-tune s"] = round(float(first["tune_s"]), 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ablations_markdown(long: pd.DataFrame, settings: str = "") -> str:
+    """The summary as Markdown, after a paragraph of ``settings`` and the reading notes."""
+    chance = long[(long["metric"] == "P@10")]["chance"]
+    note = (
+        "One factor changed at a time from the default (first row). `epochs / s to memorise`: the indexing "
+        "run until its stop rule (or its epoch cap); `zero-shot IA@1`: share of indexed images whose top-1 "
+        "is their own ID, before fine-tuning; `tuned`: after fine-tuning, metrics over all test queries. "
+        "Brackets: bootstrap 95% intervals."
+        + (f" Chance P@10 is {float(chance.iloc[0]):.3f}." if len(chance) else "")
+    )
+    table = summary_table(long).drop(columns=["factor", "level"]).to_markdown(index=False)
+    return "\n\n".join(p for p in (settings, note, table) if p)
+
+
+def ablation_figure(long: pd.DataFrame, title: str | None = None, index_cap: int | None = None) -> Figure:
+    """Three panels per variant: fine-tuned mAP@10 with its interval; IA@1 zero-shot and fine-tuned; epochs to memorise.
+
+    The default's values are dashed lines, so a variant reads as a shift from it. With
+    ``index_cap`` (the indexing epoch cap), bars of runs that hit it are hatched: those never
+    reached the target.
+    """
+
+    names = list(dict.fromkeys(long["variant"]))
+    y = np.arange(len(names))[::-1]  # first variant at the top
+    fig, axes = new_figure(1, 3, (12, 0.42 * len(names) + 1.6), sharey=True,
+                            gridspec_kw={"width_ratios": [1.3, 1.0, 0.8]})
+    ax_map, ax_ia, ax_ep = axes.ravel()
+
+    def values(stage: str, metric: str) -> pd.DataFrame:
+        frame = long[(long["stage"] == stage) & (long["metric"] == metric)].set_index("variant")
+        return frame.reindex(names)
+
+    tuned_map = values(FINE_TUNED, "mAP@10")
+    err = np.vstack([tuned_map["value"] - tuned_map["ci_low"], tuned_map["ci_high"] - tuned_map["value"]])
+    colors = ["black" if n == "default" else "tab:blue" for n in names]
+    ax_map.errorbar(tuned_map["value"], y, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", capsize=3)
+    ax_map.scatter(tuned_map["value"], y, c=colors, zorder=3)
+    ax_map.axvline(tuned_map["value"].iloc[0], color="black", ls="--", lw=0.8)
+    ax_map.set_xlabel("fine-tuned mAP@10 (95% interval)")
+    ax_map.set_yticks(y)
+    ax_map.set_yticklabels(names)
+
+    for stage, marker, color in ((ZERO_SHOT, "o", "tab:green"), (FINE_TUNED, "s", "tab:red")):
+        ia = values(stage, "IA@1")
+        ax_ia.scatter(ia["value"], y, marker=marker, color=color, label=stage, zorder=3)
+        ax_ia.axvline(ia["value"].iloc[0], color=color, ls="--", lw=0.8)
+    ax_ia.set_xlabel("IA@1")
+    ax_ia.set_xlim(-0.03, 1.03)
+    ax_ia.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+
+    epochs = long.groupby("variant", sort=False)["index_epochs"].first().reindex(names)
+    bars = ax_ep.barh(y, epochs.to_numpy(), color=colors, alpha=0.7)
+    if index_cap is not None:
+        for bar, value in zip(bars, epochs.to_numpy()):
+            if value >= index_cap:
+                bar.set_hatch("//")
+        ax_ep.axvline(index_cap, color="grey", ls=":", lw=0.8)
+        ax_ep.set_title(f"hatched: hit the cap of {index_cap}", fontsize=8)
+    ax_ep.axvline(epochs.iloc[0], color="black", ls="--", lw=0.8)
+    ax_ep.set_xlabel("epochs to memorise")
+    for ax in (ax_map, ax_ia, ax_ep):
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def describe(long: pd.DataFrame) -> list[str]:
+    """One sentence per variant: its fine-tuned mAP@10 against the default's, and whether the intervals overlap."""
+    tuned = long[(long["stage"] == FINE_TUNED) & (long["metric"] == "mAP@10")].set_index("variant")
+    if "default" not in tuned.index:
+        return []
+    base = tuned.loc["default"]
+    lines = []
+    for name, row in tuned.drop(index="default").iterrows():
+        overlap = row["ci_low"] <= base["ci_high"] and base["ci_low"] <= row["ci_high"]
+        lines.append(
+            f"{name}: mAP@10 {row['value']:.3f} vs default {base['value']:.3f} "
+            f"({row['value'] - base['value']:+.3f}; intervals {'overlap' if overlap else 'do not overlap'})"
+        )
+    return lines

@@ -1,0 +1,268 @@
+"""The dense-baseline study: dense search beside BoVW and the DSI, and re-ranking of their candidates."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseConfig, DenseTrainConfig
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
+from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, write_table
+from vitdsi_utils.retrieval.rerank import VectorScorer
+from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISearcher
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, tradeoff_figure
+from vitdsi_utils.training.checkpoint import load_model
+
+
+# ------------------------------------------------------------------------------------------
+# One database: train (or load), evaluate
+# ------------------------------------------------------------------------------------------
+def training_images(db: Any, *, include_index: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled images the encoder learns from: the train queries, plus the indexed images.
+
+    The fine-tuned DSI learns from the same two sets (train queries as inputs, indexed images
+    through their IDs), so with ``include_index`` both models see the same labelled images.
+    Validation and test queries are never trained on.
+    """
+    images, labels = db.split("train")
+    if include_index:
+        index_images, index_labels = db.split("index")
+        images, labels = np.concatenate([images, index_images]), np.concatenate([labels, index_labels])
+    return images, labels
+
+
+def train_or_load(
+    db: Any,
+    *,
+    model_overrides: dict | None = None,
+    train_config: DenseTrainConfig | None = None,
+    include_index: bool = True,
+    run_dir: str | os.PathLike | None = None,
+    backend: str = "auto",
+) -> DenseRetriever:
+    """The dense retriever of ``db``: trained on :func:`training_images`, with the val queries as validation.
+
+    With ``run_dir`` the encoder is saved as ``dense.pt`` there; a later call with the same
+    settings loads it instead of training again (``retriever.loaded_`` is then True), and an
+    interrupted training resumes. The retriever comes back with ``db``'s indexed images indexed.
+    """
+    train_config = train_config or DenseTrainConfig()
+    path = Path(run_dir) / "dense.pt" if run_dir is not None else None
+    images, labels = training_images(db, include_index=include_index)
+    index_images, index_labels = db.split("index")
+    val_images, val_labels = db.split("val")
+    val = (val_images, val_labels, index_images, index_labels) if len(val_images) else None
+    config = DenseConfig(image_size=int(db.settings["size"]), **(model_overrides or {}))
+    retriever = DenseRetriever(config, train_config, backend=backend)
+    retriever.fit(images, labels, val=val, checkpoint_path=path)
+    return retriever.index(index_images)
+
+
+def evaluate_dense(
+    retriever: DenseRetriever, db: Any, *, k: int = 100, query_role: str = "test", seed: int = 0
+) -> tuple[pd.DataFrame, dict]:
+    """Index ``db``'s indexed images and score the top-``k`` lists of its ``query_role`` queries.
+
+    Returns (table, timings): the rows of :func:`evaluation.retrieval_metrics` (mAP@10, P@10,
+    R@100 and the paper protocol, with intervals and chance), labelled like the other models'
+    rows (``model`` = :data:`DENSE_MODEL`, source, size, n, ``ids`` "-", seed), and the wall
+    times of indexing and search (embedding the queries included). ``seed`` seeds the
+    bootstrap; ``seed`` in the table is the database's.
+    """
+
+    index_images, index_labels = db.split("index")
+    query_images, query_labels = db.split(query_role)
+    retriever.index(index_images)
+    start = time.perf_counter()
+    _, ranked = retriever.search(query_images, k)
+    searched = time.perf_counter() - start
+    table = retrieval_metrics(ranked, query_labels, index_labels, seed=seed)
+    s = db.settings
+    table = table.assign(model=DENSE_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-", seed=s["seed"])
+    timings = {
+        "index_s": retriever.index_seconds_,
+        "search_s": searched,
+        "search_ms_per_query": 1000 * searched / max(len(query_images), 1),
+        "n_index": len(index_images),
+        "train_s": getattr(retriever, "fit_seconds_", float("nan")),
+        "backend": retriever.index_.backend,
+    }
+    return table, timings
+
+
+# ------------------------------------------------------------------------------------------
+# The study: dense beside BoVW and DSI, and re-ranking, for every database of a grid
+# ------------------------------------------------------------------------------------------
+def first_stages(db: Any, *, bovw: Any = None, dsi_run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The first-stage searchers available for ``db``: a fitted BoVW, and the DSI models a run folder holds.
+
+    DSI models are ``zero_shot.pt`` / ``fine_tuned.pt`` in ``dsi_run_dir`` (the folder of
+    ``db``'s run, as notebooks 03/04 or ``vitdsi dsi`` write it); a model trained on another
+    database (other IDs) is an error rather than a silent mismatch.
+    """
+
+    stages: dict[str, Any] = {}
+    if bovw is not None:
+        stages["BoVW"] = BoVWSearcher(bovw)
+    if dsi_run_dir is not None:
+        expected = make_codec(db.n_index).codes
+        for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
+            path = Path(dsi_run_dir) / file
+            if path.is_file():
+                model, codec, _ = load_model(path)
+                if codec.codes != expected:
+                    raise ValueError(f"{path} was trained on another database (its IDs differ); delete it and retrain")
+                stages[name] = DSISearcher(model, codec)
+    return stages
+
+
+def rerank_database(
+    db: Any,
+    retriever: DenseRetriever,
+    stages: dict[str, Any],
+    *,
+    depths: tuple[int, ...] = (10, 50, 100),
+    k: int = 100,
+    include_alone: bool = True,
+    query_role: str = "test",
+) -> pd.DataFrame:
+    """:func:`rerank.rerank_study` of ``stages`` re-scored by the dense encoder, on ``db``'s test queries.
+
+    The retriever's index is rebuilt over ``db``'s indexed images first (their row order
+    follows ``db``'s ID scheme). Rows are labelled with ``n``, ``ids`` (the scheme for DSI
+    first stages, "-" for the others, whose results do not depend on IDs) and ``seed``.
+    ``include_alone`` adds the dense search alone (first_stage "-").
+    """
+
+    retriever.index(db.split("index")[0])
+    query_images, query_labels = db.split(query_role)
+    study = rerank_study(stages, VectorScorer.from_dense(retriever, "dense"), query_images, query_labels,
+                         db.index_labels, depths=depths, k=k, seed=int(db.settings["seed"]),
+                         include_alone=include_alone)
+    s = db.settings
+    ids = np.where(study["first_stage"].str.startswith("DSI"), s["id_scheme"], "-")
+    return study.assign(n=s["n"], ids=ids, seed=s["seed"], size=s["size"], source=s["source"])
+
+
+def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settings: dict[str, Any]) -> str:
+    """The report of a dense study: settings, Table-1 rows beside BoVW (and DSI), training time."""
+
+    lines = [
+        f"# Dense retrieval baseline on {settings['source']} at {settings['size']} px",
+        "",
+        f"Encoder: {settings['model']}. Training: {settings['training']}. "
+        "The database's indexed images are embedded once into a flat inner-product index; a test "
+        "query returns its top-100 by cosine similarity. BoVW is fitted on the same database. "
+        + (f"DSI rows: {settings['dsi']}. " if settings.get("dsi") else "") + TABLE1_NOTE,
+        "",
+        table1_markdown(results),
+    ]
+    dense = results[results["model"] == DENSE_MODEL]
+    if len(dense):
+        lines += ["", "Training time and search cost per database:", "",
+                  dense.groupby(["n", "seed"])[["train_s", "search_ms_per_query"]].first().round(1)
+                  .reset_index().to_markdown(index=False)]
+    if histories is not None and len(histories):
+        val = histories[histories["split"] == "val"]
+        if len(val):
+            best = val.groupby("n")["map@10"].agg(["max", "last"]).round(3).reset_index()
+            lines += ["", "Validation mAP@10 during training (val queries, best and last epoch):", "",
+                      best.rename(columns={"max": "best val mAP@10", "last": "last val mAP@10"})
+                      .to_markdown(index=False)]
+    return "\n".join(lines)
+
+
+def dense_study(
+    source: str = "imagenette",
+    size: int = 64,
+    ns: tuple[int, ...] = (512, 1024),
+    seeds: tuple[int, ...] = (0,),
+    *,
+    schemes: tuple[str, ...] = ("clustered",),
+    model_overrides: dict | None = None,
+    train_config: DenseTrainConfig | None = None,
+    include_index: bool = True,
+    bovw_words: int = 200,
+    bovw_vocabularies: int = 1,
+    depths: tuple[int, ...] = (10, 50, 100),
+    k: int = 100,
+    runs_dir: str | os.PathLike | None = None,
+    dsi_runs: str | os.PathLike | None = None,
+    dsi_table: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train, evaluate and re-rank for every N and seed; return (results, re-ranking, histories).
+
+    Per database (drawn with ``schemes[0]``'s IDs): the dense encoder is trained (or loaded
+    from ``runs_dir``) and evaluated, and BoVW is fitted and evaluated on the same test
+    queries (averaged over ``bovw_vocabularies`` k-means vocabularies). The re-ranking study
+    re-scores BoVW's candidates and, for every scheme whose DSI models ``dsi_runs/<run name>/``
+    holds, the DSI's, with the dense encoder. ``dsi_table``
+    (a CSV written by ``vitdsi dsi``) adds the DSI rows of the same databases to the results
+    for comparison. With ``out_dir``: ``dense_<source>_<size>px``, ``rerank_<source>_<size>px``
+    (CSV + Markdown), ``histories_dense_<source>_<size>px.csv`` and the figure
+    ``rerank_<source>_<size>px.png``.
+    """
+
+    train_config = train_config or DenseTrainConfig(progress=progress)
+    image_set = load_images(source, size, root=root, progress=progress)
+    results, reranking, histories = [], [], []
+    for n in ns:
+        for seed in seeds:
+            db = build_database(image_set, n, id_scheme=schemes[0], seed=seed)
+            run_dir = Path(runs_dir) / f"{source}-{size}px-N{n}-seed{seed}" if runs_dir is not None else None
+            retriever = train_or_load(db, model_overrides=model_overrides, train_config=train_config,
+                                      include_index=include_index, run_dir=run_dir)
+            histories.append(retriever.history_.to_frame().assign(n=n, ids="-", seed=seed))
+            table, timings = evaluate_dense(retriever, db, k=k, seed=seed)
+            results.append(table.assign(**timings))
+            bovw = evaluate_bovw(db, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
+                                 progress=progress)
+            results.append(bovw.rows(db))
+            for i, scheme in enumerate(schemes):
+                scheme_db = db if i == 0 else build_database(image_set, n, id_scheme=scheme, seed=seed)
+                dsi_dir = Path(dsi_runs) / run_name(scheme_db) if dsi_runs is not None else None
+                stages = first_stages(scheme_db, bovw=bovw.model if i == 0 else None, dsi_run_dir=dsi_dir)
+                if stages or i == 0:
+                    reranking.append(rerank_database(scheme_db, retriever, stages, depths=depths, k=k,
+                                                     include_alone=i == 0))
+    if dsi_table is not None:
+        dsi = pd.read_csv(dsi_table)
+        keep = dsi["n"].isin(ns) & dsi["seed"].isin(seeds) & (dsi["size"] == size) & (dsi["source"] == source)
+        results.append(dsi[keep].drop(columns=[c for c in ("paper",) if c in dsi.columns]))
+    results_frame = attach_paper(pd.concat(results, ignore_index=True))
+    rerank_frame = pd.concat(reranking, ignore_index=True)
+    history_frame = pd.concat(histories, ignore_index=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        model_config = DenseConfig(image_size=size, **(model_overrides or {}))
+        settings = {
+            "source": source, "size": size,
+            "model": (f"ViT patch {model_config.patch_size}, width {model_config.dim}, {model_config.depth} blocks, "
+                      f"{model_config.heads} heads, {model_config.pooling} pooling, {model_config.pos_encoding} positions"),
+            "training": (f"{train_config.epochs} epochs of AdamW (lr {train_config.lr}, weight decay "
+                         f"{train_config.weight_decay}), batches of {train_config.batch_size} in groups of "
+                         f"{train_config.per_class} same-class images, contrastive margin {train_config.margin} + "
+                         f"{train_config.entropy_weight} x differential entropy, on the train queries"
+                         + (" and the indexed images" if include_index else "")),
+            "dsi": f"copied from `{dsi_table}` (same databases and test queries)" if dsi_table is not None else None,
+        }
+        stem = f"{source}_{size}px"
+        write_table(results_frame, out_dir / f"dense_{stem}", markdown=dense_markdown(results_frame, history_frame, settings))
+        write_table(rerank_frame, out_dir / f"rerank_{stem}", markdown=rerank_markdown(rerank_frame, source, size))
+        history_frame.to_csv(out_dir / f"histories_dense_{stem}.csv", index=False)
+        save_figure(tradeoff_figure(rerank_frame, "mAP@10"), out_dir / f"rerank_{stem}.png")
+    return results_frame, rerank_frame, history_frame

@@ -1,0 +1,246 @@
+"""DSI whose encoder starts from the dense retrieval encoder, trained multi-task.
+
+The paper's DSI learns its encoder from scratch while memorising IDs, and then loses the
+index when it is fine-tuned for retrieval. This variant combines three things the other
+studies found to help:
+
+1. the encoder starts from the dense baseline's contrastive encoder (``dense.py``, seed 001),
+   trained on the same labelled images the fine-tuned DSI sees (train queries and indexed
+   images), so nothing outside the paper's data budget is used;
+2. indexing then trains the whole model (encoder included) to memorise the IDs;
+3. retrieval fine-tuning keeps the indexing examples in every epoch (multi-task, as the
+   original DSI), so the index is not forgotten.
+
+The ID scheme is free: the paper's ``random`` and ``clustered`` IDs, or label-free
+``semantic`` IDs from hierarchical k-means over the dense encoder's embeddings of the indexed
+images (:func:`vitdsi_utils.semantic_ids.assign_ids`).
+
+:func:`run_dense_init` trains and scores one database; :func:`dense_init_study` runs a grid
+beside BoVW and the dense model, and writes the table and target verdicts
+(:mod:`vitdsi_utils.targets`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, load_dense
+from vitdsi_utils.data.database import Database, build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.evaluation import evaluate_bovw
+from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
+from vitdsi_utils.ids.schemes import assign_ids
+from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_table
+from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
+from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
+from vitdsi_utils.training.config import TrainConfig
+
+#: Row names of the two models of this variant in result tables.
+INIT_ZERO_SHOT = "DSI zero-shot, dense init"
+
+
+INIT_MULTITASK = "DSI multi-task, dense init"
+
+
+#: ID schemes this variant can use (``semantic``: k-means over the dense embeddings).
+INIT_SCHEMES = ("clustered", "random", "semantic")
+
+
+_RENAME = {ZERO_SHOT: INIT_ZERO_SHOT, MULTITASK: INIT_MULTITASK}
+
+
+@dataclass
+class DenseInitRun:
+    """One database's run: the experiment (models, histories, table) and the ID facts."""
+
+    experiment: DSIExperiment
+    ids: str
+    codec: IDCodec
+    id_facts: dict[str, Any]
+
+
+def dense_init_codec(
+    db: Database, scheme: str, encoder: DenseEncoder, *, k: int = 10, c: int = 10, seed: int | None = None
+) -> tuple[IDCodec, dict[str, Any]]:
+    """The IDs of ``db``'s indexed images under ``scheme``, and facts about them (tag, seconds, ...).
+
+    ``clustered``/``random`` are the paper's IDs (``db`` must have been built with that scheme);
+    ``semantic`` clusters ``encoder``'s embeddings of the indexed images (branching ``k``, leaf size ``c``).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown ID scheme {scheme!r} for the dense-init DSI; choose one of {INIT_SCHEMES}")
+    if scheme in ID_SCHEMES:
+        assignment = assign_ids(db, scheme)
+    else:
+        embeddings = encoder.embed(db.split("index")[0]).numpy()
+        assignment = assign_ids(db, scheme, embeddings=embeddings, embedding_name="dense", k=k, c=c, seed=seed)
+    return assignment.codec, assignment.summary()
+
+
+def run_dense_init(
+    db: Database,
+    encoder_path: str | Path,
+    *,
+    scheme: str | None = None,
+    run_dir: str | Path | None = None,
+    model_overrides: dict | None = None,
+    index_config: TrainConfig | None = None,
+    multitask_config: TrainConfig | None = None,
+    mix_ratio: float | None = 2.0,
+    max_pairs_per_query: int | None = None,
+    k: int = 100,
+    id_params: dict | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    consolidate: int = 0,
+) -> DenseInitRun:
+    """Index ``db`` with a DSI whose encoder starts as the dense encoder saved at ``encoder_path``,
+    then fine-tune it multi-task; score both models.
+
+    ``encoder_path`` is a dense checkpoint (``dense.pt``, written by ``vitdsi dense``, notebook 07 or
+    :func:`~vitdsi_utils.dense.train_or_load`); it must have the DSI encoder's shape
+    (``model_overrides``), or :func:`~vitdsi_utils.pretrain.init_encoder` names what differs.
+    ``scheme`` (default: the database's own) picks the IDs, see :func:`dense_init_codec`.
+    ``run_dir`` keeps the models (``zero_shot.pt``, ``multitask.pt``) so a rerun only evaluates;
+    give each scheme its own folder. The checkpoints record which encoder they started from, so
+    a folder trained from another one is refused. The table's models are :data:`INIT_ZERO_SHOT`
+    and :data:`INIT_MULTITASK`. ``targets``, ``index_views`` and ``consolidate`` are the multi-task
+    phase's fine-tuning options (:func:`~vitdsi_utils.experiments.fine_tune`), e.g. ``targets="same-class"``.
+    """
+    scheme = scheme or db.settings["id_scheme"]
+    encoder, _ = load_dense(encoder_path)
+    codec, facts = dense_init_codec(db, scheme, encoder, **(id_params or {}))
+    experiment = run_experiment(
+        db,
+        model_overrides=model_overrides,
+        index_config=index_config,
+        fine_tune_phase=False,
+        run_dir=run_dir,
+        k=k,
+        max_pairs_per_query=max_pairs_per_query,
+        multitask=True,
+        mix_ratio=mix_ratio,
+        multitask_config=multitask_config,
+        codec=codec,
+        ids=scheme,
+        encoder_init=("dense", encoder_path),
+        targets=targets,
+        index_views=index_views,
+        consolidate=consolidate,
+    )
+    experiment.table["model"] = experiment.table["model"].replace(_RENAME)
+    return DenseInitRun(experiment, scheme, codec, facts)
+
+
+def dense_init_study(
+    source: str = "imagenette",
+    size: int = 64,
+    ns: Sequence[int] = (512, 1024),
+    schemes: Sequence[str] = INIT_SCHEMES,
+    seeds: Sequence[int] = (0,),
+    *,
+    model_overrides: dict | None = None,
+    dense_config: DenseTrainConfig | None = None,
+    dense_pooling: str = "mean",
+    index_config: TrainConfig | None = None,
+    multitask_config: TrainConfig | None = None,
+    mix_ratio: float | None = 2.0,
+    max_pairs_per_query: int | None = None,
+    bovw_words: int = 200,
+    bovw_vocabularies: int = 1,
+    k: int = 100,
+    id_params: dict | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    consolidate: int = 0,
+    dense_runs: str | Path = "data/runs/dense",
+    runs_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The dense-init DSI for every N, scheme and seed, beside BoVW and the dense model; (results, histories).
+
+    The dense encoder of each database is trained once (or loaded from ``dense_runs/<database>/dense.pt``,
+    where ``vitdsi dense`` keeps it) on the database drawn for the first scheme.
+    ``out_dir`` receives ``dsi_dense_init_<source>_<size>px.{csv,md}`` and ``histories_...csv``,
+    rewritten after every run. ``bovw_vocabularies`` averages BoVW over that many k-means
+    vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`). ``targets``, ``index_views`` and
+    ``consolidate`` go to :func:`run_dense_init`.
+    """
+
+    image_set = load_images(source, size, root=root, progress=progress)
+    overrides = dict(model_overrides or {})
+    results, histories, facts = [], [], []
+    for n in ns:
+        for seed in seeds:
+            first = build_database(image_set, n, id_scheme=_draw_scheme(schemes[0]), seed=seed)
+            # the folder name of `vitdsi dense` (dense.dense_study), so its encoders are reused
+            dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}"
+            retriever = train_or_load(first, model_overrides={**overrides, "pooling": dense_pooling},
+                                      train_config=dense_config, run_dir=dense_dir)
+            dense_rows, timings = evaluate_dense(retriever, first, k=k, seed=seed)
+            results.append(dense_rows.assign(train_s=timings["train_s"],
+                                             search_ms_per_query=timings["search_ms_per_query"]))
+            results.append(evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
+                                         progress=False).rows(first))
+            for scheme in schemes:
+                db = build_database(image_set, n, id_scheme=_draw_scheme(scheme), seed=seed)
+                run_dir = Path(runs_dir) / run_name(db, f"{scheme}-dense-init") if runs_dir is not None else None
+                start = time.perf_counter()
+                run = run_dense_init(
+                    db, dense_dir / "dense.pt", scheme=scheme, run_dir=run_dir, model_overrides=overrides,
+                    index_config=index_config, multitask_config=multitask_config, mix_ratio=mix_ratio,
+                    max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params, targets=targets,
+                    index_views=index_views, consolidate=consolidate,
+                )
+                results.append(run.experiment.table)
+                facts.append({"n": n, "seed": seed, "ids": scheme, **run.id_facts,
+                              "wall_s": time.perf_counter() - start})
+                for phase in (run.experiment.zero_shot, run.experiment.multitask):
+                    if phase is not None and len(phase.history):
+                        histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+                if out_dir is not None:
+                    frame = pd.concat(results, ignore_index=True)
+                    _write(frame, pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
+                           pd.DataFrame(facts), Path(out_dir), source, size)
+    return pd.concat(results, ignore_index=True), (pd.concat(histories, ignore_index=True) if histories
+                                                   else pd.DataFrame())
+
+
+def _draw_scheme(scheme: str) -> str:
+    """The scheme a database is drawn with: its own for the paper's IDs, clustered for label-free ones."""
+    return scheme if scheme in ID_SCHEMES else "clustered"
+
+
+def _write(results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, out: Path, source: str,
+           size: int) -> None:
+
+    stem = f"dsi_dense_init_{source}_{size}px"
+    write_table(attach_paper(results), out / stem, markdown=dense_init_markdown(results, source, size))
+    write_table(facts, out / f"ids_{stem}")
+    if len(histories):
+        write_csv(histories, out / f"histories_{stem}.csv")
+
+
+def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
+    """Table 1 rows of the study, then the verdicts of targets 3 and 4."""
+
+    lines = [f"# DSI with a dense-initialised encoder, trained multi-task, on {source} at {size} px", "",
+             TABLE1_NOTE, "", table1_markdown(attach_paper(results)), ""]
+    target3 = target3_markdown(results, exclude=[DENSE_MODEL])
+    if target3:
+        lines += [target3, ""]
+    target4 = target4_markdown(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])])
+    if target4:
+        lines.append(target4)
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""The DSI study: index every database, evaluate zero-shot, fine-tune, evaluate again, write Table 1.
+
+One experiment = one database (N, ID scheme, seed); :func:`dsi_study` runs the grid with BoVW beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from vitdsi_utils.data.database import Database, database_with_ids
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.ids.schemes import CODEC_SCHEMES
+from vitdsi_utils.model.vit import DSIModel
+from vitdsi_utils.phases import EncoderInitSpec, PhaseResult, database_codec, fine_tune, index_database
+from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT, write_table
+from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.training.config import TrainConfig
+
+
+@dataclass
+class DSIExperiment:
+    """Both phases of one database, their histories and the result table."""
+
+    db: Database
+    zero_shot: PhaseResult
+    fine_tuned: PhaseResult | None
+    multitask: PhaseResult | None = None
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def run_experiment(
+    db: Database,
+    *,
+    model_overrides: dict | None = None,
+    index_config: TrainConfig | None = None,
+    retrieval_config: TrainConfig | None = None,
+    fine_tune_phase: bool = True,
+    run_dir: str | Path | None = None,
+    k: int = 100,
+    max_pairs_per_query: int | None = None,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
+    multitask_config: TrainConfig | None = None,
+    codec: IDCodec | None = None,
+    ids: str | None = None,
+    init: Callable[[DSIModel], object] | None = None,
+    encoder_init: EncoderInitSpec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
+    consolidate: int = 0,
+) -> DSIExperiment:
+    """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
+
+    ``multitask`` adds a third model: the zero-shot one trained on pairs and indexing examples
+    together (see :func:`fine_tune`), with ``mix_ratio`` and ``multitask_config`` (default:
+    ``retrieval_config``). ``codec`` gives the IDs (default: the database's dense IDs, as the
+    paper); ``ids`` names the scheme in the table's ``ids`` column (default: the database's
+    scheme). Give every codec its own ``run_dir``: a folder holding models of other IDs is refused.
+    ``init`` prepares the new model before indexing (see :func:`index_database`).
+    ``encoder_init=(source, path)`` starts the encoder from pretrained weights
+    (:func:`vitdsi_utils.pretrain.init_encoder`); give it its own ``run_dir`` too.
+    ``targets``, ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of
+    :func:`fine_tune` (for both the fine-tuned and the multi-task model).
+    """
+    options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop, consolidate=consolidate)
+    codec = database_codec(db, codec)
+    ids = ids or db.settings["id_scheme"]
+    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
+                          init=init, encoder_init=encoder_init)
+    tables = [_result_rows(db, zero, codec, ZERO_SHOT, k, ids)]
+    tuned = None
+    if fine_tune_phase:
+        tuned = fine_tune(
+            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
+            codec=codec, **options,
+        )
+        tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k, ids))
+    mixed = None
+    if multitask:
+        mixed = fine_tune(
+            db, zero.model, config=multitask_config or retrieval_config, run_dir=run_dir,
+            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio, codec=codec, **options,
+        )
+        tables.append(_result_rows(db, mixed, codec, MULTITASK, k, ids))
+    table = attach_paper(pd.concat(tables, ignore_index=True))
+    return DSIExperiment(db, zero, tuned, multitask=mixed, table=table)
+
+
+def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int, ids: str) -> pd.DataFrame:
+    table, timings = evaluate_dsi(phase.model, codec, db, k=k, seed=db.settings["seed"])
+    s = db.settings
+    return table.assign(
+        model=model_name,
+        source=s["source"],
+        size=s["size"],
+        n=s["n"],
+        ids=ids,
+        seed=s["seed"],
+        epochs=phase.epochs,
+        train_s=phase.seconds,
+        **timings,
+    )
+
+
+def dsi_study(
+    source: str = "imagenette",
+    size: int = 160,
+    ns: tuple[int, ...] = (512, 1024, 2048),
+    schemes: tuple[str, ...] = ("clustered", "random"),
+    seeds: tuple[int, ...] = (0,),
+    *,
+    model_overrides: dict | None = None,
+    index_config: TrainConfig | None = None,
+    retrieval_config: TrainConfig | None = None,
+    max_pairs_per_query: int | None = None,
+    out_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    annotations: str | Path | None = None,
+    progress: bool = True,
+    fine_tune_phase: bool = True,
+    multitask: bool = False,
+    mix_ratio: float | None = None,
+    multitask_config: TrainConfig | None = None,
+    encoder_init: EncoderInitSpec | None = None,
+    targets: str = "pairs",
+    index_views: int = 0,
+    view_min_crop: float = 0.7,
+    consolidate: int = 0,
+    bovw_vocabularies: int = 0,
+    bovw_words: int = 200,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
+
+    ``out_dir`` receives ``dsi_<source>_<size>px.{csv,md}`` (Table 1 rows) and
+    ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps
+    the checkpoints, so an interrupted study resumes and a finished one is only re-evaluated.
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`.
+    ``encoder_init=(source, path)`` starts every model's encoder from those weights (run
+    folders then end in ``-init-<source>``, and the table has an ``init`` column).
+    ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. ``targets``,
+    ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of :func:`fine_tune`.
+    ``schemes`` may also name the codec schemes of :func:`~vitdsi_utils.semantic_ids.assign_ids`
+    (``atomic``; ``semantic`` and ``rq`` over BoVW histograms of the indexed images, default settings),
+    assigned to the indexed images of the random build.
+    ``bovw_vocabularies > 0`` adds BoVW's rows for each database (``bovw_words`` words, metrics
+    averaged per query over that many k-means vocabularies, :func:`evaluation.evaluate_bovw`), and
+    the Markdown then gives target 3's verdict for every DSI row.
+    """
+
+    unknown = [s for s in schemes if s not in CODEC_SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown ID scheme(s) {unknown}; choose among {CODEC_SCHEMES}")
+    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
+    results, histories = [], []
+    for n in ns:
+        for scheme in schemes:
+            for seed in seeds:
+                db, assignment = database_with_ids(image_set, n, scheme, seed=seed)
+                if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
+                    results.append(evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
+                                                 progress=False).rows(db))
+                name = run_name(db, assignment.tag) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
+                run_dir = Path(runs_dir) / name if runs_dir is not None else None
+                experiment = run_experiment(
+                    db,
+                    model_overrides=model_overrides,
+                    index_config=index_config,
+                    retrieval_config=retrieval_config,
+                    run_dir=run_dir,
+                    max_pairs_per_query=max_pairs_per_query,
+                    fine_tune_phase=fine_tune_phase,
+                    multitask=multitask,
+                    mix_ratio=mix_ratio,
+                    multitask_config=multitask_config,
+                    encoder_init=encoder_init,
+                    targets=targets,
+                    index_views=index_views,
+                    view_min_crop=view_min_crop,
+                    consolidate=consolidate,
+                    codec=assignment.codec,
+                    ids=scheme,
+                )
+                if encoder_init is not None:
+                    experiment.table["init"] = encoder_init[0]
+                results.append(experiment.table)
+                for phase in (experiment.zero_shot, experiment.fine_tuned, experiment.multitask):
+                    if phase is not None and len(phase.history):
+                        histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+                # tables are rewritten after every run, so a long study shows its progress
+                results_frame = pd.concat(results, ignore_index=True)
+                history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+                if out_dir is not None:
+                    _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
+                                      model_overrides, index_config, retrieval_config, max_pairs_per_query,
+                                      mix_ratio if multitask else False, multitask_config,
+                                      fine_tune_note(targets, index_views, view_min_crop, retrieval_config),
+                                      consolidate, fine_tune_phase)
+    return results_frame, history_frame
+
+
+def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config: TrainConfig | None) -> str:
+    """A sentence naming the fine-tuning options that differ from plain fine-tuning ('' when none do)."""
+    parts = []
+    if targets == "same-class":
+        parts.append("instead of those fixed pairs, one target per train query and epoch, redrawn at random "
+                     "among its relevant indexed images")
+    if index_views:
+        parts.append(f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
+                     f"(flip, crops >= {view_min_crop:g} of the side)")
+    if config is not None and config.label_smoothing:
+        parts.append(f"label smoothing {config.label_smoothing:g}")
+    return ("Fine-tuning options: " + "; ".join(parts) + ". ") if parts else ""
+
+
+def _write_dsi_tables(
+    results_frame: pd.DataFrame,
+    history_frame: pd.DataFrame,
+    out_dir: Path,
+    source: str,
+    size: int,
+    model_overrides: dict | None,
+    index_config: TrainConfig | None,
+    retrieval_config: TrainConfig | None,
+    max_pairs_per_query: int | None,
+    mix_ratio: float | None | bool = False,
+    multitask_config: TrainConfig | None = None,
+    options_note: str = "",
+    consolidate: int = 0,
+    fine_tune_phase: bool = True,
+) -> None:
+
+    out_dir = Path(out_dir)
+    overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
+    ic, rc = index_config or TrainConfig(), retrieval_config or TrainConfig(epochs=75)
+    markdown = "\n".join([
+        f"# ViT DSI on {source} at {size} px",
+        "",
+        f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
+        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. "
+        + (f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, " if fine_tune_phase else
+           "No plain retrieval fine-tuning. Retrieval examples: ")
+        + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
+           if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
+        + options_note
+        + ("" if mix_ratio is False else
+           f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
+           "image in each epoch beside "
+           + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). "))
+        + (f"Then up to {consolidate} epochs of indexing alone, until IA@1 is back at "
+           f"{(multitask_config or rc).target_accuracy}. " if consolidate else "")
+        + ("BoVW: averaged per query over its k-means vocabularies (see its rows). "
+           if "BoVW" in set(results_frame["model"]) else "")
+        + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
+        "",
+        table1_markdown(results_frame),
+        "",
+        "Epochs and training time per run:",
+        "",
+        results_frame[results_frame["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"])
+        [["epochs", "train_s", "search_ms_per_query"]].first().round(1).reset_index().to_markdown(index=False),
+    ])
+    target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
+    if target3:
+        markdown += "\n\n" + target3
+    target4 = target4_markdown(results_frame[results_frame["model"] != "BoVW"])
+    if target4:
+        markdown += "\n\n" + target4
+    write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
+    if len(history_frame):
+        write_table(history_frame, out_dir / f"histories_{source}_{size}px")

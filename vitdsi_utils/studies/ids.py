@@ -1,0 +1,190 @@
+"""The comparison of notebook 08_ids: DSI trained with every ID scheme on the same databases.
+
+For each N and seed, one database draw serves every scheme: the dense ``random`` and
+``clustered`` IDs come from databases built with that scheme (as in notebooks 03-05, whose run
+folders they share), and ``semantic``, ``rq`` and ``atomic`` IDs are assigned to the indexed
+images of the ``random`` build (the same images in the same roles; only the row order differs,
+which these schemes do not depend on). Each scheme gets its own run folder, named by its
+:attr:`~vitdsi_utils.semantic_ids.IDAssignment.tag`.
+
+:func:`compare_id_schemes` trains (or loads) and scores the models; :func:`ids_markdown`,
+:func:`gap_table` and :func:`id_scheme_bars` turn the results into the notebook's tables and figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from vitdsi_utils.data.database import database_with_ids
+from vitdsi_utils.data.images import ImageSet
+from vitdsi_utils.ids.schemes import sibling_agreement
+from vitdsi_utils.model.decoding import invalid_id_rates
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, format_interval, format_number
+from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, ordered_by_scheme
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.training.config import TrainConfig
+
+#: Bar colours of the schemes (others get matplotlib's cycle).
+SCHEME_COLORS = {
+    "clustered": "#1f4e9c",
+    "random": "#7fa6e0",
+    "semantic": "#2ca02c",
+    "rq": "#9467bd",
+    "atomic": "#c25a0b",
+}
+
+
+def compare_id_schemes(
+    image_set: ImageSet,
+    ns: Iterable[int],
+    schemes: Sequence[str],
+    seeds: Iterable[int],
+    *,
+    runs_dir: str | Path,
+    index_config: Callable[[int], TrainConfig],
+    retrieval_config: Callable[[int], TrainConfig],
+    model_overrides: dict | None = None,
+    max_pairs_per_query: int | None = None,
+    k: int = 100,
+    id_params: dict | None = None,
+    log: Callable[[str], None] | None = print,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Index, fine-tune and score one DSI per (N, seed, scheme); return (results, runs, histories).
+
+    ``index_config(seed)`` / ``retrieval_config(seed)`` give the training settings of a seed.
+    ``id_params`` go to :func:`~vitdsi_utils.semantic_ids.assign_ids` (k, c, levels,
+    codebook_size, bovw_words). Finished phases in ``runs_dir`` are loaded, not retrained.
+
+    * ``results``: the long metric table of :func:`~vitdsi_utils.experiments.run_experiment`
+      (model, n, ids, seed, metric, value, ci_low, ci_high, chance, ...);
+    * ``runs``: one row per (N, seed, scheme, model) with the IDs' facts (tag, base, vocabulary,
+      ID lengths, collision rate, time to assign them, sibling class agreement and its chance
+      level), the invalid-ID rates of constrained beam search and of free greedy decoding on
+      the test queries, epochs and training seconds;
+    * ``histories``: the per-epoch training curves of every run.
+    """
+    runs_dir = Path(runs_dir)
+    results, runs, histories = [], [], []
+    for n in ns:
+        for seed in seeds:
+            for scheme in schemes:
+                db, assignment = database_with_ids(image_set, n, scheme, seed=seed, **(id_params or {}))
+                run_dir = runs_dir / run_name(db, assignment.tag)
+                loaded = (run_dir / "fine_tuned.pt").exists()
+                experiment = run_experiment(
+                    db,
+                    model_overrides=model_overrides,
+                    index_config=index_config(seed),
+                    retrieval_config=retrieval_config(seed),
+                    run_dir=run_dir,
+                    k=k,
+                    max_pairs_per_query=max_pairs_per_query,
+                    codec=assignment.codec,
+                    ids=scheme,
+                )
+                results.append(experiment.table)
+                agreement, chance = sibling_agreement(assignment.codec, db.index_labels)
+                test_images = db.split("test")[0]
+                for name, phase in ((ZERO_SHOT, experiment.zero_shot), (FINE_TUNED, experiment.fine_tuned)):
+                    rates = invalid_id_rates(phase.model, assignment.codec, test_images)
+                    runs.append({
+                        "model": name, "n": n, "seed": seed, **assignment.summary(),
+                        "sibling_agreement": agreement, "sibling_chance": chance,
+                        "invalid_beam": rates["beam"], "invalid_greedy": rates["greedy"],
+                        "epochs": phase.epochs, "train_s": phase.seconds, "loaded": loaded,
+                    })
+                    if len(phase.history):
+                        histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+                if log is not None:
+                    ia = experiment.table.query("model == @ZERO_SHOT and metric == 'IA@1'")["value"].iloc[0]
+                    mean_len = assignment.summary()["mean_length"]
+                    log(f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
+                        f"collisions {assignment.collision_rate:.3f}; indexing {experiment.zero_shot.epochs} epochs "
+                        f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}; fine-tuning "
+                        f"{experiment.fine_tuned.seconds:.0f} s" + (" (loaded)" if loaded else ""))
+    history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return pd.concat(results, ignore_index=True), pd.DataFrame(runs), history_frame
+
+
+def ids_markdown(results: pd.DataFrame, runs: pd.DataFrame, schemes: Sequence[str] | None = None) -> str:
+    """The comparison as one Markdown table: metrics with 95% intervals, then the IDs' facts per row."""
+    header = (
+        "| model | N | IDs | seed | IA@1 | mAP@10 | P@10 | R@100 | ID tokens (mean / max) | vocabulary "
+        "| collisions | sibling class agreement (chance) | invalid IDs: beam / free greedy | train s |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run in ordered_by_scheme(runs, schemes).itertuples(index=False):
+        rows = results[(results["model"] == run.model) & (results["n"] == run.n) & (results["ids"] == run.ids)
+                       & (results["seed"] == run.seed)].set_index("metric")
+
+        def cell(metric: str, rows: pd.DataFrame = rows) -> str:
+            if metric not in rows.index:
+                return "–"
+            r = rows.loc[metric]
+            return format_interval(r["value"], r["ci_low"], r["ci_high"])
+
+        lines.append(
+            f"| {run.model} | {run.n} | {run.ids} | {run.seed} | {cell('IA@1')} | {cell('mAP@10')} | {cell('P@10')} "
+            f"| {cell('R@100')} | {run.mean_length:.2f} / {run.max_length} | {run.vocab_size} "
+            f"| {run.collision_rate:.3f} | {format_number(run.sibling_agreement, 2)} ({run.sibling_chance:.2f}) "
+            f"| {run.invalid_beam:.3f} / {run.invalid_greedy:.3f} | {run.train_s:.0f} |"
+        )
+    chance = results[results["metric"].isin(["P@10", "R@100"])].groupby(["n", "metric"])["chance"].first()
+    notes = ", ".join(f"{metric} {value:.3f} at N={n}" for (n, metric), value in chance.items())
+    return "\n".join(lines) + f"\n\nChance levels of a random ranking: {notes}."
+
+
+def id_scheme_bars(results: pd.DataFrame, metrics: Sequence[str] = METRICS, schemes: Sequence[str] | None = None) -> Figure:
+    """One panel per metric: a bar per scheme for each (model, N), 95% intervals, chance dashed; seeds averaged."""
+    columns = ["value", "ci_low", "ci_high", "chance"]
+    table = results[results["metric"].isin(metrics)].groupby(["model", "n", "ids", "metric"], as_index=False)[columns].mean()
+    schemes = list(schemes or dict.fromkeys(results["ids"]))
+    groups = sorted(set(zip(table["model"], table["n"])), key=lambda g: (MODEL_ORDER.get(g[0], 9), g[1]))
+    width = 0.8 / max(len(schemes), 1)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.8 * len(metrics), 3.6), squeeze=False)
+    plt.close(fig)  # shown only when a notebook cell returns it
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[0], metrics):
+        rows = table[table["metric"] == metric].set_index(["model", "n", "ids"])
+        for j, scheme in enumerate(schemes):
+            color = SCHEME_COLORS.get(scheme, cycle[j % len(cycle)])
+            for i, (model, n) in enumerate(groups):
+                if (model, n, scheme) not in rows.index:
+                    continue
+                r = rows.loc[(model, n, scheme)]
+                x = i - 0.4 + width * (j + 0.5)
+                ax.bar(x, r["value"], width, color=color, label=scheme if i == 0 else None,
+                       yerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
+                       error_kw={"capsize": 2, "elinewidth": 1})
+                if pd.notna(r["chance"]):
+                    ax.hlines(r["chance"], x - width / 2, x + width / 2, colors="k", linestyles="dashed", linewidth=1)
+        short = {ZERO_SHOT: "zero-shot", FINE_TUNED: "fine-tuned"}
+        ax.set_xticks(range(len(groups)), labels=[f"{short.get(m, m)}\nN={n}" for m, n in groups], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="k", ls="--", lw=1))
+    labels.append("chance")
+    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("DSI by ID scheme: indexing and retrieval with 95% intervals")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def describe_gaps(gaps: pd.DataFrame, reference: str = "clustered", target: float = TARGET_GAP) -> list[str]:
+    """Sentences computed from :func:`gap_table`: per scheme and model, the largest gap and the target verdict."""
+    lines = []
+    for (model, ids), group in gaps.groupby(["model", "ids"], sort=False):
+        worst = group.loc[group["max_abs_gap"].idxmax()]
+        hits = int(group["within_target"].sum())
+        lines.append(f"{model}, {ids}: largest gap to {reference} {worst['max_abs_gap']:.3f} (N={worst['n']}); "
+                     f"within {target} on every metric in {hits} of {len(group)} database(s).")
+    return lines

@@ -1,0 +1,295 @@
+"""Incremental indexing: adding new images (new IDs) to a DSI that has already memorised a database.
+
+A DSI stores its index in its weights, so adding images means training. This module compares
+three ways of doing it on one database whose indexed images are split into an *initial* set
+and a *new* batch (:func:`split_new`, e.g. 80 / 20):
+
+* **fine-tune without replay**: the trained model sees only the new images; it learns their IDs
+  and forgets old ones (catastrophic forgetting);
+* **fine-tune with replay**: every epoch adds ``ratio`` old images per new image, resampled each
+  epoch (``fit``'s ``mix_ratio``), to remind the model of the old IDs;
+* **retrain from scratch** on all images: the reference, and the cost a DSI pays without updates.
+
+IDs. The initial images keep IDs 0..n_old-1 and the new batch gets the *next* consecutive
+numbers n_old..n-1 (:func:`incremental_codecs`). Every ID has the same number of digits, chosen
+for a ``capacity`` (default: the final n), so the decoder length does not change and the
+initial model can be fine-tuned on the full ID set; the trie of the full codec holds the old and
+the new IDs. With *clustered* IDs the old images stay grouped by class but the new ones form a
+block of their own after all old IDs (grouped by class among themselves): appending cannot put a
+new image beside its class without renumbering old images, whose IDs the model has memorised.
+
+Results per strategy: IA@1 of the old and of the new images (beam search over the full trie),
+the seconds and epochs it took, and, along the fine-tuning epochs, the teacher-forced sequence
+accuracy (greedy decoding) of old and new images: the forgetting curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from vitdsi_utils.data.database import Database
+from vitdsi_utils.ids.codec import IDCodec, decimal_codes
+from vitdsi_utils.model.decoding import indexing_accuracy
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.training.checkpoint import load_model, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig, resolve_device, seed_everything
+from vitdsi_utils.training.history import History
+from vitdsi_utils.training.loop import epoch_counts, fit
+from vitdsi_utils.training.tasks import IndexingTask, Pool, as_tasks
+
+INITIAL = "initial (old images only)"
+
+
+SCRATCH = "retrain from scratch"
+
+
+def finetune_name(ratio: float) -> str:
+    """The strategy label of fine-tuning with ``ratio`` replayed old images per new image."""
+    return "fine-tune, no replay" if ratio == 0 else f"fine-tune, replay {ratio:g}:1"
+
+
+def incremental_codecs(n_old: int, n_new: int, capacity: int | None = None) -> tuple[IDCodec, IDCodec]:
+    """(codec of the initial IDs 0..n_old-1, codec of all IDs 0..n_old+n_new-1), both with the digits of ``capacity``.
+
+    The first codec's IDs are the first rows of the second, so a model indexed with the first can be
+    fine-tuned and searched with the second; the new IDs are n_old..n_old+n_new-1.
+    """
+    if n_old < 1 or n_new < 1:
+        raise ValueError(f"need at least one initial and one new image, got n_old={n_old}, n_new={n_new}")
+    total = n_old + n_new
+    capacity = total if capacity is None else int(capacity)
+    if capacity < total:
+        raise ValueError(f"capacity {capacity} is below the {total} images to index; give capacity >= {total}")
+    width = len(str(capacity - 1))
+    return IDCodec(decimal_codes(n_old, width)), IDCodec(decimal_codes(total, width))
+
+
+def split_new(n_index: int, new_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(initial rows, new rows) of a database's indexed images: a seeded sample of ``new_fraction`` is new.
+
+    Both are sorted database rows, so each part keeps the database's ID order (class blocks for
+    clustered IDs).
+    """
+    if not 0 < new_fraction < 1:
+        raise ValueError(f"new_fraction must lie in (0, 1), got {new_fraction}")
+    n_new = int(round(new_fraction * n_index))
+    if not 1 <= n_new < n_index:
+        raise ValueError(f"{n_index} indexed images and new_fraction {new_fraction} leave no initial or no new image")
+    rng = np.random.default_rng(seed)
+    new = np.sort(rng.choice(n_index, size=n_new, replace=False))
+    return np.setdiff1d(np.arange(n_index), new), new
+
+
+def replay_count(n_new: int, ratio: float) -> int:
+    """Old images replayed per fine-tuning epoch: ``round(ratio * n_new)`` (0 for no replay)."""
+    if ratio < 0:
+        raise ValueError(f"the replay ratio must be >= 0, got {ratio}")
+    return 0 if ratio == 0 else max(1, round(ratio * n_new))
+
+
+def finetune_tasks(old_images: torch.Tensor, new_images: torch.Tensor, ratio: float) -> tuple[list, float | None]:
+    """(training tasks, mix_ratio for :func:`train.fit`): the new images as task "indexing" (rows n_old..),
+    plus the old ones as task "replay" (rows 0..n_old-1) when ``ratio`` > 0, resampled to
+    :func:`replay_count` examples per epoch."""
+    n_old = len(old_images)
+    tasks: list[Any] = [IndexingTask(new_images, torch.arange(n_old, n_old + len(new_images)))]
+    if ratio > 0:
+        tasks.append(("replay", old_images, torch.arange(n_old)))
+        return tasks, float(ratio)
+    return tasks, None
+
+
+def epoch_examples(n_old: int, n_new: int, ratio: float, seed: int = 0, epochs: int = 1) -> list[np.ndarray]:
+    """The rows one fine-tuning run trains on in each of its first ``epochs`` epochs, drawn exactly as
+    :func:`train.fit` draws them (same pool, same seeded generator); for tests and for inspection."""
+
+    images = torch.zeros(n_old + n_new, 1, 1, 3, dtype=torch.uint8)
+    tasks, mix = finetune_tasks(images[:n_old], images[n_old:], ratio)
+    codec = IDCodec(decimal_codes(n_old + n_new))
+    pool = Pool(as_tasks(tasks), codec, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    counts = epoch_counts(pool, mix)
+    return [pool.rows[pool.epoch_order(generator, counts)].numpy() for _ in range(epochs)]
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, device: str = "auto"):
+    if path is not None and path.exists():
+        model, _, meta = load_model(path, map_location=resolve_device(device), expect_config=config,
+                                    expect_codec=codec, expect_data=data)
+        return model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"])
+    return None
+
+
+def _train(
+    name: str, model: DSIModel, codec: IDCodec, tasks: list, *, config: TrainConfig, path: Path | None,
+    data: dict, mix_ratio: float | None = None, val: list | None = None,
+) -> tuple[DSIModel, History, float, int]:
+    """Train (or load from ``path``) ``model`` on ``tasks`` until the "indexing" task reaches the target."""
+    cached = _cached(path, codec, model.config, data, config.device)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    history = fit(model, codec, tasks, val=val, config=config, mix_ratio=mix_ratio, stop_on="indexing", phase=name)
+    seconds = time.perf_counter() - start
+    epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, model, None, model.config, config, epochs, history, codec,
+                        extra={"seconds": seconds, "data": data})
+    return model, history, seconds, epochs
+
+
+def incremental_study(
+    db: Database,
+    *,
+    index_config: TrainConfig,
+    finetune_epochs: int = 60,
+    replay_ratios: Sequence[float] = (0.0, 1.0, 4.0),
+    new_fraction: float = 0.2,
+    capacity: int | None = None,
+    model_overrides: dict | None = None,
+    beam_size: int = 100,
+    out_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
+    """Initial indexing, then each fine-tuning strategy and a retraining from scratch; (results, curves, figure).
+
+    ``index_config`` trains the initial model and the one from scratch (until IA@1 of their images
+    reaches its target, at most its epochs); fine-tuning uses the same settings with at most
+    ``finetune_epochs`` epochs, stopping once the *new* images reach the target, and no warm-up.
+    With ``out_dir`` the tables (``incremental.csv/.md``, ``incremental_curves.csv``) and the figure
+    (``incremental.png``) are written; with ``runs_dir`` finished models are saved and reused.
+    """
+    old_rows, new_rows = split_new(db.n_index, new_fraction, seed)
+    index_images = torch.from_numpy(db.split("index")[0])
+    old_images, new_images = index_images[old_rows], index_images[new_rows]
+    n_old, n_new = len(old_rows), len(new_rows)
+    old_codec, codec = incremental_codecs(n_old, n_new, capacity)
+    overrides = {**(model_overrides or {}), "image_size": db.settings["size"]}
+    config = DSIConfig.from_codec(codec, **overrides)
+    fingerprint = {**db.fingerprint(), "new_fraction": new_fraction, "split_seed": seed}
+    run = None
+    if runs_dir is not None:
+        s = db.settings
+        run = Path(runs_dir) / f"incremental-{s['source']}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+
+    def path(stem: str) -> Path | None:
+        return run / f"{stem}.pt" if run is not None else None
+
+    rows, curves = [], []
+    all_images = torch.cat([old_images, new_images])
+
+    def record(strategy: str, model: DSIModel, seconds: float, epochs: int, ratio: float | None,
+               per_epoch: int, with_new: bool = True) -> None:
+        ia_old = indexing_accuracy(model, codec if with_new else old_codec, old_images, beam_size=beam_size)
+        ia_new = (indexing_accuracy(model, codec, new_images, torch.arange(n_old, n_old + n_new), beam_size=beam_size)
+                  if with_new else np.nan)
+        rows.append({"strategy": strategy, "replay_ratio": ratio, "IA@1 old": ia_old, "IA@1 new": ia_new,
+                     "IA@1 all": (ia_old * n_old + ia_new * n_new) / (n_old + n_new) if with_new else np.nan,
+                     "epochs": epochs, "seconds": seconds, "examples_per_epoch": per_epoch,
+                     "n_old": n_old, "n_new": n_new})
+
+    # 1. the initial model: old images, old IDs
+    seed_everything(index_config.seed)
+    initial = DSIModel(config)
+    initial, _, seconds, epochs = _train("indexing", initial, old_codec, [IndexingTask(old_images)],
+                                         config=index_config, path=path("initial"), data=fingerprint)
+    record(INITIAL, initial, seconds, epochs, None, n_old, with_new=False)
+
+    # 2. fine-tuning, with each replay ratio
+    tune_config = TrainConfig.from_dict({**index_config.to_dict(), "epochs": finetune_epochs, "warmup_steps": 0})
+    val = [("old", old_images, torch.arange(n_old)), ("new", new_images, torch.arange(n_old, n_old + n_new))]
+    for ratio in replay_ratios:
+        tasks, mix = finetune_tasks(old_images, new_images, ratio)
+        name = finetune_name(ratio)
+        model, history, seconds, epochs = _train(
+            f"finetune-replay{ratio:g}", copy.deepcopy(initial), codec, tasks, config=tune_config,
+            path=path(f"finetune-replay{ratio:g}"), data=fingerprint, mix_ratio=mix, val=val)
+        record(name, model, seconds, epochs, ratio, n_new + replay_count(n_new, ratio))
+        frame = history.to_frame()
+        frame = frame[(frame["split"] == "val") & frame["task"].isin(["old", "new"])]
+        curves.append(frame.assign(strategy=name, replay_ratio=ratio))
+
+    # 3. retraining from scratch on every image
+    seed_everything(index_config.seed)
+    scratch = DSIModel(config)
+    scratch, _, seconds, epochs = _train("indexing", scratch, codec, [IndexingTask(all_images)],
+                                         config=index_config, path=path("scratch"), data=fingerprint)
+    record(SCRATCH, scratch, seconds, epochs, None, n_old + n_new)
+
+    results = pd.DataFrame(rows).assign(n=db.settings["n"], size=db.settings["size"], ids=db.settings["id_scheme"])
+    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    fig = incremental_figure(results, curves_frame, title=f"{db.settings['source']} at {db.settings['size']} px: "
+                             f"{n_old} images, then {n_new} new ({db.settings['id_scheme']} IDs)")
+    if out_dir is not None:
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"incremental_N{db.settings['n']}_{db.settings['id_scheme']}"
+        write_table(results, out / stem, markdown=incremental_markdown(results, index_config, finetune_epochs))
+        write_csv(curves_frame, out / f"{stem}_curves.csv")
+        save_figure(fig, out / f"{stem}.png")
+    return results, curves_frame, fig
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------
+def incremental_markdown(results: pd.DataFrame, index_config: TrainConfig, finetune_epochs: int) -> str:
+    """The results table with a sentence on how each model was trained."""
+    r = results.iloc[0]
+    head = (f"Incremental indexing: {int(r['n_old'])} images indexed first, then {int(r['n_new'])} new images with the "
+            f"next consecutive IDs. Initial and from-scratch models: lr {index_config.lr:g}, until IA@1 >= "
+            f"{index_config.target_accuracy:g} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
+            f"images reach IA@1 >= {index_config.target_accuracy:g} or {finetune_epochs} epochs; replay r:1 adds r old "
+            "images per new image, resampled each epoch. IA@1 by beam search over the trie of all IDs.")
+    shown = results.drop(columns=["n_old", "n_new"]).round(3)
+    return head + "\n\n" + shown.to_markdown(index=False)
+
+
+def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str | None = None) -> Figure:
+    """Left: IA@1 of old and new images per strategy, with its seconds. Right: the forgetting curves."""
+
+    fig, axes = new_figure(1, 2, (12, 4.3), gridspec_kw={"width_ratios": [1.1, 1]})
+    ax = axes[0, 0]
+    x = np.arange(len(results))
+    ax.bar(x - 0.2, results["IA@1 old"], 0.4, label="old images", color="#1f4e9c")
+    ax.bar(x + 0.2, results["IA@1 new"].fillna(0), 0.4, label="new images", color="#c25a0b")
+    for i, r in results.reset_index(drop=True).iterrows():
+        ax.text(i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8)
+    ax.set_xticks(x, [textwrap.fill(s, 13) for s in results["strategy"]], fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("IA@1")
+    ax.set_title("IA@1 after each strategy (training seconds above)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[0, 1]
+    if len(curves):
+        colors = dict(zip(curves["strategy"].unique(), ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]))
+        for (strategy, task), part in curves.groupby(["strategy", "task"], sort=False):
+            ax.plot(part["epoch"], part["seq_acc"], ls="-" if task == "old" else "--", color=colors[strategy],
+                    label=f"{strategy}: {task}")
+        ax.legend(fontsize=7)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("sequence accuracy (greedy)")
+    ax.set_title("Forgetting: old (solid) and new (dashed) images")
+    ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,390 @@
+"""The pretraining study (notebook 13): a DSI from a self-supervised encoder against the same DSI from scratch."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vitdsi_utils import metrics
+from vitdsi_utils.baselines.ssl import SSLConfig, SSLEncoder, embed_images, outside_images, save_ssl, train_ssl
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.ids.schemes import assign_ids, codec_for, sibling_agreement
+from vitdsi_utils.model.decoding import beam_search
+from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
+from vitdsi_utils.reports.paper import attach_paper
+from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.tables import format_interval, write_csv, write_table
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.training.config import TrainConfig, seed_everything
+
+
+# ------------------------------------------------------------------------------------------
+# Probes: is the representation any good, before any DSI training?
+# ------------------------------------------------------------------------------------------
+def embedding_probe(encoder: ViTEncoder, db: Any, *, k: int = 10, seed: int = 0) -> dict[str, float]:
+    """Label-free quality checks of ``encoder``'s mean-pooled embeddings on a database.
+
+    * ``knn_acc``: each test query takes the majority class of its ``k`` nearest indexed
+      images (cosine): the database lookup a DSI has to learn;
+    * ``linear_acc``: a logistic regression on the train queries' and indexed images'
+      embeddings, scored on the test queries;
+    * ``map@10``: retrieval of the indexed images by cosine similarity, over the test queries;
+    * ``chance``: the share of the most common test class.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+
+    index_images, index_labels = db.split("index")
+    test_images, test_labels = db.split("test")
+    train_images, train_labels = db.split("train")
+    index_z, test_z = embed_images(encoder, index_images).numpy(), embed_images(encoder, test_images).numpy()
+    train_z = embed_images(encoder, train_images).numpy()
+    similarity = test_z @ index_z.T
+    nearest = np.argsort(-similarity, axis=1, kind="stable")
+    votes = index_labels[nearest[:, :k]]
+    n_classes = int(max(index_labels.max(), test_labels.max())) + 1
+    counts = np.stack([(votes == c).sum(axis=1) for c in range(n_classes)], axis=1)
+    knn = float((counts.argmax(axis=1) == test_labels).mean())
+    probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    probe.fit(np.concatenate([train_z, index_z]), np.concatenate([train_labels, index_labels]))
+    linear = float((probe.predict(test_z) == test_labels).mean())
+    relevant = label_relevance(test_labels, index_labels)
+    hits = metrics.relevance_matrix(nearest[:, :10], relevant)
+    ap = metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10)
+    chance = float(np.bincount(test_labels).max() / len(test_labels))
+    return {"knn_acc": knn, "linear_acc": linear, "map@10": float(np.nanmean(ap)), "chance": chance}
+
+
+# ------------------------------------------------------------------------------------------
+# The study: pretrain, probe, train the DSI from the pretrained encoder, compare with scratch
+# ------------------------------------------------------------------------------------------
+COMPARED = ("IA@1", "IA@5", "mAP@10", "P@10", "R@100")
+
+
+def pretrain_study(
+    source: str = "imagenette",
+    size: int = 64,
+    n: int = 512,
+    seed: int = 0,
+    scheme: str = "clustered",
+    *,
+    exclude_ns: Sequence[int] = (512, 1024, 2048),
+    model_overrides: dict | None = None,
+    ssl_config: SSLConfig | None = None,
+    index_config: Any = None,
+    retrieval_config: Any = None,
+    max_pairs_per_query: int | None = None,
+    baseline_table: str | os.PathLike | None = None,
+    baseline_histories: str | os.PathLike | None = None,
+    train_scratch: bool = False,
+    max_images: int | None = None,
+    semantic_ids: dict | None = None,
+    runs_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Pretrain an encoder on the images outside the databases, then index and fine-tune a DSI from it.
+
+    The pretraining images are every image of ``source`` that none of the databases of sizes
+    ``exclude_ns`` (and ``n``) for ``seed`` uses (:func:`outside_images`). The encoder is the
+    DSI's (``model_overrides`` as for ``vitdsi dsi``). The probes (:func:`embedding_probe`)
+    compare the pretrained encoder with a randomly initialised one on the database. The DSI
+    is trained from the pretrained encoder with ``index_config`` / ``retrieval_config``; the
+    from-scratch numbers come from ``baseline_table`` (a ``vitdsi dsi`` CSV, with
+    ``baseline_histories`` for its curves) or, with ``train_scratch``, from a run here.
+    ``max_images`` pretrains on a seeded random subset of that many outside images (None: all),
+    for a shorter run.
+
+    ``semantic_ids`` (e.g. ``{"k": 10, "c": 10}``) adds a third DSI, also from the SSL encoder, whose
+    IDs are label-free semantic IDs: hierarchical k-means over the *SSL encoder's* embeddings of
+    the indexed images (:func:`~vitdsi_utils.semantic_ids.assign_ids`, tag ``semantic-ssl-k..-c..``).
+    ``id_facts`` then says how often sibling IDs (same parent prefix) share a class, for those IDs
+    and for the same k-means over a randomly initialised encoder's embeddings.
+
+    Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` = scratch / ssl, ``ids``
+    the scheme), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``,
+    ``id_facts`` and a figure; ``markdown`` is the report (settings, the tables and the probes).
+    """
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 2):
+        raise ValueError(f"max_images must be None or an integer >= 2 (InfoNCE needs two images), got {max_images!r}")
+
+    runs_dir = Path(runs_dir) if runs_dir is not None else None
+    ssl_config = ssl_config or SSLConfig(progress=progress)
+    index_config = index_config or TrainConfig(epochs=400, lr=1e-3, warmup_steps=100, target_accuracy=0.99, seed=seed)
+    retrieval_config = retrieval_config or TrainConfig(epochs=10, lr=1e-3, seed=seed)
+    overrides = dict(model_overrides or {})
+    image_set = load_images(source, size, root=root, progress=progress)
+    db = build_database(image_set, n, id_scheme=scheme, seed=seed)
+    others = [build_database(image_set, m, id_scheme=scheme, seed=seed) for m in sorted(set(exclude_ns) - {n})
+              if m <= len(image_set.images)]
+    images, rows = outside_images(image_set, [db, *others])
+    if max_images is not None and max_images < len(images):
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), size=max_images, replace=False))
+        images, rows = images[keep], rows[keep]
+    # the encoder of the DSI: every architecture field of the DSI's config, so the weights fit it
+    dsi_fields = DSIConfig(image_size=size, **overrides).to_dict()
+    encoder_config = ViTConfig(**{k: v for k, v in dsi_fields.items() if k in {f.name for f in fields(ViTConfig)}})
+    # one folder per pretraining (epochs, batch, number of images), so a study whose SSL settings
+    # change trains a new encoder beside the old one instead of refusing the old checkpoint
+    ssl_tag = f"e{ssl_config.epochs}-b{ssl_config.batch_size}-i{len(images)}"
+    ssl_dir = runs_dir / f"ssl-{source}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
+    ssl_path = ssl_dir / "ssl.pt" if ssl_dir is not None else None
+    torch.manual_seed(ssl_config.seed)
+    model = SSLEncoder(encoder_config, ssl_config.proj_hidden, ssl_config.proj_dim)
+    start = time.perf_counter()
+    ssl_history = train_ssl(model, images, config=ssl_config, checkpoint_path=ssl_path)
+    ssl_frame = ssl_history.to_frame()
+    ssl_seconds = float(ssl_frame["seconds"].sum()) if len(ssl_frame) else time.perf_counter() - start
+
+    seed_everything(seed)
+    random_encoder = ViTEncoder(encoder_config)
+    probes = pd.DataFrame([
+        {"encoder": "random init", **embedding_probe(random_encoder, db, seed=seed)},
+        {"encoder": "SSL pretrained", **embedding_probe(model, db, seed=seed)},
+    ]).assign(n=n, ids=scheme, seed=seed, ssl_images=len(images), ssl_epochs=int(ssl_frame["epoch"].max()))
+
+    if ssl_path is None:  # no run folder: the encoder still has to reach the DSI through a file
+        import tempfile
+
+        ssl_path = Path(tempfile.mkdtemp()) / "ssl.pt"
+        save_ssl(ssl_path, model, ssl_config, ssl_history, epoch=ssl_config.epochs)
+    tables, histories, models = [], [], {}
+    # (init, encoder file, IDs: None = the database's own; else an IDAssignment)
+    runs: list[tuple[str, Any, Any]] = [("ssl", ("ssl", ssl_path), None)]
+    if train_scratch:
+        runs.append(("scratch", None, None))
+    id_facts = pd.DataFrame()
+    if semantic_ids is not None:
+        semantic, id_facts = _ssl_semantic_ids(db, model, random_encoder, seed, semantic_ids)
+        runs.append(("ssl", ("ssl", ssl_path), semantic))
+    for init, spec, assignment in runs:
+        ids = scheme if assignment is None else assignment.scheme
+        name = run_name(db, None if assignment is None else assignment.tag) + (
+            f"-init-{init}-{ssl_tag}" if spec is not None else "")
+        experiment = run_experiment(
+            db, model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
+            run_dir=runs_dir / name if runs_dir is not None else None, max_pairs_per_query=max_pairs_per_query,
+            encoder_init=spec, codec=None if assignment is None else assignment.codec, ids=ids,
+        )
+        tables.append(experiment.table.assign(init=init))
+        if assignment is None:
+            models[init] = experiment
+        for phase in (experiment.zero_shot, experiment.fine_tuned):
+            if phase is not None and len(phase.history):
+                histories.append(phase.history.to_frame().assign(n=n, ids=ids, seed=seed, init=init))
+    paired = pd.DataFrame()
+    if "scratch" in models:
+
+        codec = codec_for(db)
+        paired = pd.concat([
+            paired_comparison(getattr(models["ssl"], attr).model, getattr(models["scratch"], attr).model, codec, db,
+                              seed=seed).assign(model=name)
+            for attr, name in (("zero_shot", "DSI zero-shot"), ("fine_tuned", "DSI fine-tuned"))
+        ], ignore_index=True)
+    if baseline_table is not None:
+        base = pd.read_csv(baseline_table)
+        keep = (base["n"] == n) & (base["ids"] == scheme) & (base["seed"] == seed) & (base["size"] == size) \
+            & (base["source"] == source)
+        if not keep.any():
+            raise ValueError(f"{baseline_table} has no row for {source} {size} px, N={n}, {scheme} IDs, seed {seed}; "
+                             "run `make dsi` first, or pass train_scratch=True (--scratch)")
+        label = "scratch (make dsi)" if train_scratch else "scratch"
+        tables.append(base[keep].drop(columns=[c for c in ("paper",) if c in base.columns]).assign(init=label))
+        if baseline_histories is not None and Path(baseline_histories).is_file() and not train_scratch:
+            bh = pd.read_csv(baseline_histories)
+            bh = bh[(bh["n"] == n) & (bh["ids"] == scheme) & (bh["seed"] == seed)]
+            histories.append(bh.assign(init="scratch"))
+    results = attach_paper(pd.concat(tables, ignore_index=True))
+    history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame,
+           "paired": paired, "id_facts": id_facts}
+    out["markdown"] = _pretrain_markdown(out, source, size, n, scheme, seed, encoder_config, ssl_config, len(images),
+                                         ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
+    if out_dir is not None:
+        _write_pretrain_report(out, Path(out_dir), source, size)
+    return out
+
+
+def _ssl_semantic_ids(db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncoder, seed: int,
+                      params: dict) -> tuple[Any, pd.DataFrame]:
+    """Semantic IDs from the SSL encoder's embeddings of the indexed images, and facts beside those of a random encoder."""
+
+    index_images = db.split("index")[0]
+    rows, assignments = [], {}
+    for name, tag, encoder in (("random init", "random-encoder", random_encoder), ("SSL pretrained", "ssl", ssl_encoder)):
+        embeddings = embed_images(encoder, index_images).double().numpy()
+        assignments[tag] = assign_ids(db, "semantic", embeddings=embeddings, embedding_name=tag, seed=seed, **params)
+        agreement, chance = sibling_agreement(assignments[tag].codec, db.index_labels)
+        rows.append({"embeddings": name, **assignments[tag].summary(), "sibling_agreement": agreement,
+                     "sibling_chance": chance})
+    return assignments["ssl"], pd.DataFrame(rows)
+
+
+def paired_comparison(
+    model_a: Any, model_b: Any, codec: Any, db: Any, *, k: int = 100, n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per-query differences ``a - b`` of two DSI models on the same queries, with paired bootstrap intervals.
+
+    IA@1 over the indexed images; AP@10 and P@10 over the test queries, from the same top-``k``
+    beam search as the evaluation. A paired interval is much narrower than the two separate
+    intervals when both models find the same queries easy or hard. Rows: ``metric``, ``a``,
+    ``b``, ``diff``, ``ci_low``, ``ci_high``, ``n``.
+    """
+
+    index_images, _ = db.split("index")
+    query_images, _ = db.split("test")
+    relevant = label_relevance(db.relevance_labels("test"), db.relevance_labels("index"))
+    per_model = []
+    for model in (model_a, model_b):
+        # the evaluation's search (evaluation.evaluate_dsi: top-5, so a beam of 5): with a beam of 1
+        # the top-1 can differ, and the paired IA@1 would not match the table's
+        _, own = beam_search(model, torch.from_numpy(index_images), codec, k=min(5, len(codec)))
+        _, ranked = beam_search(model, torch.from_numpy(query_images), codec, k=min(k, len(codec)))
+        hits = metrics.relevance_matrix(ranked.numpy(), relevant)
+        per_model.append({
+            "IA@1": metrics.indexing_accuracy_at_k(own.numpy(), np.arange(len(index_images)), 1),
+            "mAP@10": metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10),
+            "P@10": metrics.precision_at_k(hits, 10),
+        })
+    rows = []
+    for metric in ("IA@1", "mAP@10", "P@10"):
+        a, b = per_model[0][metric], per_model[1][metric]
+        diff = a - b
+        low, high = metrics.bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
+        rows.append({"metric": metric, "a": float(np.nanmean(a)), "b": float(np.nanmean(b)),
+                     "diff": float(np.nanmean(diff)), "ci_low": low, "ci_high": high, "n": int(np.isfinite(diff).sum())})
+    return pd.DataFrame(rows)
+
+
+def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, init): the compared metrics as 'value [low, high]', epochs and train time."""
+
+    rows = []
+    keys = ["model", "init"] + (["ids"] if "ids" in results else [])
+    for key, group in results.groupby(keys, sort=False):
+        row = dict(zip(keys, key))
+        for metric in COMPARED:
+            hit = group[group["metric"] == metric]
+            row[metric] = format_interval(*hit[["value", "ci_low", "ci_high"]].iloc[0]) if len(hit) else "–"
+        row["epochs"] = int(group["epochs"].iloc[0]) if "epochs" in group else None
+        row["train_s"] = round(float(group["train_s"].iloc[0]), 1) if "train_s" in group else None
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(keys, ascending=[False] + [True] * (len(keys) - 1), ignore_index=True)
+
+
+def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
+    """Left: the InfoNCE loss per pretraining epoch. Right: indexing IA@1 / accuracy per epoch, scratch vs SSL."""
+    from matplotlib.ticker import MaxNLocator
+
+
+    fig, axes = new_figure(1, 2, (9.0, 3.3))
+    left, right = axes[0]
+    left.plot(ssl_history["epoch"], ssl_history["loss"], "o-", color="tab:purple")
+    left.set_xlabel("pretraining epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_ylabel("InfoNCE loss")
+    left.set_title("self-supervised pretraining")
+    left.grid(alpha=0.3)
+    if len(histories):
+        indexing = histories[histories["phase"] == "indexing"]
+        if "ids" not in indexing:
+            indexing = indexing.assign(ids="")
+        styles = {"scratch": ("--", "tab:blue"), "ssl": ("-", "tab:orange")}
+        others = iter(["tab:green", "tab:red", "tab:purple", "tab:brown"])  # further ID schemes of one init
+        runs = list(dict.fromkeys(zip(indexing["init"], indexing["ids"])))
+        several_ids = len({ids for _, ids in runs}) > 1
+        for init, ids in runs:
+            style, color = styles.get(init, (":", "tab:gray"))
+            if ids != runs[0][1]:
+                style, color = "-.", next(others, "tab:gray")
+            label = f"{init}" + (f", {ids} IDs" if several_ids else "")
+            run = indexing[(indexing["init"] == init) & (indexing["ids"] == ids)]
+            for split, fmt, what in (("train", style, "running, dropout"), ("train_eval", "o", "stop check, no dropout")):
+                part = run[run["split"] == split]
+                if len(part):
+                    right.plot(part["epoch"], part["seq_acc"], fmt, ms=3, color=color, label=f"{label}: {what}")
+    right.set_xlabel("indexing epoch")
+    right.set_ylabel("sequence accuracy on the indexed images")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title("indexing: from scratch vs from the SSL encoder")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, seed: int,
+                       encoder_config: ViTConfig, ssl_config: SSLConfig, n_images: int, ssl_seconds: float,
+                       index_config: Any, retrieval_config: Any, max_pairs: int | None) -> str:
+    """The report of :func:`pretrain_study`: settings, DSI rows by initialisation, paired differences, probes."""
+    comparison = comparison_frame(out["results"])
+    probes = out["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3)
+    c, s = encoder_config, ssl_config
+    markdown = "\n".join([
+        f"# Encoder pretraining on {source} at {size} px (N = {n}, {scheme} IDs, seed {seed})",
+        "",
+        f"Encoder: ViT patch {c.patch_size}, width {c.dim}, {c.depth} blocks, {c.heads} heads, {c.pos_encoding} "
+        f"positions (the DSI's). Pretraining: SimCLR-style InfoNCE (temperature {s.temperature}) on two views per "
+        f"image (random resized crop down to {s.min_scale:g} of the area, flip, colour jitter {s.jitter:g} with "
+        f"p {s.jitter_p:g}, grayscale with p {s.gray_p:g}), projection head {c.dim}-{s.proj_hidden}-{s.proj_dim}, "
+        f"AdamW lr {s.lr:g} (warm-up {s.warmup_steps} steps, cosine decay), batch {s.batch_size}, {s.epochs} epochs "
+        f"over {n_images} images that no database of the study uses ({ssl_seconds / 60:.1f} min). "
+        f"DSI: indexing lr {index_config.lr:g}, warm-up {index_config.warmup_steps}, until IA@1 >= "
+        f"{index_config.target_accuracy} (at most {index_config.epochs} epochs); fine-tuning {retrieval_config.epochs} "
+        f"epochs" + (f", at most {max_pairs} pairs per query" if max_pairs else "") + ". Metrics over all test "
+        "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
+        "",
+        comparison.to_markdown(index=False),
+        *([] if out["paired"].empty else [
+            "",
+            "Paired differences, SSL init minus scratch, on the same indexed images / test queries "
+            "(95% paired bootstrap intervals):",
+            "",
+            out["paired"][["model", "metric", "a", "b", "diff", "ci_low", "ci_high", "n"]]
+            .rename(columns={"a": "ssl", "b": "scratch"}).round(3).to_markdown(index=False),
+        ]),
+        *([] if out["id_facts"].empty else [
+            "",
+            "Semantic IDs from the encoder's embeddings (hierarchical k-means over the mean-pooled embeddings of the "
+            "indexed images; the `semantic` rows above are the DSI from the SSL encoder with the SSL ones). "
+            "`sibling_agreement`: the share of pairs of images under the same parent prefix that share a class; "
+            "`sibling_chance`: the same for random groups of those sizes.",
+            "",
+            out["id_facts"][["embeddings", "tag", "n_ids", "mean_length", "max_length", "sibling_agreement",
+                             "sibling_chance"]].round(3).to_markdown(index=False),
+        ]),
+        "",
+        "Probes of the mean-pooled encoder embeddings on the database (before any DSI training): "
+        "kNN (k = 10) class accuracy of the test queries among the indexed images, a logistic-regression "
+        "probe trained on the train queries and indexed images, and cosine retrieval mAP@10.",
+        "",
+        probes.to_markdown(index=False),
+    ])
+    return markdown
+
+
+def _write_pretrain_report(out: dict, out_dir: Path, source: str, size: int) -> None:
+
+    stem = f"{source}_{size}px"
+    write_table(out["results"], out_dir / f"pretrain_{stem}", markdown=out["markdown"])
+    write_table(out["probes"], out_dir / f"probes_{stem}")
+    if not out["paired"].empty:
+        write_table(out["paired"], out_dir / f"paired_{stem}")
+    if not out["id_facts"].empty:
+        write_table(out["id_facts"], out_dir / f"ids_{stem}")
+    write_csv(out["ssl_history"], out_dir / f"ssl_history_{stem}.csv")
+    if len(out["histories"]):
+        write_csv(out["histories"], out_dir / f"histories_{stem}.csv")
+    save_figure(pretrain_figure(out["ssl_history"], out["histories"]), out_dir / f"pretrain_{stem}.png")

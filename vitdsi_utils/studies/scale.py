@@ -1,0 +1,594 @@
+"""Scale study: query latency and indexing accuracy against the number of indexed images N.
+
+The study's target 5 asks to index all 13,394 Imagenette images and to measure how each
+retrieval method's cost grows with N. This module does both parts:
+
+* :func:`index_all_database` - a database whose *every* image is indexed (no query pool):
+  :func:`data.build_database` always keeps 75% of the draw as queries, so it cannot index the
+  whole image set. N images are drawn balanced over the classes with a fixed seed and numbered
+  by the ID scheme (random IDs by default: they need no labels).
+* :func:`query_views` - the query batch of the latency runs: horizontally flipped copies of a
+  seeded sample of indexed images (near-duplicate queries). When every image is indexed there is
+  no held-out image left, and none is needed: the latency of the three methods does not depend
+  on what the query shows (the beam search always walks the same trie with the same widths).
+* :func:`latency_table` - per-query top-k latency of DSI trie-constrained beam search, BoVW and
+  dense FAISS search for each N: batched queries, one warm-up call excluded, median over repeats,
+  with each method's build time (DSI: the ID codec and its trie; BoVW: SIFT + k-means + histograms;
+  dense: embedding the database + the flat index). The DSI and the dense encoder are *untrained*
+  models of the study's size: latency depends on N and the model's size, not on its weights.
+* :func:`ia_table` - IA@1 of a DSI trained to memorise N images, with the epochs and seconds it
+  took; on a CPU only the small N are affordable, so ``max epochs`` caps the larger ones and the
+  table says whether the target was reached.
+* :func:`scale_figure` - one figure, two panels: latency per query against N (log-log, one line
+  per method) and IA@1 against N. :func:`scale_study` writes the tables and the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from vitdsi_utils.atomic import write_json
+from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
+from vitdsi_utils.bovw import BoVW
+from vitdsi_utils.data.database import Database, balanced_quota
+from vitdsi_utils.data.images import ImageSet
+from vitdsi_utils.ids.codec import dense_id_order, make_codec
+from vitdsi_utils.model.decoding import beam_search, indexing_accuracy
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.phases import index_database
+from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.retrieval.searchers import DenseRetriever
+
+#: Methods of the latency table, in plotting order.
+METHODS = ("DSI beam search", "BoVW", "Dense (FAISS)")
+
+
+#: The number of Imagenette images that pass the aspect rule (train + val, all ten classes).
+IMAGENETTE_ALL = 13_394
+
+
+def geometric_ns(start: int = 512, stop: int = IMAGENETTE_ALL, factor: int = 2) -> list[int]:
+    """``start, start*factor, ...`` below ``stop``, then ``stop`` itself: e.g. 512, 1024, ..., 8192, 13394."""
+    if start < 1 or stop < start or factor < 2:
+        raise ValueError(f"need 1 <= start <= stop and factor >= 2, got start={start}, stop={stop}, factor={factor}")
+    ns, n = [], start
+    while n < stop:
+        ns.append(n)
+        n *= factor
+    return ns + [stop]
+
+
+# ------------------------------------------------------------------------------------------
+# Databases that index everything
+# ------------------------------------------------------------------------------------------
+def index_all_database(image_set: ImageSet, n: int, *, id_scheme: str = "random", seed: int = 0) -> Database:
+    """A database of ``n`` images, all indexed (role ``index``; no query roles), IDs 0..n-1 by ``id_scheme``.
+
+    The draw is balanced over the classes as in :func:`data.build_database` (each class gets
+    ``min(its images, L)``, L as large as ``n`` permits), so ``n = len(image_set)`` indexes
+    every image. ``settings["index_fraction"]`` is 1.0, which tells these databases apart.
+    """
+    n = int(n)
+    if not 1 <= n <= len(image_set):
+        raise ValueError(f"n must lie in 1..{len(image_set)} (the usable {image_set.source} images), got {n}")
+    counts = np.bincount(image_set.labels, minlength=len(image_set.classes))
+    order = np.argsort(-counts, kind="stable")  # the largest classes take the remainder
+    quota = np.zeros_like(counts)
+    quota[order] = balanced_quota(counts[order], n)
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate(
+        [rng.permutation(np.flatnonzero(image_set.labels == c))[: quota[c]] for c in range(len(counts)) if quota[c]]
+    )
+    labels = image_set.labels[picked]
+    picked = picked[dense_id_order(labels, id_scheme, seed=seed + 1)]
+    width = len(str(n - 1))
+    manifest = pd.DataFrame({
+        "file": [image_set.files[i] for i in picked],
+        "class": [image_set.classes[i] for i in image_set.labels[picked]],
+        "label": image_set.labels[picked],
+        "role": "index",
+        "row": np.arange(n),
+        "id": [str(r).zfill(width) for r in range(n)],
+        "source_row": picked,
+    })
+    return Database(
+        manifest=manifest,
+        images=np.ascontiguousarray(image_set.images[picked]),
+        classes=list(image_set.classes),
+        settings={"source": image_set.source, "root": image_set.root, "size": image_set.size, "n": n,
+                  "id_scheme": id_scheme, "seed": seed, "index_fraction": 1.0, "query_fractions": [0.0, 0.0, 0.0]},
+        skipped=list(image_set.skipped),
+        label_matrix=image_set.label_matrix[picked] if image_set.is_multilabel else None,
+    )
+
+
+def query_views(db: Database, n_queries: int, seed: int = 0) -> np.ndarray:
+    """``n_queries`` horizontally flipped copies of indexed images drawn with ``seed`` (with replacement
+    only when the database holds fewer images): uint8 (n_queries, S, S, 3)."""
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be at least 1, got {n_queries}")
+    images, _ = db.split("index")
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(images), size=n_queries, replace=n_queries > len(images))
+    return np.ascontiguousarray(images[rows, :, ::-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Latency
+# ------------------------------------------------------------------------------------------
+def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per query: medians over ``repeats`` calls of ``search()`` (after ``warmup`` untimed
+    calls), divided by ``n_queries``.
+
+    The CPU time is this process's (all its threads): on a shared machine it is what the search
+    costs, while the wall time also counts the time spent waiting for a core. On a GPU only the
+    wall time means anything.
+    """
+    if repeats < 1 or n_queries < 1:
+        raise ValueError(f"repeats and n_queries must be at least 1, got {repeats} and {n_queries}")
+    for _ in range(warmup):
+        search()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        search()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls) / n_queries, statistics.median(cpus) / n_queries
+
+
+def _latency_row(method: str, build: float, build_cpu: float, wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
+    """One row of the latency table: build seconds (wall, CPU) and milliseconds per query (wall, CPU)."""
+    return {"method": method, "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall,
+            "cpu_ms_per_query": 1000 * cpu, **extra}
+
+
+def _as_ks(k: int | Sequence[int]) -> list[int]:
+    """``k`` as a list of list lengths: one int, or several (a latency row per k, one build for all)."""
+    return [int(k)] if isinstance(k, (int, np.integer)) else [int(v) for v in k]
+
+
+def dsi_latency(
+    n: int,
+    queries: np.ndarray,
+    *,
+    model_overrides: dict | None = None,
+    k: int = 100,
+    beam_size: int | None = None,
+    batch_size: int = 64,
+    repeats: int = 3,
+    device: str = "cpu",
+    amp: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Top-k beam-search latency of an untrained DSI over ``n`` decimal IDs: build = codec + trie seconds."""
+    return _dsi_latency_rows(n, queries, [k], model_overrides=model_overrides, beam_size=beam_size,
+                             batch_size=batch_size, repeats=repeats, device=device, amp=amp, seed=seed)[0]
+
+
+def _dsi_latency_rows(
+    n: int, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
+    beam_size: int | None = None, batch_size: int = 64, repeats: int = 3, device: str = "cpu", amp: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`dsi_latency` for every k of ``ks`` (beam ``max(k, beam_size)``) with one model and codec."""
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    codec = make_codec(n)
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    torch.manual_seed(seed)
+    model = DSIModel(DSIConfig.from_codec(codec, image_size=int(queries.shape[1]), **(model_overrides or {})))
+    model.to(device).eval()
+    images = torch.from_numpy(np.ascontiguousarray(queries))
+    rows = []
+    for k in ks:
+        beam = None if beam_size is None else max(k, beam_size)
+        search = lambda k=k, beam=beam: beam_search(model, images, codec, k=k, beam_size=beam,  # noqa: E731
+                                                    batch_size=batch_size, device=device, amp=amp)
+        wall, cpu = time_per_query(search, len(queries), repeats)
+        rows.append(_latency_row(METHODS[0], build, build_cpu, wall, cpu, k=k, parameters=model.num_parameters()))
+    return rows
+
+
+def bovw_latency(
+    database_images: np.ndarray, queries: np.ndarray, *, n_words: int = 200, k: int = 100, repeats: int = 3,
+    seed: int = 0, n_jobs: int = 1,
+) -> dict[str, Any]:
+    """Top-k BoVW latency (SIFT of the queries + histograms + cosine top-k); build = ``fit`` seconds."""
+    return _bovw_latency_rows(database_images, queries, [k], n_words=n_words, repeats=repeats, seed=seed,
+                              n_jobs=n_jobs)[0]
+
+
+def _bovw_latency_rows(
+    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, n_words: int = 200, repeats: int = 3,
+    seed: int = 0, n_jobs: int = 1,
+) -> list[dict[str, Any]]:
+    """:func:`bovw_latency` for every k of ``ks`` with one fitted vocabulary."""
+
+    model = BoVW(n_words, random_state=seed, n_jobs=n_jobs, progress=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.fit(database_images)
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = []
+    for k in ks:
+        wall, cpu = time_per_query(lambda k=k: model.search(queries, k), len(queries), repeats)
+        rows.append(_latency_row(METHODS[1], build, build_cpu, wall, cpu, k=k, parameters=0))
+    return rows
+
+
+def dense_latency(
+    database_images: np.ndarray, queries: np.ndarray, *, model_overrides: dict | None = None, k: int = 100,
+    repeats: int = 3, device: str = "cpu", seed: int = 0,
+) -> dict[str, Any]:
+    """Top-k latency of an untrained dense encoder + flat inner-product index (FAISS when installed).
+
+    Build = embedding the database and filling the index. The FAISS index is on the CPU
+    (``faiss-cpu``) whatever ``device`` the encoder runs on.
+    """
+    return _dense_latency_rows(database_images, queries, [k], model_overrides=model_overrides, repeats=repeats,
+                               device=device, seed=seed)[0]
+
+
+def _dense_latency_rows(
+    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
+    repeats: int = 3, device: str = "cpu", seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`dense_latency` for every k of ``ks`` with one encoder and index."""
+
+    overrides = {"pooling": "mean", **(model_overrides or {})}
+    torch.manual_seed(seed)
+    encoder = DenseEncoder(DenseConfig(image_size=int(queries.shape[1]), **overrides)).to(device)
+    c0 = time.process_time()
+    retriever = DenseRetriever.from_model(encoder).index(database_images)
+    build_cpu = time.process_time() - c0
+    rows = []
+    for k in ks:
+        wall, cpu = time_per_query(lambda k=k: retriever.search(queries, k), len(queries), repeats)
+        rows.append(_latency_row(METHODS[2], retriever.index_seconds_, build_cpu, wall, cpu, k=k,
+                                 parameters=encoder.num_parameters(), backend=retriever.index_.backend))
+    return rows
+
+
+def latency_table(
+    image_set: ImageSet,
+    ns: Sequence[int],
+    *,
+    methods: Sequence[str] = METHODS,
+    n_queries: int = 64,
+    batch_size: int = 64,
+    k: int | Sequence[int] = 100,
+    repeats: int = 3,
+    model_overrides: dict | None = None,
+    bovw_words: int = 200,
+    device: str = "cpu",
+    amp: bool = False,
+    id_scheme: str = "random",
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per (N, method, k): build seconds and median milliseconds per query for a batch of top-``k``
+    searches. ``k`` is one list length or several (e.g. ``[10, 100]``: each method is built once per N and
+    timed for every k; the DSI beam is k)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    ks = _as_ks(k)
+    dsi_overrides = {key: v for key, v in (model_overrides or {}).items() if key != "pooling"}
+    rows = []
+    steps = [(n, m) for n in ns for m in methods]
+    bar = tqdm(steps, desc="latency", disable=not progress)
+    db = None
+    for n, method in bar:
+        bar.set_postfix(n=n, method=method)
+        if db is None or db.n_index != n:
+            db = index_all_database(image_set, n, id_scheme=id_scheme, seed=seed)
+            queries = query_views(db, n_queries, seed=seed)
+        images = db.split("index")[0]
+        if method == METHODS[0]:
+            found = _dsi_latency_rows(n, queries, ks, model_overrides=dsi_overrides, batch_size=batch_size,
+                                      repeats=repeats, device=device, amp=amp, seed=seed)
+        elif method == METHODS[1]:
+            found = _bovw_latency_rows(images, queries, ks, n_words=bovw_words, repeats=repeats, seed=seed)
+        else:
+            found = _dense_latency_rows(images, queries, ks, model_overrides=model_overrides, repeats=repeats,
+                                        device=device, seed=seed)
+        rows += [{"n": n, **row, "queries": n_queries, "batch": batch_size, "repeats": repeats,
+                  "device": str(device), "size": image_set.size} for row in found]
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Indexing accuracy
+# ------------------------------------------------------------------------------------------
+def ia_table(
+    image_set: ImageSet,
+    ns: Sequence[int],
+    *,
+    index_config: Any,
+    model_overrides: dict | None = None,
+    runs_dir: str | Path | None = None,
+    id_scheme: str = "random",
+    seed: int = 0,
+    beam_size: int = 100,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train (or load) a DSI that memorises each N of ``ns``; return (one row per N, the training histories).
+
+    ``index_config`` (a :class:`train.TrainConfig`) caps the epochs and sets the stop rule; the row
+    says whether IA@1 reached its target, and which batch size, learning rate and stop rule
+    trained the model (read from the checkpoint, so a model loaded from ``runs_dir`` reports its
+    own). IA@1 is re-measured by beam search (width ``beam_size``) unless the run stopped on the IA
+    check, whose value it then reuses (same weights, same search). A re-measured value is kept in
+    the run folder (``ia1_beam<width>.json``, tied to the model's epochs and training time), since
+    at N = 13,394 one beam search over every indexed image costs tens of CPU minutes.
+    """
+
+    rows, histories = [], []
+    for n in ns:
+        db = index_all_database(image_set, n, id_scheme=id_scheme, seed=seed)
+        run_dir = Path(runs_dir) / f"scale-{db.settings['source']}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}" \
+            if runs_dir else None
+        result = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
+        history = result.history.to_frame()
+        last = history.iloc[-1] if len(history) else None
+        trained = {**index_config.to_dict(), **result.config}
+        if last is not None and last["split"] == "train_eval" and "ia1" in history and not pd.isna(last["ia1"]):
+            ia1, beam = float(last["ia1"]), int(trained.get("stop_beam", beam_size))
+        else:
+            beam = beam_size
+            ia1 = _cached_ia1(run_dir, beam, result)
+            if ia1 is None:
+                ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam, batch_size=64,
+                                        device=index_config.device if index_config.device != "auto" else None,
+                                        progress=n >= 4096)
+                _cache_ia1(run_dir, beam, result, ia1)
+        target = trained["target_accuracy"]
+        rows.append({"n": n, "IA@1": ia1, "epochs": result.epochs, "train_s": result.seconds,
+                     "s_per_epoch": result.seconds / max(1, result.epochs), "target": target,
+                     "reached": ia1 >= target, "max_epochs": trained["epochs"], "batch_size": trained["batch_size"],
+                     "lr": trained["lr"], "stop_rule": trained["stop_metric"], "ia_beam": beam,
+                     "size": image_set.size, "ids": id_scheme})
+        histories.append(history.assign(n=n))
+    return pd.DataFrame(rows), (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())
+
+
+def _ia1_key(result: Any) -> dict[str, Any]:
+    return {"epochs": int(result.epochs), "train_s": round(float(result.seconds), 3)}
+
+
+def _cached_ia1(run_dir: Path | None, beam: int, result: Any) -> float | None:
+    """The IA@1 measured earlier for this very model (same epochs and training time), if any."""
+    path = run_dir / f"ia1_beam{beam}.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return float(saved["ia1"]) if saved.get("model") == _ia1_key(result) and "ia1" in saved else None
+
+
+def _cache_ia1(run_dir: Path | None, beam: int, result: Any, ia1: float) -> None:
+    if run_dir is not None and run_dir.is_dir():
+        write_json(run_dir / f"ia1_beam{beam}.json", {"ia1": ia1, "beam": beam, "model": _ia1_key(result)})
+
+
+# ------------------------------------------------------------------------------------------
+# Figure and report
+# ------------------------------------------------------------------------------------------
+def _plain_log_ticks(ax: Any, ns: Sequence[int], y: bool = True) -> None:
+    """Ticks at the measured N (plain numbers) and plain numbers on a log y axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator(list(ns)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.tick_params(axis="x", labelrotation=30)
+    if y:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+_COLORS = {METHODS[0]: "#1f4e9c", METHODS[1]: "#7f7f7f", METHODS[2]: "#c25a0b"}
+
+
+def latency_column(latency: pd.DataFrame) -> str:
+    """The column the figure plots: CPU milliseconds per query when every run was on the CPU, else wall milliseconds."""
+    on_cpu = "device" in latency and set(latency["device"].astype(str)) == {"cpu"}
+    return "cpu_ms_per_query" if on_cpu and "cpu_ms_per_query" in latency else "ms_per_query"
+
+
+def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: str | None = None) -> Figure:
+    """Left: milliseconds per query against N, log-log, one line per method (CPU time on the CPU, see
+    :func:`latency_column`). Right: DSI IA@1 against N."""
+
+    column = latency_column(latency)
+    ks = sorted(latency["k"].unique()) if "k" in latency else [100]
+    fig, axes = new_figure(1, 2, (11, 4.2))
+    ax = axes[0, 0]
+    for (method, k), part in latency.assign(k=latency.get("k", ks[0])).groupby(["method", "k"], sort=False):
+        part = part.sort_values("n")
+        # with several list lengths: the longest solid, shorter ones dashed
+        ax.plot(part["n"], part[column], marker="o", color=_COLORS.get(method), ls="-" if k == ks[-1] else "--",
+                label=method if len(ks) == 1 else f"{method}, top-{k}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax, sorted(latency["n"].unique()))
+    ax.set_xlabel("indexed images N")
+    top = f"top-{ks[0]}" if len(ks) == 1 else "/".join(f"top-{k}" for k in ks)
+    ax.set_ylabel(("CPU " if column.startswith("cpu") else "") + f"ms per query ({top}, batched)")
+    ax.set_title("Latency per query")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax = axes[0, 1]
+    if ia is not None and len(ia):
+        part = ia.sort_values("n")
+        ax.plot(part["n"], part["IA@1"], marker="o", color=_COLORS[METHODS[0]], label="DSI (random IDs)")
+        for _, r in part.iterrows():
+            ax.annotate(f"{r['IA@1']:.3f}\n{int(r['epochs'])} ep\n{r['train_s'] / 60:.0f} min", (r["n"], r["IA@1"]),
+                        textcoords="offset points", xytext=(0, -34), ha="center", fontsize=7)
+        ax.axhline(0.95, color="k", ls=":", lw=1, label="target 0.95")
+        ax.set_xscale("log")
+        ax.set_xlim(min(part["n"].min(), latency["n"].min()) / 1.3, max(part["n"].max(), latency["n"].max()) * 1.3)
+        _plain_log_ticks(ax, sorted(set(latency["n"]) | set(part["n"])), y=False)
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no DSI trained", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("indexed images N")
+    ax.set_ylabel("IA@1")
+    ax.set_title("Indexing accuracy of a DSI trained on N images")
+    ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dict[str, Any]) -> str:
+    """The latency tables (ms per query and build seconds, method by N; one table per list length k),
+    the DSI-to-dense ratio at the largest N, and the IA@1 table, with their settings."""
+    columns = [m for m in METHODS if m in set(latency["method"])]
+    latency = latency.assign(k=latency["k"] if "k" in latency else settings.get("k"))
+    ks = sorted(latency["k"].unique())
+    on_cpu = "cpu_ms_per_query" in latency
+    shown_k = " and ".join(f"top-{k}" for k in ks)
+    parts = [
+        f"Scale study, {settings.get('source', 'imagenette')} at {settings.get('size')} px on {settings.get('device')}: "
+        f"{shown_k} search for a batch of {settings.get('queries')} queries (median of "
+        f"{settings.get('repeats')} repeats after one warm-up call), milliseconds per query (CPU time of the process "
+        "and wall time), and the build time (DSI: codec and trie; BoVW: SIFT, k-means and histograms; dense: embedding the database and "
+        "the flat index). DSI and dense encoder are untrained models of the study's size: latency does not "
+        "depend on the weights. The DSI beam is k wide (incremental beam search, `decoding.beam_search`).",
+    ]
+    for k in ks:
+        part = latency[latency["k"] == k]
+        lat = part.pivot_table(index="n", columns="method", values="ms_per_query").reindex(columns=columns)
+        build = part.pivot_table(index="n", columns="method", values="build_s").reindex(columns=columns)
+        if on_cpu:
+            cpu = part.pivot_table(index="n", columns="method", values="cpu_ms_per_query").reindex(columns=columns)
+            table = (cpu.round(2).astype(str) + " ms CPU (" + lat.round(2).astype(str) + " ms wall; "
+                     + build.round(1).astype(str) + " s)")
+        else:
+            table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
+        if len(ks) > 1:
+            parts.append(f"Top-{k}:")
+        parts.append(table.reset_index().to_markdown(index=False))
+        ratio = _dsi_ratio(part, latency_column(latency))
+        if ratio:
+            parts.append(ratio)
+    if ia is not None and len(ia):
+        columns = ["n", "IA@1", "ia_beam", "target", "reached", "epochs", "max_epochs", "batch_size", "lr",
+                   "stop_rule", "train_s", "s_per_epoch", "size", "ids"]
+        shown = ia[[c for c in columns if c in ia]]  # tables written before a column existed lack it
+        parts += ["DSI trained to memorise N images (indexing until IA@1 >= target or the epoch cap):",
+                  shown.round(3).to_markdown(index=False)]
+    return "\n\n".join(parts)
+
+
+def _dsi_ratio(latency: pd.DataFrame, column: str) -> str | None:
+    """'At N = 13394, top-100: DSI beam search 9.1 ms per query, 14x dense search and 4x BoVW' (None without a DSI row)."""
+    n = latency["n"].max()
+    at = latency[latency["n"] == n].set_index("method")[column]
+    if METHODS[0] not in at:
+        return None
+    others = [f"{at[METHODS[0]] / at[m]:.1f}x {name}" for m, name in ((METHODS[2], "dense search"), (METHODS[1], "BoVW"))
+              if m in at]
+    unit = "CPU ms" if column.startswith("cpu") else "ms"
+    return (f"At N = {n}, top-{latency['k'].iloc[0]}: DSI beam search {at[METHODS[0]]:.2f} {unit} per query"
+            + (", " + " and ".join(others) if others else "") + ".")
+
+
+def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd.DataFrame | None:
+    """The latency table at ``path`` if it exists and covers every N of ``ns`` for every method with these
+    ``settings`` (k: one or several list lengths, n_queries, batch_size, repeats, device, size); else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    table = pd.read_csv(path)
+    columns = {"k": "k", "n_queries": "queries", "batch_size": "batch", "repeats": "repeats", "device": "device",
+               "size": "size"}
+    for key, value in settings.items():
+        column = columns[key]
+        values = {str(v) for v in _as_ks(value)} if key == "k" else {str(value)}
+        if column not in table or set(table[column].astype(str)) != values:
+            return None
+    ks = _as_ks(settings.get("k", sorted(set(table["k"])) if "k" in table else []))
+    have = set(zip(table["n"], table["method"], table["k"])) if "k" in table else set()
+    if not all((n, m, k) in have for n in ns for m in METHODS for k in ks) or "cpu_ms_per_query" not in table:
+        return None
+    return table[table["n"].isin(list(ns))].reset_index(drop=True)
+
+
+def scale_study(
+    image_set: ImageSet,
+    ns: Sequence[int],
+    ia_ns: Sequence[int],
+    *,
+    index_config: Any,
+    out_dir: str | Path,
+    runs_dir: str | Path | None = None,
+    model_overrides: dict | None = None,
+    n_queries: int = 64,
+    batch_size: int = 64,
+    k: int | Sequence[int] = 100,
+    repeats: int = 3,
+    bovw_words: int = 200,
+    device: str = "cpu",
+    amp: bool = False,
+    id_scheme: str = "random",
+    seed: int = 0,
+    reuse_latency: bool = False,
+    keep_ia: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
+    """Latency for every N of ``ns`` and IA@1 for every N of ``ia_ns``; writes ``scale_latency``,
+    ``scale_ia`` (CSV + Markdown), ``scale.md`` and ``scale.png`` into ``out_dir``.
+
+    ``k`` is one list length or several (latency rows for each; IA@1 is measured with a beam of
+    the largest). With ``reuse_latency`` an existing ``scale_latency.csv`` in ``out_dir`` is kept
+    when it holds every (N, method, k) at the same query batch, repeats, device and image size (see
+    :func:`reusable_latency`), so adding a trained N does not time every search again. With
+    ``keep_ia`` nothing is trained: the IA@1 table already in ``out_dir`` (``scale_ia.csv``, if
+    any) is kept as it is and drawn beside the new latency, and ``ia_ns`` is ignored.
+    """
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if keep_ia:
+        ia = pd.read_csv(out / "scale_ia.csv") if (out / "scale_ia.csv").exists() else pd.DataFrame()
+        histories = pd.DataFrame()
+    else:
+        ia, histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
+                                 runs_dir=runs_dir, id_scheme=id_scheme, seed=seed, beam_size=max(_as_ks(k)))
+    latency = reusable_latency(out / "scale_latency.csv", ns, k=k, n_queries=n_queries, batch_size=batch_size,
+                               repeats=repeats, device=device, size=image_set.size) if reuse_latency else None
+    if latency is not None:
+        print(f"reusing the latency table {out / 'scale_latency.csv'} (same N, methods and settings)")
+    else:
+        latency = latency_table(image_set, ns, n_queries=n_queries, batch_size=batch_size, k=k, repeats=repeats,
+                                model_overrides=model_overrides, bovw_words=bovw_words, device=device, amp=amp,
+                                id_scheme=id_scheme, seed=seed)
+    settings = {"source": image_set.source, "size": image_set.size, "device": device, "k": k,
+                "queries": n_queries, "repeats": repeats}
+    write_table(latency, out / "scale_latency")
+    if not keep_ia:
+        write_table(ia, out / "scale_ia")
+    if len(histories):
+        write_csv(histories, out / "scale_histories.csv")
+    (out / "scale.md").write_text(scale_markdown(latency, ia, settings) + "\n")
+    fig = scale_figure(latency, ia, title=f"{image_set.source} at {image_set.size} px, {device}")
+    save_figure(fig, out / "scale.png")
+    return latency, ia, fig

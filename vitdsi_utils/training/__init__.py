@@ -1,0 +1,1 @@
+"""Training the DSI: settings, tasks, the training loop and the checkpoint format."""

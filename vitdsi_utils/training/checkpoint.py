@@ -1,0 +1,256 @@
+"""The DSI checkpoint: model, optimiser, settings, history, codec and RNG state in one file.
+
+Checkpoints hold tensors and plain data only and are read with ``weights_only=True``; a file that
+was written for other settings is refused with every difference named (:func:`checkpoint_mismatches`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdsi_utils.atomic import atomic_path
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.history import History
+
+CHECKPOINT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"].cpu())
+
+
+def restore_training(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list,
+    generator: torch.Generator | None,
+) -> None:
+    """Put a run back where checkpoint ``state`` left it: weights, optimiser, history rows and RNG streams.
+
+    Shared by every resumable training loop (DSI, dense encoder, self-supervised encoder); each
+    reads its own epoch and step counters from ``state``. A checkpoint saved without an
+    optimiser leaves ``optimizer`` as it is.
+    """
+    model.load_state_dict(state["model"])
+    if state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    history[:] = state["history"]
+    set_rng_state(state["rng"], generator)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with NumPy scalars as Python numbers and paths as text; TypeError for anything else but plain data.
+
+    A checkpoint is read with ``weights_only=True``, which refuses every object that is not a
+    tensor or plain data, so an odd value must fail when the checkpoint is written, not hours
+    later when it is read.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(value).__name__}; checkpoints hold only tensors and plain data "
+        "(numbers, text, lists, dicts) so that loading one never runs code: convert it first"
+    )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: DSIModel,
+    optimizer: torch.optim.Optimizer | None,
+    config: DSIConfig,
+    train_config: TrainConfig | dict | None,
+    epoch: int,
+    history: Sequence[dict] | None,
+    codec: IDCodec,
+    *,
+    generator: torch.Generator | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write model, optimiser, configs (as dicts), codec codes, history and RNG states atomically.
+
+    Everything is plain data or tensors, so :func:`load_checkpoint` can use ``weights_only=True``.
+    """
+    if isinstance(train_config, TrainConfig):
+        train_config = train_config.to_dict()
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": _plain(config.to_dict(), "config"),
+        "train_config": _plain(dict(train_config), "train_config") if train_config is not None else None,
+        "epoch": int(epoch),
+        "history": _plain([dict(r) for r in history], "history") if history is not None else [],
+        "codec": {"codes": [[int(t) for t in c] for c in codec.codes], "base": int(codec.base)},
+        "rng": rng_state(generator),
+        "extra": _plain(dict(extra or {}), "extra"),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, refused as unsafe, or written for another run."""
+
+
+#: Entries every checkpoint of :func:`save_checkpoint` holds.
+CHECKPOINT_KEYS = ("format", "model", "optimizer", "config", "train_config", "epoch", "history", "codec", "rng", "extra")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    The file is read with ``weights_only=True``: only tensors and plain data (dicts, lists,
+    numbers, strings) are accepted, so nothing in it can run code. A file holding any other
+    object is refused with :class:`CheckpointError`, as is a damaged or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects other than tensors and plain data, and "
+                "unpickling them could run arbitrary code. vitdsi checkpoints never hold such objects; if you "
+                "did not write this file yourself, delete it (and train again)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({error}); delete it and train again") from error
+    except Exception as error:  # torch reports a damaged file as EOFError, RuntimeError, KeyError, ...
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}); it is damaged or was not "
+            "written by vitdsi. Delete it and train again"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {found!r} (this version reads format {CHECKPOINT_FORMAT}); "
+            "delete it and train again"
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the checkpoint entries {missing}; delete it and train again")
+    return state
+
+
+def checkpoint_mismatches(
+    state: dict[str, Any],
+    *,
+    config: DSIConfig | dict[str, Any] | None = None,
+    codec: IDCodec | None = None,
+    data: dict[str, Any] | None = None,
+) -> list[str]:
+    """What differs between a loaded checkpoint and the run that wants it, one line per field.
+
+    ``config``: the model configuration the run asks for (a :class:`DSIConfig`, or a dict of
+    the fields to check). ``codec``: the IDs the run uses. ``data``: facts about the database
+    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.Database.fingerprint>`); a key the
+    checkpoint does not record (older checkpoints) is not checked.
+    """
+    problems = []
+    if config is not None:
+        wanted = config.to_dict() if isinstance(config, DSIConfig) else dict(config)
+        defaults = DSIConfig().to_dict()
+        saved = {**defaults, **state["config"]}  # a field added after the checkpoint was written has its default
+        for key, value in wanted.items():
+            if saved.get(key) != value:
+                problems.append(f"model {key}: saved {saved.get(key)!r}, requested {value!r}")
+    if codec is not None:
+        saved_codes = [tuple(c) for c in state["codec"]["codes"]]
+        saved_base = state["codec"]["base"]
+        if saved_base != codec.base:
+            problems.append(f"ID base: saved {saved_base}, requested {codec.base}")
+        if len(saved_codes) != len(codec.codes):
+            problems.append(f"IDs: saved {len(saved_codes)} IDs, requested {len(codec.codes)}")
+        elif saved_codes != codec.codes:
+            row = next(r for r, (a, b) in enumerate(zip(saved_codes, codec.codes)) if a != b)
+            problems.append(f"IDs: row {row} has ID {saved_codes[row]} saved, {codec.codes[row]} requested")
+    if data is not None:
+        saved_data = state["extra"].get("data") or {}
+        for key, value in data.items():
+            if key in saved_data and saved_data[key] != value:
+                problems.append(f"data {key}: saved {saved_data[key]!r}, requested {value!r}")
+    return problems
+
+
+def check_checkpoint(
+    state: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    config: DSIConfig | dict[str, Any] | None = None,
+    codec: IDCodec | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Raise :class:`CheckpointError` naming every mismatch found by :func:`checkpoint_mismatches`."""
+    problems = checkpoint_mismatches(state, config=config, codec=codec, data=data)
+    if problems:
+        raise CheckpointError(
+            f"{path} was written for another database or model: " + "; ".join(problems)
+            + ". Delete it (or use another run folder) to train for these settings, or request the saved ones"
+        )
+
+
+def load_model(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    expect_config: DSIConfig | dict[str, Any] | None = None,
+    expect_codec: IDCodec | None = None,
+    expect_data: dict[str, Any] | None = None,
+) -> tuple[DSIModel, IDCodec, dict]:
+    """(model in eval mode, codec, meta: every other checkpoint entry but weights, optimiser and RNG).
+
+    With ``expect_*`` the checkpoint must match that model configuration, those IDs and that
+    database (see :func:`checkpoint_mismatches`), or :class:`CheckpointError` names the difference.
+    """
+    state = load_checkpoint(path, map_location)
+    check_checkpoint(state, path, config=expect_config, codec=expect_codec, data=expect_data)
+    model = DSIModel(DSIConfig.from_dict(state["config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model configuration stored beside them ({str(error)[:200]}); "
+            "the file is damaged: delete it and train again"
+        ) from error
+    model.to(map_location).eval()
+    codec = IDCodec([tuple(c) for c in state["codec"]["codes"]], base=state["codec"]["base"])
+    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+    meta["history"] = History(meta["history"])
+    return model, codec, meta

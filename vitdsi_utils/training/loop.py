@@ -1,0 +1,354 @@
+"""Training: indexing (image -> own ID), retrieval fine-tuning (query -> relevant ID), multi-task.
+
+Retrieval fine-tuning has two optional extras: targets redrawn every epoch among a query's
+relevant IDs (:class:`SameClassTargets`) and augmented views of the indexed images as extra
+queries for their own ID (:class:`AugmentedViews`).
+
+All three run through :func:`fit`, one loop over *tasks*: a task is a set of examples
+``image -> database row`` with a name. Every task's images are moved to the training device
+once; an epoch is a seeded ``torch.randperm`` over the examples of all tasks together and a
+batch is an index slice of it, so there is no per-sample Python work and no DataLoader.
+
+The loss is cross-entropy over every decoder position except PAD targets, computed for all
+positions in one teacher-forced pass. Metrics per epoch and task (``History`` rows): loss
+(per non-PAD token), token accuracy (non-PAD positions) and sequence accuracy (every non-PAD
+position right under teacher forcing). Train metrics are running values over the epoch in
+train mode (dropout on), as the paper's training curves are; validation runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.model.decoding import indexing_accuracy
+from vitdsi_utils.model.vit import DSIModel
+from vitdsi_utils.training.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+)
+from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.history import History
+from vitdsi_utils.training.tasks import (
+    IndexingTask,
+    Pool,
+    RetrievalPairs,
+    Task,
+    as_tasks,
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Loss and metrics
+# ------------------------------------------------------------------------------------------
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, pad: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy per position (B, L) of logits (B, L, V) against targets (B, L); 0 at PAD targets."""
+    return F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=pad, label_smoothing=label_smoothing, reduction="none"
+    )
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, pad: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the non-PAD positions of a batch (the training objective)."""
+    mask = targets != pad
+    return token_losses(logits, targets, pad, label_smoothing).sum() / mask.sum().clamp_min(1)
+
+
+# columns of the per-task running sums
+_LOSS, _TOKENS, _TOKEN_OK, _SEQ_OK, _N = range(5)
+
+
+def _batch_stats(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-example (B, 5): loss sum, non-PAD tokens, right tokens, sequence right, 1."""
+    mask = targets != pad
+    right = (logits.argmax(dim=-1) == targets) & mask  # (B, L)
+    ones = torch.ones_like(targets[:, 0])
+    columns = [losses.detach().sum(1), mask.sum(1), right.sum(1), (right | ~mask).all(1), ones]
+    return torch.stack([c.to(torch.float64) for c in columns], dim=1)
+
+
+def _summaries(sums: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per-task metrics (and "all" when there are several tasks) from (n_tasks, 5) sums."""
+    sums = sums.cpu()
+    groups = {name: sums[i] for i, name in enumerate(names)}
+    if len(names) > 1:
+        groups["all"] = sums.sum(0)
+    out = {}
+    for name, s in groups.items():
+        tokens, n = max(float(s[_TOKENS]), 1.0), max(float(s[_N]), 1.0)
+        out[name] = {
+            "loss": float(s[_LOSS]) / tokens,
+            "token_acc": float(s[_TOKEN_OK]) / tokens,
+            "seq_acc": float(s[_SEQ_OK]) / n,
+            "n_examples": int(s[_N]),
+        }
+    return out
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: bool) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(pool.names), 5, dtype=torch.float64, device=pool.device)
+    try:
+        for start in range(0, len(pool), batch_size):
+            ids = torch.arange(start, min(start + batch_size, len(pool)), device=pool.device)
+            images, inputs, targets, task = pool.batch(ids)
+            with _autocast(pool.device, amp):
+                logits = model(images, inputs)
+            sums.index_add_(0, task, _batch_stats(logits, targets, token_losses(logits, targets, pad), pad))
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def evaluate(
+    model: DSIModel, codec: IDCodec, tasks: Any, *, batch_size: int = 256, amp: bool = True
+) -> dict[str, dict[str, float]]:
+    """Teacher-forced loss / token_acc / seq_acc per task (and "all"), in eval mode, on the model's device."""
+    pool = Pool(as_tasks(tasks), codec, model.device)
+    return _summaries(_evaluate_pool(model, pool, codec.pad, batch_size, amp), pool.names)
+
+
+# ------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------
+def make_optimizer(model: DSIModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW when weight_decay > 0; fused kernels on CUDA."""
+    fused = {"fused": True} if model.device.type == "cuda" else {}
+    if config.weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
+
+
+def epoch_counts(pool: Pool, mix_ratio: float | None) -> dict[str, int] | None:
+    if mix_ratio is None:
+        return None
+    if "indexing" not in pool.names:
+        raise ValueError("mix_ratio is relative to an 'indexing' task, and there is none")
+    n_index = pool.spans[pool.names.index("indexing")][1]
+    # augmented views keep their own count (views per indexed image): the ratio is about retrieval queries
+    return {name: max(1, round(mix_ratio * n_index)) for i, name in enumerate(pool.names)
+            if name != "indexing" and i not in pool.augmented}
+
+
+def fit(
+    model: DSIModel,
+    codec: IDCodec,
+    train: Any,
+    *,
+    val: Any = None,
+    config: TrainConfig | None = None,
+    history: History | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    stop_on: str | None = "indexing",
+    phase: str | None = None,
+    mix_ratio: float | None = None,
+    data_info: dict[str, Any] | None = None,
+) -> History:
+    """Train ``model`` in place on the tasks in ``train``; return the history (``history`` extended).
+
+    ``train`` / ``val``: a list of :class:`IndexingTask`, :class:`RetrievalPairs`,
+    :class:`SameClassTargets` (targets redrawn at the start of every epoch),
+    :class:`AugmentedViews` (a fresh random view per example and batch) or
+    ``(name, images, rows[, image_idx])`` tuples. The examples of all tasks share one shuffled
+    epoch; ``mix_ratio`` resamples every task but "indexing" and augmented views to
+    ``mix_ratio * n_indexing`` examples per epoch. Validation never augments or redraws (a
+    :class:`SameClassTargets` given as ``val`` scores each query's first relevant row). Training stops after ``config.epochs`` epochs or once task
+    ``stop_on``'s sequence accuracy on its training examples reaches ``config.target_accuracy``
+    (None: never early). By default (``config.stop_metric="ia"``) that is re-measured after the
+    epoch without dropout, first teacher-forced and then, for an indexing task, as IA@1 of beam
+    search, so a stopped indexing run really has that IA@1; those checks are kept in the
+    history as split "train_eval" (column ``ia1`` where beam search ran).
+    With ``checkpoint_path`` a checkpoint is saved every ``config.checkpoint_every`` epochs;
+    if it exists and ``resume``, training continues from it exactly where it stopped.
+    ``data_info`` (plain values describing the database, e.g. ``Database.fingerprint()``) is
+    stored in the checkpoint; resuming from a checkpoint of another phase, model
+    configuration, ID set or database raises :class:`CheckpointError` naming the difference.
+    """
+    config = config or TrainConfig()
+    model.check_codec(codec)
+    device = resolve_device(config.device)
+    tasks, val_tasks = as_tasks(train), as_tasks(val)
+    if not tasks:
+        raise ValueError("nothing to train on")
+    names = [t.name for t in tasks]
+    if stop_on is not None and stop_on not in names:
+        raise ValueError(f"stop_on={stop_on!r} names no training task (tasks: {names}); pass stop_on=None")
+    phase = phase or "+".join(names)
+    history = History() if history is None else history
+    model.to(device)
+    pool = Pool(tasks, codec, device)
+    val_pool = Pool(val_tasks, codec, device) if val_tasks else None
+    counts = epoch_counts(pool, mix_ratio)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    step_model = model
+    if config.compile:
+        if device.type == "cuda":
+            step_model = torch.compile(model)
+        else:
+            warnings.warn("TrainConfig.compile only applies on CUDA; training uncompiled", stacklevel=2)
+
+    start_epoch, step, stopped = 0, 0, False
+    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        if state["extra"].get("phase") != phase:
+            raise CheckpointError(
+                f"{checkpoint_path} holds phase {state['extra'].get('phase')!r}, not {phase!r}; "
+                "give each phase its own checkpoint path"
+            )
+        check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
+        restore_training(state, model, optimizer, history, generator)
+        start_epoch, step, stopped = state["epoch"], state["extra"]["step"], state["extra"]["stopped"]
+    else:
+        torch.manual_seed(config.seed)
+
+    def save(epoch: int) -> None:
+        extra = {"phase": phase, "step": step, "stopped": stopped, "mix_ratio": mix_ratio, "data": dict(data_info or {})}
+        save_checkpoint(
+            checkpoint_path, model, optimizer, model.config, config, epoch, history, codec,
+            generator=generator, extra=extra,
+        )
+
+    stop_pool = None  # the stop task alone, built on the first eval-mode check
+    shown = names[0] if len(names) == 1 else "all"  # the task whose numbers the progress bar shows
+    epochs = range(start_epoch, start_epoch if stopped else config.epochs)  # a finished run resumes to a no-op
+    bar = tqdm(epochs, initial=start_epoch, total=config.epochs, desc=phase, disable=not config.progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        pool.resample(generator)  # redrawn targets (same-class mode); a no-op for fixed pairs
+        order = pool.epoch_order(generator, counts)
+        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=device)
+        for start in range(0, len(order), config.batch_size):
+            images, inputs, targets, task = pool.batch(order[start : start + config.batch_size], generator)
+            if config.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            with _autocast(device, config.amp):
+                logits = step_model(images, inputs)  # (B, L, V)
+            losses = token_losses(logits, targets, codec.pad, config.label_smoothing)  # (B, L)
+            loss = losses.sum() / (targets != codec.pad).sum().clamp_min(1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            # summed on the device: no host sync inside the epoch
+            sums.index_add_(0, task, _batch_stats(logits.detach(), targets, losses, codec.pad))
+        train_metrics = _summaries(sums, names)  # copies to the host, so the timing includes queued GPU work
+        seconds = time.perf_counter() - t0
+        for task_name, m in train_metrics.items():
+            row = {"phase": phase, "epoch": epoch + 1, "split": "train", "task": task_name}
+            history.append({**row, **m, "seconds": seconds})
+        stopped = _reached_target(train_metrics, stop_on, config, epoch + 1)
+        if stopped is None:  # running accuracy close enough: re-score the stop task without dropout
+            t1 = time.perf_counter()
+            stop_task = tasks[names.index(stop_on)]
+            stop_pool = stop_pool or Pool([stop_task], codec, device)
+            m = _summaries(
+                _evaluate_pool(step_model, stop_pool, codec.pad, config.eval_batch_size, config.amp), [stop_on]
+            )[stop_on]
+            stopped = m["seq_acc"] >= config.target_accuracy
+            if stopped and config.stop_metric == "ia" and stop_task.image_idx is None:  # image i -> row i
+                m["ia1"] = _indexing_accuracy(model, codec, stop_task, config.stop_beam)
+                stopped = m["ia1"] >= config.target_accuracy
+            row = {"phase": phase, "epoch": epoch + 1, "split": "train_eval", "task": stop_on}
+            history.append({**row, **m, "seconds": time.perf_counter() - t1})
+        last = stopped or epoch + 1 == config.epochs
+        postfix = {
+            "loss": f"{train_metrics[shown]['loss']:.4f}",
+            "acc": f"{train_metrics[stop_on or shown]['seq_acc']:.3f}",
+        }
+        if val_pool is not None and ((epoch + 1) % config.eval_every == 0 or last):
+            t1 = time.perf_counter()
+            val_metrics = _summaries(
+                _evaluate_pool(step_model, val_pool, codec.pad, config.eval_batch_size, config.amp), val_pool.names
+            )
+            seconds = time.perf_counter() - t1
+            for task_name, m in val_metrics.items():
+                row = {"phase": phase, "epoch": epoch + 1, "split": "val", "task": task_name}
+                history.append({**row, **m, "seconds": seconds})
+            val_shown = val_pool.names[0] if len(val_pool.names) == 1 else "all"
+            postfix["val_acc"] = f"{val_metrics[val_shown]['seq_acc']:.3f}"
+        bar.set_postfix(postfix)
+        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
+            save(epoch + 1)
+        if stopped:
+            break
+    bar.close()
+    return history
+
+
+def _reached_target(train_metrics: dict, stop_on: str | None, config: TrainConfig, epoch: int) -> bool | None:
+    """True / False: stop or not; None: re-score in eval mode to decide (the running accuracy is close,
+    or ``epoch`` is one of the periodic ``stop_check_every`` checks)."""
+    if stop_on is None:
+        return False
+    running = train_metrics[stop_on]["seq_acc"]
+    if config.stop_metric == "train":
+        return running >= config.target_accuracy
+    periodic = config.stop_check_every > 0 and epoch % config.stop_check_every == 0
+    return None if periodic or running >= config.stop_check_from * config.target_accuracy else False
+
+
+def _indexing_accuracy(model: DSIModel, codec: IDCodec, task: Task, beam: int) -> float:
+    """IA@1: the share of the task's images whose beam-search top-1 is their own row."""
+
+    return indexing_accuracy(model, codec, task.images, task.rows, beam_size=max(1, beam))
+
+
+def train_indexing(
+    model: DSIModel, codec: IDCodec, images: torch.Tensor, rows: torch.Tensor | None = None, **kwargs: Any
+) -> History:
+    """Indexing phase: database image i (n, H, W, 3) -> the ID of ``rows[i]`` (default i), until target accuracy.
+
+    Keyword arguments go to :func:`fit` (val, config, history, checkpoint_path, resume, ...).
+    """
+    kwargs.setdefault("stop_on", "indexing")
+    return fit(model, codec, [IndexingTask(images, rows)], phase=kwargs.pop("phase", "indexing"), **kwargs)
+
+
+def train_retrieval(model: DSIModel, codec: IDCodec, pairs: RetrievalPairs, **kwargs: Any) -> History:
+    """Retrieval fine-tuning: query image -> relevant database ID, ``config.epochs`` epochs unless ``stop_on``.
+
+    Keyword arguments go to :func:`fit`; pass ``val=RetrievalPairs(...)`` for the validation curves.
+    """
+    kwargs.setdefault("stop_on", None)
+    return fit(model, codec, [pairs], phase=kwargs.pop("phase", "retrieval"), **kwargs)
+
+
+def train_multitask(
+    model: DSIModel,
+    codec: IDCodec,
+    indexing: IndexingTask,
+    pairs: RetrievalPairs,
+    *,
+    mix_ratio: float | None = 1.0,
+    **kwargs: Any,
+) -> History:
+    """Indexing and retrieval examples in one shuffled epoch; ``mix_ratio`` retrieval pairs per indexing example.
+
+    ``mix_ratio=None`` uses every retrieval pair once per epoch. Keyword arguments go to :func:`fit`.
+    """
+    kwargs.setdefault("stop_on", None)
+    return fit(model, codec, [indexing, pairs], mix_ratio=mix_ratio, phase=kwargs.pop("phase", "multitask"), **kwargs)
