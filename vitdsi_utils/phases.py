@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from vitdsi_utils.baselines.init import EncoderInit, init_encoder, resolve_torchvision_file
-from vitdsi_utils.baselines.ssl import INIT_SOURCES
+from vitdsi_utils.baselines.init import INIT_SOURCES, EncoderInit, init_encoder, resolve_torchvision_file
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
@@ -58,7 +57,7 @@ def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSICon
     return DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
 
 
-#: An encoder initialisation: (source, path), source one of ``pretrain.INIT_SOURCES``.
+#: An encoder initialisation: (source, path), source one of ``baselines.init.INIT_SOURCES``.
 EncoderInitSpec = tuple[str, "str | Path"]
 
 
