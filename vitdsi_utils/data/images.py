@@ -479,7 +479,8 @@ def _missing_coco_message(reason: str) -> str:
     return (
         f"COCO images are not available ({reason}). Set {settings.COCO_IMAGES_ENV} to the images folder "
         f"(e.g. .../coco/train2017) and {settings.COCO_ANNOTATIONS_ENV} to its instances file (e.g. "
-        ".../coco/annotations/instances_train2017.json), or pass root= and annotations= to load_images. "
+        ".../coco/annotations/instances_train2017.json), or give both: --root and --annotations on the command line, "
+        "DATASET_ROOT and DATASET_ANNOTATIONS in a study profile, root= and annotations= in load_images. "
         "Nothing is downloaded: get COCO from https://cocodataset.org first."
     )
 
