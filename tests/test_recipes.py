@@ -173,6 +173,12 @@ def test_set_changes_every_run_of_a_recipe(tmp_path, capsys):
     assert run["fine_tune"]["lr"] == 2e-3 and run["multitask"]["epochs"] == 3 and run["mix_ratio"] == 1.5
     assert cli.main(["run", "recipes/dsi.yaml", "--dry-run", "--set", "fine_tune=null"]) == 0
     assert yaml.safe_load(capsys.readouterr().out.split("---")[0])["fine_tune"] is None
+    # the list of runs as a whole: one run of the shared keys
+    assert cli.main(["run", "recipes/vlad.yaml", "--dry-run", "--set", "runs=[{encoding: vlad, words: [32]}]"]) == 0
+    runs = [doc for doc in yaml.safe_load_all(capsys.readouterr().out) if doc]
+    assert len(runs) == 1 and (runs[0]["encoding"], runs[0]["words"], runs[0]["size"]) == ("vlad", [32], 64)
+    assert cli.main(["run", "recipes/vlad.yaml", "--dry-run", "--set", "runs.words=[8]"]) == 2
+    assert "only the whole list of runs can be set" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("item, message", [
@@ -193,7 +199,7 @@ def test_dry_run_prints_every_setting_and_reads_back_as_the_same_specs(tmp_path,
     from vitdsi_utils.studies.specs import load_yaml
 
     names = [name for name, _ in list_recipes()]
-    assert len(names) == 15
+    assert len(names) == 16
     for name in names:
         runs = load_recipe(name)
         assert cli.main(["run", name, "--dry-run"]) == 0

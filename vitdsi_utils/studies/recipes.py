@@ -14,7 +14,8 @@ A recipe is a mapping::
 * ``extends: other.yaml`` (relative to the file) starts from another recipe and changes some keys
   (mappings merge key by key; lists and other values replace);
 * ``--set key=value`` (dotted keys for sections, YAML values: ``--set index.epochs=10``,
-  ``--set ns=[512]``) changes every run of the file, after the two above.
+  ``--set ns=[512]``) changes every run of the file, after the two above; ``--set 'runs=[{...}]'``
+  replaces the file's list of runs (``--set 'runs=[{}]'``: one run of the shared keys).
 
 Relative paths in a recipe are read from the working directory (the project root, for ``make``).
 :func:`load_recipe` builds and checks every run's spec before anything runs; :func:`run_recipe` runs them.
@@ -143,6 +144,12 @@ def load_recipe(name: str | Path, sets: Iterable[str] = ()) -> list[RecipeRun]:
     path = recipe_path(name)
     values = read_recipe(path)
     overrides = [parse_set(item) for item in sets]
+    for key, value in overrides:
+        if key == "runs":  # --set 'runs=[{...}]' replaces the file's list of runs
+            values["runs"] = value
+        elif key.split(".")[0] in FILE_KEYS:
+            raise SpecError(f"--set {key}: only the whole list of runs can be set (--set 'runs=[{{...}}, ...]')")
+    overrides = [(key, value) for key, value in overrides if key != "runs"]
     entries = values.pop("runs", None)
     if entries is None:
         entries = [{}]
