@@ -305,3 +305,32 @@ def test_specs_from_the_notebook_profiles():
         spec_from_profile(ScaleSpec, cpu)
     with pytest.raises(SpecError, match=r"profile key SCALE_NS \(ns: expected a list of integers, got 'all'"):
         spec_from_profile(ScaleSpec, {"SCALE_NS": "all"})
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `vitdsi run ...` command written in the docs, the reports' READMEs and the recipes' comments."""
+    import re
+    import shlex
+
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").glob("**/README.md")),
+             *sorted((ROOT / "recipes").glob("*.yaml"))]
+    found = []
+    for path in files:
+        text = path.read_text().replace("\\\n", " ")
+        inline = re.findall(r"`(?:\.venv/bin/)?vitdsi run ([^`]+)`", text)
+        lines = re.findall(r"^[#\s]*(?:\.venv/bin/)?vitdsi run (.+)$", text, flags=re.M)
+        for command in inline + lines:
+            command = re.split(r"\s+#", command)[0].strip().rstrip(";:,.)")
+            if "<" in command or command.split()[0].isupper() or command.startswith("RECIPE"):
+                continue  # a pattern such as recipes/<name>.yaml, not a command
+            found.append((path.relative_to(ROOT).as_posix(), shlex.split(command)))
+    return found
+
+
+def test_every_documented_command_builds_its_runs(at_project_root, capsys):
+    commands = documented_commands()
+    assert len(commands) > 30
+    for where, argv in commands:
+        code = cli.main(["run", *argv, "--dry-run"])
+        assert code == 0, (where, argv, capsys.readouterr().err)
+    capsys.readouterr()

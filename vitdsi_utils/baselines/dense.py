@@ -28,7 +28,7 @@ Batches are drawn so that positives always exist: each batch is made of groups o
 
 Entry points: :class:`DenseRetriever` (scikit-learn style: ``fit``, ``transform``, ``index``,
 ``search``), :func:`train_dense`, :func:`evaluate_dense` and :func:`train_or_load`, which the
-notebook ``07_dense`` and ``vitdsi dense`` use.
+notebook ``07_dense`` and the dense study (``recipes/dense.yaml``) use.
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.dev
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), "
-            "`vitdsi dense`, or notebook 07_dense)"
+            "`make dense`, or notebook 07_dense)"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

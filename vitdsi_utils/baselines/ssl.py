@@ -461,7 +461,7 @@ def _kind_of(state: Any) -> str:
 
 
 def _read_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    hint = "pretrain an encoder with `vitdsi pretrain` or pretrain.train_ssl(..., checkpoint_path=...)"
+    hint = "pretrain an encoder with `make pretrain` (recipes/pretrain.yaml) or train_ssl(..., checkpoint_path=...)"
     state = _torch_load(path, "a self-supervised encoder checkpoint", hint, map_location)
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         kind = _kind_of(state)
