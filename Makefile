@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
+.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -121,6 +121,15 @@ scale-all: venv
 	test -f reports/scale_all/scale_latency.csv || cp reports/scale/scale_latency.csv reports/scale_all/
 	$(BIN)/vitdsi run recipes/scale-all.yaml
 
+## the latency half of the scale study again, without training: top-10 and top-100 against N for DSI beam search,
+## BoVW and dense search on one thread, at 64 px (beside the IA@1 tables of reports/scale and reports/scale_all) and
+## at 160 px (reports/scale_160); about 25 min on 2 idle cores. Run 2 redraws reports/scale_all with the table of run 1
+scale-latency: venv
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi run recipes/scale-latency.yaml --run 1
+	mkdir -p reports/scale_all
+	cp reports/scale/scale_latency.csv reports/scale_all/
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi run recipes/scale-latency.yaml --run 2 --run 3
+
 ## the full scale study on a GPU: the paper's model at 160 px trained on every N up to all images (hours on one H100)
 scale-gpu: venv
 	$(BIN)/vitdsi run recipes/scale-gpu.yaml
@@ -149,10 +158,16 @@ lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 ## benchmarks: timings written to reports/benchmarks/
-bench: venv
+bench: venv bench-beam
 	$(BIN)/python benchmarks/bench_bovw.py
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 64
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 160
+
+## beam search before and after issue 17, side by side (one thread; about 6 min on an idle core), and its
+## exactness on trained smoke- and cpu-profile models (about 5 min) -> reports/benchmarks/beam_*
+bench-beam: venv
+	$(BIN)/python benchmarks/bench_beam.py --threads 1 --k 10 100
+	$(BIN)/python benchmarks/check_beam_exactness.py --threads 1
 
 ## the demo in headless Chromium: pick a query, run it, screenshot -> reports/demo/demo_$(DEMO_PROFILE).png
 ## (runs the DEMO_PROFILE study first when its models are missing; needs `apt-get install chromium`)

@@ -1,7 +1,7 @@
 """Recipes and specs: `vitdsi run recipes/<name>.yaml` passes the studies what the old per-study verbs passed.
 
 tests/fixtures/cli_calls.json holds, for every make target that ran a study, the arguments the old CLI
-(``vitdsi dsi --size 64 ...``, recorded at commit fa65dfe) passed to the study functions. Here the
+(``vitdsi dsi --size 64 ...``, recorded with main at c3cfbe3) passed to the study functions. Here the
 same targets' commands of today's Makefile run through the same recorders: every TrainConfig, N, seed,
 ID scheme, model override and folder must match, so results do not move and trained models are found.
 """
@@ -40,8 +40,13 @@ def effective(call: dict) -> dict:
     ``dsi_study``: ``retrieval_config`` only trains the plain fine-tuned model and is the fallback of the
     multi-task one, so with ``fine_tune_phase`` off and a ``multitask_config`` given it is unused;
     ``multitask_config`` is unused without ``multitask`` (the old CLI always passed one of each).
+    ``scale_study`` with ``keep_ia`` trains nothing: ``ia_ns``, ``index_config`` and ``runs_dir`` are unused
+    (its ``device`` and ``amp`` arguments, which the latency uses, are compared).
     """
     args = dict(call["arguments"])
+    if call["function"] == "scale_study" and args["keep_ia"]:
+        for unused in ("ia_ns", "index_config", "runs_dir"):  # nothing is trained
+            args.pop(unused)
     if call["function"] == "dsi_study":
         if not args["fine_tune_phase"] and args["multitask_config"] is not None:
             args.pop("retrieval_config")
@@ -199,7 +204,7 @@ def test_dry_run_prints_every_setting_and_reads_back_as_the_same_specs(tmp_path,
     from vitdsi_utils.studies.specs import load_yaml
 
     names = [name for name, _ in list_recipes()]
-    assert len(names) == 16
+    assert names == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")) and len(names) >= 17
     for name in names:
         runs = load_recipe(name)
         assert cli.main(["run", name, "--dry-run"]) == 0
@@ -334,3 +339,14 @@ def test_every_documented_command_builds_its_runs(at_project_root, capsys):
         code = cli.main(["run", *argv, "--dry-run"])
         assert code == 0, (where, argv, capsys.readouterr().err)
     capsys.readouterr()
+
+
+def test_run_picks_runs_of_a_recipe(capsys):
+    import yaml
+
+    assert cli.main(["run", "recipes/scale-latency.yaml", "--dry-run", "--run", "2", "--run", "3"]) == 0
+    runs = [doc for doc in yaml.safe_load_all(capsys.readouterr().out) if doc]
+    assert [(r["out_dir"], r["size"], r["reuse_latency"]) for r in runs] == [
+        ("reports/scale_all", 64, True), ("reports/scale_160", 160, False)]
+    assert cli.main(["run", "recipes/scale-latency.yaml", "--dry-run", "--run", "4"]) == 2
+    assert "--run 4: recipes/scale-latency.yaml has runs 1 to 3" in one_line_error(capsys)

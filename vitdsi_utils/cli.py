@@ -51,6 +51,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
 
     runs = load_recipe(args.recipe, args.sets)  # every run is checked before the first starts
+    if args.only:
+        wrong = [i for i in args.only if not 1 <= i <= len(runs)]
+        if wrong:
+            raise ValueError(f"--run {wrong[0]}: {args.recipe} has runs 1 to {len(runs)}")
+        runs = [runs[i - 1] for i in args.only]
     if args.dry_run:
         print(dump_runs(runs), end="")
         return 0
@@ -96,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="change a setting of every run of the recipe: dotted keys for sections, YAML values, "
                      "e.g. --set index.epochs=10 --set ns=[512] --set out_dir=/tmp/out (repeatable)")
+    run.add_argument("--run", dest="only", type=int, action="append", default=[], metavar="I",
+                     help="only run I of the recipe (1, 2, ... as --dry-run numbers them; repeatable)")
     run.add_argument("--dry-run", action="store_true",
                      help="print every run's settings (YAML, defaults filled in) and stop")
     run.set_defaults(func=_cmd_run)
