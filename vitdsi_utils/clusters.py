@@ -14,9 +14,9 @@ Stages, each a plain function:
   the class token (models that have one), the mean of the patch tokens, or all patch tokens
   concatenated (seed 002's "concatenation");
 * :func:`kmeans` and :func:`cluster_scores` cluster one array and score the clustering;
-* :func:`sweep` does that over a range of k, :func:`elbow_k` picks the elbow of the
-  sum-of-squares curve, and :func:`cluster_study` runs the sweep for several embeddings;
-* :func:`metric_curves`, :func:`size_histograms` and :func:`cluster_gallery` draw the figures.
+* :func:`sweep` does that over a range of k and :func:`elbow_k` picks the elbow of the
+  sum-of-squares curve; the study over several encoders, and its figures, are
+  :mod:`vitdsi_utils.studies.clusters`.
 
 Definitions (X the embeddings, c(i) the cluster of image i, y(i) its class, n images):
 

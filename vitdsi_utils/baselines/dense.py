@@ -26,9 +26,10 @@ In formulas, for a batch of N embeddings z with labels y::
 Batches are drawn so that positives always exist: each batch is made of groups of
 ``per_class`` images of one class (see :func:`class_batches`).
 
-Entry points: :class:`DenseRetriever` (scikit-learn style: ``fit``, ``transform``, ``index``,
-``search``), :func:`train_dense`, :func:`evaluate_dense` and :func:`train_or_load`, which the
-notebook ``07_dense`` and the dense study (``recipes/dense.yaml``) use.
+This module holds the encoder, its losses, :func:`train_dense` and its checkpoints. Searching with
+it is :class:`vitdsi_utils.retrieval.searchers.DenseRetriever` (scikit-learn style: ``fit``,
+``transform``, ``index``, ``search``) over :class:`vitdsi_utils.baselines.index.FlatIPIndex`;
+the study that trains and scores it is :mod:`vitdsi_utils.studies.dense`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 
 Sources (:data:`INIT_SOURCES`): a self-supervised encoder (:mod:`vitdsi_utils.baselines.ssl`), the dense
 baseline's encoder (:mod:`vitdsi_utils.baselines.dense`), or torchvision ViT weights from a local file.
+
+The encoder weights are the parameters whose names start with ``patch_embed.``, ``pos_embed``,
+``peg.`` or ``encoder.`` (:data:`~vitdsi_utils.baselines.ssl.ENCODER_PREFIXES`): the same keys in
+every :class:`~vitdsi_utils.model.vit.ViTEncoder` subclass, so any of them can initialise any other.
+The architecture fields of the configs (:data:`~vitdsi_utils.baselines.ssl.ARCHITECTURE_FIELDS`)
+must agree; dropout need not. torchvision's ``VisionTransformer`` names are mapped onto ours.
 """
 
 from __future__ import annotations

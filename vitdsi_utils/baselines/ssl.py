@@ -1,8 +1,9 @@
-"""Encoder initialisation: self-supervised pretraining, and weights from elsewhere.
+"""Self-supervised pretraining of a ViT encoder (SimCLR style), and its checkpoints.
 
 The DSI normally starts from random weights and has to learn what images look like from 128
 indexed images and a few hundred queries. This module gives its ViT encoder (and the dense
-baseline's, which is the same :class:`~vitdsi_utils.model.vit.ViTEncoder`) a better start.
+baseline's, which is the same :class:`~vitdsi_utils.model.vit.ViTEncoder`) a better start, to be
+copied by :func:`vitdsi_utils.baselines.init.init_encoder`.
 
 **Self-supervised pretraining** (:func:`train_ssl`). No pretrained weights can be downloaded on
 the project's machines, so the encoder learns from unlabelled images itself, SimCLR style:
@@ -17,20 +18,6 @@ source that no database of the study draws, for any of the given sizes N and the
 role (indexed, train, val or test query). So the pretraining never sees an image that is
 later memorised or used as a query; it only sees other photos of the same ten classes, which
 is what a user with a photo archive beside their database would have.
-
-**One entry point for every initialisation** (:func:`init_encoder`): copy the encoder part of
-a DSI model or dense encoder from
-
-* ``"ssl"``: a checkpoint of :func:`train_ssl` / :func:`save_ssl`;
-* ``"dense"``: a dense-retrieval checkpoint (:func:`vitdsi_utils.baselines.dense.save_dense`);
-* ``"dsi"``: a DSI checkpoint (:func:`vitdsi_utils.training.checkpoint.save_checkpoint`);
-* ``"torchvision"``: a state dict of torchvision's ``VisionTransformer`` (e.g. the
-  ``vit_b_16`` weights file a user has locally), with its parameter names mapped onto ours.
-
-The encoder weights are the parameters whose names start with ``patch_embed.``, ``pos_embed``,
-``peg.`` or ``encoder.`` (:data:`ENCODER_PREFIXES`): the same keys in every
-:class:`ViTEncoder` subclass, so any of them can initialise any other. The architecture fields
-of the configs (:data:`ARCHITECTURE_FIELDS`) must agree; dropout need not.
 """
 
 from __future__ import annotations

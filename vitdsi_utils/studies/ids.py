@@ -8,7 +8,8 @@ which these schemes do not depend on). Each scheme gets its own run folder, name
 :attr:`~vitdsi_utils.ids.schemes.IDAssignment.tag`.
 
 :func:`compare_id_schemes` trains (or loads) and scores the models; :func:`ids_markdown`,
-:func:`gap_table` and :func:`id_scheme_bars` turn the results into the notebook's tables and figure.
+:func:`~vitdsi_utils.reports.targets.gap_table` and :func:`id_scheme_bars` turn the results into
+the notebook's tables and figure.
 """
 
 from __future__ import annotations

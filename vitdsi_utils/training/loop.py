@@ -4,7 +4,8 @@ Retrieval fine-tuning has two optional extras: targets redrawn every epoch among
 relevant IDs (:class:`SameClassTargets`) and augmented views of the indexed images as extra
 queries for their own ID (:class:`AugmentedViews`).
 
-All three run through :func:`fit`, one loop over *tasks*: a task is a set of examples
+All three run through :func:`fit`, which plugs the DSI's objective into the one training loop
+(:func:`vitdsi_utils.training.engine.run_training`). The objective works over *tasks*: a task is a set of examples
 ``image -> database row`` with a name. Every task's images are moved to the training device
 once; an epoch is a seeded ``torch.randperm`` over the examples of all tasks together and a
 batch is an index slice of it, so there is no per-sample Python work and no DataLoader.
