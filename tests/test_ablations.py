@@ -97,7 +97,7 @@ def test_run_gives_both_stages_of_every_variant(small_run):
     ia = long[(long["metric"] == "IA@1") & (long["stage"] == ZERO_SHOT)].set_index("variant")["value"]
     # the fine-tuning option reuses the default's indexed model: same zero-shot numbers
     assert ia["options: same-class targets"] == ia["default"]
-    # the default lives where `vitdsi dsi` puts its models; variants below it
+    # the default lives where the DSI study (recipes/dsi.yaml) puts its models; variants below it
     root = next(runs.iterdir())
     assert (root / "zero_shot.pt").exists() and (root / "fine_tuned.pt").exists()
     assert (root / "ablations" / "patch_size32" / "zero_shot.pt").exists()

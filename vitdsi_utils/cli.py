@@ -18,7 +18,7 @@ from vitdsi_utils.runner.run import StudyFailed, run_study
 from vitdsi_utils.studies.recipes import dump_runs, list_recipes, load_recipe, run_recipe
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int = 160) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--source", default="imagenette", choices=SOURCES, help="image source (default: imagenette)")
     parser.add_argument("--root", default=None,
@@ -26,7 +26,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int =
                         "(default for coco: VITDSI_COCO_IMAGES)")
     parser.add_argument("--annotations", default=None,
                         help="COCO instances JSON for --source coco (default: VITDSI_COCO_ANNOTATIONS)")
-    parser.add_argument("--size", type=int, default=sizes_default, choices=SIZES, help="image side in px")
+    parser.add_argument("--size", type=int, default=160, choices=SIZES, help="image side in px")
     parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048], help="database sizes N (total images)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the database draw")
 

@@ -181,10 +181,6 @@ def _coerce(value: Any, kind: Any, key: str, base: Any = None) -> Any:
     raise _Refused
 
 
-def field_type(cls: type, name: str) -> Any:
-    return _hints(cls)[name]
-
-
 def build_spec(cls: type, values: Mapping[str, Any], *, base: Any = None, prefix: str = "") -> Any:
     """An instance of the dataclass ``cls`` from ``values``, laid over ``base`` (default: ``cls()``'s defaults).
 
