@@ -1,4 +1,4 @@
-"""The target checks of STUDY.md section 4 on hand-made result tables with known verdicts."""
+"""The target checks of docs/protocol.md section 4 on hand-made result tables with known verdicts."""
 import pandas as pd
 import pytest
 

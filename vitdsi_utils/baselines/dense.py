@@ -4,7 +4,7 @@ The "index-then-retrieve" counterpart of the DSI with a learned representation. 
 recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021; seed 001
 of the study):
 
-* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.ViTEncoder`, same size by
+* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.vit.ViTEncoder`, same size by
   default: patch 16, width 128, 6 blocks, 4 heads), pooled into one vector per image (the mean
   of the patch tokens, or the output of an added class token as in seed 001) and
   L2-normalised, so an inner product is a cosine similarity;
@@ -44,16 +44,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vitdsi_utils import metrics
-from vitdsi_utils.atomic import atomic_path
 from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import restore_training, rng_state
+from vitdsi_utils.training.checkpoint import read_checkpoint, rng_state, write_checkpoint
 from vitdsi_utils.training.config import PlainConfig
+from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
 
 #: The model name of the dense rows in the result tables.
@@ -63,10 +62,8 @@ DENSE_MODEL = "Dense (contrastive ViT)"
 POOLINGS = ("cls", "mean")
 
 
-CHECKPOINT_KIND = "dense-encoder"
 
 
-CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,80 +334,80 @@ def train_dense(
     if len(images) < 2:
         raise ValueError("training needs at least 2 images")
     model.to(device)
-    data, targets = images.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = History()
-    start_epoch, step = 0, 0
     fingerprint = _fingerprint(images, labels)
+    objective = _DenseObjective(images.to(device), labels, labels.to(device), config, val)
 
-    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-        state = read_dense_checkpoint(checkpoint_path, device)
+    def load(path: Path) -> dict[str, Any]:
+        state = read_dense_checkpoint(path, device)
         # a config field added after the checkpoint was written has its default value
         saved_config = {**DenseConfig().to_dict(), **state["config"]}
         if saved_config != model.config.to_dict():
-            raise ValueError(f"{checkpoint_path} holds a model with another configuration; delete it to retrain")
+            raise ValueError(f"{path} holds a model with another configuration; delete it to retrain")
         stored = DenseTrainConfig.from_dict(state["train_config"] or {}).recipe()
         if stored != config.recipe():
             changed = sorted(k for k in stored if stored[k] != config.recipe()[k])
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
-                             "delete it to retrain")
+            raise ValueError(f"{path} was trained with other settings ({', '.join(changed)}); delete it to retrain")
         if state["extra"].get("data") != fingerprint:
-            raise ValueError(f"{checkpoint_path} was trained on other images; delete it to retrain")
+            raise ValueError(f"{path} was trained on other images; delete it to retrain")
         if state["epoch"] > config.epochs:
-            raise ValueError(f"{checkpoint_path} holds a model trained for {state['epoch']} epochs, more than the "
-                             f"{config.epochs} asked for; delete it to retrain")
-        restore_training(state, model, optimizer, history, generator)
-        start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
-    else:
-        torch.manual_seed(config.seed)
+            raise ValueError(
+                f"{path} holds a model trained for {state['epoch']} epochs, more than the {config.epochs} asked for; "
+                "delete it to retrain"
+            )
+        return state
 
-    def save(epoch: int) -> None:
-        save_dense(checkpoint_path, model, config, history, epoch=epoch, optimizer=optimizer,
-                   rng=rng_state(generator), extra={"data": fingerprint, "step": step})
+    def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
+        save_dense(path, model, config, history, epoch=epoch, optimizer=optimizer, rng=rng_state(generator),
+                   extra={"data": fingerprint, "step": counters["step"]})
 
-    bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, desc="dense",
-               disable=not config.progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        batches = class_batches(labels, config.batch_size, config.per_class, generator)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for ids in batches:
-            ids = ids.to(device)
-            batch = augment(data[ids], generator, flip=config.flip, min_crop=config.min_crop)
-            if config.warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-            terms = dense_loss(model(batch), targets[ids], margin=config.margin,
-                               entropy_weight=config.entropy_weight)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            sums += torch.stack([t.detach().double() for t in terms])
-        means = (sums / max(len(batches), 1)).tolist()
-        row = {"phase": "dense", "epoch": epoch + 1, "split": "train", "task": "contrastive",
-               "loss": means[0], "contrastive": means[1], "entropy": means[2],
-               "seconds": time.perf_counter() - t0, "n_examples": int(sum(len(b) for b in batches))}
-        history.append(row)
-        postfix = {"loss": f"{means[0]:.3f}"}
-        if val is not None:
-            t1 = time.perf_counter()
-            scores = _validation_scores(model, val, config.eval_batch_size)
-            history.append({"phase": "dense", "epoch": epoch + 1, "split": "val", "task": "contrastive",
-                            **scores, "seconds": time.perf_counter() - t1, "n_examples": len(val[0])})
-            postfix["val_map@10"] = f"{scores['map@10']:.3f}"
-        bar.set_postfix(postfix)
-        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-            save(epoch + 1)
-    bar.close()
+    history = History()
+    checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
+    run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
+                 lr_at=linear_warmup(config.lr, config.warmup_steps), grad_clip=config.grad_clip, history=history,
+                 checkpoint=checkpoint, desc="dense", progress=config.progress)
     if checkpoint_path is not None and not Path(checkpoint_path).exists():
-        save(config.epochs)  # zero epochs asked for: still leave the (untrained) model where it was asked for
+        # zero epochs asked for: still leave the (untrained) model where it was asked for
+        save(Path(checkpoint_path), config.epochs, {"step": 0}, torch.Generator().manual_seed(config.seed))
     model.eval()
     return history
+
+
+class _DenseObjective:
+    """Contrastive loss with the entropy regulariser over class-balanced batches of augmented views."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, config: DenseTrainConfig,
+                 val: tuple | None):
+        self.data, self.labels, self.targets, self.config, self.val = data, labels, targets, config, val
+        self.sums = torch.zeros(3, dtype=torch.float64, device=data.device)
+        self.batches: list[torch.Tensor] = []
+
+    def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        self.batches = class_batches(self.labels, self.config.batch_size, self.config.per_class, generator)
+        self.sums.zero_()
+        return self.batches
+
+    def loss(self, model: torch.nn.Module, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        ids = ids.to(self.data.device)
+        c = self.config
+        batch = augment(self.data[ids], generator, flip=c.flip, min_crop=c.min_crop)
+        terms = dense_loss(model(batch), self.targets[ids], margin=c.margin, entropy_weight=c.entropy_weight)
+        self.sums += torch.stack([t.detach().double() for t in terms])
+        return terms.total
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
+        means = (self.sums / max(len(self.batches), 1)).tolist()
+        rows = [{"phase": "dense", "epoch": epoch, "split": "train", "task": "contrastive", "loss": means[0],
+                 "contrastive": means[1], "entropy": means[2], "seconds": seconds,
+                 "n_examples": int(sum(len(b) for b in self.batches))}]
+        postfix = {"loss": f"{means[0]:.3f}"}
+        if self.val is not None:
+            t1 = time.perf_counter()
+            scores = _validation_scores(model, self.val, self.config.eval_batch_size)
+            rows.append({"phase": "dense", "epoch": epoch, "split": "val", "task": "contrastive", **scores,
+                         "seconds": time.perf_counter() - t1, "n_examples": len(self.val[0])})
+            postfix["val_map@10"] = f"{scores['map@10']:.3f}"
+        return EpochEnd(rows, postfix)
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,44 +424,19 @@ def save_dense(
     rng: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write the encoder, its configs, history, optimiser and RNG state atomically (plain data and tensors only)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": CHECKPOINT_KIND,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": model.config.to_dict(),
-        "train_config": train_config.to_dict() if train_config is not None else None,
-        "epoch": int(epoch),
-        "history": [dict(r) for r in history or []],
-        "rng": rng,
-        "extra": dict(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    """Write the encoder, its configs, history, optimiser and RNG state: a checkpoint of kind ``"dense-encoder"``."""
+    return write_checkpoint(
+        path, "dense-encoder", model=model, optimizer=optimizer, config=model.config.to_dict(),
+        train_config=train_config.to_dict() if train_config is not None else None, epoch=epoch, history=history,
+        rng=rng, extra=extra,
+    )
 
 
 def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), "
-            "`vitdsi dense`, or notebook 07_dense)"
-        )
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated files and foreign pickles raise several types
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
-                         "delete it and train again") from error
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        what = "a DSI checkpoint" if isinstance(state, dict) and "codec" in state else "not a dense-encoder checkpoint"
-        raise ValueError(f"{path} is {what}; load DSI models with train.load_model, dense encoders from "
-                         "files written by save_dense / train_dense")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown dense checkpoint format {state.get('format')!r} "
-                         f"(this version reads format {CHECKPOINT_FORMAT}); train again")
-    return state
+    """The state of a dense-encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
+    hint = ("train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `vitdsi dense`, or notebook "
+            "07_dense); DSI models load with training.checkpoint.load_model")
+    return read_checkpoint(path, "dense-encoder", map_location, hint=hint)
 
 
 def load_dense(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseEncoder, dict]:
