@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
+.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam notebooks lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -152,8 +152,13 @@ test: lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not notebook"
 
-## JupyterLab with the project's environment as the kernel
-lab: venv
+## the notebooks' .ipynb beside their py:percent sources (git-ignored; notebooks/jupytext.toml pairs them): jupytext
+## --sync writes each .ipynb from its .py, or, where the .ipynb was edited later, that edit into the .py
+notebooks: venv
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+## JupyterLab with the project's environment as the kernel; opening and saving either file of a pair writes both
+lab: notebooks
 	$(BIN)/python -m ipykernel install --sys-prefix --name vitdsi --display-name "vitdsi (.venv)"
 	$(BIN)/jupyter lab notebooks/
 
