@@ -134,6 +134,10 @@ def test_broken_links_directories_and_other_unused_files_are_named_and_listed(im
     assert "dropped 3 image(s) whose aspect ratio (width / height) is outside [0.9, 1.1]" in message
     assert ".hidden.png" not in message
     assert image_set.skipped == ["alpha/broken.jpg", "alpha/dangling.jpg", "beta/album.jpg", "beta/notes.txt", "stray.png"]
+    with warnings.catch_warnings(record=True) as again:  # a notebook that loads the images twice says it once
+        warnings.simplefilter("always")
+        load_images("folder", 32, root=image_tree, progress=False)
+    assert not [w for w in again if "unreadable" in str(w.message)]
 
     table = pd.read_csv(build_database(image_set, 36).save_manifest(tmp_path / "m.csv"), keep_default_na=False)
     reasons = table[~table["role"].isin(["index", "train", "val", "test"])].set_index("file")
@@ -240,8 +244,8 @@ def test_too_many_visual_words_for_a_small_database_says_which_setting_works(tmp
     with pytest.raises(ValueError, match=r"n_words=200 visual words need at least 200 SIFT descriptors, but the 6 "
                                          r"database images have (\d+) .*Any n_words <= \1 works; n_words=(\d+) gives") as error:
         BoVW(200, progress=False).fit(index)
-    suggested = int(re.search(r"--words (\d+)", str(error.value)).group(1))
-    assert f"BOVW_WORDS: {suggested}" in str(error.value)
+    suggested = int(re.search(r"BOVW_WORDS: (\d+)", str(error.value)).group(1))
+    assert f"--set words=[{suggested}]" in str(error.value)
     assert BoVW(suggested, progress=False).fit(index).vocabulary_.shape == (suggested, 128)  # and it does work
 
 

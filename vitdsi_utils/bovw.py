@@ -229,9 +229,9 @@ def words_advice(n_words: int, n_descriptors: int, n_images: int) -> str:
     return (
         f"n_words={n_words} visual words need at least {n_words} SIFT descriptors, but the {n_images} database "
         f"images have {n_descriptors} ({n_descriptors / n_images:.1f} per image). Any n_words <= {n_descriptors} "
-        f"works; n_words={suggested} gives about ten descriptors per word. Set it with --words {suggested} "
-        f"(vitdsi bovw, dsi, dense, ...) or BOVW_WORDS: {suggested} (VLAD_WORDS for VLAD) in a study profile, "
-        "or use more or larger images"
+        f"works; n_words={suggested} gives about ten descriptors per word. Set it with BOVW_WORDS: {suggested} "
+        f"(VLAD_WORDS for VLAD) in a study profile, or in a recipe with --set words=[{suggested}] (bovw), "
+        f"words={suggested} (dense, dense-init) or bovw_words={suggested} (dsi); or use more or larger images"
     )
 
 

@@ -368,6 +368,17 @@ def _named(entries: Sequence[tuple[str, str]], limit: int = 10) -> str:
     return shown + (f"; and {len(entries) - limit} more" if len(entries) > limit else "")
 
 
+#: The left-out and upscaling warnings given in this process: a notebook that loads the same images twice
+#: (BoVW, then VLAD) says each once.
+_SAID: set[str] = set()
+
+
+def _warn_once(message: str, stacklevel: int) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def _warn_left_out(root: Path, left_out: pd.DataFrame, aspect_range: tuple[float, float], stacklevel: int = 4) -> None:
     """One warning that names every file left out (the first ten of each kind) and where the full list is."""
     skipped = left_out[left_out["role"] == "skipped"]
@@ -382,7 +393,7 @@ def _warn_left_out(root: Path, left_out: pd.DataFrame, aspect_range: tuple[float
         parts.append(f"dropped {len(dropped)} image(s){where} whose aspect ratio (width / height) is outside "
                      f"[{aspect_range[0]:g}, {aspect_range[1]:g}]: " + _named(list(zip(dropped["file"], sizes))))
     if parts:
-        warnings.warn(
+        _warn_once(
             "; ".join(parts) + ". The manifest lists every one with its reason (role 'skipped' or 'dropped', "
             "column 'reason'); fix or delete them to silence this warning",
             stacklevel=stacklevel,
@@ -398,7 +409,7 @@ def _warn_upscaled(upscaled: dict[str, list[int]], n_images: int, size: int, sta
     fits = [s for s in SIZES if s <= min(smallest[-1][1])]
     advice = (f"use SIZE {fits[-1]} or less to avoid it" if fits else
               f"no supported size ({', '.join(map(str, SIZES))} px) avoids it for all of them")
-    warnings.warn(
+    _warn_once(
         f"{len(upscaled)} of {n_images} images are smaller than {size} px and were upscaled, so they hold less "
         f"detail than the image size suggests: smallest {shown}"
         + (f" and {len(upscaled) - 5} more" if len(upscaled) > 5 else "") + f"; {advice}",

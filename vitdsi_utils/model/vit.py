@@ -66,7 +66,7 @@ def _warn_few_tokens(image_size: int, patch_size: int) -> None:
     warnings.warn(
         f"patch_size {patch_size} at {image_size} px leaves {grid} x {grid} = {grid * grid} token(s) per image: "
         f"the encoder sees each image as {grid * grid} coarse patch(es) and its attention has little to work with; "
-        f"{advice} (PATCH_SIZE in a study profile, --patch on the command line)",
+        f"{advice} (PATCH_SIZE in a study profile, model.patch_size in a recipe)",
         UserWarning,
         stacklevel=_caller_level(),
     )

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from vitdsi_utils.runner.sources import read_notebook
+
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
 
@@ -70,8 +72,8 @@ def resolve_dataset(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def notebook_parameters(path: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``params`` that the notebook declares in its ``parameters`` cell."""
+    """The entries of ``params`` that the notebook (a py:percent source or an ``.ipynb``) declares in its ``parameters`` cell."""
     import papermill
 
-    declared = papermill.inspect_notebook(str(path))
+    declared = papermill.inspect_notebook(read_notebook(path))
     return {k: v for k, v in params.items() if k in declared}
