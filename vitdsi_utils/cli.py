@@ -13,6 +13,7 @@ from vitdsi_utils.baselines.ssl import SSLConfig
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
+from vitdsi_utils.locks import RunFolderBusy
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.runner.run import StudyFailed, run_study
@@ -33,7 +34,63 @@ from vitdsi_utils.studies.incremental import incremental_study
 from vitdsi_utils.studies.pretrain import comparison_frame, pretrain_study
 from vitdsi_utils.studies.rerank import summary
 from vitdsi_utils.studies.scale import scale_markdown, scale_study
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.config import TrainConfig, check_int, check_number
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (as the errors of the commands themselves), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: The range of every numeric option, by its dest: (kind, low, high, low excluded, high excluded).
+#: The configs check the same (TrainConfig, DenseTrainConfig, SSLConfig); here the error names the option.
+_LIMITS: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
+    **{name: (int, 1, None, False, False) for name in (
+        "epochs", "index_epochs", "retrieval_epochs", "multitask_epochs", "dense_epochs", "ssl_epochs",
+        "finetune_epochs", "batch_size", "dense_batch_size", "ssl_batch_size", "query_batch", "max_pairs_per_query",
+        "vocabularies", "words", "queries", "repeats", "k", "dim", "mlp_dim", "depth", "heads", "patch",
+        "semantic_k", "semantic_c", "ssl_images", "depths")},
+    **{name: (int, 0, None, False, False) for name in (
+        "warmup_steps", "index_views", "consolidate", "stop_check_every", "seed", "seeds")},
+    "per_class": (int, 2, None, False, False),
+    **{name: (float, 0, None, True, False) for name in ("lr", "dense_lr", "ssl_lr", "temperature", "mix_ratio")},
+    "target_accuracy": (float, 0, 1, True, False),
+    **{name: (float, 0, 1, True, False) for name in ("view_min_crop", "min_crop", "min_scale")},
+    **{name: (float, 0, 1, False, True) for name in ("label_smoothing", "dropout")},
+    **{name: (float, 0, None, False, False) for name in ("weight_decay", "entropy_weight", "replay_ratios")},
+    "new_fraction": (float, 0, 1, True, True),
+}
+
+
+def _ranged(kind: type, low: float | None, high: float | None, low_open: bool, high_open: bool):
+    """An argparse ``type`` that parses ``kind`` and checks the range (one-line message without the option name)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        try:
+            if kind is int:
+                return check_int("", value, int(low))
+            return check_number("", value, low, high, low_open=low_open, high_open=high_open)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _check_ranges(parser: argparse.ArgumentParser) -> None:
+    """Give every numeric option of ``parser`` and its commands the range of :data:`_LIMITS`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _check_ranges(command)
+        elif action.dest in _LIMITS and action.type in (int, float):
+            action.type = _ranged(*_LIMITS[action.dest])
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int = 160) -> None:
@@ -380,7 +437,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
+    parser = _Parser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="build the databases and write their manifests")
@@ -635,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")
     study.add_argument("--quiet", action="store_true", help="no progress output")
     study.set_defaults(func=_cmd_study)
+    _check_ranges(parser)
     return parser
 
 
@@ -642,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RunFolderBusy) as error:
         # errors of ours say what to do; a traceback would only bury the message
         print(f"vitdsi {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +51,12 @@ from vitdsi_utils.atomic import atomic_path
 from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import restore_training, rng_state
-from vitdsi_utils.training.config import PlainConfig
+from vitdsi_utils.training.checkpoint import CheckpointError, restore_training, rng_state
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, differences
 
 #: The model name of the dense rows in the result tables.
 DENSE_MODEL = "Dense (contrastive ViT)"
@@ -252,23 +254,21 @@ class DenseTrainConfig(PlainConfig):
     eval_batch_size: int = 256  # images per forward pass when embedding
     checkpoint_every: int = 5  # with a checkpoint path: save every n epochs (and after the last)
 
+    #: How a run is executed, not what it learns: an encoder is reused whatever these are.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "eval_batch_size", "checkpoint_every"})
+
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("epochs must be >= 0; batch_size, eval_batch_size and checkpoint_every >= 1")
-        if self.per_class < 2 or self.batch_size < self.per_class:
+        for name, low in (("epochs", 1), ("batch_size", 1), ("per_class", 2), ("warmup_steps", 0), ("seed", 0),
+                          ("eval_batch_size", 1), ("checkpoint_every", 1)):
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        if self.batch_size < self.per_class:
             raise ValueError(f"need 2 <= per_class <= batch_size, got per_class={self.per_class}, "
                              f"batch_size={self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.entropy_weight < 0:
-            raise ValueError("lr must be positive; weight_decay and entropy_weight non-negative")
-        if not 0.0 < self.min_crop <= 1.0:
-            raise ValueError(f"min_crop is a fraction of the image side in (0, 1], got {self.min_crop}")
-        if not -1.0 <= self.margin <= 1.0:
-            raise ValueError(f"margin is a cosine similarity and must lie in [-1, 1], got {self.margin}")
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that shape the trained model (not epochs, device, progress or batch sizes of embedding)."""
-        ignored = {"epochs", "device", "progress", "eval_batch_size", "checkpoint_every"}
-        return {k: v for k, v in self.to_dict().items() if k not in ignored}
+        self.lr = check_number("lr", self.lr, 0, low_open=True)
+        for name in ("weight_decay", "entropy_weight", "grad_clip"):
+            setattr(self, name, check_number(name, getattr(self, name), 0))
+        self.min_crop = check_number("min_crop (a fraction of the image side)", self.min_crop, 0, 1, low_open=True)
+        self.margin = check_number("margin (a cosine similarity)", self.margin, -1, 1)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -309,6 +309,28 @@ def _validation_scores(
     }
 
 
+def dense_mismatches(
+    state: dict[str, Any], model_config: DenseConfig, config: DenseTrainConfig, fingerprint: str
+) -> list[str]:
+    """Why a dense checkpoint cannot be reused or resumed for this model, these settings and images.
+
+    Every setting of the recipe must match (:attr:`DenseTrainConfig.RUNTIME_FIELDS` need not), and
+    the images. Epochs: the learning rate does not depend on them (warm-up, then constant), so a
+    checkpoint of fewer epochs than asked for resumes up to them, and one of more is refused.
+    """
+    # a config field added after the checkpoint was written has its default value
+    problems = differences({**DenseConfig().to_dict(), **state["config"]}, model_config.to_dict(), "model ")
+    saved = DenseTrainConfig.recipe_of(state["train_config"] or {})
+    wanted = config.recipe()
+    saved.pop("epochs"), wanted.pop("epochs")
+    problems += differences(saved, wanted)
+    if state["extra"].get("data") != fingerprint:
+        problems.append("training images: other images or labels")
+    if int(state["epoch"]) > config.epochs:
+        problems.append(f"epochs: it holds {state['epoch']} epochs, more than the {config.epochs} requested")
+    return problems
+
+
 def train_dense(
     model: DenseEncoder,
     images: np.ndarray | torch.Tensor,
@@ -328,8 +350,28 @@ def train_dense(
     db_images, db_labels)`` a ``val`` row with ``map@10`` and ``p@10`` of the val queries
     searched in that database. With ``checkpoint_path`` a checkpoint is written every
     ``config.checkpoint_every`` epochs and after the last; if it exists and ``resume``,
-    training continues from it (a finished run returns at once).
+    training continues from it (a finished run returns at once) when it was written for this
+    model, these settings and these images (:func:`dense_mismatches`: more epochs than it holds
+    continue it; anything else is refused with a CheckpointError naming every difference). The
+    checkpoint's folder is locked while this runs (:mod:`vitdsi_utils.locks`).
     """
+    if checkpoint_path is not None:  # one process at a time trains into a folder
+        with run_folder_lock(Path(checkpoint_path).parent):
+            return _train_dense(model, images, labels, config=config, val=val, checkpoint_path=checkpoint_path,
+                                resume=resume)
+    return _train_dense(model, images, labels, config=config, val=val, checkpoint_path=None, resume=resume)
+
+
+def _train_dense(
+    model: DenseEncoder,
+    images: np.ndarray | torch.Tensor,
+    labels: Any,
+    *,
+    config: DenseTrainConfig | None,
+    val: tuple | None,
+    checkpoint_path: str | os.PathLike | None,
+    resume: bool,
+) -> History:
     config = config or DenseTrainConfig()
     device = _resolve_device(config.device)
     images = _as_image_tensor(images, model.config)
@@ -346,20 +388,10 @@ def train_dense(
 
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
         state = read_dense_checkpoint(checkpoint_path, device)
-        # a config field added after the checkpoint was written has its default value
-        saved_config = {**DenseConfig().to_dict(), **state["config"]}
-        if saved_config != model.config.to_dict():
-            raise ValueError(f"{checkpoint_path} holds a model with another configuration; delete it to retrain")
-        stored = DenseTrainConfig.from_dict(state["train_config"] or {}).recipe()
-        if stored != config.recipe():
-            changed = sorted(k for k in stored if stored[k] != config.recipe()[k])
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(changed)}); "
-                             "delete it to retrain")
-        if state["extra"].get("data") != fingerprint:
-            raise ValueError(f"{checkpoint_path} was trained on other images; delete it to retrain")
-        if state["epoch"] > config.epochs:
-            raise ValueError(f"{checkpoint_path} holds a model trained for {state['epoch']} epochs, more than the "
-                             f"{config.epochs} asked for; delete it to retrain")
+        problems = dense_mismatches(state, model.config, config, fingerprint)
+        if problems:
+            raise CheckpointError(f"{checkpoint_path} was trained for other settings: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=checkpoint_path))
         restore_training(state, model, optimizer, history, generator)
         start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
     else:
@@ -407,8 +439,6 @@ def train_dense(
         if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             save(epoch + 1)
     bar.close()
-    if checkpoint_path is not None and not Path(checkpoint_path).exists():
-        save(config.epochs)  # zero epochs asked for: still leave the (untrained) model where it was asked for
     model.eval()
     return history
 

@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,10 +51,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitdsi_utils.atomic import atomic_path
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import restore_training, rng_state
-from vitdsi_utils.training.config import PlainConfig, resolve_device
+from vitdsi_utils.training.checkpoint import CheckpointError, restore_training, rng_state
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number, resolve_device
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, differences
 
 INIT_SOURCES = ("ssl", "dense", "dsi", "torchvision")
 
@@ -100,28 +102,23 @@ class SSLConfig(PlainConfig):
     progress: bool = True  # tqdm bar over epochs
     checkpoint_every: int = 1  # with a checkpoint path: save every n epochs (and after the last)
 
+    #: How a run is executed, not what it learns. ``epochs`` is not among them: the learning rate
+    #: decays over all epochs, so a run cannot be reused or resumed with another number of epochs.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_every"})
+
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 2 or self.checkpoint_every < 1 or self.warmup_steps < 0:
-            raise ValueError("epochs and warmup_steps must be >= 0, batch_size >= 2 (InfoNCE needs negatives) "
-                             "and checkpoint_every >= 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.temperature <= 0:
-            raise ValueError("lr and temperature must be positive, weight_decay non-negative")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale is an area fraction in (0, 1], got {self.min_scale}")
-        if self.max_ratio < 1:
-            raise ValueError(f"max_ratio is an aspect ratio >= 1, got {self.max_ratio}")
-        if not 0 <= self.jitter < 1 or not 0 <= self.jitter_p <= 1 or not 0 <= self.gray_p <= 1:
-            raise ValueError("jitter must lie in [0, 1); jitter_p and gray_p are probabilities")
-        if self.proj_hidden < 1 or self.proj_dim < 1:
-            raise ValueError("proj_hidden and proj_dim must be >= 1")
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that shape the trained encoder (not device, progress or checkpointing).
-
-        ``epochs`` is part of it: the learning rate decays over all epochs, so a run cannot be
-        resumed with another number of epochs.
-        """
-        return {k: v for k, v in self.to_dict().items() if k not in {"device", "progress", "checkpoint_every"}}
+        for name, low in (("epochs", 1), ("batch_size", 2), ("warmup_steps", 0), ("proj_hidden", 1), ("proj_dim", 1),
+                          ("seed", 0), ("checkpoint_every", 1)):
+            setattr(self, name, check_int(name, getattr(self, name), low))  # batch_size >= 2: InfoNCE needs negatives
+        self.lr = check_number("lr", self.lr, 0, low_open=True)
+        self.temperature = check_number("temperature", self.temperature, 0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            setattr(self, name, check_number(name, getattr(self, name), 0))
+        self.min_scale = check_number("min_scale (an area fraction)", self.min_scale, 0, 1, low_open=True)
+        self.max_ratio = check_number("max_ratio (an aspect ratio)", self.max_ratio, 1)
+        self.jitter = check_number("jitter", self.jitter, 0, 1, high_open=True)
+        for name in ("jitter_p", "gray_p"):
+            setattr(self, name, check_number(f"{name} (a probability)", getattr(self, name), 0, 1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,8 +298,24 @@ def train_ssl(
     ``loss`` and ``pos_sim`` / ``neg_sim`` (mean cosine similarity of partners and of other
     views, in the projection space) and the seconds. With ``checkpoint_path`` a checkpoint is
     written every ``checkpoint_every`` epochs and after the last; an existing one is resumed
-    (a finished run returns at once) when it was written for the same model, settings and images.
+    (a finished run returns at once) when it was written for the same model, settings (the
+    recipe of :class:`SSLConfig`, epochs included) and images; otherwise a CheckpointError names
+    every difference. The checkpoint's folder is locked while this runs (:mod:`vitdsi_utils.locks`).
     """
+    if checkpoint_path is not None:  # one process at a time trains into a folder
+        with run_folder_lock(Path(checkpoint_path).parent):
+            return _train_ssl(model, images, config=config, checkpoint_path=checkpoint_path, resume=resume)
+    return _train_ssl(model, images, config=config, checkpoint_path=None, resume=resume)
+
+
+def _train_ssl(
+    model: SSLEncoder,
+    images: np.ndarray | torch.Tensor,
+    *,
+    config: SSLConfig | None,
+    checkpoint_path: str | os.PathLike | None,
+    resume: bool,
+) -> History:
     config = config or SSLConfig()
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
@@ -326,11 +339,8 @@ def train_ssl(
         state = _read_ssl(checkpoint_path, device)
         problems = _mismatches(state, model, config, fingerprint)
         if problems:
-            raise ValueError(f"{checkpoint_path} was written for another run ({'; '.join(problems)}); delete it "
-                             "to pretrain again, or ask for its settings")
-        if state["epoch"] > config.epochs:
-            raise ValueError(f"{checkpoint_path} holds {state['epoch']} epochs, more than the {config.epochs} asked "
-                             "for; delete it to pretrain again")
+            raise CheckpointError(f"{checkpoint_path} was written for another run: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=checkpoint_path))
         restore_training(state, model, optimizer, history, generator)
         start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
     else:
@@ -375,22 +385,14 @@ def train_ssl(
         if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             save(epoch + 1)
     bar.close()
-    if checkpoint_path is not None and not Path(checkpoint_path).exists():
-        save(config.epochs)
     model.eval()
     return history
 
 
 def _mismatches(state: dict, model: SSLEncoder, config: SSLConfig, fingerprint: str) -> list[str]:
-    problems = []
-    saved = {**ViTConfig().to_dict(), **state["config"]}
-    for key, value in model.config.to_dict().items():
-        if saved.get(key) != value:
-            problems.append(f"model {key}: saved {saved.get(key)!r}, requested {value!r}")
-    stored = SSLConfig.from_dict(state["ssl_config"] or {}).recipe()
-    for key, value in config.recipe().items():
-        if stored.get(key) != value:
-            problems.append(f"{key}: saved {stored.get(key)!r}, requested {value!r}")
+    """Every difference between a checkpoint and the run that wants it (model, recipe incl. epochs, images)."""
+    problems = differences({**ViTConfig().to_dict(), **state["config"]}, model.config.to_dict(), "model ")
+    problems += differences(SSLConfig.recipe_of(state["ssl_config"] or {}), config.recipe())
     if state["extra"].get("data") != fingerprint:
         problems.append("the images differ")
     return problems

@@ -7,11 +7,40 @@ from typing import Any
 
 import yaml
 
+from vitdsi_utils.baselines.dense import DenseTrainConfig
+from vitdsi_utils.baselines.ssl import SSLConfig
+from vitdsi_utils.training.config import TrainConfig
+
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
 
 #: Parameters the runner adds to every profile: the output root and the trained-models folder.
 RUNNER_PARAMETERS = ("OUT_DIR", "RUNS_DIR")
+
+
+#: Profile parameters that become training settings: (config class, field). :func:`load_profile`
+#: checks each with that config's own rule, so a bad value fails when the profile is read, before
+#: any notebook runs (and the notebooks' configs check again).
+TRAINING_PARAMETERS: dict[str, tuple[type, str]] = {
+    "LR": (TrainConfig, "lr"), "BATCH_SIZE": (TrainConfig, "batch_size"), "WARMUP_STEPS": (TrainConfig, "warmup_steps"),
+    "TARGET_ACCURACY": (TrainConfig, "target_accuracy"),
+    **{key: (TrainConfig, "epochs") for key in ("INDEX_EPOCHS", "RETRIEVAL_EPOCHS", "SCALE_INDEX_EPOCHS",
+                                                "INC_FINETUNE_EPOCHS", "INIT_EPOCHS")},
+    "DENSE_EPOCHS": (DenseTrainConfig, "epochs"), "DENSE_LR": (DenseTrainConfig, "lr"),
+    "DENSE_BATCH_SIZE": (DenseTrainConfig, "batch_size"), "DENSE_MARGIN": (DenseTrainConfig, "margin"),
+    "DENSE_ENTROPY_WEIGHT": (DenseTrainConfig, "entropy_weight"),
+    "SSL_EPOCHS": (SSLConfig, "epochs"), "SSL_BATCH_SIZE": (SSLConfig, "batch_size"),
+}
+
+
+def check_training_parameters(params: dict[str, Any], where: str | Path = "the profile") -> None:
+    """ValueError, in one line naming the parameter, for the first value of :data:`TRAINING_PARAMETERS` its config refuses."""
+    for key, (config, field) in TRAINING_PARAMETERS.items():
+        if key in params:
+            try:
+                config(**{field: params[key]})
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{where}: {key}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -39,6 +68,7 @@ def load_profile(name: str | Path) -> dict[str, Any]:
     if lower:
         raise ValueError(f"{path}: parameter names must be UPPER_CASE (notebook knobs), got {lower}")
     params.setdefault("PROFILE", path.stem)
+    check_training_parameters(params, path)
     return params
 
 

@@ -17,7 +17,13 @@ HISTORY_COLUMNS = ("phase", "epoch", "split", "task", "loss", "token_acc", "seq_
 # History
 # ------------------------------------------------------------------------------------------
 class History(list):
-    """Per-epoch metric rows (dicts with :data:`HISTORY_COLUMNS`), one per phase/epoch/split/task."""
+    """Per-epoch metric rows (dicts with :data:`HISTORY_COLUMNS`), one per phase/epoch/split/task.
+
+    ``reached_target``: set by :func:`~vitdsi_utils.training.loop.fit` to whether its last phase
+    stopped at the target (None: no stop rule, or a history not fresh from ``fit``).
+    """
+
+    reached_target: bool | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """The rows as a DataFrame with the standard columns first."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIModel
 from vitdsi_utils.training.checkpoint import (
@@ -41,6 +42,7 @@ from vitdsi_utils.training.checkpoint import (
 )
 from vitdsi_utils.training.config import TrainConfig, resolve_device
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, resume_differences
 from vitdsi_utils.training.tasks import (
     IndexingTask,
     Pool,
@@ -181,8 +183,36 @@ def fit(
     if it exists and ``resume``, training continues from it exactly where it stopped.
     ``data_info`` (plain values describing the database, e.g. ``Database.fingerprint()``) is
     stored in the checkpoint; resuming from a checkpoint of another phase, model
-    configuration, ID set or database raises :class:`CheckpointError` naming the difference.
+    configuration, ID set, database, mix ratio or training settings (the recipe of
+    :class:`TrainConfig`; the epoch cap only has to be at least the epochs the checkpoint holds,
+    see :mod:`vitdsi_utils.training.reuse`) raises :class:`CheckpointError` naming each difference.
+    While it trains with a checkpoint, it holds the lock of the checkpoint's folder
+    (:func:`vitdsi_utils.locks.run_folder_lock`). The returned history's ``reached_target`` says
+    whether the stop rule fired (None when there is none: ``stop_on=None`` or no target).
     """
+    if checkpoint_path is not None:  # one process at a time trains into a folder
+        with run_folder_lock(Path(checkpoint_path).parent):
+            return _fit(model, codec, train, val=val, config=config, history=history, checkpoint_path=checkpoint_path,
+                        resume=resume, stop_on=stop_on, phase=phase, mix_ratio=mix_ratio, data_info=data_info)
+    return _fit(model, codec, train, val=val, config=config, history=history, checkpoint_path=checkpoint_path,
+                resume=resume, stop_on=stop_on, phase=phase, mix_ratio=mix_ratio, data_info=data_info)
+
+
+def _fit(
+    model: DSIModel,
+    codec: IDCodec,
+    train: Any,
+    *,
+    val: Any,
+    config: TrainConfig | None,
+    history: History | None,
+    checkpoint_path: str | os.PathLike | None,
+    resume: bool,
+    stop_on: str | None,
+    phase: str | None,
+    mix_ratio: float | None,
+    data_info: dict[str, Any] | None,
+) -> History:
     config = config or TrainConfig()
     model.check_codec(codec)
     device = resolve_device(config.device)
@@ -216,6 +246,18 @@ def fit(
                 "give each phase its own checkpoint path"
             )
         check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
+        if state["extra"].get("mix_ratio") != mix_ratio:
+            raise CheckpointError(
+                f"{checkpoint_path} was written for other settings: mix_ratio: saved {state['extra'].get('mix_ratio')!r}, "
+                f"requested {mix_ratio!r}. " + REUSE_HINT.format(files=checkpoint_path)
+            )
+        problems = resume_differences(state["train_config"], config, epoch=int(state["epoch"]),
+                                      stop_rule=stop_on is not None)
+        if problems:
+            raise CheckpointError(
+                f"{checkpoint_path} was written for other training settings: " + "; ".join(problems) + ". "
+                + REUSE_HINT.format(files=checkpoint_path)
+            )
         restore_training(state, model, optimizer, history, generator)
         start_epoch, step, stopped = state["epoch"], state["extra"]["step"], state["extra"]["stopped"]
     else:
@@ -296,13 +338,14 @@ def fit(
         if stopped:
             break
     bar.close()
+    history.reached_target = bool(stopped) if stop_on is not None and config.target_accuracy is not None else None
     return history
 
 
 def _reached_target(train_metrics: dict, stop_on: str | None, config: TrainConfig, epoch: int) -> bool | None:
     """True / False: stop or not; None: re-score in eval mode to decide (the running accuracy is close,
     or ``epoch`` is one of the periodic ``stop_check_every`` checks)."""
-    if stop_on is None:
+    if stop_on is None or config.target_accuracy is None:
         return False
     running = train_metrics[stop_on]["seq_acc"]
     if config.stop_metric == "train":
