@@ -51,10 +51,13 @@ REUSE_HINT = ("Delete {files} or use another run folder (--runs) to train for th
 
 
 def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
-    """``"<prefix><key>: saved <a>, requested <b>"`` for every key whose values differ (keys of both dicts)."""
-    keys = list(wanted) + [k for k in saved if k not in wanted]
-    return [f"{prefix}{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}"
-            for k in keys if saved.get(k) != wanted.get(k)]
+    """``"<prefix><key>: saved <a>, requested <b>"`` for every key of both dicts whose values differ.
+
+    A key only one side has is a setting the other side's recipe does not use (``stop_beam`` of
+    a run stopped by another metric, say); the setting that made the difference is named instead.
+    """
+    return [f"{prefix}{k}: saved {saved[k]!r}, requested {value!r}"
+            for k, value in wanted.items() if k in saved and saved[k] != value]
 
 
 @dataclass
