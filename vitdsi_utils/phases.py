@@ -401,8 +401,10 @@ def _reuse_fine_tuned(
     # the training settings among the options of older files are compared through train_config below
     saved = {k: v for k, v in saved.items() if k in options}
     found = differences(saved, {k: v for k, v in options.items() if k in saved})
-    found += finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]), reached=extra.get("reached_target"),
-                              stop_rule=bool(options["consolidate"]), capped=False).differences
+    # all its epochs are trained (no cap); the stop rule's settings count when consolidation follows
+    found += finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]),
+                              reached=extra.get("reached_target"), stop_rule=bool(options["consolidate"]),
+                              capped=False).differences
     saved_parent = extra.get("data", {}).get("parent")
     if saved_parent is not None and saved_parent != parent:
         found.append(f"indexed model: it was trained from other weights (digest {saved_parent}, this "

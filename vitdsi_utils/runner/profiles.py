@@ -34,7 +34,7 @@ TRAINING_PARAMETERS: dict[str, tuple[type, str]] = {
 
 
 def check_training_parameters(params: dict[str, Any], where: str | Path = "the profile") -> None:
-    """ValueError, in one line naming the parameter, for the first value of :data:`TRAINING_PARAMETERS` its config refuses."""
+    """ValueError (one line naming the parameter) for the first :data:`TRAINING_PARAMETERS` value its config refuses."""
     for key, (config, field) in TRAINING_PARAMETERS.items():
         if key in params:
             try:

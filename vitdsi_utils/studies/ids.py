@@ -107,7 +107,8 @@ def compare_id_schemes(
                     log(f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
                         f"collisions {assignment.collision_rate:.3f}; indexing {experiment.zero_shot.epochs} epochs "
                         f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}; fine-tuning "
-                        f"{experiment.fine_tuned.seconds:.0f} s" + (" (loaded)" if experiment.fine_tuned.loaded else ""))
+                        f"{experiment.fine_tuned.seconds:.0f} s"
+                        + (" (loaded)" if experiment.fine_tuned.loaded else ""))
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.concat(results, ignore_index=True), pd.DataFrame(runs), history_frame
 

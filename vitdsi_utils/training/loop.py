@@ -246,9 +246,10 @@ def _fit(
                 "give each phase its own checkpoint path"
             )
         check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
-        if state["extra"].get("mix_ratio") != mix_ratio:
+        saved_mix = state["extra"].get("mix_ratio")
+        if saved_mix != mix_ratio:
             raise CheckpointError(
-                f"{checkpoint_path} was written for other settings: mix_ratio: saved {state['extra'].get('mix_ratio')!r}, "
+                f"{checkpoint_path} was written for other settings: mix_ratio: saved {saved_mix!r}, "
                 f"requested {mix_ratio!r}. " + REUSE_HINT.format(files=checkpoint_path)
             )
         problems = resume_differences(state["train_config"], config, epoch=int(state["epoch"]),
