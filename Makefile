@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-gpu incremental test test-fast bench lab demo-shot clean-cache
+.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -125,7 +125,7 @@ pretrain: venv
 ## scale: latency per query against N up to all 13,394 images (DSI beam search, BoVW, dense FAISS) and IA@1 of a
 ## DSI trained on N = 512 and 1024 images, 64 px, on this CPU -> reports/scale/ (a rerun keeps the latency table)
 scale: venv
-	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 --index-epochs 100 \
+	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 --index-epochs 100 --k 10 100 \
 	  --queries 64 --query-batch 64 --repeats 3 --reuse-latency --out reports/scale --runs data/runs/scale
 
 ## target 5's IA@1 on this CPU: a DSI trained to memorise all 13,394 images (random IDs, 64 px, batch 128, stopped by the
@@ -135,8 +135,21 @@ scale-all: venv
 	mkdir -p reports/scale_all
 	test -f reports/scale_all/scale_latency.csv || cp reports/scale/scale_latency.csv reports/scale_all/
 	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 0 --index-epochs 400 --batch-size 128 \
-	  --stop-metric eval --stop-check-every 5 --target-accuracy 0.98 --queries 64 --query-batch 64 --repeats 3 --reuse-latency \
-	  --out reports/scale_all --runs data/runs/scale
+	  --stop-metric eval --stop-check-every 5 --target-accuracy 0.98 --k 10 100 --queries 64 --query-batch 64 --repeats 3 \
+	  --reuse-latency --out reports/scale_all --runs data/runs/scale
+
+## the latency half of the scale study again, without training: top-10 and top-100 against N for DSI beam search,
+## BoVW and dense search on one thread, at 64 px (beside the IA@1 tables of reports/scale and reports/scale_all) and
+## at 160 px (reports/scale_160); about 25 min on 2 idle cores
+scale-latency: venv
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia \
+	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale
+	mkdir -p reports/scale_all
+	cp reports/scale/scale_latency.csv reports/scale_all/
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia --reuse-latency \
+	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale_all
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 160 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia \
+	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale_160
 
 ## the full scale study on a GPU: the paper's model at 160 px trained on every N up to all images (hours on one H100)
 scale-gpu: venv
@@ -168,10 +181,16 @@ lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 ## benchmarks: timings written to reports/benchmarks/
-bench: venv
+bench: venv bench-beam
 	$(BIN)/python benchmarks/bench_bovw.py
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 64
 	$(BIN)/python benchmarks/bench_dsi.py --image-size 160
+
+## beam search before and after issue 17, side by side (one thread; about 6 min on an idle core), and its
+## exactness on trained smoke- and cpu-profile models (about 5 min) -> reports/benchmarks/beam_*
+bench-beam: venv
+	$(BIN)/python benchmarks/bench_beam.py --threads 1 --k 10 100
+	$(BIN)/python benchmarks/check_beam_exactness.py --threads 1
 
 ## the demo in headless Chromium: pick a query, run it, screenshot -> reports/demo/demo_$(DEMO_PROFILE).png
 ## (runs the DEMO_PROFILE study first when its models are missing; needs `apt-get install chromium`)

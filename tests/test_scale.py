@@ -178,3 +178,51 @@ def test_scale_command_passes_the_stop_rule():
     config = cli._index_config(args)
     assert (config.stop_metric, config.batch_size) == ("eval", 128)
     assert cli._index_config(cli.build_parser().parse_args(["scale"])).stop_metric == "ia"
+
+
+def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
+    """Top-10 and top-100 beside each other (issue 17): one build per (N, method), a row per k."""
+    from vitdsi_utils.studies import scale as scale_module
+
+    image_set = synthetic_set()
+    builds = []
+    bovw_rows = scale_module._bovw_latency_rows
+    monkeypatch.setattr(scale_module, "_bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
+    table = latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=[3, 10], repeats=1,
+                                model_overrides=TINY, bovw_words=8, progress=False)
+    assert len(table) == 12 and builds == [1, 1]
+    assert sorted(set(zip(table["n"], table["method"], table["k"]))) == sorted(
+        (n, m, k) for n in (20, 60) for m in METHODS for k in (3, 10))
+    fig = scale_figure(table)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "DSI beam search, top-3" in labels and "Dense (FAISS), top-10" in labels
+    text = scale_markdown(table, None, {"size": SIZE})
+    assert "Top-3:" in text and "Top-10:" in text and "At N = 60, top-10: DSI beam search" in text
+    assert "x dense search" in text
+    # a table with both list lengths is reusable for both, not for another set
+    path = tmp_path / "scale_latency.csv"
+    table.to_csv(path, index=False)
+    same = dict(n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
+    assert len(reusable_latency(path, [20, 60], k=[3, 10], **same)) == 12
+    assert reusable_latency(path, [20, 60], k=10, **same) is None
+    assert reusable_latency(path, [20, 60], k=[10, 100], **same) is None
+
+
+def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path):
+    from vitdsi_utils import cli
+
+    out = tmp_path / "scale"
+    out.mkdir()
+    ia = pd.DataFrame({"n": [30], "IA@1": [0.97], "epochs": [12], "train_s": [60.0], "reached": [True]})
+    ia.to_csv(out / "scale_ia.csv", index=False)
+    before = (out / "scale_ia.csv").read_text()
+    code = cli.main(["scale", "--source", "digits", "--size", "32", "--n", "30", "--ia-n", "30", "--keep-ia",
+                     "--dim", "32", "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--queries", "4",
+                     "--query-batch", "4", "--repeats", "1", "--k", "5", "10", "--words", "8", "--out", str(out),
+                     "--runs", str(tmp_path / "runs")])
+    assert code == 0 and not (tmp_path / "runs").exists()  # nothing trained
+    assert (out / "scale_ia.csv").read_text() == before
+    latency = pd.read_csv(out / "scale_latency.csv")
+    assert sorted(set(latency["k"])) == [5, 10] and len(latency) == 6
+    text = (out / "scale.md").read_text()
+    assert "Top-5:" in text and "0.97" in text

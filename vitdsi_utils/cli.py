@@ -107,7 +107,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, sizes_default: int =
 
 
 def _add_fine_tune_options(parser: argparse.ArgumentParser) -> None:
-    """The retrieval fine-tuning options of issue 5 (see ``experiments.fine_tune``)."""
+    """The retrieval fine-tuning options of issue 5 (see ``phases.fine_tune``)."""
     parser.add_argument("--targets", default="pairs", choices=["pairs", "same-class"],
                         help="fine-tuning targets: fixed (query, relevant ID) pairs (default), or same-class: one "
                         "relevant ID per train query, redrawn at random every epoch")
@@ -396,6 +396,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         image_set, ns, ia_ns, index_config=config, out_dir=out, runs_dir=runs, model_overrides=_model_overrides(args),
         n_queries=args.queries, batch_size=args.query_batch, k=args.k, repeats=args.repeats, bovw_words=args.words,
         device=args.device, amp=args.amp, id_scheme=args.ids, seed=args.seeds[0], reuse_latency=args.reuse_latency,
+        keep_ia=args.keep_ia,
     )
     print(scale_markdown(latency, ia, {"source": args.source, "size": args.size, "device": args.device, "k": args.k,
                                        "queries": args.queries, "repeats": args.repeats}))
@@ -653,8 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--queries", type=int, default=64, help="queries in the timed batch")
     scale.add_argument("--query-batch", type=int, default=64, help="queries decoded together by the beam search")
     scale.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
-    scale.add_argument("--k", type=int, default=100, help="results per query (and the DSI beam width)")
+    scale.add_argument("--k", type=int, nargs="+", default=[100],
+                       help="results per query (and the DSI beam width); several (e.g. 10 100): latency for each, "
+                       "IA@1 with the largest")
     scale.add_argument("--words", type=int, default=200, help="BoVW visual words")
+    scale.add_argument("--keep-ia", action="store_true",
+                       help="latency only: train nothing, keep the IA@1 table already in --out and redraw the "
+                       "figure with it (--ia-n is ignored)")
     scale.add_argument("--reuse-latency", action="store_true",
                        help="keep the latency table already in --out when it covers every N at these settings")
     scale.add_argument("--out", default=None, help="output folder (default: reports/scale)")

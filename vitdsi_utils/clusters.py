@@ -10,13 +10,13 @@ so beside those label-free scores we can also ask whether the clusters follow th
 Stages, each a plain function:
 
 * :func:`embed` turns uint8 images into one vector per image with a ViT encoder of the toolkit
-  (``model.ViTEncoder`` and its subclasses ``DSIModel`` and ``dense.DenseEncoder``): the output of
+  (``model.vit.ViTEncoder`` and its subclasses ``DSIModel`` and ``baselines.dense.DenseEncoder``): the output of
   the class token (models that have one), the mean of the patch tokens, or all patch tokens
   concatenated (seed 002's "concatenation");
 * :func:`kmeans` and :func:`cluster_scores` cluster one array and score the clustering;
-* :func:`sweep` does that over a range of k, :func:`elbow_k` picks the elbow of the
-  sum-of-squares curve, and :func:`cluster_study` runs the sweep for several embeddings;
-* :func:`metric_curves`, :func:`size_histograms` and :func:`cluster_gallery` draw the figures.
+* :func:`sweep` does that over a range of k and :func:`elbow_k` picks the elbow of the
+  sum-of-squares curve; the study over several encoders, and its figures, are
+  :mod:`vitdsi_utils.studies.clusters`.
 
 Definitions (X the embeddings, c(i) the cluster of image i, y(i) its class, n images):
 
@@ -90,7 +90,7 @@ def embed(
 ) -> np.ndarray:
     """Embeddings (n, D) float32 of uint8 images (n, S, S, 3) by a toolkit ViT encoder; (n, P * D) for 'concat'.
 
-    ``model`` is any :class:`~vitdsi_utils.model.ViTEncoder` (a ``DSIModel``, a ``DenseEncoder``).
+    ``model`` is any :class:`~vitdsi_utils.model.vit.ViTEncoder` (a ``DSIModel``, a ``DenseEncoder``).
     It runs in eval mode (no dropout) without gradients, ``batch_size`` images at a time on the
     model's device, and is put back in the mode it was in. ``pooling`` is one of
     :data:`POOLINGS`; 'cls' needs a class token (see :func:`available_poolings`). With

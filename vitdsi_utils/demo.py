@@ -1,8 +1,8 @@
 """The query demo: pick a test image (or upload one), run every model on it, see the top-K side by side.
 
 A *searcher* is any object with ``search(images, k) -> (scores, rows)`` for uint8 images
-(Q, S, S, 3), returning (Q, k) arrays of scores (higher is better) and database rows.
-:class:`BoVWSearcher` and :class:`DSISearcher` adapt the two models of the study.
+(Q, S, S, 3), returning (Q, k) arrays of scores (higher is better) and database rows
+(:mod:`vitdsi_utils.retrieval.searchers` adapts every model of the study).
 
 :class:`QueryDemo` keeps its logic in plain methods (``select_query``, ``use_upload``,
 ``set_k``, ``set_models``, ``run``), so it can be driven and checked without a browser; its

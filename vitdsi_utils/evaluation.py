@@ -1,4 +1,7 @@
-"""Score models on a Database and assemble the study's result tables (ours beside the paper's)."""
+"""Score models on a database: long result rows (metric, value, interval, chance) for BoVW and the DSI.
+
+The paper's numbers are set beside these rows by :func:`vitdsi_utils.reports.paper.attach_paper`.
+"""
 
 from __future__ import annotations
 

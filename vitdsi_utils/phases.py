@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from vitdsi_utils.baselines.init import EncoderInit, init_encoder, resolve_torchvision_file
-from vitdsi_utils.baselines.ssl import INIT_SOURCES
+from vitdsi_utils.baselines.init import INIT_SOURCES, EncoderInit, init_encoder, resolve_torchvision_file
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
@@ -67,7 +66,7 @@ def model_config(db: Database, codec: IDCodec, **model_overrides: Any) -> DSICon
     return DSIConfig.from_codec(codec, image_size=db.settings["size"], **model_overrides)
 
 
-#: An encoder initialisation: (source, path), source one of ``pretrain.INIT_SOURCES``.
+#: An encoder initialisation: (source, path), source one of ``baselines.init.INIT_SOURCES``.
 EncoderInitSpec = tuple[str, "str | Path"]
 
 
@@ -77,7 +76,7 @@ def new_model(
     """A fresh DSI model sized for ``db``'s images and ``codec``'s vocabulary (paper defaults otherwise).
 
     ``encoder_init=(source, path)`` copies its encoder from a pretrained checkpoint
-    (:func:`vitdsi_utils.pretrain.init_encoder`: "ssl", "dense", "dsi" or "torchvision").
+    (:func:`vitdsi_utils.baselines.init.init_encoder`: "ssl", "dense", "dsi" or "torchvision").
     """
     model = DSIModel(model_config(db, codec, **model_overrides))
     if encoder_init is not None:
@@ -135,7 +134,7 @@ def index_database(
     """Indexing phase: train a new model until it reproduces every indexed image's ID.
 
     ``codec`` holds the IDs (database row r gets ``codec.codes[r]``); default: the database's
-    dense IDs (``semantic_ids.codec_for(db)``). With ``run_dir``, a finished model is loaded
+    dense IDs (``ids.schemes.codec_for(db)``). With ``run_dir``, a finished model is loaded
     from ``zero_shot.pt`` instead of retrained, and an interrupted one resumes from
     ``indexing.ckpt``. Either must have been written for this database, these IDs, this
     model configuration and these training settings (``config``'s recipe), or a
@@ -272,10 +271,10 @@ def fine_tune(
     every pair once). The result is saved as ``multitask.pt`` rather than ``fine_tuned.pt``.
 
     ``targets="same-class"`` replaces the fixed pairs by one target per train query and epoch,
-    drawn at random among its relevant indexed images (:class:`~vitdsi_utils.train.SameClassTargets`;
+    drawn at random among its relevant indexed images (:class:`~vitdsi_utils.training.tasks.SameClassTargets`;
     ``max_pairs_per_query`` then does not apply). ``index_views=k`` adds k randomly flipped and
     cropped views (crop side >= ``view_min_crop``) of every indexed image per epoch as extra
-    queries whose target is that image's own ID (:class:`~vitdsi_utils.train.AugmentedViews`).
+    queries whose target is that image's own ID (:class:`~vitdsi_utils.training.tasks.AugmentedViews`).
     Label smoothing is ``config.label_smoothing``.
 
     ``consolidate=E`` appends up to E epochs of indexing alone (phase "consolidate"), stopped as

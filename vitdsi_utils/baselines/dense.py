@@ -4,7 +4,7 @@ The "index-then-retrieve" counterpart of the DSI with a learned representation. 
 recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021; seed 001
 of the study):
 
-* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.ViTEncoder`, same size by
+* the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.vit.ViTEncoder`, same size by
   default: patch 16, width 128, 6 blocks, 4 heads), pooled into one vector per image (the mean
   of the patch tokens, or the output of an added class token as in seed 001) and
   L2-normalised, so an inner product is a cosine similarity;
@@ -26,9 +26,10 @@ In formulas, for a batch of N embeddings z with labels y::
 Batches are drawn so that positives always exist: each batch is made of groups of
 ``per_class`` images of one class (see :func:`class_batches`).
 
-Entry points: :class:`DenseRetriever` (scikit-learn style: ``fit``, ``transform``, ``index``,
-``search``), :func:`train_dense`, :func:`evaluate_dense` and :func:`train_or_load`, which the
-notebook ``07_dense`` and ``vitdsi dense`` use.
+This module holds the encoder, its losses, :func:`train_dense` and its checkpoints. Searching with
+it is :class:`vitdsi_utils.retrieval.searchers.DenseRetriever` (scikit-learn style: ``fit``,
+``transform``, ``index``, ``search``) over :class:`vitdsi_utils.baselines.index.FlatIPIndex`;
+the study that trains and scores it is :mod:`vitdsi_utils.studies.dense`.
 """
 
 from __future__ import annotations
@@ -44,17 +45,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vitdsi_utils import metrics
-from vitdsi_utils.atomic import atomic_path
 from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
-from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import CheckpointError, restore_training, rng_state
+from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
 from vitdsi_utils.training.config import PlainConfig, check_int, check_number
+from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, differences
 
@@ -65,10 +64,8 @@ DENSE_MODEL = "Dense (contrastive ViT)"
 POOLINGS = ("cls", "mean")
 
 
-CHECKPOINT_KIND = "dense-encoder"
 
 
-CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,25 +350,8 @@ def train_dense(
     training continues from it (a finished run returns at once) when it was written for this
     model, these settings and these images (:func:`dense_mismatches`: more epochs than it holds
     continue it; anything else is refused with a CheckpointError naming every difference). The
-    checkpoint's folder is locked while this runs (:mod:`vitdsi_utils.locks`).
+    checkpoint's folder is locked while this runs (:func:`~vitdsi_utils.training.engine.run_training`).
     """
-    if checkpoint_path is not None:  # one process at a time trains into a folder
-        with run_folder_lock(Path(checkpoint_path).parent):
-            return _train_dense(model, images, labels, config=config, val=val, checkpoint_path=checkpoint_path,
-                                resume=resume)
-    return _train_dense(model, images, labels, config=config, val=val, checkpoint_path=None, resume=resume)
-
-
-def _train_dense(
-    model: DenseEncoder,
-    images: np.ndarray | torch.Tensor,
-    labels: Any,
-    *,
-    config: DenseTrainConfig | None,
-    val: tuple | None,
-    checkpoint_path: str | os.PathLike | None,
-    resume: bool,
-) -> History:
     config = config or DenseTrainConfig()
     device = _resolve_device(config.device)
     images = _as_image_tensor(images, model.config)
@@ -379,68 +359,66 @@ def _train_dense(
     if len(images) < 2:
         raise ValueError("training needs at least 2 images")
     model.to(device)
-    data, targets = images.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = History()
-    start_epoch, step = 0, 0
     fingerprint = _fingerprint(images, labels)
+    objective = _DenseObjective(images.to(device), labels, labels.to(device), config, val)
 
-    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-        state = read_dense_checkpoint(checkpoint_path, device)
+    def load(path: Path) -> dict[str, Any]:
+        state = read_dense_checkpoint(path, device)
         problems = dense_mismatches(state, model.config, config, fingerprint)
         if problems:
-            raise CheckpointError(f"{checkpoint_path} was trained for other settings: {'; '.join(problems)}. "
-                                  + REUSE_HINT.format(files=checkpoint_path))
-        restore_training(state, model, optimizer, history, generator)
-        start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
-    else:
-        torch.manual_seed(config.seed)
+            raise CheckpointError(f"{path} was trained for other settings: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=path))
+        return state
 
-    def save(epoch: int) -> None:
-        save_dense(checkpoint_path, model, config, history, epoch=epoch, optimizer=optimizer,
-                   rng=rng_state(generator), extra={"data": fingerprint, "step": step})
+    def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
+        save_dense(path, model, config, history, epoch=epoch, optimizer=optimizer, rng=rng_state(generator),
+                   extra={"data": fingerprint, "step": counters["step"]})
 
-    bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, desc="dense",
-               disable=not config.progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        batches = class_batches(labels, config.batch_size, config.per_class, generator)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for ids in batches:
-            ids = ids.to(device)
-            batch = augment(data[ids], generator, flip=config.flip, min_crop=config.min_crop)
-            if config.warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-            terms = dense_loss(model(batch), targets[ids], margin=config.margin,
-                               entropy_weight=config.entropy_weight)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            sums += torch.stack([t.detach().double() for t in terms])
-        means = (sums / max(len(batches), 1)).tolist()
-        row = {"phase": "dense", "epoch": epoch + 1, "split": "train", "task": "contrastive",
-               "loss": means[0], "contrastive": means[1], "entropy": means[2],
-               "seconds": time.perf_counter() - t0, "n_examples": int(sum(len(b) for b in batches))}
-        history.append(row)
-        postfix = {"loss": f"{means[0]:.3f}"}
-        if val is not None:
-            t1 = time.perf_counter()
-            scores = _validation_scores(model, val, config.eval_batch_size)
-            history.append({"phase": "dense", "epoch": epoch + 1, "split": "val", "task": "contrastive",
-                            **scores, "seconds": time.perf_counter() - t1, "n_examples": len(val[0])})
-            postfix["val_map@10"] = f"{scores['map@10']:.3f}"
-        bar.set_postfix(postfix)
-        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-            save(epoch + 1)
-    bar.close()
+    history = History()
+    checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
+    run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
+                 lr_at=linear_warmup(config.lr, config.warmup_steps), grad_clip=config.grad_clip, history=history,
+                 checkpoint=checkpoint, desc="dense", progress=config.progress)
     model.eval()
     return history
+
+
+class _DenseObjective:
+    """Contrastive loss with the entropy regulariser over class-balanced batches of augmented views."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, config: DenseTrainConfig,
+                 val: tuple | None):
+        self.data, self.labels, self.targets, self.config, self.val = data, labels, targets, config, val
+        self.sums = torch.zeros(3, dtype=torch.float64, device=data.device)
+        self.batches: list[torch.Tensor] = []
+
+    def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        self.batches = class_batches(self.labels, self.config.batch_size, self.config.per_class, generator)
+        self.sums.zero_()
+        return self.batches
+
+    def loss(self, model: torch.nn.Module, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        ids = ids.to(self.data.device)
+        c = self.config
+        batch = augment(self.data[ids], generator, flip=c.flip, min_crop=c.min_crop)
+        terms = dense_loss(model(batch), self.targets[ids], margin=c.margin, entropy_weight=c.entropy_weight)
+        self.sums += torch.stack([t.detach().double() for t in terms])
+        return terms.total
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
+        means = (self.sums / max(len(self.batches), 1)).tolist()
+        rows = [{"phase": "dense", "epoch": epoch, "split": "train", "task": "contrastive", "loss": means[0],
+                 "contrastive": means[1], "entropy": means[2], "seconds": seconds,
+                 "n_examples": int(sum(len(b) for b in self.batches))}]
+        postfix = {"loss": f"{means[0]:.3f}"}
+        if self.val is not None:
+            t1 = time.perf_counter()
+            scores = _validation_scores(model, self.val, self.config.eval_batch_size)
+            rows.append({"phase": "dense", "epoch": epoch, "split": "val", "task": "contrastive", **scores,
+                         "seconds": time.perf_counter() - t1, "n_examples": len(self.val[0])})
+            postfix["val_map@10"] = f"{scores['map@10']:.3f}"
+        return EpochEnd(rows, postfix)
 
 
 # ------------------------------------------------------------------------------------------
@@ -457,44 +435,19 @@ def save_dense(
     rng: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write the encoder, its configs, history, optimiser and RNG state atomically (plain data and tensors only)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": CHECKPOINT_KIND,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": model.config.to_dict(),
-        "train_config": train_config.to_dict() if train_config is not None else None,
-        "epoch": int(epoch),
-        "history": [dict(r) for r in history or []],
-        "rng": rng,
-        "extra": dict(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    """Write the encoder, its configs, history, optimiser and RNG state: a checkpoint of kind ``"dense-encoder"``."""
+    return write_checkpoint(
+        path, "dense-encoder", model=model, optimizer=optimizer, config=model.config.to_dict(),
+        train_config=train_config.to_dict() if train_config is not None else None, epoch=epoch, history=history,
+        rng=rng, extra=extra,
+    )
 
 
 def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), "
-            "`vitdsi dense`, or notebook 07_dense)"
-        )
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated files and foreign pickles raise several types
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
-                         "delete it and train again") from error
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        what = "a DSI checkpoint" if isinstance(state, dict) and "codec" in state else "not a dense-encoder checkpoint"
-        raise ValueError(f"{path} is {what}; load DSI models with train.load_model, dense encoders from "
-                         "files written by save_dense / train_dense")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown dense checkpoint format {state.get('format')!r} "
-                         f"(this version reads format {CHECKPOINT_FORMAT}); train again")
-    return state
+    """The state of a dense-encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
+    hint = ("train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `vitdsi dense`, or notebook "
+            "07_dense); DSI models load with training.checkpoint.load_model")
+    return read_checkpoint(path, "dense-encoder", map_location, hint=hint)
 
 
 def load_dense(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DenseEncoder, dict]:

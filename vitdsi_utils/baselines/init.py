@@ -2,6 +2,12 @@
 
 Sources (:data:`INIT_SOURCES`): a self-supervised encoder (:mod:`vitdsi_utils.baselines.ssl`), the dense
 baseline's encoder (:mod:`vitdsi_utils.baselines.dense`), or torchvision ViT weights from a local file.
+
+The encoder weights are the parameters whose names start with ``patch_embed.``, ``pos_embed``,
+``peg.`` or ``encoder.`` (:data:`~vitdsi_utils.baselines.ssl.ENCODER_PREFIXES`): the same keys in
+every :class:`~vitdsi_utils.model.vit.ViTEncoder` subclass, so any of them can initialise any other.
+The architecture fields of the configs (:data:`~vitdsi_utils.baselines.ssl.ARCHITECTURE_FIELDS`)
+must agree; dropout need not. torchvision's ``VisionTransformer`` names are mapped onto ours.
 """
 
 from __future__ import annotations
@@ -19,17 +25,31 @@ from vitdsi_utils.baselines.dense import DenseConfig, read_dense_checkpoint
 from vitdsi_utils.baselines.ssl import (
     ARCHITECTURE_FIELDS,
     ENCODER_PREFIXES,
-    INIT_SOURCES,
-    _read_ssl,
-    _torch_load,
     encoder_state_dict,
+    read_ssl_checkpoint,
 )
 from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
 from vitdsi_utils.training.checkpoint import load_checkpoint
 
+#: Where an encoder can start from: a self-supervised, dense or DSI checkpoint, or torchvision ViT weights.
+INIT_SOURCES = ("ssl", "dense", "dsi", "torchvision")
+
+
 # ------------------------------------------------------------------------------------------
 # torchvision's VisionTransformer -> our encoder
 # ------------------------------------------------------------------------------------------
+def _torch_load(path: str | os.PathLike, what: str, hint: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what the file should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {hint}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickles with code, truncated files, foreign formats raise several types
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(f"{path} is not {what} that loads safely ({type(error).__name__}: {reason}); {hint}") from error
+
+
 _TV_REQUIRED = ("conv_proj.weight", "conv_proj.bias", "class_token", "encoder.pos_embedding", "encoder.ln.weight",
                 "encoder.ln.bias")
 
@@ -221,7 +241,7 @@ class EncoderInit:
 def _source_encoder(source: str, path: str | os.PathLike, target: ViTConfig) -> tuple[dict, ViTConfig | None, torch.Tensor | None, str, dict]:
     """(encoder state, its config (None: already checked), class token, file, details) of one source."""
     if source == "ssl":
-        state = _read_ssl(path)
+        state = read_ssl_checkpoint(path)
         return state["encoder"], ViTConfig.from_dict(state["config"]), None, str(path), {"epochs": state["epoch"]}
     if source == "dense":
 

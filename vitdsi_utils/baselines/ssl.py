@@ -1,8 +1,9 @@
-"""Encoder initialisation: self-supervised pretraining, and weights from elsewhere.
+"""Self-supervised pretraining of a ViT encoder (SimCLR style), and its checkpoints.
 
 The DSI normally starts from random weights and has to learn what images look like from 128
 indexed images and a few hundred queries. This module gives its ViT encoder (and the dense
-baseline's, which is the same :class:`~vitdsi_utils.model.ViTEncoder`) a better start.
+baseline's, which is the same :class:`~vitdsi_utils.model.vit.ViTEncoder`) a better start, to be
+copied by :func:`vitdsi_utils.baselines.init.init_encoder`.
 
 **Self-supervised pretraining** (:func:`train_ssl`). No pretrained weights can be downloaded on
 the project's machines, so the encoder learns from unlabelled images itself, SimCLR style:
@@ -17,20 +18,6 @@ source that no database of the study draws, for any of the given sizes N and the
 role (indexed, train, val or test query). So the pretraining never sees an image that is
 later memorised or used as a query; it only sees other photos of the same ten classes, which
 is what a user with a photo archive beside their database would have.
-
-**One entry point for every initialisation** (:func:`init_encoder`): copy the encoder part of
-a DSI model or dense encoder from
-
-* ``"ssl"``: a checkpoint of :func:`train_ssl` / :func:`save_ssl`;
-* ``"dense"``: a dense-retrieval checkpoint (:func:`vitdsi_utils.dense.save_dense`);
-* ``"dsi"``: a DSI checkpoint (:func:`vitdsi_utils.train.save_checkpoint`);
-* ``"torchvision"``: a state dict of torchvision's ``VisionTransformer`` (e.g. the
-  ``vit_b_16`` weights file a user has locally), with its parameter names mapped onto ours.
-
-The encoder weights are the parameters whose names start with ``patch_embed.``, ``pos_embed``,
-``peg.`` or ``encoder.`` (:data:`ENCODER_PREFIXES`): the same keys in every
-:class:`ViTEncoder` subclass, so any of them can initialise any other. The architecture fields
-of the configs (:data:`ARCHITECTURE_FIELDS`) must agree; dropout need not.
 """
 
 from __future__ import annotations
@@ -38,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +34,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from vitdsi_utils.atomic import atomic_path
-from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import CheckpointError, restore_training, rng_state
+from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
 from vitdsi_utils.training.config import PlainConfig, check_int, check_number, resolve_device
+from vitdsi_utils.training.engine import Checkpointing, EpochEnd, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, differences
-
-INIT_SOURCES = ("ssl", "dense", "dsi", "torchvision")
-
 
 #: The parameter-name prefixes of the encoder part of every ViTEncoder subclass.
 ENCODER_PREFIXES = ViTEncoder.ENCODER_KEYS
@@ -70,10 +51,8 @@ ARCHITECTURE_FIELDS = ("image_size", "patch_size", "channels", "dim", "mlp_dim",
                        "norm_eps")
 
 
-CHECKPOINT_KIND = "ssl-encoder"
 
 
-CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,22 +279,9 @@ def train_ssl(
     written every ``checkpoint_every`` epochs and after the last; an existing one is resumed
     (a finished run returns at once) when it was written for the same model, settings (the
     recipe of :class:`SSLConfig`, epochs included) and images; otherwise a CheckpointError names
-    every difference. The checkpoint's folder is locked while this runs (:mod:`vitdsi_utils.locks`).
+    every difference. The checkpoint's folder is locked while this runs
+    (:func:`~vitdsi_utils.training.engine.run_training`).
     """
-    if checkpoint_path is not None:  # one process at a time trains into a folder
-        with run_folder_lock(Path(checkpoint_path).parent):
-            return _train_ssl(model, images, config=config, checkpoint_path=checkpoint_path, resume=resume)
-    return _train_ssl(model, images, config=config, checkpoint_path=None, resume=resume)
-
-
-def _train_ssl(
-    model: SSLEncoder,
-    images: np.ndarray | torch.Tensor,
-    *,
-    config: SSLConfig | None,
-    checkpoint_path: str | os.PathLike | None,
-    resume: bool,
-) -> History:
     config = config or SSLConfig()
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
@@ -327,72 +293,72 @@ def _train_ssl(
         raise ValueError("self-supervised training needs at least 2 images")
     device = resolve_device(config.device)
     model.to(device)
-    data = images.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = History()
     fingerprint = _fingerprint(images)
     per_epoch = len(images) // config.batch_size + (len(images) % config.batch_size >= 2)
     total_steps = max(1, per_epoch * config.epochs)
-    start_epoch, step = 0, 0
-    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-        state = _read_ssl(checkpoint_path, device)
+    objective = _InfoNCEObjective(images.to(device), config)
+
+    def load(path: Path) -> dict[str, Any]:
+        state = read_ssl_checkpoint(path, device)
         problems = _mismatches(state, model, config, fingerprint)
         if problems:
-            raise CheckpointError(f"{checkpoint_path} was written for another run: {'; '.join(problems)}. "
-                                  + REUSE_HINT.format(files=checkpoint_path))
-        restore_training(state, model, optimizer, history, generator)
-        start_epoch, step = int(state["epoch"]), int(state["extra"].get("step", 0))
-    else:
-        torch.manual_seed(config.seed)
+            raise CheckpointError(f"{path} was written for another run: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=path))
+        return state
 
-    def save(epoch: int) -> None:
-        save_ssl(checkpoint_path, model, config, history, epoch=epoch, optimizer=optimizer,
-                 rng=rng_state(generator), extra={"data": fingerprint, "step": step, "n_images": len(images)})
+    def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
+        save_ssl(path, model, config, history, epoch=epoch, optimizer=optimizer, rng=rng_state(generator),
+                 extra={"data": fingerprint, "step": counters["step"], "n_images": len(images)})
 
-    bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs, desc="ssl",
-               disable=not config.progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(images), generator=generator)
-        batches = [b for b in order.split(config.batch_size) if len(b) >= 2]
-        sums = torch.zeros(3, dtype=torch.float64)
-        for ids in batches:
-            batch = data[ids.to(device)]
-            v1, v2 = augment_views(batch, generator, config), augment_views(batch, generator, config)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total_steps, config)
-            z = model(torch.cat([v1, v2]))
-            z1, z2 = z[: len(ids)], z[len(ids):]
-            loss = info_nce(z1, z2, config.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            with torch.no_grad():
-                sim = z1 @ z2.T
-                pos = sim.diagonal().mean()
-                neg = (sim.sum() - sim.diagonal().sum()) / max(1, sim.numel() - len(ids))
-            sums += torch.stack([loss.detach(), pos, neg]).double().cpu()
-        means = (sums / max(1, len(batches))).tolist()
-        history.append({"phase": "ssl", "epoch": epoch + 1, "split": "train", "task": "infonce", "loss": means[0],
-                        "pos_sim": means[1], "neg_sim": means[2], "seconds": time.perf_counter() - t0,
-                        "n_examples": int(sum(len(b) for b in batches))})
-        bar.set_postfix(loss=f"{means[0]:.3f}", pos=f"{means[1]:.2f}", neg=f"{means[2]:.2f}")
-        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
-            save(epoch + 1)
-    bar.close()
+    history = History()
+    checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
+    run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
+                 lr_at=lambda step: _lr_at(step, total_steps, config), grad_clip=config.grad_clip, history=history,
+                 checkpoint=checkpoint, desc="ssl", progress=config.progress)
     model.eval()
     return history
+
+
+class _InfoNCEObjective:
+    """InfoNCE between two augmented views of every image of a batch (SimCLR)."""
+
+    def __init__(self, data: torch.Tensor, config: SSLConfig):
+        self.data, self.config = data, config
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.batches: list[torch.Tensor] = []
+
+    def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        order = torch.randperm(len(self.data), generator=generator)
+        self.batches = [b for b in order.split(self.config.batch_size) if len(b) >= 2]
+        self.sums.zero_()
+        return self.batches
+
+    def loss(self, model: torch.nn.Module, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = self.data[ids.to(self.data.device)]
+        v1, v2 = augment_views(batch, generator, self.config), augment_views(batch, generator, self.config)
+        z = model(torch.cat([v1, v2]))
+        z1, z2 = z[: len(ids)], z[len(ids):]
+        loss = info_nce(z1, z2, self.config.temperature)
+        with torch.no_grad():
+            sim = z1 @ z2.T
+            pos = sim.diagonal().mean()
+            neg = (sim.sum() - sim.diagonal().sum()) / max(1, sim.numel() - len(ids))
+        self.sums += torch.stack([loss.detach(), pos, neg]).double().cpu()
+        return loss
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
+        means = (self.sums / max(1, len(self.batches))).tolist()
+        row = {"phase": "ssl", "epoch": epoch, "split": "train", "task": "infonce", "loss": means[0],
+               "pos_sim": means[1], "neg_sim": means[2], "seconds": seconds,
+               "n_examples": int(sum(len(b) for b in self.batches))}
+        return EpochEnd([row], {"loss": f"{means[0]:.3f}", "pos": f"{means[1]:.2f}", "neg": f"{means[2]:.2f}"})
 
 
 def _mismatches(state: dict, model: SSLEncoder, config: SSLConfig, fingerprint: str) -> list[str]:
     """Every difference between a checkpoint and the run that wants it (model, recipe incl. epochs, images)."""
     problems = differences({**ViTConfig().to_dict(), **state["config"]}, model.config.to_dict(), "model ")
-    problems += differences(SSLConfig.recipe_of(state["ssl_config"] or {}), config.recipe())
+    problems += differences(SSLConfig.recipe_of(state["train_config"] or {}), config.recipe())
     if state["extra"].get("data") != fingerprint:
         problems.append("the images differ")
     return problems
@@ -414,70 +380,28 @@ def save_ssl(
     rng: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write the pretrained encoder atomically: plain data and tensors only, so it loads with ``weights_only=True``.
+    """Write the pretrained encoder: a checkpoint of kind ``"ssl-encoder"`` (loads with ``weights_only=True``).
 
     ``encoder`` holds the encoder weights alone (what :func:`init_encoder` copies), ``model``
     the encoder with its projection head (what resuming needs).
     """
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": CHECKPOINT_KIND,
-        "model": model.state_dict(),
-        "encoder": encoder_state_dict(model),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": model.config.to_dict(),
-        "head": {"proj_hidden": model.head[0].out_features, "proj_dim": model.head[2].out_features},
-        "ssl_config": config.to_dict() if config is not None else None,
-        "epoch": int(epoch),
-        "history": [dict(r) for r in history or []],
-        "rng": rng,
-        "extra": dict(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    return write_checkpoint(
+        path, "ssl-encoder", model=model, optimizer=optimizer, config=model.config.to_dict(),
+        train_config=config.to_dict() if config is not None else None, epoch=epoch, history=history, rng=rng,
+        extra=extra, encoder=encoder_state_dict(model),
+        head={"proj_hidden": model.head[0].out_features, "proj_dim": model.head[2].out_features},
+    )
 
 
-def _torch_load(path: str | os.PathLike, what: str, hint: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that say what the file should have been."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {hint}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # pickles with code, truncated files, foreign formats raise several types
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise ValueError(f"{path} is not {what} that loads safely ({type(error).__name__}: {reason}); {hint}") from error
-
-
-def _kind_of(state: Any) -> str:
-    """What a loaded checkpoint is, in words ("a dense checkpoint", "a dsi checkpoint", ...)."""
-    if isinstance(state, dict):
-        if state.get("kind") == "dense-encoder":
-            return "a dense checkpoint"
-        if "codec" in state:
-            return "a dsi checkpoint"
-        if "conv_proj.weight" in state:
-            return "a torchvision state dict"
-    return "an unknown file"
-
-
-def _read_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    hint = "pretrain an encoder with `vitdsi pretrain` or pretrain.train_ssl(..., checkpoint_path=...)"
-    state = _torch_load(path, "a self-supervised encoder checkpoint", hint, map_location)
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        kind = _kind_of(state)
-        raise ValueError(f"{path} is {kind}, not a self-supervised encoder checkpoint; "
-                         + (f"use source {kind.split()[1]!r} for it" if kind.split()[1] in INIT_SOURCES else hint))
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown SSL checkpoint format {state.get('format')!r} "
-                         f"(this version reads {CHECKPOINT_FORMAT}); pretrain again")
-    return state
+def read_ssl_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The state of a self-supervised encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
+    hint = "pretrain an encoder with `vitdsi pretrain` or baselines.ssl.train_ssl(..., checkpoint_path=...)"
+    return read_checkpoint(path, "ssl-encoder", map_location, hint=hint)
 
 
 def load_ssl(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[SSLEncoder, dict]:
     """(pretrained encoder with its head, in eval mode; meta: configs, epoch, history, extra)."""
-    state = _read_ssl(path, map_location)
+    state = read_ssl_checkpoint(path, map_location)
     model = SSLEncoder(ViTConfig.from_dict(state["config"]), **state["head"])
     model.load_state_dict(state["model"])
     model.to(map_location).eval()

@@ -1,7 +1,7 @@
 """Random views of uint8 images: flips and crops, drawn for a whole batch at once from a seeded generator.
 
-Shared by the dense baseline (:mod:`vitdsi_utils.dense`), which trains on such views, and the
-DSI's retrieval fine-tuning (:mod:`vitdsi_utils.train`), where augmented views of the indexed
+Shared by the dense baseline (:mod:`vitdsi_utils.baselines.dense`), which trains on such views, and the
+DSI's retrieval fine-tuning (:mod:`vitdsi_utils.training.loop`), where augmented views of the indexed
 images serve as extra queries that must return their own image's ID.
 """
 

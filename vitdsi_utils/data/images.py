@@ -1,4 +1,6 @@
-"""Image sources -> preprocessed uint8 arrays (cached) -> an indexed database with query splits.
+"""Image sources -> preprocessed uint8 arrays, cached, with a manifest that names every file and its fate.
+
+A study database is drawn from these images by :mod:`vitdsi_utils.data.database`.
 
 Sources:
 

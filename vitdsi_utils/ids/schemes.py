@@ -20,7 +20,7 @@ Embeddings come from any encoder as an (n_index, d) float array; by default
 
 Decoding is constrained to the prefix trie of the IDs that exist (``IDCodec.trie``), so the
 beam search cannot return a token sequence that is not an ID: its invalid-ID rate is 0 by
-construction. :func:`invalid_id_rates` measures it anyway, beside the rate of free (greedy,
+construction. :func:`vitdsi_utils.model.decoding.invalid_id_rates` measures it anyway, beside the rate of free (greedy,
 unconstrained) decoding, which says how far the model on its own strays from the ID set.
 """
 

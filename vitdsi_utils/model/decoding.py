@@ -1,11 +1,15 @@
 """Turn a trained DSI model into a ranked list of database rows per query image.
 
 * :func:`beam_search` - constrained beam search over the prefix trie of the existing IDs,
-  batched over queries and beams (the paper's retrieval).
+  batched over queries and beams (the paper's retrieval), decoding incrementally: each query is
+  encoded once, each decoder layer projects its cross-attention keys and values once for all
+  beams, and the prefix's self-attention is cached (``model.vit.IncrementalDecoder``).
+  :func:`beam_search_reference` is the earlier implementation (the same results, slower), kept
+  for tests and benchmarks.
 * :func:`score_all_ids` / :func:`rank_exhaustive` - the exact log-probability of every ID by
   teacher forcing: the upper bound a beam search can reach, and its test oracle.
 * :func:`greedy_decode` - free decoding without the trie, to measure how often the model on its
-  own writes a token sequence that is not an ID.
+  own writes a token sequence that is not an ID (incremental, like the beam search).
 
 Scores are sequence log-probabilities: the sum of the log-probabilities of the content tokens
 and EOS (PAD after EOS costs nothing). Results come back on the CPU.
@@ -13,6 +17,8 @@ and EOS (PAD after EOS costs nothing). Results come back on the CPU.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -53,38 +59,169 @@ def beam_widths(trie: PrefixTrie, steps: int, beam_size: int) -> list[int]:
     return widths
 
 
-def _beam_batch(
-    model: DSIModel, images: torch.Tensor, codec: IDCodec, trie: PrefixTrie, widths: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search for one query batch -> (scores, rows), each (B, widths[-1]), best first."""
-    B, V = images.shape[0], codec.vocab_size
-    memory = model.encode(images)  # (B, P, D)
-    scores = torch.zeros(B, 1, device=images.device)  # (B, W): one live beam per query at the root
-    nodes = torch.zeros(B, 1, dtype=torch.long, device=images.device)  # (B, W) trie node of each beam
-    prefix = torch.full((B, 1, 1), codec.bos, dtype=torch.long, device=images.device)  # (B, W, t+1)
-    for t in range(codec.max_length):
-        W = scores.shape[1]
-        mem = memory.repeat_interleave(W, dim=0) if W > 1 else memory  # (B*W, P, D)
-        logits = model.decode(mem, prefix.view(B * W, t + 1))[:, -1]  # (B*W, V)
-        logp = logits.float().log_softmax(dim=-1).view(B, W, V)
-        child = trie.next_node[nodes]  # (B, W, V), -1 where the token leaves the trie
-        finished = (trie.row[nodes] >= 0)[..., None]  # (B, W, 1): terminal nodes only allow PAD
-        logp = torch.where(finished, torch.zeros_like(logp), logp).masked_fill(child < 0, NEG_INF)
-        candidates = (scores[..., None] + logp).view(B, W * V)  # (B, W*V)
-        scores, flat = candidates.topk(widths[t + 1], dim=1)  # (B, W'), sorted descending
-        # a pick with score -inf is a dead placeholder (fewer valid hypotheses than beams); park it at the root
-        nodes = child.view(B, W * V).gather(1, flat).clamp_min(0)  # (B, W')
-        if t + 1 < codec.max_length:
-            token = flat % V
-            # the decoder was trained to read PAD, not EOS, after an ID ends (codec.decoder_inputs)
-            token = token.masked_fill(token == codec.eos, codec.pad)
-            parent = (flat // V)[..., None].expand(-1, -1, t + 1)  # (B, W', t+1)
-            prefix = torch.cat([prefix.gather(1, parent), token[..., None]], dim=2)  # (B, W', t+2)
+def _extend(
+    scores: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor, codec: IDCodec, trie: PrefixTrie, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One beam step: score every (beam, token) extension allowed by the trie and keep the best ``width``.
+
+    scores, nodes (B, W) and the beams' next-token logits (B, W, V) -> the new beams'
+    (scores, trie nodes, parent beam in 0..W-1, token the decoder reads next), each (B, width).
+    """
+    B, W, V = logits.shape
+    logp = logits.float().log_softmax(dim=-1)  # (B, W, V)
+    child = trie.next_node[nodes]  # (B, W, V), -1 where the token leaves the trie
+    finished = (trie.row[nodes] >= 0)[..., None]  # (B, W, 1): terminal nodes only allow PAD
+    logp = torch.where(finished, torch.zeros_like(logp), logp).masked_fill(child < 0, NEG_INF)
+    candidates = (scores[..., None] + logp).view(B, W * V)  # (B, W*V)
+    scores, flat = candidates.topk(width, dim=1)  # (B, W'), sorted descending
+    # a pick with score -inf is a dead placeholder (fewer valid hypotheses than beams); park it at the root
+    nodes = child.view(B, W * V).gather(1, flat).clamp_min(0)  # (B, W')
+    token = flat % V
+    # the decoder was trained to read PAD, not EOS, after an ID ends (codec.decoder_inputs)
+    token = token.masked_fill(token == codec.eos, codec.pad)
+    return scores, nodes, flat // V, token
+
+
+def _finish(scores: torch.Tensor, nodes: torch.Tensor, trie: PrefixTrie) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final beams (B, W) -> (scores, database rows), rows -1 for dead placeholders."""
     rows = trie.row[nodes]  # (B, W)
     alive = torch.isfinite(scores)
     if bool((rows[alive] < 0).any()):
         raise RuntimeError("beam search ended on an unfinished ID; codec.max_length is too short")
     return scores, rows.masked_fill(~alive, -1)
+
+
+def _beam_batch(
+    model: DSIModel, images: torch.Tensor, codec: IDCodec, trie: PrefixTrie, widths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search for one query batch -> (scores, rows), each (B, widths[-1]), best first.
+
+    Each query is encoded once; the incremental decoder projects its cross-attention keys and
+    values once per layer for all its beams and caches the prefix's self-attention, so every
+    step runs the decoder on the B*W new tokens only (see ``model.vit.IncrementalDecoder``).
+    """
+    B = images.shape[0]
+    decoder = model.incremental_decoder(model.encode(images), max(widths))  # encoder tokens (B, P, D) -> per-layer K/V
+    scores = torch.zeros(B, 1, device=images.device)  # (B, W): one live beam per query at the root
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=images.device)  # (B, W) trie node of each beam
+    token = torch.full((B, 1), codec.bos, dtype=torch.long, device=images.device)  # (B, W) last token read
+    for t in range(codec.max_length):
+        logits = decoder.step(token)  # (B, W, V)
+        scores, nodes, parent, token = _extend(scores, nodes, logits, codec, trie, widths[t + 1])  # (B, W') each
+        if t + 1 < codec.max_length:
+            decoder.reorder(parent)
+    return _finish(scores, nodes, trie)
+
+
+def _beam_batch_reference(
+    model: DSIModel, images: torch.Tensor, codec: IDCodec, trie: PrefixTrie, widths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The beam search before issue 17, kept as the reference of tests and benchmarks: every step
+    copies the encoder memory once per beam and re-runs ``model.decode`` over the whole prefix."""
+    B = images.shape[0]
+    memory = model.encode(images)  # (B, P, D)
+    scores = torch.zeros(B, 1, device=images.device)  # (B, W)
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=images.device)  # (B, W)
+    prefix = torch.full((B, 1, 1), codec.bos, dtype=torch.long, device=images.device)  # (B, W, t+1)
+    for t in range(codec.max_length):
+        W = scores.shape[1]
+        mem = memory.repeat_interleave(W, dim=0) if W > 1 else memory  # (B*W, P, D)
+        logits = model.decode(mem, prefix.view(B * W, t + 1))[:, -1].view(B, W, -1)  # (B, W, V)
+        scores, nodes, parent, token = _extend(scores, nodes, logits, codec, trie, widths[t + 1])
+        if t + 1 < codec.max_length:
+            parent = parent[..., None].expand(-1, -1, t + 1)  # (B, W', t+1)
+            prefix = torch.cat([prefix.gather(1, parent), token[..., None]], dim=2)  # (B, W', t+2)
+    return _finish(scores, nodes, trie)
+
+
+#: Memory a CPU beam-search batch may take (bytes): on a CPU, batches beyond a few dozen queries only lose cache locality.
+CPU_BATCH_BYTES = 256 << 20
+#: Share of the free GPU memory a CUDA beam-search batch may take.
+CUDA_BATCH_SHARE = 0.5
+
+
+def beam_bytes_per_query(model: DSIModel, codec: IDCodec, beam_size: int, amp: bool = False) -> int:
+    """Rough peak memory (bytes) that one query takes in :func:`beam_search`: the encoder's
+    activations, the cross-attention keys and values, the self-attention cache of its
+    ``beam_size`` beams with the gathered prefix, and one step's activations of its beams."""
+    c = model.config
+    P, D, W, L, V, layers = c.num_patches, c.dim, beam_size, codec.max_length, codec.vocab_size, c.depth
+    encoder = P * (6 * D + c.mlp_dim) + c.heads * P * P  # one block's activations at a time
+    cross = layers * 2 * P * D  # keys and values of the image tokens
+    cache = L * layers * 2 * W * D + 2 * L * 2 * W * D  # every position's keys and values; the gathered prefix
+    step = W * (8 * D + c.mlp_dim + c.heads * P) + 6 * W * V  # projections, attention weights, logits and candidates
+    element = 2 if amp else 4
+    return element * (encoder + cross + cache + step) + 8 * 2 * W * V  # int64 trie lookups (B, W, V)
+
+
+def queries_per_batch(
+    model: DSIModel, codec: IDCodec, beam_size: int, device: torch.device, amp: bool = False,
+    max_bytes: int | None = None,
+) -> int:
+    """Queries :func:`beam_search` decodes side by side (each with ``beam_size`` beams), sized by memory:
+    ``max_bytes`` if given, else :data:`CUDA_BATCH_SHARE` of the free memory of a CUDA device or
+    :data:`CPU_BATCH_BYTES` on the CPU."""
+    if max_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            max_bytes = int(free * CUDA_BATCH_SHARE)
+        else:
+            max_bytes = CPU_BATCH_BYTES
+    return max(1, max_bytes // beam_bytes_per_query(model, codec, beam_size, amp))
+
+
+def _search(
+    batch_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    model: DSIModel,
+    images: torch.Tensor,
+    codec: IDCodec,
+    *,
+    k: int,
+    beam_size: int | None,
+    batch_size: int | None,
+    device: torch.device | str | None,
+    amp: bool | None,
+    progress: bool,
+    by_memory: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the arguments, cut the queries into batches and run ``batch_fn`` on each (see :func:`beam_search`);
+    ``by_memory``: batches sized by :func:`queries_per_batch` (capped by ``batch_size``), else ``batch_size`` queries."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    beam_size = k if beam_size is None else beam_size
+    if beam_size < k:
+        raise ValueError(f"beam_size ({beam_size}) must be at least k ({k})")
+    model.check_codec(codec)
+    images = torch.as_tensor(images)
+    device = _resolve(model, device)
+    amp = device.type == "cuda" if amp is None else amp
+    trie = codec.trie.to(device)
+    widths = beam_widths(trie, codec.max_length, beam_size)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    Q = images.shape[0]
+    if by_memory:  # as many queries as memory allows, at most batch_size, in batches of equal size
+        cap = queries_per_batch(model, codec, widths[-1], device, amp and device.type == "cuda")
+        cap = min(cap, batch_size) if batch_size is not None else cap
+        per_batch = math.ceil(Q / math.ceil(Q / cap)) if Q else 1
+    else:
+        per_batch = batch_size or 256
+    scores = torch.full((Q, k), NEG_INF, dtype=torch.float32)
+    rows = torch.full((Q, k), -1, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(device, amp):
+            starts = range(0, Q, per_batch)
+            for start in tqdm(starts, desc="beam search", unit="batch", disable=not progress or len(starts) < 2):
+                batch = images[start : start + per_batch].to(device, non_blocking=True)
+                s, r = batch_fn(model, batch, codec, trie, widths)
+                n = min(k, s.shape[1])
+                scores[start : start + len(batch), :n] = s[:, :n].float().cpu()
+                rows[start : start + len(batch), :n] = r[:, :n].cpu()
+    finally:
+        model.train(was_training)
+    return scores, rows
 
 
 @torch.inference_mode()
@@ -95,9 +232,9 @@ def beam_search(
     *,
     k: int = 10,
     beam_size: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     device: torch.device | str | None = None,
-    amp: bool = False,
+    amp: bool | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k distinct valid IDs per query image: uint8 (Q, H, W, 3) -> (scores (Q, k) float32, rows (Q, k) int64).
@@ -105,38 +242,39 @@ def beam_search(
     Scores are sequence log-probabilities, descending per query. Decoding is constrained by
     ``codec.trie``, so every row exists and none repeats. Where fewer than k IDs reach a finite
     score, the remaining entries are row -1 and score -inf. ``beam_size`` (default k, at least
-    k) hypotheses are kept per step; ``batch_size`` queries are decoded together, which costs
-    about ``batch_size * beam_size * P * D`` floats of repeated encoder memory. ``amp`` runs the
-    model in bf16 on CUDA (faster, slightly different scores). ``progress`` shows a bar over the
-    query batches (for long runs, e.g. IA@1 of a whole large database). Results are on the CPU.
+    k) hypotheses are kept per step.
+
+    Each query is encoded once, each decoder layer projects the cross-attention keys and values
+    of its image tokens once for all its beams, and the prefix's self-attention is cached, so
+    a step decodes one new token per beam (``model.vit.IncrementalDecoder``). All queries of a batch
+    and their beams run as one batch: at most ``batch_size`` queries (None: no cap), fewer where
+    memory demands it (:func:`queries_per_batch`; batches are cut to equal sizes). ``amp`` runs
+    the model in bf16 autocast on CUDA (faster, slightly different scores); None (default): on
+    for CUDA, off on the CPU. ``progress`` shows a bar over the query batches (for long runs,
+    e.g. IA@1 of a whole large database). Results are on the CPU.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    beam_size = k if beam_size is None else beam_size
-    if beam_size < k:
-        raise ValueError(f"beam_size ({beam_size}) must be at least k ({k})")
-    model.check_codec(codec)
-    images = torch.as_tensor(images)
-    device = _resolve(model, device)
-    trie = codec.trie.to(device)
-    widths = beam_widths(trie, codec.max_length, beam_size)
-    Q = images.shape[0]
-    scores = torch.full((Q, k), NEG_INF, dtype=torch.float32)
-    rows = torch.full((Q, k), -1, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        with _autocast(device, amp):
-            starts = range(0, Q, batch_size)
-            for start in tqdm(starts, desc="beam search", unit="batch", disable=not progress or len(starts) < 2):
-                batch = images[start : start + batch_size].to(device, non_blocking=True)
-                s, r = _beam_batch(model, batch, codec, trie, widths)
-                n = min(k, s.shape[1])
-                scores[start : start + len(batch), :n] = s[:, :n].float().cpu()
-                rows[start : start + len(batch), :n] = r[:, :n].cpu()
-    finally:
-        model.train(was_training)
-    return scores, rows
+    return _search(_beam_batch, model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,
+                   device=device, amp=amp, progress=progress)
+
+
+@torch.inference_mode()
+def beam_search_reference(
+    model: DSIModel,
+    images: torch.Tensor,
+    codec: IDCodec,
+    *,
+    k: int = 10,
+    beam_size: int | None = None,
+    batch_size: int | None = 256,
+    device: torch.device | str | None = None,
+    amp: bool | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`beam_search` as it was before issue 17 (the same results, several times slower): each step copies
+    the encoder memory once per beam and re-runs the full decoder over the prefix. For tests and benchmarks.
+    Batches hold ``batch_size`` queries (as before, not sized by memory)."""
+    return _search(_beam_batch_reference, model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,
+                   device=device, amp=amp, progress=progress, by_memory=False)
 
 
 def indexing_accuracy(
@@ -237,8 +375,9 @@ def greedy_decode(
     """Unconstrained greedy decoding: the most likely token at every step, trie or not -> (Q, max_length) int64.
 
     The decoder may emit any token of the vocabulary, so the result need not be an ID (see
-    ``semantic_ids.parse_decoded``); it shows what the trie of :func:`beam_search` prevents. As in
-    training, the decoder reads PAD after an EOS. Results are on the CPU.
+    ``parse_decoded``); it shows what the trie of :func:`beam_search` prevents. As in
+    training, the decoder reads PAD after an EOS. Decoding is incremental, as in
+    :func:`beam_search` (one beam per query). Results are on the CPU.
     """
     model.check_codec(codec)
     images = torch.as_tensor(images)
@@ -248,13 +387,12 @@ def greedy_decode(
     model.eval()
     try:
         for start in range(0, images.shape[0], batch_size):
-            memory = model.encode(images[start : start + batch_size].to(device))  # (B, P, D)
-            prefix = torch.full((memory.shape[0], 1), codec.bos, dtype=torch.long, device=device)  # (B, 1)
+            decoder = model.incremental_decoder(model.encode(images[start : start + batch_size].to(device)))
+            token = torch.full((decoder.B, 1), codec.bos, dtype=torch.long, device=device)  # (B, 1) last token read
             for t in range(codec.max_length):
-                token = model.decode(memory, prefix)[:, -1].argmax(dim=-1)  # (B,)
-                out[start : start + len(token), t] = token.cpu()
-                fed = token.masked_fill(token == codec.eos, codec.pad)  # what the decoder reads after EOS
-                prefix = torch.cat([prefix, fed[:, None]], dim=1)  # (B, t + 2)
+                best = decoder.step(token)[:, 0].argmax(dim=-1)  # (B,)
+                out[start : start + len(best), t] = best.cpu()
+                token = best.masked_fill(best == codec.eos, codec.pad)[:, None]  # what the decoder reads after EOS
     finally:
         model.train(was_training)
     return out

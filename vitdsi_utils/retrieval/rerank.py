@@ -7,10 +7,8 @@ searcher of the toolkit (BoVW, DSI beam search, dense search: anything with
 ``search(images, k) -> (scores, rows)``), and the re-scorer compares vectors: the dense
 encoder's cosine similarity (or BoVW's histograms, the other way round).
 
-:func:`rerank` is the operation itself. :func:`rerank_study` measures it: for every first
-stage and every depth ``M`` it scores the re-ranked lists with the study's metrics (mAP@10,
-P@10, R@100 with intervals and chance) and the time per query of both stages together.
-:func:`tradeoff_figure` draws quality against time.
+:func:`rerank` is the operation itself; :mod:`vitdsi_utils.studies.rerank` measures it for every
+first stage and depth ``M`` (metrics with intervals and chance, and the time per query).
 """
 
 from __future__ import annotations

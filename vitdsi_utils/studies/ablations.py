@@ -83,7 +83,7 @@ class Variant:
     index_fraction: float = 0.25  # share of each class that is indexed
     multitask: bool = False  # fine-tune with the indexing examples in every epoch
     mix_ratio: float | None = None  # with multitask: retrieval examples per indexed image and epoch
-    targets: str = "pairs"  # "pairs" | "same-class" (see experiments.fine_tune)
+    targets: str = "pairs"  # "pairs" | "same-class" (see phases.fine_tune)
     index_views: int = 0  # augmented views of each indexed image per fine-tuning epoch
     label_smoothing: float = 0.0  # of the fine-tuning loss
 

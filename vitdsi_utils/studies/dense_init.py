@@ -13,11 +13,11 @@ studies found to help:
 
 The ID scheme is free: the paper's ``random`` and ``clustered`` IDs, or label-free
 ``semantic`` IDs from hierarchical k-means over the dense encoder's embeddings of the indexed
-images (:func:`vitdsi_utils.semantic_ids.assign_ids`).
+images (:func:`vitdsi_utils.ids.schemes.assign_ids`).
 
 :func:`run_dense_init` trains and scores one database; :func:`dense_init_study` runs a grid
 beside BoVW and the dense model, and writes the table and target verdicts
-(:mod:`vitdsi_utils.targets`).
+(:mod:`vitdsi_utils.reports.targets`).
 """
 
 from __future__ import annotations
@@ -107,14 +107,14 @@ def run_dense_init(
     then fine-tune it multi-task; score both models.
 
     ``encoder_path`` is a dense checkpoint (``dense.pt``, written by ``vitdsi dense``, notebook 07 or
-    :func:`~vitdsi_utils.dense.train_or_load`); it must have the DSI encoder's shape
-    (``model_overrides``), or :func:`~vitdsi_utils.pretrain.init_encoder` names what differs.
+    :func:`~vitdsi_utils.studies.dense.train_or_load`); it must have the DSI encoder's shape
+    (``model_overrides``), or :func:`~vitdsi_utils.baselines.init.init_encoder` names what differs.
     ``scheme`` (default: the database's own) picks the IDs, see :func:`dense_init_codec`.
     ``run_dir`` keeps the models (``zero_shot.pt``, ``multitask.pt``) so a rerun only evaluates;
     give each scheme its own folder. The checkpoints record which encoder they started from, so
     a folder trained from another one is refused. The table's models are :data:`INIT_ZERO_SHOT`
     and :data:`INIT_MULTITASK`. ``targets``, ``index_views`` and ``consolidate`` are the multi-task
-    phase's fine-tuning options (:func:`~vitdsi_utils.experiments.fine_tune`), e.g. ``targets="same-class"``.
+    phase's fine-tuning options (:func:`~vitdsi_utils.phases.fine_tune`), e.g. ``targets="same-class"``.
     """
     scheme = scheme or db.settings["id_scheme"]
     encoder, _ = load_dense(encoder_path)

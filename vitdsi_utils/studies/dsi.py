@@ -76,7 +76,7 @@ def run_experiment(
     scheme). Give every codec its own ``run_dir``: a folder holding models of other IDs is refused.
     ``init`` prepares the new model before indexing (see :func:`index_database`).
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights
-    (:func:`vitdsi_utils.pretrain.init_encoder`); give it its own ``run_dir`` too.
+    (:func:`vitdsi_utils.baselines.init.init_encoder`); give it its own ``run_dir`` too.
     ``targets``, ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of
     :func:`fine_tune` (for both the fine-tuned and the multi-task model).
     """
@@ -195,7 +195,7 @@ def dsi_study(
     folders then end in ``-init-<source>``, and the table has an ``init`` column).
     ``root`` and ``annotations`` locate the images as in :func:`data.load_images`. ``targets``,
     ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of :func:`fine_tune`.
-    ``schemes`` may also name the codec schemes of :func:`~vitdsi_utils.semantic_ids.assign_ids`
+    ``schemes`` may also name the codec schemes of :func:`~vitdsi_utils.ids.schemes.assign_ids`
     (``atomic``; ``semantic`` and ``rq`` over BoVW histograms of the indexed images, default settings),
     assigned to the indexed images of the random build.
     ``bovw_vocabularies > 0`` adds BoVW's rows for each database (``bovw_words`` words, metrics

@@ -5,10 +5,11 @@ For each N and seed, one database draw serves every scheme: the dense ``random``
 folders they share), and ``semantic``, ``rq`` and ``atomic`` IDs are assigned to the indexed
 images of the ``random`` build (the same images in the same roles; only the row order differs,
 which these schemes do not depend on). Each scheme gets its own run folder, named by its
-:attr:`~vitdsi_utils.semantic_ids.IDAssignment.tag`.
+:attr:`~vitdsi_utils.ids.schemes.IDAssignment.tag`.
 
 :func:`compare_id_schemes` trains (or loads) and scores the models; :func:`ids_markdown`,
-:func:`gap_table` and :func:`id_scheme_bars` turn the results into the notebook's tables and figure.
+:func:`~vitdsi_utils.reports.targets.gap_table` and :func:`id_scheme_bars` turn the results into
+the notebook's tables and figure.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def compare_id_schemes(
     """Index, fine-tune and score one DSI per (N, seed, scheme); return (results, runs, histories).
 
     ``index_config(seed)`` / ``retrieval_config(seed)`` give the training settings of a seed.
-    ``id_params`` go to :func:`~vitdsi_utils.semantic_ids.assign_ids` (k, c, levels,
+    ``id_params`` go to :func:`~vitdsi_utils.ids.schemes.assign_ids` (k, c, levels,
     codebook_size, bovw_words). Finished phases in ``runs_dir`` are loaded, not retrained.
 
-    * ``results``: the long metric table of :func:`~vitdsi_utils.experiments.run_experiment`
+    * ``results``: the long metric table of :func:`~vitdsi_utils.studies.dsi.run_experiment`
       (model, n, ids, seed, metric, value, ci_low, ci_high, chance, ...);
     * ``runs``: one row per (N, seed, scheme, model) with the IDs' facts (tag, base, vocabulary,
       ID lengths, collision rate, time to assign them, sibling class agreement and its chance

@@ -109,7 +109,7 @@ def pretrain_study(
 
     ``semantic_ids`` (e.g. ``{"k": 10, "c": 10}``) adds a third DSI, also from the SSL encoder, whose
     IDs are label-free semantic IDs: hierarchical k-means over the *SSL encoder's* embeddings of
-    the indexed images (:func:`~vitdsi_utils.semantic_ids.assign_ids`, tag ``semantic-ssl-k..-c..``).
+    the indexed images (:func:`~vitdsi_utils.ids.schemes.assign_ids`, tag ``semantic-ssl-k..-c..``).
     ``id_facts`` then says how often sibling IDs (same parent prefix) share a class, for those IDs
     and for the same k-means over a randomly initialised encoder's embeddings.
 

@@ -157,6 +157,11 @@ def _latency_row(method: str, build: float, build_cpu: float, wall: float, cpu: 
             "cpu_ms_per_query": 1000 * cpu, **extra}
 
 
+def _as_ks(k: int | Sequence[int]) -> list[int]:
+    """``k`` as a list of list lengths: one int, or several (a latency row per k, one build for all)."""
+    return [int(k)] if isinstance(k, (int, np.integer)) else [int(v) for v in k]
+
+
 def dsi_latency(
     n: int,
     queries: np.ndarray,
@@ -171,6 +176,16 @@ def dsi_latency(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top-k beam-search latency of an untrained DSI over ``n`` decimal IDs: build = codec + trie seconds."""
+    return _dsi_latency_rows(n, queries, [k], model_overrides=model_overrides, beam_size=beam_size,
+                             batch_size=batch_size, repeats=repeats, device=device, amp=amp, seed=seed)[0]
+
+
+def _dsi_latency_rows(
+    n: int, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
+    beam_size: int | None = None, batch_size: int = 64, repeats: int = 3, device: str = "cpu", amp: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`dsi_latency` for every k of ``ks`` (beam ``max(k, beam_size)``) with one model and codec."""
 
     t0, c0 = time.perf_counter(), time.process_time()
     codec = make_codec(n)
@@ -179,10 +194,14 @@ def dsi_latency(
     model = DSIModel(DSIConfig.from_codec(codec, image_size=int(queries.shape[1]), **(model_overrides or {})))
     model.to(device).eval()
     images = torch.from_numpy(np.ascontiguousarray(queries))
-    search = lambda: beam_search(model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,  # noqa: E731
-                                 device=device, amp=amp)
-    wall, cpu = time_per_query(search, len(queries), repeats)
-    return _latency_row(METHODS[0], build, build_cpu, wall, cpu, parameters=model.num_parameters())
+    rows = []
+    for k in ks:
+        beam = None if beam_size is None else max(k, beam_size)
+        search = lambda k=k, beam=beam: beam_search(model, images, codec, k=k, beam_size=beam,  # noqa: E731
+                                                    batch_size=batch_size, device=device, amp=amp)
+        wall, cpu = time_per_query(search, len(queries), repeats)
+        rows.append(_latency_row(METHODS[0], build, build_cpu, wall, cpu, k=k, parameters=model.num_parameters()))
+    return rows
 
 
 def bovw_latency(
@@ -190,13 +209,25 @@ def bovw_latency(
     seed: int = 0, n_jobs: int = 1,
 ) -> dict[str, Any]:
     """Top-k BoVW latency (SIFT of the queries + histograms + cosine top-k); build = ``fit`` seconds."""
+    return _bovw_latency_rows(database_images, queries, [k], n_words=n_words, repeats=repeats, seed=seed,
+                              n_jobs=n_jobs)[0]
+
+
+def _bovw_latency_rows(
+    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, n_words: int = 200, repeats: int = 3,
+    seed: int = 0, n_jobs: int = 1,
+) -> list[dict[str, Any]]:
+    """:func:`bovw_latency` for every k of ``ks`` with one fitted vocabulary."""
 
     model = BoVW(n_words, random_state=seed, n_jobs=n_jobs, progress=False)
     t0, c0 = time.perf_counter(), time.process_time()
     model.fit(database_images)
     build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
-    wall, cpu = time_per_query(lambda: model.search(queries, k), len(queries), repeats)
-    return _latency_row(METHODS[1], build, build_cpu, wall, cpu, parameters=0)
+    rows = []
+    for k in ks:
+        wall, cpu = time_per_query(lambda k=k: model.search(queries, k), len(queries), repeats)
+        rows.append(_latency_row(METHODS[1], build, build_cpu, wall, cpu, k=k, parameters=0))
+    return rows
 
 
 def dense_latency(
@@ -208,6 +239,15 @@ def dense_latency(
     Build = embedding the database and filling the index. The FAISS index is on the CPU
     (``faiss-cpu``) whatever ``device`` the encoder runs on.
     """
+    return _dense_latency_rows(database_images, queries, [k], model_overrides=model_overrides, repeats=repeats,
+                               device=device, seed=seed)[0]
+
+
+def _dense_latency_rows(
+    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
+    repeats: int = 3, device: str = "cpu", seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`dense_latency` for every k of ``ks`` with one encoder and index."""
 
     overrides = {"pooling": "mean", **(model_overrides or {})}
     torch.manual_seed(seed)
@@ -215,9 +255,12 @@ def dense_latency(
     c0 = time.process_time()
     retriever = DenseRetriever.from_model(encoder).index(database_images)
     build_cpu = time.process_time() - c0
-    wall, cpu = time_per_query(lambda: retriever.search(queries, k), len(queries), repeats)
-    return _latency_row(METHODS[2], retriever.index_seconds_, build_cpu, wall, cpu,
-                        parameters=encoder.num_parameters(), backend=retriever.index_.backend)
+    rows = []
+    for k in ks:
+        wall, cpu = time_per_query(lambda k=k: retriever.search(queries, k), len(queries), repeats)
+        rows.append(_latency_row(METHODS[2], retriever.index_seconds_, build_cpu, wall, cpu, k=k,
+                                 parameters=encoder.num_parameters(), backend=retriever.index_.backend))
+    return rows
 
 
 def latency_table(
@@ -227,7 +270,7 @@ def latency_table(
     methods: Sequence[str] = METHODS,
     n_queries: int = 64,
     batch_size: int = 64,
-    k: int = 100,
+    k: int | Sequence[int] = 100,
     repeats: int = 3,
     model_overrides: dict | None = None,
     bovw_words: int = 200,
@@ -237,10 +280,13 @@ def latency_table(
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per (N, method): build seconds and median milliseconds per query for a batch of top-``k`` searches."""
+    """One row per (N, method, k): build seconds and median milliseconds per query for a batch of top-``k``
+    searches. ``k`` is one list length or several (e.g. ``[10, 100]``: each method is built once per N and
+    timed for every k; the DSI beam is k)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    ks = _as_ks(k)
     dsi_overrides = {key: v for key, v in (model_overrides or {}).items() if key != "pooling"}
     rows = []
     steps = [(n, m) for n in ns for m in methods]
@@ -253,15 +299,15 @@ def latency_table(
             queries = query_views(db, n_queries, seed=seed)
         images = db.split("index")[0]
         if method == METHODS[0]:
-            row = dsi_latency(n, queries, model_overrides=dsi_overrides, k=k, batch_size=batch_size,
-                              repeats=repeats, device=device, amp=amp, seed=seed)
+            found = _dsi_latency_rows(n, queries, ks, model_overrides=dsi_overrides, batch_size=batch_size,
+                                      repeats=repeats, device=device, amp=amp, seed=seed)
         elif method == METHODS[1]:
-            row = bovw_latency(images, queries, n_words=bovw_words, k=k, repeats=repeats, seed=seed)
+            found = _bovw_latency_rows(images, queries, ks, n_words=bovw_words, repeats=repeats, seed=seed)
         else:
-            row = dense_latency(images, queries, model_overrides=model_overrides, k=k, repeats=repeats,
-                                device=device, seed=seed)
-        rows.append({"n": n, **row, "k": k, "queries": n_queries, "batch": batch_size, "repeats": repeats,
-                     "device": str(device), "size": image_set.size})
+            found = _dense_latency_rows(images, queries, ks, model_overrides=model_overrides, repeats=repeats,
+                                        device=device, seed=seed)
+        rows += [{"n": n, **row, "queries": n_queries, "batch": batch_size, "repeats": repeats,
+                  "device": str(device), "size": image_set.size} for row in found]
     return pd.DataFrame(rows)
 
 
@@ -372,16 +418,20 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
     :func:`latency_column`). Right: DSI IA@1 against N."""
 
     column = latency_column(latency)
+    ks = sorted(latency["k"].unique()) if "k" in latency else [100]
     fig, axes = new_figure(1, 2, (11, 4.2))
     ax = axes[0, 0]
-    for method, part in latency.groupby("method", sort=False):
+    for (method, k), part in latency.assign(k=latency.get("k", ks[0])).groupby(["method", "k"], sort=False):
         part = part.sort_values("n")
-        ax.plot(part["n"], part[column], marker="o", label=method, color=_COLORS.get(method))
+        # with several list lengths: the longest solid, shorter ones dashed
+        ax.plot(part["n"], part[column], marker="o", color=_COLORS.get(method), ls="-" if k == ks[-1] else "--",
+                label=method if len(ks) == 1 else f"{method}, top-{k}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_ticks(ax, sorted(latency["n"].unique()))
     ax.set_xlabel("indexed images N")
-    ax.set_ylabel(("CPU " if column.startswith("cpu") else "") + "ms per query (top-100, batched)")
+    top = f"top-{ks[0]}" if len(ks) == 1 else "/".join(f"top-{k}" for k in ks)
+    ax.set_ylabel(("CPU " if column.startswith("cpu") else "") + f"ms per query ({top}, batched)")
     ax.set_title("Latency per query")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -410,25 +460,37 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
 
 
 def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dict[str, Any]) -> str:
-    """The latency table (ms per query and build seconds, method by N) and the IA@1 table, with their settings."""
+    """The latency tables (ms per query and build seconds, method by N; one table per list length k),
+    the DSI-to-dense ratio at the largest N, and the IA@1 table, with their settings."""
     columns = [m for m in METHODS if m in set(latency["method"])]
-    lat = latency.pivot_table(index="n", columns="method", values="ms_per_query").reindex(columns=columns)
-    build = latency.pivot_table(index="n", columns="method", values="build_s").reindex(columns=columns)
-    if "cpu_ms_per_query" in latency:
-        cpu = latency.pivot_table(index="n", columns="method", values="cpu_ms_per_query").reindex(columns=columns)
-        table = (cpu.round(2).astype(str) + " ms CPU (" + lat.round(2).astype(str) + " ms wall; "
-                 + build.round(1).astype(str) + " s)")
-    else:
-        table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
+    latency = latency.assign(k=latency["k"] if "k" in latency else settings.get("k"))
+    ks = sorted(latency["k"].unique())
+    on_cpu = "cpu_ms_per_query" in latency
+    shown_k = " and ".join(f"top-{k}" for k in ks)
     parts = [
         f"Scale study, {settings.get('source', 'imagenette')} at {settings.get('size')} px on {settings.get('device')}: "
-        f"top-{settings.get('k')} search for a batch of {settings.get('queries')} queries (median of "
+        f"{shown_k} search for a batch of {settings.get('queries')} queries (median of "
         f"{settings.get('repeats')} repeats after one warm-up call), milliseconds per query (CPU time of the process "
         "and wall time), and the build time (DSI: codec and trie; BoVW: SIFT, k-means and histograms; dense: embedding the database and "
         "the flat index). DSI and dense encoder are untrained models of the study's size: latency does not "
-        "depend on the weights.",
-        table.reset_index().to_markdown(index=False),
+        "depend on the weights. The DSI beam is k wide (incremental beam search, `decoding.beam_search`).",
     ]
+    for k in ks:
+        part = latency[latency["k"] == k]
+        lat = part.pivot_table(index="n", columns="method", values="ms_per_query").reindex(columns=columns)
+        build = part.pivot_table(index="n", columns="method", values="build_s").reindex(columns=columns)
+        if on_cpu:
+            cpu = part.pivot_table(index="n", columns="method", values="cpu_ms_per_query").reindex(columns=columns)
+            table = (cpu.round(2).astype(str) + " ms CPU (" + lat.round(2).astype(str) + " ms wall; "
+                     + build.round(1).astype(str) + " s)")
+        else:
+            table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
+        if len(ks) > 1:
+            parts.append(f"Top-{k}:")
+        parts.append(table.reset_index().to_markdown(index=False))
+        ratio = _dsi_ratio(part, latency_column(latency))
+        if ratio:
+            parts.append(ratio)
     if ia is not None and len(ia):
         columns = ["n", "IA@1", "ia_beam", "target", "reached", "epochs", "max_epochs", "batch_size", "lr",
                    "stop_rule", "train_s", "s_per_epoch", "size", "ids"]
@@ -438,9 +500,22 @@ def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dic
     return "\n\n".join(parts)
 
 
+def _dsi_ratio(latency: pd.DataFrame, column: str) -> str | None:
+    """'At N = 13394, top-100: DSI beam search 9.1 ms per query, 14x dense search and 4x BoVW' (None without a DSI row)."""
+    n = latency["n"].max()
+    at = latency[latency["n"] == n].set_index("method")[column]
+    if METHODS[0] not in at:
+        return None
+    others = [f"{at[METHODS[0]] / at[m]:.1f}x {name}" for m, name in ((METHODS[2], "dense search"), (METHODS[1], "BoVW"))
+              if m in at]
+    unit = "CPU ms" if column.startswith("cpu") else "ms"
+    return (f"At N = {n}, top-{latency['k'].iloc[0]}: DSI beam search {at[METHODS[0]]:.2f} {unit} per query"
+            + (", " + " and ".join(others) if others else "") + ".")
+
+
 def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd.DataFrame | None:
     """The latency table at ``path`` if it exists and covers every N of ``ns`` for every method with these
-    ``settings`` (k, n_queries, batch_size, repeats, device, size); else None."""
+    ``settings`` (k: one or several list lengths, n_queries, batch_size, repeats, device, size); else None."""
     path = Path(path)
     if not path.exists():
         return None
@@ -449,10 +524,12 @@ def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd
                "size": "size"}
     for key, value in settings.items():
         column = columns[key]
-        if column not in table or set(table[column].astype(str)) != {str(value)}:
+        values = {str(v) for v in _as_ks(value)} if key == "k" else {str(value)}
+        if column not in table or set(table[column].astype(str)) != values:
             return None
-    have = set(zip(table["n"], table["method"]))
-    if not all((n, m) in have for n in ns for m in METHODS) or "cpu_ms_per_query" not in table:
+    ks = _as_ks(settings.get("k", sorted(set(table["k"])) if "k" in table else []))
+    have = set(zip(table["n"], table["method"], table["k"])) if "k" in table else set()
+    if not all((n, m, k) in have for n in ns for m in METHODS for k in ks) or "cpu_ms_per_query" not in table:
         return None
     return table[table["n"].isin(list(ns))].reset_index(drop=True)
 
@@ -468,7 +545,7 @@ def scale_study(
     model_overrides: dict | None = None,
     n_queries: int = 64,
     batch_size: int = 64,
-    k: int = 100,
+    k: int | Sequence[int] = 100,
     repeats: int = 3,
     bovw_words: int = 200,
     device: str = "cpu",
@@ -476,19 +553,27 @@ def scale_study(
     id_scheme: str = "random",
     seed: int = 0,
     reuse_latency: bool = False,
+    keep_ia: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
     """Latency for every N of ``ns`` and IA@1 for every N of ``ia_ns``; writes ``scale_latency``,
     ``scale_ia`` (CSV + Markdown), ``scale.md`` and ``scale.png`` into ``out_dir``.
 
-    With ``reuse_latency`` an existing ``scale_latency.csv`` in ``out_dir`` is kept when it holds
-    every (N, method) at the same k, query batch, repeats, device and image size (see
-    :func:`reusable_latency`), so adding a trained N does not time every search again.
+    ``k`` is one list length or several (latency rows for each; IA@1 is measured with a beam of
+    the largest). With ``reuse_latency`` an existing ``scale_latency.csv`` in ``out_dir`` is kept
+    when it holds every (N, method, k) at the same query batch, repeats, device and image size (see
+    :func:`reusable_latency`), so adding a trained N does not time every search again. With
+    ``keep_ia`` nothing is trained: the IA@1 table already in ``out_dir`` (``scale_ia.csv``, if
+    any) is kept as it is and drawn beside the new latency, and ``ia_ns`` is ignored.
     """
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ia, histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
-                             runs_dir=runs_dir, id_scheme=id_scheme, seed=seed, beam_size=k)
+    if keep_ia:
+        ia = pd.read_csv(out / "scale_ia.csv") if (out / "scale_ia.csv").exists() else pd.DataFrame()
+        histories = pd.DataFrame()
+    else:
+        ia, histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
+                                 runs_dir=runs_dir, id_scheme=id_scheme, seed=seed, beam_size=max(_as_ks(k)))
     latency = reusable_latency(out / "scale_latency.csv", ns, k=k, n_queries=n_queries, batch_size=batch_size,
                                repeats=repeats, device=device, size=image_set.size) if reuse_latency else None
     if latency is not None:
@@ -500,7 +585,8 @@ def scale_study(
     settings = {"source": image_set.source, "size": image_set.size, "device": device, "k": k,
                 "queries": n_queries, "repeats": repeats}
     write_table(latency, out / "scale_latency")
-    write_table(ia, out / "scale_ia")
+    if not keep_ia:
+        write_table(ia, out / "scale_ia")
     if len(histories):
         write_csv(histories, out / "scale_histories.csv")
     (out / "scale.md").write_text(scale_markdown(latency, ia, settings) + "\n")

@@ -1,7 +1,12 @@
-"""The DSI checkpoint: model, optimiser, settings, history, codec and RNG state in one file.
+"""The checkpoint format of every trained model: weights, optimiser, settings, history and RNG state in one file.
 
-Checkpoints hold tensors and plain data only and are read with ``weights_only=True``; a file that
-was written for other settings is refused with every difference named (:func:`checkpoint_mismatches`).
+One format for all three kinds of model (:data:`KINDS`): the DSI (``"dsi"``, which adds its IDs'
+codec), the dense retrieval encoder (``"dense-encoder"``) and the self-supervised encoder
+(``"ssl-encoder"``, which adds the encoder's weights alone and its projection head's sizes).
+Checkpoints hold tensors and plain data only and are read with ``weights_only=True``; a file of
+another kind is refused with both kinds named, and a DSI checkpoint written for other settings
+with every difference named (:func:`checkpoint_mismatches`). Files of the first format (1),
+which had no ``kind`` field, are read as well.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.history import History
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+#: The kinds of checkpoint, and how messages name them.
+KINDS = {"dsi": "a DSI checkpoint", "dense-encoder": "a dense-encoder checkpoint",
+         "ssl-encoder": "a self-supervised encoder checkpoint"}
+#: Entries every checkpoint holds, whatever its kind; a kind adds its own (:data:`KIND_ENTRIES`).
+CHECKPOINT_KEYS = ("format", "kind", "model", "optimizer", "config", "train_config", "epoch", "history", "rng", "extra")
+KIND_ENTRIES = {"dsi": ("codec",), "dense-encoder": (), "ssl-encoder": ("encoder", "head")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,6 +98,47 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
+def write_checkpoint(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: dict[str, Any],
+    train_config: dict[str, Any] | None,
+    epoch: int,
+    history: Sequence[dict] | None,
+    rng: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    **entries: Any,
+) -> Path:
+    """Write a checkpoint of ``kind`` atomically; ``entries`` are the kind's own (:data:`KIND_ENTRIES`).
+
+    Everything is plain data or tensors, so :func:`read_checkpoint` can use ``weights_only=True``;
+    anything else raises TypeError here, when it is written, not when it is read.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {list(KINDS)}")
+    if sorted(entries) != sorted(KIND_ENTRIES[kind]):
+        raise ValueError(f"a {kind} checkpoint holds the entries {list(KIND_ENTRIES[kind])}, got {sorted(entries)}")
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": kind,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": _plain(dict(config), "config"),
+        "train_config": _plain(dict(train_config), "train_config") if train_config is not None else None,
+        "epoch": int(epoch),
+        "history": _plain([dict(r) for r in history], "history") if history is not None else [],
+        "rng": rng,
+        "extra": _plain(dict(extra or {}), "extra"),
+        **{key: _plain(value, key) for key, value in entries.items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: DSIModel,
@@ -100,51 +152,39 @@ def save_checkpoint(
     generator: torch.Generator | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model, optimiser, configs (as dicts), codec codes, history and RNG states atomically.
-
-    Everything is plain data or tensors, so :func:`load_checkpoint` can use ``weights_only=True``.
-    """
+    """Write a DSI checkpoint: model, optimiser, configs, the codec's codes, history and RNG states."""
     if isinstance(train_config, TrainConfig):
         train_config = train_config.to_dict()
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": _plain(config.to_dict(), "config"),
-        "train_config": _plain(dict(train_config), "train_config") if train_config is not None else None,
-        "epoch": int(epoch),
-        "history": _plain([dict(r) for r in history], "history") if history is not None else [],
-        "codec": {"codes": [[int(t) for t in c] for c in codec.codes], "base": int(codec.base)},
-        "rng": rng_state(generator),
-        "extra": _plain(dict(extra or {}), "extra"),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    return write_checkpoint(
+        path, "dsi", model=model, optimizer=optimizer, config=config.to_dict(), train_config=train_config,
+        epoch=epoch, history=history, rng=rng_state(generator), extra=extra,
+        codec={"codes": [[int(t) for t in c] for c in codec.codes], "base": int(codec.base)},
+    )
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, refused as unsafe, or written for another run."""
 
 
-#: Entries every checkpoint of :func:`save_checkpoint` holds.
-CHECKPOINT_KEYS = ("format", "model", "optimizer", "config", "train_config", "epoch", "history", "codec", "rng", "extra")
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def read_checkpoint(
+    path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu", *, hint: str = ""
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`write_checkpoint`, of ``kind`` when given.
 
     The file is read with ``weights_only=True``: only tensors and plain data (dicts, lists,
     numbers, strings) are accepted, so nothing in it can run code. A file holding any other
-    object is refused with :class:`CheckpointError`, as is a damaged or foreign file.
+    object is refused with :class:`CheckpointError`, as is a damaged or foreign file and one of
+    another kind. ``hint`` ends the message of a missing file (how to make one).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}: the file does not exist" + (f"; {hint}" if hint else ""))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
+        with path.open("rb") as file:
+            pickled = file.read(2) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+        if "weights only" in str(error).lower() and pickled:  # a zip or pickle holding objects, not mere garbage
             raise CheckpointError(
                 f"refused to load {path}: it holds Python objects other than tensors and plain data, and "
                 "unpickling them could run arbitrary code. vitdsi checkpoints never hold such objects; if you "
@@ -157,16 +197,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}); it is damaged or was not "
             "written by vitdsi. Delete it and train again"
         ) from error
+    state = _upgrade(state)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"{path}: unknown checkpoint format {found!r} (this version reads format {CHECKPOINT_FORMAT}); "
+            f"{path}: unknown checkpoint format {found!r} (this version reads formats 1 and {CHECKPOINT_FORMAT}); "
             "delete it and train again"
         )
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if kind is not None and state.get("kind") != kind:
+        found = KINDS.get(state.get("kind"), f"a checkpoint of unknown kind {state.get('kind')!r}")
+        raise CheckpointError(f"{path} is {found}, not {KINDS[kind]}" + (f"; {hint}" if hint else ""))
+    missing = [key for key in (*CHECKPOINT_KEYS, *KIND_ENTRIES.get(state.get("kind"), ())) if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the checkpoint entries {missing}; delete it and train again")
     return state
+
+
+def _upgrade(state: Any) -> Any:
+    """A checkpoint of format 1 in format 2: the kind it did not record (DSI files had none), one settings key."""
+    if not isinstance(state, dict) or state.get("format") != 1:
+        return state
+    state = {**state, "format": CHECKPOINT_FORMAT}
+    state.setdefault("kind", "dsi")
+    if state["kind"] == "ssl-encoder" and "ssl_config" in state:
+        state["train_config"] = state.pop("ssl_config")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a DSI checkpoint (:func:`read_checkpoint` of kind ``"dsi"``)."""
+    return read_checkpoint(path, "dsi", map_location)
 
 
 def checkpoint_mismatches(
@@ -180,7 +240,7 @@ def checkpoint_mismatches(
 
     ``config``: the model configuration the run asks for (a :class:`DSIConfig`, or a dict of
     the fields to check). ``codec``: the IDs the run uses. ``data``: facts about the database
-    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.Database.fingerprint>`); a key the
+    (e.g. :meth:`Database.fingerprint <vitdsi_utils.data.database.Database.fingerprint>`); a key the
     checkpoint does not record (older checkpoints) is not checked.
     """
     problems = []

@@ -4,7 +4,8 @@ Retrieval fine-tuning has two optional extras: targets redrawn every epoch among
 relevant IDs (:class:`SameClassTargets`) and augmented views of the indexed images as extra
 queries for their own ID (:class:`AugmentedViews`).
 
-All three run through :func:`fit`, one loop over *tasks*: a task is a set of examples
+All three run through :func:`fit`, which plugs the DSI's objective into the one training loop
+(:func:`vitdsi_utils.training.engine.run_training`). The objective works over *tasks*: a task is a set of examples
 ``image -> database row`` with a name. Every task's images are moved to the training device
 once; an epoch is a seeded ``torch.randperm`` over the examples of all tasks together and a
 batch is an index slice of it, so there is no per-sample Python work and no DataLoader.
@@ -27,20 +28,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vitdsi_utils.ids.codec import IDCodec
-from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIModel
 from vitdsi_utils.training.checkpoint import (
     CheckpointError,
     check_checkpoint,
     load_checkpoint,
-    restore_training,
     save_checkpoint,
 )
 from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, resume_differences
 from vitdsi_utils.training.tasks import (
@@ -187,32 +186,9 @@ def fit(
     :class:`TrainConfig`; the epoch cap only has to be at least the epochs the checkpoint holds,
     see :mod:`vitdsi_utils.training.reuse`) raises :class:`CheckpointError` naming each difference.
     While it trains with a checkpoint, it holds the lock of the checkpoint's folder
-    (:func:`vitdsi_utils.locks.run_folder_lock`). The returned history's ``reached_target`` says
-    whether the stop rule fired (None when there is none: ``stop_on=None`` or no target).
+    (:func:`vitdsi_utils.training.engine.run_training`). The returned history's ``reached_target``
+    says whether the stop rule fired (None when there is none: ``stop_on=None`` or no target).
     """
-    if checkpoint_path is not None:  # one process at a time trains into a folder
-        with run_folder_lock(Path(checkpoint_path).parent):
-            return _fit(model, codec, train, val=val, config=config, history=history, checkpoint_path=checkpoint_path,
-                        resume=resume, stop_on=stop_on, phase=phase, mix_ratio=mix_ratio, data_info=data_info)
-    return _fit(model, codec, train, val=val, config=config, history=history, checkpoint_path=checkpoint_path,
-                resume=resume, stop_on=stop_on, phase=phase, mix_ratio=mix_ratio, data_info=data_info)
-
-
-def _fit(
-    model: DSIModel,
-    codec: IDCodec,
-    train: Any,
-    *,
-    val: Any,
-    config: TrainConfig | None,
-    history: History | None,
-    checkpoint_path: str | os.PathLike | None,
-    resume: bool,
-    stop_on: str | None,
-    phase: str | None,
-    mix_ratio: float | None,
-    data_info: dict[str, Any] | None,
-) -> History:
     config = config or TrainConfig()
     model.check_codec(codec)
     device = resolve_device(config.device)
@@ -223,124 +199,140 @@ def _fit(
     if stop_on is not None and stop_on not in names:
         raise ValueError(f"stop_on={stop_on!r} names no training task (tasks: {names}); pass stop_on=None")
     phase = phase or "+".join(names)
-    history = History() if history is None else history
     model.to(device)
-    pool = Pool(tasks, codec, device)
-    val_pool = Pool(val_tasks, codec, device) if val_tasks else None
-    counts = epoch_counts(pool, mix_ratio)
     optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    step_model = model
-    if config.compile:
-        if device.type == "cuda":
-            step_model = torch.compile(model)
-        else:
-            warnings.warn("TrainConfig.compile only applies on CUDA; training uncompiled", stacklevel=2)
+    objective = _DSIObjective(model, codec, tasks, val_tasks, config, device, stop_on, phase, mix_ratio)
 
-    start_epoch, step, stopped = 0, 0, False
-    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
+    def load(path: Path) -> dict[str, Any]:
+        state = load_checkpoint(path, map_location=device)
         if state["extra"].get("phase") != phase:
             raise CheckpointError(
-                f"{checkpoint_path} holds phase {state['extra'].get('phase')!r}, not {phase!r}; "
+                f"{path} holds phase {state['extra'].get('phase')!r}, not {phase!r}; "
                 "give each phase its own checkpoint path"
             )
-        check_checkpoint(state, checkpoint_path, config=model.config, codec=codec, data=data_info)
+        check_checkpoint(state, path, config=model.config, codec=codec, data=data_info)
         saved_mix = state["extra"].get("mix_ratio")
         if saved_mix != mix_ratio:
             raise CheckpointError(
-                f"{checkpoint_path} was written for other settings: mix_ratio: saved {saved_mix!r}, "
-                f"requested {mix_ratio!r}. " + REUSE_HINT.format(files=checkpoint_path)
+                f"{path} was written for other settings: mix_ratio: saved {saved_mix!r}, requested {mix_ratio!r}. "
+                + REUSE_HINT.format(files=path)
             )
         problems = resume_differences(state["train_config"], config, epoch=int(state["epoch"]),
                                       stop_rule=stop_on is not None)
         if problems:
             raise CheckpointError(
-                f"{checkpoint_path} was written for other training settings: " + "; ".join(problems) + ". "
-                + REUSE_HINT.format(files=checkpoint_path)
+                f"{path} was written for other training settings: " + "; ".join(problems) + ". "
+                + REUSE_HINT.format(files=path)
             )
-        restore_training(state, model, optimizer, history, generator)
-        start_epoch, step, stopped = state["epoch"], state["extra"]["step"], state["extra"]["stopped"]
-    else:
-        torch.manual_seed(config.seed)
+        return state
 
-    def save(epoch: int) -> None:
-        extra = {"phase": phase, "step": step, "stopped": stopped, "mix_ratio": mix_ratio, "data": dict(data_info or {})}
+    def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
+        extra = {"phase": phase, **counters, "mix_ratio": mix_ratio, "data": dict(data_info or {})}
         save_checkpoint(
-            checkpoint_path, model, optimizer, model.config, config, epoch, history, codec,
-            generator=generator, extra=extra,
+            path, model, optimizer, model.config, config, epoch, history, codec, generator=generator, extra=extra
         )
 
-    stop_pool = None  # the stop task alone, built on the first eval-mode check
-    shown = names[0] if len(names) == 1 else "all"  # the task whose numbers the progress bar shows
-    epochs = range(start_epoch, start_epoch if stopped else config.epochs)  # a finished run resumes to a no-op
-    bar = tqdm(epochs, initial=start_epoch, total=config.epochs, desc=phase, disable=not config.progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        pool.resample(generator)  # redrawn targets (same-class mode); a no-op for fixed pairs
-        order = pool.epoch_order(generator, counts)
-        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=device)
-        for start in range(0, len(order), config.batch_size):
-            images, inputs, targets, task = pool.batch(order[start : start + config.batch_size], generator)
-            if config.warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-            with _autocast(device, config.amp):
-                logits = step_model(images, inputs)  # (B, L, V)
-            losses = token_losses(logits, targets, codec.pad, config.label_smoothing)  # (B, L)
-            loss = losses.sum() / (targets != codec.pad).sum().clamp_min(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            # summed on the device: no host sync inside the epoch
-            sums.index_add_(0, task, _batch_stats(logits.detach(), targets, losses, codec.pad))
-        train_metrics = _summaries(sums, names)  # copies to the host, so the timing includes queued GPU work
-        seconds = time.perf_counter() - t0
-        for task_name, m in train_metrics.items():
-            row = {"phase": phase, "epoch": epoch + 1, "split": "train", "task": task_name}
-            history.append({**row, **m, "seconds": seconds})
-        stopped = _reached_target(train_metrics, stop_on, config, epoch + 1)
+    history = History() if history is None else history
+    checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
+    history = run_training(
+        model,
+        objective,
+        optimizer,
+        epochs=config.epochs,
+        seed=config.seed,
+        lr_at=linear_warmup(config.lr, config.warmup_steps),
+        grad_clip=config.grad_clip,
+        history=history,
+        checkpoint=checkpoint,
+        desc=phase,
+        progress=config.progress,
+    )
+    history.reached_target = history.stopped if stop_on is not None and config.target_accuracy is not None else None
+    return history
+
+
+class _DSIObjective:
+    """Teacher-forced cross-entropy over the examples of every task; stop checks and validation per epoch."""
+
+    def __init__(
+        self,
+        model: DSIModel,
+        codec: IDCodec,
+        tasks: list[Task],
+        val_tasks: list[Task],
+        config: TrainConfig,
+        device: torch.device,
+        stop_on: str | None,
+        phase: str,
+        mix_ratio: float | None,
+    ):
+        self.model, self.codec, self.tasks, self.config = model, codec, tasks, config
+        self.stop_on, self.phase = stop_on, phase
+        self.names = [t.name for t in tasks]
+        self.pool = Pool(tasks, codec, device)
+        self.val_pool = Pool(val_tasks, codec, device) if val_tasks else None
+        self.counts = epoch_counts(self.pool, mix_ratio)
+        self.stop_pool: Pool | None = None  # the stop task alone, built on the first eval-mode check
+        self.step_model: torch.nn.Module = model
+        if config.compile:
+            if device.type == "cuda":
+                self.step_model = torch.compile(model)
+            else:
+                warnings.warn("TrainConfig.compile only applies on CUDA; training uncompiled", stacklevel=3)
+        self.sums = torch.zeros(len(self.names), 5, dtype=torch.float64, device=device)
+
+    def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        self.pool.resample(generator)  # redrawn targets (same-class mode); a no-op for fixed pairs
+        order = self.pool.epoch_order(generator, self.counts)
+        self.sums.zero_()
+        return list(order.split(self.config.batch_size))
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images, inputs, targets, task = self.pool.batch(batch, generator)
+        with _autocast(self.pool.device, self.config.amp):
+            logits = self.step_model(images, inputs)  # (B, L, V)
+        pad = self.codec.pad
+        losses = token_losses(logits, targets, pad, self.config.label_smoothing)  # (B, L)
+        # summed on the device: no host sync inside the epoch
+        self.sums.index_add_(0, task, _batch_stats(logits.detach(), targets, losses, pad))
+        return losses.sum() / (targets != pad).sum().clamp_min(1)
+
+    def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
+        config, stop_on, phase = self.config, self.stop_on, self.phase
+        train_metrics = _summaries(self.sums, self.names)  # copies to the host, so the timing includes queued GPU work
+        rows = [
+            {"phase": phase, "epoch": epoch, "split": "train", "task": name, **m, "seconds": seconds}
+            for name, m in train_metrics.items()
+        ]
+        stopped = _reached_target(train_metrics, stop_on, config, epoch)
         if stopped is None:  # running accuracy close enough: re-score the stop task without dropout
             t1 = time.perf_counter()
-            stop_task = tasks[names.index(stop_on)]
-            stop_pool = stop_pool or Pool([stop_task], codec, device)
-            m = _summaries(
-                _evaluate_pool(step_model, stop_pool, codec.pad, config.eval_batch_size, config.amp), [stop_on]
-            )[stop_on]
+            stop_task = self.tasks[self.names.index(stop_on)]
+            self.stop_pool = self.stop_pool or Pool([stop_task], self.codec, self.pool.device)
+            pooled = _evaluate_pool(self.step_model, self.stop_pool, self.codec.pad, config.eval_batch_size, config.amp)
+            m = _summaries(pooled, [stop_on])[stop_on]
             stopped = m["seq_acc"] >= config.target_accuracy
             if stopped and config.stop_metric == "ia" and stop_task.image_idx is None:  # image i -> row i
-                m["ia1"] = _indexing_accuracy(model, codec, stop_task, config.stop_beam)
+                m["ia1"] = _indexing_accuracy(self.model, self.codec, stop_task, config.stop_beam)
                 stopped = m["ia1"] >= config.target_accuracy
-            row = {"phase": phase, "epoch": epoch + 1, "split": "train_eval", "task": stop_on}
-            history.append({**row, **m, "seconds": time.perf_counter() - t1})
-        last = stopped or epoch + 1 == config.epochs
+            row = {"phase": phase, "epoch": epoch, "split": "train_eval", "task": stop_on}
+            rows.append({**row, **m, "seconds": time.perf_counter() - t1})
+        last = stopped or epoch == config.epochs
+        shown = self.names[0] if len(self.names) == 1 else "all"  # the task whose numbers the progress bar shows
         postfix = {
             "loss": f"{train_metrics[shown]['loss']:.4f}",
             "acc": f"{train_metrics[stop_on or shown]['seq_acc']:.3f}",
         }
-        if val_pool is not None and ((epoch + 1) % config.eval_every == 0 or last):
+        if self.val_pool is not None and (epoch % config.eval_every == 0 or last):
             t1 = time.perf_counter()
-            val_metrics = _summaries(
-                _evaluate_pool(step_model, val_pool, codec.pad, config.eval_batch_size, config.amp), val_pool.names
-            )
-            seconds = time.perf_counter() - t1
-            for task_name, m in val_metrics.items():
-                row = {"phase": phase, "epoch": epoch + 1, "split": "val", "task": task_name}
-                history.append({**row, **m, "seconds": seconds})
-            val_shown = val_pool.names[0] if len(val_pool.names) == 1 else "all"
+            pooled = _evaluate_pool(self.step_model, self.val_pool, self.codec.pad, config.eval_batch_size, config.amp)
+            val_metrics = _summaries(pooled, self.val_pool.names)
+            val_seconds = time.perf_counter() - t1
+            for name, m in val_metrics.items():
+                rows.append({"phase": phase, "epoch": epoch, "split": "val", "task": name, **m, "seconds": val_seconds})
+            val_shown = self.val_pool.names[0] if len(self.val_pool.names) == 1 else "all"
             postfix["val_acc"] = f"{val_metrics[val_shown]['seq_acc']:.3f}"
-        bar.set_postfix(postfix)
-        if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
-            save(epoch + 1)
-        if stopped:
-            break
-    bar.close()
-    history.reached_target = bool(stopped) if stop_on is not None and config.target_accuracy is not None else None
-    return history
+        return EpochEnd(rows, postfix, bool(stopped))
 
 
 def _reached_target(train_metrics: dict, stop_on: str | None, config: TrainConfig, epoch: int) -> bool | None:
