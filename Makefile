@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam lab demo-shot clean-cache
+.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam notebooks lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -34,58 +34,51 @@ study: venv
 smoke: venv
 	$(BIN)/vitdsi study --profile smoke
 
+# The study targets run recipes: recipes/<target>.yaml holds the settings, the output and the model folders
+# (`vitdsi recipes` lists them; `vitdsi run recipes/<name>.yaml --dry-run` prints every setting).
+
 ## BoVW at 160 px, N = 512/1024/2048, 3 seeds, with the RootSIFT/tf-idf and K = 1000 checks, then VLAD at 64 px -> reports/bovw/
 bovw: venv
-	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2
-	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --seeds 0 1 2 --rootsift --tfidf
-	$(BIN)/vitdsi bovw --size 160 --n 512 1024 2048 --rootsift --tfidf --words 1000
+	$(BIN)/vitdsi run recipes/bovw.yaml
 	$(MAKE) vlad
 
 ## VLAD (K = 16/32/64, power- and intra-normalisation, RootSIFT) beside plain BoVW at 64 px -> reports/bovw/vlad_imagenette_64px.md
 vlad: venv
-	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048
-	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 16 32 64
-	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 16 32 64 --intra-norm
-	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 64 --no-power-norm
-	$(BIN)/vitdsi bovw --size 64 --n 512 1024 2048 --vlad --words 64 --rootsift
+	$(BIN)/vitdsi run recipes/vlad.yaml
 
 ## ViT DSI zero-shot and fine-tuned at 64 px on CPU (N = 512, 1024, 2048, both ID schemes) -> reports/dsi/
 dsi: venv
-	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
-	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi --runs data/runs/dsi
+	$(BIN)/vitdsi run recipes/dsi.yaml
 
 ## the multi-task DSI variant (indexing examples kept in every fine-tuning epoch) beside the models of `make dsi`
 dsi-multitask: venv
-	$(BIN)/vitdsi dsi --size 64 --n 512 1024 2048 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 \
-	  --index-epochs 400 --retrieval-epochs 10 --max-pairs-per-query 5 --out reports/dsi_multitask --runs data/runs/dsi \
-	  --multitask --mix-ratio 2 --multitask-epochs 30
+	$(BIN)/vitdsi run recipes/dsi-multitask.yaml
 
 ## DSI ablations at 64 px, N = 512, one factor at a time (positions, patch, dropout, indexed share, mix ratio,
 ## fine-tuning options), short budgets; the default variant reuses the models of `make dsi` -> reports/ablations/
+## ABLATE_FACTORS and ABLATE_LEVELS (FACTOR=LEVEL[,LEVEL...], space-separated; empty: every level) pick the grid
 ABLATE_FACTORS ?= pos patch dropout index-share mix options
 ABLATE_LEVELS  ?= patch=32
+comma := ,
+space := $(subst ,, )
 ablations: venv
-	$(BIN)/vitdsi ablate --size 64 --n 512 --scheme clustered --seed 0 --lr 1e-3 --warmup-steps 100 \
-	  --target-accuracy 0.99 --index-epochs 150 --retrieval-epochs 10 --max-pairs-per-query 5 \
-	  --factors $(ABLATE_FACTORS) $(if $(ABLATE_LEVELS),--levels $(ABLATE_LEVELS)) --out reports/ablations --runs data/runs/dsi
+	$(BIN)/vitdsi run recipes/ablations.yaml --set 'factors=[$(subst $(space),$(comma) ,$(strip $(ABLATE_FACTORS)))]' \
+	  --set 'levels={$(subst ~, ,$(subst $(space),$(comma)~,$(foreach l,$(ABLATE_LEVELS),$(subst =,:~[,$(l))])))}'
 
 ## the dense baseline (contrastive ViT + FAISS) and re-ranking at 64 px on CPU, N = 512/1024 -> reports/dense/
 ## (re-ranks the DSI models that `make dsi` left in data/runs/dsi, where there are any)
 dense: venv
-	$(BIN)/vitdsi dense --size 64 --n 512 1024 --epochs 90 --lr 5e-4 --batch-size 64 --schemes clustered random \
-	  --dsi-runs data/runs/dsi --dsi-table reports/dsi/dsi_imagenette_64px.csv --out reports/dense --runs data/runs/dense
+	$(BIN)/vitdsi run recipes/dense.yaml
 
 ## DSI started from the dense encoder and trained multi-task, beside BoVW and dense search; targets 3 and 4
 ## (trains the dense encoders first where `make dense` has not: data/runs/dense) -> reports/dsi_dense_init/
 dsi-dense-init: venv
-	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered random semantic \
-	  --out reports/dsi_dense_init --runs data/runs/dsi_dense_init --dense-runs data/runs/dense
+	$(BIN)/vitdsi run recipes/dsi-dense-init.yaml
 
 ## the same with same-class targets in the multi-task phase, the setting chosen on the val queries at N = 1024
 ## (`make tune-dense-init` -> reports/dsi_dense_init/tuning_val_N1024.md) -> reports/dsi_dense_init_sameclass/
 dsi-dense-init-sameclass: venv
-	$(BIN)/vitdsi dense-init --size 64 --n 512 1024 2048 --schemes clustered semantic --targets same-class \
-	  --out reports/dsi_dense_init_sameclass --runs data/runs/dsi_dense_init_sameclass --dense-runs data/runs/dense
+	$(BIN)/vitdsi run recipes/dsi-dense-init-sameclass.yaml
 
 ## multi-task settings of the dense-init DSI scored on the val queries (needs `make dsi-dense-init`) -> reports/dsi_dense_init/
 tune-dense-init: venv
@@ -94,39 +87,31 @@ tune-dense-init: venv
 ## patch 8 against patch 16 at N = 512: multi-task settings scored on the val queries, from the zero-shot models of
 ## `make dsi` and `make ablations ABLATE_FACTORS=patch ABLATE_LEVELS=patch=8` -> reports/dsi_patch8/tuning_val_N512_*.md
 tune-patch8: venv
-	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch16 --out reports/dsi_patch8 \
+	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch16 --set out_dir=reports/dsi_patch8 \
 	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/zero_shot.pt
-	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch8 --out reports/dsi_patch8 \
+	$(BIN)/python scripts/tune_dense_init.py --n 512 --variants base same-class --tag patch8 --set out_dir=reports/dsi_patch8 \
 	  --model data/runs/dsi/imagenette-64px-N512-clustered-seed0/ablations/patch_size8/zero_shot.pt
 
-## the recipe chosen there: patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with same-class targets,
-## beside BoVW averaged over 5 vocabularies (the models go to data/runs/dsi_patch8)
-PATCH8_RECIPE = --size 64 --patch 8 --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 --index-epochs 400 \
-  --max-pairs-per-query 5 --multitask --mix-ratio 2 --multitask-epochs 30 --targets same-class --no-fine-tune --bovw \
-  --runs data/runs/dsi_patch8
-
-## that recipe on every N with clustered, random and atomic IDs; targets 3 and 4 -> reports/dsi_patch8/
+## the recipe chosen there (recipes/dsi-patch8.yaml): patch 8 (8 x 8 tokens at 64 px), from scratch, multi-task with
+## same-class targets, beside BoVW averaged over 5 vocabularies (the models go to data/runs/dsi_patch8), on every N
+## with clustered, random and atomic IDs; targets 3 and 4 -> reports/dsi_patch8/
 dsi-patch8: venv
-	$(BIN)/vitdsi dsi $(PATCH8_RECIPE) --n 512 1024 2048 --schemes clustered random atomic --out reports/dsi_patch8
+	$(BIN)/vitdsi run recipes/dsi-patch8.yaml
 
 ## semantic and RQ IDs (k-means codes of the indexed images' BoVW histograms) with the same recipe, N = 512 and 1024,
 ## beside its clustered rows (loaded from data/runs/dsi_patch8 when `make dsi-patch8` ran) -> reports/dsi_patch8/semantic_rq/
 dsi-patch8-semantic: venv
-	$(BIN)/vitdsi dsi $(PATCH8_RECIPE) --n 512 1024 --schemes clustered semantic rq --out reports/dsi_patch8/semantic_rq
+	$(BIN)/vitdsi run recipes/dsi-patch8-semantic.yaml
 
 ## self-supervised pretraining of the DSI encoder on the images outside the databases, then the DSI from it
 ## (N = 512, clustered IDs, the settings of `make dsi`), beside the from-scratch rows of `make dsi` -> reports/pretrain/
 pretrain: venv
-	$(BIN)/vitdsi pretrain --size 64 --n 512 --scheme clustered --ssl-epochs 4 --ssl-batch-size 128 \
-	  --lr 1e-3 --warmup-steps 100 --target-accuracy 0.99 --index-epochs 400 --retrieval-epochs 10 \
-	  --max-pairs-per-query 5 --baseline reports/dsi/dsi_imagenette_64px.csv \
-	  --baseline-histories reports/dsi/histories_imagenette_64px.csv --scratch --out reports/pretrain --runs data/runs/pretrain
+	$(BIN)/vitdsi run recipes/pretrain.yaml
 
 ## scale: latency per query against N up to all 13,394 images (DSI beam search, BoVW, dense FAISS) and IA@1 of a
 ## DSI trained on N = 512 and 1024 images, 64 px, on this CPU -> reports/scale/ (a rerun keeps the latency table)
 scale: venv
-	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 --index-epochs 100 --k 10 100 \
-	  --queries 64 --query-batch 64 --repeats 3 --reuse-latency --out reports/scale --runs data/runs/scale
+	$(BIN)/vitdsi run recipes/scale.yaml
 
 ## target 5's IA@1 on this CPU: a DSI trained to memorise all 13,394 images (random IDs, 64 px, batch 128, stopped by the
 ## cheap teacher-forced check at 0.98, then IA@1 by beam search once), beside the latency table of `make scale`
@@ -134,33 +119,25 @@ scale: venv
 scale-all: venv
 	mkdir -p reports/scale_all
 	test -f reports/scale_all/scale_latency.csv || cp reports/scale/scale_latency.csv reports/scale_all/
-	$(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --ia-n 0 --index-epochs 400 --batch-size 128 \
-	  --stop-metric eval --stop-check-every 5 --target-accuracy 0.98 --k 10 100 --queries 64 --query-batch 64 --repeats 3 \
-	  --reuse-latency --out reports/scale_all --runs data/runs/scale
+	$(BIN)/vitdsi run recipes/scale-all.yaml
 
 ## the latency half of the scale study again, without training: top-10 and top-100 against N for DSI beam search,
 ## BoVW and dense search on one thread, at 64 px (beside the IA@1 tables of reports/scale and reports/scale_all) and
-## at 160 px (reports/scale_160); about 25 min on 2 idle cores
+## at 160 px (reports/scale_160); about 25 min on 2 idle cores. Run 2 redraws reports/scale_all with the table of run 1
 scale-latency: venv
-	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia \
-	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi run recipes/scale-latency.yaml --run 1
 	mkdir -p reports/scale_all
 	cp reports/scale/scale_latency.csv reports/scale_all/
-	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 64 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia --reuse-latency \
-	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale_all
-	OMP_NUM_THREADS=1 $(BIN)/vitdsi scale --size 160 --n 512 1024 2048 4096 8192 0 --k 10 100 --keep-ia \
-	  --queries 64 --query-batch 64 --repeats 3 --out reports/scale_160
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi run recipes/scale-latency.yaml --run 2 --run 3
 
 ## the full scale study on a GPU: the paper's model at 160 px trained on every N up to all images (hours on one H100)
 scale-gpu: venv
-	$(BIN)/vitdsi scale --size 160 --n 512 1024 2048 4096 8192 0 --ia-n 512 1024 2048 4096 8192 0 --index-epochs 1000 \
-	  --device cuda --amp --compile --queries 256 --query-batch 256 --repeats 5 --out reports/scale-gpu --runs data/runs/scale-gpu
+	$(BIN)/vitdsi run recipes/scale-gpu.yaml
 
 ## incremental indexing: 20% new images added to a trained DSI (fine-tuning, replay 0/1/4) vs retraining, 64 px,
 ## N = 1024 (256 indexed) -> reports/incremental/
 incremental: venv
-	$(BIN)/vitdsi incremental --size 64 --n 1024 --new-fraction 0.2 --replay-ratios 0 1 4 --finetune-epochs 40 \
-	  --out reports/incremental --runs data/runs/incremental
+	$(BIN)/vitdsi run recipes/incremental.yaml
 
 ## lint: ruff's checks and the import contracts of pyproject.toml (layers, no cycles)
 lint: venv
@@ -175,8 +152,13 @@ test: lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not notebook"
 
-## JupyterLab with the project's environment as the kernel
-lab: venv
+## the notebooks' .ipynb beside their py:percent sources (git-ignored; notebooks/jupytext.toml pairs them): jupytext
+## --sync writes each .ipynb from its .py, or, where the .ipynb was edited later, that edit into the .py
+notebooks: venv
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+## JupyterLab with the project's environment as the kernel; opening and saving either file of a pair writes both
+lab: notebooks
 	$(BIN)/python -m ipykernel install --sys-prefix --name vitdsi --display-name "vitdsi (.venv)"
 	$(BIN)/jupyter lab notebooks/
 

@@ -9,8 +9,9 @@ What it does, in order:
    ``--runs`` (default ``data/runs/<profile>``); when they are absent it runs the study first
    (``vitdsi study --profile P``, which skips notebooks that are up to date), or with
    ``--no-build`` stops and says what to run;
-2. writes a copy of ``notebooks/06_demo.ipynb`` with the profile's parameters injected (as the
-   runner does) and serves it with Voilà on a free port of 127.0.0.1;
+2. writes ``06_demo.ipynb`` into a scratch folder from the notebook's source ``notebooks/06_demo.py``
+   (py:percent, read with jupytext as the runner reads it), with the profile's parameters injected
+   (as the runner does), and serves it with Voilà on a free port of 127.0.0.1;
 3. opens the page in headless Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright),
    waits for the widget, picks a test query in the dropdown, presses **Run**, and waits until
    the result grid shows that query's thumbnails;
@@ -43,14 +44,16 @@ if str(ROOT) not in sys.path:  # this checkout's vitdsi_utils, not whichever one
 
 from vitdsi_utils import settings  # noqa: E402
 from vitdsi_utils.runner.profiles import load_profile, notebook_parameters  # noqa: E402
-from vitdsi_utils.runner.run import notebooks_dir, run_study  # noqa: E402
+from vitdsi_utils.runner.run import StudyFailed, notebooks_dir, run_study, sync_sources  # noqa: E402
+from vitdsi_utils.runner.sources import read_notebook  # noqa: E402
 
 #: Debian's Chromium; VITDSI_CHROMIUM names another binary.
 CHROMIUM = os.environ.get("VITDSI_CHROMIUM", "/usr/bin/chromium")
 #: Flags that let Chromium run headless in a container without a sandbox, a GPU or network chatter.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DEMO_NOTEBOOK = "06_demo.ipynb"
+#: The demo notebook's source (py:percent); Voilà gets an .ipynb written from it.
+DEMO_NOTEBOOK = "06_demo.py"
 VIEWPORT = {"width": 1280, "height": 900}
 
 
@@ -105,13 +108,14 @@ def ensure_models(profile: str, runs: Path, params: dict, *, build: bool) -> Non
 
 
 def write_demo_notebook(params: dict, folder: Path) -> Path:
-    """A copy of 06_demo with ``params`` injected after its parameters cell, as papermill does."""
+    """``folder/06_demo.ipynb``: the demo's source with ``params`` injected after its parameters cell, as papermill does."""
     import nbformat
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    notebook = parameterize_notebook(load_notebook_node(str(notebooks_dir() / DEMO_NOTEBOOK)), params)
-    path = folder / DEMO_NOTEBOOK
+    source = read_notebook(notebooks_dir() / DEMO_NOTEBOOK)  # the kernel this Python runs: "python3"
+    notebook = parameterize_notebook(load_notebook_node(source), params)
+    path = folder / Path(DEMO_NOTEBOOK).with_suffix(".ipynb").name
     nbformat.write(notebook, str(path))
     return path
 
@@ -285,6 +289,10 @@ def demo_screenshot(
                             "or pass --chromium PATH")
     runs = Path(runs) if runs is not None else settings.data_dir() / "runs" / profile
     out = Path(out) if out is not None else settings.reports_dir() / "demo" / f"demo_{profile}.png"
+    try:  # an edit of 06_demo.ipynb made in JupyterLab without jupytext reaches the source first
+        sync_sources([notebooks_dir() / DEMO_NOTEBOOK])
+    except StudyFailed as error:
+        raise DemoShotError(str(error)) from error
     with tempfile.TemporaryDirectory(prefix="vitdsi-demo-") as scratch:
         scratch = Path(scratch)
         params = demo_parameters(profile, runs, scratch / "report")

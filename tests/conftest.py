@@ -23,6 +23,25 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def run_recipe(tmp_path):
+    """``vitdsi run`` on a recipe written from a mapping (plus ``--set`` items); returns the exit status."""
+    import itertools
+
+    import yaml
+
+    from vitdsi_utils import cli
+
+    numbers = itertools.count()
+
+    def run(values: dict, *sets: str) -> int:
+        path = tmp_path / f"recipe-{next(numbers)}.yaml"
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
+        return cli.main(["run", str(path), *(arg for item in sets for arg in ("--set", item))])
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch):
     """Caches and downloads of a test go to a temporary folder, never the project's data/."""

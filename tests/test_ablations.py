@@ -6,11 +6,11 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from vitdsi_utils.cli import build_parser, main
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.studies.ablations import (
     FINE_TUNED,
     ZERO_SHOT,
+    AblationsSpec,
     Variant,
     ablation_figure,
     ablation_grid,
@@ -20,6 +20,7 @@ from vitdsi_utils.studies.ablations import (
     run_ablations,
     summary_table,
 )
+from vitdsi_utils.studies.specs import build_spec
 from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +97,7 @@ def test_run_gives_both_stages_of_every_variant(small_run):
     ia = long[(long["metric"] == "IA@1") & (long["stage"] == ZERO_SHOT)].set_index("variant")["value"]
     # the fine-tuning option reuses the default's indexed model: same zero-shot numbers
     assert ia["options: same-class targets"] == ia["default"]
-    # the default lives where `vitdsi dsi` puts its models; variants below it
+    # the default lives where the DSI study (recipes/dsi.yaml) puts its models; variants below it
     root = next(runs.iterdir())
     assert (root / "zero_shot.pt").exists() and (root / "fine_tuned.pt").exists()
     assert (root / "ablations" / "patch_size32" / "zero_shot.pt").exists()
@@ -137,7 +138,13 @@ def test_merge_keeps_other_variants_of_the_same_settings_only(small_run, tmp_pat
     assert set(other["variant"]) == {"patch: 32"}
 
 
-def test_ablate_command(tmp_path):
-    args = build_parser().parse_args(["ablate", "--factors", "pos", "--levels", "pos=learned"])
-    assert args.factors == ["pos"] and args.n == 512 and args.index_epochs == 150
-    assert main(["ablate", "--source", "digits", "--size", "32", "--levels", "patch", "--out", str(tmp_path)]) == 2
+def test_ablations_recipe(tmp_path, run_recipe, capsys):
+    spec = build_spec(AblationsSpec, {"factors": ["pos"], "levels": {"pos": ["learned"]}})
+    assert spec.factors == ("pos",) and spec.levels == {"pos": ("learned",)}
+    assert spec.n == 512 and spec.index.epochs == 150 and spec.fine_tune.epochs == 10
+    common = {"study": "ablations", "source": "digits", "size": 32, "out_dir": str(tmp_path)}
+    assert run_recipe({**common, "levels": "patch"}) == 2  # a factor without its levels
+    assert "levels: expected a mapping" in capsys.readouterr().err
+    assert run_recipe({**common, "levels": {"patch": [12]}}) == 2
+    assert "factor 'patch' has levels ['8', '16', '32']" in capsys.readouterr().err
+    assert not any(tmp_path.glob("ablations_*"))

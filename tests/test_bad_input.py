@@ -417,9 +417,9 @@ def test_training_settings_errors_say_what_is_expected(overrides, message):
         TrainConfig(**overrides)
 
 
-def test_cli_reports_a_patch_size_that_does_not_divide_the_images(capsys, tmp_path):
-    code = cli.main(["dsi", "--source", "digits", "--size", "32", "--n", "80", "--patch", "24", "--index-epochs", "1",
-                     "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
+def test_cli_reports_a_patch_size_that_does_not_divide_the_images(capsys, tmp_path, run_recipe):
+    code = run_recipe({"study": "dsi", "source": "digits", "size": 32, "ns": [80], "model": {"patch_size": 24},
+                       "index": {"epochs": 1}, "out_dir": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
     err = capsys.readouterr().err
     assert code == 2 and "image_size 32 is not divisible by patch_size 24" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing was started

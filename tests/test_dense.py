@@ -506,17 +506,16 @@ def test_dsi_first_stages_come_from_the_run_folder_and_are_re_ranked(tmp_path, d
         first_stages(digits_db, dsi_run_dir=tmp_path)
 
 
-def test_cli_dense_writes_tables_and_the_tradeoff_figure(tmp_path):
-    from vitdsi_utils.cli import main
-
+def test_cli_dense_writes_tables_and_the_tradeoff_figure(tmp_path, run_recipe):
     out = tmp_path / "dense"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = main([
-            "dense", "--source", "digits", "--size", "32", "--n", "120", "--epochs", "1", "--batch-size", "16",
-            "--patch", "16", "--dim", "32", "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--words", "20",
-            "--depths", "10", "--dsi-runs", str(tmp_path / "no-dsi"), "--out", str(out), "--runs", str(tmp_path / "runs"),
-        ])
+        code = run_recipe({
+            "study": "dense", "source": "digits", "size": 32, "ns": [120], "train": {"epochs": 1, "batch_size": 16},
+            "model": {"patch_size": 16, "dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "words": 20,
+            "depths": [10], "dsi_runs": str(tmp_path / "no-dsi"), "out_dir": str(out),
+            "runs_dir": str(tmp_path / "runs"),
+        })
     assert code == 0
     results = pd.read_csv(out / "dense_digits_32px.csv")
     assert set(results["model"]) == {"BoVW", DENSE_MODEL}

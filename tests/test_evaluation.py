@@ -3,7 +3,6 @@ import pandas as pd
 import pytest
 import torch
 
-from vitdsi_utils.cli import main
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw, retrieval_metrics
@@ -77,14 +76,15 @@ def test_bovw_variant_names_only_what_differs_from_the_defaults(options, tag):
     assert bovw_variant(200, **options) == tag
 
 
-def test_cli_vlad_writes_its_tables_and_the_comparison_with_plain_bovw(tmp_path, capsys):
-    common = ["bovw", "--source", "digits", "--size", "32", "--n", "400", "--out", str(tmp_path)]
+def test_cli_vlad_writes_its_tables_and_the_comparison_with_plain_bovw(tmp_path, capsys, run_recipe):
+    common = {"study": "bovw", "source": "digits", "size": 32, "ns": [400], "out_dir": str(tmp_path)}
     # the comparison needs plain BoVW with the baseline's words first, and says so
-    assert main(common + ["--vlad", "--words", "8"]) == 2
+    assert run_recipe({**common, "encoding": "vlad", "words": [8]}) == 2
     assert "no plain BoVW table with 200 words" in capsys.readouterr().err
-    assert main(common + ["--words", "200"]) == 0
-    assert main(common + ["--vlad", "--words", "4", "8", "--intra-norm"]) == 0
-    assert main(common + ["--vlad", "--words", "8", "--no-power-norm"]) == 0
+    # one recipe, several runs: each entry laid over the shared keys
+    assert run_recipe({**common, "runs": [{"words": [200]},
+                                          {"encoding": "vlad", "words": [4, 8], "intra_norm": True},
+                                          {"encoding": "vlad", "words": [8], "power_norm": False}]}) == 0
     for variant in ("K200", "K8_vlad", "K4_vlad_intra", "K8_vlad_intra", "K8_vlad_nopower"):
         assert (tmp_path / f"bovw_digits_32px_{variant}.csv").exists(), variant
     vlad = pd.read_csv(tmp_path / "bovw_digits_32px_K8_vlad_intra.csv")
@@ -96,7 +96,7 @@ def test_cli_vlad_writes_its_tables_and_the_comparison_with_plain_bovw(tmp_path,
     markdown = (tmp_path / "vlad_digits_32px.md").read_text()
     assert "| K8_vlad_nopower | VLAD | 8 | 1024 | 400 | 0 |" in markdown
     # tf-idf weights counts, which VLAD has none of: refused before any image is read
-    assert main(common + ["--vlad", "--tfidf"]) == 2
+    assert run_recipe({**common, "encoding": "vlad", "tfidf": True}) == 2
     assert "tfidf weights word counts" in capsys.readouterr().err
 
 
@@ -117,12 +117,13 @@ def test_attach_paper_matches_like_for_like_rows():
     assert merged.at["paper R@100 (10 queries)", "paper"] == 0.825
 
 
-def test_cli_reports_bad_requests_without_traceback(capsys):
-    assert main(["bovw", "--source", "digits", "--size", "32", "--n", "99999"]) == 2
+def test_cli_reports_bad_requests_without_traceback(capsys, run_recipe, tmp_path):
+    assert run_recipe({"study": "bovw", "source": "digits", "size": 32, "ns": [99999], "out_dir": str(tmp_path)}) == 2
     err = capsys.readouterr().err
     assert "N=99999 is not possible" in err and "Traceback" not in err
-    with pytest.raises(SystemExit):
-        main(["bovw", "--size", "100"])
+    assert run_recipe({"study": "bovw", "size": 100}) == 2  # refused before any image is read
+    err = capsys.readouterr().err
+    assert "size: 100 is not one of 32, 64, 160, 256" in err and len(err.strip().splitlines()) == 1
 
 
 def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
@@ -180,13 +181,12 @@ def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
     assert all(torch.equal(v, result.zero_shot.model.state_dict()[k]) for k, v in stored.items())
 
 
-def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
+def test_cli_dsi_writes_table1_rows_and_histories(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    code = main([
-        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "random",
-        "--index-epochs", "2", "--retrieval-epochs", "1", "--max-pairs-per-query", "2",
-        "--out", str(out), "--runs", str(runs),
-    ])
+    recipe = {"study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["random"],
+              "index": {"epochs": 2}, "fine_tune": {"epochs": 1}, "max_pairs_per_query": 2,
+              "out_dir": str(out), "runs_dir": str(runs)}
+    code = run_recipe(recipe)
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
@@ -194,11 +194,7 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
     assert set(histories["phase"]) == {"indexing", "retrieval"}
     assert "| DSI zero-shot | 120 | random |" in (out / "dsi_digits_32px.md").read_text()
     # a second call reuses both trained phases and adds the multi-task model with its own epochs
-    code = main([
-        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "random",
-        "--index-epochs", "2", "--retrieval-epochs", "1", "--max-pairs-per-query", "2",
-        "--multitask", "--mix-ratio", "1.5", "--multitask-epochs", "2", "--out", str(out), "--runs", str(runs),
-    ])
+    code = run_recipe(recipe, "multitask={epochs: 2}", "mix_ratio=1.5")
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["model"]) == {"DSI zero-shot", "DSI fine-tuned", "DSI multi-task"}
@@ -207,13 +203,14 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path):
     assert "Multi-task: 2 epochs" in (out / "dsi_digits_32px.md").read_text()
 
 
-def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path):
+def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    code = main([
-        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "clustered", "random",
-        "--index-epochs", "2", "--max-pairs-per-query", "2", "--multitask", "--mix-ratio", "1", "--multitask-epochs",
-        "1", "--no-fine-tune", "--bovw", "--words", "8", "--vocabularies", "2", "--out", str(out), "--runs", str(runs),
-    ])
+    code = run_recipe({
+        "study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["clustered", "random"],
+        "index": {"epochs": 2}, "max_pairs_per_query": 2, "multitask": {"epochs": 1}, "mix_ratio": 1,
+        "fine_tune": None, "bovw": True, "bovw_words": 8, "bovw_vocabularies": 2,
+        "out_dir": str(out), "runs_dir": str(runs),
+    })
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["model"]) == {"BoVW", "DSI zero-shot", "DSI multi-task"}  # no plain fine-tuning
@@ -290,13 +287,13 @@ def test_evaluate_dsi_averages_a_list_of_models_per_query():
         evaluate_dsi([], codec, db)
 
 
-def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path):
+def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    code = main([
-        "dsi", "--source", "digits", "--size", "32", "--n", "120", "--schemes", "clustered", "atomic",
-        "--index-epochs", "2", "--max-pairs-per-query", "2", "--no-fine-tune",
-        "--out", str(out), "--runs", str(runs),
-    ])
+    code = run_recipe({
+        "study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["clustered", "atomic"],
+        "index": {"epochs": 2}, "max_pairs_per_query": 2, "fine_tune": None,
+        "out_dir": str(out), "runs_dir": str(runs),
+    })
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["ids"]) == {"clustered", "atomic"}
@@ -311,7 +308,9 @@ def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path)
 
 
 def test_dsi_study_names_the_unknown_scheme():
-    from vitdsi_utils.studies.dsi import dsi_study
+    from vitdsi_utils.studies.dsi import DSISpec, _dsi_study
 
+    with pytest.raises(ValueError, match="schemes: 'hashed' is not one of random, clustered, semantic, rq, atomic"):
+        DSISpec(source="digits", size=32, ns=(120,), schemes=("clustered", "hashed"))
     with pytest.raises(ValueError, match="unknown ID scheme"):
-        dsi_study("digits", 32, ns=(120,), schemes=("clustered", "hashed"))
+        _dsi_study("digits", 32, ns=(120,), schemes=("clustered", "hashed"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitdsi_utils.cli import build_parser
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.phases import fine_tune, index_database
+from vitdsi_utils.studies.dense_init import DenseInitSpec
+from vitdsi_utils.studies.dsi import DSISpec
+from vitdsi_utils.studies.specs import build_spec
 from vitdsi_utils.training.checkpoint import CheckpointError
 from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.loop import epoch_counts, fit
@@ -208,12 +210,16 @@ def test_fine_tune_options_run_and_are_checked_on_reload(digits_db, tmp_path):
         fine_tune(digits_db, zero.model, config=config, targets="class")
 
 
-def test_dsi_command_exposes_the_options():
-    args = build_parser().parse_args(
-        ["dsi", "--targets", "same-class", "--index-views", "2", "--view-min-crop", "0.5", "--label-smoothing", "0.1"])
-    assert (args.targets, args.index_views, args.view_min_crop, args.label_smoothing) == ("same-class", 2, 0.5, 0.1)
-    plain = build_parser().parse_args(["dsi"])
-    assert (plain.targets, plain.index_views, plain.label_smoothing) == ("pairs", 0, 0.0)
+def test_dsi_spec_exposes_the_options():
+    spec = build_spec(DSISpec, {"targets": "same-class", "index_views": 2, "view_min_crop": 0.5,
+                                "fine_tune": {"label_smoothing": 0.1}})
+    assert (spec.targets, spec.index_views, spec.view_min_crop, spec.fine_tune.label_smoothing) == (
+        "same-class", 2, 0.5, 0.1)
+    assert spec.fine_tune.epochs == 75  # the rest of the section keeps the study's default
+    plain = build_spec(DSISpec, {})
+    assert (plain.targets, plain.index_views, plain.fine_tune.label_smoothing) == ("pairs", 0, 0.0)
+    with pytest.raises(ValueError, match="targets: 'class' is not one of pairs, same-class"):
+        build_spec(DSISpec, {"targets": "class"})
 
 
 def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
@@ -251,7 +257,7 @@ def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
         fine_tune(digits_db, zero.model, config=quiet(epochs=1), consolidate=-1)
 
 
-def test_consolidate_reaches_both_commands():
-    assert build_parser().parse_args(["dsi", "--consolidate", "7"]).consolidate == 7
-    assert build_parser().parse_args(["dense-init", "--consolidate", "20"]).consolidate == 20
-    assert build_parser().parse_args(["dense-init"]).consolidate == 0
+def test_consolidate_reaches_both_studies():
+    assert build_spec(DSISpec, {"consolidate": 7}).consolidate == 7
+    assert build_spec(DenseInitSpec, {"consolidate": 20}).consolidate == 20
+    assert build_spec(DenseInitSpec, {}).consolidate == 0

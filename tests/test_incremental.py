@@ -105,15 +105,14 @@ def test_tiny_model_learns_new_ids_with_replay():
     assert (rows[:16, 0] == torch.arange(16)).float().mean() >= 0.75  # replay keeps most old IDs
 
 
-def test_cli_incremental_writes_every_strategy(tmp_path):
+def test_cli_incremental_writes_every_strategy(tmp_path, run_recipe):
     import pandas as pd
 
-    from vitdsi_utils import cli
-
     out = tmp_path / "inc"
-    code = cli.main(["incremental", "--source", "digits", "--size", "32", "--n", "80", "--replay-ratios", "0", "1",
-                     "--index-epochs", "2", "--finetune-epochs", "2", "--dim", "32", "--mlp-dim", "64", "--depth", "1",
-                     "--heads", "2", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    code = run_recipe({"study": "incremental", "source": "digits", "size": 32, "ns": [80], "replay_ratios": [0, 1],
+                       "index": {"epochs": 2}, "finetune_epochs": 2,
+                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
+                       "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
     assert code == 0
     results = pd.read_csv(out / "incremental_N80_random.csv")
     assert list(results["strategy"]) == [INITIAL, finetune_name(0), finetune_name(1), SCRATCH]

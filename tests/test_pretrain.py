@@ -269,10 +269,8 @@ def test_a_run_folder_remembers_its_encoder_init(tmp_path):
             index_database(db, model_overrides=overrides, config=quick, run_dir=run, encoder_init=other)
 
 
-def test_the_cli_wants_source_and_weights_together(capsys):
-    from vitdsi_utils.cli import main
-
-    assert main(["dsi", "--source", "digits", "--size", "32", "--n", "100", "--encoder-init", "ssl"]) == 2
+def test_the_cli_wants_source_and_weights_together(capsys, run_recipe):
+    assert run_recipe({"study": "dsi", "source": "digits", "size": 32, "ns": [100], "encoder_init": "ssl"}) == 2
     assert "go together" in capsys.readouterr().err
 
 
@@ -423,9 +421,9 @@ def test_paired_comparison_of_a_model_with_itself_is_zero():
 
 
 def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_path):
-    from vitdsi_utils.cli import build_parser
     from vitdsi_utils.ids.schemes import hierarchical_kmeans_codes
-    from vitdsi_utils.studies.pretrain import comparison_frame, pretrain_study
+    from vitdsi_utils.studies.pretrain import PretrainSpec, comparison_frame, pretrain_study
+    from vitdsi_utils.studies.specs import build_spec
     from vitdsi_utils.training.checkpoint import load_model
     from vitdsi_utils.training.config import TrainConfig
 
@@ -460,5 +458,5 @@ def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_pa
     assert [tuple(c) for c in codec.codes] == [tuple(c) for c in expected]
     assert (tmp_path / "out" / "ids_digits_32px.csv").is_file()
     assert "Semantic IDs from the encoder's embeddings" in out["markdown"]
-    args = build_parser().parse_args(["pretrain", "--semantic-ids", "--semantic-k", "5"])
-    assert (args.semantic_ids, args.semantic_k, args.semantic_c) == (True, 5, 10)
+    spec = build_spec(PretrainSpec, {"semantic_ids": True, "semantic_k": 5})
+    assert (spec.semantic_ids, spec.semantic_k, spec.semantic_c) == (True, 5, 10)

@@ -33,8 +33,11 @@ from vitdsi_utils.locks import RunFolderBusy, run_folder_lock
 from vitdsi_utils.model.vit import ViTConfig
 from vitdsi_utils.phases import fine_tune, index_database
 from vitdsi_utils.runner.profiles import load_profile
-from vitdsi_utils.studies.dsi import dsi_study, run_experiment
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies import dsi
+from vitdsi_utils.studies.dsi import DSISpec, run_experiment
 from vitdsi_utils.studies.incremental import incremental_study
+from vitdsi_utils.studies.specs import ModelSpec
 from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint
 from vitdsi_utils.training.config import STOP_RULE_FIELDS, TrainConfig
 from vitdsi_utils.training.reuse import finished_verdict
@@ -295,21 +298,26 @@ def test_problem_1_a_study_never_reports_an_old_model_as_the_new_settings(tmp_pa
     After: the capped run continues to 3 epochs, the table and the header say so, and a request
     with another learning rate is refused with the difference named.
     """
-    kwargs = dict(source="digits", size=32, ns=(80,), schemes=("random",), model_overrides=TINY,
-                  fine_tune_phase=False, out_dir=tmp_path / "out", runs_dir=tmp_path / "runs", progress=False)
-    first, _ = dsi_study(index_config=index_config(epochs=1), **kwargs)
+    paths = StudyPaths(tmp_path / "out", tmp_path / "runs")
+
+    def study(**index):
+        spec = DSISpec(source="digits", size=32, ns=(80,), schemes=("random",), model=ModelSpec(**TINY),
+                       index=index_config(**index), fine_tune=None)
+        return dsi.run(spec, paths)[0]
+
+    first = study(epochs=1)
     markdown = (tmp_path / "out" / "dsi_digits_32px.md").read_text()
     assert "or 1 epochs (0 of 1 runs reached the target)" in markdown
     assert set(first["epochs"]) == {1} and set(first["epoch_cap"]) == {1} and set(first["reached_target"]) == {False}
-    second, _ = dsi_study(index_config=index_config(epochs=3), **kwargs)
+    second = study(epochs=3)
     markdown = (tmp_path / "out" / "dsi_digits_32px.md").read_text()
     assert "or 3 epochs (0 of 1 runs reached the target)" in markdown
     assert set(second["epochs"]) == {3} and set(second["epoch_cap"]) == {3}
     assert re.search(r"\| DSI zero-shot \|\s+80 \| random \|\s+0 \|\s+3 \|\s+3 \| no\s+\|", markdown)
     with pytest.raises(CheckpointError, match="zero_shot.pt was indexed with other settings: lr: saved 0.002, "
                                               "requested 0.001. Delete .*zero_shot.pt and .*indexing.ckpt or use "
-                                              r"another run folder \(--runs\)"):
-        dsi_study(index_config=index_config(epochs=3, lr=1e-3), **kwargs)
+                                              r"another run folder \(a recipe's runs_dir"):
+        study(epochs=3, lr=1e-3)
 
 
 def error_lines(err: str) -> list[str]:
@@ -318,26 +326,35 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "error:" in line]
 
 
+def dsi_recipe(tmp_path: Path, *sets: str) -> list[str]:
+    """``vitdsi run dsi`` (recipes/dsi.yaml) on 80 digits, random IDs, no fine-tuning, into ``tmp_path``."""
+    settings = ["source=digits", "size=32", "ns=[80]", "schemes=[random]", "fine_tune=null",
+                "index.warmup_steps=0", f"out_dir={tmp_path / 'out'}", f"runs_dir={tmp_path / 'runs'}", *sets]
+    return ["run", "dsi", *(arg for item in settings for arg in ("--set", item))]
+
+
 def test_problem_1_on_the_command_line(tmp_path, capsys):
-    base = ["dsi", "--source", "digits", "--size", "32", "--n", "80", "--schemes", "random", "--no-fine-tune",
-            "--patch", "16", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
-    # the settings of the reproduction that cannot be meant are refused before anything starts
-    for option, value, message in (("--index-epochs", "0", "must be an integer >= 1, got 0"),
-                                   ("--target-accuracy", "2", r"must lie in (0, 1], got 2")):
-        with pytest.raises(SystemExit) as exit_:
-            cli.main([*base, option, value])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.count("\n") == 1 and f"argument {option}: {message}" in err
+    """Before: index with 0 epochs, ask for 30, get the 0-epoch model "done in 1 s" under a "30 epochs" header.
+
+    After: 0 epochs and a target of 2 are refused before anything starts; a 1-epoch model is
+    continued to 2 epochs when they are asked for, and refused for another learning rate.
+    """
+    for item, message in (("index.epochs=0", "index.epochs: must be an integer >= 1, got 0"),
+                          ("index.target_accuracy=2", "index.target_accuracy: must lie in (0, 1], got 2")):
+        assert cli.main(dsi_recipe(tmp_path, item)) == 2
+        (error,) = error_lines(capsys.readouterr().err)
+        assert error == f"vitdsi run: error: recipes/dsi.yaml: {message}"
     assert not (tmp_path / "runs").exists()
-    assert cli.main([*base, "--index-epochs", "1"]) == 0
+    assert cli.main(dsi_recipe(tmp_path, "index.epochs=1")) == 0
     capsys.readouterr()
-    assert cli.main([*base, "--index-epochs", "1", "--lr", "1e-3"]) == 2
+    assert cli.main(dsi_recipe(tmp_path, "index.epochs=1", "index.lr=2e-3")) == 2
     (error,) = error_lines(capsys.readouterr().err)
-    assert "was indexed with other settings: lr: saved 0.0005, requested 0.001" in error
-    assert cli.main([*base, "--index-epochs", "2"]) == 0
+    assert "zero_shot.pt was indexed with other settings: lr: saved 0.001, requested 0.002. Delete" in error
+    assert cli.main(dsi_recipe(tmp_path, "index.epochs=2")) == 0
     captured = capsys.readouterr()
-    assert "stopped at its cap of 1 epochs without reaching the target accuracy 0.98; continuing" in captured.err
-    assert "or 2 epochs (0 of 1 runs reached the target)" in (tmp_path / "out" / "dsi_digits_32px.md").read_text()
+    assert "stopped at its cap of 1 epochs without reaching the target accuracy 0.99; continuing" in captured.err
+    markdown = (tmp_path / "out" / "dsi_digits_32px.md").read_text()
+    assert "or 2 epochs (0 of 1 runs reached the target)" in markdown
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,13 +550,10 @@ def test_two_runs_on_one_folder_train_once(db, tmp_path):
 
 def test_the_command_line_reports_a_busy_run_folder_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VITDSI_LOCK_TIMEOUT", "0")
-    runs = tmp_path / "runs"
-    folder = runs / "digits-32px-N80-random-seed0"
+    folder = tmp_path / "runs" / "digits-32px-N80-random-seed0"
     with run_folder_lock(folder):
         done = []
-        thread = threading.Thread(target=lambda: done.append(cli.main(
-            ["dsi", "--source", "digits", "--size", "32", "--n", "80", "--schemes", "random", "--no-fine-tune",
-             "--index-epochs", "1", "--out", str(tmp_path / "out"), "--runs", str(runs)])))
+        thread = threading.Thread(target=lambda: done.append(cli.main(dsi_recipe(tmp_path, "index.epochs=1"))))
         thread.start()
         thread.join()
     (error,) = error_lines(capsys.readouterr().err)
@@ -589,43 +603,54 @@ def test_configs_refuse_impossible_values(config, overrides, message):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "recipe, item, message",
     [
-        (["dsi", "--target-accuracy", "2"], r"argument --target-accuracy: must lie in (0, 1], got 2"),
-        (["dsi", "--target-accuracy", "0"], r"argument --target-accuracy: must lie in (0, 1], got 0"),
-        (["dsi", "--index-epochs", "0"], "argument --index-epochs: must be an integer >= 1, got 0"),
-        (["dsi", "--retrieval-epochs", "0"], "argument --retrieval-epochs: must be an integer >= 1, got 0"),
-        (["dsi", "--lr", "0"], "argument --lr: must be > 0, got 0"),
-        (["dsi", "--lr=-0.1"], "argument --lr: must be > 0, got -0.1"),
-        (["dsi", "--label-smoothing", "1"], r"argument --label-smoothing: must lie in [0, 1), got 1"),
-        (["dsi", "--max-pairs-per-query", "0"], "argument --max-pairs-per-query: must be an integer >= 1, got 0"),
-        (["ablate", "--target-accuracy", "1.01"], r"argument --target-accuracy: must lie in (0, 1], got 1.01"),
-        (["dense", "--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
-        (["dense", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
-        (["dense-init", "--dense-lr", "0"], "argument --dense-lr: must be > 0, got 0"),
-        (["pretrain", "--ssl-epochs", "0"], "argument --ssl-epochs: must be an integer >= 1, got 0"),
-        (["scale", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
-        (["incremental", "--finetune-epochs", "0"], "argument --finetune-epochs: must be an integer >= 1, got 0"),
-        (["dsi", "--index-epochs", "many"], "argument --index-epochs: invalid int value: 'many'"),
+        ("dsi", "index.target_accuracy=2", "index.target_accuracy: must lie in (0, 1], got 2"),
+        ("dsi", "index.target_accuracy=0", "index.target_accuracy: must lie in (0, 1], got 0"),
+        ("dsi", "index.epochs=0", "index.epochs: must be an integer >= 1, got 0"),
+        ("dsi", "fine_tune.epochs=0", "fine_tune.epochs: must be an integer >= 1, got 0"),
+        ("dsi", "index.lr=0", "index.lr: must be > 0, got 0"),
+        ("dsi", "index.lr=-0.1", "index.lr: must be > 0, got -0.1"),
+        ("dsi", "index.batch_size=0", "index.batch_size: must be an integer >= 1, got 0"),
+        ("dsi", "fine_tune.label_smoothing=1", "fine_tune.label_smoothing: must lie in [0, 1), got 1"),
+        ("dsi", "max_pairs_per_query=0", "max_pairs_per_query: must be an integer >= 1, got 0"),
+        ("dsi", "consolidate=-1", "consolidate: must be an integer >= 0, got -1"),
+        ("ablations", "index.target_accuracy=1.01", "index.target_accuracy: must lie in (0, 1], got 1.01"),
+        ("dense", "train.epochs=0", "train.epochs: must be an integer >= 1, got 0"),
+        ("dense", "train.batch_size=0", "train.batch_size: must be an integer >= 1, got 0"),
+        ("dsi-dense-init", "dense.lr=0", "dense.lr: must be > 0, got 0"),
+        ("pretrain", "ssl.epochs=0", "ssl.epochs: must be an integer >= 1, got 0"),
+        ("scale", "index.batch_size=0", "index.batch_size: must be an integer >= 1, got 0"),
+        ("incremental", "finetune_epochs=0", "finetune_epochs: must be an integer >= 1, got 0"),
+        ("incremental", "new_fraction=1", "new_fraction: must lie in (0, 1), got 1"),
     ],
 )
-def test_the_command_line_refuses_impossible_values_in_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
+def test_the_command_line_refuses_impossible_values_in_one_line(recipe, item, message, capsys):
+    assert cli.main(["run", recipe, "--set", item]) == 2
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"vitdsi {argv[0]}: error: {message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err == f"vitdsi run: error: recipes/{recipe}.yaml: {message}\n"
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("vitdsi run: error: the following arguments are required: recipe")
 
 
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("TARGET_ACCURACY: 2", r"TARGET_ACCURACY: target_accuracy must lie in \(0, 1\], got 2"),
-        ("INDEX_EPOCHS: 0", "INDEX_EPOCHS: epochs must be an integer >= 1, got 0"),
-        ("LR: 0", "LR: lr must be > 0, got 0"),
-        ("LR: 1e-3", "LR: lr must be a number, got '1e-3'"),
-        ("DENSE_EPOCHS: 0", "DENSE_EPOCHS: epochs must be an integer >= 1, got 0"),
-        ("SSL_BATCH_SIZE: 1", "SSL_BATCH_SIZE: batch_size must be an integer >= 2, got 1"),
+        ("TARGET_ACCURACY: 2", r"profile key TARGET_ACCURACY \(index.target_accuracy: must lie in \(0, 1\], got 2\)"),
+        ("INDEX_EPOCHS: 0", r"profile key INDEX_EPOCHS \(index.epochs: must be an integer >= 1, got 0\)"),
+        ("LR: 0", r"profile key LR \(index.lr: must be > 0, got 0\)"),
+        ("LR: 1e-3", r"profile key LR \(index.lr: expected a number, got '1e-3' \(str\); in a profile write numbers "
+                     "like 1e-3 as 1.0e-3"),
+        ("DENSE_EPOCHS: 0", r"profile key DENSE_EPOCHS \(train.epochs: must be an integer >= 1, got 0\)"),
+        ("SSL_BATCH_SIZE: 1", r"profile key SSL_BATCH_SIZE \(ssl.batch_size: must be an integer >= 2, got 1\)"),
+        ("INC_FINETUNE_EPOCHS: 0", r"profile key INC_FINETUNE_EPOCHS \(finetune_epochs: must be an integer >= 1"),
     ],
 )
 def test_a_profile_with_impossible_values_is_refused_when_read(tmp_path, line, message):

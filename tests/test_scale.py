@@ -115,13 +115,11 @@ def test_indexing_accuracy_of_an_untrained_model_is_low():
     assert indexing_accuracy(model, codec, images, beam_size=10) < 0.2
 
 
-def test_cli_scale_latency_only(tmp_path, capsys):
-    from vitdsi_utils import cli
-
+def test_cli_scale_latency_only(tmp_path, capsys, run_recipe):
     out = tmp_path / "scale"
-    code = cli.main(["scale", "--source", "digits", "--size", "32", "--n", "30", "60", "--ia-n", "--dim", "32",
-                     "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--queries", "4", "--query-batch", "4",
-                     "--repeats", "1", "--k", "10", "--words", "8", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    code = run_recipe({"study": "scale", "source": "digits", "size": 32, "ns": [30, 60], "ia_ns": [],
+                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "queries": 4, "query_batch": 4,
+                       "repeats": 1, "k": 10, "words": 8, "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
     assert code == 0
     latency = pd.read_csv(out / "scale_latency.csv")
     assert sorted(set(latency["n"])) == [30, 60] and len(latency) == 6
@@ -171,13 +169,14 @@ def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_pat
     assert calls == [1] and wider.iloc[0]["IA@1"] == 0.5 and wider.iloc[0]["ia_beam"] == 20
 
 
-def test_scale_command_passes_the_stop_rule():
-    from vitdsi_utils import cli
+def test_scale_spec_passes_the_stop_rule():
+    from vitdsi_utils.studies.scale import ScaleSpec
+    from vitdsi_utils.studies.specs import build_spec
 
-    args = cli.build_parser().parse_args(["scale", "--stop-metric", "eval", "--batch-size", "128"])
-    config = cli._index_config(args)
+    config = build_spec(ScaleSpec, {"index": {"stop_metric": "eval", "batch_size": 128}}).index
     assert (config.stop_metric, config.batch_size) == ("eval", 128)
-    assert cli._index_config(cli.build_parser().parse_args(["scale"])).stop_metric == "ia"
+    assert (config.epochs, config.device, config.amp) == (100, "cpu", False)  # the study's defaults stay
+    assert build_spec(ScaleSpec, {}).index.stop_metric == "ia"
 
 
 def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
@@ -208,18 +207,15 @@ def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
     assert reusable_latency(path, [20, 60], k=[10, 100], **same) is None
 
 
-def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path):
-    from vitdsi_utils import cli
-
+def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path, run_recipe):
     out = tmp_path / "scale"
     out.mkdir()
     ia = pd.DataFrame({"n": [30], "IA@1": [0.97], "epochs": [12], "train_s": [60.0], "reached": [True]})
     ia.to_csv(out / "scale_ia.csv", index=False)
     before = (out / "scale_ia.csv").read_text()
-    code = cli.main(["scale", "--source", "digits", "--size", "32", "--n", "30", "--ia-n", "30", "--keep-ia",
-                     "--dim", "32", "--mlp-dim", "64", "--depth", "1", "--heads", "2", "--queries", "4",
-                     "--query-batch", "4", "--repeats", "1", "--k", "5", "10", "--words", "8", "--out", str(out),
-                     "--runs", str(tmp_path / "runs")])
+    code = run_recipe({"study": "scale", "source": "digits", "size": 32, "ns": [30], "ia_ns": [30], "keep_ia": True,
+                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "queries": 4, "query_batch": 4,
+                       "repeats": 1, "k": [5, 10], "words": 8, "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
     assert code == 0 and not (tmp_path / "runs").exists()  # nothing trained
     assert (out / "scale_ia.csv").read_text() == before
     latency = pd.read_csv(out / "scale_latency.csv")

@@ -19,10 +19,33 @@ def load_script():
     return module
 
 
+def quick(runs, out) -> list[str]:
+    """--set items: recipes/dsi-patch8.yaml on digits at 32 px, one epoch per phase, a small BoVW."""
+    sets = ["source=digits", "size=32", "index.epochs=1", "multitask.epochs=1", "bovw_words=8", "bovw_vocabularies=2",
+            f"runs_dir={runs}", f"out_dir={out}"]
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def test_the_seeds_train_the_recipe_of_make_dsi_patch8():
+    """The settings the script had written in before it read recipes/dsi-patch8.yaml."""
+    from vitdsi_utils.training.config import TrainConfig
+
+    script = load_script()
+    spec = script.the_recipe("dsi-patch8", []).spec
+    for seed in (0, 3):
+        index_config, multitask_config = script.seed_configs(spec, seed)
+        assert index_config == TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, seed=seed, warmup_steps=100,
+                                           stop_metric="ia")
+        assert multitask_config == TrainConfig(epochs=30, lr=1e-3, seed=seed)
+    assert spec.model.overrides() == {"patch_size": 8, "dropout": 0.1, "pos_encoding": "sinusoidal"}
+    assert (spec.max_pairs_per_query, spec.mix_ratio, spec.targets) == (5, 2.0, "same-class")
+    assert (spec.bovw_words, spec.bovw_vocabularies, spec.seeds[0]) == (200, 5, 0)
+    assert script.main(["--set", "multitask=null"]) == 2  # nothing to average
+
+
 def test_seed_average_trains_each_seed_once_and_reports_the_average(tmp_path):
     script = load_script()
-    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
-              "--words", "8", "--vocabularies", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    common = ["--n", "100", *quick(tmp_path / "runs", tmp_path / "out")]
     assert script.main(common + ["--seeds", "1", "--no-report"]) == 0  # train only
     assert not (tmp_path / "out").exists()
     folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
@@ -45,8 +68,7 @@ def test_seed_average_trains_each_seed_once_and_reports_the_average(tmp_path):
 
 def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tmp_path):
     script = load_script()
-    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
-              "--words", "8", "--vocabularies", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    common = ["--n", "100", *quick(tmp_path / "runs", tmp_path / "out")]
     assert script.main(common + ["--seeds", "0", "--scheme", "random"]) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits-32px-N100-random-seed0"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seeds_N100_random.csv", "seeds_N100_random.md"]
@@ -67,21 +89,18 @@ def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tm
     assert float(average[6]) == pytest.approx(expected, abs=5e-4)
 
 
-def test_seed_average_with_atomic_ids_shares_the_folder_of_vitdsi_dsi(tmp_path):
+def test_seed_average_with_atomic_ids_shares_the_folder_of_vitdsi_run(tmp_path):
     from vitdsi_utils.cli import main as vitdsi
 
     script = load_script()
     runs, out = tmp_path / "runs", tmp_path / "out"
-    common = ["--source", "digits", "--size", "32", "--n", "100", "--index-epochs", "1", "--multitask-epochs", "1",
-              "--runs", str(runs)]
-    assert vitdsi(["dsi", "--schemes", "atomic", "--patch", "8", "--lr", "1e-3", "--warmup-steps", "100",
-                   "--target-accuracy", "0.99", "--max-pairs-per-query", "5", "--multitask", "--mix-ratio", "2",
-                   "--targets", "same-class", "--no-fine-tune", "--out", str(tmp_path / "dsi"), *common]) == 0
+    common = quick(runs, tmp_path / "dsi")
+    assert vitdsi(["run", "dsi-patch8", "--set", "schemes=[atomic]", "--set", "ns=[100]",
+                   "--set", "bovw=false", *common]) == 0
     trained = runs / "digits-32px-N100-atomic-seed0" / "multitask.pt"
     stamp = trained.stat().st_mtime_ns
-    assert script.main(common + ["--seeds", "0", "--scheme", "atomic", "--words", "8", "--vocabularies", "2",
-                                 "--out", str(out)]) == 0
-    assert trained.stat().st_mtime_ns == stamp  # the recipe's seed 0 is the model `vitdsi dsi` trained
+    assert script.main(["--n", "100", *quick(runs, out), "--seeds", "0", "--scheme", "atomic"]) == 0
+    assert trained.stat().st_mtime_ns == stamp  # the recipe's seed 0 is the model `vitdsi run` trained
     long = pd.read_csv(out / "seeds_N100_atomic.csv")
     assert set(long["ids"]) == {"atomic"}
     dsi = pd.read_csv(tmp_path / "dsi" / "dsi_digits_32px.csv")

@@ -6,7 +6,6 @@ import re
 import nbformat
 import pandas as pd
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
 
 from vitdsi_utils import cli
 from vitdsi_utils.reports.targets import baseline_verdicts
@@ -19,12 +18,8 @@ FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
-    """A notebook whose first cell is the tagged parameters cell, then ``cells``."""
-    first = new_code_cell(parameters)
-    first.metadata["tags"] = ["parameters"]
-    notebook = new_notebook(cells=[first, *(new_code_cell(c) for c in cells)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(notebook, path)
+    """A py:percent notebook source whose first cell is the tagged parameters cell, then ``cells``."""
+    path.write_text(f'# %% tags=["parameters"]\n{parameters}\n' + "".join(f"\n# %%\n{cell}\n" for cell in cells))
     return path
 
 
@@ -66,19 +61,9 @@ def test_cli_exits_1_when_the_study_fails(monkeypatch, capsys):
 
 
 def test_only_declared_parameters_are_passed(tmp_path):
-    path = write_notebook(tmp_path / "nb.ipynb", "pass")
+    path = write_notebook(tmp_path / "nb.py", "pass")
     given = {"PROFILE": "cpu", "NS": [512], "OUT_DIR": "/x"}
     assert notebook_parameters(path, given) == {"PROFILE": "cpu", "OUT_DIR": "/x"}
-
-
-def test_every_study_notebook_declares_tagged_parameters():
-    for path in study_notebooks():
-        notebook = nbformat.read(path, as_version=4)
-        first_code = next(c for c in notebook.cells if c.cell_type == "code")
-        assert "parameters" in first_code.metadata.get("tags", []), path.name
-        assert notebook.metadata["kernelspec"]["name"] == "python3"
-        assert all(not c.get("outputs") and c.get("execution_count") is None
-                   for c in notebook.cells if c.cell_type == "code"), f"{path.name} was committed with outputs"
 
 
 def test_baseline_verdicts_need_separated_intervals():
@@ -102,17 +87,18 @@ def test_baseline_verdicts_need_separated_intervals():
 @pytest.mark.notebook
 def test_runner_stops_at_the_first_failing_notebook(tmp_path):
     first = write_notebook(
-        tmp_path / "01_fails.ipynb",
+        tmp_path / "01_fails.py",
         "from pathlib import Path\nPath(OUT_DIR, 'profile.txt').write_text(PROFILE)",
         "raise ZeroDivisionError('boom in the second cell')",
     )
-    second = write_notebook(tmp_path / "02_never.ipynb", "pass")
+    second = write_notebook(tmp_path / "02_never.py", "pass")
     out = tmp_path / "report"
     with pytest.raises(StudyFailed, match="ZeroDivisionError") as error:
         run_study({"PROFILE": "custom"}, notebooks=[first, second], out_root=out, progress=False)
     assert "boom in the second cell" in str(error.value) and "01_fails" in str(error.value)
     assert (out / "profile.txt").read_text() == "custom"  # the parameter reached the notebook
-    assert (out / "notebooks" / "01_fails.ipynb").exists()  # the copy with the traceback
+    copy = nbformat.read(out / "notebooks" / "01_fails.ipynb", as_version=4)  # the copy with the traceback
+    assert copy.metadata["papermill"]["input_path"] == str(first)  # names the source, not papermill's scratch copy
     assert not (out / "notebooks" / "02_never.ipynb").exists()
     timings = pd.read_csv(out / "timings.csv")
     assert timings["status"].tolist() == ["failed"]

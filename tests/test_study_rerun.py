@@ -2,28 +2,33 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook, new_output
+from nbformat.v4 import new_output
 
 from vitdsi_utils import cli
-from vitdsi_utils.runner.run import run_study
-from vitdsi_utils.runner.stamps import PACKAGE_DIR, notebook_inputs, stale_reasons, stamp_path, write_stamp
+from vitdsi_utils.runner.run import run_study, sync_sources
+from vitdsi_utils.runner.sources import read_notebook
+from vitdsi_utils.runner.stamps import (
+    PACKAGE_DIR,
+    executed_path,
+    notebook_inputs,
+    stale_reasons,
+    stamp_path,
+    write_stamp,
+)
 
 PARAMETERS = 'PROFILE = "x"\nLR = 0.1\nOUT_DIR = None\nRUNS_DIR = None'
 
 
 def write_notebook(path: Path, *cells: str) -> Path:
-    """A notebook: a tagged parameters cell declaring PROFILE, LR, OUT_DIR and RUNS_DIR, then ``cells``."""
-    first = new_code_cell(PARAMETERS)
-    first.metadata["tags"] = ["parameters"]
-    notebook = new_notebook(cells=[first, *(new_code_cell(c) for c in cells)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(notebook, path)
+    """A py:percent notebook source: a tagged parameters cell declaring PROFILE, LR, OUT_DIR and RUNS_DIR, then ``cells``."""
+    path.write_text(f'# %% tags=["parameters"]\n{PARAMETERS}\n' + "".join(f"\n# %%\n{cell}\n" for cell in cells))
     return path
 
 
@@ -40,8 +45,8 @@ class Stamped:
         shutil.copytree(PACKAGE_DIR, self.package, ignore=shutil.ignore_patterns("__pycache__"))
         self.params = {"PROFILE": "x", "LR": 0.1, "SIZE": 32,
                        "OUT_DIR": str(self.out), "RUNS_DIR": str(self.runs)}
-        self.a = write_notebook(root / "01_a.ipynb", "print(1)")
-        self.b = write_notebook(root / "02_b.ipynb", "print(2)")
+        self.a = write_notebook(root / "01_a.py", "print(1)")
+        self.b = write_notebook(root / "02_b.py", "print(2)")
         for path in (self.a, self.b):
             self.fake_run(path)
 
@@ -53,7 +58,7 @@ class Stamped:
     def fake_run(self, path: Path) -> None:
         """What a successful run leaves: the executed copy, a model in RUNS_DIR, the stamp."""
         (self.out / "notebooks").mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, self.out / "notebooks" / path.name)
+        nbformat.write(read_notebook(path), executed_path(self.out, path))
         (self.runs / path.stem).mkdir(parents=True, exist_ok=True)
         (self.runs / path.stem / "model.pt").write_bytes(b"weights")
         write_stamp(self.out, path, self.inputs(path), seconds=1.5,
@@ -77,9 +82,11 @@ def test_a_notebook_just_stamped_is_up_to_date(stamped):
 
 
 def edit_cell(s: Stamped) -> None:
-    notebook = nbformat.read(s.a, as_version=4)
-    notebook.cells[1].source = "print(10)"
-    nbformat.write(notebook, s.a)
+    s.a.write_text(s.a.read_text().replace("print(1)", "print(10)"))
+
+
+def edit_tags(s: Stamped) -> None:
+    s.a.write_text(s.a.read_text().replace("# %%\nprint(1)", '# %% tags=["skip-execution"]\nprint(1)'))
 
 
 def change_declared_parameter(s: Stamped) -> None:
@@ -96,11 +103,11 @@ def add_package_module(s: Stamped) -> None:
 
 
 def delete_executed_copy(s: Stamped) -> None:
-    (s.out / "notebooks" / s.a.name).unlink()
+    executed_path(s.out, s.a).unlink()
 
 
 def change_executed_copy(s: Stamped) -> None:
-    copy = s.out / "notebooks" / s.a.name
+    copy = executed_path(s.out, s.a)
     copy.write_text(copy.read_text().replace("print(1)", "print(99)"))
 
 
@@ -117,7 +124,8 @@ def corrupt_stamp(s: Stamped) -> None:
 
 
 @pytest.mark.parametrize("change, reason", [
-    (edit_cell, "01_a.ipynb was edited"),
+    (edit_cell, "01_a.py was edited"),
+    (edit_tags, "01_a.py was edited"),
     (change_declared_parameter, "parameter LR: 0.1 -> 0.2"),
     (edit_package, "package source changed: vitdsi_utils/metrics.py"),
     (add_package_module, "package source changed: vitdsi_utils/new_module.py"),
@@ -141,11 +149,17 @@ def test_a_rerun_or_missing_upstream_stamp_makes_the_next_notebook_stale(stamped
     assert stamped.reasons(stamped.b) == ["upstream 01_a has no stamp (it failed or has not run)"]
 
 
-def test_outputs_and_undeclared_parameters_do_not_make_a_notebook_stale(stamped):
-    notebook = nbformat.read(stamped.a, as_version=4)
+def test_outputs_kernel_and_undeclared_parameters_do_not_make_a_notebook_stale(stamped):
+    (stamped.root / "jupytext.toml").write_text('formats = "ipynb,py:percent"\n')
+    twin = stamped.a.with_suffix(".ipynb")  # the paired copy, as after running 01_a in `make lab` and saving
+    notebook = read_notebook(stamped.a)
     notebook.cells[1].outputs = [new_output("stream", name="stdout", text="1\n")]
     notebook.cells[1].execution_count = 3
-    nbformat.write(notebook, stamped.a)  # as after opening and running it in Jupyter
+    notebook.metadata["kernelspec"] = {"name": "vitdsi", "display_name": "vitdsi (.venv)", "language": "python"}
+    nbformat.write(notebook, twin)
+    os.utime(twin, (stamped.a.stat().st_mtime + 10,) * 2)  # saved after the source
+    source = stamped.a.read_text()
+    assert sync_sources([stamped.a]) == [] and stamped.a.read_text() == source  # same cells: nothing to sync
     stamped.params["SIZE"] = 64  # 01_a does not declare SIZE: it never sees it
     assert stamped.reasons(stamped.a) == []
 
@@ -176,7 +190,7 @@ def test_reruns_skip_up_to_date_notebooks_and_restart_at_the_first_stale_one(tmp
     names = ["01_one", "02_two", "03_three"]
     log = tmp_path / "ran.txt"
     record = {name: RECORD.format(log=str(log), name=name) for name in names}
-    series = [write_notebook(tmp_path / f"{name}.ipynb", record[name]) for name in names]
+    series = [write_notebook(tmp_path / f"{name}.py", record[name]) for name in names]
     out, runs = tmp_path / "report", tmp_path / "runs"
 
     def run(**kwargs) -> pd.DataFrame:
@@ -208,7 +222,7 @@ def test_reruns_skip_up_to_date_notebooks_and_restart_at_the_first_stale_one(tmp
     assert run()["status"].tolist() == ["up to date", "ok", "ok"]
     assert executed() == names[1:]
     printed = capsys.readouterr().out
-    assert "[2/3] 02_two: stale (the notebook 02_two.ipynb was edited)" in printed
+    assert "[2/3] 02_two: stale (the notebook 02_two.py was edited)" in printed
     assert "[3/3] 03_three: running (a notebook before it ran)" in printed
 
     # a failure in notebook 2 leaves 1 stamped, 2 and 3 unstamped; the next run starts at 2

@@ -197,7 +197,7 @@ def _reuse_index(
         raise CheckpointError(
             f"{final} stopped at its cap of {cap} epochs without reaching the target; continuing it to "
             f"{config.epochs} epochs would change the indexed model that {', '.join(descendants)} were trained "
-            "from. Delete them to continue indexing here, or use another run folder (--runs)"
+            "from. Delete them to continue indexing here, or use another run folder (a recipe's runs_dir)"
         )
     print(f"{final} stopped at its cap of {cap} epochs without reaching the target accuracy "
           f"{config.target_accuracy}; continuing from {checkpoint} up to {config.epochs} epochs", file=sys.stderr)

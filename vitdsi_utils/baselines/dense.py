@@ -445,7 +445,7 @@ def save_dense(
 
 def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The state of a dense-encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
-    hint = ("train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `vitdsi dense`, or notebook "
+    hint = ("train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `make dense`, or notebook "
             "07_dense); DSI models load with training.checkpoint.load_model")
     return read_checkpoint(path, "dense-encoder", map_location, hint=hint)
 

@@ -395,7 +395,7 @@ def save_ssl(
 
 def read_ssl_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """The state of a self-supervised encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
-    hint = "pretrain an encoder with `vitdsi pretrain` or baselines.ssl.train_ssl(..., checkpoint_path=...)"
+    hint = "pretrain an encoder with `make pretrain` or baselines.ssl.train_ssl(..., checkpoint_path=...)"
     return read_checkpoint(path, "ssl-encoder", map_location, hint=hint)
 
 

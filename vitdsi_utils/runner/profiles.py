@@ -7,9 +7,9 @@ from typing import Any
 
 import yaml
 
-from vitdsi_utils.baselines.dense import DenseTrainConfig
-from vitdsi_utils.baselines.ssl import SSLConfig
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.runner.sources import read_notebook
+from vitdsi_utils.studies.recipes import STUDIES
+from vitdsi_utils.studies.specs import SpecError, spec_from_profile
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -18,29 +18,22 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 RUNNER_PARAMETERS = ("OUT_DIR", "RUNS_DIR")
 
 
-#: Profile parameters that become training settings: (config class, field). :func:`load_profile`
-#: checks each with that config's own rule, so a bad value fails when the profile is read, before
-#: any notebook runs (and the notebooks' configs check again).
-TRAINING_PARAMETERS: dict[str, tuple[type, str]] = {
-    "LR": (TrainConfig, "lr"), "BATCH_SIZE": (TrainConfig, "batch_size"), "WARMUP_STEPS": (TrainConfig, "warmup_steps"),
-    "TARGET_ACCURACY": (TrainConfig, "target_accuracy"),
-    **{key: (TrainConfig, "epochs") for key in ("INDEX_EPOCHS", "RETRIEVAL_EPOCHS", "SCALE_INDEX_EPOCHS",
-                                                "INC_FINETUNE_EPOCHS", "INIT_EPOCHS")},
-    "DENSE_EPOCHS": (DenseTrainConfig, "epochs"), "DENSE_LR": (DenseTrainConfig, "lr"),
-    "DENSE_BATCH_SIZE": (DenseTrainConfig, "batch_size"), "DENSE_MARGIN": (DenseTrainConfig, "margin"),
-    "DENSE_ENTROPY_WEIGHT": (DenseTrainConfig, "entropy_weight"),
-    "SSL_EPOCHS": (SSLConfig, "epochs"), "SSL_BATCH_SIZE": (SSLConfig, "batch_size"),
-}
+def check_profile_values(params: dict[str, Any], where: str | Path = "the profile") -> None:
+    """ValueError (one line naming the key) for the first profile value a study's settings refuse.
 
-
-def check_training_parameters(params: dict[str, Any], where: str | Path = "the profile") -> None:
-    """ValueError (one line naming the parameter) for the first :data:`TRAINING_PARAMETERS` value its config refuses."""
-    for key, (config, field) in TRAINING_PARAMETERS.items():
-        if key in params:
-            try:
-                config(**{field: params[key]})
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"{where}: {key}: {error}") from None
+    Every study's spec is built from the profile (:func:`~vitdsi_utils.studies.specs.spec_from_profile`),
+    so each value goes through the check of the config it sets (``TrainConfig``, ``DenseTrainConfig``,
+    ``SSLConfig``, the model configuration): a bad value fails when the profile is read, before any
+    notebook runs.
+    """
+    for study in STUDIES.values():
+        try:
+            spec_from_profile(study.spec, params, ignore_unknown=True)
+        except SpecError as error:
+            # a profile is read as YAML 1.1, where 1e-3 is text even without quotes
+            message = str(error).replace("; write the number without quotes",
+                                         "; in a profile write numbers like 1e-3 as 1.0e-3 or 0.001")
+            raise ValueError(f"{where}: {message}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,13 +61,13 @@ def load_profile(name: str | Path) -> dict[str, Any]:
     if lower:
         raise ValueError(f"{path}: parameter names must be UPPER_CASE (notebook knobs), got {lower}")
     params.setdefault("PROFILE", path.stem)
-    check_training_parameters(params, path)
+    check_profile_values(params, path)
     return params
 
 
 def notebook_parameters(path: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``params`` that the notebook declares in its ``parameters`` cell."""
+    """The entries of ``params`` that the notebook (a py:percent source or an ``.ipynb``) declares in its ``parameters`` cell."""
     import papermill
 
-    declared = papermill.inspect_notebook(str(path))
+    declared = papermill.inspect_notebook(read_notebook(path))
     return {k: v for k, v in params.items() if k in declared}

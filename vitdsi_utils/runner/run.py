@@ -2,7 +2,8 @@
 
 A *profile* (``vitdsi_utils/profiles/<name>.yaml``) holds the study's knobs as UPPER_CASE
 keys: dataset, image size, database sizes N, ID schemes, seeds, model and training settings.
-:func:`run_study` executes ``notebooks/NN_*.ipynb`` in order with papermill, handing every
+:func:`run_study` executes the notebooks ``notebooks/NN_*.py`` (py:percent sources, see
+:mod:`vitdsi_utils.runner.sources`) in order with papermill, handing every
 notebook the profile keys it declares in its ``parameters`` cell, plus ``OUT_DIR`` (where
 tables and figures go) and ``RUNS_DIR`` (where trained models go, so later notebooks load
 what earlier ones trained). Outputs::
@@ -14,6 +15,9 @@ what earlier ones trained). Outputs::
     <out>/README.md              parameters, timings, machine, Table 1 and the figures
     <out>/stamps/NN_*.json       one per notebook that finished: what its run depended on
 
+A paired ``notebooks/NN_*.ipynb`` edited in JupyterLab without jupytext (newer than its
+``.py``, other cells) is first synced into the ``.py`` by jupytext, and the runner says so.
+
 A rerun skips every notebook whose stamp still matches (same notebook source, parameters,
 package source and upstream stamps, executed copy and written files still there) and starts
 at the first one that does not; see :func:`stale_reasons`.
@@ -22,6 +26,7 @@ at the first one that does not; see :func:`stale_reasons`.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,10 +37,12 @@ import pandas as pd
 from vitdsi_utils import settings
 from vitdsi_utils.runner.profiles import load_profile, notebook_parameters
 from vitdsi_utils.runner.report import TIMING_COLUMNS, earlier_timings, write_readme, write_timings
+from vitdsi_utils.runner.sources import SourceSyncError, orphan_twins, read_notebook, source_of, sync_from_twin, twin_of
 from vitdsi_utils.runner.stamps import (
     _products,
     _snapshot,
     _stamp_seconds,
+    executed_path,
     notebook_inputs,
     stale_reasons,
     stamp_path,
@@ -56,23 +63,43 @@ def notebooks_dir() -> Path:
 
 
 def study_notebooks(folder: Path | None = None) -> list[Path]:
-    """The study's notebooks ``NN_*.ipynb`` in execution (sorted) order."""
+    """The study's notebooks, their py:percent sources ``NN_*.py``, in execution (sorted) order."""
     folder = folder or notebooks_dir()
-    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.py"))
     if not found:
-        raise FileNotFoundError(f"no notebooks NN_*.ipynb in {folder}; is this a checkout of the project?")
+        raise FileNotFoundError(f"no notebooks NN_*.py in {folder}; is this a checkout of the project?")
     return found
 
 
 def _resolve_notebook(name: str | Path) -> Path:
-    """A notebook path from a path, a file name or a stem ('03_indexing')."""
+    """A notebook's source from a path, a file name or a stem ('03_indexing').
+
+    A path to an ``.ipynb`` with a ``.py`` beside it gives the ``.py``; a lone ``.ipynb`` is its own source.
+    """
     path = Path(name)
-    if path.suffix == ".ipynb" and path.is_file():
-        return path
-    candidate = notebooks_dir() / (path.name if path.suffix == ".ipynb" else f"{path.name}.ipynb")
+    if path.suffix in (".py", ".ipynb") and path.is_file():
+        return source_of(path)
+    candidate = notebooks_dir() / f"{path.stem if path.suffix in ('.py', '.ipynb') else path.name}.py"
     if not candidate.is_file():
         raise FileNotFoundError(f"no notebook {name!r}; the study has {[p.stem for p in study_notebooks()]}")
     return candidate
+
+
+def sync_sources(paths: list[Path], *, say=print) -> list[Path]:
+    """Sync into each ``.py`` source an edit made in its paired ``.ipynb`` (see ``sync_from_twin``); return the synced.
+
+    Raises StudyFailed when an edit cannot be synced, before any notebook runs.
+    """
+    synced = []
+    for path in paths:
+        try:
+            if sync_from_twin(path):
+                synced.append(path)
+                say(f"{twin_of(path).name} was edited after {path.name}: synced the edit into {path} "
+                    "(jupytext --sync; `git diff` shows it)")
+        except SourceSyncError as error:
+            raise StudyFailed(str(error)) from error
+    return synced
 
 
 def _start_index(paths: list[Path], start_at: str) -> int:
@@ -99,36 +126,59 @@ class _Indented:
 def execute_notebook(path: Path, output: Path, params: dict[str, Any], *, kernel_name: str, progress: bool) -> float:
     """Execute one notebook into ``output``; return its wall time (s). Raises StudyFailed on an error.
 
-    With ``progress`` the notebook's printed output is echoed live, so a cell that trains for
-    minutes still shows one line per finished run.
+    ``path`` is the notebook's source (py:percent, or a lone ``.ipynb``). It runs in
+    ``kernel_name`` whatever kernel the source names, from ``path``'s folder; the source is only
+    read. With ``progress`` the notebook's printed output is echoed live, so a cell that trains
+    for minutes still shows one line per finished run.
     """
+    import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     echo = _Indented() if progress else None
     start = time.perf_counter()
-    try:
-        papermill.execute_notebook(
-            str(path),
-            str(output),
-            parameters=notebook_parameters(path, params),
-            kernel_name=kernel_name,
-            cwd=str(path.parent),
-            progress_bar=False,  # a per-cell bar says little when one cell trains for minutes
-            stdout_file=echo,
-            stderr_file=echo,
-            # the kernel's own log only says that it runs over local TCP and is stopped at the end;
-            # a kernel that dies still fails the notebook
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
-        )
-    except PapermillExecutionError as error:
-        raise StudyFailed(
-            f"{path.name} failed with {error.ename}: {error.evalue}\n"
-            f"the full traceback is in cell {error.cell_index} of the executed copy {output}"
-        ) from error
-    except Exception as error:  # a dead kernel or a missing kernelspec: no cell to blame
-        raise StudyFailed(f"{path.name} could not run: {type(error).__name__}: {error}") from error
+    with tempfile.TemporaryDirectory(prefix="vitdsi-notebook-") as staging:
+        # papermill reads .ipynb: the source, as it runs, goes to a scratch copy, never beside the source
+        staged = Path(staging) / f"{path.stem}.ipynb"
+        nbformat.write(read_notebook(path, kernel_name=kernel_name), str(staged))
+        try:
+            papermill.execute_notebook(
+                str(staged),
+                str(output),
+                parameters=notebook_parameters(path, params),
+                kernel_name=kernel_name,
+                cwd=str(path.parent),
+                progress_bar=False,  # a per-cell bar says little when one cell trains for minutes
+                stdout_file=echo,
+                stderr_file=echo,
+                # the kernel's own log only says that it runs over local TCP and is stopped at the end;
+                # a kernel that dies still fails the notebook
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+            )
+        except PapermillExecutionError as error:
+            raise StudyFailed(
+                f"{path.name} failed with {error.ename}: {error.evalue}\n"
+                f"the full traceback is in cell {error.cell_index} of the executed copy {output}"
+            ) from error
+        except Exception as error:  # a dead kernel or a missing kernelspec: no cell to blame
+            raise StudyFailed(f"{path.name} could not run: {type(error).__name__}: {error}") from error
+        finally:
+            _record_source(output, path, staged)
     return time.perf_counter() - start
+
+
+def _record_source(output: Path, source: Path, staged: Path) -> None:
+    """Name the notebook's source, not the scratch copy papermill read, as the executed copy's input."""
+    import nbformat
+
+    try:
+        notebook = nbformat.read(str(output), as_version=4)
+    except Exception:  # none, or cut short by an interruption: leave it as it is
+        return
+    if notebook.metadata.get("papermill", {}).get("input_path") != str(staged):
+        return  # not written by this run (it stopped before papermill wrote anything)
+    notebook.metadata.setdefault("papermill", {})["input_path"] = str(source)
+    nbformat.write(notebook, str(output))
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,6 +203,11 @@ def run_study(
     ``data/runs/<profile>``; when ``overrides`` change the profile's ``DATASET`` (e.g. to
     ``coco``), to ``reports/<profile>-<dataset>`` and ``data/runs/<profile>-<dataset>``, so the
     profile's own report is kept.
+
+    The notebooks run from their py:percent sources (``notebooks`` names sources, ``.ipynb``
+    twins or stems), each in ``kernel_name`` whatever kernel it names; a paired ``.ipynb``
+    edited after its ``.py`` is first synced into the ``.py`` (the runner prints so). The
+    executed copies go to ``<out>/notebooks/NN_name.ipynb``; the sources are only read.
 
     A notebook whose executed copy is up to date (see :func:`stale_reasons`) is skipped, and
     the run starts at the first one that is not: a rerun after a failure or an interruption
@@ -185,9 +240,18 @@ def run_study(
 
     paths = [_resolve_notebook(n) for n in notebooks] if notebooks is not None else study_notebooks()
     first = _start_index(paths, start_at) if start_at else 0
+    _say(progress, f"study '{name}': {len(paths) - first} notebook(s) -> {out}")
+    if notebooks is None:
+        for orphan in orphan_twins(notebooks_dir()):
+            _say(progress, f"note: {orphan} has no source {orphan.stem}.py, so it is not part of the study "
+                           "(left over from a renamed notebook? delete it, or `jupytext --sync` it to make it one)")
+    try:  # an edit made in JupyterLab reaches the source before anything is hashed or run
+        sync_sources(paths)
+    except StudyFailed as error:
+        _say(progress, f"study '{name}' stopped before running any notebook:\n{error}")
+        raise
     timings = earlier_timings(out, paths[:first])
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    _say(progress, f"study '{name}': {len(paths) - first} notebook(s) -> {out}")
     study_start = time.perf_counter()
     ran = False
     for i, path in enumerate(paths[first:], start=first):
@@ -212,7 +276,7 @@ def run_study(
         ran = True
         before = _snapshot(out, runs)
         try:
-            seconds = execute_notebook(path, out / "notebooks" / path.name, params,
+            seconds = execute_notebook(path, executed_path(out, path), params,
                                        kernel_name=kernel_name, progress=progress)
         except StudyFailed as error:
             _say(progress, f"{label} FAILED\n{error}")

@@ -10,12 +10,13 @@ from typing import Any
 
 from vitdsi_utils.atomic import write_json
 from vitdsi_utils.runner.profiles import notebook_parameters
+from vitdsi_utils.runner.sources import cell_inputs, read_notebook
 
 # ------------------------------------------------------------------------------------------
 # Up-to-date checks: one stamp per notebook that finished
 # ------------------------------------------------------------------------------------------
 #: Bump when the stamp's content changes meaning: every older stamp then counts as stale.
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: notebooks run from their py:percent sources, whose cells and tags are hashed
 
 
 #: The package whose source every notebook runs (``vitdsi_utils``); its ``*.py`` files are hashed.
@@ -36,6 +37,11 @@ def stamp_path(out: Path, notebook: Path) -> Path:
     return stamps_dir(out) / f"{Path(notebook).stem}.json"
 
 
+def executed_path(out: Path, notebook: Path) -> Path:
+    """The executed copy of ``notebook`` (``NN_name.py`` or ``.ipynb``) in the report ``out``: ``<out>/notebooks/NN_name.ipynb``."""
+    return Path(out) / "notebooks" / f"{Path(notebook).stem}.ipynb"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -49,18 +55,14 @@ def _file_sha256(path: Path) -> str | None:
 
 
 def notebook_source_hash(path: Path) -> str:
-    """A hash of what running ``path`` depends on: its cells (type and source) and its kernel.
+    """A hash of what running ``path`` depends on: the cells of its source (type, source and tags).
 
-    Outputs, execution counts and editor metadata are left out, so opening and saving the
-    notebook in Jupyter does not make it stale; changing a cell does.
+    ``path`` is what the runner executes: a py:percent source (or a lone ``.ipynb``). Outputs,
+    execution counts, the kernel a notebook names and editor metadata are left out, so opening,
+    running and saving the notebook in JupyterLab does not make it stale; changing a cell does.
+    The kernel the runner uses is an input of its own (``kernel_name``).
     """
-    import nbformat
-
-    notebook = nbformat.read(str(path), as_version=4)
-    content = {
-        "kernel": notebook.metadata.get("kernelspec", {}).get("name"),
-        "cells": [(cell.cell_type, cell.source) for cell in notebook.cells],
-    }
+    content = {"cells": cell_inputs(read_notebook(path))}
     return _sha256(json.dumps(content, sort_keys=True).encode())
 
 
@@ -138,7 +140,7 @@ def stale_reasons(path: Path, out: Path, inputs: dict[str, Any], runs: Path) -> 
         return [f"its stamp has format {stamp.get('version')}, this runner writes {STAMP_VERSION}"]
 
     reasons = []
-    executed = out / "notebooks" / path.name
+    executed = executed_path(out, path)
     digest = _file_sha256(executed)
     if digest is None:
         reasons.append(f"the executed copy {executed} is missing")
@@ -203,7 +205,7 @@ def write_stamp(
     """Record that ``path`` ran successfully with ``inputs`` (written atomically: a stamp is whole or absent)."""
     stamp = {
         **inputs,
-        "executed_sha256": _file_sha256(out / "notebooks" / path.name),
+        "executed_sha256": _file_sha256(executed_path(out, path)),
         "products": products,
         "seconds": seconds,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),

@@ -17,10 +17,11 @@ The first four change the indexed model, so each needs an indexing run of its ow
 two reuse the default's indexed model and only fine-tune. :func:`run_ablations` runs a grid
 and returns one long table (a row per variant, stage and metric, with bootstrap intervals);
 :func:`summary_table`, :func:`ablations_markdown` and :func:`ablation_figure` present it.
+:func:`run` does all of it for an :class:`AblationsSpec` and writes the table and the figure.
 
-Models go to ``runs_dir/<run name>/`` as in :func:`experiments.dsi_study`, so the default
-variant *is* the model of ``vitdsi dsi`` (or notebooks 03/04) when the settings agree, and is
-loaded rather than trained again; the other variants live in ``ablations/<tag>/`` below it.
+Models go to ``runs_dir/<run name>/`` as in the DSI study (:mod:`vitdsi_utils.studies.dsi`), so the
+default variant *is* the model of ``recipes/dsi.yaml`` (or notebooks 03/04) when the settings agree,
+and is loaded rather than trained again; the other variants live in ``ablations/<tag>/`` below it.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import ImageSet
+from vitdsi_utils.data.images import SOURCES, ImageSet, load_images
 from vitdsi_utils.evaluation import evaluate_dsi
+from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.model.vit import DSIConfig
 from vitdsi_utils.phases import fine_tune, index_database
-from vitdsi_utils.reports.plots import new_figure
-from vitdsi_utils.reports.tables import format_interval
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.tables import format_interval, write_table
+from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.studies.specs import ModelSpec, SpecError, check_choices, dsi_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig
 
 #: factor -> its levels: (label, Variant fields). The level equal to the default is marked by DEFAULT_LEVELS.
@@ -368,3 +371,94 @@ def describe(long: pd.DataFrame) -> list[str]:
             f"({row['value'] - base['value']:+.3f}; intervals {'overlap' if overlap else 'do not overlap'})"
         )
     return lines
+
+
+# ------------------------------------------------------------------------------------------
+# The study as a spec
+# ------------------------------------------------------------------------------------------
+@dataclass
+class AblationsSpec:
+    """Settings of the ablation study (recipe ``study: ablations``): the grid and the default it varies.
+
+    ``factors`` are varied one at a time from the default (``model``, ``index``, ``fine_tune``);
+    ``levels`` keeps only the named levels of a factor, e.g. ``{patch: ["32"]}`` (levels: see
+    :data:`FACTORS`). ``seed`` draws the database; each training section has its own seed.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    size: int = 64
+    n: int = 512
+    seed: int = 0
+    scheme: str = field(default="clustered", metadata={"choices": ID_SCHEMES})
+    factors: tuple[str, ...] = field(default=tuple(FACTORS), metadata={"choices": tuple(FACTORS)})
+    levels: dict[str, tuple[str | int | float, ...]] | None = None
+    model: ModelSpec = field(default_factory=dsi_model)
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=150, target_accuracy=0.99, lr=1e-3,
+                                                                    warmup_steps=100))
+    fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    max_pairs_per_query: int | None = 5
+    view_min_crop: float = 0.7  # crop side fraction of the index views
+
+    #: notebook profile keys (10_ablations) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "ABLATION_N": "n", "ABLATION_SCHEME": "scheme",
+        "ABLATION_FACTORS": "factors", "SEEDS": ("seed[0]", "index.seed[0]", "fine_tune.seed[0]"),
+        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
+        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"), "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps", "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy", "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+        if self.levels is not None:
+            self.levels = {str(k): tuple(str(v) for v in vs) for k, vs in self.levels.items()}
+        try:
+            ablation_grid(self.factors, base_model=self.model.overrides(), levels=self.levels or {})
+        except ValueError as error:
+            raise SpecError(f"levels: {error}") from None
+
+
+def run(spec: AblationsSpec, paths: StudyPaths) -> pd.DataFrame:
+    """The grid of ``spec``: models to ``paths.runs``, the table (merged with other parts of the same grid
+    already there) and the figure to ``paths.out``; returns the merged long table."""
+    out, runs = Path(paths.out), Path(paths.runs)
+    base = spec.model.overrides()
+    grid = ablation_grid(spec.factors, base_model=base, levels=dict(spec.levels or {}))
+    ic, rc = spec.index, spec.fine_tune
+    run_settings = {"source": spec.source, "size": spec.size, "n": spec.n, "seed": spec.seed, "scheme": spec.scheme,
+                    "index_epochs_cap": ic.epochs, "retrieval_epochs": rc.epochs,
+                    "max_pairs_per_query": spec.max_pairs_per_query, "lr": ic.lr}
+    stem = out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}"
+    note = (f"# ViT DSI ablations, {spec.source} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}\n\n"
+            f"Default: patch {spec.model.patch_size}, dropout {spec.model.dropout}, {spec.model.pos_encoding} "
+            f"positions, 25% of each class indexed, plain fine-tuning. Indexing: lr {ic.lr}, warm-up {ic.warmup_steps} "
+            f"steps, until IA@1 >= {ic.target_accuracy} ({ic.stop_metric} rule) or {ic.epochs} epochs. Fine-tuning: "
+            f"{rc.epochs} epochs, lr {rc.lr}, at most {spec.max_pairs_per_query} pairs per query.")
+
+    def write(long: pd.DataFrame) -> pd.DataFrame:
+        merged = merge_results(long, stem.with_suffix(".csv"), run_settings)
+        write_table(merged, stem, markdown=ablations_markdown(merged, note))
+        fig = ablation_figure(merged, index_cap=ic.epochs,
+                              title=f"DSI ablations, {spec.source} {spec.size} px, N = {spec.n}")
+        save_figure(fig, out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}.png")
+        return merged
+
+    image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
+    print(f"{len(grid)} variants: " + ", ".join(v.name for v in grid))
+    long = run_ablations(
+        image_set, grid, n=spec.n, seed=spec.seed, scheme=spec.scheme, base_model=base, index_config=ic,
+        retrieval_config=rc, max_pairs_per_query=spec.max_pairs_per_query, view_min_crop=spec.view_min_crop,
+        runs_dir=runs, on_variant=write,
+    )
+    return write(long)
+
+
+def console_summary(spec: AblationsSpec, merged: pd.DataFrame) -> str:
+    """The summary table of :func:`run`, one row per variant."""
+    return summary_table(merged).drop(columns=["factor", "level"]).to_string(index=False)

@@ -1,8 +1,12 @@
-"""The BoVW study (notebook 02): the classical baseline at every N, averaged over vocabularies, and VLAD beside it."""
+"""The BoVW study (notebook 02): the classical baseline at every N, averaged over vocabularies, and VLAD beside it.
+
+:func:`run` runs a :class:`BoVWSpec` (one table per vocabulary size, and the VLAD comparison).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +14,77 @@ import pandas as pd
 
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.tables import BOVW_MODEL, VLAD_MODEL, format_interval, format_number, write_table
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.specs import check_choices
+
+#: Visual words when ``words`` is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
+BOVW_WORDS, VLAD_WORDS = 200, 64
+
+
+@dataclass
+class BoVWSpec:
+    """Settings of the BoVW study (recipe ``study: bovw``): one table per vocabulary size in ``words``.
+
+    ``encoding: vlad`` encodes per-word sums of residuals (K x 128 values) instead of word histograms, and
+    then also writes ``vlad_<source>_<size>px``: every VLAD table of the output folder beside plain BoVW
+    with 200 words (run that first). ``power_norm`` null: on for VLAD, off for histograms.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    size: int = field(default=160, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024, 2048)
+    seeds: tuple[int, ...] = (0,)
+    words: tuple[int, ...] | None = None  # one run per value (null: 200, or 64 for VLAD)
+    encoding: str = field(default="histogram", metadata={"choices": ("histogram", "vlad")})
+    vocabularies: int = 5  # metrics averaged per query over this many k-means vocabularies
+    rootsift: bool = False
+    tfidf: bool = False  # tf-idf weighting of the histograms (not with VLAD)
+    power_norm: bool | None = None  # signed square root of every component before L2
+    intra_norm: bool = False  # VLAD: L2-normalise each word's block first
+
+    #: notebook profile keys (02_bovw) -> spec keys
+    PROFILE_KEYS = {"DATASET": "source", "SIZE": "size", "NS": "ns", "SEEDS": "seeds", "BOVW_WORDS": "words",
+                    "BOVW_VOCABULARIES": "vocabularies"}
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for n_words in self.words or [BOVW_WORDS]:  # a bad combination fails before any run starts
+            BoVW(n_words, encoding=self.encoding, rootsift=self.rootsift, tfidf=self.tfidf,
+                 power_normalisation=self.power_norm, intra_normalisation=self.intra_norm)._check_params()
+
+
+def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataFrame | None]:
+    """Every vocabulary size of ``spec`` into ``paths.out``; (one result table per size, the VLAD comparison)."""
+    vlad = spec.encoding == "vlad"
+    frames = []
+    for n_words in spec.words or [VLAD_WORDS if vlad else BOVW_WORDS]:
+        frames.append(bovw_study(
+            spec.source, spec.size, spec.ns, spec.seeds, paths.out, n_words=n_words, encoding=spec.encoding,
+            rootsift=spec.rootsift, tfidf=spec.tfidf, power_normalisation=spec.power_norm,
+            intra_normalisation=spec.intra_norm, vocabularies=spec.vocabularies, root=spec.root,
+            annotations=spec.annotations,
+        ))
+    compared = vlad_comparison(paths.out, spec.source, spec.size) if vlad else None
+    return frames, compared
+
+
+def console_summary(spec: BoVWSpec, result: tuple[list[pd.DataFrame], pd.DataFrame | None]) -> str:
+    """Each table's headline metrics, then the VLAD comparison's size."""
+    frames, compared = result
+    lines = []
+    for results in frames:
+        shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
+        lines += [f"{results['model'].iloc[0]} {results['variant'].iloc[0]}:",
+                  shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False)]
+    if compared is not None:
+        lines.append(f"VLAD beside plain BoVW ({compared['variant'].nunique()} variants): vlad_*.md")
+    return "\n".join(lines)
 
 
 def bovw_study(
@@ -34,7 +105,7 @@ def bovw_study(
     annotations: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Evaluate BoVW for every N and seed; write manifests and result tables under ``out_dir``.
+    """Evaluate BoVW for every N and seed; write manifests and result tables under ``out_dir`` (see :func:`run`).
 
     ``vocabularies`` averages the metrics over that many k-means vocabularies (see
     :func:`evaluate_bovw`). The options are :class:`~vitdsi_utils.bovw.BoVW`'s (``encoding="vlad"`` for VLAD); the
@@ -144,7 +215,7 @@ def vlad_comparison(out_dir: str | Path, source: str, size: int, *, baseline_wor
     if baseline is None:
         raise FileNotFoundError(
             f"no plain BoVW table with {baseline_words} words for {source} at {size} px in {out_dir}; run "
-            f"`vitdsi bovw --source {source} --size {size} --n ... --words {baseline_words}` first"
+            f"BoVW there first (e.g. `vitdsi run recipes/vlad.yaml`, whose first run is plain BoVW)"
         )
     results = pd.concat(plain + vlad, ignore_index=True)
     queries = results[results["metric"] == "P@10"].groupby(["n", "seed"])["n_queries"].nunique()

@@ -1,9 +1,14 @@
-"""The dense-baseline study: dense search beside BoVW and the DSI, and re-ranking of their candidates."""
+"""The dense-baseline study: dense search beside BoVW and the DSI, and re-ranking of their candidates.
+
+:func:`run` runs a :class:`DenseSpec`: per database the dense encoder is trained (or loaded), scored
+beside BoVW, and re-ranks BoVW's and the DSI's candidates.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +17,78 @@ import pandas as pd
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseConfig, DenseTrainConfig
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
-from vitdsi_utils.ids.codec import make_codec
+from vitdsi_utils.ids.codec import ID_SCHEMES, make_codec
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, write_table
 from vitdsi_utils.retrieval.rerank import VectorScorer
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISearcher
-from vitdsi_utils.runs import run_name
-from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, tradeoff_figure
+from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model
 from vitdsi_utils.training.checkpoint import load_model
+
+
+@dataclass
+class DenseSpec:
+    """Settings of the dense-baseline study (recipe ``study: dense``).
+
+    ``model`` is the dense encoder (the DSI's size, mean pooling), ``train`` its contrastive training.
+    ``schemes`` name the ID schemes whose DSI models in ``dsi_runs`` are re-ranked (the first draws the
+    databases); ``dsi_table`` (a DSI study's CSV) adds its rows of the same databases beside the dense rows.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    size: int = field(default=160, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024, 2048)
+    seeds: tuple[int, ...] = (0,)
+    schemes: tuple[str, ...] = field(default=("clustered",), metadata={"choices": ID_SCHEMES})
+    model: ModelSpec = field(default_factory=lambda: full_model(pos_encoding="sinusoidal", pooling="mean"))
+    train: DenseTrainConfig = field(default_factory=lambda: DenseTrainConfig(epochs=90))
+    include_index: bool = True  # train on the indexed images too, as the DSI (false: the train queries only)
+    words: int = 200  # BoVW visual words
+    vocabularies: int = 5  # BoVW metrics averaged per query over this many k-means vocabularies
+    depths: tuple[int, ...] = (10, 50, 100)  # re-ranking depths M
+    dsi_runs: str | None = None  # a folder of DSI runs whose models are re-ranked
+    dsi_table: str | None = None
+
+    #: notebook profile keys (07_dense) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "NS": "ns", "SEEDS": ("seeds", "train.seed[0]"),
+        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
+        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
+        "DENSE_POOLING": "model.pooling", "DENSE_EPOCHS": "train.epochs", "DENSE_LR": "train.lr",
+        "DENSE_BATCH_SIZE": "train.batch_size", "DENSE_MARGIN": "train.margin",
+        "DENSE_ENTROPY_WEIGHT": "train.entropy_weight", "DENSE_TRAIN_ON_INDEX": "include_index",
+        "BOVW_WORDS": "words", "BOVW_VOCABULARIES": "vocabularies", "RERANK_DEPTHS": "depths",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+def run(spec: DenseSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The dense study of ``spec``: encoders to ``paths.runs``, tables and figure to ``paths.out``;
+    (results, re-ranking, histories)."""
+    return _dense_study(
+        spec.source, spec.size, tuple(spec.ns), tuple(spec.seeds), schemes=tuple(spec.schemes),
+        model_overrides=spec.model.overrides(), train_config=spec.train, include_index=spec.include_index,
+        bovw_words=spec.words, bovw_vocabularies=spec.vocabularies, depths=tuple(spec.depths), runs_dir=paths.runs,
+        dsi_runs=spec.dsi_runs, dsi_table=spec.dsi_table, out_dir=paths.out, root=spec.root,
+    )
+
+
+def console_summary(spec: DenseSpec, result: tuple[pd.DataFrame, pd.DataFrame, Any]) -> str:
+    """Headline metrics per model, N and ID scheme, then the re-ranking summary."""
+    results, reranking = result[0], result[1]
+    shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
+    return "\n".join([
+        shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string(),
+        summary(reranking).round(3).to_string(index=False),
+    ])
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,7 +174,7 @@ def first_stages(db: Any, *, bovw: Any = None, dsi_run_dir: str | os.PathLike | 
     """The first-stage searchers available for ``db``: a fitted BoVW, and the DSI models a run folder holds.
 
     DSI models are ``zero_shot.pt`` / ``fine_tuned.pt`` in ``dsi_run_dir`` (the folder of
-    ``db``'s run, as notebooks 03/04 or ``vitdsi dsi`` write it); a model trained on another
+    ``db``'s run, as notebooks 03/04 or the DSI study write it); a model trained on another
     database (other IDs) is an error rather than a silent mismatch.
     """
 
@@ -183,7 +249,7 @@ def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settin
     return "\n".join(lines)
 
 
-def dense_study(
+def _dense_study(
     source: str = "imagenette",
     size: int = 64,
     ns: tuple[int, ...] = (512, 1024),
@@ -211,7 +277,7 @@ def dense_study(
     queries (averaged over ``bovw_vocabularies`` k-means vocabularies). The re-ranking study
     re-scores BoVW's candidates and, for every scheme whose DSI models ``dsi_runs/<run name>/``
     holds, the DSI's, with the dense encoder. ``dsi_table``
-    (a CSV written by ``vitdsi dsi``) adds the DSI rows of the same databases to the results
+    (a CSV written by the DSI study) adds the DSI rows of the same databases to the results
     for comparison. With ``out_dir``: ``dense_<source>_<size>px``, ``rerank_<source>_<size>px``
     (CSV + Markdown), ``histories_dense_<source>_<size>px.csv`` and the figure
     ``rerank_<source>_<size>px.png``.

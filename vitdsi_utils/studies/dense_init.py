@@ -15,8 +15,8 @@ The ID scheme is free: the paper's ``random`` and ``clustered`` IDs, or label-fr
 ``semantic`` IDs from hierarchical k-means over the dense encoder's embeddings of the indexed
 images (:func:`vitdsi_utils.ids.schemes.assign_ids`).
 
-:func:`run_dense_init` trains and scores one database; :func:`dense_init_study` runs a grid
-beside BoVW and the dense model, and writes the table and target verdicts
+:func:`run_dense_init` trains and scores one database; :func:`run` runs the grid of a
+:class:`DenseInitSpec` beside BoVW and the dense model, and writes the table and target verdicts
 (:mod:`vitdsi_utils.reports.targets`).
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,19 @@ import pandas as pd
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, load_dense
 from vitdsi_utils.data.database import Database, build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.ids.schemes import assign_ids
+from vitdsi_utils.phases import TARGET_MODES
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_table
 from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.settings import data_dir
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
 from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
+from vitdsi_utils.studies.specs import POOLINGS, ModelSpec, check_choices, dsi_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig
 
 #: Row names of the two models of this variant in result tables.
@@ -56,6 +59,79 @@ INIT_SCHEMES = ("clustered", "random", "semantic")
 
 
 _RENAME = {ZERO_SHOT: INIT_ZERO_SHOT, MULTITASK: INIT_MULTITASK}
+
+
+@dataclass
+class DenseInitSpec:
+    """Settings of the dense-init DSI study (recipe ``study: dense-init``).
+
+    Per database the dense encoder (``dense``, ``pooling``) is trained, or loaded from ``dense_runs``
+    (where the dense study keeps it; null: ``data/runs/dense``); every scheme's DSI starts from it,
+    is indexed (``index``) and trained multi-task (``multitask``, ``mix_ratio``, ``targets``, ...).
+    ``semantic_k`` and ``semantic_c`` shape the semantic IDs (k-means over the dense embeddings).
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    size: int = field(default=160, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024, 2048)
+    schemes: tuple[str, ...] = field(default=INIT_SCHEMES, metadata={"choices": INIT_SCHEMES})
+    seeds: tuple[int, ...] = (0,)
+    model: ModelSpec = field(default_factory=dsi_model)
+    pooling: str = field(default="mean", metadata={"choices": POOLINGS})  # the dense encoder's
+    dense: DenseTrainConfig = field(default_factory=lambda: DenseTrainConfig(epochs=90, lr=5e-4, batch_size=64))
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3,
+                                                                    warmup_steps=100))
+    multitask: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3))
+    mix_ratio: float | None = 2.0  # retrieval pairs per indexed image and epoch
+    max_pairs_per_query: int | None = 5
+    targets: str = field(default="pairs", metadata={"choices": TARGET_MODES})
+    index_views: int = 0
+    consolidate: int = 0
+    semantic_k: int = 10  # semantic IDs: k-means branching factor
+    semantic_c: int = 10  # semantic IDs: leaf size
+    words: int = 200  # BoVW visual words
+    vocabularies: int = 5
+    dense_runs: str | None = None
+
+    #: notebook profile keys (14_dense_init) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "NS": "ns", "INIT_SCHEMES": "schemes",
+        "SEEDS": ("seeds", "dense.seed[0]", "index.seed[0]", "multitask.seed[0]"),
+        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
+        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
+        "DENSE_POOLING": "pooling", "DENSE_EPOCHS": "dense.epochs", "DENSE_LR": "dense.lr",
+        "DENSE_BATCH_SIZE": "dense.batch_size", "LR": ("index.lr", "multitask.lr"),
+        "BATCH_SIZE": ("index.batch_size", "multitask.batch_size"), "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy", "INIT_EPOCHS": "multitask.epochs",
+        "INIT_MIX_RATIO": "mix_ratio", "MAX_PAIRS_PER_QUERY": "max_pairs_per_query", "IDS_K": "semantic_k",
+        "IDS_C": "semantic_c", "BOVW_WORDS": "words", "BOVW_VOCABULARIES": "vocabularies",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+
+
+def run(spec: DenseInitSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The dense-init study of ``spec``: DSI checkpoints to ``paths.runs``, tables to ``paths.out``; (results, histories)."""
+    return _dense_init_study(
+        spec.source, spec.size, tuple(spec.ns), tuple(spec.schemes), tuple(spec.seeds),
+        model_overrides=spec.model.overrides(), dense_config=spec.dense, dense_pooling=spec.pooling,
+        index_config=spec.index, multitask_config=spec.multitask, mix_ratio=spec.mix_ratio,
+        max_pairs_per_query=spec.max_pairs_per_query, bovw_words=spec.words, bovw_vocabularies=spec.vocabularies,
+        targets=spec.targets, index_views=spec.index_views, consolidate=spec.consolidate,
+        id_params={"k": spec.semantic_k, "c": spec.semantic_c},
+        dense_runs=Path(spec.dense_runs) if spec.dense_runs else data_dir() / "runs" / "dense",
+        runs_dir=paths.runs, out_dir=paths.out, root=spec.root,
+    )
+
+
+def console_summary(spec: DenseInitSpec, result: tuple[pd.DataFrame, Any]) -> str:
+    """Headline metrics per model, N and ID scheme."""
+    results = result[0]
+    shown = results[results["metric"].isin(["IA@1", "mAP@10", "P@10", "R@100"])]
+    return shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string()
 
 
 @dataclass
@@ -106,7 +182,7 @@ def run_dense_init(
     """Index ``db`` with a DSI whose encoder starts as the dense encoder saved at ``encoder_path``,
     then fine-tune it multi-task; score both models.
 
-    ``encoder_path`` is a dense checkpoint (``dense.pt``, written by ``vitdsi dense``, notebook 07 or
+    ``encoder_path`` is a dense checkpoint (``dense.pt``, written by the dense study, notebook 07 or
     :func:`~vitdsi_utils.studies.dense.train_or_load`); it must have the DSI encoder's shape
     (``model_overrides``), or :func:`~vitdsi_utils.baselines.init.init_encoder` names what differs.
     ``scheme`` (default: the database's own) picks the IDs, see :func:`dense_init_codec`.
@@ -141,7 +217,7 @@ def run_dense_init(
     return DenseInitRun(experiment, scheme, codec, facts)
 
 
-def dense_init_study(
+def _dense_init_study(
     source: str = "imagenette",
     size: int = 64,
     ns: Sequence[int] = (512, 1024),
@@ -171,7 +247,7 @@ def dense_init_study(
     """The dense-init DSI for every N, scheme and seed, beside BoVW and the dense model; (results, histories).
 
     The dense encoder of each database is trained once (or loaded from ``dense_runs/<database>/dense.pt``,
-    where ``vitdsi dense`` keeps it) on the database drawn for the first scheme.
+    where the dense study keeps it) on the database drawn for the first scheme.
     ``out_dir`` receives ``dsi_dense_init_<source>_<size>px.{csv,md}`` and ``histories_...csv``,
     rewritten after every run. ``bovw_vocabularies`` averages BoVW over that many k-means
     vocabularies (:func:`~vitdsi_utils.evaluation.evaluate_bovw`). ``targets``, ``index_views`` and
@@ -184,7 +260,7 @@ def dense_init_study(
     for n in ns:
         for seed in seeds:
             first = build_database(image_set, n, id_scheme=_draw_scheme(schemes[0]), seed=seed)
-            # the folder name of `vitdsi dense` (dense.dense_study), so its encoders are reused
+            # the folder name of the dense study (dense._dense_study), so its encoders are reused
             dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}"
             retriever = train_or_load(first, model_overrides={**overrides, "pooling": dense_pooling},
                                       train_config=dense_config, run_dir=dense_dir)

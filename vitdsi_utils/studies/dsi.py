@@ -1,6 +1,7 @@
 """The DSI study: index every database, evaluate zero-shot, fine-tune, evaluate again, write Table 1.
 
-One experiment = one database (N, ID scheme, seed); :func:`dsi_study` runs the grid with BoVW beside it.
+One experiment = one database (N, ID scheme, seed); :func:`run` runs the grid of a :class:`DSISpec`
+(with BoVW beside it when asked) and writes the tables.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from vitdsi_utils.data.database import Database, database_with_ids
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import DSIModel
 from vitdsi_utils.phases import (
+    TARGET_MODES,
     EncoderInitSpec,
     PhaseResult,
     database_codec,
@@ -30,8 +33,88 @@ from vitdsi_utils.phases import (
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT, write_table
 from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.studies.specs import ModelSpec, SpecError, check_choices, dsi_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig
+
+#: Sources of pretrained encoder weights (``encoder_init``; see ``baselines.init``).
+ENCODER_SOURCES = ("ssl", "dense", "dsi", "torchvision")
+
+
+@dataclass
+class DSISpec:
+    """Settings of the DSI study (recipe ``study: dsi``); the defaults are the paper's recipe at 160 px.
+
+    Every N x ID scheme x seed is one database, indexed (``index``), scored zero-shot, then fine-tuned
+    on (query, relevant ID) pairs (``fine_tune``; null: no plain fine-tuning) and, with ``multitask``,
+    trained multi-task from the same zero-shot model (indexing examples in every epoch beside
+    ``mix_ratio`` pairs per indexed image). The training seed is each section's ``seed``.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None  # an ImageFolder tree (source folder), an Imagenette copy, COCO images
+    annotations: str | None = None  # COCO instances JSON (source coco)
+    size: int = field(default=160, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024, 2048)
+    # atomic: one output token per indexed image; semantic and rq: k-means codes of BoVW histograms
+    schemes: tuple[str, ...] = field(default=("clustered", "random"), metadata={"choices": CODEC_SCHEMES})
+    seeds: tuple[int, ...] = (0,)  # database draws
+    model: ModelSpec = field(default_factory=dsi_model)
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1000, lr=5e-4, target_accuracy=0.98))
+    fine_tune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=75, lr=5e-4))
+    multitask: TrainConfig | None = None  # the multi-task model's training (null: no multi-task model)
+    mix_ratio: float | None = None  # multi-task: pairs per indexed image and epoch (null: every pair once)
+    max_pairs_per_query: int | None = None  # a seeded sample of each query's pairs (null: all, the paper)
+    targets: str = field(default="pairs", metadata={"choices": TARGET_MODES})
+    index_views: int = 0  # augmented views of each indexed image per fine-tuning epoch, as extra queries
+    view_min_crop: float = 0.7  # their crops keep at least this fraction of the side
+    consolidate: int = 0  # after fine-tuning, up to this many epochs of indexing alone (0: none)
+    encoder_init: str | None = field(default=None, metadata={"choices": ENCODER_SOURCES})
+    encoder_weights: str | None = None  # with encoder_init: the checkpoint to copy the encoder from
+    bovw: bool = False  # add BoVW's rows and target 3's verdicts
+    bovw_words: int = 200
+    bovw_vocabularies: int = 5  # BoVW metrics averaged per query over this many k-means vocabularies
+
+    #: notebook profile keys (03_indexing, 04_retrieval) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "NS": "ns", "ID_SCHEMES": "schemes", "SEEDS": "seeds",
+        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
+        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"), "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps", "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy", "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query", "BOVW_WORDS": "bovw_words",
+        "BOVW_VOCABULARIES": "bovw_vocabularies",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+        if (self.encoder_init is None) != (self.encoder_weights is None):
+            raise SpecError("encoder_init and encoder_weights go together: name the source and its file")
+
+
+def run(spec: DSISpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The DSI study of ``spec``: tables to ``paths.out``, checkpoints to ``paths.runs``; (results, histories)."""
+    retrieval = spec.fine_tune if spec.fine_tune is not None else spec.multitask
+    return _dsi_study(
+        spec.source, spec.size, tuple(spec.ns), tuple(spec.schemes), tuple(spec.seeds),
+        model_overrides=spec.model.overrides(), index_config=spec.index, retrieval_config=retrieval,
+        max_pairs_per_query=spec.max_pairs_per_query, out_dir=paths.out, runs_dir=paths.runs,
+        multitask=spec.multitask is not None, mix_ratio=spec.mix_ratio, multitask_config=spec.multitask,
+        root=spec.root, annotations=spec.annotations,
+        encoder_init=(spec.encoder_init, spec.encoder_weights) if spec.encoder_init else None,
+        targets=spec.targets, index_views=spec.index_views, view_min_crop=spec.view_min_crop,
+        consolidate=spec.consolidate, fine_tune_phase=spec.fine_tune is not None,
+        bovw_vocabularies=spec.bovw_vocabularies if spec.bovw else 0, bovw_words=spec.bovw_words,
+    )
+
+
+def console_summary(spec: DSISpec, result: tuple[pd.DataFrame, Any]) -> str:
+    """The headline metrics of :func:`run`'s results, one row per model, N and ID scheme."""
+    results = result[0]
+    shown = results[results["metric"].isin(["IA@1", "IA@5", "mAP@10", "P@10", "R@100"])]
+    return shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string()
 
 
 @dataclass
@@ -157,7 +240,7 @@ def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: s
     )
 
 
-def dsi_study(
+def _dsi_study(
     source: str = "imagenette",
     size: int = 160,
     ns: tuple[int, ...] = (512, 1024, 2048),
@@ -185,7 +268,7 @@ def dsi_study(
     bovw_vocabularies: int = 0,
     bovw_words: int = 200,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories).
+    """Run :func:`run_experiment` for every N, ID scheme and seed; return (results, histories). See :func:`run`.
 
     ``out_dir`` receives ``dsi_<source>_<size>px.{csv,md}`` (Table 1 rows) and
     ``histories.csv`` (per-epoch curves of both phases, for Figures 1-3); ``runs_dir`` keeps

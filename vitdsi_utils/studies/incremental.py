@@ -21,6 +21,8 @@ new image beside its class without renumbering old images, whose IDs the model h
 Results per strategy: IA@1 of the old and of the new images (beam search over the full trie),
 the seconds and epochs it took, and, along the fine-tuning epochs, the teacher-forced sequence
 accuracy (greedy decoding) of old and new images: the forgetting curve.
+
+:func:`run` runs an :class:`IncrementalSpec` (one database per N); :func:`incremental_study` is one database.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import copy
 import textwrap
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +40,16 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from vitdsi_utils.data.database import Database
-from vitdsi_utils.ids.codec import IDCodec, decimal_codes
+from vitdsi_utils.data.database import Database, build_database
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec, decimal_codes
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
 from vitdsi_utils.training.checkpoint import CheckpointError, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, resolve_device, seed_everything
 from vitdsi_utils.training.history import History
@@ -340,3 +346,62 @@ def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str |
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ------------------------------------------------------------------------------------------
+# The study as a spec
+# ------------------------------------------------------------------------------------------
+@dataclass
+class IncrementalSpec:
+    """Settings of the incremental-indexing study (recipe ``study: incremental``), one database per N.
+
+    ``index`` trains the initial model and the one retrained from scratch; fine-tuning takes the same
+    settings with at most ``finetune_epochs`` epochs and no warm-up, once per replay ratio.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    size: int = field(default=64, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (1024,)
+    seed: int = 0  # the database draw
+    ids: str = field(default="random", metadata={"choices": ID_SCHEMES})
+    new_fraction: float = 0.2  # share of the indexed images added later
+    replay_ratios: tuple[float, ...] = (0.0, 1.0, 4.0)  # old images replayed per new image and epoch
+    finetune_epochs: int = 40
+    model: ModelSpec = field(default_factory=full_model)
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False))
+
+    #: notebook profile keys (12_incremental) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "INC_N": "ns", "SEEDS": ("seed[0]", "index.seed[0]"),
+        "INC_NEW_FRACTION": "new_fraction", "INC_REPLAY_RATIOS": "replay_ratios",
+        "INC_FINETUNE_EPOCHS": "finetune_epochs", "PATCH_SIZE": "model.patch_size", "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads", "DROPOUT": "model.dropout",
+        "LR": "index.lr", "BATCH_SIZE": "index.batch_size", "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+
+
+def run(spec: IncrementalSpec, paths: StudyPaths) -> list[tuple[pd.DataFrame, pd.DataFrame, Figure]]:
+    """The study of ``spec`` for every N: tables and figures to ``paths.out``, models to ``paths.runs``."""
+    image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
+    results = []
+    for n in spec.ns:
+        db = build_database(image_set, n, id_scheme=spec.ids, seed=spec.seed)
+        results.append(incremental_study(
+            db, index_config=spec.index, finetune_epochs=spec.finetune_epochs, replay_ratios=spec.replay_ratios,
+            new_fraction=spec.new_fraction, model_overrides=spec.model.overrides(), out_dir=paths.out,
+            runs_dir=paths.runs,
+        ))
+    return results
+
+
+def console_summary(spec: IncrementalSpec, result: list[tuple[pd.DataFrame, Any, Any]]) -> str:
+    """Each database's results table."""
+    return "\n".join(results.round(3).to_string(index=False) for results, _, _ in result)

@@ -1,11 +1,14 @@
-"""The pretraining study (notebook 13): a DSI from a self-supervised encoder against the same DSI from scratch."""
+"""The pretraining study (notebook 13): a DSI from a self-supervised encoder against the same DSI from scratch.
+
+:func:`run` runs a :class:`PretrainSpec`; :func:`pretrain_study` is the study itself.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +19,18 @@ import torch
 from vitdsi_utils import metrics
 from vitdsi_utils.baselines.ssl import SSLConfig, SSLEncoder, embed_images, outside_images, save_ssl, train_ssl
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import assign_ids, codec_for, sibling_agreement
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
 from vitdsi_utils.reports.paper import attach_paper
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import format_interval, write_csv, write_table
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 
 
@@ -99,10 +104,10 @@ def pretrain_study(
 
     The pretraining images are every image of ``source`` that none of the databases of sizes
     ``exclude_ns`` (and ``n``) for ``seed`` uses (:func:`outside_images`). The encoder is the
-    DSI's (``model_overrides`` as for ``vitdsi dsi``). The probes (:func:`embedding_probe`)
+    DSI's (``model_overrides`` as for the DSI study). The probes (:func:`embedding_probe`)
     compare the pretrained encoder with a randomly initialised one on the database. The DSI
     is trained from the pretrained encoder with ``index_config`` / ``retrieval_config``; the
-    from-scratch numbers come from ``baseline_table`` (a ``vitdsi dsi`` CSV, with
+    from-scratch numbers come from ``baseline_table`` (a DSI study's CSV, with
     ``baseline_histories`` for its curves) or, with ``train_scratch``, from a run here.
     ``max_images`` pretrains on a seeded random subset of that many outside images (None: all),
     for a shorter run.
@@ -199,7 +204,7 @@ def pretrain_study(
             & (base["source"] == source)
         if not keep.any():
             raise ValueError(f"{baseline_table} has no row for {source} {size} px, N={n}, {scheme} IDs, seed {seed}; "
-                             "run `make dsi` first, or pass train_scratch=True (--scratch)")
+                             "run `make dsi` first, or train the scratch DSI here (scratch: true)")
         label = "scratch (make dsi)" if train_scratch else "scratch"
         tables.append(base[keep].drop(columns=[c for c in ("paper",) if c in base.columns]).assign(init=label))
         if baseline_histories is not None and Path(baseline_histories).is_file() and not train_scratch:
@@ -215,6 +220,79 @@ def pretrain_study(
     if out_dir is not None:
         _write_pretrain_report(out, Path(out_dir), source, size)
     return out
+
+
+@dataclass
+class PretrainSpec:
+    """Settings of the pretraining study (recipe ``study: pretrain``): one database (``n``, ``seed``, ``scheme``).
+
+    The encoder is pretrained (``ssl``) on every image that no database of the sizes ``exclude_ns`` uses
+    (or a seeded subset of ``ssl_images``), then the DSI is indexed (``index``) and fine-tuned
+    (``fine_tune``) from it. ``scratch`` also trains the DSI from scratch here and compares the two query
+    by query; ``baseline`` (a DSI study's CSV, with ``baseline_histories``) adds its from-scratch rows.
+    ``semantic_ids`` adds a DSI whose IDs are k-means codes (``semantic_k``, ``semantic_c``) of the SSL
+    encoder's embeddings.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    size: int = field(default=160, metadata={"choices": SIZES})
+    n: int = 512
+    seed: int = 0
+    scheme: str = field(default="clustered", metadata={"choices": ID_SCHEMES})
+    exclude_ns: tuple[int, ...] = (512, 1024, 2048)
+    ssl: SSLConfig = field(default_factory=lambda: SSLConfig(epochs=4, batch_size=128))
+    ssl_images: int | None = None
+    model: ModelSpec = field(default_factory=dsi_model)
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3,
+                                                                    warmup_steps=100))
+    fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    max_pairs_per_query: int | None = 5
+    baseline: str | None = None
+    baseline_histories: str | None = None
+    scratch: bool = False
+    semantic_ids: bool = False
+    semantic_k: int = 10
+    semantic_c: int = 10
+
+    #: notebook profile keys (13_pretrain) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "PRETRAIN_N": "n", "PRETRAIN_SCHEME": "scheme", "NS": "exclude_ns",
+        "SEEDS": ("seed[0]", "ssl.seed[0]", "index.seed[0]", "fine_tune.seed[0]"), "SSL_EPOCHS": "ssl.epochs",
+        "SSL_BATCH_SIZE": "ssl.batch_size", "SSL_IMAGES": "ssl_images", "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads",
+        "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding", "LR": ("index.lr", "fine_tune.lr"),
+        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"), "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
+        "RETRIEVAL_EPOCHS": "fine_tune.epochs", "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+        "PRETRAIN_SEMANTIC_IDS": "semantic_ids", "IDS_K": "semantic_k", "IDS_C": "semantic_c",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+
+
+def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame]:
+    """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``."""
+    return pretrain_study(
+        spec.source, spec.size, spec.n, spec.seed, spec.scheme, exclude_ns=tuple(spec.exclude_ns),
+        model_overrides=spec.model.overrides(), ssl_config=spec.ssl, index_config=spec.index,
+        retrieval_config=spec.fine_tune, max_pairs_per_query=spec.max_pairs_per_query, baseline_table=spec.baseline,
+        baseline_histories=spec.baseline_histories, train_scratch=spec.scratch, max_images=spec.ssl_images,
+        semantic_ids={"k": spec.semantic_k, "c": spec.semantic_c} if spec.semantic_ids else None,
+        runs_dir=paths.runs, out_dir=paths.out, root=spec.root,
+    )
+
+
+def console_summary(spec: PretrainSpec, result: dict[str, pd.DataFrame]) -> str:
+    """The DSI rows by initialisation, the paired differences and the probes."""
+    lines = [comparison_frame(result["results"]).to_string(index=False)]
+    if len(result["paired"]):
+        lines.append(result["paired"].round(3).to_string(index=False))
+    lines.append(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3)
+                 .to_string(index=False))
+    return "\n".join(lines)
 
 
 def _ssl_semantic_ids(db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncoder, seed: int,

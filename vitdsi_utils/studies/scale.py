@@ -20,7 +20,7 @@ retrieval method's cost grows with N. This module does both parts:
   took; on a CPU only the small N are affordable, so ``max epochs`` caps the larger ones and the
   table says whether the target was reached.
 * :func:`scale_figure` - one figure, two panels: latency per query against N (log-log, one line
-  per method) and IA@1 against N. :func:`scale_study` writes the tables and the figure.
+  per method) and IA@1 against N. :func:`run` runs a :class:`ScaleSpec` and writes the tables and the figure.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,17 @@ from vitdsi_utils.atomic import write_json
 from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import Database, balanced_quota
-from vitdsi_utils.data.images import ImageSet
-from vitdsi_utils.ids.codec import dense_id_order, make_codec
+from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, load_images
+from vitdsi_utils.ids.codec import ID_SCHEMES, dense_id_order, make_codec
 from vitdsi_utils.model.decoding import beam_search, indexing_accuracy
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.phases import index_database
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.retrieval.searchers import DenseRetriever
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
+from vitdsi_utils.training.config import TrainConfig
 
 #: Methods of the latency table, in plotting order.
 METHODS = ("DSI beam search", "BoVW", "Dense (FAISS)")
@@ -534,7 +538,7 @@ def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd
     return table[table["n"].isin(list(ns))].reset_index(drop=True)
 
 
-def scale_study(
+def _scale_study(
     image_set: ImageSet,
     ns: Sequence[int],
     ia_ns: Sequence[int],
@@ -593,3 +597,71 @@ def scale_study(
     fig = scale_figure(latency, ia, title=f"{image_set.source} at {image_set.size} px, {device}")
     save_figure(fig, out / "scale.png")
     return latency, ia, fig
+
+
+# ------------------------------------------------------------------------------------------
+# The study as a spec
+# ------------------------------------------------------------------------------------------
+@dataclass
+class ScaleSpec:
+    """Settings of the scale study (recipe ``study: scale``). An N of 0 stands for every usable image.
+
+    Latency is timed for every N of ``ns`` (untrained models of the ``model`` size) and list length in ``k``,
+    IA@1 of a DSI trained (``index``) on every N of ``ia_ns`` (none: latency only; beam: the largest ``k``).
+    ``index.device`` and ``index.amp`` also run the timed searches. ``reuse_latency`` keeps a latency table
+    already in the output folder when it covers every N at these settings; ``keep_ia`` trains nothing and
+    keeps the IA@1 table already there (``ia_ns`` is then ignored).
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    size: int = field(default=64, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 0)
+    ia_ns: tuple[int, ...] = (512,)
+    seed: int = 0
+    ids: str = field(default="random", metadata={"choices": ID_SCHEMES})
+    model: ModelSpec = field(default_factory=full_model)
+    index: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=100, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False))
+    queries: int = 64  # queries in the timed batch
+    query_batch: int = 64  # queries decoded together by the beam search
+    repeats: int = 3  # timed repeats (the median is reported)
+    k: tuple[int, ...] = (100,)  # results per query (and the DSI beam width); several: latency for each
+    words: int = 200  # BoVW visual words
+    reuse_latency: bool = False
+    keep_ia: bool = False
+
+    #: notebook profile keys (11_scale) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source", "SIZE": "size", "SCALE_NS": "ns", "SCALE_IA_NS": "ia_ns",
+        "SEEDS": ("seed[0]", "index.seed[0]"), "PATCH_SIZE": "model.patch_size", "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads", "DROPOUT": "model.dropout",
+        "LR": "index.lr", "BATCH_SIZE": "index.batch_size", "WARMUP_STEPS": "index.warmup_steps",
+        "SCALE_INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
+        "SCALE_QUERIES": ("queries", "query_batch"), "SCALE_REPEATS": "repeats", "K": "k", "BOVW_WORDS": "words",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+
+
+def run(spec: ScaleSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
+    """The scale study of ``spec``: tables and figure to ``paths.out``, trained DSIs to ``paths.runs``."""
+    image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
+    ns = [n if n > 0 else len(image_set) for n in spec.ns]  # 0 means every usable image
+    ia_ns = [n if n > 0 else len(image_set) for n in spec.ia_ns]
+    config = spec.index
+    return _scale_study(
+        image_set, ns, ia_ns, index_config=config, out_dir=paths.out, runs_dir=paths.runs,
+        model_overrides=spec.model.overrides(), n_queries=spec.queries, batch_size=spec.query_batch, k=list(spec.k),
+        repeats=spec.repeats, bovw_words=spec.words, device=config.device, amp=config.amp, id_scheme=spec.ids,
+        seed=spec.seed, reuse_latency=spec.reuse_latency, keep_ia=spec.keep_ia,
+    )
+
+
+def console_summary(spec: ScaleSpec, result: tuple[pd.DataFrame, pd.DataFrame, Any]) -> str:
+    """The latency and IA@1 tables."""
+    return scale_markdown(result[0], result[1], {"source": spec.source, "size": spec.size, "device": spec.index.device,
+                                                 "k": list(spec.k), "queries": spec.queries, "repeats": spec.repeats})

@@ -46,8 +46,8 @@ import torch
 from vitdsi_utils.training.config import TrainConfig
 
 #: What to do about a refused file; ``{files}`` names it (and its checkpoint).
-REUSE_HINT = ("Delete {files} or use another run folder (--runs) to train for the settings requested, "
-              "or request the saved ones")
+REUSE_HINT = ("Delete {files} or use another run folder (a recipe's runs_dir, vitdsi study --runs) to train for "
+              "the settings requested, or request the saved ones")
 
 
 def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,0 +1,97 @@
+# %% [markdown]
+# # 12 · Incremental indexing: adding new images to a trained DSI
+#
+# A DSI's index lives in its weights, so adding images means training. The indexed images of one
+# database are split into an initial set and a new batch (`INC_NEW_FRACTION`). A DSI memorises the
+# initial set; the new images then get the *next* consecutive IDs (same number of digits, so the
+# decoder and its length stay the same, and the trie of all IDs holds both) and are added by
+#
+# - fine-tuning on the new images alone (replay 0): the model learns them and forgets old IDs;
+# - fine-tuning with replay: each epoch also shows `r` old images per new image (resampled every
+#   epoch), for each `r` of `INC_REPLAY_RATIOS`;
+# - retraining a new model from scratch on all images: the reference.
+#
+# IDs are random here. With clustered IDs the new images would form a block after all old IDs
+# rather than join their class's block, since that would renumber images the model has memorised.
+
+# %% tags=["parameters"]
+# Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with
+# those of vitdsi_utils/profiles/NAME.yaml (smoke, cpu or paper).
+# DATASET: imagenette | digits | coco (coco reads VITDSI_COCO_IMAGES and VITDSI_COCO_ANNOTATIONS).
+PROFILE = "smoke"            # cpu: "cpu"
+DATASET = "digits"           # cpu: "imagenette"
+SIZE = 32                    # cpu: 64
+SEEDS = [0]
+PATCH_SIZE = 16
+DIM = 32                     # cpu: 128
+MLP_DIM = 64                 # cpu: 256
+DEPTH = 1                    # cpu: 6
+HEADS = 2                    # cpu: 4
+DROPOUT = 0.1
+POS_ENCODING = "sinusoidal"
+LR = 0.002                   # cpu: 0.001
+BATCH_SIZE = 32
+WARMUP_STEPS = 0             # cpu: 100
+INDEX_EPOCHS = 40            # cpu: 400
+TARGET_ACCURACY = 0.99
+K = 100
+INC_N = 200                  # cpu: 512
+INC_NEW_FRACTION = 0.2
+INC_REPLAY_RATIOS = [0, 1]
+INC_FINETUNE_EPOCHS = 10     # cpu: 40
+OUT_DIR = None               # tables/ and figures/ go here; None: reports/<PROFILE>
+RUNS_DIR = None              # trained models, one folder per database; None: data/runs/<PROFILE>
+
+# %%
+from IPython.display import Markdown, display
+
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import load_images
+from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.incremental import incremental_markdown, incremental_study
+from vitdsi_utils.reports.tables import write_csv, write_table
+from vitdsi_utils.training.config import TrainConfig
+
+paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
+image_set = load_images(DATASET, SIZE, progress=False)
+db = build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
+
+model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
+                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
+
+
+def index_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
+                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
+
+
+# %% [markdown]
+# ## Initial model, fine-tuning strategies, retraining
+#
+# IA@1 by beam search (width `K`) over the trie of all IDs; the initial model is scored on the old
+# images with the old IDs. `seconds` is the training time of each step (for fine-tuning: on top of
+# the initial model's). Finished models are loaded from `RUNS_DIR`.
+
+# %%
+config = index_config(SEEDS[0])
+results, curves, fig = incremental_study(
+    db, index_config=config, finetune_epochs=INC_FINETUNE_EPOCHS, replay_ratios=INC_REPLAY_RATIOS,
+    new_fraction=INC_NEW_FRACTION, model_overrides=model_overrides, beam_size=K, runs_dir=paths.runs,
+    seed=SEEDS[0])
+markdown = incremental_markdown(results, config, INC_FINETUNE_EPOCHS)
+write_table(results, paths.tables / "incremental", markdown=markdown)
+write_csv(curves, paths.tables / "incremental_curves.csv")
+display(Markdown(markdown))
+
+# %% [markdown]
+# ## Forgetting along the fine-tuning epochs
+#
+# Right: the sequence accuracy (greedy decoding, teacher-forced, no dropout) of the old images
+# (solid) and of the new ones (dashed) after each fine-tuning epoch, per replay ratio. Without replay
+# the old images' accuracy falls while the new ones are learnt; replay holds it up, at the price of
+# more examples per epoch.
+
+# %%
+save_figure(fig, paths.figures / "incremental.png")
+fig
