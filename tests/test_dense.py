@@ -30,6 +30,7 @@ from vitdsi_utils.retrieval.rerank import VectorScorer, cosine_scores, rerank
 from vitdsi_utils.retrieval.searchers import DenseRetriever
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
 from vitdsi_utils.studies.rerank import rerank_study
+from vitdsi_utils.training.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -321,12 +322,15 @@ def test_checkpoint_roundtrip_resume_and_reuse(tmp_path):
     assert again.loaded_
     assert torch.equal(again.model_.patch_embed.proj.weight, longer.model_.patch_embed.proj.weight)
     # other settings or other images are refused rather than silently mixed
-    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+    with pytest.raises(CheckpointError, match="other settings: lr: saved 0.0005, requested 0.01. Delete"):
         DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, lr=1e-2, progress=False)
                        ).fit(images, labels, checkpoint_path=path)
-    with pytest.raises(ValueError, match="other images"):
+    with pytest.raises(CheckpointError, match="training images: other images or labels"):
         DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, progress=False)
                        ).fit(images, labels[::-1].copy(), checkpoint_path=path)
+    with pytest.raises(CheckpointError, match="epochs: it holds 4 epochs, more than the 3 requested"):
+        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=3, batch_size=8, progress=False)
+                       ).fit(images, labels, checkpoint_path=path)
 
 
 def test_loading_errors_say_what_to_do(tmp_path):

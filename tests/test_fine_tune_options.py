@@ -237,8 +237,12 @@ def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
     assert consolidation["epoch"].tolist() == [1, 2, 3]
     assert set(consolidation["task"]) == {"indexing"}
     assert capped.epochs == 2 + 3
-    # a target already met: the rule stops after the first epoch, and the IA@1 it read is the model's
-    easy = fine_tune(digits_db, zero.model, config=quiet(epochs=1, target_accuracy=0.0), consolidate=5,
+    # a target already met (a model that has memorised half its images, asked for 1 in 20 of them): the rule
+    # stops after the first epoch, and the IA@1 it read is the model's
+    indexed = index_database(digits_db, model_overrides=overrides,
+                             config=quiet(epochs=60, lr=3e-3, batch_size=8, target_accuracy=0.5))
+    assert indexed.reached_target
+    easy = fine_tune(digits_db, indexed.model, config=quiet(epochs=1, lr=1e-4, target_accuracy=0.05), consolidate=5,
                      run_dir=tmp_path)
     frame = easy.history.to_frame()
     checks = frame[(frame["phase"] == "consolidate") & (frame["split"] == "train_eval")]
@@ -248,7 +252,7 @@ def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
     assert checks["ia1"].iloc[0] == pytest.approx(measured)
     # the option is recorded: the same folder refuses a request without consolidation
     with pytest.raises(CheckpointError, match="consolidate"):
-        fine_tune(digits_db, zero.model, config=quiet(epochs=1, target_accuracy=0.0), run_dir=tmp_path)
+        fine_tune(digits_db, indexed.model, config=quiet(epochs=1, lr=1e-4, target_accuracy=0.05), run_dir=tmp_path)
     with pytest.raises(ValueError, match="consolidate must be"):
         fine_tune(digits_db, zero.model, config=quiet(epochs=1), consolidate=-1)
 

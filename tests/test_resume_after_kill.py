@@ -39,7 +39,7 @@ def small_database() -> Database:
 
 def index_config() -> TrainConfig:
     # 20 indexed images in batches of 8: three steps per epoch; never stops early
-    return TrainConfig(epochs=5, batch_size=8, lr=2e-3, target_accuracy=2.0, seed=0, device="cpu", progress=False)
+    return TrainConfig(epochs=5, batch_size=8, lr=2e-3, target_accuracy=None, seed=0, device="cpu", progress=False)
 
 
 def retrieval_config() -> TrainConfig:
@@ -71,7 +71,7 @@ def child(run_dir: Path, marker: Path) -> None:
     raise SystemExit("the child finished training: it was never killed")
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, one_torch_thread):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, one_torch_thread, monkeypatch):
     run_dir, marker = tmp_path / "killed", tmp_path / "mid-epoch"
     # the child runs this file as a script; it finds the package of this checkout through PYTHONPATH
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -91,12 +91,15 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, on
             process.wait()
         log.close()
 
-    # what the killed run left: its last checkpoint, whole, and nothing half-written
+    # what the killed run left: its last checkpoint, whole, and nothing half-written; beside it the run
+    # folder's lock file and the note naming its holder, which the kill could not remove
     assert load_checkpoint(run_dir / "indexing.ckpt")["epoch"] == KILL_AFTER_EPOCH
-    assert sorted(p.name for p in run_dir.iterdir()) == ["indexing.ckpt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.owner.json", "indexing.ckpt"]
 
     db = small_database()
     kwargs = dict(model_overrides=TINY, index_config=index_config(), retrieval_config=retrieval_config(), k=10)
+    # the dead process holds no lock: the folder is taken at once, without waiting
+    monkeypatch.setenv("VITDSI_LOCK_TIMEOUT", "0")
     resumed = run_experiment(db, run_dir=run_dir, **kwargs)
     straight = run_experiment(db, run_dir=tmp_path / "unbroken", **kwargs)
 

@@ -45,7 +45,7 @@ def interrupted(tmp_path):
     """A checkpoint of one finished indexing epoch (of two) for 24 IDs and the BASE model."""
     codec = make_codec(24)
     path = tmp_path / "indexing.ckpt"
-    train_indexing(model_for(codec), codec, images_of(24), config=quiet(target_accuracy=2.0), checkpoint_path=path)
+    train_indexing(model_for(codec), codec, images_of(24), config=quiet(target_accuracy=None), checkpoint_path=path)
     return path, codec
 
 
@@ -84,7 +84,7 @@ def test_resuming_another_phase_is_refused(interrupted):
 
 def test_a_matching_checkpoint_still_resumes(interrupted):
     path, codec = interrupted
-    history = train_indexing(model_for(codec), codec, images_of(24), config=quiet(epochs=2, target_accuracy=2.0),
+    history = train_indexing(model_for(codec), codec, images_of(24), config=quiet(epochs=2, target_accuracy=None),
                              checkpoint_path=path)
     assert [row["epoch"] for row in history] == [1, 2]
 
@@ -235,13 +235,13 @@ def test_an_image_cache_holding_pickled_objects_is_not_unpickled(image_tree, tmp
 
 def test_a_resumed_run_counts_the_seconds_of_every_session(digits, tmp_path, monkeypatch):
     db = quick_database(digits, "random")
-    index_database(db, model_overrides=TINY, config=quiet(epochs=1, target_accuracy=2.0), run_dir=tmp_path)
+    index_database(db, model_overrides=TINY, config=quiet(epochs=1, target_accuracy=None), run_dir=tmp_path)
     (tmp_path / "zero_shot.pt").unlink()  # as if killed after epoch 1's checkpoint
     state = load_checkpoint(tmp_path / "indexing.ckpt")
     state["history"][0]["seconds"] = 1000.0  # an earlier session's long epoch
     torch.save(state, tmp_path / "indexing.ckpt")
-    resumed = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=2.0), run_dir=tmp_path)
+    resumed = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=None), run_dir=tmp_path)
     assert resumed.epochs == 2
     assert 1000.0 < resumed.seconds < 1000.0 + 60  # the first session's 1000 s plus this one's, not this one's alone
-    again = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=2.0), run_dir=tmp_path)
+    again = index_database(db, model_overrides=TINY, config=quiet(epochs=2, target_accuracy=None), run_dir=tmp_path)
     assert again.seconds == pytest.approx(resumed.seconds)  # the finished model keeps its total

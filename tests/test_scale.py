@@ -1,6 +1,8 @@
 """The scale study: databases that index everything, query views, latency rows, the figure."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +22,7 @@ from vitdsi_utils.studies.scale import (
     scale_figure,
     scale_markdown,
 )
+from vitdsi_utils.training.checkpoint import CheckpointError
 from vitdsi_utils.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,10 +153,14 @@ def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_pat
     assert len(saved) == 1
     calls = []
     monkeypatch.setattr("vitdsi_utils.studies.scale.indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
-    # another requested batch size does not relabel the saved model, and its IA@1 is not measured again
+    # another requested batch size would be another model: the saved one is refused, not relabelled
     other = TrainConfig(lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
                         device="cpu")
-    again, _ = ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path,
+    with pytest.raises(CheckpointError, match="batch_size: saved 8, requested 64"):
+        ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path, beam_size=10)
+    # settings that do not shape the model reuse it, and its IA@1 is not measured again
+    same = dataclasses.replace(config, eval_batch_size=32, checkpoint_every=5)
+    again, _ = ia_table(image_set, [12], index_config=same, model_overrides=TINY, runs_dir=tmp_path,
                               beam_size=10)
     assert not calls and again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["batch_size"] == 8
     # another beam width is a new measurement

@@ -14,8 +14,16 @@ from pathlib import Path
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.locks import RunFolderBusy
 from vitdsi_utils.runner.run import StudyFailed, run_study
 from vitdsi_utils.studies.recipes import dump_runs, list_recipes, load_recipe, run_recipe
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (as the errors of the commands themselves), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +94,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    parser = argparse.ArgumentParser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
+    parser = _Parser(prog="vitdsi", description="ViT as a Differentiable Search Index: the study's tools.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="build the databases and write their manifests")
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RunFolderBusy) as error:
         # errors of ours say what to do; a traceback would only bury the message
         print(f"vitdsi {args.command}: error: {error}", file=sys.stderr)
         return 2

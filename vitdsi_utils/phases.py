@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,15 +21,23 @@ from vitdsi_utils.baselines.init import INIT_SOURCES, EncoderInit, init_encoder,
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.loop import fit, train_indexing, train_retrieval
+from vitdsi_utils.training.reuse import REUSE_HINT, differences, finished_verdict, weights_digest
 from vitdsi_utils.training.tasks import AugmentedViews, IndexingTask, RetrievalPairs, SameClassTargets
 
 #: Retrieval targets of fine-tuning: fixed (query, relevant ID) pairs, or one relevant ID per query redrawn each epoch.
 TARGET_MODES = ("pairs", "same-class")
+
+
+#: The files of a run folder: the indexed model and its checkpoint, and what is trained from the indexed model.
+ZERO_SHOT_FILE, INDEXING_CHECKPOINT = "zero_shot.pt", "indexing.ckpt"
+DESCENDANT_FILES = ("fine_tuned.pt", "retrieval.ckpt", "consolidate.ckpt",
+                    "multitask.pt", "multitask.ckpt", "multitask_consolidate.ckpt")
 
 
 def _seconds_before(checkpoint: Path | None) -> float:
@@ -99,8 +108,17 @@ class PhaseResult:
     model: DSIModel
     history: History
     seconds: float
-    epochs: int
+    epochs: int  # the epochs it trained (all phases; for indexing, those run before the stop rule fired)
     config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig it was trained with (plain values)
+    # whether its stop rule fired: indexing reached the target accuracy before its epoch cap (fine-tuning:
+    # consolidation did); None without a stop rule, or for a model saved before this was recorded
+    reached_target: bool | None = None
+    loaded: bool = False  # loaded from its run folder rather than trained (or continued) in this call
+
+    @property
+    def epoch_cap(self) -> int | None:
+        """The epoch cap it was trained under (its own, which may be below the one requested of a reused model)."""
+        return self.config.get("epochs")
 
 
 def index_database(
@@ -118,8 +136,14 @@ def index_database(
     ``codec`` holds the IDs (database row r gets ``codec.codes[r]``); default: the database's
     dense IDs (``ids.schemes.codec_for(db)``). With ``run_dir``, a finished model is loaded
     from ``zero_shot.pt`` instead of retrained, and an interrupted one resumes from
-    ``indexing.ckpt``. Either must have been written for this database, these IDs and this
-    model configuration, or a :class:`~vitdsi_utils.training.checkpoint.CheckpointError` names what differs.
+    ``indexing.ckpt``. Either must have been written for this database, these IDs, this
+    model configuration and these training settings (``config``'s recipe), or a
+    :class:`~vitdsi_utils.training.checkpoint.CheckpointError` names every difference. The epoch
+    cap follows the rule of :mod:`vitdsi_utils.training.reuse`: a model that reached the target
+    is reused under any cap at least its epochs; one that stopped at its cap short of the target
+    continues from ``indexing.ckpt`` when the cap is raised (refused while models fine-tuned from
+    it are in the folder). The run folder is locked while this runs (:mod:`vitdsi_utils.locks`).
+    The result says whether the target was reached, and ``loaded`` whether it was trained here.
 
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights instead of
     random ones (see :func:`new_model`); the source and a hash of the file are recorded in the
@@ -133,10 +157,64 @@ def index_database(
     # checkpoints written before this key existed do not record it, and are not checked against it
     # a callable ``init`` cannot be identified, so its runs are only told apart from random ones
     fingerprint["encoder_init"] = encoder_init_tag(encoder_init) or ("custom" if init is not None else "random")
-    final = Path(run_dir) / "zero_shot.pt" if run_dir else None
-    if final is not None and final.exists():
-        return _load_final(final, codec, wanted, fingerprint)
     config = config or TrainConfig()
+    if run_dir is None:
+        return _index(db, wanted, codec, config, fingerprint, init, encoder_init, None)
+    with run_folder_lock(run_dir):
+        final = Path(run_dir) / ZERO_SHOT_FILE
+        if final.exists():
+            loaded = _reuse_index(final, Path(run_dir), codec, wanted, fingerprint, config)
+            if loaded is not None:
+                return loaded
+        return _index(db, wanted, codec, config, fingerprint, init, encoder_init, Path(run_dir))
+
+
+def _reuse_index(
+    final: Path, run_dir: Path, codec: IDCodec, wanted: DSIConfig, fingerprint: dict, config: TrainConfig
+) -> PhaseResult | None:
+    """The finished indexed model at ``final`` when it was trained for these settings; None when its run
+    continues to a higher epoch cap; CheckpointError naming every difference otherwise."""
+    result, meta = _load_final(final, codec, wanted, fingerprint)
+    checkpoint = run_dir / INDEXING_CHECKPOINT
+    reached = meta["extra"].get("reached_target")
+    if reached is None and checkpoint.exists():  # saved before this was recorded: its checkpoint knows
+        state = load_checkpoint(checkpoint)
+        if int(state["epoch"]) == int(meta["epoch"]):
+            reached = bool(state["extra"].get("stopped"))
+    verdict = finished_verdict(meta.get("train_config"), config, epochs_run=int(meta["epoch"]), reached=reached,
+                               resumable=checkpoint.exists())
+    if verdict.differences:
+        raise CheckpointError(
+            f"{final} was indexed with other settings: " + "; ".join(verdict.differences) + ". "
+            + REUSE_HINT.format(files=f"{final} and {checkpoint}")
+        )
+    if not verdict.resume:
+        result.reached_target = reached
+        return result
+    cap = (meta.get("train_config") or {}).get("epochs")
+    descendants = [str(run_dir / name) for name in DESCENDANT_FILES if (run_dir / name).exists()]
+    if descendants:
+        raise CheckpointError(
+            f"{final} stopped at its cap of {cap} epochs without reaching the target; continuing it to "
+            f"{config.epochs} epochs would change the indexed model that {', '.join(descendants)} were trained "
+            "from. Delete them to continue indexing here, or use another run folder (a recipe's runs_dir)"
+        )
+    print(f"{final} stopped at its cap of {cap} epochs without reaching the target accuracy "
+          f"{config.target_accuracy}; continuing from {checkpoint} up to {config.epochs} epochs", file=sys.stderr)
+    return None
+
+
+def _index(
+    db: Database,
+    wanted: DSIConfig,
+    codec: IDCodec,
+    config: TrainConfig,
+    fingerprint: dict,
+    init: Callable[[DSIModel], object] | None,
+    encoder_init: EncoderInitSpec | None,
+    run_dir: Path | None,
+) -> PhaseResult:
+    """Train (or resume) the indexing phase; with ``run_dir``, save ``zero_shot.pt`` there."""
     seed_everything(config.seed)  # the initial weights must be as reproducible as the training that follows
     model = DSIModel(wanted)
     if init is not None:
@@ -145,7 +223,7 @@ def index_database(
 
         init_encoder(model, *encoder_init)
     index_images, _ = db.split("index")
-    checkpoint = Path(run_dir) / "indexing.ckpt" if run_dir else None
+    checkpoint = run_dir / INDEXING_CHECKPOINT if run_dir else None
     start = time.perf_counter() - _seconds_before(checkpoint)
     history = train_indexing(
         model,
@@ -157,9 +235,11 @@ def index_database(
     )
     seconds = time.perf_counter() - start
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
-    if final is not None:
-        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint)
-    return PhaseResult(model, history, seconds, epochs, config.to_dict())
+    reached = history.reached_target
+    if run_dir is not None:
+        _save_final(run_dir / ZERO_SHOT_FILE, model, codec, config, history, seconds, epochs, fingerprint,
+                    reached=reached)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict(), reached_target=reached)
 
 
 def fine_tune(
@@ -204,8 +284,12 @@ def fine_tune(
 
     ``codec`` must be the one ``zero_shot`` was indexed with (default: the database's dense IDs).
     A finished model in ``run_dir`` is loaded only if it was trained with the same options
-    (targets, views, label smoothing, epochs, pairs, mix ratio); otherwise
-    :class:`~vitdsi_utils.training.checkpoint.CheckpointError` says what differs.
+    (targets, views, pairs, mix ratio, consolidation), the same training settings (``config``'s
+    recipe: epochs, lr, batch size, seed, label smoothing, ...; the stop rule's settings too with
+    ``consolidate``) and from the same indexed model (a digest of ``zero_shot``'s weights);
+    otherwise :class:`~vitdsi_utils.training.checkpoint.CheckpointError` names every difference.
+    Interrupted runs resume from their checkpoints under the same checks. The run folder is
+    locked while this runs (:mod:`vitdsi_utils.locks`).
     """
     if targets not in TARGET_MODES:
         raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
@@ -215,15 +299,34 @@ def fine_tune(
         raise ValueError(f"consolidate must be an integer >= 0 (most indexing epochs after fine-tuning), got {consolidate!r}")
     codec = database_codec(db, codec)
     zero_shot.check_codec(codec)
-    fingerprint = db.fingerprint()
     config = config or TrainConfig(epochs=75)
     options = fine_tune_options(config, max_pairs_per_query=max_pairs_per_query, multitask=multitask,
                                 mix_ratio=mix_ratio, targets=targets, index_views=index_views,
                                 view_min_crop=view_min_crop, consolidate=consolidate)
-    stem = "multitask" if multitask else "fine_tuned"
-    final = Path(run_dir) / f"{stem}.pt" if run_dir else None
-    if final is not None and final.exists():
-        return _load_final(final, codec, zero_shot.config, fingerprint, options=options)
+    # the model it starts from: a folder whose indexed model changed refuses what was fine-tuned from the old one
+    fingerprint = {**db.fingerprint(), "parent": weights_digest(zero_shot)}
+    if run_dir is None:
+        return _fine_tune(db, zero_shot, codec, config, options, fingerprint, None)
+    with run_folder_lock(run_dir):
+        final = Path(run_dir) / f"{'multitask' if multitask else 'fine_tuned'}.pt"
+        if final.exists():
+            return _reuse_fine_tuned(final, codec, zero_shot.config, fingerprint, config, options)
+        return _fine_tune(db, zero_shot, codec, config, options, fingerprint, Path(run_dir))
+
+
+def _fine_tune(
+    db: Database,
+    zero_shot: DSIModel,
+    codec: IDCodec,
+    config: TrainConfig,
+    options: dict[str, Any],
+    fingerprint: dict[str, Any],
+    run_dir: Path | None,
+) -> PhaseResult:
+    """Train (or resume) a fine-tuning run with ``options`` (see :func:`fine_tune`); save it in ``run_dir``."""
+    multitask, targets, consolidate = options["multitask"], options["targets"], options["consolidate"]
+    index_views, mix_ratio = options["index_views"], options["mix_ratio"]
+    max_pairs_per_query = options["max_pairs_per_query"]
     index_labels = db.relevance_labels("index")
     train_images, _ = db.split("train")
     val_images, _ = db.split("val")
@@ -237,42 +340,81 @@ def fine_tune(
     extra_tasks = []
     if index_views:
         extra_tasks.append(AugmentedViews(torch.from_numpy(db.split("index")[0]), views=index_views,
-                                          min_crop=view_min_crop))
+                                          min_crop=options["view_min_crop"]))
     val_pairs = RetrievalPairs.from_labels(
         torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
     model = copy.deepcopy(zero_shot)
-    checkpoint = Path(run_dir) / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
-    consolidation = Path(run_dir) / "consolidate.ckpt" if run_dir else None
+    stem = "multitask" if multitask else "fine_tuned"
+    checkpoint = run_dir / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
+    # each model consolidates from its own checkpoint (the fine-tuned one keeps the name it always had)
+    consolidation = run_dir / f"{'multitask_' if multitask else ''}consolidate.ckpt" if run_dir else None
     # a consolidation checkpoint's history holds the fine-tuning rows too
     start = time.perf_counter() - (_seconds_before(consolidation) or _seconds_before(checkpoint))
+    data_info = {**fingerprint, **options}  # resuming a checkpoint of other options is refused, naming them
     if multitask:
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
         history = fit(
             model, codec, [indexing, pairs, *extra_tasks], mix_ratio=mix_ratio, val=[val_pairs], config=config,
-            checkpoint_path=checkpoint, data_info=fingerprint, stop_on=None, phase="multitask",
+            checkpoint_path=checkpoint, data_info=data_info, stop_on=None, phase="multitask",
         )
     elif extra_tasks:
         history = fit(
             model, codec, [pairs, *extra_tasks], val=[val_pairs], config=config, checkpoint_path=checkpoint,
-            data_info=fingerprint, stop_on=None, phase="retrieval",
+            data_info=data_info, stop_on=None, phase="retrieval",
         )
     else:
         history = train_retrieval(
-            model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint, data_info=fingerprint
+            model, codec, pairs, val=[val_pairs], config=config, checkpoint_path=checkpoint, data_info=data_info
         )
+    reached = None
     if consolidate:
+        # it continues the model fine-tuning just left: a checkpoint of another fine-tuned model is refused
         history = train_indexing(
             model, codec, torch.from_numpy(db.split("index")[0]), config=dataclasses.replace(config, epochs=consolidate),
             history=history, checkpoint_path=consolidation,
-            data_info=fingerprint, phase="consolidate",
+            data_info={**data_info, "parent": weights_digest(model)}, phase="consolidate",
         )
+        reached = history.reached_target
     seconds = time.perf_counter() - start
     frame = history.to_frame()
     epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
-    if final is not None:
-        _save_final(final, model, codec, config, history, seconds, epochs, fingerprint, options=options)
-    return PhaseResult(model, history, seconds, epochs, config.to_dict())
+    if run_dir is not None:
+        _save_final(run_dir / f"{stem}.pt", model, codec, config, history, seconds, epochs, fingerprint,
+                    options=options, reached=reached)
+    return PhaseResult(model, history, seconds, epochs, config.to_dict(), reached_target=reached)
+
+
+def _reuse_fine_tuned(
+    final: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, train: TrainConfig, options: dict[str, Any]
+) -> PhaseResult:
+    """The finished fine-tuned (or multi-task) model at ``final``; CheckpointError naming every difference
+    when it was trained for other settings, options or from another indexed model."""
+    parent = fingerprint["parent"]
+    result, meta = _load_final(final, codec, config, {k: v for k, v in fingerprint.items() if k != "parent"})
+    extra = meta["extra"]
+    saved = extra.get("options")
+    if saved is None:  # written before options were recorded: only the plain settings existed then
+        saved = {"targets": "pairs", "index_views": 0}
+    saved = {"consolidate": 0, **saved}  # saved before consolidation existed
+    # the training settings among the options of older files are compared through train_config below
+    saved = {k: v for k, v in saved.items() if k in options}
+    found = differences(saved, {k: v for k, v in options.items() if k in saved})
+    # all its epochs are trained (no cap); the stop rule's settings count when consolidation follows
+    found += finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]),
+                              reached=extra.get("reached_target"), stop_rule=bool(options["consolidate"]),
+                              capped=False).differences
+    saved_parent = extra.get("data", {}).get("parent")
+    if saved_parent is not None and saved_parent != parent:
+        found.append(f"indexed model: it was trained from other weights (digest {saved_parent}, this "
+                     f"folder's indexed model has {parent}): the indexed model changed since")
+    if found:
+        raise CheckpointError(
+            f"{final} was {'trained' if options['multitask'] else 'fine-tuned'} with other settings: "
+            + "; ".join(found) + ". " + REUSE_HINT.format(files=final)
+        )
+    result.reached_target = extra.get("reached_target")
+    return result
 
 
 def fine_tune_options(
@@ -286,10 +428,10 @@ def fine_tune_options(
     view_min_crop: float = 0.7,
     consolidate: int = 0,
 ) -> dict[str, Any]:
-    """The settings that make one fine-tuned model differ from another (stored beside it, checked on load)."""
+    """The options beside ``config`` that make one fine-tuned model differ from another (stored beside it,
+    checked on load; ``config``'s own settings are checked through its recipe)."""
     return {
-        "consolidate": int(consolidate), "target_accuracy": config.target_accuracy if consolidate else None,
-        "epochs": config.epochs, "lr": config.lr, "label_smoothing": config.label_smoothing,
+        "consolidate": int(consolidate),
         "max_pairs_per_query": None if targets == "same-class" else max_pairs_per_query,
         "multitask": bool(multitask), "mix_ratio": mix_ratio if multitask else None, "targets": targets,
         "index_views": int(index_views), "view_min_crop": float(view_min_crop) if index_views else None,
@@ -297,29 +439,14 @@ def fine_tune_options(
 
 
 def _load_final(
-    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, options: dict[str, Any] | None = None
-) -> PhaseResult:
-    """A finished phase from ``path``; CheckpointError if it was trained for another model, database or options.
-
-    A model saved before options were recorded is checked against the defaults of the options
-    added since (fixed pairs, no views).
-    """
+    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict
+) -> tuple[PhaseResult, dict[str, Any]]:
+    """(the finished phase at ``path``, its meta); CheckpointError if it was trained for another model,
+    IDs or database. The callers compare its training settings."""
     model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
-    if options is not None:
-        saved = meta["extra"].get("options")
-        if saved is None:  # written before options were recorded: only the plain settings existed then
-            trained = meta.get("train_config") or {}
-            saved = {"targets": "pairs", "index_views": 0, "label_smoothing": 0.0,
-                     **{k: trained[k] for k in ("epochs", "lr", "label_smoothing") if k in trained}}
-        saved = {"consolidate": 0, "target_accuracy": None, **saved}  # saved before consolidation existed
-        differ = [f"{k}: saved {saved[k]!r}, requested {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
-        if differ:
-            raise CheckpointError(
-                f"{path} was fine-tuned with other options ({'; '.join(differ)}). Delete it or use another "
-                "run folder to train with these options"
-            )
-    return PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]),
-                       dict(meta.get("train_config") or {}))
+    result = PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]),
+                         dict(meta.get("train_config") or {}), loaded=True)
+    return result, meta
 
 
 def _save_final(
@@ -332,7 +459,9 @@ def _save_final(
     epochs: int,
     fingerprint: dict,
     options: dict[str, Any] | None = None,
+    reached: bool | None = None,
 ) -> None:
 
-    extra = {"seconds": seconds, "data": fingerprint, **({"options": options} if options is not None else {})}
+    extra = {"seconds": seconds, "data": fingerprint, "reached_target": reached,
+             **({"options": options} if options is not None else {})}
     save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)

@@ -26,6 +26,11 @@ DATA_ENV = "VITDSI_DATA_DIR"
 REPORTS_ENV = "VITDSI_REPORTS_DIR"
 
 
+#: Seconds a run waits for another process to leave the run folder it wants (default: as long as it
+#: takes; 0: refuse at once). See :mod:`vitdsi_utils.locks`.
+LOCK_TIMEOUT_ENV = "VITDSI_LOCK_TIMEOUT"
+
+
 def project_root() -> Path:
     """The repository root when the package is installed from a checkout, else the working directory."""
     here = Path(__file__).resolve().parent.parent
@@ -78,3 +83,17 @@ def coco_annotations_file() -> Path | None:
     """The COCO instances JSON named by ``VITDSI_COCO_ANNOTATIONS``, or None when unset."""
     value = os.environ.get(COCO_ANNOTATIONS_ENV)
     return Path(value).expanduser() if value else None
+
+
+def lock_timeout() -> float | None:
+    """``VITDSI_LOCK_TIMEOUT`` in seconds (>= 0), or None (wait as long as it takes) when unset or empty."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds >= 0 (0: refuse at once), got {value!r}")
+    return seconds

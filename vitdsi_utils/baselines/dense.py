@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +51,11 @@ from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import read_checkpoint, rng_state, write_checkpoint
-from vitdsi_utils.training.config import PlainConfig
+from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, differences
 
 #: The model name of the dense rows in the result tables.
 DENSE_MODEL = "Dense (contrastive ViT)"
@@ -250,23 +251,21 @@ class DenseTrainConfig(PlainConfig):
     eval_batch_size: int = 256  # images per forward pass when embedding
     checkpoint_every: int = 5  # with a checkpoint path: save every n epochs (and after the last)
 
+    #: How a run is executed, not what it learns: an encoder is reused whatever these are.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "eval_batch_size", "checkpoint_every"})
+
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("epochs must be >= 0; batch_size, eval_batch_size and checkpoint_every >= 1")
-        if self.per_class < 2 or self.batch_size < self.per_class:
+        for name, low in (("epochs", 1), ("batch_size", 1), ("per_class", 2), ("warmup_steps", 0), ("seed", 0),
+                          ("eval_batch_size", 1), ("checkpoint_every", 1)):
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        if self.batch_size < self.per_class:
             raise ValueError(f"need 2 <= per_class <= batch_size, got per_class={self.per_class}, "
                              f"batch_size={self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.entropy_weight < 0:
-            raise ValueError("lr must be positive; weight_decay and entropy_weight non-negative")
-        if not 0.0 < self.min_crop <= 1.0:
-            raise ValueError(f"min_crop is a fraction of the image side in (0, 1], got {self.min_crop}")
-        if not -1.0 <= self.margin <= 1.0:
-            raise ValueError(f"margin is a cosine similarity and must lie in [-1, 1], got {self.margin}")
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that shape the trained model (not epochs, device, progress or batch sizes of embedding)."""
-        ignored = {"epochs", "device", "progress", "eval_batch_size", "checkpoint_every"}
-        return {k: v for k, v in self.to_dict().items() if k not in ignored}
+        self.lr = check_number("lr", self.lr, 0, low_open=True)
+        for name in ("weight_decay", "entropy_weight", "grad_clip"):
+            setattr(self, name, check_number(name, getattr(self, name), 0))
+        self.min_crop = check_number("min_crop (a fraction of the image side)", self.min_crop, 0, 1, low_open=True)
+        self.margin = check_number("margin (a cosine similarity)", self.margin, -1, 1)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -307,6 +306,28 @@ def _validation_scores(
     }
 
 
+def dense_mismatches(
+    state: dict[str, Any], model_config: DenseConfig, config: DenseTrainConfig, fingerprint: str
+) -> list[str]:
+    """Why a dense checkpoint cannot be reused or resumed for this model, these settings and images.
+
+    Every setting of the recipe must match (:attr:`DenseTrainConfig.RUNTIME_FIELDS` need not), and
+    the images. Epochs: the learning rate does not depend on them (warm-up, then constant), so a
+    checkpoint of fewer epochs than asked for resumes up to them, and one of more is refused.
+    """
+    # a config field added after the checkpoint was written has its default value
+    problems = differences({**DenseConfig().to_dict(), **state["config"]}, model_config.to_dict(), "model ")
+    saved = DenseTrainConfig.recipe_of(state["train_config"] or {})
+    wanted = config.recipe()
+    saved.pop("epochs"), wanted.pop("epochs")
+    problems += differences(saved, wanted)
+    if state["extra"].get("data") != fingerprint:
+        problems.append("training images: other images or labels")
+    if int(state["epoch"]) > config.epochs:
+        problems.append(f"epochs: it holds {state['epoch']} epochs, more than the {config.epochs} requested")
+    return problems
+
+
 def train_dense(
     model: DenseEncoder,
     images: np.ndarray | torch.Tensor,
@@ -326,7 +347,10 @@ def train_dense(
     db_images, db_labels)`` a ``val`` row with ``map@10`` and ``p@10`` of the val queries
     searched in that database. With ``checkpoint_path`` a checkpoint is written every
     ``config.checkpoint_every`` epochs and after the last; if it exists and ``resume``,
-    training continues from it (a finished run returns at once).
+    training continues from it (a finished run returns at once) when it was written for this
+    model, these settings and these images (:func:`dense_mismatches`: more epochs than it holds
+    continue it; anything else is refused with a CheckpointError naming every difference). The
+    checkpoint's folder is locked while this runs (:func:`~vitdsi_utils.training.engine.run_training`).
     """
     config = config or DenseTrainConfig()
     device = _resolve_device(config.device)
@@ -341,21 +365,10 @@ def train_dense(
 
     def load(path: Path) -> dict[str, Any]:
         state = read_dense_checkpoint(path, device)
-        # a config field added after the checkpoint was written has its default value
-        saved_config = {**DenseConfig().to_dict(), **state["config"]}
-        if saved_config != model.config.to_dict():
-            raise ValueError(f"{path} holds a model with another configuration; delete it to retrain")
-        stored = DenseTrainConfig.from_dict(state["train_config"] or {}).recipe()
-        if stored != config.recipe():
-            changed = sorted(k for k in stored if stored[k] != config.recipe()[k])
-            raise ValueError(f"{path} was trained with other settings ({', '.join(changed)}); delete it to retrain")
-        if state["extra"].get("data") != fingerprint:
-            raise ValueError(f"{path} was trained on other images; delete it to retrain")
-        if state["epoch"] > config.epochs:
-            raise ValueError(
-                f"{path} holds a model trained for {state['epoch']} epochs, more than the {config.epochs} asked for; "
-                "delete it to retrain"
-            )
+        problems = dense_mismatches(state, model.config, config, fingerprint)
+        if problems:
+            raise CheckpointError(f"{path} was trained for other settings: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=path))
         return state
 
     def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
@@ -367,9 +380,6 @@ def train_dense(
     run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
                  lr_at=linear_warmup(config.lr, config.warmup_steps), grad_clip=config.grad_clip, history=history,
                  checkpoint=checkpoint, desc="dense", progress=config.progress)
-    if checkpoint_path is not None and not Path(checkpoint_path).exists():
-        # zero epochs asked for: still leave the (untrained) model where it was asked for
-        save(Path(checkpoint_path), config.epochs, {"step": 0}, torch.Generator().manual_seed(config.seed))
     model.eval()
     return history
 

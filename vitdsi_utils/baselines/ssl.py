@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
-from vitdsi_utils.training.checkpoint import read_checkpoint, rng_state, write_checkpoint
-from vitdsi_utils.training.config import PlainConfig, resolve_device
+from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number, resolve_device
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, run_training
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, differences
 
 #: The parameter-name prefixes of the encoder part of every ViTEncoder subclass.
 ENCODER_PREFIXES = ViTEncoder.ENCODER_KEYS
@@ -80,28 +81,23 @@ class SSLConfig(PlainConfig):
     progress: bool = True  # tqdm bar over epochs
     checkpoint_every: int = 1  # with a checkpoint path: save every n epochs (and after the last)
 
+    #: How a run is executed, not what it learns. ``epochs`` is not among them: the learning rate
+    #: decays over all epochs, so a run cannot be reused or resumed with another number of epochs.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_every"})
+
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 2 or self.checkpoint_every < 1 or self.warmup_steps < 0:
-            raise ValueError("epochs and warmup_steps must be >= 0, batch_size >= 2 (InfoNCE needs negatives) "
-                             "and checkpoint_every >= 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.temperature <= 0:
-            raise ValueError("lr and temperature must be positive, weight_decay non-negative")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale is an area fraction in (0, 1], got {self.min_scale}")
-        if self.max_ratio < 1:
-            raise ValueError(f"max_ratio is an aspect ratio >= 1, got {self.max_ratio}")
-        if not 0 <= self.jitter < 1 or not 0 <= self.jitter_p <= 1 or not 0 <= self.gray_p <= 1:
-            raise ValueError("jitter must lie in [0, 1); jitter_p and gray_p are probabilities")
-        if self.proj_hidden < 1 or self.proj_dim < 1:
-            raise ValueError("proj_hidden and proj_dim must be >= 1")
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that shape the trained encoder (not device, progress or checkpointing).
-
-        ``epochs`` is part of it: the learning rate decays over all epochs, so a run cannot be
-        resumed with another number of epochs.
-        """
-        return {k: v for k, v in self.to_dict().items() if k not in {"device", "progress", "checkpoint_every"}}
+        for name, low in (("epochs", 1), ("batch_size", 2), ("warmup_steps", 0), ("proj_hidden", 1), ("proj_dim", 1),
+                          ("seed", 0), ("checkpoint_every", 1)):
+            setattr(self, name, check_int(name, getattr(self, name), low))  # batch_size >= 2: InfoNCE needs negatives
+        self.lr = check_number("lr", self.lr, 0, low_open=True)
+        self.temperature = check_number("temperature", self.temperature, 0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            setattr(self, name, check_number(name, getattr(self, name), 0))
+        self.min_scale = check_number("min_scale (an area fraction)", self.min_scale, 0, 1, low_open=True)
+        self.max_ratio = check_number("max_ratio (an aspect ratio)", self.max_ratio, 1)
+        self.jitter = check_number("jitter", self.jitter, 0, 1, high_open=True)
+        for name in ("jitter_p", "gray_p"):
+            setattr(self, name, check_number(f"{name} (a probability)", getattr(self, name), 0, 1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,7 +277,10 @@ def train_ssl(
     ``loss`` and ``pos_sim`` / ``neg_sim`` (mean cosine similarity of partners and of other
     views, in the projection space) and the seconds. With ``checkpoint_path`` a checkpoint is
     written every ``checkpoint_every`` epochs and after the last; an existing one is resumed
-    (a finished run returns at once) when it was written for the same model, settings and images.
+    (a finished run returns at once) when it was written for the same model, settings (the
+    recipe of :class:`SSLConfig`, epochs included) and images; otherwise a CheckpointError names
+    every difference. The checkpoint's folder is locked while this runs
+    (:func:`~vitdsi_utils.training.engine.run_training`).
     """
     config = config or SSLConfig()
     if isinstance(images, np.ndarray):
@@ -304,11 +303,8 @@ def train_ssl(
         state = read_ssl_checkpoint(path, device)
         problems = _mismatches(state, model, config, fingerprint)
         if problems:
-            raise ValueError(f"{path} was written for another run ({'; '.join(problems)}); delete it "
-                             "to pretrain again, or ask for its settings")
-        if state["epoch"] > config.epochs:
-            raise ValueError(f"{path} holds {state['epoch']} epochs, more than the {config.epochs} asked "
-                             "for; delete it to pretrain again")
+            raise CheckpointError(f"{path} was written for another run: {'; '.join(problems)}. "
+                                  + REUSE_HINT.format(files=path))
         return state
 
     def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
@@ -320,8 +316,6 @@ def train_ssl(
     run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
                  lr_at=lambda step: _lr_at(step, total_steps, config), grad_clip=config.grad_clip, history=history,
                  checkpoint=checkpoint, desc="ssl", progress=config.progress)
-    if checkpoint_path is not None and not Path(checkpoint_path).exists():
-        save(Path(checkpoint_path), config.epochs, {"step": 0}, torch.Generator().manual_seed(config.seed))
     model.eval()
     return history
 
@@ -362,15 +356,9 @@ class _InfoNCEObjective:
 
 
 def _mismatches(state: dict, model: SSLEncoder, config: SSLConfig, fingerprint: str) -> list[str]:
-    problems = []
-    saved = {**ViTConfig().to_dict(), **state["config"]}
-    for key, value in model.config.to_dict().items():
-        if saved.get(key) != value:
-            problems.append(f"model {key}: saved {saved.get(key)!r}, requested {value!r}")
-    stored = SSLConfig.from_dict(state["train_config"] or {}).recipe()
-    for key, value in config.recipe().items():
-        if stored.get(key) != value:
-            problems.append(f"{key}: saved {stored.get(key)!r}, requested {value!r}")
+    """Every difference between a checkpoint and the run that wants it (model, recipe incl. epochs, images)."""
+    problems = differences({**ViTConfig().to_dict(), **state["config"]}, model.config.to_dict(), "model ")
+    problems += differences(SSLConfig.recipe_of(state["train_config"] or {}), config.recipe())
     if state["extra"].get("data") != fingerprint:
         problems.append("the images differ")
     return problems

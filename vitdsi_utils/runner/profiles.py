@@ -8,6 +8,8 @@ from typing import Any
 import yaml
 
 from vitdsi_utils.runner.sources import read_notebook
+from vitdsi_utils.studies.recipes import STUDIES
+from vitdsi_utils.studies.specs import SpecError, spec_from_profile
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -19,6 +21,24 @@ RUNNER_PARAMETERS = ("OUT_DIR", "RUNS_DIR")
 #: Where a profile's ``DATASET`` is read from and what reports call it; None (the default of a profile
 #: that leaves them out): the environment's folders, and the folder's name or the source.
 DATASET_PARAMETERS = ("DATASET_ROOT", "DATASET_ANNOTATIONS", "DATASET_NAME")
+
+
+def check_profile_values(params: dict[str, Any], where: str | Path = "the profile") -> None:
+    """ValueError (one line naming the key) for the first profile value a study's settings refuse.
+
+    Every study's spec is built from the profile (:func:`~vitdsi_utils.studies.specs.spec_from_profile`),
+    so each value goes through the check of the config it sets (``TrainConfig``, ``DenseTrainConfig``,
+    ``SSLConfig``, the model configuration): a bad value fails when the profile is read, before any
+    notebook runs.
+    """
+    for study in STUDIES.values():
+        try:
+            spec_from_profile(study.spec, params, ignore_unknown=True)
+        except SpecError as error:
+            # a profile is read as YAML 1.1, where 1e-3 is text even without quotes
+            message = str(error).replace("; write the number without quotes",
+                                         "; in a profile write numbers like 1e-3 as 1.0e-3 or 0.001")
+            raise ValueError(f"{where}: {message}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -46,6 +66,7 @@ def load_profile(name: str | Path) -> dict[str, Any]:
     if lower:
         raise ValueError(f"{path}: parameter names must be UPPER_CASE (notebook knobs), got {lower}")
     params.setdefault("PROFILE", path.stem)
+    check_profile_values(params, path)
     return params
 
 

@@ -183,12 +183,12 @@ def run_ablations(
     """Index, score zero-shot, fine-tune and score every variant; one long table.
 
     Columns: variant, factor, level, stage (zero-shot | fine-tuned), metric, value, ci_low,
-    ci_high, chance, index_epochs, index_s (to memorise: until ``index_config.target_accuracy``
-    or its epoch cap), tune_epochs, tune_s, n_index. Variants that share an indexed model (the
-    fine-tuning factors) index once. With ``runs_dir`` every model is saved and a finished one
-    is loaded (see the module docstring); without it nothing is written. ``on_variant`` is
-    called with the table so far after every variant (e.g. to write it, so a long grid shows
-    its progress).
+    ci_high, chance, index_epochs, index_epoch_cap, index_reached_target, index_s (to memorise:
+    until ``index_config.target_accuracy`` or its epoch cap; read from the model), tune_epochs,
+    tune_s, n_index. Variants that share an indexed model (the fine-tuning factors) index once.
+    With ``runs_dir`` every model is saved and a finished one is loaded (see the module
+    docstring); without it nothing is written. ``on_variant`` is called with the table so far
+    after every variant (e.g. to write it, so a long grid shows its progress).
     """
     base_model = dict(base_model or {})
     default_db = build_database(image_set, n, id_scheme=scheme, seed=seed)
@@ -217,8 +217,10 @@ def run_ablations(
             index_views=variant.index_views, view_min_crop=view_min_crop,
         )
         tuned_table, _ = evaluate_dsi(tuned.model, _codec(db), db, k=k, seed=seed)
+        # as trained: a model reused from its run folder reports its own cap and whether it reached the target
         common = dict(variant=variant.name, factor=variant.factor, level=variant.level, index_epochs=zero.epochs,
-                      index_s=zero.seconds, tune_epochs=tuned.epochs, tune_s=tuned.seconds, n_index=db.n_index)
+                      index_epoch_cap=zero.epoch_cap, index_reached_target=zero.reached_target, index_s=zero.seconds,
+                      tune_epochs=tuned.epochs, tune_s=tuned.seconds, n_index=db.n_index)
         frames.append(zero_table.assign(stage=ZERO_SHOT, **common))
         frames.append(tuned_table.assign(stage=FINE_TUNED, **common))
         if on_variant is not None:

@@ -7,6 +7,7 @@ One experiment = one database (N, ID scheme, seed); :func:`run` runs the grid of
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import DSIModel
 from vitdsi_utils.phases import (
     TARGET_MODES,
@@ -26,6 +28,7 @@ from vitdsi_utils.phases import (
     database_codec,
     fine_tune,
     index_database,
+    model_config,
 )
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT, write_table
@@ -160,6 +163,40 @@ def run_experiment(
     ``targets``, ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of
     :func:`fine_tune` (for both the fine-tuned and the multi-task model).
     """
+    model_config(db, database_codec(db, codec), **(model_overrides or {}))  # a bad model fails before the folder exists
+    # one process at a time in the run folder, from indexing to the last fine-tuned model
+    with run_folder_lock(run_dir) if run_dir is not None else nullcontext():
+        return _run_experiment(
+            db, model_overrides=model_overrides, index_config=index_config, retrieval_config=retrieval_config,
+            fine_tune_phase=fine_tune_phase, run_dir=run_dir, k=k, max_pairs_per_query=max_pairs_per_query,
+            multitask=multitask, mix_ratio=mix_ratio, multitask_config=multitask_config, codec=codec, ids=ids,
+            init=init, encoder_init=encoder_init, targets=targets, index_views=index_views,
+            view_min_crop=view_min_crop, consolidate=consolidate,
+        )
+
+
+def _run_experiment(
+    db: Database,
+    *,
+    model_overrides: dict | None,
+    index_config: TrainConfig | None,
+    retrieval_config: TrainConfig | None,
+    fine_tune_phase: bool,
+    run_dir: str | Path | None,
+    k: int,
+    max_pairs_per_query: int | None,
+    multitask: bool,
+    mix_ratio: float | None,
+    multitask_config: TrainConfig | None,
+    codec: IDCodec | None,
+    ids: str | None,
+    init: Callable[[DSIModel], object] | None,
+    encoder_init: EncoderInitSpec | None,
+    targets: str,
+    index_views: int,
+    view_min_crop: float,
+    consolidate: int,
+) -> DSIExperiment:
     options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop, consolidate=consolidate)
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
@@ -187,6 +224,7 @@ def run_experiment(
 def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: str, k: int, ids: str) -> pd.DataFrame:
     table, timings = evaluate_dsi(phase.model, codec, db, k=k, seed=db.settings["seed"])
     s = db.settings
+    # what the model was trained with, read from it (a reused model may have run under a lower epoch cap)
     return table.assign(
         model=model_name,
         source=s["source"],
@@ -195,6 +233,8 @@ def _result_rows(db: Database, phase: PhaseResult, codec: IDCodec, model_name: s
         ids=ids,
         seed=s["seed"],
         epochs=phase.epochs,
+        epoch_cap=phase.epoch_cap,
+        reached_target=phase.reached_target,
         train_s=phase.seconds,
         **timings,
     )
@@ -311,6 +351,32 @@ def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config:
     return ("Fine-tuning options: " + "; ".join(parts) + ". ") if parts else ""
 
 
+def _index_caps(results: pd.DataFrame, config: TrainConfig) -> str:
+    """The indexing epoch caps the zero-shot models of ``results`` were trained under, in words."""
+    rows = results[results["model"] == ZERO_SHOT]
+    caps = sorted({int(c) for c in rows["epoch_cap"].dropna()}) if "epoch_cap" in rows else []
+    caps = caps or [config.epochs]
+    if len(caps) == 1:
+        text = f"{caps[0]} epochs"
+    else:
+        text = "a cap of " + ", ".join(str(c) for c in caps[:-1]) + f" or {caps[-1]} epochs (per run below)"
+    if "reached_target" in rows and len(rows):
+        per_run = rows.groupby(["n", "ids", "seed"])["reached_target"].first()
+        text += f" ({int((per_run == True).sum())} of {len(per_run)} runs reached the target)"  # noqa: E712
+    return text
+
+
+def _runs_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per trained model: epochs run, the cap it ran under, whether it reached its target, time."""
+    columns = [c for c in ("epochs", "epoch_cap", "reached_target", "train_s", "search_ms_per_query")
+               if c in results]
+    table = results[results["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"], dropna=False)[columns].first()
+    table = table.reset_index()
+    if "reached_target" in table:  # no stop rule (fine-tuning without consolidation): "-"
+        table["reached_target"] = table["reached_target"].map({True: "yes", False: "no"}).fillna("-")
+    return table.round(1)
+
+
 def _write_dsi_tables(
     results_frame: pd.DataFrame,
     history_frame: pd.DataFrame,
@@ -335,7 +401,7 @@ def _write_dsi_tables(
         f"# ViT DSI on {source} at {size} px",
         "",
         f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
-        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {ic.epochs} epochs. "
+        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {_index_caps(results_frame, ic)}. "
         + (f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, " if fine_tune_phase else
            "No plain retrieval fine-tuning. Retrieval examples: ")
         + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
@@ -353,10 +419,11 @@ def _write_dsi_tables(
         "",
         table1_markdown(results_frame),
         "",
-        "Epochs and training time per run:",
+        "Epochs and training time per run (as trained: `epoch_cap` is the cap the model was trained under, "
+        "`reached_target` whether its stop rule fired before it; a model reused from its run folder keeps "
+        "its own):",
         "",
-        results_frame[results_frame["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"])
-        [["epochs", "train_s", "search_ms_per_query"]].first().round(1).reset_index().to_markdown(index=False),
+        _runs_table(results_frame).to_markdown(index=False),
     ])
     target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
     if target3:

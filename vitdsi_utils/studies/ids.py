@@ -77,7 +77,6 @@ def compare_id_schemes(
             for scheme in schemes:
                 db, assignment = database_with_ids(image_set, n, scheme, seed=seed, **(id_params or {}))
                 run_dir = runs_dir / run_name(db, assignment.tag)
-                loaded = (run_dir / "fine_tuned.pt").exists()
                 experiment = run_experiment(
                     db,
                     model_overrides=model_overrides,
@@ -98,7 +97,8 @@ def compare_id_schemes(
                         "model": name, "n": n, "seed": seed, **assignment.summary(),
                         "sibling_agreement": agreement, "sibling_chance": chance,
                         "invalid_beam": rates["beam"], "invalid_greedy": rates["greedy"],
-                        "epochs": phase.epochs, "train_s": phase.seconds, "loaded": loaded,
+                        "epochs": phase.epochs, "epoch_cap": phase.epoch_cap, "reached_target": phase.reached_target,
+                        "train_s": phase.seconds, "loaded": phase.loaded,
                     })
                     if len(phase.history):
                         histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
@@ -108,7 +108,8 @@ def compare_id_schemes(
                     log(f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
                         f"collisions {assignment.collision_rate:.3f}; indexing {experiment.zero_shot.epochs} epochs "
                         f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}; fine-tuning "
-                        f"{experiment.fine_tuned.seconds:.0f} s" + (" (loaded)" if loaded else ""))
+                        f"{experiment.fine_tuned.seconds:.0f} s"
+                        + (" (loaded)" if experiment.fine_tuned.loaded else ""))
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.concat(results, ignore_index=True), pd.DataFrame(runs), history_frame
 

@@ -43,16 +43,18 @@ from matplotlib.figure import Figure
 from vitdsi_utils.data.database import Database, build_database
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec, decimal_codes
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
-from vitdsi_utils.training.checkpoint import load_model, save_checkpoint
+from vitdsi_utils.training.checkpoint import CheckpointError, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, resolve_device, seed_everything
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.loop import epoch_counts, fit
+from vitdsi_utils.training.reuse import REUSE_HINT, finished_verdict, weights_digest
 from vitdsi_utils.training.tasks import IndexingTask, Pool, as_tasks
 
 INITIAL = "initial (old images only)"
@@ -133,12 +135,24 @@ def epoch_examples(n_old: int, n_new: int, ratio: float, seed: int = 0, epochs: 
 # ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
-def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, device: str = "auto"):
-    if path is not None and path.exists():
-        model, _, meta = load_model(path, map_location=resolve_device(device), expect_config=config,
-                                    expect_codec=codec, expect_data=data)
-        return model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"])
-    return None
+def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, train: TrainConfig,
+            mix_ratio: float | None = None):
+    """The model saved at ``path`` when it was trained for these settings (None when there is none);
+    CheckpointError naming every difference otherwise (the rules of :mod:`vitdsi_utils.training.reuse`;
+    these runs keep no checkpoint to continue from, so a capped run is not extended)."""
+    if path is None or not path.exists():
+        return None
+    model, _, meta = load_model(path, map_location=resolve_device(train.device), expect_config=config,
+                                expect_codec=codec, expect_data=data)
+    extra = meta["extra"]
+    found = finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]),
+                             reached=extra.get("reached_target")).differences
+    if extra.get("mix_ratio", mix_ratio) != mix_ratio:
+        found.append(f"mix_ratio: saved {extra.get('mix_ratio')!r}, requested {mix_ratio!r}")
+    if found:
+        raise CheckpointError(f"{path} was trained with other settings: " + "; ".join(found) + ". "
+                              + REUSE_HINT.format(files=path))
+    return model, meta["history"], float(extra.get("seconds", 0.0)), int(meta["epoch"])
 
 
 def _train(
@@ -146,7 +160,7 @@ def _train(
     data: dict, mix_ratio: float | None = None, val: list | None = None,
 ) -> tuple[DSIModel, History, float, int]:
     """Train (or load from ``path``) ``model`` on ``tasks`` until the "indexing" task reaches the target."""
-    cached = _cached(path, codec, model.config, data, config.device)
+    cached = _cached(path, codec, model.config, data, config, mix_ratio)
     if cached is not None:
         return cached
     start = time.perf_counter()
@@ -156,7 +170,8 @@ def _train(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, model, None, model.config, config, epochs, history, codec,
-                        extra={"seconds": seconds, "data": data})
+                        extra={"seconds": seconds, "data": data, "reached_target": history.reached_target,
+                               "mix_ratio": mix_ratio})
     return model, history, seconds, epochs
 
 
@@ -180,8 +195,43 @@ def incremental_study(
     reaches its target, at most its epochs); fine-tuning uses the same settings with at most
     ``finetune_epochs`` epochs, stopping once the *new* images reach the target, and no warm-up.
     With ``out_dir`` the tables (``incremental.csv/.md``, ``incremental_curves.csv``) and the figure
-    (``incremental.png``) are written; with ``runs_dir`` finished models are saved and reused.
+    (``incremental.png``) are written; with ``runs_dir`` finished models are saved and reused when they
+    were trained for these settings (the fine-tuned ones from this initial model), and refused with
+    every difference named otherwise. The run folder is locked meanwhile (:mod:`vitdsi_utils.locks`).
     """
+    if runs_dir is None:
+        return _incremental_study(db, index_config=index_config, finetune_epochs=finetune_epochs,
+                                  replay_ratios=replay_ratios, new_fraction=new_fraction, capacity=capacity,
+                                  model_overrides=model_overrides, beam_size=beam_size, out_dir=out_dir,
+                                  runs_dir=None, seed=seed)
+    with run_folder_lock(Path(runs_dir) / incremental_run_name(db)):
+        return _incremental_study(db, index_config=index_config, finetune_epochs=finetune_epochs,
+                                  replay_ratios=replay_ratios, new_fraction=new_fraction, capacity=capacity,
+                                  model_overrides=model_overrides, beam_size=beam_size, out_dir=out_dir,
+                                  runs_dir=runs_dir, seed=seed)
+
+
+def incremental_run_name(db: Database) -> str:
+    """The run folder of the incremental study of ``db`` (named after its data set, a folder's own name)."""
+    s = db.settings
+    dataset = s.get("dataset") or s["source"]
+    return f"incremental-{dataset}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+
+
+def _incremental_study(
+    db: Database,
+    *,
+    index_config: TrainConfig,
+    finetune_epochs: int,
+    replay_ratios: Sequence[float],
+    new_fraction: float,
+    capacity: int | None,
+    model_overrides: dict | None,
+    beam_size: int,
+    out_dir: str | Path | None,
+    runs_dir: str | Path | None,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, Figure]:
     old_rows, new_rows = split_new(db.n_index, new_fraction, seed)
     index_images = torch.from_numpy(db.split("index")[0])
     old_images, new_images = index_images[old_rows], index_images[new_rows]
@@ -190,11 +240,7 @@ def incremental_study(
     overrides = {**(model_overrides or {}), "image_size": db.settings["size"]}
     config = DSIConfig.from_codec(codec, **overrides)
     fingerprint = {**db.fingerprint(), "new_fraction": new_fraction, "split_seed": seed}
-    run = None
-    if runs_dir is not None:
-        s = db.settings
-        dataset = s.get("dataset") or s["source"]
-        run = Path(runs_dir) / f"incremental-{dataset}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
+    run = Path(runs_dir) / incremental_run_name(db) if runs_dir is not None else None
 
     def path(stem: str) -> Path | None:
         return run / f"{stem}.pt" if run is not None else None
@@ -222,12 +268,13 @@ def incremental_study(
     # 2. fine-tuning, with each replay ratio
     tune_config = TrainConfig.from_dict({**index_config.to_dict(), "epochs": finetune_epochs, "warmup_steps": 0})
     val = [("old", old_images, torch.arange(n_old)), ("new", new_images, torch.arange(n_old, n_old + n_new))]
+    tuned_from = {**fingerprint, "parent": weights_digest(initial)}  # a changed initial model refuses them
     for ratio in replay_ratios:
         tasks, mix = finetune_tasks(old_images, new_images, ratio)
         name = finetune_name(ratio)
         model, history, seconds, epochs = _train(
             f"finetune-replay{ratio:g}", copy.deepcopy(initial), codec, tasks, config=tune_config,
-            path=path(f"finetune-replay{ratio:g}"), data=fingerprint, mix_ratio=mix, val=val)
+            path=path(f"finetune-replay{ratio:g}"), data=tuned_from, mix_ratio=mix, val=val)
         record(name, model, seconds, epochs, ratio, n_new + replay_count(n_new, ratio))
         frame = history.to_frame()
         frame = frame[(frame["split"] == "val") & frame["task"].isin(["old", "new"])]
@@ -264,8 +311,8 @@ def incremental_markdown(results: pd.DataFrame, index_config: TrainConfig, finet
     r = results.iloc[0]
     head = (f"Incremental indexing: {int(r['n_old'])} images indexed first, then {int(r['n_new'])} new images with the "
             f"next consecutive IDs. Initial and from-scratch models: lr {index_config.lr:g}, until IA@1 >= "
-            f"{index_config.target_accuracy:g} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
-            f"images reach IA@1 >= {index_config.target_accuracy:g} or {finetune_epochs} epochs; replay r:1 adds r old "
+            f"{index_config.target_accuracy} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
+            f"images reach IA@1 >= {index_config.target_accuracy} or {finetune_epochs} epochs; replay r:1 adds r old "
             "images per new image, resampled each epoch. IA@1 by beam search over the trie of all IDs.")
     shown = results.drop(columns=["n_old", "n_new"]).round(3)
     return head + "\n\n" + shown.to_markdown(index=False)

@@ -363,7 +363,8 @@ def ia_table(
         target = trained["target_accuracy"]
         rows.append({"n": n, "IA@1": ia1, "epochs": result.epochs, "train_s": result.seconds,
                      "s_per_epoch": result.seconds / max(1, result.epochs), "target": target,
-                     "reached": ia1 >= target, "max_epochs": trained["epochs"], "batch_size": trained["batch_size"],
+                     "reached": target is not None and ia1 >= target, "max_epochs": trained["epochs"],
+                     "batch_size": trained["batch_size"],
                      "lr": trained["lr"], "stop_rule": trained["stop_metric"], "ia_beam": beam,
                      "size": image_set.size, "ids": id_scheme})
         histories.append(history.assign(n=n))

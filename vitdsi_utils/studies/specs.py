@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from vitdsi_utils.training.config import check_int, check_number
+
 
 class SpecError(ValueError):
     """A bad recipe, profile or override: one line naming the key, what it got and what is allowed."""
@@ -90,6 +92,39 @@ def no_pooling(spec: Any) -> None:
     """The DSI's encoder has no pooling setting (that is the dense encoder's)."""
     if spec.model.pooling is not None:
         raise SpecError("model.pooling: the DSI has no pooling setting (it is the dense encoder's); remove it")
+
+
+#: The range of the studies' own numeric settings, by field name: (integer?, low, high, low excluded,
+#: high excluded); None values are not checked, lists item by item. The configs (TrainConfig,
+#: DenseTrainConfig, SSLConfig, the model's) check their own fields.
+RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool]] = {
+    **{name: (True, 1, None, False, False) for name in (
+        "max_pairs_per_query", "finetune_epochs", "words", "vocabularies", "queries", "query_batch", "repeats", "k",
+        "depths")},
+    **{name: (True, 0, None, False, False) for name in ("index_views", "consolidate")},
+    "mix_ratio": (False, 0, None, True, False),
+    "view_min_crop": (False, 0, 1, True, False),
+    "new_fraction": (False, 0, 1, True, True),
+    "replay_ratios": (False, 0, None, False, False),
+}
+
+
+def check_ranges(spec: Any) -> None:
+    """Refuse a value of :data:`RANGES` outside its range: SpecError naming the field, the range and the value."""
+    for f in dataclasses.fields(spec):
+        rule = RANGES.get(f.name)
+        value = getattr(spec, f.name)
+        if rule is None or value is None:
+            continue
+        integer, low, high, low_open, high_open = rule
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            try:
+                if integer:
+                    check_int("", item, int(low))
+                else:
+                    check_number("", item, low, high, low_open=low_open, high_open=high_open)
+            except ValueError as error:
+                raise SpecError(f"{f.name}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,12 +248,19 @@ def build_spec(cls: type, values: Mapping[str, Any], *, base: Any = None, prefix
             raise SpecError(f"{prefix}{name}: expected {_describe(kind)}, got {value!r} ({type(value).__name__})"
                             + _yaml_hint(value, kind)) from None
     try:
-        return cls(**kwargs)
+        spec = cls(**kwargs)
+        check_ranges(spec)
+        return spec
     except SpecError as error:
         if prefix and not str(error).startswith(prefix):
             raise SpecError(f"{prefix}{error}") from None
         raise
     except (ValueError, TypeError) as error:
+        text = str(error)
+        # a config's own range check names its field first ("lr must be > 0, got 0"): name it as the recipe does
+        name = next((f for f in fields if text.startswith(f"{f} must ")), None)
+        if name is not None:
+            raise SpecError(f"{prefix}{name}: {text[len(name) + 1:]}") from None
         where = prefix.rstrip(".") or cls.__name__
         raise SpecError(f"{where}: {error}") from None
 

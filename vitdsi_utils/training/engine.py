@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.training.checkpoint import restore_training
 from vitdsi_utils.training.history import History
 
@@ -98,8 +100,33 @@ def run_training(
 
     ``lr_at(step)`` sets the learning rate of every parameter group before each step (None:
     leave the optimiser's). ``grad_clip`` > 0 clips the gradients' global norm. A finished run
-    (its checkpoint holds the last epoch, or it stopped early) resumes to a no-op.
+    (its checkpoint holds the last epoch, or it stopped early) resumes to a no-op. The history's
+    ``stopped`` says whether the objective ended the run early (now or in the run resumed).
+
+    With a checkpoint path, the checkpoint's folder is locked from reading the checkpoint to
+    writing the last one (:func:`vitdsi_utils.locks.run_folder_lock`): a second run on the same
+    folder waits, then resumes from (or finds finished) what the first wrote.
     """
+    path = Path(checkpoint.path) if checkpoint is not None and checkpoint.path is not None else None
+    with run_folder_lock(path.parent) if path is not None else nullcontext():
+        return _run_training(model, objective, optimizer, epochs=epochs, seed=seed, lr_at=lr_at, grad_clip=grad_clip,
+                             history=history, checkpoint=checkpoint, desc=desc, progress=progress)
+
+
+def _run_training(
+    model: torch.nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    seed: int,
+    lr_at: Callable[[int], float] | None,
+    grad_clip: float,
+    history: History | None,
+    checkpoint: Checkpointing | None,
+    desc: str,
+    progress: bool,
+) -> History:
     history = History() if history is None else history
     generator = torch.Generator().manual_seed(seed)
     start_epoch, step, stopped = 0, 0, False
@@ -142,4 +169,6 @@ def run_training(
         if stopped:
             break
     bar.close()
+    if isinstance(history, History):  # a plain list of rows works too
+        history.stopped = bool(stopped)
     return history

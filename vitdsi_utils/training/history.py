@@ -17,7 +17,16 @@ HISTORY_COLUMNS = ("phase", "epoch", "split", "task", "loss", "token_acc", "seq_
 # History
 # ------------------------------------------------------------------------------------------
 class History(list):
-    """Per-epoch metric rows (dicts with :data:`HISTORY_COLUMNS`), one per phase/epoch/split/task."""
+    """Per-epoch metric rows (dicts with :data:`HISTORY_COLUMNS`), one per phase/epoch/split/task.
+
+    ``stopped``: set by :func:`~vitdsi_utils.training.engine.run_training` to whether the run's
+    objective ended it before its last epoch. ``reached_target``: set by
+    :func:`~vitdsi_utils.training.loop.fit` to whether its phase stopped at the target accuracy
+    (None: no stop rule, or a history not fresh from ``fit``).
+    """
+
+    stopped: bool = False
+    reached_target: bool | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """The rows as a DataFrame with the standard columns first."""

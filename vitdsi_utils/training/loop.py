@@ -41,6 +41,7 @@ from vitdsi_utils.training.checkpoint import (
 from vitdsi_utils.training.config import TrainConfig, resolve_device
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
+from vitdsi_utils.training.reuse import REUSE_HINT, resume_differences
 from vitdsi_utils.training.tasks import (
     IndexingTask,
     Pool,
@@ -181,7 +182,12 @@ def fit(
     if it exists and ``resume``, training continues from it exactly where it stopped.
     ``data_info`` (plain values describing the database, e.g. ``Database.fingerprint()``) is
     stored in the checkpoint; resuming from a checkpoint of another phase, model
-    configuration, ID set or database raises :class:`CheckpointError` naming the difference.
+    configuration, ID set, database, mix ratio or training settings (the recipe of
+    :class:`TrainConfig`; the epoch cap only has to be at least the epochs the checkpoint holds,
+    see :mod:`vitdsi_utils.training.reuse`) raises :class:`CheckpointError` naming each difference.
+    While it trains with a checkpoint, it holds the lock of the checkpoint's folder
+    (:func:`vitdsi_utils.training.engine.run_training`). The returned history's ``reached_target``
+    says whether the stop rule fired (None when there is none: ``stop_on=None`` or no target).
     """
     config = config or TrainConfig()
     model.check_codec(codec)
@@ -205,6 +211,19 @@ def fit(
                 "give each phase its own checkpoint path"
             )
         check_checkpoint(state, path, config=model.config, codec=codec, data=data_info)
+        saved_mix = state["extra"].get("mix_ratio")
+        if saved_mix != mix_ratio:
+            raise CheckpointError(
+                f"{path} was written for other settings: mix_ratio: saved {saved_mix!r}, requested {mix_ratio!r}. "
+                + REUSE_HINT.format(files=path)
+            )
+        problems = resume_differences(state["train_config"], config, epoch=int(state["epoch"]),
+                                      stop_rule=stop_on is not None)
+        if problems:
+            raise CheckpointError(
+                f"{path} was written for other training settings: " + "; ".join(problems) + ". "
+                + REUSE_HINT.format(files=path)
+            )
         return state
 
     def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
@@ -215,7 +234,7 @@ def fit(
 
     history = History() if history is None else history
     checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
-    return run_training(
+    history = run_training(
         model,
         objective,
         optimizer,
@@ -228,6 +247,8 @@ def fit(
         desc=phase,
         progress=config.progress,
     )
+    history.reached_target = history.stopped if stop_on is not None and config.target_accuracy is not None else None
+    return history
 
 
 class _DSIObjective:
@@ -317,7 +338,7 @@ class _DSIObjective:
 def _reached_target(train_metrics: dict, stop_on: str | None, config: TrainConfig, epoch: int) -> bool | None:
     """True / False: stop or not; None: re-score in eval mode to decide (the running accuracy is close,
     or ``epoch`` is one of the periodic ``stop_check_every`` checks)."""
-    if stop_on is None:
+    if stop_on is None or config.target_accuracy is None:
         return False
     running = train_metrics[stop_on]["seq_acc"]
     if config.stop_metric == "train":
