@@ -139,9 +139,10 @@ scale-gpu: venv
 incremental: venv
 	$(BIN)/vitdsi run recipes/incremental.yaml
 
-## lint: ruff's checks and the import contracts of pyproject.toml (layers, no cycles)
+## lint: ruff's checks and format, and the import contracts of pyproject.toml (layers, no cycles)
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 ## the test suite, after lint (what CI runs)

@@ -20,6 +20,7 @@ because other jobs on shared cores only ever slow a run). The two must return th
 same order with scores within 1e-5, except that IDs whose scores tie to float precision may swap
 places (see :func:`compare`; bf16 autocast on CUDA reorders more).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,8 +110,15 @@ def time_case(size: int, n: int, k: int, queries: torch.Tensor, args, device: to
             _, wall, cpu = run(name)
             walls[name].append(wall)
             cpus[name].append(cpu)
-    row = {"device": str(device), "image_size": size, "N": n, "id_tokens": codec.max_length - 1, "k": k,
-           "beam": k, "queries": len(queries)}
+    row = {
+        "device": str(device),
+        "image_size": size,
+        "N": n,
+        "id_tokens": codec.max_length - 1,
+        "k": k,
+        "beam": k,
+        "queries": len(queries),
+    }
     ms = lambda seconds: 1000 * seconds / len(queries)  # noqa: E731
     for name in IMPLEMENTATIONS:
         row[f"{name}_ms"] = ms(min(walls[name]))
@@ -128,7 +136,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="image_size:N pairs, e.g. 160:512 64:13394")
     parser.add_argument("--k", type=int, nargs="+", default=[100], help="IDs returned per query (beam = k)")
     parser.add_argument("--queries", type=int, default=None, help="queries in the timed batch (cpu 32, cuda 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation; best and median reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per implementation; best and median reported"
+    )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for both implementations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="folder (default reports/benchmarks/)")
@@ -140,7 +150,9 @@ def main() -> None:
     out = Path(args.out) if args.out else settings.reports_dir() / "benchmarks"
     machine = describe_machine()
     load_before = load()
-    print(f"machine: {machine}; device {device}; torch threads {torch.get_num_threads()}; load {load_before}", flush=True)
+    print(
+        f"machine: {machine}; device {device}; torch threads {torch.get_num_threads()}; load {load_before}", flush=True
+    )
 
     rows = []
     for case in args.cases:
@@ -152,39 +164,74 @@ def main() -> None:
     load_after = load()
 
     frame = pd.DataFrame(rows)
-    shown = frame[["image_size", "N", "id_tokens", "k", "queries", "reference_ms", "incremental_ms", "speedup",
-                   "reference_ms_median", "incremental_ms_median", "reference_cpu_ms", "incremental_cpu_ms",
-                   "speedup_cpu", "identical", "tie_swapped", "different", "max_score_diff"]]
+    shown = frame[
+        [
+            "image_size",
+            "N",
+            "id_tokens",
+            "k",
+            "queries",
+            "reference_ms",
+            "incremental_ms",
+            "speedup",
+            "reference_ms_median",
+            "incremental_ms_median",
+            "reference_cpu_ms",
+            "incremental_cpu_ms",
+            "speedup_cpu",
+            "identical",
+            "tie_swapped",
+            "different",
+            "max_score_diff",
+        ]
+    ]
     info = machine_info()
     threads = f" --threads {args.threads}" if args.threads else ""
-    md = "\n".join([
-        f"# Beam search before and after issue 17 ({device.type})",
-        "",
-        f"Machine: {machine}; processor {info['processor']}; torch CPU threads {torch.get_num_threads()}; "
-        f"load average (1 / 5 / 15 min) {load_before} before and {load_after} after the run.",
-        "",
-        "Paper-sized DSI (dim 128, MLP 256, 6 + 6 blocks, 4 heads, patch 16), random weights, N decimal IDs, "
-        f"{n_queries} random query images searched in one batch, top-k with beam = k. `reference`: "
-        "`decoding.beam_search_reference` (before issue 17); `incremental`: `decoding.beam_search`. "
-        f"`*_ms`: best of {args.repeats} timed calls after a warm-up call, wall milliseconds per query "
-        "(`_median`: their median; `_cpu_ms`: median CPU milliseconds of the process per query); the two "
-        "implementations alternate. Agreement, per query: `identical` (the same rows in the same order, "
-        "scores within 1e-5), `tie_swapped` (scores within 1e-5 at every place, and the rows that differ swap "
-        "places with IDs of the same score to float precision: ties, whose order depends on summation order), "
-        "`different` (anything else); `max_score_diff`: the largest difference of their scores."
-        + (" bf16 autocast on CUDA." if args.amp and device.type == "cuda" else ""),
-        "",
-        shown.round({"reference_ms": 1, "incremental_ms": 2, "speedup": 1, "reference_ms_median": 1,
-                     "incremental_ms_median": 2, "reference_cpu_ms": 1, "incremental_cpu_ms": 2,
-                     "speedup_cpu": 1}).to_markdown(index=False),
-        "",
-        f"Rerun: `.venv/bin/python benchmarks/bench_beam.py --device {args.device}{threads} --cases {' '.join(args.cases)} "
-        f"--k {' '.join(map(str, args.k))} --queries {n_queries} --repeats {args.repeats}"
-        + (" --amp" if args.amp else "") + "`",
-    ])
+    md = "\n".join(
+        [
+            f"# Beam search before and after issue 17 ({device.type})",
+            "",
+            f"Machine: {machine}; processor {info['processor']}; torch CPU threads {torch.get_num_threads()}; "
+            f"load average (1 / 5 / 15 min) {load_before} before and {load_after} after the run.",
+            "",
+            "Paper-sized DSI (dim 128, MLP 256, 6 + 6 blocks, 4 heads, patch 16), random weights, N decimal IDs, "
+            f"{n_queries} random query images searched in one batch, top-k with beam = k. `reference`: "
+            "`decoding.beam_search_reference` (before issue 17); `incremental`: `decoding.beam_search`. "
+            f"`*_ms`: best of {args.repeats} timed calls after a warm-up call, wall milliseconds per query "
+            "(`_median`: their median; `_cpu_ms`: median CPU milliseconds of the process per query); the two "
+            "implementations alternate. Agreement, per query: `identical` (the same rows in the same order, "
+            "scores within 1e-5), `tie_swapped` (scores within 1e-5 at every place, and the rows that differ swap "
+            "places with IDs of the same score to float precision: ties, whose order depends on summation order), "
+            "`different` (anything else); `max_score_diff`: the largest difference of their scores."
+            + (" bf16 autocast on CUDA." if args.amp and device.type == "cuda" else ""),
+            "",
+            shown.round(
+                {
+                    "reference_ms": 1,
+                    "incremental_ms": 2,
+                    "speedup": 1,
+                    "reference_ms_median": 1,
+                    "incremental_ms_median": 2,
+                    "reference_cpu_ms": 1,
+                    "incremental_cpu_ms": 2,
+                    "speedup_cpu": 1,
+                }
+            ).to_markdown(index=False),
+            "",
+            f"Rerun: `.venv/bin/python benchmarks/bench_beam.py --device {args.device}{threads} --cases {' '.join(args.cases)} "
+            f"--k {' '.join(map(str, args.k))} --queries {n_queries} --repeats {args.repeats}"
+            + (" --amp" if args.amp else "")
+            + "`",
+        ]
+    )
     stem = out / f"beam_{'gpu' if device.type == 'cuda' else 'cpu'}{f'_{args.threads}thread' if args.threads else ''}"
-    write_table(frame.assign(load_before=load_before, load_after=load_after, torch_threads=torch.get_num_threads(),
-                             machine=machine), stem, markdown=md)
+    write_table(
+        frame.assign(
+            load_before=load_before, load_after=load_after, torch_threads=torch.get_num_threads(), machine=machine
+        ),
+        stem,
+        markdown=md,
+    )
     print(shown.round(3).to_string(index=False))
     print(f"load average {load_before} before, {load_after} after; written {stem}.csv and {stem}.md")
 

@@ -4,6 +4,7 @@
 
 The issue's budget: fit + evaluation for N = 2048 at 160 px within 2 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,19 +64,21 @@ def main() -> None:
 
     frame = pd.DataFrame(rows)
     machine = describe_machine()
-    md = "\n".join([
-        f"# BoVW timings ({args.source}, {args.size} px)",
-        "",
-        f"Machine: {machine}.",
-        "",
-        "`fit` = SIFT on the indexed images + k-means (K = 200) + histograms; `query features` = SIFT and",
-        "histograms of the test queries; `search` = one cosine matrix product and a sort; budget for",
-        "fit + evaluation at N = 2048: 120 s.",
-        "",
-        frame.round(4).to_markdown(index=False),
-        "",
-        f"Rerun: `.venv/bin/python benchmarks/bench_bovw.py --size {args.size} --n {' '.join(map(str, args.n))}`",
-    ])
+    md = "\n".join(
+        [
+            f"# BoVW timings ({args.source}, {args.size} px)",
+            "",
+            f"Machine: {machine}.",
+            "",
+            "`fit` = SIFT on the indexed images + k-means (K = 200) + histograms; `query features` = SIFT and",
+            "histograms of the test queries; `search` = one cosine matrix product and a sort; budget for",
+            "fit + evaluation at N = 2048: 120 s.",
+            "",
+            frame.round(4).to_markdown(index=False),
+            "",
+            f"Rerun: `.venv/bin/python benchmarks/bench_bovw.py --size {args.size} --n {' '.join(map(str, args.n))}`",
+        ]
+    )
     stem = out / f"bovw_{args.source}_{args.size}px_{'gpu' if 'cuda' in machine_info()['device'] else 'cpu'}"
     write_table(frame, stem, markdown=md)
     print(f"written {stem}.md")

@@ -15,6 +15,7 @@ depends on what the weights have learnt, only on N (through the ID trie) and the
 Best-of, because other jobs on shared cores can only slow a run down; the report records the
 load average so a contaminated run is visible.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ def random_images(n: int, size: int, device: torch.device, seed: int = 0) -> tor
 def time_training(model: DSIModel, codec, images: torch.Tensor, args, device: torch.device) -> dict:
     """Images/s of ``fit`` per epoch after a warm-up epoch: best and median over ``args.repeats`` epochs."""
     config = TrainConfig(
-        batch_size=args.batch_size, epochs=1 + args.repeats, target_accuracy=None,  # never stops early
-        device=str(device), progress=False, compile=args.compile,
+        batch_size=args.batch_size,
+        epochs=1 + args.repeats,
+        target_accuracy=None,  # never stops early
+        device=str(device),
+        progress=False,
+        compile=args.compile,
     )
     history = fit(model, codec, [IndexingTask(images)], config=config, stop_on=None, phase="bench")
     rates = torch.tensor([r["n_examples"] / r["seconds"] for r in history if r["epoch"] > 1])
@@ -115,7 +120,10 @@ def main() -> None:
             torch.manual_seed(0)
             model = DSIModel(DSIConfig.from_codec(codec, image_size=size)).to(device)
             row = {
-                "device": str(device), "image_size": size, "N": n, "id_tokens": codec.max_length - 1,
+                "device": str(device),
+                "image_size": size,
+                "N": n,
+                "id_tokens": codec.max_length - 1,
                 "params": model.num_parameters(),
             }
             if not args.skip_training:
@@ -126,26 +134,29 @@ def main() -> None:
 
     frame = pd.DataFrame(rows)
     info = machine_info()
-    md = "\n".join([
-        f"# ViT-DSI timings ({device.type})",
-        "",
-        f"Machine: {machine}; torch CPU threads {torch.get_num_threads()}; processor {info['processor']}; "
-        f"1-min load average {load_before:.2f} before and {os.getloadavg()[0]:.2f} after the run "
-        "(CPU timings are only meaningful when both are well below the core count).",
-        "",
-        "Paper-sized model (dim 128, 6 encoder + 6 decoder blocks, 4 heads, patch 16, "
-        f"{rows[0]['params']:,} parameters at {args.image_size[0]} px), random weights and images.",
-        f"`train_images_per_s`: `fit` at batch {args.batch_size} on N images (Adam; bf16 autocast on CUDA), "
-        f"best of {args.repeats} epochs after a warm-up epoch (`_median`: their median). `decode_ms_per_query`: "
-        f"constrained beam search, top-k with beam = k, {n_queries} queries in one batch, best of "
-        f"{args.repeats} calls after a warm-up call. Best-of because other jobs on shared cores only ever slow a run.",
-        "",
-        frame.round(2).to_markdown(index=False),
-        "",
-        "Rerun: `.venv/bin/python benchmarks/bench_dsi.py --device " + args.device
-        + (f" --threads {args.threads}" if args.threads else "")
-        + f" --sizes {' '.join(map(str, args.sizes))} --image-size {' '.join(map(str, args.image_size))} --k {args.k}`",
-    ])
+    md = "\n".join(
+        [
+            f"# ViT-DSI timings ({device.type})",
+            "",
+            f"Machine: {machine}; torch CPU threads {torch.get_num_threads()}; processor {info['processor']}; "
+            f"1-min load average {load_before:.2f} before and {os.getloadavg()[0]:.2f} after the run "
+            "(CPU timings are only meaningful when both are well below the core count).",
+            "",
+            "Paper-sized model (dim 128, 6 encoder + 6 decoder blocks, 4 heads, patch 16, "
+            f"{rows[0]['params']:,} parameters at {args.image_size[0]} px), random weights and images.",
+            f"`train_images_per_s`: `fit` at batch {args.batch_size} on N images (Adam; bf16 autocast on CUDA), "
+            f"best of {args.repeats} epochs after a warm-up epoch (`_median`: their median). `decode_ms_per_query`: "
+            f"constrained beam search, top-k with beam = k, {n_queries} queries in one batch, best of "
+            f"{args.repeats} calls after a warm-up call. Best-of because other jobs on shared cores only ever slow a run.",
+            "",
+            frame.round(2).to_markdown(index=False),
+            "",
+            "Rerun: `.venv/bin/python benchmarks/bench_dsi.py --device "
+            + args.device
+            + (f" --threads {args.threads}" if args.threads else "")
+            + f" --sizes {' '.join(map(str, args.sizes))} --image-size {' '.join(map(str, args.image_size))} --k {args.k}`",
+        ]
+    )
     sizes = "_".join(f"{s}px" for s in args.image_size)
     threads = f"_{args.threads}thread" if args.threads else ""
     stem = out / f"dsi_{sizes}_{'gpu' if device.type == 'cuda' else 'cpu'}{threads}"

@@ -17,6 +17,7 @@ For every model, all its database images (indexed images and queries) are search
 ``score_all_ids``; ``greedy_decode`` against greedy decoding with the full decoder. Models are
 trained in a temporary folder and not kept. Writes ``reports/benchmarks/beam_exactness.{md,csv}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,13 +55,25 @@ from vitdsi_utils.training.config import TrainConfig  # noqa: E402
 
 
 def model_overrides(p: dict) -> dict:
-    return dict(patch_size=p["PATCH_SIZE"], dim=p["DIM"], mlp_dim=p["MLP_DIM"], depth=p["DEPTH"], heads=p["HEADS"],
-                dropout=p["DROPOUT"], pos_encoding=p["POS_ENCODING"])
+    return dict(
+        patch_size=p["PATCH_SIZE"],
+        dim=p["DIM"],
+        mlp_dim=p["MLP_DIM"],
+        depth=p["DEPTH"],
+        heads=p["HEADS"],
+        dropout=p["DROPOUT"],
+        pos_encoding=p["POS_ENCODING"],
+    )
 
 
 def id_params(p: dict) -> dict:
-    return dict(k=p["IDS_K"], c=p["IDS_C"], levels=p["IDS_RQ_LEVELS"], codebook_size=p["IDS_RQ_CODEBOOK"],
-                bovw_words=p["BOVW_WORDS"])
+    return dict(
+        k=p["IDS_K"],
+        c=p["IDS_C"],
+        levels=p["IDS_RQ_LEVELS"],
+        codebook_size=p["IDS_RQ_CODEBOOK"],
+        bovw_words=p["BOVW_WORDS"],
+    )
 
 
 def full_decoder_greedy(model, images: torch.Tensor, codec) -> torch.Tensor:
@@ -89,13 +102,20 @@ def check(profile: str, scheme: str, db, codec, model, seconds: float, epochs: i
     exact = score_all_ids(model, images, codec)
     lengths = [len(c) for c in codec.codes]
     return {
-        "profile": profile, "ids": scheme, "indexed": n, "id_tokens": f"{min(lengths)}-{max(lengths)}",
-        "train_epochs": epochs, "train_s": round(seconds, 1),
-        "ia1": float((own[:, 0] == torch.arange(n)).float().mean()), "queries": len(images), "k": k,
+        "profile": profile,
+        "ids": scheme,
+        "indexed": n,
+        "id_tokens": f"{min(lengths)}-{max(lengths)}",
+        "train_epochs": epochs,
+        "train_s": round(seconds, 1),
+        "ia1": float((own[:, 0] == torch.arange(n)).float().mean()),
+        "queries": len(images),
+        "k": k,
         **agreement,
         "top1_is_argmax": float((wide[:, 0] == exact.argmax(dim=1)).float().mean()),
-        "greedy_equal": float((greedy_decode(model, images, codec) == full_decoder_greedy(model, images, codec))
-                              .all(dim=1).float().mean()),
+        "greedy_equal": float(
+            (greedy_decode(model, images, codec) == full_decoder_greedy(model, images, codec)).all(dim=1).float().mean()
+        ),
     }
 
 
@@ -115,49 +135,74 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as runs:
         smoke = load_profile("smoke")
         image_set = load_images(smoke["DATASET"], smoke["SIZE"])
-        config = TrainConfig(lr=smoke["LR"], batch_size=smoke["BATCH_SIZE"], warmup_steps=smoke["WARMUP_STEPS"],
-                             epochs=smoke["INDEX_EPOCHS"], target_accuracy=smoke["TARGET_ACCURACY"], progress=False,
-                             device="cpu")
+        config = TrainConfig(
+            lr=smoke["LR"],
+            batch_size=smoke["BATCH_SIZE"],
+            warmup_steps=smoke["WARMUP_STEPS"],
+            epochs=smoke["INDEX_EPOCHS"],
+            target_accuracy=smoke["TARGET_ACCURACY"],
+            progress=False,
+            device="cpu",
+        )
         for scheme in smoke["IDS_SCHEMES"]:
             db, assignment = database_with_ids(image_set, smoke["NS"][0], scheme, seed=0, **id_params(smoke))
-            result = index_database(db, model_overrides=model_overrides(smoke), config=config, codec=assignment.codec,
-                                    run_dir=Path(runs) / f"smoke-{scheme}")
+            result = index_database(
+                db,
+                model_overrides=model_overrides(smoke),
+                config=config,
+                codec=assignment.codec,
+                run_dir=Path(runs) / f"smoke-{scheme}",
+            )
             rows.append(check("smoke", scheme, db, assignment.codec, result.model, result.seconds, result.epochs))
             print(rows[-1], flush=True)
         if not args.skip_cpu:
             cpu = load_profile("cpu")
             image_set = load_images(cpu["DATASET"], cpu["SIZE"])
-            config = TrainConfig(lr=cpu["LR"], batch_size=cpu["BATCH_SIZE"], warmup_steps=cpu["WARMUP_STEPS"],
-                                 epochs=args.cpu_epochs, target_accuracy=cpu["TARGET_ACCURACY"], stop_metric="train",
-                                 progress=False, device="cpu")
+            config = TrainConfig(
+                lr=cpu["LR"],
+                batch_size=cpu["BATCH_SIZE"],
+                warmup_steps=cpu["WARMUP_STEPS"],
+                epochs=args.cpu_epochs,
+                target_accuracy=cpu["TARGET_ACCURACY"],
+                stop_metric="train",
+                progress=False,
+                device="cpu",
+            )
             for scheme in args.cpu_ids:
                 db, assignment = database_with_ids(image_set, cpu["NS"][0], scheme, seed=0, **id_params(cpu))
-                result = index_database(db, model_overrides=model_overrides(cpu), config=config,
-                                        codec=assignment.codec, run_dir=Path(runs) / f"cpu-{scheme}")
+                result = index_database(
+                    db,
+                    model_overrides=model_overrides(cpu),
+                    config=config,
+                    codec=assignment.codec,
+                    run_dir=Path(runs) / f"cpu-{scheme}",
+                )
                 rows.append(check("cpu", scheme, db, assignment.codec, result.model, result.seconds, result.epochs))
                 print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     threads = f" --threads {args.threads}" if args.threads else ""
-    md = "\n".join([
-        "# Exactness of the incremental beam search on trained models",
-        "",
-        f"Machine: {describe_machine()}; torch CPU threads {torch.get_num_threads()}; "
-        f"{time.perf_counter() - start:.0f} s in all.",
-        "",
-        "Each model searches every image of its database (indexed images and queries) with `beam_search` "
-        "(incremental) and `beam_search_reference` (before issue 17), top-k with beam k = min(100, IDs). "
-        f"Per query: `identical` (the same rows in the same order, scores within {TOLERANCE:g}), `tie_swapped` "
-        "(scores within the tolerance at every place; rows that differ swap with IDs of the same score to float "
-        "precision), `different` (anything else); `max_score_diff` over all places. `top1_is_argmax`: share of "
-        "queries whose top-1 with a beam as wide as the index is the argmax of `score_all_ids`. `greedy_equal`: "
-        "share of queries whose `greedy_decode` tokens equal greedy decoding with the full decoder. `ia1`: IA@1 "
-        "of the model (how well it is trained).",
-        "",
-        frame.to_markdown(index=False),
-        "",
-        f"Rerun: `.venv/bin/python benchmarks/check_beam_exactness.py{threads} --cpu-epochs {args.cpu_epochs} "
-        f"--cpu-ids {' '.join(args.cpu_ids)}`",
-    ])
+    md = "\n".join(
+        [
+            "# Exactness of the incremental beam search on trained models",
+            "",
+            f"Machine: {describe_machine()}; torch CPU threads {torch.get_num_threads()}; "
+            f"{time.perf_counter() - start:.0f} s in all.",
+            "",
+            "Each model searches every image of its database (indexed images and queries) with `beam_search` "
+            "(incremental) and `beam_search_reference` (before issue 17), top-k with beam k = min(100, IDs). "
+            f"Per query: `identical` (the same rows in the same order, scores within {TOLERANCE:g}), `tie_swapped` "
+            "(scores within the tolerance at every place; rows that differ swap with IDs of the same score to float "
+            "precision), `different` (anything else); `max_score_diff` over all places. `top1_is_argmax`: share of "
+            "queries whose top-1 with a beam as wide as the index is the argmax of `score_all_ids`. `greedy_equal`: "
+            "share of queries whose `greedy_decode` tokens equal greedy decoding with the full decoder. `ia1`: IA@1 "
+            "of the model (how well it is trained).",
+            "",
+            frame.to_markdown(index=False),
+            "",
+            f"Rerun: `.venv/bin/python benchmarks/check_beam_exactness.py{threads} --cpu-epochs {args.cpu_epochs} "
+            f"--cpu-ids {' '.join(args.cpu_ids)}`",
+        ]
+    )
     stem = out / "beam_exactness"
     write_table(frame, stem, markdown=md)
     print(md)

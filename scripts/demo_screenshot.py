@@ -22,6 +22,7 @@ It exits with status 1 and says why when any step fails. Needs ``apt-get install
 (or ``VITDSI_CHROMIUM=/path/to/chromium``) and the ``playwright`` and ``voila`` packages of
 requirements.txt; Playwright drives the installed Chromium, it downloads no browser.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,15 @@ from vitdsi_utils.runner.sources import read_notebook  # noqa: E402
 #: Debian's Chromium; VITDSI_CHROMIUM names another binary.
 CHROMIUM = os.environ.get("VITDSI_CHROMIUM", "/usr/bin/chromium")
 #: Flags that let Chromium run headless in a container without a sandbox, a GPU or network chatter.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: The demo notebook's source (py:percent); Voilà gets an .ipynb written from it.
 DEMO_NOTEBOOK = "06_demo.py"
 VIEWPORT = {"width": 1280, "height": 900}
@@ -99,8 +107,10 @@ def ensure_models(profile: str, runs: Path, params: dict, *, build: bool) -> Non
         return
     command = f"vitdsi study --profile {profile} --runs {runs}"
     if not build:
-        raise DemoShotError(f"no trained models for the demo under {runs}; run `{command}` first, "
-                            "or leave out --no-build to let this script run it")
+        raise DemoShotError(
+            f"no trained models for the demo under {runs}; run `{command}` first, "
+            "or leave out --no-build to let this script run it"
+        )
     print(f"no trained models under {runs}: running the study first ({command})", flush=True)
     run_study(profile, runs_dir=runs)
     if not models_present(params):
@@ -138,11 +148,21 @@ def voila_server(notebook: Path, log: Path, *, timeout: float) -> Iterator[str]:
     # the kernel imports this checkout's package, and one thread is enough for one query
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
-               "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--VoilaConfiguration.show_tracebacks=True"]
+    command = [
+        sys.executable,
+        "-m",
+        "voila",
+        str(notebook),
+        "--no-browser",
+        f"--port={port}",
+        "--Voila.ip=127.0.0.1",
+        "--Voila.port_retries=0",
+        "--VoilaConfiguration.show_tracebacks=True",
+    ]
     with open(log, "w") as log_file:
-        server = subprocess.Popen(command, cwd=notebook.parent, env=env, stdout=log_file,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            command, cwd=notebook.parent, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -216,7 +236,8 @@ def capture_demo(url: str, screenshot: Path, *, query: int, timeout: float, chro
     timeout_ms = timeout * 1000
     with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=chromium, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT)
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT
+        )
         try:
             page = context.new_page()
             errors: list[str] = []
@@ -226,8 +247,10 @@ def capture_demo(url: str, screenshot: Path, *, query: int, timeout: float, chro
             try:
                 dropdown.wait_for(state="visible", timeout=timeout_ms)
             except PlaywrightError as error:
-                raise DemoShotError(f"the demo widget did not appear within {timeout:.0f} s (is the notebook "
-                                    f"failing? see the server log); page errors: {errors or 'none'}") from error
+                raise DemoShotError(
+                    f"the demo widget did not appear within {timeout:.0f} s (is the notebook "
+                    f"failing? see the server log); page errors: {errors or 'none'}"
+                ) from error
             options = dropdown.locator("option")
             count = options.count()
             if not 0 <= query < count:
@@ -243,18 +266,23 @@ def capture_demo(url: str, screenshot: Path, *, query: int, timeout: float, chro
                 """(title) => { const t = document.querySelector('.vitdsi-query b');
                                 return t && t.textContent === title
                                     && document.querySelectorAll('figure.vitdsi-hit img').length > 0; }""",
-                arg=title, timeout=timeout_ms)
+                arg=title,
+                timeout=timeout_ms,
+            )
             with contextlib.suppress(PlaywrightError):  # thumbnails are data: URIs, decoded in a moment
                 page.wait_for_function(ALL_DECODED, timeout=10_000)
             shown = page.evaluate(READ_RESULTS)
             if shown["title"] != title or not shown["hits"] or shown["broken"]:
-                raise DemoShotError(f"the result grid is wrong: {json.dumps(shown)} (expected results for {title!r} "
-                                    "from every model, every thumbnail decoded)")
+                raise DemoShotError(
+                    f"the result grid is wrong: {json.dumps(shown)} (expected results for {title!r} "
+                    "from every model, every thumbnail decoded)"
+                )
             # Voilà's page scrolls inside a container, so a "full page" shot is one viewport: grow the
             # viewport instead, down to the end of the result grid (the demo as a whole)
             bottom = page.evaluate(DEMO_BOTTOM)
-            page.set_viewport_size({"width": VIEWPORT["width"], "height": min(max(bottom + 24, VIEWPORT["height"]),
-                                                                             MAX_HEIGHT)})
+            page.set_viewport_size(
+                {"width": VIEWPORT["width"], "height": min(max(bottom + 24, VIEWPORT["height"]), MAX_HEIGHT)}
+            )
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot))
         except Exception as error:
@@ -263,8 +291,9 @@ def capture_demo(url: str, screenshot: Path, *, query: int, timeout: float, chro
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(failed))
             what = str(error) if isinstance(error, DemoShotError) else f"{type(error).__name__}: {error}"
-            raise DemoShotError(f"{what}\nthe page at the failure: {failed}; "
-                                f"errors in the page: {errors or 'none'}") from error
+            raise DemoShotError(
+                f"{what}\nthe page at the failure: {failed}; errors in the page: {errors or 'none'}"
+            ) from error
         finally:
             context.close()
     return DemoShot(screenshot, title, shown["hits"], shown["relevant"], time.perf_counter() - start)
@@ -285,8 +314,9 @@ def demo_screenshot(
 ) -> DemoShot:
     """Build what is missing, serve the demo, click through one query, screenshot it; see the module doc."""
     if not Path(chromium).is_file():
-        raise DemoShotError(f"no Chromium at {chromium}: install it with `apt-get install -y chromium` "
-                            "or pass --chromium PATH")
+        raise DemoShotError(
+            f"no Chromium at {chromium}: install it with `apt-get install -y chromium` or pass --chromium PATH"
+        )
     runs = Path(runs) if runs is not None else settings.data_dir() / "runs" / profile
     out = Path(out) if out is not None else settings.reports_dir() / "demo" / f"demo_{profile}.png"
     try:  # an edit of 06_demo.ipynb made in JupyterLab without jupytext reaches the source first
@@ -309,18 +339,33 @@ def demo_screenshot(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="smoke", help="the study profile whose models the demo loads (default smoke)")
+    parser.add_argument(
+        "--profile", default="smoke", help="the study profile whose models the demo loads (default smoke)"
+    )
     parser.add_argument("--runs", type=Path, default=None, help="trained models (default data/runs/<profile>)")
-    parser.add_argument("--out", type=Path, default=None, help="screenshot PNG (default reports/demo/demo_<profile>.png)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="screenshot PNG (default reports/demo/demo_<profile>.png)"
+    )
     parser.add_argument("--query", type=int, default=7, help="the test query to pick in the dropdown (default 7)")
-    parser.add_argument("--no-build", dest="build", action="store_false",
-                        help="fail instead of running the study when the models are missing")
+    parser.add_argument(
+        "--no-build",
+        dest="build",
+        action="store_false",
+        help="fail instead of running the study when the models are missing",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each step (default 180)")
     parser.add_argument("--chromium", default=CHROMIUM, help=f"the Chromium binary (default {CHROMIUM})")
     args = parser.parse_args(argv)
     try:
-        shot = demo_screenshot(args.profile, runs=args.runs, out=args.out, query=args.query, build=args.build,
-                               timeout=args.timeout, chromium=args.chromium)
+        shot = demo_screenshot(
+            args.profile,
+            runs=args.runs,
+            out=args.out,
+            query=args.query,
+            build=args.build,
+            timeout=args.timeout,
+            chromium=args.chromium,
+        )
     except DemoShotError as error:
         print(f"demo_screenshot: {error}", file=sys.stderr)
         return 1

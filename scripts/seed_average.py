@@ -29,6 +29,7 @@ average (every metric averaged per image / query over the seeds, then a bootstra
 queries: :func:`vitdsi_utils.evaluation.evaluate_dsi` with a list of models), beside BoVW
 averaged over the recipe's vocabularies, with target 3's verdict for each row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,23 @@ def train_seed(db, seed: int, recipe: RecipeRun, assignment):
     spec = recipe.spec
     folder = Path(recipe.paths.runs) / (run_name(db, assignment.tag) + ("" if seed == 0 else f"-train{seed}"))
     index_config, config = seed_configs(spec, seed)
-    zero = index_database(db, model_overrides=spec.model.overrides(), config=index_config, run_dir=folder,
-                          codec=assignment.codec)
-    tuned = fine_tune(db, zero.model, config=config, run_dir=folder, max_pairs_per_query=spec.max_pairs_per_query,
-                      multitask=True, mix_ratio=spec.mix_ratio, targets=spec.targets, index_views=spec.index_views,
-                      view_min_crop=spec.view_min_crop, consolidate=spec.consolidate, codec=assignment.codec)
+    zero = index_database(
+        db, model_overrides=spec.model.overrides(), config=index_config, run_dir=folder, codec=assignment.codec
+    )
+    tuned = fine_tune(
+        db,
+        zero.model,
+        config=config,
+        run_dir=folder,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        multitask=True,
+        mix_ratio=spec.mix_ratio,
+        targets=spec.targets,
+        index_views=spec.index_views,
+        view_min_crop=spec.view_min_crop,
+        consolidate=spec.consolidate,
+        codec=assignment.codec,
+    )
     return zero, tuned
 
 
@@ -87,24 +100,39 @@ def target4_section(ours: pd.DataFrame, clustered: pd.DataFrame) -> str:
     both = both[both["model"] != "BoVW"]
     shared = set(ours["model"]) & set(clustered["model"])
     gaps = gap_table(both[both["model"].isin(shared)], reference="clustered")
-    return "\n".join([
-        "## Target 4: this scheme minus clustered IDs (the same recipe, seeds and images; point estimates)", "",
-        f"Clustered rows from `seeds_N{int(ours['n'].iloc[0])}.csv`. Within 0.03 on every metric "
-        "is target 4 as written; the last column is the one-sided reading (no metric more than 0.03 below).", "",
-        gap_markdown(gaps),
-    ])
+    return "\n".join(
+        [
+            "## Target 4: this scheme minus clustered IDs (the same recipe, seeds and images; point estimates)",
+            "",
+            f"Clustered rows from `seeds_N{int(ours['n'].iloc[0])}.csv`. Within 0.03 on every metric "
+            "is target 4 as written; the last column is the one-sided reading (no metric more than 0.03 below).",
+            "",
+            gap_markdown(gaps),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="dsi-patch8",
-                        help="the DSI recipe (a file, or a name in recipes/; default dsi-patch8)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting of the recipe, as `vitdsi run --set` (e.g. index.epochs=200)")
+    parser.add_argument(
+        "--recipe", default="dsi-patch8", help="the DSI recipe (a file, or a name in recipes/; default dsi-patch8)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the recipe, as `vitdsi run --set` (e.g. index.epochs=200)",
+    )
     parser.add_argument("--n", type=int, default=512, help="database size N (default 512)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--scheme", default="clustered", choices=["clustered", "random", "atomic"],
-                        help="ID scheme (default clustered); the images are the same for every scheme")
+    parser.add_argument(
+        "--scheme",
+        default="clustered",
+        choices=["clustered", "random", "atomic"],
+        help="ID scheme (default clustered); the images are the same for every scheme",
+    )
     parser.add_argument("--no-report", action="store_true", help="train (or load) the seeds, write nothing")
     args = parser.parse_args(argv)
     try:
@@ -122,45 +150,54 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         start = time.perf_counter()
         zero, tuned = train_seed(db, seed, recipe, assignment)
-        print(f"seed {seed}: indexing {zero.epochs} epochs, multi-task {tuned.epochs} epochs "
-              f"({time.perf_counter() - start:.0f} s here)", flush=True)
+        print(
+            f"seed {seed}: indexing {zero.epochs} epochs, multi-task {tuned.epochs} epochs "
+            f"({time.perf_counter() - start:.0f} s here)",
+            flush=True,
+        )
         models.append(tuned.model)
         if not args.no_report:
             table, _ = evaluate_dsi(tuned.model, codec, db, seed=db_seed)
-            rows.append(table.assign(model=f"{MULTITASK}, seed {seed}", index_epochs=zero.epochs,
-                                     train_s=zero.seconds + tuned.seconds))
+            rows.append(
+                table.assign(
+                    model=f"{MULTITASK}, seed {seed}", index_epochs=zero.epochs, train_s=zero.seconds + tuned.seconds
+                )
+            )
     if args.no_report:
         return 0
     table, _ = evaluate_dsi(models, codec, db, seed=db_seed)
     rows.append(table.assign(model=AVERAGE))
-    bovw = evaluate_bovw(db, n_words=spec.bovw_words, seed=db_seed, vocabularies=spec.bovw_vocabularies,
-                         progress=False)
+    bovw = evaluate_bovw(db, n_words=spec.bovw_words, seed=db_seed, vocabularies=spec.bovw_vocabularies, progress=False)
     rows.append(bovw.table.assign(model="BoVW"))
-    long = pd.concat(rows, ignore_index=True).assign(n=args.n, ids=args.scheme, seed=db_seed, size=spec.size,
-                                                    source=spec.source)
+    long = pd.concat(rows, ignore_index=True).assign(
+        n=args.n, ids=args.scheme, seed=db_seed, size=spec.size, source=spec.source
+    )
     verdicts = beats_baseline(long)
     shown = long[long["metric"].isin(["IA@1", "mAP@10", "P@10"])]
-    cells = shown.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
-                               zip(shown["value"], shown["ci_low"], shown["ci_high"])])
+    cells = shown.assign(
+        cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(shown["value"], shown["ci_low"], shown["ci_high"])]
+    )
     wide = cells.pivot_table(index="model", columns="metric", values="cell", aggfunc="first", sort=False)
     wide = wide.join(verdicts.set_index("model")[["mAP@10 verdict", "P@10 verdict", "met"]]).reset_index()
     command = "python scripts/seed_average.py " + " ".join(argv if argv is not None else sys.argv[1:])
     multitask = spec.multitask
     mix = "every pair" if spec.mix_ratio is None else f"{spec.mix_ratio:g}"
-    markdown = "\n".join([
-        f"# One DSI recipe, {len(args.seeds)} training seeds (N = {args.n}, {args.scheme} IDs, {spec.source} at "
-        f"{spec.size} px, database seed {db_seed})",
-        "",
-        f"`{command.strip()}`: the recipe `{recipe.label}`: patch {spec.model.patch_size}, indexing until IA@1 >= "
-        f"{spec.index.target_accuracy:g} (at most {spec.index.epochs} epochs, lr {spec.index.lr:g}), then "
-        f"{multitask.epochs} multi-task epochs (mix ratio {mix}, {spec.targets} targets). Training seeds "
-        f"{', '.join(map(str, args.seeds))}; the database, its queries and BoVW ({spec.bovw_vocabularies} "
-        "vocabularies) are the same for every row. The seed average scores every metric per indexed image / test "
-        "query as the mean over the seeds, then bootstraps over queries (95% intervals). Target 3: IA@1 >= 0.95 and "
-        "both intervals above BoVW's.",
-        "",
-        wide.to_markdown(index=False),
-    ])
+    markdown = "\n".join(
+        [
+            f"# One DSI recipe, {len(args.seeds)} training seeds (N = {args.n}, {args.scheme} IDs, {spec.source} at "
+            f"{spec.size} px, database seed {db_seed})",
+            "",
+            f"`{command.strip()}`: the recipe `{recipe.label}`: patch {spec.model.patch_size}, indexing until IA@1 >= "
+            f"{spec.index.target_accuracy:g} (at most {spec.index.epochs} epochs, lr {spec.index.lr:g}), then "
+            f"{multitask.epochs} multi-task epochs (mix ratio {mix}, {spec.targets} targets). Training seeds "
+            f"{', '.join(map(str, args.seeds))}; the database, its queries and BoVW ({spec.bovw_vocabularies} "
+            "vocabularies) are the same for every row. The seed average scores every metric per indexed image / test "
+            "query as the mean over the seeds, then bootstraps over queries (95% intervals). Target 3: IA@1 >= 0.95 and "
+            "both intervals above BoVW's.",
+            "",
+            wide.to_markdown(index=False),
+        ]
+    )
     clustered_report = out / f"seeds_N{args.n}.csv"
     if args.scheme != "clustered" and clustered_report.exists():
         markdown += "\n\n" + target4_section(long, pd.read_csv(clustered_report))

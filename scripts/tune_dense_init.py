@@ -16,6 +16,7 @@ chosen here is then run on the test queries by ``make dsi-dense-init-sameclass``
 database), e.g. the patch-8 DSI of ``make dsi-patch8``; ``--tag`` then names the table
 (``tuning_val_N<N>_<tag>``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,28 @@ def variant_config(spec: DenseInitSpec, name: str, seed: int) -> tuple[TrainConf
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="dsi-dense-init",
-                        help="the dense-init recipe (a file, or a name in recipes/; default dsi-dense-init)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting of the recipe, as `vitdsi run --set` (e.g. out_dir=reports/x)")
+    parser.add_argument(
+        "--recipe",
+        default="dsi-dense-init",
+        help="the dense-init recipe (a file, or a name in recipes/; default dsi-dense-init)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the recipe, as `vitdsi run --set` (e.g. out_dir=reports/x)",
+    )
     parser.add_argument("--n", type=int, default=1024, help="database size N (default 1024)")
     parser.add_argument("--scheme", default="clustered", choices=["clustered", "random"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--model", default=None,
-                        help="a zero_shot.pt of this database to tune from (default: the dense-init one in runs_dir)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a zero_shot.pt of this database to tune from (default: the dense-init one in runs_dir)",
+    )
     parser.add_argument("--tag", default=None, help="suffix of the table's name (tuning_val_N<N>_<tag>)")
     args = parser.parse_args(argv)
     try:
@@ -86,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
     image_set = load_images(spec.source, spec.size, root=spec.root, progress=False)
     db = build_database(image_set, args.n, id_scheme=args.scheme, seed=args.seed)
-    path = Path(args.model) if args.model else Path(paths.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
+    path = (
+        Path(args.model)
+        if args.model
+        else Path(paths.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
+    )
     if not path.is_file():
         hint = "" if args.model else ": run `make dsi-dense-init` first (it indexes the DSI from the dense encoder)"
         print(f"{path} is missing{hint}", file=sys.stderr)
@@ -97,36 +114,62 @@ def main(argv: list[str] | None = None) -> int:
         config, mix, options = variant_config(spec, name, args.seed)
         epochs = config.epochs
         start = time.perf_counter()
-        tuned = fine_tune(db, zero, config=config, max_pairs_per_query=spec.max_pairs_per_query, multitask=True,
-                          mix_ratio=mix, codec=codec, **options)
+        tuned = fine_tune(
+            db,
+            zero,
+            config=config,
+            max_pairs_per_query=spec.max_pairs_per_query,
+            multitask=True,
+            mix_ratio=mix,
+            codec=codec,
+            **options,
+        )
         seconds = time.perf_counter() - start
         table, _ = evaluate_dsi(tuned.model, codec, db, query_role="val", seed=args.seed)
         for row in table.to_dict("records"):
-            rows.append({"variant": name, "n": args.n, "ids": args.scheme, "seed": args.seed, "epochs": epochs,
-                         "mix_ratio": mix, "train_s": round(seconds, 1), **row})
+            rows.append(
+                {
+                    "variant": name,
+                    "n": args.n,
+                    "ids": args.scheme,
+                    "seed": args.seed,
+                    "epochs": epochs,
+                    "mix_ratio": mix,
+                    "train_s": round(seconds, 1),
+                    **row,
+                }
+            )
     long = pd.DataFrame(rows)
     shown = long[long["metric"].isin(["IA@1", "mAP@10", "P@10"])]
-    wide = shown.assign(cell=[format_interval(v, lo, hi) for v, lo, hi in
-                              zip(shown["value"], shown["ci_low"], shown["ci_high"])])
-    wide = wide.pivot_table(index=["variant", "train_s"], columns="metric", values="cell", aggfunc="first",
-                            sort=False).reset_index()
-    eligible = (shown[shown["metric"] == "mAP@10"].set_index("variant")["value"]
-                .where(shown[shown["metric"] == "IA@1"].set_index("variant")["value"] >= 0.95).dropna())
+    wide = shown.assign(
+        cell=[format_interval(v, lo, hi) for v, lo, hi in zip(shown["value"], shown["ci_low"], shown["ci_high"])]
+    )
+    wide = wide.pivot_table(
+        index=["variant", "train_s"], columns="metric", values="cell", aggfunc="first", sort=False
+    ).reset_index()
+    eligible = (
+        shown[shown["metric"] == "mAP@10"]
+        .set_index("variant")["value"]
+        .where(shown[shown["metric"] == "IA@1"].set_index("variant")["value"] >= 0.95)
+        .dropna()
+    )
     best = eligible.idxmax() if len(eligible) else "none (no variant keeps IA@1 >= 0.95)"
     n_val = int(long[long["metric"] == "mAP@10"]["n_queries"].iloc[0])
-    markdown = "\n".join([
-        f"# Multi-task settings of the {'dense-init ' if not args.model else ''}DSI{' (' + args.tag + ')' if args.tag else ''}, scored on the val queries (N = {args.n}, {args.scheme} IDs, "
-        f"{spec.size} px, seed {args.seed})",
-        "",
-        f"`python scripts/tune_dense_init.py {' '.join(argv if argv is not None else sys.argv[1:])}`: each variant fine-tunes the same "
-        f"zero-shot model (`{path}`) multi-task, and is scored on the {n_val} val queries "
-        "(IA@1: the indexed images); the test queries are not looked at. 95% bootstrap intervals.",
-        "",
-        wide.to_markdown(index=False),
-        "",
-        f"Highest val mAP@10 with IA@1 >= 0.95: **{best}**. The differences between variants are inside the "
-        "intervals, so this is a choice, not a finding.",
-    ])
+    markdown = "\n".join(
+        [
+            f"# Multi-task settings of the {'dense-init ' if not args.model else ''}DSI{' (' + args.tag + ')' if args.tag else ''}, scored on the val queries (N = {args.n}, {args.scheme} IDs, "
+            f"{spec.size} px, seed {args.seed})",
+            "",
+            f"`python scripts/tune_dense_init.py {' '.join(argv if argv is not None else sys.argv[1:])}`: each variant fine-tunes the same "
+            f"zero-shot model (`{path}`) multi-task, and is scored on the {n_val} val queries "
+            "(IA@1: the indexed images); the test queries are not looked at. 95% bootstrap intervals.",
+            "",
+            wide.to_markdown(index=False),
+            "",
+            f"Highest val mAP@10 with IA@1 >= 0.95: **{best}**. The differences between variants are inside the "
+            "intervals, so this is a choice, not a finding.",
+        ]
+    )
     stem = f"tuning_val_N{args.n}" + (f"_{args.tag}" if args.tag else "")
     write_table(long, Path(paths.out) / stem, markdown=markdown)
     print(markdown)

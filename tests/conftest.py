@@ -1,4 +1,5 @@
 """Shared fixtures: small image trees and a COCO-format data set written on the fly, and an isolated data folder."""
+
 from __future__ import annotations
 
 import json
@@ -100,7 +101,16 @@ COCO_CATEGORIES = [
 ]
 COCO_IDS = {c["name"]: c["id"] for c in COCO_CATEGORIES}
 #: The label sets the fixture cycles through: one, two or three categories per image.
-COCO_COMBOS = [("car",), ("boat",), ("cat",), ("dog",), ("cat", "dog"), ("car", "boat"), ("car", "cat", "dog"), ("boat", "dog")]
+COCO_COMBOS = [
+    ("car",),
+    ("boat",),
+    ("cat",),
+    ("dog",),
+    ("cat", "dog"),
+    ("car", "boat"),
+    ("car", "cat", "dog"),
+    ("boat", "dog"),
+]
 
 
 def write_coco_fixture(root: Path, repeats: int = 2, side: int = 40) -> dict:
@@ -133,11 +143,21 @@ def write_coco_fixture(root: Path, repeats: int = 2, side: int = 40) -> dict:
         for category in combo:
             # two instances of the first category: repeated objects must not repeat the label
             for _ in range(2 if category == combo[0] else 1):
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_IDS[category],
-                                    "iscrowd": 0, "bbox": [1, 1, 5, 5], "area": 25.0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": COCO_IDS[category],
+                        "iscrowd": 0,
+                        "bbox": [1, 1, 5, 5],
+                        "area": 25.0,
+                    }
+                )
     annotation_file = root / "annotations" / "instances_fixture.json"
     annotation_file.parent.mkdir()
-    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
+    annotation_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES})
+    )
     return {"images": images_dir, "annotations": annotation_file, "labels": dict(entries)}
 
 

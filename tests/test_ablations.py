@@ -1,4 +1,5 @@
 """Ablation grids: one factor at a time, the run, the table, its merge and the figure."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,13 @@ def test_grid_changes_one_factor_at_a_time():
 
 def test_grid_levels_and_errors():
     grid = ablation_grid(["patch", "options"], base_model=BASE, levels={"patch": ["32"]})
-    assert [v.name for v in grid] == ["default", "patch: 32", "options: index views",
-                                      "options: same-class targets", "options: label smoothing 0.1"]
+    assert [v.name for v in grid] == [
+        "default",
+        "patch: 32",
+        "options: index views",
+        "options: same-class targets",
+        "options: label smoothing 0.1",
+    ]
     with pytest.raises(ValueError, match="unknown ablation factors"):
         ablation_grid(["patches"])
     with pytest.raises(ValueError, match="has levels"):
@@ -75,14 +81,22 @@ def test_variants_of_the_fine_tuning_share_the_default_indexed_model():
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     image_set = load_images("digits", 32, progress=False)
-    grid = ablation_grid(["patch", "options"], base_model=BASE,
-                         levels={"patch": ["32"], "options": ["same-class targets"]})
+    grid = ablation_grid(
+        ["patch", "options"], base_model=BASE, levels={"patch": ["32"], "options": ["same-class targets"]}
+    )
     runs = tmp_path_factory.mktemp("runs")
     seen = []
     long = run_ablations(
-        image_set, grid, n=80, base_model=BASE, index_config=TrainConfig(epochs=2, progress=False),
-        retrieval_config=TrainConfig(epochs=1, progress=False), max_pairs_per_query=2, runs_dir=runs,
-        progress=False, on_variant=seen.append,
+        image_set,
+        grid,
+        n=80,
+        base_model=BASE,
+        index_config=TrainConfig(epochs=2, progress=False),
+        retrieval_config=TrainConfig(epochs=1, progress=False),
+        max_pairs_per_query=2,
+        runs_dir=runs,
+        progress=False,
+        on_variant=seen.append,
     )
     return long, runs, seen, image_set, grid
 
@@ -121,8 +135,15 @@ def test_summary_markdown_and_figure(small_run):
 def test_rerun_loads_the_models(small_run):
     long, runs, _, image_set, grid = small_run
     again = run_ablations(
-        image_set, grid, n=80, base_model=BASE, index_config=TrainConfig(epochs=2, progress=False),
-        retrieval_config=TrainConfig(epochs=1, progress=False), max_pairs_per_query=2, runs_dir=runs, progress=False,
+        image_set,
+        grid,
+        n=80,
+        base_model=BASE,
+        index_config=TrainConfig(epochs=2, progress=False),
+        retrieval_config=TrainConfig(epochs=1, progress=False),
+        max_pairs_per_query=2,
+        runs_dir=runs,
+        progress=False,
     )
     pd.testing.assert_series_equal(again["value"], long["value"])
 

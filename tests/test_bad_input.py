@@ -4,6 +4,7 @@ Covers the data pipeline (one file, a folder, the database draw), the BoVW basel
 model, the demo's upload and search path, and writes interrupted half-way (no partial cache,
 manifest, checkpoint, table or figure is ever left, and the previous file survives).
 """
+
 from __future__ import annotations
 
 import io
@@ -104,7 +105,9 @@ def test_a_decompression_bomb_is_skipped_with_the_reason(image_tree, monkeypatch
     Image.new("RGB", (200, 200)).save(image_tree / "alpha" / "huge.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with pytest.warns(UserWarning, match=r"skipped 1 .*alpha/huge.png \(too many pixels \(over 10,000\); downscale it first\)"):
+        with pytest.warns(
+            UserWarning, match=r"skipped 1 .*alpha/huge.png \(too many pixels \(over 10,000\); downscale it first\)"
+        ):
             image_set = load_images("folder", 32, root=image_tree, progress=False)
     assert len(image_set) == 36
 
@@ -396,7 +399,10 @@ def test_numpy_values_in_a_model_config_become_plain_numbers():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(lr="1e-3"), r"lr must be a number, got '1e-3' \(str\); in a YAML profile write numbers like 1e-3 as 1.0e-3"),
+        (
+            dict(lr="1e-3"),
+            r"lr must be a number, got '1e-3' \(str\); in a YAML profile write numbers like 1e-3 as 1.0e-3",
+        ),
         (dict(lr=0), "lr must be > 0, got 0"),
         (dict(lr=-1e-3), "lr must be > 0, got -0.001"),
         (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
@@ -418,8 +424,18 @@ def test_training_settings_errors_say_what_is_expected(overrides, message):
 
 
 def test_cli_reports_a_patch_size_that_does_not_divide_the_images(capsys, tmp_path, run_recipe):
-    code = run_recipe({"study": "dsi", "source": "digits", "size": 32, "ns": [80], "model": {"patch_size": 24},
-                       "index": {"epochs": 1}, "out_dir": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    code = run_recipe(
+        {
+            "study": "dsi",
+            "source": "digits",
+            "size": 32,
+            "ns": [80],
+            "model": {"patch_size": 24},
+            "index": {"epochs": 1},
+            "out_dir": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     err = capsys.readouterr().err
     assert code == 2 and "image_size 32 is not divisible by patch_size 24" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing was started

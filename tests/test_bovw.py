@@ -1,4 +1,5 @@
 """BoVW baseline: shapes, normalisation, search order, known answers and input errors."""
+
 from __future__ import annotations
 
 import warnings
@@ -133,9 +134,7 @@ def test_idf_follows_the_documented_formula(database):
     df = (histograms > 0).sum(axis=0)
     np.testing.assert_allclose(model.idf_, np.log(len(images) / (1 + df)), rtol=1e-6)
     weighted = histograms * model.idf_
-    np.testing.assert_allclose(
-        model.index_, weighted / np.linalg.norm(weighted, axis=1, keepdims=True), atol=1e-6
-    )
+    np.testing.assert_allclose(model.index_, weighted / np.linalg.norm(weighted, axis=1, keepdims=True), atol=1e-6)
 
 
 def test_rootsift_rows_have_unit_l2_norm():
@@ -244,7 +243,9 @@ def test_no_warning_when_every_image_has_keypoints(database, fitted):
 
 def test_too_few_descriptors_for_the_vocabulary_is_explained(database):
     images, _ = database
-    with pytest.raises(ValueError, match=r"n_words=5000 .* need at least 5000 SIFT descriptors.*Any n_words <= \d+ works"):
+    with pytest.raises(
+        ValueError, match=r"n_words=5000 .* need at least 5000 SIFT descriptors.*Any n_words <= \d+ works"
+    ):
         BoVW(5000, max_descriptors=None, progress=False).fit(images[:2])
     with pytest.raises(ValueError, match="have no SIFT keypoints at all"):
         BoVW(N_WORDS, progress=False).fit(np.concatenate([flat_image(), flat_image(9)]))
@@ -276,8 +277,11 @@ def test_bad_hyper_parameters_are_rejected_at_fit(database):
 def test_use_before_fit_raises_not_fitted(database):
     images, _ = database
     model = BoVW(N_WORDS, progress=False)
-    for call in (lambda: model.transform(images), lambda: model.search(images, 1),
-                 lambda: model.search_vectors(np.zeros((1, N_WORDS), np.float32), 1)):
+    for call in (
+        lambda: model.transform(images),
+        lambda: model.search(images, 1),
+        lambda: model.search_vectors(np.zeros((1, N_WORDS), np.float32), 1),
+    ):
         with pytest.raises(NotFittedError):
             call()
 
@@ -316,7 +320,10 @@ def unit(*entries: tuple[int, float]) -> np.ndarray:
 #: Two words: the origin and 10 e0. Image 0 has three descriptors: 4 e1 (word 0, residual 4 e1),
 #: 9 e0 (word 1, residual -e0) and 10 e0 + 2 e2 (word 1, residual 2 e2). Image 1 has none.
 VOCABULARY = np.stack([unit(), unit((0, 10.0))])
-DESCRIPTORS = [np.stack([unit((1, 4.0)), unit((0, 9.0)), unit((0, 10.0), (2, 2.0))]), np.empty((0, SIFT_DIM), np.float32)]
+DESCRIPTORS = [
+    np.stack([unit((1, 4.0)), unit((0, 9.0)), unit((0, 10.0), (2, 2.0))]),
+    np.empty((0, SIFT_DIM), np.float32),
+]
 
 
 def test_vlad_sums_residuals_per_word_known_answer_without_power_normalisation():

@@ -1,4 +1,5 @@
 """Embedding clusters: known answers on synthetic blobs, the embed helper on tiny encoders, bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -224,12 +225,12 @@ def test_embed_refuses_what_it_cannot_do(dsi):
 
 def test_figures_are_built(blobs):
     x, y = blobs
-    table, labels = cluster_study({("a", "mean"): x, ("b", "cls"): x[:, ::-1].copy()}, y, [2, 3, 4, 5],
-                                  progress=False)
+    table, labels = cluster_study({("a", "mean"): x, ("b", "cls"): x[:, ::-1].copy()}, y, [2, 3, 4, 5], progress=False)
     fig = metric_curves(table, title="blobs")
     assert len(fig.axes) == 5
-    fig = size_histograms({"a · mean": cluster_sizes(labels[("a", "mean", 4)]),
-                           "b · cls": cluster_sizes(labels[("b", "cls", 5)])})
+    fig = size_histograms(
+        {"a · mean": cluster_sizes(labels[("a", "mean", 4)]), "b · cls": cluster_sizes(labels[("b", "cls", 5)])}
+    )
     assert len([ax for ax in fig.axes if ax.axison]) == 2
     thumbs = np.random.default_rng(0).integers(0, 256, size=(len(x), 16, 16, 3), dtype=np.uint8)
     fig = cluster_gallery(thumbs, labels[("a", "mean", 4)], y, ["w", "x", "y", "z"], n_clusters=3, per_cluster=5)

@@ -3,6 +3,7 @@
 Relevance for COCO: a database image is relevant to a query when the two share at least one
 object category. The cases below are small enough to compute by hand.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ def skewed_db():
 # ---------------------------------------------------------------- reading COCO annotations
 def test_coco_source_gives_label_sets_and_leaves_out_unannotated_images(coco_dir):
     with pytest.warns(UserWarning) as record:
-        image_set = load_images("coco", 32, root=coco_dir["images"], annotations=coco_dir["annotations"], progress=False)
+        image_set = load_images(
+            "coco", 32, root=coco_dir["images"], annotations=coco_dir["annotations"], progress=False
+        )
     messages = [str(w.message) for w in record]
     assert any("left out 2 of 20 images of instances_fixture.json" in m for m in messages)
     assert any("skipped 1 unreadable" in m and "corrupt.jpg" in m for m in messages)
@@ -104,11 +107,15 @@ def test_bad_annotation_files_are_named(tmp_path):
     path.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="no list 'categories'"):
         read_coco_annotations(path)
-    path.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.jpg"}],
-        "annotations": [{"id": 7, "image_id": 1, "category_id": 99}],
-        "categories": [{"id": 1, "name": "person"}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg"}],
+                "annotations": [{"id": 7, "image_id": 1, "category_id": 99}],
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
     with pytest.raises(ValueError, match="annotation 7 refers to category id 99"):
         read_coco_annotations(path)
     path.write_text("{ not json")
@@ -120,7 +127,9 @@ def test_coco_cache_skips_parsing_and_decoding_until_the_annotations_change(coco
     first = load_fixture(coco_dir)
     decoded = []
     real_load_image = load_image
-    monkeypatch.setattr("vitdsi_utils.data.images.load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k))
+    monkeypatch.setattr(
+        "vitdsi_utils.data.images.load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k)
+    )
 
     def no_parse(*args, **kwargs):
         raise AssertionError("the annotations were parsed again despite the cached summary")
@@ -216,16 +225,27 @@ def test_recall_and_ap_count_every_image_sharing_a_label():
     n_relevant = relevant.sum(axis=1)
     np.testing.assert_allclose(metrics.recall_at_k(hits, n_relevant, 2), [1 / 3, 1 / 2])
     # AP@5: query 0 hits at ranks 2, 4, 5 of |R| = 3; query 1 at ranks 1, 3 of |R| = 2
-    np.testing.assert_allclose(metrics.average_precision_at_k(hits, n_relevant, 5),
-                               [(1 / 2 + 2 / 4 + 3 / 5) / 3, (1 + 2 / 3) / 2])
-    table = metrics.evaluate_ranking(ranked, relevant, ks_precision=(2,), ks_recall=(2,), ks_map=(5,)).set_index("metric")
+    np.testing.assert_allclose(
+        metrics.average_precision_at_k(hits, n_relevant, 5), [(1 / 2 + 2 / 4 + 3 / 5) / 3, (1 + 2 / 3) / 2]
+    )
+    table = metrics.evaluate_ranking(ranked, relevant, ks_precision=(2,), ks_recall=(2,), ks_map=(5,)).set_index(
+        "metric"
+    )
     assert table.at["R@2", "value"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert table.at["mAP@5", "value"] == pytest.approx(((1 / 2 + 2 / 4 + 3 / 5) / 3 + (1 + 2 / 3) / 2) / 2)
     assert table.at["P@2", "chance"] == pytest.approx((3 / 5 + 2 / 5) / 2)
     # the same answer from label sets given as Python sets
-    as_sets = label_relevance([frozenset({"dog", "boat"}), frozenset({"car"})],
-                                      [frozenset({"cat"}), frozenset({"dog"}), frozenset({"cat", "dog"}),
-                                       frozenset({"car"}), frozenset({"boat", "car"})], kind="sets")
+    as_sets = label_relevance(
+        [frozenset({"dog", "boat"}), frozenset({"car"})],
+        [
+            frozenset({"cat"}),
+            frozenset({"dog"}),
+            frozenset({"cat", "dog"}),
+            frozenset({"car"}),
+            frozenset({"boat", "car"}),
+        ],
+        kind="sets",
+    )
     np.testing.assert_array_equal(as_sets, relevant)
     with pytest.raises(ValueError, match="same number of columns"):
         label_relevance(query_sets, db_sets[:, :3], kind="multi-hot")
@@ -264,8 +284,16 @@ def test_bovw_and_dsi_are_scored_with_multilabel_relevance(tmp_path, one_torch_t
 
 
 def test_paper_numbers_are_not_put_beside_coco_results():
-    rows = pd.DataFrame({"metric": ["paper R@100 (10 queries)"] * 2, "model": "BoVW", "n": 512, "ids": "-",
-                         "source": ["imagenette", "coco"], "value": [0.5, 0.5]})
+    rows = pd.DataFrame(
+        {
+            "metric": ["paper R@100 (10 queries)"] * 2,
+            "model": "BoVW",
+            "n": 512,
+            "ids": "-",
+            "source": ["imagenette", "coco"],
+            "value": [0.5, 0.5],
+        }
+    )
     merged = attach_paper(rows).set_index("source")
     assert merged.at["imagenette", "paper"] == 0.875 and np.isnan(merged.at["coco", "paper"])
 
@@ -282,8 +310,13 @@ def test_fine_tuning_pairs_follow_multilabel_relevance(skewed_db, one_torch_thre
     query_idx, rows = relevant_pairs(db.relevance_labels("train"), db.relevance_labels("index"))
     assert set(zip(query_idx.tolist(), rows.tolist())) == set(zip(*np.nonzero(relevant)))
 
-    capped = RetrievalPairs.from_labels(torch.from_numpy(db.split("train")[0]), db.relevance_labels("train"),
-                                        db.relevance_labels("index"), max_pairs_per_query=3, seed=1)
+    capped = RetrievalPairs.from_labels(
+        torch.from_numpy(db.split("train")[0]),
+        db.relevance_labels("train"),
+        db.relevance_labels("index"),
+        max_pairs_per_query=3,
+        seed=1,
+    )
     per_query = np.bincount(capped.query_idx.numpy(), minlength=len(relevant))
     np.testing.assert_array_equal(per_query, np.minimum(relevant.sum(axis=1), 3))
     assert relevant[capped.query_idx.numpy(), capped.rows.numpy()].all()
@@ -315,8 +348,23 @@ def test_demo_marks_results_sharing_any_category(skewed_db):
 
 @pytest.mark.filterwarnings("ignore:left out:UserWarning", "ignore:skipped 1 unreadable:UserWarning")
 def test_cli_data_writes_coco_manifests(coco_dir, tmp_path, capsys):
-    code = main(["data", "--source", "coco", "--root", str(coco_dir["images"]), "--annotations",
-                 str(coco_dir["annotations"]), "--size", "32", "--n", "16", "--out", str(tmp_path)])
+    code = main(
+        [
+            "data",
+            "--source",
+            "coco",
+            "--root",
+            str(coco_dir["images"]),
+            "--annotations",
+            str(coco_dir["annotations"]),
+            "--size",
+            "32",
+            "--n",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert "2 left out for having no annotation" in capsys.readouterr().out
     manifest = pd.read_csv(tmp_path / "coco-32px-N16-seed0-clustered.csv", keep_default_na=False)
@@ -351,11 +399,18 @@ def test_smoke_study_runs_on_coco(tmp_path, monkeypatch):
     assert set(table1["source"]) == {"coco"} and table1["paper"].isna().all()
     assert {"BoVW", "DSI zero-shot", "DSI fine-tuned"} <= set(table1["model"])
     assert table1["value"].dropna().between(0, 1).all()
-    for figure in ("gallery", "split_bar", "bovw_vs_n", "figure1_indexing", "figure2_retrieval_train",
-                   "figure3_retrieval_val", "metric_bars", "demo_example"):
+    for figure in (
+        "gallery",
+        "split_bar",
+        "bovw_vs_n",
+        "figure1_indexing",
+        "figure2_retrieval_train",
+        "figure3_retrieval_val",
+        "metric_bars",
+        "demo_example",
+    ):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000, figure
     manifest = pd.read_csv(out / "tables" / "manifest_coco-32px-N200-clustered-seed0.csv", keep_default_na=False)
     assert (manifest["role"] == "unannotated").sum() == 2 and (manifest["labels"].str.count(";") == 2).any()
     assert "left out for having no annotation" in (out / "notebooks" / "01_data.ipynb").read_text()
     assert "vitdsi study --profile smoke --dataset coco" in (out / "README.md").read_text()
-

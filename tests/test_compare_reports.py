@@ -13,10 +13,17 @@ spec = importlib.util.spec_from_file_location("compare_reports", SCRIPT)
 compare_reports = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare_reports)
 
-ROWS = pd.DataFrame({
-    "model": ["BoVW", "DSI zero-shot"], "n": [512, 512], "metric": ["mAP@10", "mAP@10"],
-    "value": [0.10, 0.20], "ci_low": [0.05, 0.15], "ci_high": [0.15, 0.25], "fit_s": [1.0, 2.0],
-})
+ROWS = pd.DataFrame(
+    {
+        "model": ["BoVW", "DSI zero-shot"],
+        "n": [512, 512],
+        "metric": ["mAP@10", "mAP@10"],
+        "value": [0.10, 0.20],
+        "ci_low": [0.05, 0.15],
+        "ci_high": [0.15, 0.25],
+        "fit_s": [1.0, 2.0],
+    }
+)
 
 
 def report(root: Path, frame: pd.DataFrame, name: str = "table1.csv") -> Path:

@@ -24,7 +24,11 @@ def _save(path, image, **kwargs):
 )
 def test_every_colour_mode_becomes_rgb_uint8(tmp_path, mode, fmt):
     base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    image = base.convert(mode) if mode != "I;16" else Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16))
+    image = (
+        base.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16))
+    )
     path = _save(tmp_path / f"x.{fmt.lower()}", image, format=fmt)
     out = load_image(path, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
@@ -89,7 +93,9 @@ def test_cache_is_reused_and_keyed_by_settings(image_tree, monkeypatch):
     first = load_images("folder", 32, root=image_tree, progress=False)
     calls = []
     real_load_image = load_image
-    monkeypatch.setattr("vitdsi_utils.data.images.load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k))
+    monkeypatch.setattr(
+        "vitdsi_utils.data.images.load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k)
+    )
     second = load_images("folder", 32, root=image_tree, progress=False)
     assert calls == [], "decoded again despite the cache"
     assert np.array_equal(first.images, second.images) and first.files == second.files

@@ -1,5 +1,6 @@
 """Constrained beam search against the exhaustive ranking, validity, padding, determinism; the incremental
 decoder against the full decoder and the previous beam search (issue 17)."""
+
 from __future__ import annotations
 
 import pytest
@@ -152,8 +153,12 @@ def trained():
     """A tiny DSI trained for a few seconds to memorise 37 images (peaked, realistic score distributions)."""
     codec = CODECS["decimal37x3"]
     model, images = tiny_model(codec, seed=3), random_images(37, seed=7)
-    train_indexing(model, codec, images, config=TrainConfig(lr=3e-3, batch_size=16, epochs=40, target_accuracy=1.0,
-                                                              progress=False, device="cpu"))
+    train_indexing(
+        model,
+        codec,
+        images,
+        config=TrainConfig(lr=3e-3, batch_size=16, epochs=40, target_accuracy=1.0, progress=False, device="cpu"),
+    )
     return model.eval(), codec, images
 
 
@@ -228,8 +233,9 @@ def test_beam_search_equals_reference_on_a_trained_model(trained):
 
 @pytest.mark.parametrize("kind", ["random", "trained"])
 def test_top1_is_the_exhaustive_argmax_when_the_beam_covers_every_id(kind, trained):
-    model, codec, images = trained if kind == "trained" else (tiny_model(CODECS["variable"]).eval(), CODECS["variable"],
-                                                              random_images(9))
+    model, codec, images = (
+        trained if kind == "trained" else (tiny_model(CODECS["variable"]).eval(), CODECS["variable"], random_images(9))
+    )
     n = len(codec)
     scores, rows = beam_search(model, images, codec, k=1, beam_size=n)
     exact = score_all_ids(model, images, codec)  # (Q, n)

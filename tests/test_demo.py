@@ -1,4 +1,5 @@
 """The query demo, driven without a browser: queries, K, models, rendering, uploads, loading."""
+
 from __future__ import annotations
 
 import io
@@ -142,5 +143,6 @@ def test_report_listing_names_run_folders_relative_to_the_project(db, tmp_path, 
     report = tmp_path / "report"
     (report / "tables").mkdir(parents=True)
     pd.DataFrame({"run": [run_name(db)], "run_dir": [settings.portable_path(run)]}).to_csv(
-        report / "tables" / "indexing_runs.csv", index=False)
+        report / "tables" / "indexing_runs.csv", index=False
+    )
     assert find_run_dir(report, db) == run

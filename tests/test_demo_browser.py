@@ -1,4 +1,5 @@
 """The demo in a real browser: Voilà serves 06_demo, headless Chromium picks a query, runs it, and screenshots it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,8 +40,12 @@ def script():
 def untrained_runs(root: Path) -> Path:
     """A runs folder with untrained DSI models for the smoke profile's first database (as 06_demo loads it)."""
     smoke = load_profile("smoke")
-    db = build_database(load_images(smoke["DATASET"], smoke["SIZE"], progress=False), smoke["NS"][0],
-                        id_scheme=smoke["ID_SCHEMES"][0], seed=smoke["SEEDS"][0])
+    db = build_database(
+        load_images(smoke["DATASET"], smoke["SIZE"], progress=False),
+        smoke["NS"][0],
+        id_scheme=smoke["ID_SCHEMES"][0],
+        seed=smoke["SEEDS"][0],
+    )
     codec = make_codec(db.n_index)
     for file in ("zero_shot.pt", "fine_tuned.pt"):
         model = new_model(db, codec, **TINY)  # untrained: the demo only needs distinct, valid IDs
@@ -49,7 +54,7 @@ def untrained_runs(root: Path) -> Path:
 
 
 def colour_pixels(png: Path, colour: str) -> int:
-    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.asarray(Image.open(png).convert("RGB")) == rgb).all(axis=-1).sum())
 
 
@@ -70,8 +75,9 @@ def test_a_query_picked_in_chromium_shows_every_models_results(script, tmp_path)
             pytest.skip(f"the {package} package is not installed (pip install -r requirements.txt)")
 
     png = tmp_path / "shot.png"
-    shot = script.demo_screenshot("smoke", runs=untrained_runs(tmp_path / "runs"), out=png, query=3,
-                                  build=False, timeout=120)
+    shot = script.demo_screenshot(
+        "smoke", runs=untrained_runs(tmp_path / "runs"), out=png, query=3, build=False, timeout=120
+    )
 
     # the result grid is the one of the query chosen in the browser (the page opens on query 0)
     assert shot.query_title.startswith("test query 3: ")

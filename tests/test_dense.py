@@ -1,4 +1,5 @@
 """Dense retrieval baseline and re-ranking: model, objective, batches, search backends, learning, checkpoints."""
+
 from __future__ import annotations
 
 import builtins
@@ -104,12 +105,16 @@ def test_embed_keeps_training_mode_and_rejects_other_inputs(tiny_model):
 def test_dense_encoder_shares_the_dsi_encoder_keys():
     """The encoder is the DSI's: its weights load into the dense model, only the heads differ."""
     dsi = DSIModel(DSIConfig(**TINY))
-    assert DenseEncoder(DenseConfig(**TINY, pooling="mean")).load_state_dict(dsi.state_dict(), strict=False).missing_keys == []
+    assert (
+        DenseEncoder(DenseConfig(**TINY, pooling="mean")).load_state_dict(dsi.state_dict(), strict=False).missing_keys
+        == []
+    )
     dense = DenseEncoder(DenseConfig(**TINY, pooling="cls"))
     result = dense.load_state_dict(dsi.state_dict(), strict=False)
     assert result.missing_keys == ["cls_token"]
-    assert result.unexpected_keys and all(k.split(".")[0] in {"token_embed", "decoder", "head"}
-                                          for k in result.unexpected_keys)
+    assert result.unexpected_keys and all(
+        k.split(".")[0] in {"token_embed", "decoder", "head"} for k in result.unexpected_keys
+    )
     assert torch.equal(dense.patch_embed.proj.weight, dsi.patch_embed.proj.weight)
 
 
@@ -308,8 +313,9 @@ def test_checkpoint_roundtrip_resume_and_reuse(tmp_path):
     path = tmp_path / "dense.pt"
     torch.manual_seed(0)
     model = DenseEncoder(DenseConfig(**TINY))
-    history = train_dense(model, images, labels, config=DenseTrainConfig(epochs=2, batch_size=8, progress=False),
-                          checkpoint_path=path)
+    history = train_dense(
+        model, images, labels, config=DenseTrainConfig(epochs=2, batch_size=8, progress=False), checkpoint_path=path
+    )
     loaded, meta = load_dense(path)
     assert meta["epoch"] == 2 and len(meta["history"]) == len(history) == 2
     assert torch.allclose(loaded.embed(images), model.embed(images), atol=1e-6)
@@ -323,14 +329,17 @@ def test_checkpoint_roundtrip_resume_and_reuse(tmp_path):
     assert torch.equal(again.model_.patch_embed.proj.weight, longer.model_.patch_embed.proj.weight)
     # other settings or other images are refused rather than silently mixed
     with pytest.raises(CheckpointError, match="other settings: lr: saved 0.0005, requested 0.01. Delete"):
-        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, lr=1e-2, progress=False)
-                       ).fit(images, labels, checkpoint_path=path)
+        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, lr=1e-2, progress=False)).fit(
+            images, labels, checkpoint_path=path
+        )
     with pytest.raises(CheckpointError, match="training images: other images or labels"):
-        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, progress=False)
-                       ).fit(images, labels[::-1].copy(), checkpoint_path=path)
+        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=4, batch_size=8, progress=False)).fit(
+            images, labels[::-1].copy(), checkpoint_path=path
+        )
     with pytest.raises(CheckpointError, match="epochs: it holds 4 epochs, more than the 3 requested"):
-        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=3, batch_size=8, progress=False)
-                       ).fit(images, labels, checkpoint_path=path)
+        DenseRetriever(DenseConfig(**TINY), DenseTrainConfig(epochs=3, batch_size=8, progress=False)).fit(
+            images, labels, checkpoint_path=path
+        )
 
 
 def test_loading_errors_say_what_to_do(tmp_path):
@@ -458,8 +467,9 @@ def test_rerank_study_measures_every_depth_and_improves_a_poor_first_stage():
     queries[:, 0, 0, 0] = query_labels  # the class hides in one pixel; the oracle scorer reads it
     one_hot = np.eye(4, dtype=np.float32)
     oracle = VectorScorer("oracle", lambda images: one_hot[images[:, 0, 0, 0]], one_hot[db_labels])
-    study = rerank_study({"fixed": FixedSearcher(100)}, oracle, queries, query_labels, db_labels,
-                         depths=(10, 50, 100), k=20, seed=0)
+    study = rerank_study(
+        {"fixed": FixedSearcher(100)}, oracle, queries, query_labels, db_labels, depths=(10, 50, 100), k=20, seed=0
+    )
     p10 = study[study["metric"] == "P@10"].set_index(["first_stage", "depth"])["value"]
     assert set(p10.index) == {("-", 100), ("fixed", 0), ("fixed", 10), ("fixed", 50), ("fixed", 100)}
     assert p10[("-", 100)] == 1.0 and p10[("fixed", 100)] == 1.0  # the oracle over everything is perfect
@@ -510,12 +520,21 @@ def test_cli_dense_writes_tables_and_the_tradeoff_figure(tmp_path, run_recipe):
     out = tmp_path / "dense"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = run_recipe({
-            "study": "dense", "source": "digits", "size": 32, "ns": [120], "train": {"epochs": 1, "batch_size": 16},
-            "model": {"patch_size": 16, "dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "words": 20,
-            "depths": [10], "dsi_runs": str(tmp_path / "no-dsi"), "out_dir": str(out),
-            "runs_dir": str(tmp_path / "runs"),
-        })
+        code = run_recipe(
+            {
+                "study": "dense",
+                "source": "digits",
+                "size": 32,
+                "ns": [120],
+                "train": {"epochs": 1, "batch_size": 16},
+                "model": {"patch_size": 16, "dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
+                "words": 20,
+                "depths": [10],
+                "dsi_runs": str(tmp_path / "no-dsi"),
+                "out_dir": str(out),
+                "runs_dir": str(tmp_path / "runs"),
+            }
+        )
     assert code == 0
     results = pd.read_csv(out / "dense_digits_32px.csv")
     assert set(results["model"]) == {"BoVW", DENSE_MODEL}

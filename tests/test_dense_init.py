@@ -1,4 +1,5 @@
 """The DSI started from the dense encoder and trained multi-task (dense_init.py), on digits at 32 px."""
+
 import warnings
 
 import numpy as np
@@ -64,10 +65,17 @@ def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, e
     db = build_database(images, 120, id_scheme="random", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_dense_init(db, encoder_path, run_dir=tmp_path, model_overrides=SHAPE,
-                             index_config=TrainConfig(epochs=2, seed=0, progress=False),
-                             multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
-                             mix_ratio=1.0, max_pairs_per_query=2, k=10)
+        run = run_dense_init(
+            db,
+            encoder_path,
+            run_dir=tmp_path,
+            model_overrides=SHAPE,
+            index_config=TrainConfig(epochs=2, seed=0, progress=False),
+            multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
+            mix_ratio=1.0,
+            max_pairs_per_query=2,
+            k=10,
+        )
     table = run.experiment.table
     assert set(table["model"]) == {INIT_ZERO_SHOT, INIT_MULTITASK}
     assert set(table["ids"]) == {"random"} and run.ids == "random"
@@ -75,26 +83,45 @@ def test_run_dense_init_scores_both_models_under_their_names(tmp_path, images, e
     assert len(ia) == 2 and np.all((ia["value"] >= 0) & (ia["value"] <= 1))
     assert (tmp_path / "zero_shot.pt").exists() and (tmp_path / "multitask.pt").exists()
     # the run folder records the encoder it started from: another one is refused
-    other = save_dense(tmp_path / "other.pt", DenseEncoder(DenseConfig(image_size=32, pooling="mean", **SHAPE)),
-                       None, [], epoch=0)
+    other = save_dense(
+        tmp_path / "other.pt", DenseEncoder(DenseConfig(image_size=32, pooling="mean", **SHAPE)), None, [], epoch=0
+    )
     with pytest.raises(ValueError, match="encoder_init"):
-        run_dense_init(db, other, run_dir=tmp_path, model_overrides=SHAPE,
-                       index_config=TrainConfig(epochs=2, seed=0, progress=False))
+        run_dense_init(
+            db,
+            other,
+            run_dir=tmp_path,
+            model_overrides=SHAPE,
+            index_config=TrainConfig(epochs=2, seed=0, progress=False),
+        )
     # the multi-task options reach the fine-tuning: the finished model was trained on fixed pairs, so
     # asking for same-class targets in the same folder is refused with the option named
     from vitdsi_utils.training.checkpoint import CheckpointError
 
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="targets"):
         warnings.simplefilter("ignore")
-        run_dense_init(db, encoder_path, run_dir=tmp_path, model_overrides=SHAPE,
-                       index_config=TrainConfig(epochs=2, seed=0, progress=False),
-                       multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
-                       mix_ratio=1.0, max_pairs_per_query=2, k=10, targets="same-class")
+        run_dense_init(
+            db,
+            encoder_path,
+            run_dir=tmp_path,
+            model_overrides=SHAPE,
+            index_config=TrainConfig(epochs=2, seed=0, progress=False),
+            multitask_config=TrainConfig(epochs=1, seed=0, progress=False),
+            mix_ratio=1.0,
+            max_pairs_per_query=2,
+            k=10,
+            targets="same-class",
+        )
 
 
 def test_an_encoder_of_another_shape_is_refused(tmp_path, images):
     db = build_database(images, 120, id_scheme="clustered", seed=0)
-    other = save_dense(tmp_path / "wide.pt", DenseEncoder(DenseConfig(image_size=32, pooling="mean", **{**SHAPE, "dim": 64})),
-                       None, [], epoch=0)
+    other = save_dense(
+        tmp_path / "wide.pt",
+        DenseEncoder(DenseConfig(image_size=32, pooling="mean", **{**SHAPE, "dim": 64})),
+        None,
+        [],
+        epoch=0,
+    )
     with pytest.raises(ValueError, match="dim: 64 in .* 32 in the model"):
         run_dense_init(db, other, model_overrides=SHAPE, index_config=TrainConfig(epochs=1, progress=False))

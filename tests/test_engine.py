@@ -53,15 +53,32 @@ def train(epochs: int, path: Path | None = None, stop_below: float = 0.0, lr_at=
     saved = []
 
     def save(target, epoch, counters, generator):
-        state = {"format": 2, "kind": "dsi", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "history": list(history), "rng": rng_state(generator), "extra": counters}
+        state = {
+            "format": 2,
+            "kind": "dsi",
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "history": list(history),
+            "rng": rng_state(generator),
+            "extra": counters,
+        }
         torch.save(state, target)
         saved.append(epoch)
 
     history = []
     checkpoint = Checkpointing(path, lambda p: torch.load(p, weights_only=True), save, every=2) if path else None
-    run_training(model, Regression(stop_below), optimizer, epochs=epochs, seed=3, lr_at=lr_at, history=history,
-                 checkpoint=checkpoint, progress=False)
+    run_training(
+        model,
+        Regression(stop_below),
+        optimizer,
+        epochs=epochs,
+        seed=3,
+        lr_at=lr_at,
+        history=history,
+        checkpoint=checkpoint,
+        progress=False,
+    )
     return model, history, saved, optimizer
 
 
@@ -117,11 +134,29 @@ def test_one_format_with_a_kind_for_every_model(tmp_path):
                 with pytest.raises(CheckpointError, match=f"is {KINDS[kind]}, not {KINDS[other]}"):
                     read_checkpoint(path, other)
     with pytest.raises(ValueError, match="unknown checkpoint kind"):
-        write_checkpoint(tmp_path / "x.pt", "lstm", model=torch.nn.Linear(1, 1), optimizer=None, config={},
-                         train_config=None, epoch=0, history=[], rng=None)
+        write_checkpoint(
+            tmp_path / "x.pt",
+            "lstm",
+            model=torch.nn.Linear(1, 1),
+            optimizer=None,
+            config={},
+            train_config=None,
+            epoch=0,
+            history=[],
+            rng=None,
+        )
     with pytest.raises(ValueError, match=r"holds the entries \['codec'\]"):
-        write_checkpoint(tmp_path / "x.pt", "dsi", model=torch.nn.Linear(1, 1), optimizer=None, config={},
-                         train_config=None, epoch=0, history=[], rng=None)
+        write_checkpoint(
+            tmp_path / "x.pt",
+            "dsi",
+            model=torch.nn.Linear(1, 1),
+            optimizer=None,
+            config={},
+            train_config=None,
+            epoch=0,
+            history=[],
+            rng=None,
+        )
 
 
 def test_checkpoints_of_the_first_format_still_load(tmp_path):

@@ -20,7 +20,9 @@ def test_paper_table_has_every_cell_of_table1():
 def test_retrieval_metrics_perfect_and_chance():
     db_labels = np.repeat(np.arange(4), 25)  # 100 database rows, 25 per class
     query_labels = np.array([0, 1, 2, 3])
-    perfect = np.stack([np.flatnonzero(db_labels == q).tolist() + np.flatnonzero(db_labels != q).tolist() for q in query_labels])
+    perfect = np.stack(
+        [np.flatnonzero(db_labels == q).tolist() + np.flatnonzero(db_labels != q).tolist() for q in query_labels]
+    )
     table = retrieval_metrics(perfect, query_labels, db_labels).set_index("metric")
     assert table.at["P@10", "value"] == 1.0 and table.at["mAP@10", "value"] == 1.0
     assert table.at["R@100", "value"] == 1.0
@@ -82,9 +84,19 @@ def test_cli_vlad_writes_its_tables_and_the_comparison_with_plain_bovw(tmp_path,
     assert run_recipe({**common, "encoding": "vlad", "words": [8]}) == 2
     assert "no plain BoVW table with 200 words" in capsys.readouterr().err
     # one recipe, several runs: each entry laid over the shared keys
-    assert run_recipe({**common, "runs": [{"words": [200]},
-                                          {"encoding": "vlad", "words": [4, 8], "intra_norm": True},
-                                          {"encoding": "vlad", "words": [8], "power_norm": False}]}) == 0
+    assert (
+        run_recipe(
+            {
+                **common,
+                "runs": [
+                    {"words": [200]},
+                    {"encoding": "vlad", "words": [4, 8], "intra_norm": True},
+                    {"encoding": "vlad", "words": [8], "power_norm": False},
+                ],
+            }
+        )
+        == 0
+    )
     for variant in ("K200", "K8_vlad", "K4_vlad_intra", "K8_vlad_intra", "K8_vlad_nopower"):
         assert (tmp_path / f"bovw_digits_32px_{variant}.csv").exists(), variant
     vlad = pd.read_csv(tmp_path / "bovw_digits_32px_K8_vlad_intra.csv")
@@ -107,10 +119,15 @@ def test_vlad_comparison_without_vlad_tables_writes_nothing(tmp_path):
 
 
 def test_attach_paper_matches_like_for_like_rows():
-    ours = pd.DataFrame({
-        "metric": ["paper MAP@10 (mean P@10, 10 queries)", "mAP@10", "paper R@100 (10 queries)"],
-        "model": "BoVW", "n": 1024, "ids": "-", "value": [0.2, 0.1, 0.5],
-    })
+    ours = pd.DataFrame(
+        {
+            "metric": ["paper MAP@10 (mean P@10, 10 queries)", "mAP@10", "paper R@100 (10 queries)"],
+            "model": "BoVW",
+            "n": 1024,
+            "ids": "-",
+            "value": [0.2, 0.1, 0.5],
+        }
+    )
     merged = attach_paper(ours).set_index("metric")
     assert merged.at["paper MAP@10 (mean P@10, 10 queries)", "paper"] == 0.50
     assert np.isnan(merged.at["mAP@10", "paper"])  # the paper's MAP@10 was not a mAP
@@ -146,9 +163,13 @@ def test_run_experiment_tables_and_reuse_of_finished_runs(tmp_path):
     assert table["value"].between(0, 1).all()
     assert (table["epochs"] == 2).all()
     # a second call loads both phases instead of training again
-    second = run_experiment(db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path, k=10)
-    pd.testing.assert_frame_equal(first.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]),
-                                  second.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]))
+    second = run_experiment(
+        db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path, k=10
+    )
+    pd.testing.assert_frame_equal(
+        first.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]),
+        second.table.drop(columns=["indexing_eval_s", "search_s", "search_ms_per_query", "train_s"]),
+    )
     other = build_database(load_images("digits", 32, progress=False), 120, id_scheme="random")
     with pytest.raises(ValueError, match="another database"):
         run_experiment(other, model_overrides=tiny, index_config=quick, run_dir=tmp_path, k=10)
@@ -167,8 +188,16 @@ def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
         db = build_database(load_images("digits", 32, progress=False), 80, id_scheme="clustered")
     tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2, dropout=0.0)
     quick = TrainConfig(epochs=2, progress=False)
-    result = run_experiment(db, model_overrides=tiny, index_config=quick, retrieval_config=quick, run_dir=tmp_path,
-                            k=10, multitask=True, mix_ratio=1.5)
+    result = run_experiment(
+        db,
+        model_overrides=tiny,
+        index_config=quick,
+        retrieval_config=quick,
+        run_dir=tmp_path,
+        k=10,
+        multitask=True,
+        mix_ratio=1.5,
+    )
     assert set(result.table["model"]) == {ZERO_SHOT, FINE_TUNED, MULTITASK}
     assert (tmp_path / "multitask.pt").exists() and (tmp_path / "fine_tuned.pt").exists()
     frame = result.multitask.history.to_frame()
@@ -183,9 +212,18 @@ def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
 
 def test_cli_dsi_writes_table1_rows_and_histories(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    recipe = {"study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["random"],
-              "index": {"epochs": 2}, "fine_tune": {"epochs": 1}, "max_pairs_per_query": 2,
-              "out_dir": str(out), "runs_dir": str(runs)}
+    recipe = {
+        "study": "dsi",
+        "source": "digits",
+        "size": 32,
+        "ns": [120],
+        "schemes": ["random"],
+        "index": {"epochs": 2},
+        "fine_tune": {"epochs": 1},
+        "max_pairs_per_query": 2,
+        "out_dir": str(out),
+        "runs_dir": str(runs),
+    }
     code = run_recipe(recipe)
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
@@ -199,18 +237,34 @@ def test_cli_dsi_writes_table1_rows_and_histories(tmp_path, run_recipe):
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["model"]) == {"DSI zero-shot", "DSI fine-tuned", "DSI multi-task"}
     assert results.groupby("model")["epochs"].first().to_dict() == {
-        "DSI zero-shot": 2, "DSI fine-tuned": 1, "DSI multi-task": 2}
+        "DSI zero-shot": 2,
+        "DSI fine-tuned": 1,
+        "DSI multi-task": 2,
+    }
     assert "Multi-task: 2 epochs" in (out / "dsi_digits_32px.md").read_text()
 
 
 def test_cli_dsi_adds_bovw_and_target3_and_can_skip_plain_fine_tuning(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    code = run_recipe({
-        "study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["clustered", "random"],
-        "index": {"epochs": 2}, "max_pairs_per_query": 2, "multitask": {"epochs": 1}, "mix_ratio": 1,
-        "fine_tune": None, "bovw": True, "bovw_words": 8, "bovw_vocabularies": 2,
-        "out_dir": str(out), "runs_dir": str(runs),
-    })
+    code = run_recipe(
+        {
+            "study": "dsi",
+            "source": "digits",
+            "size": 32,
+            "ns": [120],
+            "schemes": ["clustered", "random"],
+            "index": {"epochs": 2},
+            "max_pairs_per_query": 2,
+            "multitask": {"epochs": 1},
+            "mix_ratio": 1,
+            "fine_tune": None,
+            "bovw": True,
+            "bovw_words": 8,
+            "bovw_vocabularies": 2,
+            "out_dir": str(out),
+            "runs_dir": str(runs),
+        }
+    )
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["model"]) == {"BoVW", "DSI zero-shot", "DSI multi-task"}  # no plain fine-tuning
@@ -243,7 +297,9 @@ def test_indexing_is_reproducible_from_the_seed():
         warnings.simplefilter("ignore")
         db = build_database(load_images("digits", 32, progress=False), 80, id_scheme="random")
     tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2)
-    runs = [index_database(db, model_overrides=tiny, config=TrainConfig(epochs=2, progress=False, seed=3)) for _ in range(2)]
+    runs = [
+        index_database(db, model_overrides=tiny, config=TrainConfig(epochs=2, progress=False, seed=3)) for _ in range(2)
+    ]
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -253,8 +309,16 @@ def test_attach_paper_twice_is_attaching_once():
 
     from vitdsi_utils.reports.paper import attach_paper
 
-    rows = pd.DataFrame({"model": ["DSI zero-shot", "BoVW"], "n": [512, 512], "ids": ["clustered", "-"],
-                         "metric": ["IA@1", "mAP@10"], "value": [0.9, 0.1], "source": ["imagenette"] * 2})
+    rows = pd.DataFrame(
+        {
+            "model": ["DSI zero-shot", "BoVW"],
+            "n": [512, 512],
+            "ids": ["clustered", "-"],
+            "metric": ["IA@1", "mAP@10"],
+            "value": [0.9, 0.1],
+            "source": ["imagenette"] * 2,
+        }
+    )
     once = attach_paper(rows)
     assert once.loc[0, "paper"] == pytest.approx(0.833)  # the paper's zero-shot IA@1, N = 512, clustered
     pd.testing.assert_frame_equal(attach_paper(once), once)
@@ -289,15 +353,27 @@ def test_evaluate_dsi_averages_a_list_of_models_per_query():
 
 def test_cli_dsi_trains_atomic_ids_beside_clustered_on_the_same_images(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
-    code = run_recipe({
-        "study": "dsi", "source": "digits", "size": 32, "ns": [120], "schemes": ["clustered", "atomic"],
-        "index": {"epochs": 2}, "max_pairs_per_query": 2, "fine_tune": None,
-        "out_dir": str(out), "runs_dir": str(runs),
-    })
+    code = run_recipe(
+        {
+            "study": "dsi",
+            "source": "digits",
+            "size": 32,
+            "ns": [120],
+            "schemes": ["clustered", "atomic"],
+            "index": {"epochs": 2},
+            "max_pairs_per_query": 2,
+            "fine_tune": None,
+            "out_dir": str(out),
+            "runs_dir": str(runs),
+        }
+    )
     assert code == 0
     results = pd.read_csv(out / "dsi_digits_32px.csv")
     assert set(results["ids"]) == {"clustered", "atomic"}
-    assert sorted(p.name for p in runs.iterdir()) == ["digits-32px-N120-atomic-seed0", "digits-32px-N120-clustered-seed0"]
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "digits-32px-N120-atomic-seed0",
+        "digits-32px-N120-clustered-seed0",
+    ]
     from vitdsi_utils.training.checkpoint import load_model
 
     model, codec, _ = load_model(runs / "digits-32px-N120-atomic-seed0" / "zero_shot.pt")

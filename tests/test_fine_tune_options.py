@@ -1,4 +1,5 @@
 """Fine-tuning options of issue 5: same-class targets redrawn every epoch, augmented views of the indexed images."""
+
 from __future__ import annotations
 
 import pytest
@@ -168,8 +169,9 @@ def test_flip_only_views_are_the_image_or_its_mirror():
 def test_mix_ratio_leaves_the_views_count_alone():
     codec = make_codec(8)
     images = images_of(8)
-    tasks = as_tasks([IndexingTask(images), RetrievalPairs(images_of(20, 1), torch.arange(20) % 8),
-                       AugmentedViews(images, views=2)])
+    tasks = as_tasks(
+        [IndexingTask(images), RetrievalPairs(images_of(20, 1), torch.arange(20) % 8), AugmentedViews(images, views=2)]
+    )
     pool = Pool(tasks, codec, torch.device("cpu"))
     assert epoch_counts(pool, 4.0) == {"retrieval": 32}
     order = pool.epoch_order(torch.Generator().manual_seed(0), epoch_counts(pool, 4.0))
@@ -211,10 +213,16 @@ def test_fine_tune_options_run_and_are_checked_on_reload(digits_db, tmp_path):
 
 
 def test_dsi_spec_exposes_the_options():
-    spec = build_spec(DSISpec, {"targets": "same-class", "index_views": 2, "view_min_crop": 0.5,
-                                "fine_tune": {"label_smoothing": 0.1}})
+    spec = build_spec(
+        DSISpec,
+        {"targets": "same-class", "index_views": 2, "view_min_crop": 0.5, "fine_tune": {"label_smoothing": 0.1}},
+    )
     assert (spec.targets, spec.index_views, spec.view_min_crop, spec.fine_tune.label_smoothing) == (
-        "same-class", 2, 0.5, 0.1)
+        "same-class",
+        2,
+        0.5,
+        0.1,
+    )
     assert spec.fine_tune.epochs == 75  # the rest of the section keeps the study's default
     plain = build_spec(DSISpec, {})
     assert (plain.targets, plain.index_views, plain.fine_tune.label_smoothing) == ("pairs", 0, 0.0)
@@ -230,8 +238,9 @@ def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
     overrides = dict(dim=16, mlp_dim=32, depth=1, heads=2)
     zero = index_database(digits_db, model_overrides=overrides, config=quiet(epochs=1))
     # an unreachable target: every one of the E epochs runs, after the fine-tuning epochs
-    capped = fine_tune(digits_db, zero.model, config=quiet(epochs=2, target_accuracy=1.0), multitask=True,
-                       mix_ratio=1.0, consolidate=3)
+    capped = fine_tune(
+        digits_db, zero.model, config=quiet(epochs=2, target_accuracy=1.0), multitask=True, mix_ratio=1.0, consolidate=3
+    )
     frame = capped.history.to_frame()
     consolidation = frame[(frame["phase"] == "consolidate") & (frame["split"] == "train")]
     assert consolidation["epoch"].tolist() == [1, 2, 3]
@@ -239,11 +248,13 @@ def test_consolidation_indexes_until_the_target_then_stops(digits_db, tmp_path):
     assert capped.epochs == 2 + 3
     # a target already met (a model that has memorised half its images, asked for 1 in 20 of them): the rule
     # stops after the first epoch, and the IA@1 it read is the model's
-    indexed = index_database(digits_db, model_overrides=overrides,
-                             config=quiet(epochs=60, lr=3e-3, batch_size=8, target_accuracy=0.5))
+    indexed = index_database(
+        digits_db, model_overrides=overrides, config=quiet(epochs=60, lr=3e-3, batch_size=8, target_accuracy=0.5)
+    )
     assert indexed.reached_target
-    easy = fine_tune(digits_db, indexed.model, config=quiet(epochs=1, lr=1e-4, target_accuracy=0.05), consolidate=5,
-                     run_dir=tmp_path)
+    easy = fine_tune(
+        digits_db, indexed.model, config=quiet(epochs=1, lr=1e-4, target_accuracy=0.05), consolidate=5, run_dir=tmp_path
+    )
     frame = easy.history.to_frame()
     checks = frame[(frame["phase"] == "consolidate") & (frame["split"] == "train_eval")]
     assert frame[frame["phase"] == "consolidate"]["epoch"].max() == 1 and len(checks) == 1

@@ -1,4 +1,5 @@
 """Incremental indexing: new IDs, replay sampling, and a tiny model that learns new IDs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -92,8 +93,9 @@ def test_tiny_model_learns_new_ids_with_replay():
     old_images, new_images = images[:16], images[16:]
     old_codec, codec = incremental_codecs(16, 8)
     torch.manual_seed(0)
-    model = DSIModel(DSIConfig.from_codec(codec, image_size=size, patch_size=8, dim=64, mlp_dim=128, depth=1,
-                                          heads=2, dropout=0.0))
+    model = DSIModel(
+        DSIConfig.from_codec(codec, image_size=size, patch_size=8, dim=64, mlp_dim=128, depth=1, heads=2, dropout=0.0)
+    )
     config = TrainConfig(lr=3e-3, batch_size=8, epochs=80, target_accuracy=1.0, progress=False, device="cpu")
     fit(model, old_codec, [IndexingTask(old_images)], config=config, stop_on="indexing")
     _, rows = beam_search(model, old_images, old_codec, k=1)
@@ -109,10 +111,20 @@ def test_cli_incremental_writes_every_strategy(tmp_path, run_recipe):
     import pandas as pd
 
     out = tmp_path / "inc"
-    code = run_recipe({"study": "incremental", "source": "digits", "size": 32, "ns": [80], "replay_ratios": [0, 1],
-                       "index": {"epochs": 2}, "finetune_epochs": 2,
-                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
-                       "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
+    code = run_recipe(
+        {
+            "study": "incremental",
+            "source": "digits",
+            "size": 32,
+            "ns": [80],
+            "replay_ratios": [0, 1],
+            "index": {"epochs": 2},
+            "finetune_epochs": 2,
+            "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
+            "out_dir": str(out),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     assert code == 0
     results = pd.read_csv(out / "incremental_N80_random.csv")
     assert list(results["strategy"]) == [INITIAL, finetune_name(0), finetune_name(1), SCRATCH]

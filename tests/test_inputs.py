@@ -4,6 +4,7 @@ Relevance from explicit label kinds, manifests that keep their format and name e
 messages that are true and said once, metric cells that carry no information marked as such, and
 the study on a folder of one's own images.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,7 +72,10 @@ def test_class_ids_against_label_sets_are_refused_not_silently_false():
 
 
 def test_arrays_whose_dtype_says_the_kind_need_no_kind():
-    assert label_relevance(np.array([0, 2]), np.array([2, 0, 1])).tolist() == [[False, True, False], [True, False, False]]
+    assert label_relevance(np.array([0, 2]), np.array([2, 0, 1])).tolist() == [
+        [False, True, False],
+        [True, False, False],
+    ]
     multi_hot = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
     assert label_relevance(multi_hot, multi_hot).tolist() == [[True, False], [False, True]]
     with pytest.raises(ValueError, match=r"different forms \(class and multi-hot\)"):
@@ -112,7 +116,8 @@ def test_manifest_columns_stay_integers_after_a_skip(image_tree, tmp_path):
     text = path.read_text()
     table = pd.read_csv(path, keep_default_na=False)
     assert {c: str(table[c].dtype) for c in ("label", "row", "source_row")} == dict.fromkeys(
-        ("label", "row", "source_row"), "int64")
+        ("label", "row", "source_row"), "int64"
+    )
     assert ".0," not in text  # no 2.0 or -1.0 anywhere
     skipped = table[table["role"] == "skipped"].set_index("file")
     assert skipped.loc["alpha/broken.jpg", "label"] == 0 and skipped.loc["alpha/broken.jpg", "class"] == "alpha"
@@ -127,13 +132,24 @@ def test_broken_links_directories_and_other_unused_files_are_named_and_listed(im
     messages = [str(w.message) for w in record if "unreadable" in str(w.message)]
     assert len(messages) == 1  # one warning for all of them
     message = messages[0]
-    for name in ("alpha/broken.jpg", "alpha/dangling.jpg (broken symbolic link)",
-                 "beta/album.jpg (a directory, not an image file)", "beta/notes.txt (not an image file extension (.txt))",
-                 "stray.png (an image outside any class folder)", "alpha/alpha_wide.jpg (96 x 48 px)"):
+    for name in (
+        "alpha/broken.jpg",
+        "alpha/dangling.jpg (broken symbolic link)",
+        "beta/album.jpg (a directory, not an image file)",
+        "beta/notes.txt (not an image file extension (.txt))",
+        "stray.png (an image outside any class folder)",
+        "alpha/alpha_wide.jpg (96 x 48 px)",
+    ):
         assert name in message, name
     assert "dropped 3 image(s) whose aspect ratio (width / height) is outside [0.9, 1.1]" in message
     assert ".hidden.png" not in message
-    assert image_set.skipped == ["alpha/broken.jpg", "alpha/dangling.jpg", "beta/album.jpg", "beta/notes.txt", "stray.png"]
+    assert image_set.skipped == [
+        "alpha/broken.jpg",
+        "alpha/dangling.jpg",
+        "beta/album.jpg",
+        "beta/notes.txt",
+        "stray.png",
+    ]
     with warnings.catch_warnings(record=True) as again:  # a notebook that loads the images twice says it once
         warnings.simplefilter("always")
         load_images("folder", 32, root=image_tree, progress=False)
@@ -158,12 +174,30 @@ def test_the_data_summary_counts_only_classes_that_have_images(image_tree, capsy
         warnings.simplefilter("ignore")
         image_set = load_images("folder", 32, root=image_tree, progress=False)
     line = image_set.summary()
-    assert line.startswith("36 usable tree images at 32 px in 3 classes (1 of the 4 class folders has no usable image: delta;")
+    assert line.startswith(
+        "36 usable tree images at 32 px in 3 classes (1 of the 4 class folders has no usable image: delta;"
+    )
     assert "3 dropped by the aspect rule, 4 unreadable" in line
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert cli.main(["data", "--source", "folder", "--root", str(image_tree), "--size", "32", "--n", "36",
-                         "--out", str(image_tree.parent / "out")]) == 0
+        assert (
+            cli.main(
+                [
+                    "data",
+                    "--source",
+                    "folder",
+                    "--root",
+                    str(image_tree),
+                    "--size",
+                    "32",
+                    "--n",
+                    "36",
+                    "--out",
+                    str(image_tree.parent / "out"),
+                ]
+            )
+            == 0
+        )
     assert "in 3 classes (1 of the 4 class folders has no usable image: delta" in capsys.readouterr().out
 
 
@@ -171,14 +205,27 @@ def test_the_data_summary_counts_only_classes_that_have_images(image_tree, capsy
 # Messages that are true, each said once
 # ------------------------------------------------------------------------------------------
 def _zero_shot_rows(rows):
-    return pd.DataFrame([{"model": "DSI zero-shot", "init": init, "ids": "clustered", "metric": "IA@1", "value": ia,
-                          "epochs": epochs} for init, ia, epochs in rows])
+    return pd.DataFrame(
+        [
+            {
+                "model": "DSI zero-shot",
+                "init": init,
+                "ids": "clustered",
+                "metric": "IA@1",
+                "value": ia,
+                "epochs": epochs,
+            }
+            for init, ia, epochs in rows
+        ]
+    )
 
 
 def test_the_pretrain_summary_never_calls_the_epoch_cap_the_epochs_to_the_target():
     text = indexing_epochs_summary(_zero_shot_rows([("scratch", 0.48, 40), ("ssl", 0.995, 12)]), 0.99, 40)
-    assert text == ("indexing: from scratch: target IA@1 >= 0.99 not reached, IA@1 0.480 after 40 epochs (the cap); "
-                    "from the pretrained encoder: 12 epochs to IA@1 >= 0.99 (IA@1 0.995)")
+    assert text == (
+        "indexing: from scratch: target IA@1 >= 0.99 not reached, IA@1 0.480 after 40 epochs (the cap); "
+        "from the pretrained encoder: 12 epochs to IA@1 >= 0.99 (IA@1 0.995)"
+    )
     early = indexing_epochs_summary(_zero_shot_rows([("ssl", 0.97, 25)]), 0.99, 40)
     assert "not reached, IA@1 0.970 after 25 epochs (stopped by the stop check before the cap of 40)" in early
 
@@ -217,14 +264,19 @@ def _textured_tree(root: Path, classes=("ants", "bees", "wasps"), per_class: int
 
 def test_a_patch_grid_of_few_tokens_is_warned_about_once(monkeypatch):
     monkeypatch.setattr(vit, "_WARNED_GRIDS", set())
-    with pytest.warns(UserWarning, match=r"patch_size 16 at 32 px leaves 2 x 2 = 4 token\(s\) per image: .*"
-                                         r"patch_size 8 gives 4 x 4 tokens at this size"):
+    with pytest.warns(
+        UserWarning,
+        match=r"patch_size 16 at 32 px leaves 2 x 2 = 4 token\(s\) per image: .*"
+        r"patch_size 8 gives 4 x 4 tokens at this size",
+    ):
         vit.ViTConfig(image_size=32, patch_size=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vit.DSIConfig(image_size=32, patch_size=16)  # said once
         vit.ViTConfig(image_size=64, patch_size=16)  # 4 x 4 tokens: fine
-    with pytest.warns(UserWarning, match=r"patch_size 16 at 48 px leaves 3 x 3 = 9 token\(s\).*patch_size 12 gives 4 x 4"):
+    with pytest.warns(
+        UserWarning, match=r"patch_size 16 at 48 px leaves 3 x 3 = 9 token\(s\).*patch_size 12 gives 4 x 4"
+    ):
         vit.ViTConfig(image_size=48, patch_size=16)
 
 
@@ -241,8 +293,11 @@ def test_bovw_says_once_that_images_have_no_keypoints_whatever_the_number_of_voc
 def test_too_many_visual_words_for_a_small_database_says_which_setting_works(tmp_path):
     image_set = load_images("folder", 32, root=_textured_tree(tmp_path / "tree"), progress=False)
     index = build_database(image_set, 24, seed=0).split("index")[0]
-    with pytest.raises(ValueError, match=r"n_words=200 visual words need at least 200 SIFT descriptors, but the 6 "
-                                         r"database images have (\d+) .*Any n_words <= \1 works; n_words=(\d+) gives") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"n_words=200 visual words need at least 200 SIFT descriptors, but the 6 "
+        r"database images have (\d+) .*Any n_words <= \1 works; n_words=(\d+) gives",
+    ) as error:
         BoVW(200, progress=False).fit(index)
     suggested = int(re.search(r"BOVW_WORDS: (\d+)", str(error.value)).group(1))
     assert f"--set words=[{suggested}]" in str(error.value)
@@ -263,9 +318,13 @@ def test_recall_at_k_of_every_indexed_image_is_flagged_uninformative():
     ranked, relevant = _ranking(50)  # 50 indexed images, R@100 returns all of them
     table = metrics.evaluate_ranking(ranked, relevant).set_index("metric")
     assert table.at["R@100", "value"] == 1.0 and table.at["R@100", "chance"] == 1.0
-    assert table["uninformative"].to_dict() == {"P@10": False, "R@100": True, "mAP@10": False,
-                                                "paper MAP@10 (mean P@10, 10 queries)": False,
-                                                "paper R@100 (10 queries)": True}
+    assert table["uninformative"].to_dict() == {
+        "P@10": False,
+        "R@100": True,
+        "mAP@10": False,
+        "paper MAP@10 (mean P@10, 10 queries)": False,
+        "paper R@100 (10 queries)": True,
+    }
     ranked, relevant = _ranking(300)
     assert not metrics.evaluate_ranking(ranked, relevant)["uninformative"].any()  # R@100 of 300: chance 1/3
     ia = metrics.evaluate_indexing(np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]]), np.arange(3), ks=(1, 5))
@@ -306,15 +365,22 @@ def test_cli_study_passes_the_folder_and_its_root(monkeypatch, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "folder"], "the folder source needs its images: --root PATH on the command line (DATASET_ROOT"),
-    (["--dataset", "folder", "--root", "/no/such/folder"], "the image folder /no/such/folder (--root, DATASET_ROOT) "
-                                                           "does not exist"),
-    (["--root", "/tmp"], "the digits source is bundled with scikit-learn and reads no files; drop --root"),
-    (["--dataset", "folder", "--root", "/tmp", "--annotations", "x.json"], "--annotations (DATASET_ANNOTATIONS) "
-                                                                          "belongs to the coco source"),
-    (["--dataset", "coco"], "COCO images are not available"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "folder"], "the folder source needs its images: --root PATH on the command line (DATASET_ROOT"),
+        (
+            ["--dataset", "folder", "--root", "/no/such/folder"],
+            "the image folder /no/such/folder (--root, DATASET_ROOT) does not exist",
+        ),
+        (["--root", "/tmp"], "the digits source is bundled with scikit-learn and reads no files; drop --root"),
+        (
+            ["--dataset", "folder", "--root", "/tmp", "--annotations", "x.json"],
+            "--annotations (DATASET_ANNOTATIONS) belongs to the coco source",
+        ),
+        (["--dataset", "coco"], "COCO images are not available"),
+    ],
+)
 def test_a_study_whose_data_cannot_be_read_stops_before_any_notebook(argv, message, monkeypatch, tmp_path, capsys):
     for name in ("VITDSI_COCO_IMAGES", "VITDSI_COCO_ANNOTATIONS"):
         monkeypatch.delenv(name, raising=False)

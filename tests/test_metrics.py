@@ -1,4 +1,5 @@
 """Known answers for the retrieval metrics, their chance levels, the bootstrap and the paper protocol."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,13 +87,15 @@ def test_perfect_ranking_scores_one():
 
 
 def test_evaluate_ranking_table():
-    df = M.evaluate_ranking(
-        RANKED, RELEVANT, ks_precision=(2, 10), ks_recall=(4,), ks_map=(4,), n_resamples=200
-    )
+    df = M.evaluate_ranking(RANKED, RELEVANT, ks_precision=(2, 10), ks_recall=(4,), ks_map=(4,), n_resamples=200)
     assert list(df.columns) == list(M.RESULT_COLUMNS)
     assert list(df["metric"]) == [
-        "P@2", "P@10", "R@4", "mAP@4",
-        "paper MAP@10 (mean P@10, 10 queries)", "paper R@100 (10 queries)",
+        "P@2",
+        "P@10",
+        "R@4",
+        "mAP@4",
+        "paper MAP@10 (mean P@10, 10 queries)",
+        "paper R@100 (10 queries)",
     ]
     row = df.set_index("metric")
     # P is defined for all three queries; R and mAP ignore query 2
@@ -129,7 +132,9 @@ def test_a_stack_of_rankings_averages_every_metric_per_query():
     assert stacked.at["mAP@4", "value"] == pytest.approx(((5 / 9 + 1) / 2 + (1 / 2 + 0) / 2) / 2)
     assert stacked.at["mAP@4", "n_ignored"] == 1  # query 2 has no relevant row in either ranking
     # the paper protocol sees the same queries (all three here), so it averages too
-    assert stacked.at["paper MAP@10 (mean P@10, 10 queries)", "value"] == pytest.approx(((2 + 3) / 20 + (1 + 0) / 20) / 3)
+    assert stacked.at["paper MAP@10 (mean P@10, 10 queries)", "value"] == pytest.approx(
+        ((2 + 3) / 20 + (1 + 0) / 20) / 3
+    )
     # a stack of one ranking is that ranking
     single = M.evaluate_ranking(RANKED, RELEVANT, **kwargs)
     pd.testing.assert_frame_equal(M.evaluate_ranking(RANKED[None], RELEVANT, **kwargs), single)

@@ -1,4 +1,5 @@
 """DSIModel: shapes, config validation, input format, causality, positional encodings."""
+
 from __future__ import annotations
 
 import pytest
@@ -68,7 +69,6 @@ def test_config_roundtrip_and_codec():
         (dict(depth=0), "depth"),
     ],
 )
-
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
@@ -159,8 +159,9 @@ def test_load_encoder_names_what_differs():
     from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
     from vitdsi_utils.model.vit import DSIConfig, DSIModel
 
-    dsi = DSIModel(DSIConfig(vocab_size=13, max_id_length=4, image_size=32, patch_size=8, dim=32, mlp_dim=64,
-                             depth=2, heads=2))
+    dsi = DSIModel(
+        DSIConfig(vocab_size=13, max_id_length=4, image_size=32, patch_size=8, dim=32, mlp_dim=64, depth=2, heads=2)
+    )
     other = DenseEncoder(DenseConfig(image_size=32, patch_size=16, dim=32, mlp_dim=64, depth=3, heads=2))
     with pytest.raises(ValueError, match="patch_size: this model 8, the source 16; depth"):
         dsi.load_encoder(other)

@@ -5,6 +5,7 @@ cell; an edit made in the paired .ipynb reaches the .py and the run; a notebook 
 ``make lab``'s kernel ("vitdsi") runs where that kernel is not installed; the runner never
 writes over a source.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -108,7 +109,8 @@ def paired_folder(root: Path) -> Path:
     folder.mkdir()
     shutil.copy(notebooks_dir() / "jupytext.toml", folder / "jupytext.toml")
     (folder / "01_tiny.py").write_text(
-        f'# %% tags=["parameters"]\nNAME = "tiny"\nMESSAGE = "as committed"\nOUT_DIR = None\n\n# %%\n{CELL}\n')
+        f'# %% tags=["parameters"]\nNAME = "tiny"\nMESSAGE = "as committed"\nOUT_DIR = None\n\n# %%\n{CELL}\n'
+    )
     return folder
 
 
@@ -193,7 +195,9 @@ def test_a_notebook_saved_under_the_lab_kernel_runs_where_that_kernel_is_missing
     # the paired copy as `make lab` saves it: its metadata names the "vitdsi (.venv)" kernel
     save_in_lab(twin, source, lambda nb: nb.cells.append(new_code_cell("print('saved in lab')")))
     # a lone notebook saved from `make lab` (no .py beside it), passed by path
-    lone = new_notebook(cells=[nbformat.read(twin, as_version=4).cells[0], new_code_cell(CELL.replace("NAME", "'lone'"))])
+    lone = new_notebook(
+        cells=[nbformat.read(twin, as_version=4).cells[0], new_code_cell(CELL.replace("NAME", "'lone'"))]
+    )
     lone.cells[0].id = "lone-params"
     lone.metadata["kernelspec"] = dict(LAB_KERNEL)
     nbformat.write(lone, folder / "02_lone.ipynb")
@@ -204,8 +208,7 @@ def test_a_notebook_saved_under_the_lab_kernel_runs_where_that_kernel_is_missing
         papermill.execute_notebook(str(folder / "02_lone.ipynb"), str(tmp_path / "plain.ipynb"), progress_bar=False)
 
     out = tmp_path / "report"
-    timings = run_study({"PROFILE": "custom"}, notebooks=[twin, folder / "02_lone.ipynb"], out_root=out,
-                        progress=False)
+    timings = run_study({"PROFILE": "custom"}, notebooks=[twin, folder / "02_lone.ipynb"], out_root=out, progress=False)
     assert timings["status"].tolist() == ["ok", "ok"]
     assert "vitdsi" not in source.read_text()  # the .py pins no kernel
     for name in ("01_tiny", "02_lone"):

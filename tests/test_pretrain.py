@@ -1,4 +1,5 @@
 """Encoder initialisation: SSL augmentations and loss, pretraining and its checkpoints, init_encoder's sources."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -145,8 +146,12 @@ def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     assert torch.equal(loaded.state_dict()["head.0.weight"], resumed.state_dict()["head.0.weight"])
     for change in ({"temperature": 0.5}, {"epochs": 6}):
         with pytest.raises(ValueError, match=list(change)[0]):
-            train_ssl(SSLEncoder(ViTConfig(**TINY), 32, 16), data,
-                      config=SSLConfig(**{**config.to_dict(), **change}), checkpoint_path=path)
+            train_ssl(
+                SSLEncoder(ViTConfig(**TINY), 32, 16),
+                data,
+                config=SSLConfig(**{**config.to_dict(), **change}),
+                checkpoint_path=path,
+            )
 
 
 def test_outside_images_leave_out_every_database_image():
@@ -241,7 +246,9 @@ def test_new_model_takes_an_encoder_init(tmp_path):
     path = save_ssl(tmp_path / "ssl.pt", ssl, SSLConfig(), [], epoch=1)
     overrides = {k: v for k, v in TINY.items() if k != "image_size"}
     model = new_model(db, codec_for(db), encoder_init=("ssl", path), **overrides)
-    assert torch.equal(model.state_dict()["encoder.layers.0.linear1.weight"], ssl.state_dict()["encoder.layers.0.linear1.weight"])
+    assert torch.equal(
+        model.state_dict()["encoder.layers.0.linear1.weight"], ssl.state_dict()["encoder.layers.0.linear1.weight"]
+    )
     assert encoder_init_tag(("ssl", path)).startswith("ssl:")
     assert encoder_init_tag(None) is None
 
@@ -258,7 +265,9 @@ def test_a_run_folder_remembers_its_encoder_init(tmp_path):
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        paths.append(save_ssl(tmp_path / f"ssl{seed}.pt", SSLEncoder(ViTConfig(**TINY), 32, 16), SSLConfig(), [], epoch=1))
+        paths.append(
+            save_ssl(tmp_path / f"ssl{seed}.pt", SSLEncoder(ViTConfig(**TINY), 32, 16), SSLConfig(), [], epoch=1)
+        )
     quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
     run = tmp_path / "run"
     first = index_database(db, model_overrides=overrides, config=quick, run_dir=run, encoder_init=("ssl", paths[0]))
@@ -281,8 +290,9 @@ def test_the_cli_wants_source_and_weights_together(capsys, run_recipe):
 def torchvision_vit(tmp_path_factory):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
-                                               hidden_dim=32, mlp_dim=64).eval()
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
     with torch.no_grad():  # torchvision starts the class token at zero; make it matter
         vit.class_token.normal_()
     path = tmp_path_factory.mktemp("tv") / "vit.pth"
@@ -317,8 +327,9 @@ def test_torchvision_weights_give_torchvision_outputs(torchvision_vit):
         init_encoder(encoder, "torchvision", path)
         assert torch.allclose(encoder.encode(batch, prefix=report.class_token), expected, atol=1e-5)
     found = torchvision_overrides(path)  # heads are not in a state dict: guessed as dim // 64, so not compared
-    assert {k: v for k, v in found.items() if k in TV_TINY and k != "heads"} == \
-        {k: v for k, v in TV_TINY.items() if k not in ("dropout", "heads")}
+    assert {k: v for k, v in found.items() if k in TV_TINY and k != "heads"} == {
+        k: v for k, v in TV_TINY.items() if k not in ("dropout", "heads")
+    }
 
 
 def test_torchvision_mismatches_are_each_named(torchvision_vit):
@@ -327,8 +338,14 @@ def test_torchvision_mismatches_are_each_named(torchvision_vit):
     with pytest.raises(ValueError) as error:
         init_encoder(model, "torchvision", path)
     message = str(error.value)
-    for needle in ("dim=64 but the weights have width (hidden_dim) 32", "image_size=64 gives 16 patches",
-                   "(4 patches)", "pos_encoding='sinusoidal'", "norm_eps=1e-05", "model_overrides="):
+    for needle in (
+        "dim=64 but the weights have width (hidden_dim) 32",
+        "image_size=64 gives 16 patches",
+        "(4 patches)",
+        "pos_encoding='sinusoidal'",
+        "norm_eps=1e-05",
+        "model_overrides=",
+    ):
         assert needle in message, needle
     with pytest.raises(ValueError, match="patch_size=8 but the weights have patch size"):
         init_encoder(dsi(patch_size=8, pos_encoding="learned", norm_eps=1e-6), "torchvision", path)
@@ -344,7 +361,9 @@ def test_torchvision_files_that_cannot_be_used(tmp_path, monkeypatch):
         init_encoder(dsi(**TV_TINY), "torchvision", listed)
     other = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(1)}, other)
-    with pytest.raises(ValueError, match=r"not a torchvision VisionTransformer state dict: it lacks \['conv_proj.weight'"):
+    with pytest.raises(
+        ValueError, match=r"not a torchvision VisionTransformer state dict: it lacks \['conv_proj.weight'"
+    ):
         init_encoder(dsi(**TV_TINY), "torchvision", other)
     module = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), module)  # a pickled module, not a state dict: refused unread
@@ -366,10 +385,21 @@ def test_pretrain_study_writes_its_report(tmp_path):
 
     quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
     out = pretrain_study(
-        "digits", 32, 100, 0, "clustered", exclude_ns=(100, 200),
+        "digits",
+        32,
+        100,
+        0,
+        "clustered",
+        exclude_ns=(100, 200),
         model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
-        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
-        train_scratch=True, max_images=300, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out", progress=False,
+        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False),
+        index_config=quick,
+        retrieval_config=quick,
+        train_scratch=True,
+        max_images=300,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "out",
+        progress=False,
     )
     assert set(out["results"]["init"]) == {"ssl", "scratch"}
     assert out["probes"]["ssl_images"].iloc[0] == 300  # a subset of the digits outside both databases
@@ -382,16 +412,30 @@ def test_pretrain_study_writes_its_report(tmp_path):
     for (model, metric), row in paired.set_index(["model", "metric"]).iterrows():
         ssl = results[(results["model"] == model) & (results["init"] == "ssl") & (results["metric"] == metric)]
         assert ssl["value"].iloc[0] == pytest.approx(row["a"])
-    for name in ("pretrain_digits_32px.md", "paired_digits_32px.csv", "probes_digits_32px.csv",
-                 "ssl_history_digits_32px.csv", "pretrain_digits_32px.png"):
+    for name in (
+        "pretrain_digits_32px.md",
+        "paired_digits_32px.csv",
+        "probes_digits_32px.csv",
+        "ssl_history_digits_32px.csv",
+        "pretrain_digits_32px.png",
+    ):
         assert (tmp_path / "out" / name).is_file(), name
     assert "Paired differences" in (tmp_path / "out" / "pretrain_digits_32px.md").read_text()
     # other pretraining settings get their own encoder and DSI folders instead of a refused checkpoint
     pretrain_study(
-        "digits", 32, 100, 0, "clustered", exclude_ns=(100, 200),
+        "digits",
+        32,
+        100,
+        0,
+        "clustered",
+        exclude_ns=(100, 200),
         model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
-        ssl_config=SSLConfig(epochs=2, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
-        max_images=300, runs_dir=tmp_path / "runs", progress=False,
+        ssl_config=SSLConfig(epochs=2, batch_size=64, progress=False),
+        index_config=quick,
+        retrieval_config=quick,
+        max_images=300,
+        runs_dir=tmp_path / "runs",
+        progress=False,
     )
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "ssl-digits-32px-N100-seed0-e1-b64-i300" in runs and "ssl-digits-32px-N100-seed0-e2-b64-i300" in runs
@@ -429,10 +473,20 @@ def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_pa
 
     quick = TrainConfig(epochs=1, progress=False, stop_metric="train")
     out = pretrain_study(
-        "digits", 32, 100, 0, "clustered", exclude_ns=(100,),
+        "digits",
+        32,
+        100,
+        0,
+        "clustered",
+        exclude_ns=(100,),
         model_overrides={k: v for k, v in TINY.items() if k != "image_size"},
-        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False), index_config=quick, retrieval_config=quick,
-        max_images=200, semantic_ids={"k": 3, "c": 4}, runs_dir=tmp_path / "runs", out_dir=tmp_path / "out",
+        ssl_config=SSLConfig(epochs=1, batch_size=64, progress=False),
+        index_config=quick,
+        retrieval_config=quick,
+        max_images=200,
+        semantic_ids={"k": 3, "c": 4},
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "out",
         progress=False,
     )
     results = out["results"]

@@ -3,6 +3,7 @@
 Each property holds for every input hypothesis draws; a failure is shrunk to the smallest
 counter-example. Sizes are kept small so the whole file runs in a few seconds.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -85,7 +86,9 @@ def test_more_ranks_never_lose_hits_or_recall(case, k1, k2):
     found_large = metrics.precision_at_k(hits, large) * large
     assert (found_small <= found_large + 1e-9).all()
     defined = n_rel > 0
-    assert (metrics.recall_at_k(hits, n_rel, small)[defined] <= metrics.recall_at_k(hits, n_rel, large)[defined] + 1e-12).all()
+    assert (
+        metrics.recall_at_k(hits, n_rel, small)[defined] <= metrics.recall_at_k(hits, n_rel, large)[defined] + 1e-12
+    ).all()
 
 
 @quick

@@ -5,6 +5,7 @@ tests/fixtures/cli_calls.json holds, for every make target that ran a study, the
 same targets' commands of today's Makefile run through the same recorders: every TrainConfig, N, seed,
 ID scheme, model override and folder must match, so results do not move and trained models are found.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -67,10 +68,18 @@ def at_project_root(monkeypatch):
 
 def test_the_fixture_covers_every_make_target_that_runs_a_study():
     text = (ROOT / "Makefile").read_text()
-    targets = {line.split(":")[0] for line in text.splitlines()
-               if line and not line.startswith(("\t", "#", " ")) and ": venv" in line}
-    studies = {t for t in targets if any("vitdsi run recipes/" in line for line in
-                                         text.split(f"\n{t}: venv", 1)[1].split("\n\n", 1)[0].splitlines())}
+    targets = {
+        line.split(":")[0]
+        for line in text.splitlines()
+        if line and not line.startswith(("\t", "#", " ")) and ": venv" in line
+    }
+    studies = {
+        t
+        for t in targets
+        if any(
+            "vitdsi run recipes/" in line for line in text.split(f"\n{t}: venv", 1)[1].split("\n\n", 1)[0].splitlines()
+        )
+    }
     assert studies == set(TARGETS) - {"ablations-patch8"}
 
 
@@ -97,29 +106,32 @@ def one_line_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"study": "dsi", "epochs": 3}, "unknown key epochs for study dsi; allowed: annotations, bovw, "),
-    ({"study": "dsi", "index": {"epoch": 3}}, "unknown key index.epoch; allowed in index: amp, batch_size, "),
-    ({"study": "dsi", "model": {"patch": 8}}, "unknown key model.patch; allowed in model: depth, dim, "),
-    ({"study": "dsi", "ns": "many"}, "ns: expected a list of integers, got 'many' (str)"),
-    ({"study": "dsi", "ns": [512, 1.5]}, "ns: expected a list of integers, got [512, 1.5] (list)"),
-    ({"study": "dsi", "index": {"lr": "fast"}}, "index.lr: expected a number, got 'fast' (str)"),
-    ({"study": "dsi", "index": {"lr": -1}}, "index.lr: must be > 0, got -1"),
-    ({"study": "dsi", "index": {"target_accuracy": 2}}, "index.target_accuracy: must lie in (0, 1], got 2"),
-    ({"study": "dsi", "index": {"epochs": 0}}, "index.epochs: must be an integer >= 1, got 0"),
-    ({"study": "dense", "train": {"batch_size": 0}}, "train.batch_size: must be an integer >= 1, got 0"),
-    ({"study": "pretrain", "ssl": {"lr": 0}}, "ssl.lr: must be > 0, got 0"),
-    ({"study": "dsi", "bovw": "yes"}, "bovw: expected true or false, got 'yes' (str)"),
-    ({"study": "dsi", "index": 400}, "index: expected a mapping (TrainConfig settings), got 400 (int)"),
-    ({"study": "dsi", "schemes": ["clustered", "hashed"]}, "schemes: 'hashed' is not one of random, clustered"),
-    ({"study": "dsi", "model": {"pooling": "cls"}}, "model.pooling: the DSI has no pooling setting"),
-    ({"study": "dense", "model": {"pooling": "max"}}, "model.pooling: 'max' is not one of mean, cls"),
-    ({"study": "hashing"}, "study: unknown study 'hashing'; allowed: bovw, dsi, ablations, dense, dense-init"),
-    ({"size": 64}, "no study: name one with study: bovw | dsi"),
-    ({"study": "dsi", "out_dir": 3}, "out_dir: expected a folder path, got 3 (int)"),
-    ({"study": "dsi", "runs": [{"extends": "x.yaml"}]}, "extends belongs at the top of the file, not in a run"),
-    ({"study": "dsi", "runs": {"size": 64}}, "runs: expected a list of mappings (one per run)"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"study": "dsi", "epochs": 3}, "unknown key epochs for study dsi; allowed: annotations, bovw, "),
+        ({"study": "dsi", "index": {"epoch": 3}}, "unknown key index.epoch; allowed in index: amp, batch_size, "),
+        ({"study": "dsi", "model": {"patch": 8}}, "unknown key model.patch; allowed in model: depth, dim, "),
+        ({"study": "dsi", "ns": "many"}, "ns: expected a list of integers, got 'many' (str)"),
+        ({"study": "dsi", "ns": [512, 1.5]}, "ns: expected a list of integers, got [512, 1.5] (list)"),
+        ({"study": "dsi", "index": {"lr": "fast"}}, "index.lr: expected a number, got 'fast' (str)"),
+        ({"study": "dsi", "index": {"lr": -1}}, "index.lr: must be > 0, got -1"),
+        ({"study": "dsi", "index": {"target_accuracy": 2}}, "index.target_accuracy: must lie in (0, 1], got 2"),
+        ({"study": "dsi", "index": {"epochs": 0}}, "index.epochs: must be an integer >= 1, got 0"),
+        ({"study": "dense", "train": {"batch_size": 0}}, "train.batch_size: must be an integer >= 1, got 0"),
+        ({"study": "pretrain", "ssl": {"lr": 0}}, "ssl.lr: must be > 0, got 0"),
+        ({"study": "dsi", "bovw": "yes"}, "bovw: expected true or false, got 'yes' (str)"),
+        ({"study": "dsi", "index": 400}, "index: expected a mapping (TrainConfig settings), got 400 (int)"),
+        ({"study": "dsi", "schemes": ["clustered", "hashed"]}, "schemes: 'hashed' is not one of random, clustered"),
+        ({"study": "dsi", "model": {"pooling": "cls"}}, "model.pooling: the DSI has no pooling setting"),
+        ({"study": "dense", "model": {"pooling": "max"}}, "model.pooling: 'max' is not one of mean, cls"),
+        ({"study": "hashing"}, "study: unknown study 'hashing'; allowed: bovw, dsi, ablations, dense, dense-init"),
+        ({"size": 64}, "no study: name one with study: bovw | dsi"),
+        ({"study": "dsi", "out_dir": 3}, "out_dir: expected a folder path, got 3 (int)"),
+        ({"study": "dsi", "runs": [{"extends": "x.yaml"}]}, "extends belongs at the top of the file, not in a run"),
+        ({"study": "dsi", "runs": {"size": 64}}, "runs: expected a list of mappings (one per run)"),
+    ],
+)
 def test_a_bad_recipe_is_refused_in_one_line_naming_the_key(values, message, run_recipe, capsys):
     assert run_recipe(values) == 2
     err = one_line_error(capsys)
@@ -141,8 +153,25 @@ def test_numbers_in_yaml_and_a_quoted_number(tmp_path, capsys):
 def test_the_allowed_keys_are_the_spec_and_run_keys(run_recipe, capsys):
     assert run_recipe({"study": "incremental", "replay": [0]}) == 2
     allowed = one_line_error(capsys).split("allowed: ")[1].split(", ")
-    assert allowed == sorted(["annotations", "finetune_epochs", "ids", "index", "model", "new_fraction", "ns",
-                              "out_dir", "replay_ratios", "root", "runs_dir", "seed", "size", "source", "study"])
+    assert allowed == sorted(
+        [
+            "annotations",
+            "finetune_epochs",
+            "ids",
+            "index",
+            "model",
+            "new_fraction",
+            "ns",
+            "out_dir",
+            "replay_ratios",
+            "root",
+            "runs_dir",
+            "seed",
+            "size",
+            "source",
+            "study",
+        ]
+    )
 
 
 def test_a_missing_or_broken_recipe_file_is_one_line(tmp_path, capsys):
@@ -167,16 +196,41 @@ def test_a_missing_or_broken_recipe_file_is_one_line(tmp_path, capsys):
 def test_set_changes_every_run_of_a_recipe(tmp_path, capsys):
     import yaml
 
-    argv = ["run", "recipes/bovw.yaml", "--dry-run", "--set", "size=64", "--set", "ns=512", "--set",
-            f"out_dir={tmp_path}"]
+    argv = [
+        "run",
+        "recipes/bovw.yaml",
+        "--dry-run",
+        "--set",
+        "size=64",
+        "--set",
+        "ns=512",
+        "--set",
+        f"out_dir={tmp_path}",
+    ]
     assert cli.main(argv) == 0
     runs = [doc for doc in yaml.safe_load_all(capsys.readouterr().out) if doc]
     assert len(runs) == 3
     assert all(r["size"] == 64 and r["ns"] == [512] and r["out_dir"] == str(tmp_path) for r in runs)
     assert [r["seeds"] for r in runs] == [[0, 1, 2], [0, 1, 2], [0]] and runs[2]["words"] == [1000]
     # sections: one key of a section, or the whole section; YAML values (1e-3 is a number)
-    assert cli.main(["run", "recipes/dsi.yaml", "--dry-run", "--set", "index.epochs=7", "--set", "fine_tune.lr=2e-3",
-                     "--set", "multitask={epochs: 3}", "--set", "mix_ratio=1.5"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "recipes/dsi.yaml",
+                "--dry-run",
+                "--set",
+                "index.epochs=7",
+                "--set",
+                "fine_tune.lr=2e-3",
+                "--set",
+                "multitask={epochs: 3}",
+                "--set",
+                "mix_ratio=1.5",
+            ]
+        )
+        == 0
+    )
     run = yaml.safe_load(capsys.readouterr().out.split("---")[0])
     assert (run["index"]["epochs"], run["index"]["lr"], run["index"]["warmup_steps"]) == (7, 1e-3, 100)
     assert run["fine_tune"]["lr"] == 2e-3 and run["multitask"]["epochs"] == 3 and run["mix_ratio"] == 1.5
@@ -190,14 +244,17 @@ def test_set_changes_every_run_of_a_recipe(tmp_path, capsys):
     assert "only the whole list of runs can be set" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("item, message", [
-    ("size", "--set takes KEY=VALUE"),
-    ("=3", "--set takes KEY=VALUE"),
-    ("ns=[512", "--set ns: '[512' is not a YAML value"),
-    ("index.epoch=3", "unknown key index.epoch"),
-    ("size.x=3", "--set size.x: size is 64, not a section with keys"),
-    ("size=twelve", "size: expected an integer, got 'twelve' (str)"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("size", "--set takes KEY=VALUE"),
+        ("=3", "--set takes KEY=VALUE"),
+        ("ns=[512", "--set ns: '[512' is not a YAML value"),
+        ("index.epoch=3", "unknown key index.epoch"),
+        ("size.x=3", "--set size.x: size is 64, not a section with keys"),
+        ("size=twelve", "size: expected an integer, got 'twelve' (str)"),
+    ],
+)
 def test_a_bad_set_is_refused_in_one_line(item, message, capsys):
     assert cli.main(["run", "recipes/dsi.yaml", "--dry-run", "--set", item]) == 2
     assert message in one_line_error(capsys)
@@ -238,11 +295,19 @@ def test_every_recipe_says_what_it_runs_and_where_it_writes():
 def test_python_m_vitdsi_utils_runs_the_cli():
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "vitdsi_utils", "run", "dsi", "--dry-run", "--set", "ns=[512]"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitdsi_utils", "run", "dsi", "--dry-run", "--set", "ns=[512]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "ns: [512]" in done.stdout, done.stderr
-    done = subprocess.run([sys.executable, "-m", "vitdsi_utils", "run", "dsi", "--set", "nope=1"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitdsi_utils", "run", "dsi", "--set", "nope=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "unknown key nope" in done.stderr
 
 
@@ -272,14 +337,24 @@ def test_spec_defaults_are_the_old_cli_defaults():
     ablations = AblationsSpec()
     assert (ablations.size, ablations.n, ablations.index.epochs, ablations.fine_tune.epochs) == (64, 512, 150, 10)
     dense = DenseSpec()
-    assert (dense.train.epochs, dense.train.lr, dense.schemes, dense.model.pooling) == (90, 5e-4, ("clustered",), "mean")
+    assert (dense.train.epochs, dense.train.lr, dense.schemes, dense.model.pooling) == (
+        90,
+        5e-4,
+        ("clustered",),
+        "mean",
+    )
     init = DenseInitSpec()
     assert (init.index.epochs, init.multitask.epochs, init.mix_ratio, init.dense.epochs) == (400, 30, 2.0, 90)
     pretrain = PretrainSpec()
     assert (pretrain.ssl.epochs, pretrain.ssl.batch_size, pretrain.n, pretrain.scratch) == (4, 128, 512, False)
     scale = ScaleSpec()
     assert (scale.size, scale.ia_ns, scale.index.epochs, scale.index.device, scale.index.amp) == (
-        64, (512,), 100, "cpu", False)
+        64,
+        (512,),
+        100,
+        "cpu",
+        False,
+    )
     incremental = IncrementalSpec()
     assert (incremental.ns, incremental.index.epochs, incremental.finetune_epochs) == ((1024,), 200, 40)
 
@@ -321,8 +396,12 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     import re
     import shlex
 
-    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").glob("**/README.md")),
-             *sorted((ROOT / "recipes").glob("*.yaml"))]
+    files = [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "reports").glob("**/README.md")),
+        *sorted((ROOT / "recipes").glob("*.yaml")),
+    ]
     found = []
     for path in files:
         text = path.read_text().replace("\\\n", " ")
@@ -351,6 +430,8 @@ def test_run_picks_runs_of_a_recipe(capsys):
     assert cli.main(["run", "recipes/scale-latency.yaml", "--dry-run", "--run", "2", "--run", "3"]) == 0
     runs = [doc for doc in yaml.safe_load_all(capsys.readouterr().out) if doc]
     assert [(r["out_dir"], r["size"], r["reuse_latency"]) for r in runs] == [
-        ("reports/scale_all", 64, True), ("reports/scale_160", 160, False)]
+        ("reports/scale_all", 64, True),
+        ("reports/scale_160", 160, False),
+    ]
     assert cli.main(["run", "recipes/scale-latency.yaml", "--dry-run", "--run", "4"]) == 2
     assert "--run 4: recipes/scale-latency.yaml has runs 1 to 3" in one_line_error(capsys)

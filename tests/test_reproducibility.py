@@ -1,4 +1,5 @@
 """Same seed, same settings, same machine: identical metric tables on CPU; another seed gives other numbers."""
+
 from __future__ import annotations
 
 import warnings

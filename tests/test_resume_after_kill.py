@@ -5,6 +5,7 @@ a script), waits until the child is in the middle of the epoch after a checkpoin
 with SIGKILL (no Python cleanup runs), then runs the whole experiment again in the same run
 folder and compares weights, histories and the metric table with an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import os
@@ -110,7 +111,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, on
         history_a, history_b = (h.to_frame().drop(columns="seconds") for h in (a.history, b.history))
         pd.testing.assert_frame_equal(history_a, history_b)
     assert resumed.zero_shot.epochs == straight.zero_shot.epochs == index_config().epochs
-    pd.testing.assert_frame_equal(resumed.table.drop(columns=TIMING_COLUMNS), straight.table.drop(columns=TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(
+        resumed.table.drop(columns=TIMING_COLUMNS), straight.table.drop(columns=TIMING_COLUMNS)
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reuse. Then the epoch-cap rule (a model that reached its target serves a larger 
 one continues from its checkpoint), problem 1's reproduction before/after, old files, the run
 folder lock, and the checks of impossible values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,17 @@ TINY = dict(patch_size=16, dim=16, mlp_dim=32, depth=1, heads=2)
 
 def index_config(**overrides) -> TrainConfig:
     """Two epochs of a tiny model on 20 images: the 0.99 target is out of reach, so the run stops at its cap."""
-    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 2e-3, "target_accuracy": 0.99, "progress": False,
-                          "device": "cpu", **overrides})
+    return TrainConfig(
+        **{
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "target_accuracy": 0.99,
+            "progress": False,
+            "device": "cpu",
+            **overrides,
+        }
+    )
 
 
 def tune_config(**overrides) -> TrainConfig:
@@ -85,8 +95,15 @@ def contents(folder: Path) -> dict[str, bytes]:
 # Which settings shape a model: one explicit list, every other field counts
 # ------------------------------------------------------------------------------------------
 def test_the_settings_that_do_not_shape_a_model_are_listed_in_one_place():
-    assert TrainConfig.RUNTIME_FIELDS == {"device", "amp", "compile", "progress", "eval_every", "eval_batch_size",
-                                          "checkpoint_every"}
+    assert TrainConfig.RUNTIME_FIELDS == {
+        "device",
+        "amp",
+        "compile",
+        "progress",
+        "eval_every",
+        "eval_batch_size",
+        "checkpoint_every",
+    }
     assert DenseTrainConfig.RUNTIME_FIELDS == {"device", "progress", "eval_batch_size", "checkpoint_every"}
     assert SSLConfig.RUNTIME_FIELDS == {"device", "progress", "checkpoint_every"}
     for config in (TrainConfig(), DenseTrainConfig(), SSLConfig()):
@@ -105,9 +122,18 @@ def test_the_stop_rule_counts_only_where_it_decides_something():
 
 #: A new value for every TrainConfig setting that shapes an indexed model (all but epochs, whose rule is below).
 INDEX_CHANGES = {
-    "lr": 1e-3, "batch_size": 4, "target_accuracy": 0.9, "stop_metric": "eval", "stop_beam": 10,
-    "stop_check_from": 0.5, "stop_check_every": 1, "weight_decay": 0.01, "label_smoothing": 0.1, "seed": 1,
-    "grad_clip": 0.5, "warmup_steps": 3,
+    "lr": 1e-3,
+    "batch_size": 4,
+    "target_accuracy": 0.9,
+    "stop_metric": "eval",
+    "stop_beam": 10,
+    "stop_check_from": 0.5,
+    "stop_check_every": 1,
+    "weight_decay": 0.01,
+    "label_smoothing": 0.1,
+    "seed": 1,
+    "grad_clip": 0.5,
+    "warmup_steps": 3,
 }
 
 
@@ -130,15 +156,26 @@ def test_an_indexed_model_is_not_reused_for_another_setting(db, trained, tmp_pat
     assert contents(folder) == before  # refused: nothing trained, nothing overwritten
 
 
-@pytest.mark.parametrize("field, value", [("device", "auto"), ("amp", False), ("compile", True), ("progress", True),
-                                          ("eval_every", 3), ("eval_batch_size", 7), ("checkpoint_every", 4)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("device", "auto"),
+        ("amp", False),
+        ("compile", True),
+        ("progress", True),
+        ("eval_every", 3),
+        ("eval_batch_size", 7),
+        ("checkpoint_every", 4),
+    ],
+)
 def test_settings_that_do_not_shape_the_model_do_not_block_reuse(db, trained, tmp_path, field, value):
     folder = copy_of(trained[0], tmp_path)
     before = contents(folder)
     again = index_database(db, model_overrides=TINY, config=index_config(**{field: value}), run_dir=folder)
     assert again.loaded and again.epochs == trained[1].epochs
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
-                                                 trained[1].model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trained[1].model.state_dict().values())
+    )
     assert contents(folder) == before
 
 
@@ -187,8 +224,13 @@ def test_a_fine_tuned_model_is_not_reused_for_another_indexed_model(db, trained,
 
 def test_stop_settings_do_not_block_a_fine_tuned_model_without_consolidation(db, trained, tmp_path):
     folder = copy_of(trained[0], tmp_path)
-    again = fine_tune(db, trained[1].model, config=tune_config(target_accuracy=0.5, stop_metric="train"),
-                      run_dir=folder, max_pairs_per_query=2)
+    again = fine_tune(
+        db,
+        trained[1].model,
+        config=tune_config(target_accuracy=0.5, stop_metric="train"),
+        run_dir=folder,
+        max_pairs_per_query=2,
+    )
     assert again.loaded
 
 
@@ -212,16 +254,21 @@ def test_a_capped_model_continues_to_a_higher_cap_exactly_as_a_fresh_run(db, tra
     meta = load_checkpoint(folder / "zero_shot.pt")
     assert meta["epoch"] == 4 and meta["train_config"]["epochs"] == 4 and meta["extra"]["reached_target"] is False
     # a lower cap than it ran would be another model
-    with pytest.raises(CheckpointError, match=r"epochs: saved 4 \(it stopped there without reaching the target\), "
-                                              "requested 3"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"epochs: saved 4 \(it stopped there without reaching the target\), "
+        "requested 3",
+    ):
         index_database(db, model_overrides=TINY, config=index_config(epochs=3), run_dir=folder)
 
 
 def test_a_capped_model_is_not_continued_under_the_models_fine_tuned_from_it(db, trained, tmp_path):
     folder = copy_of(trained[0], tmp_path)
     before = contents(folder)
-    with pytest.raises(CheckpointError, match="continuing it to 4 epochs would change the indexed model that "
-                                              ".*fine_tuned.pt.*were trained from"):
+    with pytest.raises(
+        CheckpointError,
+        match="continuing it to 4 epochs would change the indexed model that .*fine_tuned.pt.*were trained from",
+    ):
         index_database(db, model_overrides=TINY, config=index_config(epochs=4), run_dir=folder)
     assert contents(folder) == before
 
@@ -249,12 +296,15 @@ def test_a_model_that_reached_its_target_serves_any_cap_it_fits_under(db, reache
     bigger = index_database(db, model_overrides=TINY, config=dataclasses.replace(config, epochs=500), run_dir=folder)
     assert bigger.loaded and bigger.reached_target and bigger.epochs == result.epochs
     assert bigger.epoch_cap == 60  # the table reports the cap it ran under, not the one asked for
-    exact = index_database(db, model_overrides=TINY, config=dataclasses.replace(config, epochs=result.epochs),
-                           run_dir=folder)
+    exact = index_database(
+        db, model_overrides=TINY, config=dataclasses.replace(config, epochs=result.epochs), run_dir=folder
+    )
     assert exact.loaded
     below = result.epochs - 1
-    with pytest.raises(CheckpointError, match=f"epochs: it reached the target after {result.epochs} epochs, more "
-                                              f"than the {below} requested"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"epochs: it reached the target after {result.epochs} epochs, more than the {below} requested",
+    ):
         index_database(db, model_overrides=TINY, config=dataclasses.replace(config, epochs=below), run_dir=folder)
 
 
@@ -268,11 +318,18 @@ def test_the_verdict_rules():
     assert finished_verdict(saved, asked, epochs_run=40, reached=False).differences
     assert finished_verdict(saved, index_config(epochs=40), epochs_run=40, reached=False).reusable
     with_lr = finished_verdict(saved, index_config(epochs=80, lr=1e-3), epochs_run=40, reached=False, resumable=True)
-    assert with_lr.differences == ["lr: saved 0.002, requested 0.001", "epochs: saved 40 (it stopped there without "
-                                   "reaching the target), requested 80"] and not with_lr.resume
+    assert (
+        with_lr.differences
+        == [
+            "lr: saved 0.002, requested 0.001",
+            "epochs: saved 40 (it stopped there without reaching the target), requested 80",
+        ]
+        and not with_lr.resume
+    )
     # without a stop rule (fine-tuning) the epochs must match
     assert finished_verdict(saved, asked, epochs_run=40, reached=None, stop_rule=False).differences == [
-        "epochs: saved 40, requested 80"]
+        "epochs: saved 40, requested 80"
+    ]
     assert finished_verdict(None, asked, epochs_run=1, reached=None).differences
 
 
@@ -301,8 +358,15 @@ def test_problem_1_a_study_never_reports_an_old_model_as_the_new_settings(tmp_pa
     paths = StudyPaths(tmp_path / "out", tmp_path / "runs")
 
     def study(**index):
-        spec = DSISpec(source="digits", size=32, ns=(80,), schemes=("random",), model=ModelSpec(**TINY),
-                       index=index_config(**index), fine_tune=None)
+        spec = DSISpec(
+            source="digits",
+            size=32,
+            ns=(80,),
+            schemes=("random",),
+            model=ModelSpec(**TINY),
+            index=index_config(**index),
+            fine_tune=None,
+        )
         return dsi.run(spec, paths)[0]
 
     first = study(epochs=1)
@@ -314,9 +378,12 @@ def test_problem_1_a_study_never_reports_an_old_model_as_the_new_settings(tmp_pa
     assert "or 3 epochs (0 of 1 runs reached the target)" in markdown
     assert set(second["epochs"]) == {3} and set(second["epoch_cap"]) == {3}
     assert re.search(r"\| DSI zero-shot \|\s+80 \| random \|\s+0 \|\s+3 \|\s+3 \| no\s+\|", markdown)
-    with pytest.raises(CheckpointError, match="zero_shot.pt was indexed with other settings: lr: saved 0.002, "
-                                              "requested 0.001. Delete .*zero_shot.pt and .*indexing.ckpt or use "
-                                              r"another run folder \(a recipe's runs_dir"):
+    with pytest.raises(
+        CheckpointError,
+        match="zero_shot.pt was indexed with other settings: lr: saved 0.002, "
+        "requested 0.001. Delete .*zero_shot.pt and .*indexing.ckpt or use "
+        r"another run folder \(a recipe's runs_dir",
+    ):
         study(epochs=3, lr=1e-3)
 
 
@@ -328,8 +395,17 @@ def error_lines(err: str) -> list[str]:
 
 def dsi_recipe(tmp_path: Path, *sets: str) -> list[str]:
     """``vitdsi run dsi`` (recipes/dsi.yaml) on 80 digits, random IDs, no fine-tuning, into ``tmp_path``."""
-    settings = ["source=digits", "size=32", "ns=[80]", "schemes=[random]", "fine_tune=null",
-                "index.warmup_steps=0", f"out_dir={tmp_path / 'out'}", f"runs_dir={tmp_path / 'runs'}", *sets]
+    settings = [
+        "source=digits",
+        "size=32",
+        "ns=[80]",
+        "schemes=[random]",
+        "fine_tune=null",
+        "index.warmup_steps=0",
+        f"out_dir={tmp_path / 'out'}",
+        f"runs_dir={tmp_path / 'runs'}",
+        *sets,
+    ]
     return ["run", "dsi", *(arg for item in settings for arg in ("--set", item))]
 
 
@@ -339,8 +415,10 @@ def test_problem_1_on_the_command_line(tmp_path, capsys):
     After: 0 epochs and a target of 2 are refused before anything starts; a 1-epoch model is
     continued to 2 epochs when they are asked for, and refused for another learning rate.
     """
-    for item, message in (("index.epochs=0", "index.epochs: must be an integer >= 1, got 0"),
-                          ("index.target_accuracy=2", "index.target_accuracy: must lie in (0, 1], got 2")):
+    for item, message in (
+        ("index.epochs=0", "index.epochs: must be an integer >= 1, got 0"),
+        ("index.target_accuracy=2", "index.target_accuracy: must lie in (0, 1], got 2"),
+    ):
         assert cli.main(dsi_recipe(tmp_path, item)) == 2
         (error,) = error_lines(capsys.readouterr().err)
         assert error == f"vitdsi run: error: recipes/dsi.yaml: {message}"
@@ -361,9 +439,17 @@ def test_problem_1_on_the_command_line(tmp_path, capsys):
 # The multi-task model consolidates from its own checkpoint
 # ------------------------------------------------------------------------------------------
 def test_multitask_and_fine_tuned_models_consolidate_separately(db, tmp_path):
-    result = run_experiment(db, model_overrides=TINY, index_config=index_config(epochs=1),
-                            retrieval_config=tune_config(target_accuracy=1.0), multitask=True,
-                            max_pairs_per_query=2, consolidate=1, run_dir=tmp_path, k=10)
+    result = run_experiment(
+        db,
+        model_overrides=TINY,
+        index_config=index_config(epochs=1),
+        retrieval_config=tune_config(target_accuracy=1.0),
+        multitask=True,
+        max_pairs_per_query=2,
+        consolidate=1,
+        run_dir=tmp_path,
+        k=10,
+    )
     assert (tmp_path / "consolidate.ckpt").exists() and (tmp_path / "multitask_consolidate.ckpt").exists()
     # before, the multi-task run resumed the fine-tuned model's finished consolidation and came back as it
     assert not weights_equal(result.fine_tuned.model, result.multitask.model)
@@ -372,8 +458,19 @@ def test_multitask_and_fine_tuned_models_consolidate_separately(db, tmp_path):
 # ------------------------------------------------------------------------------------------
 # Dense and self-supervised encoders, the incremental study
 # ------------------------------------------------------------------------------------------
-DENSE_CHANGES = {"batch_size": 12, "per_class": 3, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "margin": 0.2,
-                 "entropy_weight": 0.0, "flip": False, "min_crop": 0.8, "grad_clip": 0.0, "seed": 1}
+DENSE_CHANGES = {
+    "batch_size": 12,
+    "per_class": 3,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "margin": 0.2,
+    "entropy_weight": 0.0,
+    "flip": False,
+    "min_crop": 0.8,
+    "grad_clip": 0.0,
+    "seed": 1,
+}
 
 
 def dense_setup():
@@ -406,8 +503,9 @@ def test_a_dense_encoder_is_not_reused_for_another_setting(dense_checkpoint, tmp
     images, labels, config = dense_setup()
     path = Path(shutil.copy(dense_checkpoint, tmp_path / "dense.pt"))
     with pytest.raises(CheckpointError, match=rf"{field}: saved .*, requested {value!r}"):
-        train_dense(dense_model(), images, labels, config=dataclasses.replace(config, **{field: value}),
-                    checkpoint_path=path)
+        train_dense(
+            dense_model(), images, labels, config=dataclasses.replace(config, **{field: value}), checkpoint_path=path
+        )
 
 
 def test_a_dense_encoder_continues_to_more_epochs_and_ignores_runtime_settings(dense_checkpoint, tmp_path):
@@ -415,13 +513,33 @@ def test_a_dense_encoder_continues_to_more_epochs_and_ignores_runtime_settings(d
     path = Path(shutil.copy(dense_checkpoint, tmp_path / "dense.pt"))
     quiet = dataclasses.replace(config, eval_batch_size=3, checkpoint_every=9, progress=True)
     assert len(train_dense(dense_model(), images, labels, config=quiet, checkpoint_path=path)) == 1  # reused
-    assert len(train_dense(dense_model(), images, labels, config=dataclasses.replace(config, epochs=2),
-                           checkpoint_path=path)) == 2
+    assert (
+        len(
+            train_dense(
+                dense_model(), images, labels, config=dataclasses.replace(config, epochs=2), checkpoint_path=path
+            )
+        )
+        == 2
+    )
 
 
-SSL_CHANGES = {"epochs": 2, "batch_size": 4, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 1, "temperature": 0.5,
-               "proj_hidden": 16, "proj_dim": 8, "min_scale": 0.5, "max_ratio": 1.0, "jitter": 0.0, "jitter_p": 0.5,
-               "gray_p": 0.0, "grad_clip": 0.0, "seed": 1}
+SSL_CHANGES = {
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 1,
+    "temperature": 0.5,
+    "proj_hidden": 16,
+    "proj_dim": 8,
+    "min_scale": 0.5,
+    "max_ratio": 1.0,
+    "jitter": 0.0,
+    "jitter_p": 0.5,
+    "gray_p": 0.0,
+    "grad_clip": 0.0,
+    "seed": 1,
+}
 
 
 def ssl_setup():
@@ -457,12 +575,14 @@ def test_an_ssl_encoder_is_not_reused_for_another_setting(ssl_checkpoint, tmp_pa
 
 
 def test_the_incremental_study_refuses_models_of_other_settings(db, tmp_path):
-    kwargs = dict(finetune_epochs=1, replay_ratios=(0.0,), new_fraction=0.2, model_overrides=TINY, beam_size=5,
-                  runs_dir=tmp_path)
+    kwargs = dict(
+        finetune_epochs=1, replay_ratios=(0.0,), new_fraction=0.2, model_overrides=TINY, beam_size=5, runs_dir=tmp_path
+    )
     incremental_study(db, index_config=index_config(epochs=1), **kwargs)
     incremental_study(db, index_config=index_config(epochs=1, eval_batch_size=5), **kwargs)  # runtime: reused
-    with pytest.raises(CheckpointError, match="initial.pt was trained with other settings: lr: saved 0.002, "
-                                              "requested 0.001"):
+    with pytest.raises(
+        CheckpointError, match="initial.pt was trained with other settings: lr: saved 0.002, requested 0.001"
+    ):
         incremental_study(db, index_config=index_config(epochs=1, lr=1e-3), **kwargs)
 
 
@@ -485,8 +605,10 @@ HOLDER = textwrap.dedent("""
 def test_a_second_process_is_refused_or_waits_for_the_run_folder(tmp_path, capsys):
     folder, held, release = tmp_path / "run", tmp_path / "held", tmp_path / "release"
     env_path = str(Path(__file__).resolve().parents[1])
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(held), str(release)],
-                              env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(held), str(release)],
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+    )
     try:
         deadline = time.monotonic() + 60
         while not held.exists():
@@ -646,8 +768,11 @@ def test_argparse_errors_are_one_line_too(capsys):
         ("TARGET_ACCURACY: 2", r"profile key TARGET_ACCURACY \(index.target_accuracy: must lie in \(0, 1\], got 2\)"),
         ("INDEX_EPOCHS: 0", r"profile key INDEX_EPOCHS \(index.epochs: must be an integer >= 1, got 0\)"),
         ("LR: 0", r"profile key LR \(index.lr: must be > 0, got 0\)"),
-        ("LR: 1e-3", r"profile key LR \(index.lr: expected a number, got '1e-3' \(str\); in a profile write numbers "
-                     "like 1e-3 as 1.0e-3"),
+        (
+            "LR: 1e-3",
+            r"profile key LR \(index.lr: expected a number, got '1e-3' \(str\); in a profile write numbers "
+            "like 1e-3 as 1.0e-3",
+        ),
         ("DENSE_EPOCHS: 0", r"profile key DENSE_EPOCHS \(train.epochs: must be an integer >= 1, got 0\)"),
         ("SSL_BATCH_SIZE: 1", r"profile key SSL_BATCH_SIZE \(ssl.batch_size: must be an integer >= 2, got 1\)"),
         ("INC_FINETUNE_EPOCHS: 0", r"profile key INC_FINETUNE_EPOCHS \(finetune_epochs: must be an integer >= 1"),

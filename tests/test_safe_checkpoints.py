@@ -1,4 +1,5 @@
 """Safe loading: a checkpoint of another run names what differs; files that would run code are refused unread."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,14 @@ def interrupted(tmp_path):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value, saved",
-    [("dim", 16, 32), ("depth", 2, 1), ("patch_size", 4, 8), ("pos_encoding", "learned", "'sinusoidal'"),
-     ("dropout", 0.0, 0.1), ("heads", 4, 2)],
+    [
+        ("dim", 16, 32),
+        ("depth", 2, 1),
+        ("patch_size", 4, 8),
+        ("pos_encoding", "learned", "'sinusoidal'"),
+        ("dropout", 0.0, 0.1),
+        ("heads", 4, 2),
+    ],
 )
 def test_resuming_with_another_model_config_names_the_field(interrupted, field, value, saved):
     path, codec = interrupted
@@ -78,14 +85,22 @@ def test_resuming_with_other_ids_names_the_difference(interrupted):
 def test_resuming_another_phase_is_refused(interrupted):
     path, codec = interrupted
     with pytest.raises(CheckpointError, match="holds phase 'indexing', not 'retrieval'"):
-        fit(model_for(codec), codec, [("retrieval", images_of(24), torch.arange(24))], config=quiet(epochs=2),
-            checkpoint_path=path, stop_on=None, phase="retrieval")
+        fit(
+            model_for(codec),
+            codec,
+            [("retrieval", images_of(24), torch.arange(24))],
+            config=quiet(epochs=2),
+            checkpoint_path=path,
+            stop_on=None,
+            phase="retrieval",
+        )
 
 
 def test_a_matching_checkpoint_still_resumes(interrupted):
     path, codec = interrupted
-    history = train_indexing(model_for(codec), codec, images_of(24), config=quiet(epochs=2, target_accuracy=None),
-                             checkpoint_path=path)
+    history = train_indexing(
+        model_for(codec), codec, images_of(24), config=quiet(epochs=2, target_accuracy=None), checkpoint_path=path
+    )
     assert [row["epoch"] for row in history] == [1, 2]
 
 
@@ -107,7 +122,9 @@ def test_a_finished_model_of_another_id_scheme_or_config_is_not_reused(digits, t
     with pytest.raises(CheckpointError, match="data id_scheme: saved 'clustered', requested 'random'"):
         index_database(random, model_overrides=TINY, config=quiet(), run_dir=tmp_path)
     with pytest.raises(CheckpointError, match="data seed: saved 0, requested 1"):
-        index_database(quick_database(digits, "clustered", seed=1), model_overrides=TINY, config=quiet(), run_dir=tmp_path)
+        index_database(
+            quick_database(digits, "clustered", seed=1), model_overrides=TINY, config=quiet(), run_dir=tmp_path
+        )
     with pytest.raises(CheckpointError, match="model dim: saved 16, requested 32"):
         index_database(clustered, model_overrides={**TINY, "dim": 32}, config=quiet(), run_dir=tmp_path)
     # the same settings load the finished model
@@ -125,7 +142,10 @@ def test_an_interrupted_run_of_another_id_scheme_is_not_resumed(digits, tmp_path
 def test_the_demo_refuses_a_model_of_another_database(digits, tmp_path):
     clustered, random = quick_database(digits, "clustered"), quick_database(digits, "random")
     index_database(clustered, model_overrides=TINY, config=quiet(), run_dir=tmp_path)
-    with warnings.catch_warnings(), pytest.raises(CheckpointError, match="id_scheme: saved 'clustered', requested 'random'"):
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(CheckpointError, match="id_scheme: saved 'clustered', requested 'random'"),
+    ):
         warnings.simplefilter("ignore")
         QueryDemo.from_run_dir(tmp_path, random, bovw_words=20)
 
@@ -211,13 +231,24 @@ def test_only_plain_data_is_written(tmp_path):
     model = model_for(codec)
     # NumPy numbers (e.g. a seed drawn with NumPy) are stored as Python numbers, so the file loads
     extra = {"seed": np.int64(3), "score": np.float32(0.5), "where": tmp_path}
-    path = save_checkpoint(tmp_path / "ok.pt", model, None, model.config, {"seed": np.int64(3)}, 1, [], codec, extra=extra)
+    path = save_checkpoint(
+        tmp_path / "ok.pt", model, None, model.config, {"seed": np.int64(3)}, 1, [], codec, extra=extra
+    )
     state = load_checkpoint(path)
     assert state["extra"] == {"seed": 3, "score": 0.5, "where": str(tmp_path)} and type(state["extra"]["seed"]) is int
     # anything else fails when written, not hours later when read
     with pytest.raises(TypeError, match=r"checkpoint entry extra\['payload'\] is a Payload"):
-        save_checkpoint(tmp_path / "bad.pt", model, None, model.config, None, 1, [], codec,
-                        extra={"payload": Payload(str(tmp_path / "x"))})
+        save_checkpoint(
+            tmp_path / "bad.pt",
+            model,
+            None,
+            model.config,
+            None,
+            1,
+            [],
+            codec,
+            extra={"payload": Payload(str(tmp_path / "x"))},
+        )
     assert not (tmp_path / "bad.pt").exists()
 
 

@@ -1,4 +1,5 @@
 """The scale study: databases that index everything, query views, latency rows, the figure."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,13 @@ def synthetic_set(per_class: tuple[int, ...] = (30, 30, 25), seed: int = 0) -> I
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(per_class)), per_class)
     images = rng.integers(0, 256, (len(labels), SIZE, SIZE, 3), dtype=np.uint8)
-    return ImageSet(images=images, labels=labels, classes=[f"c{i}" for i in range(len(per_class))],
-                    files=[f"img{i}.png" for i in range(len(labels))], source="synthetic")
+    return ImageSet(
+        images=images,
+        labels=labels,
+        classes=[f"c{i}" for i in range(len(per_class))],
+        files=[f"img{i}.png" for i in range(len(labels))],
+        source="synthetic",
+    )
 
 
 def test_geometric_series_ends_at_the_whole_set():
@@ -82,8 +88,17 @@ def test_query_views_are_flipped_indexed_images():
 
 def test_latency_table_has_a_row_per_n_and_method():
     image_set = synthetic_set()
-    table = latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=10, repeats=1,
-                                model_overrides=TINY, bovw_words=8, progress=False)
+    table = latency_table(
+        image_set,
+        [20, 60],
+        n_queries=4,
+        batch_size=4,
+        k=10,
+        repeats=1,
+        model_overrides=TINY,
+        bovw_words=8,
+        progress=False,
+    )
     assert len(table) == 6
     assert set(table["method"]) == set(METHODS)
     assert (table["ms_per_query"] > 0).all() and (table["cpu_ms_per_query"] > 0).all() and (table["build_s"] >= 0).all()
@@ -117,9 +132,23 @@ def test_indexing_accuracy_of_an_untrained_model_is_low():
 
 def test_cli_scale_latency_only(tmp_path, capsys, run_recipe):
     out = tmp_path / "scale"
-    code = run_recipe({"study": "scale", "source": "digits", "size": 32, "ns": [30, 60], "ia_ns": [],
-                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "queries": 4, "query_batch": 4,
-                       "repeats": 1, "k": 10, "words": 8, "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
+    code = run_recipe(
+        {
+            "study": "scale",
+            "source": "digits",
+            "size": 32,
+            "ns": [30, 60],
+            "ia_ns": [],
+            "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
+            "queries": 4,
+            "query_batch": 4,
+            "repeats": 1,
+            "k": 10,
+            "words": 8,
+            "out_dir": str(out),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     assert code == 0
     latency = pd.read_csv(out / "scale_latency.csv")
     assert sorted(set(latency["n"])) == [30, 60] and len(latency) == 6
@@ -128,8 +157,23 @@ def test_cli_scale_latency_only(tmp_path, capsys, run_recipe):
 
 
 def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
-    rows = [{"n": n, "method": m, "build_s": 1.0, "ms_per_query": 2.0, "k": 10, "queries": 4, "batch": 4,
-             "repeats": 1, "device": "cpu", "size": SIZE, "cpu_ms_per_query": 1.5} for n in (20, 60) for m in METHODS]
+    rows = [
+        {
+            "n": n,
+            "method": m,
+            "build_s": 1.0,
+            "ms_per_query": 2.0,
+            "k": 10,
+            "queries": 4,
+            "batch": 4,
+            "repeats": 1,
+            "device": "cpu",
+            "size": SIZE,
+            "cpu_ms_per_query": 1.5,
+        }
+        for n in (20, 60)
+        for m in METHODS
+    ]
     path = tmp_path / "scale_latency.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     same = dict(k=10, n_queries=4, batch_size=4, repeats=1, device="cpu", size=SIZE)
@@ -143,10 +187,10 @@ def test_latency_table_is_reused_only_for_the_same_settings(tmp_path):
 def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_path, monkeypatch):
     """A run stopped by the cheap "eval" rule gets IA@1 by beam search once; a rerun reads it back."""
     image_set = synthetic_set()
-    config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
-                         device="cpu")
-    ia, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
-                           beam_size=10)
+    config = TrainConfig(
+        lr=3e-3, batch_size=8, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False, device="cpu"
+    )
+    ia, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path, beam_size=10)
     row = ia.iloc[0]
     assert (row["batch_size"], row["lr"], row["stop_rule"], row["ia_beam"]) == (8, 3e-3, "eval", 10)
     saved = list(tmp_path.glob("*/ia1_beam10.json"))
@@ -154,18 +198,17 @@ def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_pat
     calls = []
     monkeypatch.setattr("vitdsi_utils.studies.scale.indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
     # another requested batch size would be another model: the saved one is refused, not relabelled
-    other = TrainConfig(lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False,
-                        device="cpu")
+    other = TrainConfig(
+        lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False, device="cpu"
+    )
     with pytest.raises(CheckpointError, match="batch_size: saved 8, requested 64"):
         ia_table(image_set, [12], index_config=other, model_overrides=TINY, runs_dir=tmp_path, beam_size=10)
     # settings that do not shape the model reuse it, and its IA@1 is not measured again
     same = dataclasses.replace(config, eval_batch_size=32, checkpoint_every=5)
-    again, _ = ia_table(image_set, [12], index_config=same, model_overrides=TINY, runs_dir=tmp_path,
-                              beam_size=10)
+    again, _ = ia_table(image_set, [12], index_config=same, model_overrides=TINY, runs_dir=tmp_path, beam_size=10)
     assert not calls and again.iloc[0]["IA@1"] == row["IA@1"] and again.iloc[0]["batch_size"] == 8
     # another beam width is a new measurement
-    wider, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path,
-                              beam_size=20)
+    wider, _ = ia_table(image_set, [12], index_config=config, model_overrides=TINY, runs_dir=tmp_path, beam_size=20)
     assert calls == [1] and wider.iloc[0]["IA@1"] == 0.5 and wider.iloc[0]["ia_beam"] == 20
 
 
@@ -187,11 +230,21 @@ def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
     builds = []
     bovw_rows = scale_module._bovw_latency_rows
     monkeypatch.setattr(scale_module, "_bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
-    table = latency_table(image_set, [20, 60], n_queries=4, batch_size=4, k=[3, 10], repeats=1,
-                                model_overrides=TINY, bovw_words=8, progress=False)
+    table = latency_table(
+        image_set,
+        [20, 60],
+        n_queries=4,
+        batch_size=4,
+        k=[3, 10],
+        repeats=1,
+        model_overrides=TINY,
+        bovw_words=8,
+        progress=False,
+    )
     assert len(table) == 12 and builds == [1, 1]
     assert sorted(set(zip(table["n"], table["method"], table["k"]))) == sorted(
-        (n, m, k) for n in (20, 60) for m in METHODS for k in (3, 10))
+        (n, m, k) for n in (20, 60) for m in METHODS for k in (3, 10)
+    )
     fig = scale_figure(table)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "DSI beam search, top-3" in labels and "Dense (FAISS), top-10" in labels
@@ -213,9 +266,24 @@ def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path, run_rec
     ia = pd.DataFrame({"n": [30], "IA@1": [0.97], "epochs": [12], "train_s": [60.0], "reached": [True]})
     ia.to_csv(out / "scale_ia.csv", index=False)
     before = (out / "scale_ia.csv").read_text()
-    code = run_recipe({"study": "scale", "source": "digits", "size": 32, "ns": [30], "ia_ns": [30], "keep_ia": True,
-                       "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2}, "queries": 4, "query_batch": 4,
-                       "repeats": 1, "k": [5, 10], "words": 8, "out_dir": str(out), "runs_dir": str(tmp_path / "runs")})
+    code = run_recipe(
+        {
+            "study": "scale",
+            "source": "digits",
+            "size": 32,
+            "ns": [30],
+            "ia_ns": [30],
+            "keep_ia": True,
+            "model": {"dim": 32, "mlp_dim": 64, "depth": 1, "heads": 2},
+            "queries": 4,
+            "query_batch": 4,
+            "repeats": 1,
+            "k": [5, 10],
+            "words": 8,
+            "out_dir": str(out),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     assert code == 0 and not (tmp_path / "runs").exists()  # nothing trained
     assert (out / "scale_ia.csv").read_text() == before
     latency = pd.read_csv(out / "scale_latency.csv")

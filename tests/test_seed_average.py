@@ -1,4 +1,5 @@
 """scripts/seed_average.py: one recipe, several training seeds, per-seed rows and the per-query seed average."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,16 @@ def load_script():
 
 def quick(runs, out) -> list[str]:
     """--set items: recipes/dsi-patch8.yaml on digits at 32 px, one epoch per phase, a small BoVW."""
-    sets = ["source=digits", "size=32", "index.epochs=1", "multitask.epochs=1", "bovw_words=8", "bovw_vocabularies=2",
-            f"runs_dir={runs}", f"out_dir={out}"]
+    sets = [
+        "source=digits",
+        "size=32",
+        "index.epochs=1",
+        "multitask.epochs=1",
+        "bovw_words=8",
+        "bovw_vocabularies=2",
+        f"runs_dir={runs}",
+        f"out_dir={out}",
+    ]
     return [arg for item in sets for arg in ("--set", item)]
 
 
@@ -34,8 +43,9 @@ def test_the_seeds_train_the_recipe_of_make_dsi_patch8():
     spec = script.the_recipe("dsi-patch8", []).spec
     for seed in (0, 3):
         index_config, multitask_config = script.seed_configs(spec, seed)
-        assert index_config == TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, seed=seed, warmup_steps=100,
-                                           stop_metric="ia")
+        assert index_config == TrainConfig(
+            epochs=400, target_accuracy=0.99, lr=1e-3, seed=seed, warmup_steps=100, stop_metric="ia"
+        )
         assert multitask_config == TrainConfig(epochs=30, lr=1e-3, seed=seed)
     assert spec.model.overrides() == {"patch_size": 8, "dropout": 0.1, "pos_encoding": "sinusoidal"}
     assert (spec.max_pairs_per_query, spec.mix_ratio, spec.targets) == (5, 2.0, "same-class")
@@ -63,7 +73,9 @@ def test_seed_average_trains_each_seed_once_and_reports_the_average(tmp_path):
     text = (tmp_path / "out" / "seeds_N100.md").read_text()
     assert "2 training seeds" in text and "| DSI multi-task, seed average |" in text
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        "digits-32px-N100-clustered-seed0", "digits-32px-N100-clustered-seed0-train1"]
+        "digits-32px-N100-clustered-seed0",
+        "digits-32px-N100-clustered-seed0-train1",
+    ]
 
 
 def test_seed_average_with_random_ids_uses_the_same_images_and_its_own_report(tmp_path):
@@ -95,8 +107,10 @@ def test_seed_average_with_atomic_ids_shares_the_folder_of_vitdsi_run(tmp_path):
     script = load_script()
     runs, out = tmp_path / "runs", tmp_path / "out"
     common = quick(runs, tmp_path / "dsi")
-    assert vitdsi(["run", "dsi-patch8", "--set", "schemes=[atomic]", "--set", "ns=[100]",
-                   "--set", "bovw=false", *common]) == 0
+    assert (
+        vitdsi(["run", "dsi-patch8", "--set", "schemes=[atomic]", "--set", "ns=[100]", "--set", "bovw=false", *common])
+        == 0
+    )
     trained = runs / "digits-32px-N100-atomic-seed0" / "multitask.pt"
     stamp = trained.stat().st_mtime_ns
     assert script.main(["--n", "100", *quick(runs, out), "--seeds", "0", "--scheme", "atomic"]) == 0

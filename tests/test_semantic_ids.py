@@ -1,4 +1,5 @@
 """Semantic (hierarchical k-means), residual-quantised and atomic IDs; codec_for; reuse guards; the 08 tables."""
+
 from __future__ import annotations
 
 import warnings
@@ -264,11 +265,26 @@ def test_sibling_agreement_known_answer():
 
 def test_gap_table_and_markdown():
     rows = []
-    for model, ids, ia, p10 in [("DSI zero-shot", "clustered", 1.0, 0.30), ("DSI zero-shot", "random", 0.98, 0.20),
-                                ("DSI zero-shot", "semantic", 0.99, 0.29), ("DSI zero-shot", "rq", 1.0, 0.38)]:
+    for model, ids, ia, p10 in [
+        ("DSI zero-shot", "clustered", 1.0, 0.30),
+        ("DSI zero-shot", "random", 0.98, 0.20),
+        ("DSI zero-shot", "semantic", 0.99, 0.29),
+        ("DSI zero-shot", "rq", 1.0, 0.38),
+    ]:
         for metric, value in (("IA@1", ia), ("P@10", p10)):
-            rows.append(dict(model=model, n=512, seed=0, ids=ids, metric=metric, value=value, ci_low=value - 0.05,
-                             ci_high=value + 0.05, chance=0.1))
+            rows.append(
+                dict(
+                    model=model,
+                    n=512,
+                    seed=0,
+                    ids=ids,
+                    metric=metric,
+                    value=value,
+                    ci_low=value - 0.05,
+                    ci_high=value + 0.05,
+                    chance=0.1,
+                )
+            )
     results = pd.DataFrame(rows)
     gaps = gap_table(results, metrics=("IA@1", "P@10"))
     assert gaps["ids"].tolist() == ["random", "semantic", "rq"]
@@ -277,10 +293,26 @@ def test_gap_table_and_markdown():
     assert gaps["within_target"].tolist() == [False, True, False]
     assert gaps["not_worse"].tolist() == [False, True, True]
     assert "| DSI zero-shot | 512 | 0 | rq | +0.000 | +0.080 | 0.080 | no | yes |" in gap_markdown(gaps)
-    runs = pd.DataFrame([dict(model="DSI zero-shot", n=512, seed=0, ids=ids, mean_length=2.0, max_length=3,
-                              vocab_size=13, collision_rate=0.0, sibling_agreement=0.5, sibling_chance=0.1,
-                              invalid_beam=0.0, invalid_greedy=0.25, train_s=10.0)
-                         for ids in ("clustered", "random", "semantic")])
+    runs = pd.DataFrame(
+        [
+            dict(
+                model="DSI zero-shot",
+                n=512,
+                seed=0,
+                ids=ids,
+                mean_length=2.0,
+                max_length=3,
+                vocab_size=13,
+                collision_rate=0.0,
+                sibling_agreement=0.5,
+                sibling_chance=0.1,
+                invalid_beam=0.0,
+                invalid_greedy=0.25,
+                train_s=10.0,
+            )
+            for ids in ("clustered", "random", "semantic")
+        ]
+    )
     text = ids_markdown(results, runs)
     assert "| DSI zero-shot | 512 | semantic | 0 | 0.990 [0.940, 1.040] |" in text
     assert "0.000 / 0.250" in text

@@ -1,4 +1,5 @@
 """The study runner: profiles, parameter hand-over, failure handling, and the smoke study end to end."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,18 @@ from vitdsi_utils.runner.profiles import known_profiles, load_profile, notebook_
 from vitdsi_utils.runner.run import StudyFailed, run_study, study_notebooks
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
-FIGURES = ("figure1_indexing", "figure2_retrieval_train", "figure3_retrieval_val", "metric_bars", "ids_bars",
-           "clusters_metrics", "clusters_sizes", "clusters_gallery_best", "clusters_gallery_worst", "ablations")
+FIGURES = (
+    "figure1_indexing",
+    "figure2_retrieval_train",
+    "figure3_retrieval_val",
+    "metric_bars",
+    "ids_bars",
+    "clusters_metrics",
+    "clusters_sizes",
+    "clusters_gallery_best",
+    "clusters_gallery_worst",
+    "ablations",
+)
 
 
 def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR = None'):
@@ -74,7 +85,8 @@ def test_baseline_verdicts_need_separated_intervals():
         ("DSI zero-shot", "random", 0.10, 0.05, 0.20),  # wholly below
     ]
     results = pd.DataFrame(rows, columns=["model", "ids", "value", "ci_low", "ci_high"]).assign(
-        metric="mAP@10", n=512, seed=0)
+        metric="mAP@10", n=512, seed=0
+    )
     verdicts = baseline_verdicts(results, "mAP@10").set_index(["model", "ids"])["verdict"]
     assert verdicts[("DSI fine-tuned", "clustered")] == "better"
     assert verdicts[("DSI fine-tuned", "random")] == "overlap"
@@ -125,7 +137,9 @@ def test_smoke_study_end_to_end(tmp_path):
     assert set(ids["model"]) == {"DSI zero-shot", "DSI fine-tuned"}
     assert (pd.read_csv(out / "tables" / "ids_runs.csv")["invalid_beam"] == 0).all()
     clusters = pd.read_csv(out / "tables" / "clusters.csv")  # 09_clusters: every trained encoder and reference
-    assert {"DSI zero-shot (random)", "DSI fine-tuned (clustered)", "Dense", "pixels (untrained)"} <= set(clusters["encoder"])
+    assert {"DSI zero-shot (random)", "DSI fine-tuned (clustered)", "Dense", "pixels (untrained)"} <= set(
+        clusters["encoder"]
+    )
     assert clusters["silhouette"].between(-1, 1).all() and clusters["nmi"].between(0, 1).all()
     assert set(pd.read_csv(out / "tables" / "vlad.csv")["model"]) == {"VLAD"}  # 02_bovw's VLAD rows
     ablation = pd.read_csv(out / "tables" / "ablations.csv")  # 10_ablations: the default, then the profile's factors

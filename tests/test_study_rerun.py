@@ -1,4 +1,5 @@
 """The runner's up-to-date checks: stamps, what makes a notebook stale, and reruns that skip finished work."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,7 @@ class Stamped:
         self.out, self.runs = root / "report", root / "runs"
         self.package = root / "pkg" / "vitdsi_utils"
         shutil.copytree(PACKAGE_DIR, self.package, ignore=shutil.ignore_patterns("__pycache__"))
-        self.params = {"PROFILE": "x", "LR": 0.1, "SIZE": 32,
-                       "OUT_DIR": str(self.out), "RUNS_DIR": str(self.runs)}
+        self.params = {"PROFILE": "x", "LR": 0.1, "SIZE": 32, "OUT_DIR": str(self.out), "RUNS_DIR": str(self.runs)}
         self.a = write_notebook(root / "01_a.py", "print(1)")
         self.b = write_notebook(root / "02_b.py", "print(2)")
         for path in (self.a, self.b):
@@ -52,8 +52,7 @@ class Stamped:
 
     def inputs(self, path: Path) -> dict:
         upstream = [self.a] if path == self.b else []
-        return notebook_inputs(path, self.params, upstream, self.out, kernel_name="python3",
-                               package_dir=self.package)
+        return notebook_inputs(path, self.params, upstream, self.out, kernel_name="python3", package_dir=self.package)
 
     def fake_run(self, path: Path) -> None:
         """What a successful run leaves: the executed copy, a model in RUNS_DIR, the stamp."""
@@ -61,8 +60,13 @@ class Stamped:
         nbformat.write(read_notebook(path), executed_path(self.out, path))
         (self.runs / path.stem).mkdir(parents=True, exist_ok=True)
         (self.runs / path.stem / "model.pt").write_bytes(b"weights")
-        write_stamp(self.out, path, self.inputs(path), seconds=1.5,
-                    products={"OUT_DIR": [], "RUNS_DIR": [f"{path.stem}/model.pt"]})
+        write_stamp(
+            self.out,
+            path,
+            self.inputs(path),
+            seconds=1.5,
+            products={"OUT_DIR": [], "RUNS_DIR": [f"{path.stem}/model.pt"]},
+        )
 
     def reasons(self, path: Path) -> list[str]:
         return stale_reasons(path, self.out, self.inputs(path), self.runs)
@@ -76,8 +80,12 @@ def stamped(tmp_path) -> Stamped:
 def test_a_notebook_just_stamped_is_up_to_date(stamped):
     assert stamped.reasons(stamped.a) == [] and stamped.reasons(stamped.b) == []
     stamp = json.loads(stamp_path(stamped.out, stamped.b).read_text())
-    assert stamp["parameters"] == {"PROFILE": "x", "LR": 0.1, "OUT_DIR": str(stamped.out),
-                                   "RUNS_DIR": str(stamped.runs)}  # only what the notebook declares
+    assert stamp["parameters"] == {
+        "PROFILE": "x",
+        "LR": 0.1,
+        "OUT_DIR": str(stamped.out),
+        "RUNS_DIR": str(stamped.runs),
+    }  # only what the notebook declares
     assert stamp["upstream"][0][0] == "01_a" and stamp["seconds"] == 1.5
 
 
@@ -123,18 +131,21 @@ def corrupt_stamp(s: Stamped) -> None:
     stamp_path(s.out, s.a).write_text("{not json")
 
 
-@pytest.mark.parametrize("change, reason", [
-    (edit_cell, "01_a.py was edited"),
-    (edit_tags, "01_a.py was edited"),
-    (change_declared_parameter, "parameter LR: 0.1 -> 0.2"),
-    (edit_package, "package source changed: vitdsi_utils/metrics.py"),
-    (add_package_module, "package source changed: vitdsi_utils/new_module.py"),
-    (delete_executed_copy, "executed copy"),
-    (change_executed_copy, "changed after its run"),
-    (delete_product, "files it wrote are missing: RUNS_DIR/01_a/model.pt"),
-    (delete_stamp, "no stamp"),
-    (corrupt_stamp, "unreadable"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (edit_cell, "01_a.py was edited"),
+        (edit_tags, "01_a.py was edited"),
+        (change_declared_parameter, "parameter LR: 0.1 -> 0.2"),
+        (edit_package, "package source changed: vitdsi_utils/metrics.py"),
+        (add_package_module, "package source changed: vitdsi_utils/new_module.py"),
+        (delete_executed_copy, "executed copy"),
+        (change_executed_copy, "changed after its run"),
+        (delete_product, "files it wrote are missing: RUNS_DIR/01_a/model.pt"),
+        (delete_stamp, "no stamp"),
+        (corrupt_stamp, "unreadable"),
+    ],
+)
 def test_what_makes_a_notebook_stale(stamped, change, reason):
     change(stamped)
     reasons = stamped.reasons(stamped.a)
@@ -178,11 +189,13 @@ def test_cli_passes_force_to_the_runner(monkeypatch):
 # ------------------------------------------------------------------------------------------
 # each notebook appends its name to a log outside the report (so it is nobody's product),
 # and writes a table into OUT_DIR and a "model" into RUNS_DIR
-RECORD = ("from pathlib import Path\n"
-          "Path({log!r}).open('a').write('{name}\\n')\n"
-          "Path(OUT_DIR, '{name}.csv').write_text('{name}')\n"
-          "Path(RUNS_DIR).mkdir(parents=True, exist_ok=True)\n"
-          "Path(RUNS_DIR, '{name}.pt').write_text('{name}')")
+RECORD = (
+    "from pathlib import Path\n"
+    "Path({log!r}).open('a').write('{name}\\n')\n"
+    "Path(OUT_DIR, '{name}.csv').write_text('{name}')\n"
+    "Path(RUNS_DIR).mkdir(parents=True, exist_ok=True)\n"
+    "Path(RUNS_DIR, '{name}.pt').write_text('{name}')"
+)
 
 
 @pytest.mark.notebook

@@ -1,4 +1,5 @@
 """Training loop: loss masking, pairs, memorisation, history, checkpoints and exact resume."""
+
 from __future__ import annotations
 
 import json

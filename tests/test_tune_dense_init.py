@@ -1,4 +1,5 @@
 """scripts/tune_dense_init.py: the multi-task variants of a recipe, scored on the val queries."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,9 @@ def test_the_variants_change_the_multitask_phase_of_make_dsi_dense_init():
     spec = load_recipe("dsi-dense-init")[0].spec
     for name, (epochs, mix, options, smoothing) in script.VARIANTS.items():
         config, ratio, extra = script.variant_config(spec, name, 3)
-        assert config == TrainConfig(lr=1e-3, batch_size=32, epochs=epochs, seed=3, label_smoothing=smoothing,
-                                     progress=False)
+        assert config == TrainConfig(
+            lr=1e-3, batch_size=32, epochs=epochs, seed=3, label_smoothing=smoothing, progress=False
+        )
         assert (ratio, extra) == (mix, options)
     assert spec.max_pairs_per_query == 5
 
@@ -41,12 +43,20 @@ def test_tuning_scores_each_variant_on_the_val_queries(tmp_path):
     from vitdsi_utils.training.config import TrainConfig
 
     db = build_database(load_images("digits", 32, progress=False), 100, id_scheme="clustered", seed=0)
-    zero = index_database(db, model_overrides=dict(dim=16, mlp_dim=32, depth=1, heads=2),
-                          config=TrainConfig(epochs=1, progress=False), run_dir=tmp_path / "model")
+    zero = index_database(
+        db,
+        model_overrides=dict(dim=16, mlp_dim=32, depth=1, heads=2),
+        config=TrainConfig(epochs=1, progress=False),
+        run_dir=tmp_path / "model",
+    )
     script = load_script()
     common = ["--set", "source=digits", "--set", "size=32", "--set", f"out_dir={tmp_path / 'out'}", "--n", "100"]
-    assert script.main([*common, "--model", str(tmp_path / "model" / "zero_shot.pt"), "--variants", "mix-4",
-                        "--tag", "tiny"]) == 0
+    assert (
+        script.main(
+            [*common, "--model", str(tmp_path / "model" / "zero_shot.pt"), "--variants", "mix-4", "--tag", "tiny"]
+        )
+        == 0
+    )
     long = pd.read_csv(tmp_path / "out" / "tuning_val_N100_tiny.csv")
     assert set(long["variant"]) == {"mix-4"} and set(long["mix_ratio"]) == {4.0} and set(long["epochs"]) == {30}
     assert zero.epochs == 1

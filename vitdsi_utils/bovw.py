@@ -223,8 +223,10 @@ def _warn_empty(n_empty: int, n_total: int, what: str, stacklevel: int) -> None:
 def words_advice(n_words: int, n_descriptors: int, n_images: int) -> str:
     """Why ``n_words`` visual words cannot be learnt from ``n_descriptors`` descriptors, and which setting can."""
     if n_descriptors == 0:
-        return (f"the {n_images} database images have no SIFT keypoints at all (flat or tiny images), so no "
-                "vocabulary can be learnt; use larger or more textured images (a larger SIZE)")
+        return (
+            f"the {n_images} database images have no SIFT keypoints at all (flat or tiny images), so no "
+            "vocabulary can be learnt; use larger or more textured images (a larger SIZE)"
+        )
     suggested = max(1, min(n_descriptors, n_descriptors // 10))  # about ten descriptors per word
     return (
         f"n_words={n_words} visual words need at least {n_words} SIFT descriptors, but the {n_images} database "
@@ -365,17 +367,20 @@ class BoVW(BaseEstimator):
         if self.encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {self.encoding!r}; choose one of {ENCODINGS}")
         if self.encoding == "vlad" and self.tfidf:
-            raise ValueError("tfidf weights word counts and applies to encoding='histogram' only; VLAD has no "
-                             "counts to weight (use power_normalisation / intra_normalisation instead)")
+            raise ValueError(
+                "tfidf weights word counts and applies to encoding='histogram' only; VLAD has no "
+                "counts to weight (use power_normalisation / intra_normalisation instead)"
+            )
         if self.encoding == "histogram" and self.intra_normalisation:
-            raise ValueError("intra_normalisation normalises VLAD's per-word blocks; a histogram has one number "
-                             "per word, so it applies to encoding='vlad' only")
+            raise ValueError(
+                "intra_normalisation normalises VLAD's per-word blocks; a histogram has one number "
+                "per word, so it applies to encoding='vlad' only"
+            )
         if self.max_descriptors is not None and (
             not isinstance(self.max_descriptors, Integral) or self.max_descriptors < self.n_words
         ):
             raise ValueError(
-                f"max_descriptors must be None or an integer >= n_words={self.n_words}, "
-                f"got {self.max_descriptors!r}"
+                f"max_descriptors must be None or an integer >= n_words={self.n_words}, got {self.max_descriptors!r}"
             )
         _n_workers(self.n_jobs)
 
@@ -410,8 +415,12 @@ class BoVW(BaseEstimator):
     def _encode(self, descriptors: list[np.ndarray]) -> np.ndarray:
         """Return the vectors (n, dim_) float32 of per-image descriptors, rows L2-normalised."""
         if self.encoding == "vlad":
-            return vlad_vectors(descriptors, self.vocabulary_, power_normalisation=self._power,
-                                intra_normalisation=self.intra_normalisation)
+            return vlad_vectors(
+                descriptors,
+                self.vocabulary_,
+                power_normalisation=self._power,
+                intra_normalisation=self.intra_normalisation,
+            )
         return self._normalise_histograms(word_histograms(descriptors, self.vocabulary_))
 
     def _normalise_histograms(self, histograms: np.ndarray) -> np.ndarray:
@@ -447,9 +456,7 @@ class BoVW(BaseEstimator):
         k = min(_check_k(k), len(self.index_))
         query_vectors = np.asarray(query_vectors, dtype=np.float32)
         if query_vectors.ndim != 2 or query_vectors.shape[1] != self.index_.shape[1]:
-            raise ValueError(
-                f"query_vectors must have shape (Q, {self.index_.shape[1]}), got {query_vectors.shape}"
-            )
+            raise ValueError(f"query_vectors must have shape (Q, {self.index_.shape[1]}), got {query_vectors.shape}")
         n_queries = len(query_vectors)
         scores = np.empty((n_queries, k), dtype=np.float32)
         rows = np.empty((n_queries, k), dtype=np.int64)

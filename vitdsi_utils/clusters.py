@@ -66,9 +66,13 @@ POOLINGS = ("cls", "mean", "concat")
 METRICS = {"silhouette": True, "davies_bouldin": False, "inertia_ratio": False, "purity": True, "nmi": True}
 
 
-METRIC_LABELS = {"silhouette": "silhouette (higher is better)", "davies_bouldin": "Davies-Bouldin (lower is better)",
-                 "inertia_ratio": "sum of squares / total (elbow)", "purity": "purity vs classes",
-                 "nmi": "NMI vs classes"}
+METRIC_LABELS = {
+    "silhouette": "silhouette (higher is better)",
+    "davies_bouldin": "Davies-Bouldin (lower is better)",
+    "inertia_ratio": "sum of squares / total (elbow)",
+    "purity": "purity vs classes",
+    "nmi": "NMI vs classes",
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,8 +105,10 @@ def embed(
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     cls_token = getattr(model, "cls_token", None)
     if pooling == "cls" and cls_token is None:
-        raise ValueError(f"{type(model).__name__} has no class token, so pooling='cls' is impossible; "
-                         f"use one of {available_poolings(model)}")
+        raise ValueError(
+            f"{type(model).__name__} has no class token, so pooling='cls' is impossible; "
+            f"use one of {available_poolings(model)}"
+        )
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
@@ -152,8 +158,10 @@ def _check_k(k: Any, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, Integral):
         raise ValueError(f"k must be an integer, got {k!r}")
     if not 2 <= k < n:
-        raise ValueError(f"k={k} clusters of {n} embeddings: k must lie in [2, n - 1] = [2, {n - 1}] for the "
-                         "silhouette to be defined; use a smaller k or more images")
+        raise ValueError(
+            f"k={k} clusters of {n} embeddings: k must lie in [2, n - 1] = [2, {n - 1}] for the "
+            "silhouette to be defined; use a smaller k or more images"
+        )
     return int(k)
 
 
@@ -166,7 +174,9 @@ def kmeans(x: Any, k: int, *, n_init: int = 1, random_state: int = 0) -> tuple[n
     k = _check_k(k, len(x))
     distinct = len(np.unique(x, axis=0))
     if distinct < k:
-        raise ValueError(f"only {distinct} distinct embeddings among {len(x)}, fewer than k={k} clusters; use k <= {distinct}")
+        raise ValueError(
+            f"only {distinct} distinct embeddings among {len(x)}, fewer than k={k} clusters; use k <= {distinct}"
+        )
     model = KMeans(n_clusters=k, n_init=n_init, random_state=random_state).fit(x)
     return model.labels_.astype(np.int64), model.cluster_centers_, float(model.inertia_)
 
@@ -175,8 +185,9 @@ def purity(classes: Any, clusters: Any) -> float:
     """Share of images whose cluster's majority class is their own (float in (0, 1])."""
     classes, clusters = np.asarray(classes), np.asarray(clusters)
     if classes.shape != clusters.shape or classes.ndim != 1 or len(classes) == 0:
-        raise ValueError(f"classes and clusters must be two (n,) arrays of the same length, got {classes.shape} "
-                         f"and {clusters.shape}")
+        raise ValueError(
+            f"classes and clusters must be two (n,) arrays of the same length, got {classes.shape} and {clusters.shape}"
+        )
     table = pd.crosstab(clusters, classes).to_numpy()  # (clusters, classes) counts
     return float(table.max(axis=1).sum() / len(classes))
 
@@ -225,13 +236,18 @@ def subset_scores(clusters: Any, classes: Any, mask: Any) -> dict[str, float]:
     """
     clusters, classes, mask = np.asarray(clusters), np.asarray(classes), np.asarray(mask, dtype=bool)
     if not clusters.shape == classes.shape == mask.shape:
-        raise ValueError(f"clusters, classes and mask must have the same shape, got {clusters.shape}, "
-                         f"{classes.shape} and {mask.shape}")
+        raise ValueError(
+            f"clusters, classes and mask must have the same shape, got {clusters.shape}, "
+            f"{classes.shape} and {mask.shape}"
+        )
     if not mask.any():
         raise ValueError("the mask selects no image")
-    return {"n": int(mask.sum()), "purity": purity(classes[mask], clusters[mask]),
-            "nmi": float(normalized_mutual_info_score(classes[mask], clusters[mask])),
-            "ami": float(adjusted_mutual_info_score(classes[mask], clusters[mask]))}
+    return {
+        "n": int(mask.sum()),
+        "purity": purity(classes[mask], clusters[mask]),
+        "nmi": float(normalized_mutual_info_score(classes[mask], clusters[mask])),
+        "ami": float(adjusted_mutual_info_score(classes[mask], clusters[mask])),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,8 +265,9 @@ def sweep(
     for k in sorted(set(ks)):
         start = time.perf_counter()
         clusters, _, inertia = kmeans(x, k, n_init=n_init, random_state=random_state)
-        rows.append({"k": k, **cluster_scores(x, clusters, classes, inertia=inertia),
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {"k": k, **cluster_scores(x, clusters, classes, inertia=inertia), "seconds": time.perf_counter() - start}
+        )
         labels[k] = clusters
     return pd.DataFrame(rows), labels
 

@@ -59,8 +59,10 @@ def thumbnail_uri(image: np.ndarray, px: int | None = None) -> str:
 
 def _img(image: np.ndarray, border: str, px: int = THUMBNAIL_PX) -> str:
     # pixelated scaling keeps 32 px digits crisp when the browser enlarges them
-    return (f'<img src="{thumbnail_uri(image, px)}" width="{px}" height="{px}" '
-            f'style="image-rendering:pixelated;border:3px solid {border};display:block">')
+    return (
+        f'<img src="{thumbnail_uri(image, px)}" width="{px}" height="{px}" '
+        f'style="image-rendering:pixelated;border:3px solid {border};display:block">'
+    )
 
 
 class QueryDemo:
@@ -83,8 +85,9 @@ class QueryDemo:
         self.index_images, self.index_labels = db.split("index")
         # label sets as (n, C) bool: one class each for ImageNet-like data, several for COCO
         self.query_sets, self.index_sets = db.multi_hot(query_role), db.multi_hot("index")
-        self.query_names = [" + ".join(readable_class(db.classes[j]) for j in np.flatnonzero(labels))
-                            for labels in self.query_sets]
+        self.query_names = [
+            " + ".join(readable_class(db.classes[j]) for j in np.flatnonzero(labels)) for labels in self.query_sets
+        ]
         if len(self.query_images) == 0:
             raise ValueError(f"the database has no {query_role!r} queries to choose from")
         self.size = int(db.settings["size"])
@@ -169,14 +172,16 @@ class QueryDemo:
         parts = [
             '<div class="vitdsi-demo" style="font-family:sans-serif;font-size:12px">',
             f'<div class="vitdsi-query"><b>{html.escape(self.query_title)}</b>'
-            f'{_img(self.query_image, "#000", 96)}</div>',
+            f"{_img(self.query_image, '#000', 96)}</div>",
         ]
         for name, (rows, scores, latency_ms) in self.results.items():
             hits = sum(bool(self.is_relevant(r)) for r in rows)
             summary = f"{latency_ms:.1f} ms" + ("" if self.query_label is None else f", {hits}/{len(rows)} relevant")
-            parts.append(f'<div class="vitdsi-model" data-model="{html.escape(name)}" style="margin-top:8px">'
-                         f'<b>{html.escape(name)}</b> ({summary})'
-                         '<div style="display:flex;flex-wrap:wrap;gap:4px">')
+            parts.append(
+                f'<div class="vitdsi-model" data-model="{html.escape(name)}" style="margin-top:8px">'
+                f"<b>{html.escape(name)}</b> ({summary})"
+                '<div style="display:flex;flex-wrap:wrap;gap:4px">'
+            )
             for rank, (row, score) in enumerate(zip(rows, scores), start=1):
                 relevant = self.is_relevant(int(row))
                 color = UNKNOWN_COLOR if relevant is None else RELEVANT_COLOR if relevant else IRRELEVANT_COLOR
@@ -185,7 +190,7 @@ class QueryDemo:
                 parts.append(
                     f'<figure class="vitdsi-hit" data-model="{html.escape(name)}" data-row="{int(row)}" '
                     f'data-relevant="{flag}" style="margin:0;text-align:center">{_img(self.index_images[row], color)}'
-                    f'<figcaption>#{rank} {score:.2f} {mark}</figcaption></figure>'
+                    f"<figcaption>#{rank} {score:.2f} {mark}</figcaption></figure>"
                 )
             parts.append("</div></div>")
         parts.append("</div>")
@@ -217,12 +222,18 @@ class QueryDemo:
 
     def _gallery_html(self) -> str:
         """A scrolling strip of the first GALLERY_QUERIES test queries, numbered as in the dropdown."""
-        cells = [f'<div style="text-align:center;font-size:10px">{_img(image, "#ccc", 48)}{i}</div>'
-                 for i, image in enumerate(self.query_images[:GALLERY_QUERIES])]
+        cells = [
+            f'<div style="text-align:center;font-size:10px">{_img(image, "#ccc", 48)}{i}</div>'
+            for i, image in enumerate(self.query_images[:GALLERY_QUERIES])
+        ]
         more = len(self.query_images) - GALLERY_QUERIES
         note = f"<div style='font-size:10px'>... and {more} more in the dropdown</div>" if more > 0 else ""
-        return ('<div style="display:flex;gap:3px;overflow-x:auto;max-width:100%;padding-bottom:4px">'
-                + "".join(cells) + "</div>" + note)
+        return (
+            '<div style="display:flex;gap:3px;overflow-x:auto;max-width:100%;padding-bottom:4px">'
+            + "".join(cells)
+            + "</div>"
+            + note
+        )
 
     def _build_widget(self):
         import ipywidgets as widgets
@@ -230,8 +241,9 @@ class QueryDemo:
         options = [(f"{i}: {name}", i) for i, name in enumerate(self.query_names)]
         self._query_box = widgets.Dropdown(options=options, value=0, description="test query")
         self._upload = widgets.FileUpload(accept="image/*", multiple=False, description="your image")
-        self._checkboxes = {n: widgets.Checkbox(value=n in self.selected, description=n, indent=False)
-                            for n in self.models}
+        self._checkboxes = {
+            n: widgets.Checkbox(value=n in self.selected, description=n, indent=False) for n in self.models
+        }
         self._k_slider = widgets.IntSlider(value=self.k, min=1, max=self.max_k, description="K")
         self._run_button = widgets.Button(description="Run", button_style="primary", icon="search")
         self._status = widgets.HTML()
@@ -262,14 +274,16 @@ class QueryDemo:
         self._upload.observe(on_upload, names="value")
         self._k_slider.observe(lambda change: self.set_k(change["new"]), names="value")
         self._run_button.on_click(on_run)
-        return widgets.VBox([
-            widgets.HTML(self._gallery_html()),
-            widgets.HBox([self._query_box, self._upload]),
-            widgets.HBox(list(self._checkboxes.values())),
-            widgets.HBox([self._k_slider, self._run_button]),
-            self._status,
-            self._result_html,
-        ])
+        return widgets.VBox(
+            [
+                widgets.HTML(self._gallery_html()),
+                widgets.HBox([self._query_box, self._upload]),
+                widgets.HBox(list(self._checkboxes.values())),
+                widgets.HBox([self._k_slider, self._run_button]),
+                self._status,
+                self._result_html,
+            ]
+        )
 
     # -- construction from a study's outputs -------------------------------------------------
     @classmethod
@@ -295,11 +309,16 @@ class QueryDemo:
         """
 
         run = find_run_dir(path, db, ids)
-        found = {name: run / file for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
-                 if run is not None and (run / file).is_file()}
+        found = {
+            name: run / file
+            for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
+            if run is not None and (run / file).is_file()
+        }
         if not found:
             s = db.settings
-            options = f" --dataset {s['source']}" + (f" --root {s['root']}" if s["source"] == "folder" and s.get("root") else "")
+            options = f" --dataset {s['source']}" + (
+                f" --root {s['root']}" if s["source"] == "folder" and s.get("root") else ""
+            )
             raise FileNotFoundError(
                 f"no trained DSI models for {run_name(db)} under {path} (looked for zero_shot.pt and "
                 f"fine_tuned.pt); notebooks 03_indexing and 04_retrieval write them: run "
@@ -312,8 +331,11 @@ class QueryDemo:
         for name, file in found.items():
             # a model of another database (ID scheme, seed, N, image size) would mark relevance wrongly
             model, codec, _ = load_model(
-                file, map_location=resolve_device(device), expect_config={"image_size": int(db.settings["size"])},
-                expect_codec=expected, expect_data=db.fingerprint(),
+                file,
+                map_location=resolve_device(device),
+                expect_config={"image_size": int(db.settings["size"])},
+                expect_codec=expected,
+                expect_data=db.fingerprint(),
             )
             models[name] = DSISearcher(model, codec)
         return cls(db, models, **kwargs)

@@ -21,7 +21,12 @@ from vitdsi_utils.reports.tables import BOVW_MODEL
 
 
 def retrieval_metrics(
-    ranked: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, *, kind: str | None = None, seed: int = 0,
+    ranked: np.ndarray,
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    kind: str | None = None,
+    seed: int = 0,
     n_resamples: int = 1000,
 ) -> pd.DataFrame:
     """mAP@10, P@10, R@100 and the paper protocol, with 95% intervals and chance (one row per metric).
@@ -46,8 +51,9 @@ class BoVWResult:
     def rows(self, db: Database) -> pd.DataFrame:
         """The table as result rows of ``db`` beside the DSI's: model BoVW, the database's keys, ids "-", timings."""
         s = db.settings
-        return self.table.assign(model=BOVW_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-",
-                                 seed=s["seed"], **self.timings)
+        return self.table.assign(
+            model=BOVW_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-", seed=s["seed"], **self.timings
+        )
 
 
 def bovw_variant(
@@ -66,9 +72,14 @@ def bovw_variant(
     """
     power_default = encoding == "vlad"
     power = power_default if power_normalisation is None else bool(power_normalisation)
-    parts = [f"K{n_words}", "rootsift" if rootsift else "", "tfidf" if tfidf else "",
-             "vlad" if encoding == "vlad" else "", "intra" if intra_normalisation else "",
-             "" if power == power_default else ("power" if power else "nopower")]
+    parts = [
+        f"K{n_words}",
+        "rootsift" if rootsift else "",
+        "tfidf" if tfidf else "",
+        "vlad" if encoding == "vlad" else "",
+        "intra" if intra_normalisation else "",
+        "" if power == power_default else ("power" if power else "nopower"),
+    ]
     return "_".join(part for part in parts if part)
 
 
@@ -105,9 +116,16 @@ def evaluate_bovw(
     index_labels, query_labels = db.relevance_labels("index"), db.relevance_labels(query_role)
     rankings, fit_s, search_s = [], 0.0, 0.0
     for draw in range(vocabularies):
-        model = BoVW(n_words, encoding=encoding, rootsift=rootsift, tfidf=tfidf,
-                     power_normalisation=power_normalisation, intra_normalisation=intra_normalisation,
-                     random_state=seed + draw, progress=progress)
+        model = BoVW(
+            n_words,
+            encoding=encoding,
+            rootsift=rootsift,
+            tfidf=tfidf,
+            power_normalisation=power_normalisation,
+            intra_normalisation=intra_normalisation,
+            random_state=seed + draw,
+            progress=progress,
+        )
         with warnings.catch_warnings():
             if draw:  # the same images have the same keypoints in every vocabulary: the first draw has said it
                 warnings.simplefilter("ignore", NoKeypointsWarning)
@@ -153,7 +171,6 @@ def evaluate_dsi(
     """
     import torch
 
-
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
         raise ValueError("evaluate_dsi needs a model, or a non-empty list of models")
@@ -174,8 +191,9 @@ def evaluate_dsi(
         index_s, search_s = index_s + indexed - start, search_s + searched - indexed
     table = pd.concat(  # a stack of one scores exactly as the single ranking
         [
-            metrics.evaluate_indexing(np.stack(owns), np.arange(len(index_images)), ks=(1, 5), seed=seed,
-                                      n_db=len(codec)),
+            metrics.evaluate_indexing(
+                np.stack(owns), np.arange(len(index_images)), ks=(1, 5), seed=seed, n_db=len(codec)
+            ),
             retrieval_metrics(np.stack(rankings), query_labels, index_labels, kind=db.relevance_kind, seed=seed),
         ],
         ignore_index=True,

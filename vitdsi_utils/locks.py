@@ -55,8 +55,13 @@ def _holder(folder: Path) -> str:
 
 
 def _write_owner(folder: Path) -> None:
-    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "thread": threading.current_thread().name, "command": " ".join(sys.argv)[:500]}
+    note = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "thread": threading.current_thread().name,
+        "command": " ".join(sys.argv)[:500],
+    }
     try:
         (folder / OWNER_NAME).write_text(json.dumps(note))
     except OSError:  # the note only improves messages
@@ -93,8 +98,12 @@ def run_folder_lock(folder: str | os.PathLike, *, timeout: Any = _WAIT) -> Itera
                 f"{folder} is in use by another run{who}; wait for it to finish, or set "
                 f"{settings.LOCK_TIMEOUT_ENV} to the seconds to wait for it (unset: wait as long as it takes)"
             ) from None
-        print(f"waiting for {folder}: another run is training there{who}"
-              + (f"; giving up after {wait:g} s" if wait is not None else ""), file=sys.stderr, flush=True)
+        print(
+            f"waiting for {folder}: another run is training there{who}"
+            + (f"; giving up after {wait:g} s" if wait is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             lock.acquire(timeout=-1 if wait is None else wait)
         except Timeout:

@@ -139,14 +139,10 @@ def relevance_matrix(ranked: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """Return hits (Q, K) bool: whether ``ranked[q, i]`` is relevant to query q (False for -1)."""
     relevant = np.asarray(relevant)
     if relevant.ndim != 2 or relevant.dtype != bool:
-        raise ValueError(
-            f"relevant must be a 2-D boolean (queries, n_db) array, got {relevant.dtype} {relevant.shape}"
-        )
+        raise ValueError(f"relevant must be a 2-D boolean (queries, n_db) array, got {relevant.dtype} {relevant.shape}")
     ranked = _check_ranked(ranked, n_db=relevant.shape[1])
     if ranked.shape[0] != relevant.shape[0]:
-        raise ValueError(
-            f"ranked has {ranked.shape[0]} queries but relevant has {relevant.shape[0]} rows"
-        )
+        raise ValueError(f"ranked has {ranked.shape[0]} queries but relevant has {relevant.shape[0]} rows")
     if ranked.shape[1] == 0 or relevant.shape[1] == 0:
         return np.zeros(ranked.shape, dtype=bool)
     # -1 would index the last column, so look up a dummy column and mask it out afterwards
@@ -185,9 +181,7 @@ def average_precision_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> 
     return np.divide(total, denom, out=np.full(total.shape, np.nan), where=n_rel > 0)
 
 
-def indexing_accuracy_at_k(
-    ranked: np.ndarray, targets: np.ndarray, k: int, *, n_db: int | None = None
-) -> np.ndarray:
+def indexing_accuracy_at_k(ranked: np.ndarray, targets: np.ndarray, k: int, *, n_db: int | None = None) -> np.ndarray:
     """Return IA@k per query, (Q,) float 0/1: whether ``targets[q]`` is among ``ranked[q, :k]``."""
     ranked = _check_ranked(ranked, n_db=n_db)
     k = _check_k(k)
@@ -323,8 +317,9 @@ def _paper_protocol(
     (``*_p2.5`` / ``*_p97.5``): the range the paper's number could land in by query choice alone.
     """
     hits = _check_hits(hits)
-    return _paper_protocol_of(precision_at_k(hits, 10), recall_at_k(hits, n_relevant, 100), n_queries=n_queries,
-                              seed=seed, n_draws=n_draws)
+    return _paper_protocol_of(
+        precision_at_k(hits, 10), recall_at_k(hits, n_relevant, 100), n_queries=n_queries, seed=seed, n_draws=n_draws
+    )
 
 
 def _paper_protocol_of(
@@ -343,7 +338,10 @@ def _paper_protocol_of(
     values = (p_means[0], r_means[0], _std_over_draws(p_means), _std_over_draws(r_means))
     result = dict(zip(keys, map(float, values)))
     finite_r = r_means[~np.isnan(r_means)]
-    spread = (*np.percentile(p_means, [2.5, 97.5]), *(np.percentile(finite_r, [2.5, 97.5]) if finite_r.size else (np.nan, np.nan)))
+    spread = (
+        *np.percentile(p_means, [2.5, 97.5]),
+        *(np.percentile(finite_r, [2.5, 97.5]) if finite_r.size else (np.nan, np.nan)),
+    )
     result.update(zip(spread_keys, map(float, spread)))
     return result, idx[0]
 
@@ -415,19 +413,32 @@ def evaluate_ranking(
     # The paper's protocol: report its first draw, and how many of the drawn queries entered it.
     # Its "interval" is the 2.5-97.5 percentile range over 1000 draws of 10 queries: where the
     # paper's number could have landed by the choice of queries alone (not a bootstrap CI).
-    paper, drawn = _paper_protocol_of(per_query(precision_at_k, 10), per_query(recall_at_k, n_rel, 100),
-                                      n_queries=10, seed=seed, n_draws=1000)
+    paper, drawn = _paper_protocol_of(
+        per_query(precision_at_k, 10), per_query(recall_at_k, n_rel, 100), n_queries=10, seed=seed, n_draws=1000
+    )
     n_recall_valid = int(np.count_nonzero(n_rel[drawn] > 0))
-    rows.append({
-        "metric": "paper MAP@10 (mean P@10, 10 queries)", "value": paper["paper_map@10"],
-        "ci_low": paper["paper_map@10_p2.5"], "ci_high": paper["paper_map@10_p97.5"], "chance": chance_precision_at_k(n_rel, n_db, 10),
-        "n_queries": drawn.size, "n_ignored": 0,
-    })
-    rows.append({
-        "metric": "paper R@100 (10 queries)", "value": paper["paper_recall@100"],
-        "ci_low": paper["paper_recall@100_p2.5"], "ci_high": paper["paper_recall@100_p97.5"], "chance": chance_recall_at_k(n_rel, n_db, 100),
-        "n_queries": n_recall_valid, "n_ignored": drawn.size - n_recall_valid,
-    })
+    rows.append(
+        {
+            "metric": "paper MAP@10 (mean P@10, 10 queries)",
+            "value": paper["paper_map@10"],
+            "ci_low": paper["paper_map@10_p2.5"],
+            "ci_high": paper["paper_map@10_p97.5"],
+            "chance": chance_precision_at_k(n_rel, n_db, 10),
+            "n_queries": drawn.size,
+            "n_ignored": 0,
+        }
+    )
+    rows.append(
+        {
+            "metric": "paper R@100 (10 queries)",
+            "value": paper["paper_recall@100"],
+            "ci_low": paper["paper_recall@100_p2.5"],
+            "ci_high": paper["paper_recall@100_p97.5"],
+            "chance": chance_recall_at_k(n_rel, n_db, 100),
+            "n_queries": n_recall_valid,
+            "n_ignored": drawn.size - n_recall_valid,
+        }
+    )
     for row in rows[-2:]:
         row["uninformative"] = is_uninformative(row["chance"])
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
@@ -457,8 +468,11 @@ def evaluate_indexing(
         n_db = stack.shape[1]
     rows = [
         _summary_row(
-            f"IA@{k}", np.mean([indexing_accuracy_at_k(r, targets, k, n_db=n_db) for r in stack], axis=0),
-            chance_indexing_accuracy_at_k(n_db, k), n_resamples, seed,
+            f"IA@{k}",
+            np.mean([indexing_accuracy_at_k(r, targets, k, n_db=n_db) for r in stack], axis=0),
+            chance_indexing_accuracy_at_k(n_db, k),
+            n_resamples,
+            seed,
         )
         for k in ks
     ]

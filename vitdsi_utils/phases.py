@@ -36,8 +36,14 @@ TARGET_MODES = ("pairs", "same-class")
 
 #: The files of a run folder: the indexed model and its checkpoint, and what is trained from the indexed model.
 ZERO_SHOT_FILE, INDEXING_CHECKPOINT = "zero_shot.pt", "indexing.ckpt"
-DESCENDANT_FILES = ("fine_tuned.pt", "retrieval.ckpt", "consolidate.ckpt",
-                    "multitask.pt", "multitask.ckpt", "multitask_consolidate.ckpt")
+DESCENDANT_FILES = (
+    "fine_tuned.pt",
+    "retrieval.ckpt",
+    "consolidate.ckpt",
+    "multitask.pt",
+    "multitask.ckpt",
+    "multitask_consolidate.ckpt",
+)
 
 
 def _seconds_before(checkpoint: Path | None) -> float:
@@ -80,7 +86,6 @@ def new_model(
     """
     model = DSIModel(model_config(db, codec, **model_overrides))
     if encoder_init is not None:
-
         init_encoder(model, *encoder_init)
     return model
 
@@ -94,7 +99,6 @@ def encoder_init_tag(encoder_init: EncoderInitSpec | None) -> str | None:
     if source not in INIT_SOURCES:
         raise ValueError(f"unknown encoder source {source!r}; choose one of {INIT_SOURCES}")
     if not Path(path).is_file():
-
         if source != "torchvision":
             raise FileNotFoundError(f"{path} does not exist: the {source} checkpoint to initialise the encoder from")
         path = resolve_torchvision_file(path)
@@ -181,11 +185,14 @@ def _reuse_index(
         state = load_checkpoint(checkpoint)
         if int(state["epoch"]) == int(meta["epoch"]):
             reached = bool(state["extra"].get("stopped"))
-    verdict = finished_verdict(meta.get("train_config"), config, epochs_run=int(meta["epoch"]), reached=reached,
-                               resumable=checkpoint.exists())
+    verdict = finished_verdict(
+        meta.get("train_config"), config, epochs_run=int(meta["epoch"]), reached=reached, resumable=checkpoint.exists()
+    )
     if verdict.differences:
         raise CheckpointError(
-            f"{final} was indexed with other settings: " + "; ".join(verdict.differences) + ". "
+            f"{final} was indexed with other settings: "
+            + "; ".join(verdict.differences)
+            + ". "
             + REUSE_HINT.format(files=f"{final} and {checkpoint}")
         )
     if not verdict.resume:
@@ -199,8 +206,11 @@ def _reuse_index(
             f"{config.epochs} epochs would change the indexed model that {', '.join(descendants)} were trained "
             "from. Delete them to continue indexing here, or use another run folder (a recipe's runs_dir)"
         )
-    print(f"{final} stopped at its cap of {cap} epochs without reaching the target accuracy "
-          f"{config.target_accuracy}; continuing from {checkpoint} up to {config.epochs} epochs", file=sys.stderr)
+    print(
+        f"{final} stopped at its cap of {cap} epochs without reaching the target accuracy "
+        f"{config.target_accuracy}; continuing from {checkpoint} up to {config.epochs} epochs",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -220,7 +230,6 @@ def _index(
     if init is not None:
         init(model)  # a resumed run then overwrites these weights with its checkpoint's
     if encoder_init is not None:
-
         init_encoder(model, *encoder_init)
     index_images, _ = db.split("index")
     checkpoint = run_dir / INDEXING_CHECKPOINT if run_dir else None
@@ -237,8 +246,9 @@ def _index(
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     reached = history.reached_target
     if run_dir is not None:
-        _save_final(run_dir / ZERO_SHOT_FILE, model, codec, config, history, seconds, epochs, fingerprint,
-                    reached=reached)
+        _save_final(
+            run_dir / ZERO_SHOT_FILE, model, codec, config, history, seconds, epochs, fingerprint, reached=reached
+        )
     return PhaseResult(model, history, seconds, epochs, config.to_dict(), reached_target=reached)
 
 
@@ -294,15 +304,26 @@ def fine_tune(
     if targets not in TARGET_MODES:
         raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
     if isinstance(index_views, bool) or not isinstance(index_views, int) or index_views < 0:
-        raise ValueError(f"index_views must be an integer >= 0 (views of each indexed image per epoch), got {index_views!r}")
+        raise ValueError(
+            f"index_views must be an integer >= 0 (views of each indexed image per epoch), got {index_views!r}"
+        )
     if isinstance(consolidate, bool) or not isinstance(consolidate, int) or consolidate < 0:
-        raise ValueError(f"consolidate must be an integer >= 0 (most indexing epochs after fine-tuning), got {consolidate!r}")
+        raise ValueError(
+            f"consolidate must be an integer >= 0 (most indexing epochs after fine-tuning), got {consolidate!r}"
+        )
     codec = database_codec(db, codec)
     zero_shot.check_codec(codec)
     config = config or TrainConfig(epochs=75)
-    options = fine_tune_options(config, max_pairs_per_query=max_pairs_per_query, multitask=multitask,
-                                mix_ratio=mix_ratio, targets=targets, index_views=index_views,
-                                view_min_crop=view_min_crop, consolidate=consolidate)
+    options = fine_tune_options(
+        config,
+        max_pairs_per_query=max_pairs_per_query,
+        multitask=multitask,
+        mix_ratio=mix_ratio,
+        targets=targets,
+        index_views=index_views,
+        view_min_crop=view_min_crop,
+        consolidate=consolidate,
+    )
     # the model it starts from: a folder whose indexed model changed refuses what was fine-tuned from the old one
     fingerprint = {**db.fingerprint(), "parent": weights_digest(zero_shot)}
     if run_dir is None:
@@ -339,8 +360,9 @@ def _fine_tune(
         )
     extra_tasks = []
     if index_views:
-        extra_tasks.append(AugmentedViews(torch.from_numpy(db.split("index")[0]), views=index_views,
-                                          min_crop=options["view_min_crop"]))
+        extra_tasks.append(
+            AugmentedViews(torch.from_numpy(db.split("index")[0]), views=index_views, min_crop=options["view_min_crop"])
+        )
     val_pairs = RetrievalPairs.from_labels(
         torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
@@ -355,13 +377,28 @@ def _fine_tune(
     if multitask:
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
         history = fit(
-            model, codec, [indexing, pairs, *extra_tasks], mix_ratio=mix_ratio, val=[val_pairs], config=config,
-            checkpoint_path=checkpoint, data_info=data_info, stop_on=None, phase="multitask",
+            model,
+            codec,
+            [indexing, pairs, *extra_tasks],
+            mix_ratio=mix_ratio,
+            val=[val_pairs],
+            config=config,
+            checkpoint_path=checkpoint,
+            data_info=data_info,
+            stop_on=None,
+            phase="multitask",
         )
     elif extra_tasks:
         history = fit(
-            model, codec, [pairs, *extra_tasks], val=[val_pairs], config=config, checkpoint_path=checkpoint,
-            data_info=data_info, stop_on=None, phase="retrieval",
+            model,
+            codec,
+            [pairs, *extra_tasks],
+            val=[val_pairs],
+            config=config,
+            checkpoint_path=checkpoint,
+            data_info=data_info,
+            stop_on=None,
+            phase="retrieval",
         )
     else:
         history = train_retrieval(
@@ -371,17 +408,32 @@ def _fine_tune(
     if consolidate:
         # it continues the model fine-tuning just left: a checkpoint of another fine-tuned model is refused
         history = train_indexing(
-            model, codec, torch.from_numpy(db.split("index")[0]), config=dataclasses.replace(config, epochs=consolidate),
-            history=history, checkpoint_path=consolidation,
-            data_info={**data_info, "parent": weights_digest(model)}, phase="consolidate",
+            model,
+            codec,
+            torch.from_numpy(db.split("index")[0]),
+            config=dataclasses.replace(config, epochs=consolidate),
+            history=history,
+            checkpoint_path=consolidation,
+            data_info={**data_info, "parent": weights_digest(model)},
+            phase="consolidate",
         )
         reached = history.reached_target
     seconds = time.perf_counter() - start
     frame = history.to_frame()
     epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
     if run_dir is not None:
-        _save_final(run_dir / f"{stem}.pt", model, codec, config, history, seconds, epochs, fingerprint,
-                    options=options, reached=reached)
+        _save_final(
+            run_dir / f"{stem}.pt",
+            model,
+            codec,
+            config,
+            history,
+            seconds,
+            epochs,
+            fingerprint,
+            options=options,
+            reached=reached,
+        )
     return PhaseResult(model, history, seconds, epochs, config.to_dict(), reached_target=reached)
 
 
@@ -401,17 +453,26 @@ def _reuse_fine_tuned(
     saved = {k: v for k, v in saved.items() if k in options}
     found = differences(saved, {k: v for k, v in options.items() if k in saved})
     # all its epochs are trained (no cap); the stop rule's settings count when consolidation follows
-    found += finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]),
-                              reached=extra.get("reached_target"), stop_rule=bool(options["consolidate"]),
-                              capped=False).differences
+    found += finished_verdict(
+        meta.get("train_config"),
+        train,
+        epochs_run=int(meta["epoch"]),
+        reached=extra.get("reached_target"),
+        stop_rule=bool(options["consolidate"]),
+        capped=False,
+    ).differences
     saved_parent = extra.get("data", {}).get("parent")
     if saved_parent is not None and saved_parent != parent:
-        found.append(f"indexed model: it was trained from other weights (digest {saved_parent}, this "
-                     f"folder's indexed model has {parent}): the indexed model changed since")
+        found.append(
+            f"indexed model: it was trained from other weights (digest {saved_parent}, this "
+            f"folder's indexed model has {parent}): the indexed model changed since"
+        )
     if found:
         raise CheckpointError(
             f"{final} was {'trained' if options['multitask'] else 'fine-tuned'} with other settings: "
-            + "; ".join(found) + ". " + REUSE_HINT.format(files=final)
+            + "; ".join(found)
+            + ". "
+            + REUSE_HINT.format(files=final)
         )
     result.reached_target = extra.get("reached_target")
     return result
@@ -433,19 +494,26 @@ def fine_tune_options(
     return {
         "consolidate": int(consolidate),
         "max_pairs_per_query": None if targets == "same-class" else max_pairs_per_query,
-        "multitask": bool(multitask), "mix_ratio": mix_ratio if multitask else None, "targets": targets,
-        "index_views": int(index_views), "view_min_crop": float(view_min_crop) if index_views else None,
+        "multitask": bool(multitask),
+        "mix_ratio": mix_ratio if multitask else None,
+        "targets": targets,
+        "index_views": int(index_views),
+        "view_min_crop": float(view_min_crop) if index_views else None,
     }
 
 
-def _load_final(
-    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict
-) -> tuple[PhaseResult, dict[str, Any]]:
+def _load_final(path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict) -> tuple[PhaseResult, dict[str, Any]]:
     """(the finished phase at ``path``, its meta); CheckpointError if it was trained for another model,
     IDs or database. The callers compare its training settings."""
     model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
-    result = PhaseResult(model, meta["history"], float(meta["extra"].get("seconds", 0.0)), int(meta["epoch"]),
-                         dict(meta.get("train_config") or {}), loaded=True)
+    result = PhaseResult(
+        model,
+        meta["history"],
+        float(meta["extra"].get("seconds", 0.0)),
+        int(meta["epoch"]),
+        dict(meta.get("train_config") or {}),
+        loaded=True,
+    )
     return result, meta
 
 
@@ -462,6 +530,10 @@ def _save_final(
     reached: bool | None = None,
 ) -> None:
 
-    extra = {"seconds": seconds, "data": fingerprint, "reached_target": reached,
-             **({"options": options} if options is not None else {})}
+    extra = {
+        "seconds": seconds,
+        "data": fingerprint,
+        "reached_target": reached,
+        **({"options": options} if options is not None else {}),
+    }
     save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)

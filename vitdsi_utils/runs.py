@@ -21,7 +21,6 @@ def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path
     """The run folder of ``db`` (with IDs ``ids``, default its own) under ``path`` (see :meth:`QueryDemo.from_run_dir`), or None."""
     import pandas as pd
 
-
     path, name = Path(path), run_name(db, ids)
     candidates = [path, path / name]
     listing = path / "tables" / "indexing_runs.csv"
@@ -58,9 +57,7 @@ class StudyPaths:
     runs: Path
 
     @classmethod
-    def create(
-        cls, profile: str, out_dir: str | Path | None = None, runs_dir: str | Path | None = None
-    ) -> StudyPaths:
+    def create(cls, profile: str, out_dir: str | Path | None = None, runs_dir: str | Path | None = None) -> StudyPaths:
         """The notebooks' OUT_DIR / RUNS_DIR, or ``reports/<profile>`` / ``data/runs/<profile>``.
 
         tables/ and figures/ are created; run folders appear when a model is saved.

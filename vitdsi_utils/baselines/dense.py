@@ -64,10 +64,6 @@ DENSE_MODEL = "Dense (contrastive ViT)"
 POOLINGS = ("cls", "mean")
 
 
-
-
-
-
 # ------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------
@@ -128,7 +124,9 @@ def _as_image_tensor(images: np.ndarray | torch.Tensor, config: ViTConfig) -> to
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"images must be uint8 (n, {config.image_size}, {config.image_size}, {config.channels}); got {got}")
+        raise TypeError(
+            f"images must be uint8 (n, {config.image_size}, {config.image_size}, {config.channels}); got {got}"
+        )
     if images.ndim != 4 or tuple(images.shape[1:]) != (config.image_size, config.image_size, config.channels):
         raise ValueError(
             f"images must have shape (n, {config.image_size}, {config.image_size}, {config.channels}); "
@@ -255,12 +253,20 @@ class DenseTrainConfig(PlainConfig):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "eval_batch_size", "checkpoint_every"})
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("per_class", 2), ("warmup_steps", 0), ("seed", 0),
-                          ("eval_batch_size", 1), ("checkpoint_every", 1)):
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("per_class", 2),
+            ("warmup_steps", 0),
+            ("seed", 0),
+            ("eval_batch_size", 1),
+            ("checkpoint_every", 1),
+        ):
             setattr(self, name, check_int(name, getattr(self, name), low))
         if self.batch_size < self.per_class:
-            raise ValueError(f"need 2 <= per_class <= batch_size, got per_class={self.per_class}, "
-                             f"batch_size={self.batch_size}")
+            raise ValueError(
+                f"need 2 <= per_class <= batch_size, got per_class={self.per_class}, batch_size={self.batch_size}"
+            )
         self.lr = check_number("lr", self.lr, 0, low_open=True)
         for name in ("weight_decay", "entropy_weight", "grad_clip"):
             setattr(self, name, check_number(name, getattr(self, name), 0))
@@ -289,9 +295,7 @@ def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def _validation_scores(
-    model: DenseEncoder, val: tuple, batch_size: int, k: int = 10
-) -> dict[str, float]:
+def _validation_scores(model: DenseEncoder, val: tuple, batch_size: int, k: int = 10) -> dict[str, float]:
     """mAP@k and P@k of the val queries against the val database, by exact cosine search."""
     query_images, query_labels, db_images, db_labels = val
     queries = model.embed(query_images, batch_size)
@@ -367,19 +371,38 @@ def train_dense(
         state = read_dense_checkpoint(path, device)
         problems = dense_mismatches(state, model.config, config, fingerprint)
         if problems:
-            raise CheckpointError(f"{path} was trained for other settings: {'; '.join(problems)}. "
-                                  + REUSE_HINT.format(files=path))
+            raise CheckpointError(
+                f"{path} was trained for other settings: {'; '.join(problems)}. " + REUSE_HINT.format(files=path)
+            )
         return state
 
     def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
-        save_dense(path, model, config, history, epoch=epoch, optimizer=optimizer, rng=rng_state(generator),
-                   extra={"data": fingerprint, "step": counters["step"]})
+        save_dense(
+            path,
+            model,
+            config,
+            history,
+            epoch=epoch,
+            optimizer=optimizer,
+            rng=rng_state(generator),
+            extra={"data": fingerprint, "step": counters["step"]},
+        )
 
     history = History()
     checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
-    run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
-                 lr_at=linear_warmup(config.lr, config.warmup_steps), grad_clip=config.grad_clip, history=history,
-                 checkpoint=checkpoint, desc="dense", progress=config.progress)
+    run_training(
+        model,
+        objective,
+        optimizer,
+        epochs=config.epochs,
+        seed=config.seed,
+        lr_at=linear_warmup(config.lr, config.warmup_steps),
+        grad_clip=config.grad_clip,
+        history=history,
+        checkpoint=checkpoint,
+        desc="dense",
+        progress=config.progress,
+    )
     model.eval()
     return history
 
@@ -387,8 +410,14 @@ def train_dense(
 class _DenseObjective:
     """Contrastive loss with the entropy regulariser over class-balanced batches of augmented views."""
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, config: DenseTrainConfig,
-                 val: tuple | None):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+        config: DenseTrainConfig,
+        val: tuple | None,
+    ):
         self.data, self.labels, self.targets, self.config, self.val = data, labels, targets, config, val
         self.sums = torch.zeros(3, dtype=torch.float64, device=data.device)
         self.batches: list[torch.Tensor] = []
@@ -408,15 +437,34 @@ class _DenseObjective:
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         means = (self.sums / max(len(self.batches), 1)).tolist()
-        rows = [{"phase": "dense", "epoch": epoch, "split": "train", "task": "contrastive", "loss": means[0],
-                 "contrastive": means[1], "entropy": means[2], "seconds": seconds,
-                 "n_examples": int(sum(len(b) for b in self.batches))}]
+        rows = [
+            {
+                "phase": "dense",
+                "epoch": epoch,
+                "split": "train",
+                "task": "contrastive",
+                "loss": means[0],
+                "contrastive": means[1],
+                "entropy": means[2],
+                "seconds": seconds,
+                "n_examples": int(sum(len(b) for b in self.batches)),
+            }
+        ]
         postfix = {"loss": f"{means[0]:.3f}"}
         if self.val is not None:
             t1 = time.perf_counter()
             scores = _validation_scores(model, self.val, self.config.eval_batch_size)
-            rows.append({"phase": "dense", "epoch": epoch, "split": "val", "task": "contrastive", **scores,
-                         "seconds": time.perf_counter() - t1, "n_examples": len(self.val[0])})
+            rows.append(
+                {
+                    "phase": "dense",
+                    "epoch": epoch,
+                    "split": "val",
+                    "task": "contrastive",
+                    **scores,
+                    "seconds": time.perf_counter() - t1,
+                    "n_examples": len(self.val[0]),
+                }
+            )
             postfix["val_map@10"] = f"{scores['map@10']:.3f}"
         return EpochEnd(rows, postfix)
 
@@ -437,16 +485,25 @@ def save_dense(
 ) -> Path:
     """Write the encoder, its configs, history, optimiser and RNG state: a checkpoint of kind ``"dense-encoder"``."""
     return write_checkpoint(
-        path, "dense-encoder", model=model, optimizer=optimizer, config=model.config.to_dict(),
-        train_config=train_config.to_dict() if train_config is not None else None, epoch=epoch, history=history,
-        rng=rng, extra=extra,
+        path,
+        "dense-encoder",
+        model=model,
+        optimizer=optimizer,
+        config=model.config.to_dict(),
+        train_config=train_config.to_dict() if train_config is not None else None,
+        epoch=epoch,
+        history=history,
+        rng=rng,
+        extra=extra,
     )
 
 
 def read_dense_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The state of a dense-encoder checkpoint (:func:`~vitdsi_utils.training.checkpoint.read_checkpoint`)."""
-    hint = ("train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `make dense`, or notebook "
-            "07_dense); DSI models load with training.checkpoint.load_model")
+    hint = (
+        "train a dense encoder first (DenseRetriever.fit(..., checkpoint_path=...), `make dense`, or notebook "
+        "07_dense); DSI models load with training.checkpoint.load_model"
+    )
     return read_checkpoint(path, "dense-encoder", map_location, hint=hint)
 
 

@@ -47,11 +47,19 @@ def _torch_load(path: str | os.PathLike, what: str, hint: str, map_location: Any
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickles with code, truncated files, foreign formats raise several types
         reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise ValueError(f"{path} is not {what} that loads safely ({type(error).__name__}: {reason}); {hint}") from error
+        raise ValueError(
+            f"{path} is not {what} that loads safely ({type(error).__name__}: {reason}); {hint}"
+        ) from error
 
 
-_TV_REQUIRED = ("conv_proj.weight", "conv_proj.bias", "class_token", "encoder.pos_embedding", "encoder.ln.weight",
-                "encoder.ln.bias")
+_TV_REQUIRED = (
+    "conv_proj.weight",
+    "conv_proj.bias",
+    "class_token",
+    "encoder.pos_embedding",
+    "encoder.ln.weight",
+    "encoder.ln.bias",
+)
 
 
 _TV_BLOCK = {  # torchvision EncoderBlock name -> nn.TransformerEncoderLayer name
@@ -112,8 +120,10 @@ def resolve_torchvision_file(path: str | os.PathLike) -> Path:
 
 def _load_torchvision_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     file = resolve_torchvision_file(path)
-    hint = ("save the weights as a state dict: torch.save(vit.state_dict(), path) with vit a "
-            "torchvision.models.VisionTransformer (e.g. torchvision.models.vit_b_16(weights=...))")
+    hint = (
+        "save the weights as a state dict: torch.save(vit.state_dict(), path) with vit a "
+        "torchvision.models.VisionTransformer (e.g. torchvision.models.vit_b_16(weights=...))"
+    )
     state = _torch_load(file, "a torchvision state dict", hint)
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "conv_proj.weight" in state["model"]:
         state = state["model"]  # a training checkpoint that wraps the state dict
@@ -121,17 +131,21 @@ def _load_torchvision_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file} is not a state dict (a dict of tensors); {hint}")
     missing = [k for k in _TV_REQUIRED if k not in state]
     if missing:
-        raise ValueError(f"{file} is not a torchvision VisionTransformer state dict: it lacks {missing} "
-                         f"(it has e.g. {sorted(state)[:5]}); {hint}")
+        raise ValueError(
+            f"{file} is not a torchvision VisionTransformer state dict: it lacks {missing} "
+            f"(it has e.g. {sorted(state)[:5]}); {hint}"
+        )
     if any(k.startswith("conv_proj.") and k not in ("conv_proj.weight", "conv_proj.bias") for k in state):
-        raise ValueError(f"{file} holds a ViT with a convolutional stem (conv_proj is a stack of layers); only the "
-                         "plain patch projection maps onto this encoder")
+        raise ValueError(
+            f"{file} holds a ViT with a convolutional stem (conv_proj is a stack of layers); only the "
+            "plain patch projection maps onto this encoder"
+        )
     return state
 
 
 def _torchvision_depth(state: dict[str, torch.Tensor]) -> int:
     prefix = "encoder.layers.encoder_layer_"
-    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
 
 
 def torchvision_overrides(path: str | os.PathLike) -> dict[str, Any]:
@@ -150,15 +164,27 @@ def _torchvision_fields(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     dim, channels, patch, _ = state["conv_proj.weight"].shape
     n_pos = state["encoder.pos_embedding"].shape[1] - 1
     grid = int(round(math.sqrt(n_pos)))
-    mlp = state["encoder.layers.encoder_layer_0.mlp.0.weight"] if "encoder.layers.encoder_layer_0.mlp.0.weight" in state \
+    mlp = (
+        state["encoder.layers.encoder_layer_0.mlp.0.weight"]
+        if "encoder.layers.encoder_layer_0.mlp.0.weight" in state
         else state.get("encoder.layers.encoder_layer_0.mlp.linear_1.weight")
-    return {"image_size": grid * patch if grid * grid == n_pos else None, "patch_size": int(patch),
-            "channels": int(channels), "dim": int(dim), "mlp_dim": int(mlp.shape[0]) if mlp is not None else None,
-            "depth": _torchvision_depth(state), "heads": max(1, int(dim) // 64), "pos_encoding": "learned",
-            "norm_eps": TORCHVISION_NORM_EPS}
+    )
+    return {
+        "image_size": grid * patch if grid * grid == n_pos else None,
+        "patch_size": int(patch),
+        "channels": int(channels),
+        "dim": int(dim),
+        "mlp_dim": int(mlp.shape[0]) if mlp is not None else None,
+        "depth": _torchvision_depth(state),
+        "heads": max(1, int(dim) // 64),
+        "pos_encoding": "learned",
+        "norm_eps": TORCHVISION_NORM_EPS,
+    }
 
 
-def torchvision_to_encoder(state: dict[str, torch.Tensor], config: ViTConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def torchvision_to_encoder(
+    state: dict[str, torch.Tensor], config: ViTConfig
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(our encoder's state dict, class token (1, 1, D)) from a torchvision ViT state dict, for ``config``.
 
     torchvision adds position 0 of its table to the class token and positions 1.. to the
@@ -170,28 +196,40 @@ def torchvision_to_encoder(state: dict[str, torch.Tensor], config: ViTConfig) ->
     """
     found = _torchvision_fields(state)
     problems = []
-    checks = [("patch_size", "patch size (conv_proj kernel)"), ("dim", "width (hidden_dim)"),
-              ("channels", "input channels"), ("depth", "blocks (num_layers)"), ("mlp_dim", "MLP width (mlp_dim)")]
+    checks = [
+        ("patch_size", "patch size (conv_proj kernel)"),
+        ("dim", "width (hidden_dim)"),
+        ("channels", "input channels"),
+        ("depth", "blocks (num_layers)"),
+        ("mlp_dim", "MLP width (mlp_dim)"),
+    ]
     for name, what in checks:
         if getattr(config, name) != found[name]:
             problems.append(f"{name}={getattr(config, name)} but the weights have {what} {found[name]}")
     n_pos = state["encoder.pos_embedding"].shape[1] - 1
     if n_pos != config.num_patches:
         size = f"{found['image_size']} px" if found["image_size"] else f"{n_pos} patch positions"
-        problems.append(f"image_size={config.image_size} gives {config.num_patches} patches, but the positional "
-                        f"table was trained for {size} ({n_pos} patches); resize the images to that size")
+        problems.append(
+            f"image_size={config.image_size} gives {config.num_patches} patches, but the positional "
+            f"table was trained for {size} ({n_pos} patches); resize the images to that size"
+        )
     if config.pos_encoding != "learned":
-        problems.append(f"pos_encoding={config.pos_encoding!r} but torchvision's positions are a learned table; "
-                        "use pos_encoding='learned'")
+        problems.append(
+            f"pos_encoding={config.pos_encoding!r} but torchvision's positions are a learned table; "
+            "use pos_encoding='learned'"
+        )
     if config.norm_eps != TORCHVISION_NORM_EPS:
-        problems.append(f"norm_eps={config.norm_eps:g} but torchvision's LayerNorms use eps "
-                        f"{TORCHVISION_NORM_EPS:g}; use norm_eps={TORCHVISION_NORM_EPS:g}")
+        problems.append(
+            f"norm_eps={config.norm_eps:g} but torchvision's LayerNorms use eps "
+            f"{TORCHVISION_NORM_EPS:g}; use norm_eps={TORCHVISION_NORM_EPS:g}"
+        )
     if config.dim % config.heads:
         problems.append(f"heads={config.heads} does not divide dim {config.dim}")
     if problems:
         wanted = {k: v for k, v in found.items() if v is not None}
         raise ValueError(
-            "the torchvision ViT weights do not fit this encoder: " + "; ".join(problems)
+            "the torchvision ViT weights do not fit this encoder: "
+            + "; ".join(problems)
             + f". Build the model with these settings (e.g. model_overrides={wanted}, which "
             "pretrain.torchvision_overrides(path) returns; check heads against the model the weights came from)"
         )
@@ -207,10 +245,10 @@ def torchvision_to_encoder(state: dict[str, torch.Tensor], config: ViTConfig) ->
         for key, value in state.items():
             if not key.startswith(source):
                 continue
-            rest = key[len(source):]
+            rest = key[len(source) :]
             for tv_name, ours in _TV_BLOCK.items():
                 if rest == tv_name or rest.startswith(tv_name + "."):
-                    out[f"encoder.layers.{i}.{ours}{rest[len(tv_name):]}"] = value
+                    out[f"encoder.layers.{i}.{ours}{rest[len(tv_name) :]}"] = value
                     break
             else:
                 raise ValueError(f"unexpected torchvision parameter {key!r}: this mapping knows {sorted(_TV_BLOCK)}")
@@ -238,22 +276,32 @@ class EncoderInit:
         return f"{self.source}:{digest}"
 
 
-def _source_encoder(source: str, path: str | os.PathLike, target: ViTConfig) -> tuple[dict, ViTConfig | None, torch.Tensor | None, str, dict]:
+def _source_encoder(
+    source: str, path: str | os.PathLike, target: ViTConfig
+) -> tuple[dict, ViTConfig | None, torch.Tensor | None, str, dict]:
     """(encoder state, its config (None: already checked), class token, file, details) of one source."""
     if source == "ssl":
         state = read_ssl_checkpoint(path)
         return state["encoder"], ViTConfig.from_dict(state["config"]), None, str(path), {"epochs": state["epoch"]}
     if source == "dense":
-
         state = read_dense_checkpoint(path)
         model = state["model"]
-        return ({k: v for k, v in model.items() if k.startswith(ENCODER_PREFIXES)},
-                DenseConfig.from_dict(state["config"]), model.get("cls_token"), str(path), {"epochs": state["epoch"]})
+        return (
+            {k: v for k, v in model.items() if k.startswith(ENCODER_PREFIXES)},
+            DenseConfig.from_dict(state["config"]),
+            model.get("cls_token"),
+            str(path),
+            {"epochs": state["epoch"]},
+        )
     if source == "dsi":
-
         state = load_checkpoint(path)
-        return ({k: v for k, v in state["model"].items() if k.startswith(ENCODER_PREFIXES)},
-                DSIConfig.from_dict(state["config"]), None, str(path), {"epochs": state["epoch"]})
+        return (
+            {k: v for k, v in state["model"].items() if k.startswith(ENCODER_PREFIXES)},
+            DSIConfig.from_dict(state["config"]),
+            None,
+            str(path),
+            {"epochs": state["epoch"]},
+        )
     if source == "torchvision":
         file = resolve_torchvision_file(path)
         weights, cls = torchvision_to_encoder(_load_torchvision_state(file), target)
@@ -278,17 +326,25 @@ def init_encoder(model: ViTEncoder, source: str, path: str | os.PathLike) -> Enc
         raise ValueError(f"unknown encoder source {source!r}; choose one of {INIT_SOURCES}")
     weights, config, cls, file, details = _source_encoder(source, path, model.config)
     if config is not None:
-        problems = [f"{name}: {getattr(config, name)!r} in {path}, {getattr(model.config, name)!r} in the model"
-                    for name in ARCHITECTURE_FIELDS if getattr(config, name) != getattr(model.config, name)]
+        problems = [
+            f"{name}: {getattr(config, name)!r} in {path}, {getattr(model.config, name)!r} in the model"
+            for name in ARCHITECTURE_FIELDS
+            if getattr(config, name) != getattr(model.config, name)
+        ]
         if problems:
-            raise ValueError(f"the {source} encoder in {path} does not fit this model: " + "; ".join(problems)
-                             + ". Build the model with the encoder's settings (or pretrain one for these)")
+            raise ValueError(
+                f"the {source} encoder in {path} does not fit this model: "
+                + "; ".join(problems)
+                + ". Build the model with the encoder's settings (or pretrain one for these)"
+            )
     wanted = encoder_state_dict(model)
     missing = sorted(set(wanted) - set(weights))
     extra = sorted(set(weights) - set(wanted))
     if missing or extra:
-        raise ValueError(f"the {source} weights in {path} do not match the encoder's parameters "
-                         f"(missing {missing[:5]}, unexpected {extra[:5]}); the file is damaged or of another model")
+        raise ValueError(
+            f"the {source} weights in {path} do not match the encoder's parameters "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}); the file is damaged or of another model"
+        )
     model.load_encoder(weights)  # checks the shapes too
     with torch.no_grad():
         copied_cls = False

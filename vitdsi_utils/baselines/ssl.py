@@ -47,12 +47,17 @@ ENCODER_PREFIXES = ViTEncoder.ENCODER_KEYS
 
 
 #: Config fields that decide the encoder's parameter shapes and meaning; they must agree to copy weights.
-ARCHITECTURE_FIELDS = ("image_size", "patch_size", "channels", "dim", "mlp_dim", "depth", "heads", "pos_encoding",
-                       "norm_eps")
-
-
-
-
+ARCHITECTURE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "channels",
+    "dim",
+    "mlp_dim",
+    "depth",
+    "heads",
+    "pos_encoding",
+    "norm_eps",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,8 +91,15 @@ class SSLConfig(PlainConfig):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_every"})
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 2), ("warmup_steps", 0), ("proj_hidden", 1), ("proj_dim", 1),
-                          ("seed", 0), ("checkpoint_every", 1)):
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 2),
+            ("warmup_steps", 0),
+            ("proj_hidden", 1),
+            ("proj_dim", 1),
+            ("seed", 0),
+            ("checkpoint_every", 1),
+        ):
             setattr(self, name, check_int(name, getattr(self, name), low))  # batch_size >= 2: InfoNCE needs negatives
         self.lr = check_number("lr", self.lr, 0, low_open=True)
         self.temperature = check_number("temperature", self.temperature, 0, low_open=True)
@@ -197,8 +209,10 @@ def embed_images(encoder: ViTEncoder, images: np.ndarray | torch.Tensor, batch_s
     was_training = encoder.training
     encoder.eval()
     try:
-        out = [F.normalize(encoder.encode(images[i : i + batch_size].to(encoder.device)).mean(dim=1), dim=-1).cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            F.normalize(encoder.encode(images[i : i + batch_size].to(encoder.device)).mean(dim=1), dim=-1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     finally:
         encoder.train(was_training)
     return torch.cat(out) if out else torch.empty(0, encoder.config.dim)
@@ -213,7 +227,9 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
     ``log(2B - 1)``.
     """
     if z1.shape != z2.shape or z1.ndim != 2 or len(z1) < 2:
-        raise ValueError(f"need two (B, D) batches of the same shape with B >= 2, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"need two (B, D) batches of the same shape with B >= 2, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     z = torch.cat([z1, z2])  # (2B, D)
     logits = (z @ z.T) / temperature
     logits.fill_diagonal_(-float("inf"))
@@ -238,8 +254,10 @@ def outside_images(image_set: Any, databases: Sequence[Any]) -> tuple[np.ndarray
         used[db.manifest["source_row"].to_numpy()] = True
     rows = np.flatnonzero(~used)
     if len(rows) < 2:
-        raise ValueError(f"only {len(rows)} images lie outside the databases ({len(image_set.images)} in the source); "
-                         "pretraining needs more: use a smaller N or add images to the source")
+        raise ValueError(
+            f"only {len(rows)} images lie outside the databases ({len(image_set.images)} in the source); "
+            "pretraining needs more: use a smaller N or add images to the source"
+        )
     return image_set.images[rows], rows
 
 
@@ -287,8 +305,10 @@ def train_ssl(
         images = torch.from_numpy(np.ascontiguousarray(images))
     c = model.config
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (c.image_size, c.image_size, c.channels):
-        raise ValueError(f"images must be uint8 (n, {c.image_size}, {c.image_size}, {c.channels}); "
-                         f"got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be uint8 (n, {c.image_size}, {c.image_size}, {c.channels}); "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
     if len(images) < 2:
         raise ValueError("self-supervised training needs at least 2 images")
     device = resolve_device(config.device)
@@ -303,19 +323,38 @@ def train_ssl(
         state = read_ssl_checkpoint(path, device)
         problems = _mismatches(state, model, config, fingerprint)
         if problems:
-            raise CheckpointError(f"{path} was written for another run: {'; '.join(problems)}. "
-                                  + REUSE_HINT.format(files=path))
+            raise CheckpointError(
+                f"{path} was written for another run: {'; '.join(problems)}. " + REUSE_HINT.format(files=path)
+            )
         return state
 
     def save(path: Path, epoch: int, counters: dict[str, Any], generator: torch.Generator) -> None:
-        save_ssl(path, model, config, history, epoch=epoch, optimizer=optimizer, rng=rng_state(generator),
-                 extra={"data": fingerprint, "step": counters["step"], "n_images": len(images)})
+        save_ssl(
+            path,
+            model,
+            config,
+            history,
+            epoch=epoch,
+            optimizer=optimizer,
+            rng=rng_state(generator),
+            extra={"data": fingerprint, "step": counters["step"], "n_images": len(images)},
+        )
 
     history = History()
     checkpoint = Checkpointing(checkpoint_path, load, save, every=config.checkpoint_every, resume=resume)
-    run_training(model, objective, optimizer, epochs=config.epochs, seed=config.seed,
-                 lr_at=lambda step: _lr_at(step, total_steps, config), grad_clip=config.grad_clip, history=history,
-                 checkpoint=checkpoint, desc="ssl", progress=config.progress)
+    run_training(
+        model,
+        objective,
+        optimizer,
+        epochs=config.epochs,
+        seed=config.seed,
+        lr_at=lambda step: _lr_at(step, total_steps, config),
+        grad_clip=config.grad_clip,
+        history=history,
+        checkpoint=checkpoint,
+        desc="ssl",
+        progress=config.progress,
+    )
     model.eval()
     return history
 
@@ -338,7 +377,7 @@ class _InfoNCEObjective:
         batch = self.data[ids.to(self.data.device)]
         v1, v2 = augment_views(batch, generator, self.config), augment_views(batch, generator, self.config)
         z = model(torch.cat([v1, v2]))
-        z1, z2 = z[: len(ids)], z[len(ids):]
+        z1, z2 = z[: len(ids)], z[len(ids) :]
         loss = info_nce(z1, z2, self.config.temperature)
         with torch.no_grad():
             sim = z1 @ z2.T
@@ -349,9 +388,17 @@ class _InfoNCEObjective:
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         means = (self.sums / max(1, len(self.batches))).tolist()
-        row = {"phase": "ssl", "epoch": epoch, "split": "train", "task": "infonce", "loss": means[0],
-               "pos_sim": means[1], "neg_sim": means[2], "seconds": seconds,
-               "n_examples": int(sum(len(b) for b in self.batches))}
+        row = {
+            "phase": "ssl",
+            "epoch": epoch,
+            "split": "train",
+            "task": "infonce",
+            "loss": means[0],
+            "pos_sim": means[1],
+            "neg_sim": means[2],
+            "seconds": seconds,
+            "n_examples": int(sum(len(b) for b in self.batches)),
+        }
         return EpochEnd([row], {"loss": f"{means[0]:.3f}", "pos": f"{means[1]:.2f}", "neg": f"{means[2]:.2f}"})
 
 
@@ -386,9 +433,17 @@ def save_ssl(
     the encoder with its projection head (what resuming needs).
     """
     return write_checkpoint(
-        path, "ssl-encoder", model=model, optimizer=optimizer, config=model.config.to_dict(),
-        train_config=config.to_dict() if config is not None else None, epoch=epoch, history=history, rng=rng,
-        extra=extra, encoder=encoder_state_dict(model),
+        path,
+        "ssl-encoder",
+        model=model,
+        optimizer=optimizer,
+        config=model.config.to_dict(),
+        train_config=config.to_dict() if config is not None else None,
+        epoch=epoch,
+        history=history,
+        rng=rng,
+        extra=extra,
+        encoder=encoder_state_dict(model),
         head={"proj_hidden": model.head[0].out_features, "proj_dim": model.head[2].out_features},
     )
 

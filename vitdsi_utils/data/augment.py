@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, *, flip: bool = True, min_crop: float = 1.0) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator, *, flip: bool = True, min_crop: float = 1.0
+) -> torch.Tensor:
     """Randomly flipped and cropped copies of uint8 images (B, H, W, C), the whole batch at once.
 
     ``flip``: each image is mirrored left-right with probability 1/2. ``min_crop < 1``: each

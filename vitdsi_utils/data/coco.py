@@ -87,7 +87,9 @@ def parse_coco_annotations(data: dict, path: str | os.PathLike = "<annotations>"
     for annotation in annotations:
         image_id, category_id = int(annotation["image_id"]), int(annotation["category_id"])
         if image_id not in file_of:
-            raise ValueError(f"{path}: annotation {annotation.get('id')} refers to image id {image_id}, which is not listed")
+            raise ValueError(
+                f"{path}: annotation {annotation.get('id')} refers to image id {image_id}, which is not listed"
+            )
         if category_id not in label_of:
             raise ValueError(
                 f"{path}: annotation {annotation.get('id')} refers to category id {category_id}, which is not listed"

@@ -133,8 +133,9 @@ class Database:
     def relevance(self, query_role: str = "test") -> np.ndarray:
         """(Q, n_index) bool: whether indexed row r is relevant to query q of ``query_role``."""
 
-        return label_relevance(self.relevance_labels(query_role), self.relevance_labels("index"),
-                               kind=self.relevance_kind)
+        return label_relevance(
+            self.relevance_labels(query_role), self.relevance_labels("index"), kind=self.relevance_kind
+        )
 
     @property
     def n_index(self) -> int:
@@ -177,8 +178,12 @@ class Database:
         """
         left = self.left_out
         listed = set(left["file"])
-        extra = [(file, "", -1, role, "") for files, role in ((self.skipped, "skipped"), (self.unannotated, "unannotated"))
-                 for file in files if file not in listed]
+        extra = [
+            (file, "", -1, role, "")
+            for files, role in ((self.skipped, "skipped"), (self.unannotated, "unannotated"))
+            for file in files
+            if file not in listed
+        ]
         if extra:  # a database built by hand may name left-out files without the table
             left = pd.concat([left, left_out_frame(extra)], ignore_index=True)
         used = self.manifest.assign(reason="")
@@ -281,7 +286,7 @@ def build_database(
         members = rng.permutation(np.flatnonzero(image_set.labels == label))[: quota[label]]
         picked.append(members[: index_quota[label]])
         roles.append(np.full(index_quota[label], "index", dtype=object))
-        pool_by_class.append((label, members[index_quota[label]:]))
+        pool_by_class.append((label, members[index_quota[label] :]))
     pool_sizes = np.array([len(m) for _, m in pool_by_class])
     split_totals = apportion(int(pool_sizes.sum()), query_fractions)
     # val and test are apportioned over classes; train takes what is left in each class
@@ -318,8 +323,11 @@ def build_database(
     index_part["id"] = [str(r).zfill(width) for r in range(len(index_part))]
     if query_fractions[2] > 0 and not (manifest["role"] == "test").any():
         enough = next(
-            (m for m in range(n + 1, largest + 1)
-             if apportion(m - apportion(m, [index_fraction, 1 - index_fraction])[0], query_fractions)[2] > 0),
+            (
+                m
+                for m in range(n + 1, largest + 1)
+                if apportion(m - apportion(m, [index_fraction, 1 - index_fraction])[0], query_fractions)[2] > 0
+            ),
             None,
         )
         advice = f"use N >= {enough}" if enough is not None else "add images"
@@ -359,7 +367,9 @@ def build_database(
     )
 
 
-def database_with_ids(image_set: Any, n: int, scheme: str, *, seed: int = 0, **id_params: Any) -> tuple[Database, IDAssignment]:
+def database_with_ids(
+    image_set: Any, n: int, scheme: str, *, seed: int = 0, **id_params: Any
+) -> tuple[Database, IDAssignment]:
     """A database of ``n`` images of ``image_set`` and its indexed images' IDs under any scheme.
 
     The dense schemes (random, clustered) order the database's rows, so the database is built with

@@ -121,7 +121,9 @@ class ImageSet:
                     f"label_matrix must be (images, classes) = {(len(self.labels), len(self.classes))}, got {matrix.shape}"
                 )
             if len(matrix) and not matrix.any(axis=1).all():
-                raise ValueError("every image of a multi-label set needs at least one label; leave unlabelled images out")
+                raise ValueError(
+                    "every image of a multi-label set needs at least one label; leave unlabelled images out"
+                )
             if not matrix[np.arange(len(matrix)), self.labels].all():
                 raise ValueError("an image's primary label must be one of its labels")
             self.label_matrix = matrix
@@ -153,13 +155,18 @@ class ImageSet:
         counts = self.class_counts()
         empty = counts.index[counts.to_numpy() == 0].tolist()
         held = int((counts > 0).sum())
-        kind = ("primary categories" if self.is_multilabel else "classes") if held != 1 else (
-            "primary category" if self.is_multilabel else "class")
+        kind = (
+            ("primary categories" if self.is_multilabel else "classes")
+            if held != 1
+            else ("primary category" if self.is_multilabel else "class")
+        )
         line = f"{len(self)} usable {self.name} images at {self.size} px in {held} {kind}"
         if empty and not self.is_multilabel:
             shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-            line += (f" ({len(empty)} of the {len(counts)} class folders {'has' if len(empty) == 1 else 'have'} "
-                     f"no usable image: {shown}; every file there is unreadable or outside the aspect range)")
+            line += (
+                f" ({len(empty)} of the {len(counts)} class folders {'has' if len(empty) == 1 else 'have'} "
+                f"no usable image: {shown}; every file there is unreadable or outside the aspect range)"
+            )
         elif self.is_multilabel:
             line += f" ({int((self.category_counts() > 0).sum())} of {len(self.classes)} categories shown)"
         line += f"; {self.dropped_aspect} dropped by the aspect rule, {len(self.skipped)} unreadable"
@@ -310,8 +317,13 @@ def _decode_all(
     # Pillow releases the GIL while decoding and resampling, so threads use every core
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc, disable=not progress, unit="img"))
-    return (out[kept], kept, dict(sorted(unreadable.items())), dict(sorted(dropped.items())),
-            dict(sorted(upscaled.items())))
+    return (
+        out[kept],
+        kept,
+        dict(sorted(unreadable.items())),
+        dict(sorted(dropped.items())),
+        dict(sorted(upscaled.items())),
+    )
 
 
 def _decode_cached(
@@ -385,13 +397,17 @@ def _warn_left_out(root: Path, left_out: pd.DataFrame, aspect_range: tuple[float
     dropped = left_out[left_out["role"] == "dropped"]
     parts = []
     if len(skipped):
-        parts.append(f"skipped {len(skipped)} unreadable image file(s) under {root}: "
-                     + _named(list(zip(skipped["file"], skipped["reason"]))))
+        parts.append(
+            f"skipped {len(skipped)} unreadable image file(s) under {root}: "
+            + _named(list(zip(skipped["file"], skipped["reason"])))
+        )
     if len(dropped):
         where = "" if len(skipped) else f" under {root}"
         sizes = [reason.split(":")[0] for reason in dropped["reason"]]  # "96 x 48 px: aspect 2.00 is outside ..."
-        parts.append(f"dropped {len(dropped)} image(s){where} whose aspect ratio (width / height) is outside "
-                     f"[{aspect_range[0]:g}, {aspect_range[1]:g}]: " + _named(list(zip(dropped["file"], sizes))))
+        parts.append(
+            f"dropped {len(dropped)} image(s){where} whose aspect ratio (width / height) is outside "
+            f"[{aspect_range[0]:g}, {aspect_range[1]:g}]: " + _named(list(zip(dropped["file"], sizes)))
+        )
     if parts:
         _warn_once(
             "; ".join(parts) + ". The manifest lists every one with its reason (role 'skipped' or 'dropped', "
@@ -407,12 +423,16 @@ def _warn_upscaled(upscaled: dict[str, list[int]], n_images: int, size: int, sta
     smallest = sorted(upscaled.items(), key=lambda item: (min(item[1]), item[0]))
     shown = ", ".join(f"{name} ({w} x {h} px)" for name, (w, h) in smallest[:5])
     fits = [s for s in SIZES if s <= min(smallest[-1][1])]
-    advice = (f"use SIZE {fits[-1]} or less to avoid it" if fits else
-              f"no supported size ({', '.join(map(str, SIZES))} px) avoids it for all of them")
+    advice = (
+        f"use SIZE {fits[-1]} or less to avoid it"
+        if fits
+        else f"no supported size ({', '.join(map(str, SIZES))} px) avoids it for all of them"
+    )
     _warn_once(
         f"{len(upscaled)} of {n_images} images are smaller than {size} px and were upscaled, so they hold less "
         f"detail than the image size suggests: smallest {shown}"
-        + (f" and {len(upscaled) - 5} more" if len(upscaled) > 5 else "") + f"; {advice}",
+        + (f" and {len(upscaled) - 5} more" if len(upscaled) > 5 else "")
+        + f"; {advice}",
         stacklevel=stacklevel,
     )
 
@@ -443,8 +463,10 @@ def _load_folder(
         source, root, listing, size, aspect_range, cache, data_dir, progress, {"classes": scan.classes}
     )
     classes = list(info["classes"])
-    rows = [(file, folder, classes.index(folder) if folder in classes else -1, "skipped", reason)
-            for file, (folder, reason) in scan.unused.items()]
+    rows = [
+        (file, folder, classes.index(folder) if folder in classes else -1, "skipped", reason)
+        for file, (folder, reason) in scan.unused.items()
+    ]
     rows += _left_out_rows(info, dict(zip(scan.files, scan.labels)), classes)
     left_out = left_out_frame(sorted(rows))
     _warn_left_out(root, left_out, aspect_range)
@@ -475,13 +497,20 @@ def _read_cache(cache_dir: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None
         return None
     try:
         info = json.loads((cache_dir / "info.json").read_text())
-        table = pd.read_csv(cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS,
-                            dtype={"labels": str})  # label sets such as "3" or "0;3" stay text
+        table = pd.read_csv(
+            cache_dir / "files.csv", keep_default_na=False, encoding_errors=FILE_NAME_ERRORS, dtype={"labels": str}
+        )  # label sets such as "3" or "0;3" stay text
         images = np.load(cache_dir / "images.npy", mmap_mode="r", allow_pickle=False)
-        if images.ndim != 4 or len(images) != len(table) or not {"classes", "skipped", "dropped", "upscaled"} <= set(info):
+        if (
+            images.ndim != 4
+            or len(images) != len(table)
+            or not {"classes", "skipped", "dropped", "upscaled"} <= set(info)
+        ):
             raise ValueError("its parts do not fit together")
     except (OSError, ValueError, KeyError) as error:
-        warnings.warn(f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4)
+        warnings.warn(
+            f"ignoring the damaged image cache {cache_dir} ({error}); decoding the images again", stacklevel=4
+        )
         return None
     return images, table, info
 
@@ -502,8 +531,11 @@ def coco_paths(
     """(images folder, instances JSON) of the ``coco`` source: the arguments, else the environment variables."""
     images_dir = Path(root).expanduser() if root is not None else settings.coco_images_dir()
     annotations_file = Path(annotations).expanduser() if annotations is not None else settings.coco_annotations_file()
-    missing = [name for name, value in ((settings.COCO_IMAGES_ENV, images_dir),
-                                        (settings.COCO_ANNOTATIONS_ENV, annotations_file)) if value is None]
+    missing = [
+        name
+        for name, value in ((settings.COCO_IMAGES_ENV, images_dir), (settings.COCO_ANNOTATIONS_ENV, annotations_file))
+        if value is None
+    ]
     if missing:
         raise FileNotFoundError(_missing_coco_message(f"{' and '.join(missing)} not set"))
     if not images_dir.is_dir():
@@ -529,10 +561,12 @@ def _load_coco(
     if not coco.files:
         raise ValueError(f"{annotations} has no annotated image: nothing to retrieve")
     if not any((root / name).is_file() for name in coco.files[:1000]):
-        raise FileNotFoundError(_missing_coco_message(
-            f"none of the first images named in {annotations.name} (e.g. {coco.files[0]}) is in {root}; "
-            f"does {settings.COCO_IMAGES_ENV} name the folder that file describes?"
-        ))
+        raise FileNotFoundError(
+            _missing_coco_message(
+                f"none of the first images named in {annotations.name} (e.g. {coco.files[0]}) is in {root}; "
+                f"does {settings.COCO_IMAGES_ENV} name the folder that file describes?"
+            )
+        )
     if coco.unannotated:
         warnings.warn(
             f"left out {len(coco.unannotated)} of {len(coco.files) + len(coco.unannotated)} images of "
@@ -541,8 +575,12 @@ def _load_coco(
             stacklevel=3,
         )
     listing = pd.DataFrame({"file": coco.files, "labels": [LABEL_SEPARATOR.join(map(str, s)) for s in coco.label_sets]})
-    info = {"classes": coco.categories, "category_ids": coco.category_ids, "annotations": str(annotations),
-            "unannotated": coco.unannotated}
+    info = {
+        "classes": coco.categories,
+        "category_ids": coco.category_ids,
+        "annotations": str(annotations),
+        "unannotated": coco.unannotated,
+    }
     images, table, info = _decode_cached(
         "coco", root, listing, size, aspect_range, cache, data_dir, progress, info, key_extra=coco.digest()
     )
@@ -550,7 +588,9 @@ def _load_coco(
     matrix = label_matrix_from_sets(label_sets, len(info["classes"]))
     # the primary label of a left-out image is not defined (it depends on the usable images), so -1
     rows = _left_out_rows(info, {}, info["classes"])
-    rows += [(file, "", -1, "unannotated", f"no object annotation in {annotations.name}") for file in info["unannotated"]]
+    rows += [
+        (file, "", -1, "unannotated", f"no object annotation in {annotations.name}") for file in info["unannotated"]
+    ]
     left_out = left_out_frame(sorted(rows))
     _warn_left_out(root, left_out, aspect_range)
     _warn_upscaled(info.get("upscaled", {}), len(table), size)
@@ -607,7 +647,9 @@ def check_dataset(
     if source == "digits":
         named = [option for option, value in given.items() if value is not None]
         if named:
-            raise ValueError(f"the digits source is bundled with scikit-learn and reads no files; drop {' and '.join(named)}")
+            raise ValueError(
+                f"the digits source is bundled with scikit-learn and reads no files; drop {' and '.join(named)}"
+            )
         return None, None
     if source in ("folder", "imagenette") and annotations is not None:
         raise ValueError(f"--annotations (DATASET_ANNOTATIONS) belongs to the coco source, not {source}; drop it")
@@ -618,8 +660,10 @@ def check_dataset(
         )
     if source == "coco":
         images_dir, annotations_file = coco_paths(root, annotations)  # raises, naming what is missing
-        return (str(images_dir.resolve()) if root is not None else None,
-                str(annotations_file.resolve()) if annotations is not None else None)
+        return (
+            str(images_dir.resolve()) if root is not None else None,
+            str(annotations_file.resolve()) if annotations is not None else None,
+        )
     if root is None:
         return None, None
     folder = Path(root).expanduser()

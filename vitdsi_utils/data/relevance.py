@@ -47,7 +47,9 @@ def _label_sets(items: Any, side: str) -> list[frozenset]:
                 "class ids go with kind='class' (or write each class c as the set {c} on both sides)"
             )
         labels = item.tolist() if isinstance(item, np.ndarray) else list(item)
-        bad = next((label for label in labels if not isinstance(label, Hashable) or isinstance(label, (list, set))), None)
+        bad = next(
+            (label for label in labels if not isinstance(label, Hashable) or isinstance(label, (list, set))), None
+        )
         if bad is not None:
             raise ValueError(f"{side} item {i} holds {_describe(bad)}, which cannot be a label")
         sets.append(frozenset(labels))
@@ -93,7 +95,9 @@ def _class_labels(labels: Any, side: str) -> np.ndarray:
             )
     array = np.asarray(items)
     if array.ndim != 1:
-        raise ValueError(f"kind='class' takes one class per item, shape (n,); the {side} labels have shape {array.shape}")
+        raise ValueError(
+            f"kind='class' takes one class per item, shape (n,); the {side} labels have shape {array.shape}"
+        )
     return array
 
 
@@ -111,7 +115,11 @@ def _multi_hot(labels: Any, side: str) -> np.ndarray:
         raise ValueError(f"kind='multi-hot' takes a (n, C) matrix of 0/1; the {side} labels have shape {array.shape}")
     if array.dtype != bool:
         if not (np.issubdtype(array.dtype, np.number) and np.isin(array, (0, 1)).all()):
-            bad = array[~np.isin(array, (0, 1))].ravel()[:1] if np.issubdtype(array.dtype, np.number) else array.ravel()[:1]
+            bad = (
+                array[~np.isin(array, (0, 1))].ravel()[:1]
+                if np.issubdtype(array.dtype, np.number)
+                else array.ravel()[:1]
+            )
             raise ValueError(
                 f"kind='multi-hot' takes 0/1 (or bool) entries, but the {side} labels hold {_describe(bad.tolist()[0])}; "
                 "rows of label ids are kind='sets'"

@@ -364,8 +364,13 @@ def assign_ids(
     codes = resolve_collisions(raw)
     largest_group = max(Counter(raw).values())
     codec = IDCodec(codes, base=max(codebook_size, largest_group))
-    params = {"embedding": name, "levels": levels, "codebook_size": codebook_size, "seed": seed,
-              "relative_error": quantised.relative_error}
+    params = {
+        "embedding": name,
+        "levels": levels,
+        "codebook_size": codebook_size,
+        "seed": seed,
+        "relative_error": quantised.relative_error,
+    }
     return IDAssignment(scheme, codec, collision_rate(raw), params, time.perf_counter() - start)
 
 

@@ -155,7 +155,11 @@ def beam_bytes_per_query(model: DSIModel, codec: IDCodec, beam_size: int, amp: b
 
 
 def queries_per_batch(
-    model: DSIModel, codec: IDCodec, beam_size: int, device: torch.device, amp: bool = False,
+    model: DSIModel,
+    codec: IDCodec,
+    beam_size: int,
+    device: torch.device,
+    amp: bool = False,
     max_bytes: int | None = None,
 ) -> int:
     """Queries :func:`beam_search` decodes side by side (each with ``beam_size`` beams), sized by memory:
@@ -253,8 +257,18 @@ def beam_search(
     for CUDA, off on the CPU. ``progress`` shows a bar over the query batches (for long runs,
     e.g. IA@1 of a whole large database). Results are on the CPU.
     """
-    return _search(_beam_batch, model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,
-                   device=device, amp=amp, progress=progress)
+    return _search(
+        _beam_batch,
+        model,
+        images,
+        codec,
+        k=k,
+        beam_size=beam_size,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        progress=progress,
+    )
 
 
 @torch.inference_mode()
@@ -273,8 +287,19 @@ def beam_search_reference(
     """:func:`beam_search` as it was before issue 17 (the same results, several times slower): each step copies
     the encoder memory once per beam and re-runs the full decoder over the prefix. For tests and benchmarks.
     Batches hold ``batch_size`` queries (as before, not sized by memory)."""
-    return _search(_beam_batch_reference, model, images, codec, k=k, beam_size=beam_size, batch_size=batch_size,
-                   device=device, amp=amp, progress=progress, by_memory=False)
+    return _search(
+        _beam_batch_reference,
+        model,
+        images,
+        codec,
+        k=k,
+        beam_size=beam_size,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        progress=progress,
+        by_memory=False,
+    )
 
 
 def indexing_accuracy(
@@ -298,8 +323,9 @@ def indexing_accuracy(
         model.to(device)
     images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows)
-    _, found = beam_search(model, images, codec, k=1, beam_size=beam_size, batch_size=batch_size, device=device,
-                           progress=progress)
+    _, found = beam_search(
+        model, images, codec, k=1, beam_size=beam_size, batch_size=batch_size, device=device, progress=progress
+    )
     return float((found[:, 0] == rows).float().mean())
 
 
@@ -426,7 +452,6 @@ def invalid_id_rates(
     of queries whose *unconstrained* greedy decoding is not an ID: what the trie prevents.
     """
     import torch
-
 
     images = torch.as_tensor(np.asarray(images))
     scores, rows = beam_search(model, images, codec, k=min(k, len(codec)), batch_size=batch_size)

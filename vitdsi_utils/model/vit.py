@@ -61,8 +61,11 @@ def _warn_few_tokens(image_size: int, patch_size: int) -> None:
         return
     _WARNED_GRIDS.add((image_size, patch_size))
     finer = [p for p in range(patch_size - 1, 0, -1) if image_size % p == 0 and image_size // p >= MIN_GRID]
-    advice = (f"patch_size {finer[0]} gives {image_size // finer[0]} x {image_size // finer[0]} tokens at this size"
-              if finer else "use larger images")
+    advice = (
+        f"patch_size {finer[0]} gives {image_size // finer[0]} x {image_size // finer[0]} tokens at this size"
+        if finer
+        else "use larger images"
+    )
     warnings.warn(
         f"patch_size {patch_size} at {image_size} px leaves {grid} x {grid} = {grid * grid} token(s) per image: "
         f"the encoder sees each image as {grid * grid} coarse patch(es) and its attention has little to work with; "
@@ -75,7 +78,10 @@ def _warn_few_tokens(image_size: int, patch_size: int) -> None:
 def _caller_level() -> int:
     """The ``stacklevel`` that points a warning of this module at the code that built the config."""
     frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename in (__file__, "<string>"):  # "<string>": dataclass __init__
+    while frame.f_back is not None and frame.f_code.co_filename in (
+        __file__,
+        "<string>",
+    ):  # "<string>": dataclass __init__
         frame, level = frame.f_back, level + 1
     return level - 1
 
@@ -311,12 +317,17 @@ class ViTEncoder(nn.Module):
         """
         if isinstance(other, ViTEncoder):
             mine, theirs = self.config, other.config
-            differ = [f"{name}: this model {getattr(mine, name)!r}, the source {getattr(theirs, name)!r}"
-                      for name in (f.name for f in fields(ViTConfig)) if name != "dropout"
-                      and getattr(mine, name) != getattr(theirs, name)]
+            differ = [
+                f"{name}: this model {getattr(mine, name)!r}, the source {getattr(theirs, name)!r}"
+                for name in (f.name for f in fields(ViTConfig))
+                if name != "dropout" and getattr(mine, name) != getattr(theirs, name)
+            ]
             if differ:
-                raise ValueError("the encoders differ in " + "; ".join(differ)
-                                 + ". Build this model with the source's encoder settings, or train a source of this shape")
+                raise ValueError(
+                    "the encoders differ in "
+                    + "; ".join(differ)
+                    + ". Build this model with the source's encoder settings, or train a source of this shape"
+                )
             state = other.encoder_state_dict()
         else:
             state = {k: v for k, v in dict(other).items() if k.startswith(self.ENCODER_KEYS)}
@@ -432,8 +443,9 @@ class IncrementalDecoder:
         self.model = model
         self.layers = list(model.decoder.layers)
         for layer in self.layers:
-            if not (layer.norm_first and layer.self_attn._qkv_same_embed_dim
-                    and layer.multihead_attn._qkv_same_embed_dim):
+            if not (
+                layer.norm_first and layer.self_attn._qkv_same_embed_dim and layer.multihead_attn._qkv_same_embed_dim
+            ):
                 raise ValueError("IncrementalDecoder expects pre-norm decoder layers with packed in-projections")
         self.B, P, D = memory.shape
         self.H, self.d = c.heads, c.dim // c.heads
@@ -498,7 +510,12 @@ class IncrementalDecoder:
         """Continue hypothesis ``parent[b, j]`` (an index into the W current ones of query b) as new hypothesis j:
         parent (B, W') int64, W' <= max_width may differ from W."""
         B, W = self.B, self.width
-        if self.length == 0 or len(self.rows) != self.length - 1 or parent.shape[0] != B or parent.shape[1] > self.max_width:
+        if (
+            self.length == 0
+            or len(self.rows) != self.length - 1
+            or parent.shape[0] != B
+            or parent.shape[1] > self.max_width
+        ):
             raise ValueError(f"reorder needs one step before it and parents of shape ({B}, <= {self.max_width})")
         flat = (parent + torch.arange(B, device=parent.device)[:, None] * W).reshape(-1)  # (B*W',) current rows
         self.rows = [r[flat] for r in self.rows] + [flat]  # (B*W',) each: rows of kv[s] for the new hypotheses

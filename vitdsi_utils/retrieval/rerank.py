@@ -26,15 +26,15 @@ PAD = -1  #: "no candidate at this rank", as in metrics
 class Searcher(Protocol):
     """A first stage: top-k database rows (and scores) for uint8 query images (Q, S, S, 3)."""
 
-    def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ...
+    def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _check_candidates(candidates: np.ndarray) -> np.ndarray:
     candidates = np.asarray(candidates)
     if candidates.ndim != 2 or not np.issubdtype(candidates.dtype, np.integer):
-        raise ValueError(f"candidates must be a 2-D integer array (queries, ranks), got {candidates.dtype} "
-                         f"{candidates.shape}")
+        raise ValueError(
+            f"candidates must be a 2-D integer array (queries, ranks), got {candidates.dtype} {candidates.shape}"
+        )
     if candidates.size and candidates.min() < PAD:
         raise ValueError("candidates hold database rows >= 0, or -1 for an empty rank")
     return candidates.astype(np.int64, copy=False)
@@ -66,8 +66,9 @@ def rerank(
     order = np.argsort(-key, axis=1, kind="stable")  # stable: ties keep the first stage's order
     rows = np.concatenate([np.take_along_axis(head_rows, order, axis=1), candidates[:, depth:]], axis=1)
     out_scores = np.full((n_queries, width), np.nan)
-    out_scores[:, :depth] = np.where(np.take_along_axis(head_rows, order, axis=1) == PAD, np.nan,
-                                     np.take_along_axis(head_scores, order, axis=1))
+    out_scores[:, :depth] = np.where(
+        np.take_along_axis(head_rows, order, axis=1) == PAD, np.nan, np.take_along_axis(head_scores, order, axis=1)
+    )
     # an empty rank inside the head moved to the head's end; close the gap before the tail
     rows, out_scores = _left_pack(rows, out_scores)
     return out_scores[:, :k], rows[:, :k]
@@ -94,8 +95,9 @@ def cosine_scores(candidates: np.ndarray, query_vectors: np.ndarray, database_ve
     query_vectors = np.asarray(query_vectors, dtype=np.float32)
     database_vectors = np.asarray(database_vectors, dtype=np.float32)
     if query_vectors.shape != (len(candidates), database_vectors.shape[1]):
-        raise ValueError(f"query vectors {query_vectors.shape} must be (Q={len(candidates)}, "
-                         f"D={database_vectors.shape[1]})")
+        raise ValueError(
+            f"query vectors {query_vectors.shape} must be (Q={len(candidates)}, D={database_vectors.shape[1]})"
+        )
     if candidates.size and candidates.max() >= len(database_vectors):
         raise ValueError(f"a candidate row exceeds the {len(database_vectors)} database vectors")
     gathered = database_vectors[np.maximum(candidates, 0)]  # (Q, C, D)

@@ -74,8 +74,9 @@ class DenseRetriever:
         model = DenseEncoder(config)
         start = time.perf_counter()
         self.loaded_ = _finished(checkpoint_path, train_config.epochs)
-        self.history_ = train_dense(model, images, labels, config=train_config, val=val,
-                                    checkpoint_path=checkpoint_path)
+        self.history_ = train_dense(
+            model, images, labels, config=train_config, val=val, checkpoint_path=checkpoint_path
+        )
         self.model_ = model
         # the training time the history records (all epochs, also those of an earlier, resumed run)
         self.fit_seconds_ = float(sum(row.get("seconds", 0.0) for row in self.history_))
@@ -92,9 +93,7 @@ class DenseRetriever:
         return retriever
 
     @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, *, backend: str = "auto", device: str = "cpu"
-    ) -> DenseRetriever:
+    def from_checkpoint(cls, path: str | os.PathLike, *, backend: str = "auto", device: str = "cpu") -> DenseRetriever:
         """A retriever around the encoder saved at ``path`` (``weights_only`` loading; errors say what to do)."""
         model, meta = load_dense(path, map_location=_resolve_device(device))
         retriever = cls.from_model(model, backend=backend, history=meta["history"])
@@ -169,7 +168,6 @@ class DSISearcher:
     def search(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(log-probabilities (Q, k), rows (Q, k)); k is capped at the number of IDs."""
         import torch
-
 
         k = min(k, len(self.codec))
         beam = None if self.beam_size is None else max(self.beam_size, k)

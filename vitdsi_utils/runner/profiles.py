@@ -36,8 +36,9 @@ def check_profile_values(params: dict[str, Any], where: str | Path = "the profil
             spec_from_profile(study.spec, params, ignore_unknown=True)
         except SpecError as error:
             # a profile is read as YAML 1.1, where 1e-3 is text even without quotes
-            message = str(error).replace("; write the number without quotes",
-                                         "; in a profile write numbers like 1e-3 as 1.0e-3 or 0.001")
+            message = str(error).replace(
+                "; write the number without quotes", "; in a profile write numbers like 1e-3 as 1.0e-3 or 0.001"
+            )
             raise ValueError(f"{where}: {message}") from None
 
 
@@ -59,7 +60,9 @@ def load_profile(name: str | Path) -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"profile {path} is not valid YAML: {error}; fix the file (see the bundled profiles)") from error
+        raise ValueError(
+            f"profile {path} is not valid YAML: {error}; fix the file (see the bundled profiles)"
+        ) from error
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a mapping of UPPER_CASE parameters, got {type(params).__name__}")
     lower = sorted(k for k in params if not str(k).isupper())

@@ -134,8 +134,10 @@ def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, comma
         "",
         "| notebook | seconds | status |",
         "|---|---|---|",
-        *[f"| [{r.notebook}](notebooks/{r.notebook}.ipynb) | {r.seconds:.1f} | {r.status} |"
-          for r in timings.itertuples(index=False)],
+        *[
+            f"| [{r.notebook}](notebooks/{r.notebook}.ipynb) | {r.seconds:.1f} | {r.status} |"
+            for r in timings.itertuples(index=False)
+        ],
         f"| **total** | **{total:.1f}** | |",
         "",
         *_training_time_lines(out),
@@ -151,8 +153,11 @@ def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, comma
         "",
     ]
     table1 = out / "tables" / "table1.md"
-    lines.append(_demote_headings(table1.read_text().strip()) if table1.exists()
-                 else "_No Table 1: `05_results` did not run (see the timings above)._")
+    lines.append(
+        _demote_headings(table1.read_text().strip())
+        if table1.exists()
+        else "_No Table 1: `05_results` did not run (see the timings above)._"
+    )
     lines += ["", "## Figures", ""]
     figures = sorted((out / "figures").glob("*.png"))
     for fig in figures:

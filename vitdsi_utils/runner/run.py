@@ -95,8 +95,10 @@ def sync_sources(paths: list[Path], *, say=print) -> list[Path]:
         try:
             if sync_from_twin(path):
                 synced.append(path)
-                say(f"{twin_of(path).name} was edited after {path.name}: synced the edit into {path} "
-                    "(jupytext --sync; `git diff` shows it)")
+                say(
+                    f"{twin_of(path).name} was edited after {path.name}: synced the edit into {path} "
+                    "(jupytext --sync; `git diff` shows it)"
+                )
         except SourceSyncError as error:
             raise StudyFailed(str(error)) from error
     return synced
@@ -241,8 +243,12 @@ def run_study(
     command = f"vitdsi study --profile {name}"
     folder = name
     if changed:  # another data set than the profile's: its own report and runs folders
-        options = {"DATASET": "--dataset", "DATASET_ROOT": "--root", "DATASET_ANNOTATIONS": "--annotations",
-                   "DATASET_NAME": "--dataset-name"}
+        options = {
+            "DATASET": "--dataset",
+            "DATASET_ROOT": "--root",
+            "DATASET_ANNOTATIONS": "--annotations",
+            "DATASET_NAME": "--dataset-name",
+        }
         shown = [k for k in dataset_keys if k in changed or (k == "DATASET" and changed)]
         command += "".join(f" {options[k]} {params[k]}" for k in shown if params.get(k) is not None)
         folder = f"{name}-{params['DATASET_NAME']}"
@@ -255,8 +261,11 @@ def run_study(
     _say(progress, f"study '{name}': {len(paths) - first} notebook(s) -> {out}")
     if notebooks is None:
         for orphan in orphan_twins(notebooks_dir()):
-            _say(progress, f"note: {orphan} has no source {orphan.stem}.py, so it is not part of the study "
-                           "(left over from a renamed notebook? delete it, or `jupytext --sync` it to make it one)")
+            _say(
+                progress,
+                f"note: {orphan} has no source {orphan.stem}.py, so it is not part of the study "
+                "(left over from a renamed notebook? delete it, or `jupytext --sync` it to make it one)",
+            )
     try:  # an edit made in JupyterLab reaches the source before anything is hashed or run
         sync_sources(paths)
     except StudyFailed as error:
@@ -288,8 +297,9 @@ def run_study(
         ran = True
         before = _snapshot(out, runs)
         try:
-            seconds = execute_notebook(path, executed_path(out, path), params,
-                                       kernel_name=kernel_name, progress=progress)
+            seconds = execute_notebook(
+                path, executed_path(out, path), params, kernel_name=kernel_name, progress=progress
+            )
         except StudyFailed as error:
             _say(progress, f"{label} FAILED\n{error}")
             write_timings(out, timings + [{"notebook": path.stem, "seconds": float("nan"), "status": "failed"}])
@@ -299,8 +309,11 @@ def run_study(
         _say(progress, f"{label} done in {seconds:.1f} s")
     frame = pd.DataFrame(timings, columns=list(TIMING_COLUMNS))
     if not ran:
-        _say(progress, f"study '{name}': every notebook is up to date, nothing ran (--force reruns them); "
-                       f"report: {out / 'README.md'}")
+        _say(
+            progress,
+            f"study '{name}': every notebook is up to date, nothing ran (--force reruns them); "
+            f"report: {out / 'README.md'}",
+        )
         return frame
     frame = write_timings(out, timings)
     write_readme(out, params, frame, command=command)

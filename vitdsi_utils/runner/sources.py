@@ -126,7 +126,8 @@ def sync_from_twin(source: Path) -> bool:
             f"{twin} is newer than its source {source.name} and holds other cells, but jupytext did not sync "
             f"them{f' ({said})' if said else ''}: no jupytext.toml pairs ipynb with py:percent in {source.parent}. "
             f"Keep the edit with `jupytext --sync --set-formats ipynb,py:percent {twin}`, "
-            f"or delete {twin.name} to run {source.name} as it is")
+            f"or delete {twin.name} to run {source.name} as it is"
+        )
     if twin.stat().st_mtime > source.stat().st_mtime:  # saved by a clock ahead of this one: else the next edit
         os.utime(twin, (source.stat().st_atime, source.stat().st_mtime))  # of the .py would count as older
     return True

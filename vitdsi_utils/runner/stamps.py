@@ -69,8 +69,11 @@ def notebook_source_hash(path: Path) -> str:
 def package_hashes(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
     """SHA-256 of every ``*.py`` file of the package, keyed by its path from the package's parent."""
     package_dir = Path(package_dir)
-    return {str(p.relative_to(package_dir.parent)): _sha256(p.read_bytes())
-            for p in sorted(package_dir.rglob("*.py")) if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(package_dir.parent)): _sha256(p.read_bytes())
+        for p in sorted(package_dir.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
 
 
 def _as_json(value: Any) -> Any:
@@ -167,8 +170,12 @@ def stale_reasons(path: Path, out: Path, inputs: dict[str, Any], runs: Path) -> 
             elif old_upstream[name] != now:
                 reasons.append(f"upstream {name} ran again after it")
     roots = {"OUT_DIR": out, "RUNS_DIR": runs}
-    missing = [f"{root}/{rel}" for root, files in stamp.get("products", {}).items()
-               for rel in files if not (roots[root] / rel).exists()]
+    missing = [
+        f"{root}/{rel}"
+        for root, files in stamp.get("products", {}).items()
+        for rel in files
+        if not (roots[root] / rel).exists()
+    ]
     if missing:
         reasons.append(f"files it wrote are missing: {_listed(missing)}")
     return reasons

@@ -52,19 +52,32 @@ from vitdsi_utils.training.config import TrainConfig
 
 #: factor -> its levels: (label, Variant fields). The level equal to the default is marked by DEFAULT_LEVELS.
 FACTORS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "pos": [("sinusoidal", {"model": {"pos_encoding": "sinusoidal"}}),
-            ("learned", {"model": {"pos_encoding": "learned"}}),
-            ("conditional", {"model": {"pos_encoding": "conditional"}})],
-    "patch": [("8", {"model": {"patch_size": 8}}), ("16", {"model": {"patch_size": 16}}),
-              ("32", {"model": {"patch_size": 32}})],
-    "dropout": [("0", {"model": {"dropout": 0.0}}), ("0.1", {"model": {"dropout": 0.1}}),
-                ("0.2", {"model": {"dropout": 0.2}})],
+    "pos": [
+        ("sinusoidal", {"model": {"pos_encoding": "sinusoidal"}}),
+        ("learned", {"model": {"pos_encoding": "learned"}}),
+        ("conditional", {"model": {"pos_encoding": "conditional"}}),
+    ],
+    "patch": [
+        ("8", {"model": {"patch_size": 8}}),
+        ("16", {"model": {"patch_size": 16}}),
+        ("32", {"model": {"patch_size": 32}}),
+    ],
+    "dropout": [
+        ("0", {"model": {"dropout": 0.0}}),
+        ("0.1", {"model": {"dropout": 0.1}}),
+        ("0.2", {"model": {"dropout": 0.2}}),
+    ],
     "index-share": [("25%", {"index_fraction": 0.25}), ("50%", {"index_fraction": 0.5})],
-    "mix": [("multi-task 1", {"multitask": True, "mix_ratio": 1.0}),
-            ("multi-task 2", {"multitask": True, "mix_ratio": 2.0}),
-            ("multi-task 4", {"multitask": True, "mix_ratio": 4.0})],
-    "options": [("index views", {"index_views": 1}), ("same-class targets", {"targets": "same-class"}),
-                ("label smoothing 0.1", {"label_smoothing": 0.1})],
+    "mix": [
+        ("multi-task 1", {"multitask": True, "mix_ratio": 1.0}),
+        ("multi-task 2", {"multitask": True, "mix_ratio": 2.0}),
+        ("multi-task 4", {"multitask": True, "mix_ratio": 4.0}),
+    ],
+    "options": [
+        ("index views", {"index_views": 1}),
+        ("same-class targets", {"targets": "same-class"}),
+        ("label smoothing 0.1", {"label_smoothing": 0.1}),
+    ],
 }
 
 
@@ -200,8 +213,11 @@ def run_ablations(
         bar.set_postfix_str(variant.name)
         tag = variant.index_tag(base_model)
         if tag not in indexed:
-            db = default_db if variant.index_fraction == 0.25 else build_database(
-                image_set, n, id_scheme=scheme, seed=seed, index_fraction=variant.index_fraction)
+            db = (
+                default_db
+                if variant.index_fraction == 0.25
+                else build_database(image_set, n, id_scheme=scheme, seed=seed, index_fraction=variant.index_fraction)
+            )
             run_dir = None if root is None else (root if not tag else root / "ablations" / tag)
             zero = index_database(db, model_overrides=dict(variant.model), config=index_config, run_dir=run_dir)
             table, _ = evaluate_dsi(zero.model, _codec(db), db, k=k, seed=seed)
@@ -212,15 +228,31 @@ def run_ablations(
         tune_dir = None if index_dir is None else (index_dir if not ft_tag else index_dir / "ablations" / ft_tag)
         config = dataclasses.replace(retrieval_config, label_smoothing=variant.label_smoothing)
         tuned = fine_tune(
-            db, zero.model, config=config, run_dir=tune_dir, max_pairs_per_query=max_pairs_per_query,
-            multitask=variant.multitask, mix_ratio=variant.mix_ratio, targets=variant.targets,
-            index_views=variant.index_views, view_min_crop=view_min_crop,
+            db,
+            zero.model,
+            config=config,
+            run_dir=tune_dir,
+            max_pairs_per_query=max_pairs_per_query,
+            multitask=variant.multitask,
+            mix_ratio=variant.mix_ratio,
+            targets=variant.targets,
+            index_views=variant.index_views,
+            view_min_crop=view_min_crop,
         )
         tuned_table, _ = evaluate_dsi(tuned.model, _codec(db), db, k=k, seed=seed)
         # as trained: a model reused from its run folder reports its own cap and whether it reached the target
-        common = dict(variant=variant.name, factor=variant.factor, level=variant.level, index_epochs=zero.epochs,
-                      index_epoch_cap=zero.epoch_cap, index_reached_target=zero.reached_target, index_s=zero.seconds,
-                      tune_epochs=tuned.epochs, tune_s=tuned.seconds, n_index=db.n_index)
+        common = dict(
+            variant=variant.name,
+            factor=variant.factor,
+            level=variant.level,
+            index_epochs=zero.epochs,
+            index_epoch_cap=zero.epoch_cap,
+            index_reached_target=zero.reached_target,
+            index_s=zero.seconds,
+            tune_epochs=tuned.epochs,
+            tune_s=tuned.seconds,
+            n_index=db.n_index,
+        )
         frames.append(zero_table.assign(stage=ZERO_SHOT, **common))
         frames.append(tuned_table.assign(stage=FINE_TUNED, **common))
         if on_variant is not None:
@@ -273,9 +305,14 @@ def summary_table(long: pd.DataFrame, *, intervals: bool = True) -> pd.DataFrame
     rows = []
     for name, group in long.groupby("variant", sort=False):
         first = group.iloc[0]
-        row: dict[str, Any] = {"variant": name, "factor": first["factor"], "level": first["level"],
-                               "indexed": int(first["n_index"]), "epochs to memorise": int(first["index_epochs"]),
-                               "s to memorise": round(float(first["index_s"]), 1)}
+        row: dict[str, Any] = {
+            "variant": name,
+            "factor": first["factor"],
+            "level": first["level"],
+            "indexed": int(first["n_index"]),
+            "epochs to memorise": int(first["index_epochs"]),
+            "s to memorise": round(float(first["index_s"]), 1),
+        }
         cells = [(ZERO_SHOT, "IA@1")] + [(FINE_TUNED, m) for m in SUMMARY_METRICS]
         for stage, metric in cells:
             hit = group[(group["stage"] == stage) & (group["metric"] == metric)]
@@ -297,8 +334,7 @@ def ablations_markdown(long: pd.DataFrame, settings: str = "") -> str:
         "One factor changed at a time from the default (first row). `epochs / s to memorise`: the indexing "
         "run until its stop rule (or its epoch cap); `zero-shot IA@1`: share of indexed images whose top-1 "
         "is their own ID, before fine-tuning; `tuned`: after fine-tuning, metrics over all test queries. "
-        "Brackets: bootstrap 95% intervals."
-        + (f" Chance P@10 is {float(chance.iloc[0]):.3f}." if len(chance) else "")
+        "Brackets: bootstrap 95% intervals." + (f" Chance P@10 is {float(chance.iloc[0]):.3f}." if len(chance) else "")
     )
     table = summary_table(long).drop(columns=["factor", "level"]).to_markdown(index=False)
     return with_uninformative_note("\n\n".join(p for p in (settings, note, table) if p))
@@ -314,8 +350,9 @@ def ablation_figure(long: pd.DataFrame, title: str | None = None, index_cap: int
 
     names = list(dict.fromkeys(long["variant"]))
     y = np.arange(len(names))[::-1]  # first variant at the top
-    fig, axes = new_figure(1, 3, (12, 0.42 * len(names) + 1.6), sharey=True,
-                            gridspec_kw={"width_ratios": [1.3, 1.0, 0.8]})
+    fig, axes = new_figure(
+        1, 3, (12, 0.42 * len(names) + 1.6), sharey=True, gridspec_kw={"width_ratios": [1.3, 1.0, 0.8]}
+    )
     ax_map, ax_ia, ax_ep = axes.ravel()
 
     def values(stage: str, metric: str) -> pd.DataFrame:
@@ -395,21 +432,36 @@ class AblationsSpec:
     factors: tuple[str, ...] = field(default=tuple(FACTORS), metadata={"choices": tuple(FACTORS)})
     levels: dict[str, tuple[str | int | float, ...]] | None = None
     model: ModelSpec = field(default_factory=dsi_model)
-    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=150, target_accuracy=0.99, lr=1e-3,
-                                                                    warmup_steps=100))
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=150, target_accuracy=0.99, lr=1e-3, warmup_steps=100)
+    )
     fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     max_pairs_per_query: int | None = 5
     view_min_crop: float = 0.7  # crop side fraction of the index views
 
     #: notebook profile keys (10_ablations) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "ABLATION_N": "n", "ABLATION_SCHEME": "scheme",
-        "ABLATION_FACTORS": "factors", "SEEDS": ("seed[0]", "index.seed[0]", "fine_tune.seed[0]"),
-        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
-        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
-        "LR": ("index.lr", "fine_tune.lr"), "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
-        "WARMUP_STEPS": "index.warmup_steps", "INDEX_EPOCHS": "index.epochs",
-        "TARGET_ACCURACY": "index.target_accuracy", "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "ABLATION_N": "n",
+        "ABLATION_SCHEME": "scheme",
+        "ABLATION_FACTORS": "factors",
+        "SEEDS": ("seed[0]", "index.seed[0]", "fine_tune.seed[0]"),
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"),
+        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "RETRIEVAL_EPOCHS": "fine_tune.epochs",
         "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
     }
 
@@ -431,30 +483,50 @@ def run(spec: AblationsSpec, paths: StudyPaths) -> pd.DataFrame:
     base = spec.model.overrides()
     grid = ablation_grid(spec.factors, base_model=base, levels=dict(spec.levels or {}))
     ic, rc = spec.index, spec.fine_tune
-    run_settings = {"source": spec.source, "size": spec.size, "n": spec.n, "seed": spec.seed, "scheme": spec.scheme,
-                    "index_epochs_cap": ic.epochs, "retrieval_epochs": rc.epochs,
-                    "max_pairs_per_query": spec.max_pairs_per_query, "lr": ic.lr}
+    run_settings = {
+        "source": spec.source,
+        "size": spec.size,
+        "n": spec.n,
+        "seed": spec.seed,
+        "scheme": spec.scheme,
+        "index_epochs_cap": ic.epochs,
+        "retrieval_epochs": rc.epochs,
+        "max_pairs_per_query": spec.max_pairs_per_query,
+        "lr": ic.lr,
+    }
     stem = out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}"
-    note = (f"# ViT DSI ablations, {spec.source} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}\n\n"
-            f"Default: patch {spec.model.patch_size}, dropout {spec.model.dropout}, {spec.model.pos_encoding} "
-            f"positions, 25% of each class indexed, plain fine-tuning. Indexing: lr {ic.lr}, warm-up {ic.warmup_steps} "
-            f"steps, until IA@1 >= {ic.target_accuracy} ({ic.stop_metric} rule) or {ic.epochs} epochs. Fine-tuning: "
-            f"{rc.epochs} epochs, lr {rc.lr}, at most {spec.max_pairs_per_query} pairs per query.")
+    note = (
+        f"# ViT DSI ablations, {spec.source} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}\n\n"
+        f"Default: patch {spec.model.patch_size}, dropout {spec.model.dropout}, {spec.model.pos_encoding} "
+        f"positions, 25% of each class indexed, plain fine-tuning. Indexing: lr {ic.lr}, warm-up {ic.warmup_steps} "
+        f"steps, until IA@1 >= {ic.target_accuracy} ({ic.stop_metric} rule) or {ic.epochs} epochs. Fine-tuning: "
+        f"{rc.epochs} epochs, lr {rc.lr}, at most {spec.max_pairs_per_query} pairs per query."
+    )
 
     def write(long: pd.DataFrame) -> pd.DataFrame:
         merged = merge_results(long, stem.with_suffix(".csv"), run_settings)
         write_table(merged, stem, markdown=ablations_markdown(merged, note))
-        fig = ablation_figure(merged, index_cap=ic.epochs,
-                              title=f"DSI ablations, {spec.source} {spec.size} px, N = {spec.n}")
+        fig = ablation_figure(
+            merged, index_cap=ic.epochs, title=f"DSI ablations, {spec.source} {spec.size} px, N = {spec.n}"
+        )
         save_figure(fig, out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}.png")
         return merged
 
     image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
     print(f"{len(grid)} variants: " + ", ".join(v.name for v in grid))
     long = run_ablations(
-        image_set, grid, n=spec.n, seed=spec.seed, scheme=spec.scheme, base_model=base, index_config=ic,
-        retrieval_config=rc, max_pairs_per_query=spec.max_pairs_per_query, view_min_crop=spec.view_min_crop,
-        runs_dir=runs, on_variant=write,
+        image_set,
+        grid,
+        n=spec.n,
+        seed=spec.seed,
+        scheme=spec.scheme,
+        base_model=base,
+        index_config=ic,
+        retrieval_config=rc,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        view_min_crop=spec.view_min_crop,
+        runs_dir=runs,
+        on_variant=write,
     )
     return write(long)
 

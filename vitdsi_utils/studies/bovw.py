@@ -56,14 +56,28 @@ class BoVWSpec:
     intra_norm: bool = False  # VLAD: L2-normalise each word's block first
 
     #: notebook profile keys (02_bovw) -> spec keys
-    PROFILE_KEYS = {"DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "NS": "ns", "SEEDS": "seeds", "BOVW_WORDS": "words",
-                    "BOVW_VOCABULARIES": "vocabularies"}
+    PROFILE_KEYS = {
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "NS": "ns",
+        "SEEDS": "seeds",
+        "BOVW_WORDS": "words",
+        "BOVW_VOCABULARIES": "vocabularies",
+    }
 
     def __post_init__(self) -> None:
         check_choices(self)
         for n_words in self.words or [BOVW_WORDS]:  # a bad combination fails before any run starts
-            BoVW(n_words, encoding=self.encoding, rootsift=self.rootsift, tfidf=self.tfidf,
-                 power_normalisation=self.power_norm, intra_normalisation=self.intra_norm)._check_params()
+            BoVW(
+                n_words,
+                encoding=self.encoding,
+                rootsift=self.rootsift,
+                tfidf=self.tfidf,
+                power_normalisation=self.power_norm,
+                intra_normalisation=self.intra_norm,
+            )._check_params()
 
 
 def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataFrame | None]:
@@ -71,12 +85,24 @@ def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataF
     vlad = spec.encoding == "vlad"
     frames = []
     for n_words in spec.words or [VLAD_WORDS if vlad else BOVW_WORDS]:
-        frames.append(bovw_study(
-            spec.source, spec.size, spec.ns, spec.seeds, paths.out, n_words=n_words, encoding=spec.encoding,
-            rootsift=spec.rootsift, tfidf=spec.tfidf, power_normalisation=spec.power_norm,
-            intra_normalisation=spec.intra_norm, vocabularies=spec.vocabularies, root=spec.root,
-            annotations=spec.annotations,
-        ))
+        frames.append(
+            bovw_study(
+                spec.source,
+                spec.size,
+                spec.ns,
+                spec.seeds,
+                paths.out,
+                n_words=n_words,
+                encoding=spec.encoding,
+                rootsift=spec.rootsift,
+                tfidf=spec.tfidf,
+                power_normalisation=spec.power_norm,
+                intra_normalisation=spec.intra_norm,
+                vocabularies=spec.vocabularies,
+                root=spec.root,
+                annotations=spec.annotations,
+            )
+        )
     compared = vlad_comparison(paths.out, spec.source, spec.size) if vlad else None
     return frames, compared
 
@@ -87,8 +113,10 @@ def console_summary(spec: BoVWSpec, result: tuple[list[pd.DataFrame], pd.DataFra
     lines = []
     for results in frames:
         shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
-        lines += [f"{results['model'].iloc[0]} {results['variant'].iloc[0]}:",
-                  shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False)]
+        lines += [
+            f"{results['model'].iloc[0]} {results['variant'].iloc[0]}:",
+            shown[["n", "seed", "metric", "value", "ci_low", "ci_high", "chance"]].to_string(index=False),
+        ]
     if compared is not None:
         lines.append(f"VLAD beside plain BoVW ({compared['variant'].nunique()} variants): vlad_*.md")
     return "\n".join(lines)
@@ -121,8 +149,13 @@ def bovw_study(
     table: one row per (n, seed, metric) with value, interval, chance and, where the paper
     reported one, its number.
     """
-    options = dict(encoding=encoding, rootsift=rootsift, tfidf=tfidf, power_normalisation=power_normalisation,
-                   intra_normalisation=intra_normalisation)
+    options = dict(
+        encoding=encoding,
+        rootsift=rootsift,
+        tfidf=tfidf,
+        power_normalisation=power_normalisation,
+        intra_normalisation=intra_normalisation,
+    )
     BoVW(n_words, **options)._check_params()  # a bad combination fails before the images are loaded
     image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -132,18 +165,32 @@ def bovw_study(
             db = build_database(image_set, n, seed=seed)
             if out_dir is not None:
                 db.save_manifest(out_dir / "manifests" / f"{source}-{size}px-N{n}-seed{seed}.csv")
-            result = evaluate_bovw(db, n_words=n_words, **options, seed=seed, vocabularies=vocabularies,
-                                   progress=progress)
+            result = evaluate_bovw(
+                db, n_words=n_words, **options, seed=seed, vocabularies=vocabularies, progress=progress
+            )
             frame = result.table.assign(
-                model=VLAD_MODEL if encoding == "vlad" else BOVW_MODEL, source=source, size=size, n=n, ids="-", seed=seed, dim=result.model.dim_,
-                **result.timings
+                model=VLAD_MODEL if encoding == "vlad" else BOVW_MODEL,
+                source=source,
+                size=size,
+                n=n,
+                ids="-",
+                seed=seed,
+                dim=result.model.dim_,
+                **result.timings,
             )
             frames.append(frame)
     results = attach_paper(pd.concat(frames, ignore_index=True))
     variant = bovw_variant(n_words, **options)
     power = (encoding == "vlad") if power_normalisation is None else bool(power_normalisation)
-    results = results.assign(n_words=n_words, rootsift=rootsift, tfidf=tfidf, encoding=encoding,
-                             power_normalisation=power, intra_normalisation=intra_normalisation, variant=variant)
+    results = results.assign(
+        n_words=n_words,
+        rootsift=rootsift,
+        tfidf=tfidf,
+        encoding=encoding,
+        power_normalisation=power,
+        intra_normalisation=intra_normalisation,
+        variant=variant,
+    )
     if out_dir is not None:
         stem = out_dir / f"bovw_{source}_{size}px_{variant}"
         write_table(results, stem, markdown=bovw_markdown(results, source, size))
@@ -154,25 +201,34 @@ def bovw_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     """A Markdown report of a BoVW study: settings, then Table 1's BoVW rows."""
     first = results.iloc[0]
     vlad = first.get("encoding", "histogram") == "vlad"
-    flags = (("VLAD", vlad), ("RootSIFT", first["rootsift"]), ("tf-idf", first["tfidf"]),
-             ("intra-normalisation", first.get("intra_normalisation", False)),
-             ("no power normalisation" if vlad else "power normalisation", first.get("power_normalisation", vlad) != vlad))
+    flags = (
+        ("VLAD", vlad),
+        ("RootSIFT", first["rootsift"]),
+        ("tf-idf", first["tfidf"]),
+        ("intra-normalisation", first.get("intra_normalisation", False)),
+        ("no power normalisation" if vlad else "power normalisation", first.get("power_normalisation", vlad) != vlad),
+    )
     options = ", ".join(name for name, on in flags if on)
     timing = results.groupby(["n", "seed"])[["fit_s", "search_s"]].first().sum(axis=1)
-    encoded = (f"one VLAD vector per image ({first['n_words']} x 128 values: the per-word sums of residuals to "
-               "the word's centre, signed square root unless said otherwise, L2-normalised)" if vlad
-               else "one histogram per image")
-    return "\n".join([
-        f"# BoVW baseline on {source} at {size} px (K = {first['n_words']}{', ' + options if options else ''})",
-        "",
-        f"Grayscale SIFT, k-means vocabulary of {first['n_words']} words fitted on the indexed images, {encoded}, "
-        "cosine similarity, top-100. " + _vocabulary_note(results) + TABLE1_NOTE,
-        "",
-        table1_markdown(results),
-        "",
-        f"Fit + search wall time per run: {timing.min():.1f}-{timing.max():.1f} s "
-        "(see reports/benchmarks/ for timings on an idle machine).",
-    ])
+    encoded = (
+        f"one VLAD vector per image ({first['n_words']} x 128 values: the per-word sums of residuals to "
+        "the word's centre, signed square root unless said otherwise, L2-normalised)"
+        if vlad
+        else "one histogram per image"
+    )
+    return "\n".join(
+        [
+            f"# BoVW baseline on {source} at {size} px (K = {first['n_words']}{', ' + options if options else ''})",
+            "",
+            f"Grayscale SIFT, k-means vocabulary of {first['n_words']} words fitted on the indexed images, {encoded}, "
+            "cosine similarity, top-100. " + _vocabulary_note(results) + TABLE1_NOTE,
+            "",
+            table1_markdown(results),
+            "",
+            f"Fit + search wall time per run: {timing.min():.1f}-{timing.max():.1f} s "
+            "(see reports/benchmarks/ for timings on an idle machine).",
+        ]
+    )
 
 
 def _vocabulary_note(results: pd.DataFrame) -> str:
@@ -181,15 +237,23 @@ def _vocabulary_note(results: pd.DataFrame) -> str:
     v = int(counts.max())
     if v <= 1:
         return ""
-    return (f"Every metric is averaged per query over {v} vocabularies (k-means seeds seed ... seed + {v - 1}) "
-            "before the bootstrap, so the row is the baseline's expected quality rather than one fit's. ")
+    return (
+        f"Every metric is averaged per query over {v} vocabularies (k-means seeds seed ... seed + {v - 1}) "
+        "before the bootstrap, so the row is the baseline's expected quality rather than one fit's. "
+    )
 
 
 def _read_bovw_table(path: Path) -> pd.DataFrame:
     """A table written by :func:`bovw_study`, with the columns that tables from before VLAD lack filled in."""
     frame = pd.read_csv(path)
-    defaults = {"encoding": "histogram", "power_normalisation": False, "intra_normalisation": False, "vocabularies": 1,
-                "variant": path.stem.split("px_", 1)[-1], "dim": frame["n_words"].iloc[0]}
+    defaults = {
+        "encoding": "histogram",
+        "power_normalisation": False,
+        "intra_normalisation": False,
+        "vocabularies": 1,
+        "variant": path.stem.split("px_", 1)[-1],
+        "dim": frame["n_words"].iloc[0],
+    }
     for column, value in defaults.items():
         if column not in frame.columns:
             frame[column] = value
@@ -199,7 +263,9 @@ def _read_bovw_table(path: Path) -> pd.DataFrame:
 def _is_plain_bovw(frame: pd.DataFrame) -> bool:
     """Whether a BoVW table is the paper's setting: histograms, no RootSIFT, tf-idf or power normalisation."""
     first = frame.iloc[0]
-    return first["encoding"] == "histogram" and not (first["rootsift"] or first["tfidf"] or first["power_normalisation"])
+    return first["encoding"] == "histogram" and not (
+        first["rootsift"] or first["tfidf"] or first["power_normalisation"]
+    )
 
 
 def vlad_comparison(out_dir: str | Path, source: str, size: int, *, baseline_words: int = 200) -> pd.DataFrame | None:
@@ -227,16 +293,25 @@ def vlad_comparison(out_dir: str | Path, source: str, size: int, *, baseline_wor
     results = pd.concat(plain + vlad, ignore_index=True)
     queries = results[results["metric"] == "P@10"].groupby(["n", "seed"])["n_queries"].nunique()
     if (queries > 1).any():
-        raise ValueError(f"the BoVW tables in {out_dir} disagree on the number of test queries at "
-                         f"(N, seed) = {list(queries[queries > 1].index)}: they come from different databases")
+        raise ValueError(
+            f"the BoVW tables in {out_dir} disagree on the number of test queries at "
+            f"(N, seed) = {list(queries[queries > 1].index)}: they come from different databases"
+        )
     base = baseline[["n", "seed", "metric", "value", "ci_low", "ci_high"]].rename(
-        columns={c: f"baseline_{c}" for c in ("value", "ci_low", "ci_high")})
+        columns={c: f"baseline_{c}" for c in ("value", "ci_low", "ci_high")}
+    )
     results = results.merge(base, on=["n", "seed", "metric"], how="left")
-    results["verdict"] = np.where(results["ci_low"] > results["baseline_ci_high"], "better",
-                                  np.where(results["ci_high"] < results["baseline_ci_low"], "worse", "overlap"))
+    results["verdict"] = np.where(
+        results["ci_low"] > results["baseline_ci_high"],
+        "better",
+        np.where(results["ci_high"] < results["baseline_ci_low"], "worse", "overlap"),
+    )
     results.loc[results["variant"] == baseline["variant"].iloc[0], "verdict"] = "baseline"
-    write_table(results, out_dir / f"vlad_{source}_{size}px",
-                markdown=vlad_markdown(results, source, size, baseline["variant"].iloc[0]))
+    write_table(
+        results,
+        out_dir / f"vlad_{source}_{size}px",
+        markdown=vlad_markdown(results, source, size, baseline["variant"].iloc[0]),
+    )
     return results
 
 
@@ -260,8 +335,12 @@ def vlad_markdown(results: pd.DataFrame, source: str, size: int, baseline: str) 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = results[["variant", "n", "seed"]].drop_duplicates()
-    order = {v: i for i, v in enumerate(results.drop_duplicates("variant").sort_values(
-        ["encoding", "n_words", "variant"])["variant"])}
+    order = {
+        v: i
+        for i, v in enumerate(
+            results.drop_duplicates("variant").sort_values(["encoding", "n_words", "variant"])["variant"]
+        )
+    }
     keys = keys.assign(_o=keys["variant"].map(order)).sort_values(["n", "seed", "_o"])
     for variant, n, seed in keys[["variant", "n", "seed"]].itertuples(index=False):
         row = results[(results["variant"] == variant) & (results["n"] == n) & (results["seed"] == seed)]
@@ -272,8 +351,9 @@ def vlad_markdown(results: pd.DataFrame, source: str, size: int, baseline: str) 
 
         first = row.iloc[0]
         seconds = first["fit_s"] + first["search_s"]
-        verdicts = " | ".join(row.at[m, "verdict"] if first["verdict"] != "baseline" else "–"
-                              for m in ("mAP@10", "P@10", "R@100"))
+        verdicts = " | ".join(
+            row.at[m, "verdict"] if first["verdict"] != "baseline" else "–" for m in ("mAP@10", "P@10", "R@100")
+        )
         lines.append(
             f"| {variant} | {first['model']} | {first['n_words']} | {int(first['dim'])} | {n} | {seed} "
             f"| {cell('mAP@10')} | {cell('P@10')} | {cell('R@100')} | {format_number(row.at['P@10', 'chance'])} "

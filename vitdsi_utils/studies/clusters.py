@@ -43,10 +43,14 @@ def summary(table: pd.DataFrame, k_reference: int) -> pd.DataFrame:
     rows = []
     for (encoder, pooling), group in table.groupby(["encoder", "pooling"], sort=False):
         at = group.set_index("k")
-        row = {"encoder": encoder, "pooling": pooling, "dim": int(group["dim"].iloc[0]),
-               "elbow_k": elbow_k(group["k"], group["inertia"]) if len(group) >= 3 else np.nan,
-               "best_silhouette_k": int(at["silhouette"].idxmax()),
-               "best_davies_bouldin_k": int(at["davies_bouldin"].idxmin())}
+        row = {
+            "encoder": encoder,
+            "pooling": pooling,
+            "dim": int(group["dim"].iloc[0]),
+            "elbow_k": elbow_k(group["k"], group["inertia"]) if len(group) >= 3 else np.nan,
+            "best_silhouette_k": int(at["silhouette"].idxmax()),
+            "best_davies_bouldin_k": int(at["davies_bouldin"].idxmin()),
+        }
         if k_reference in at.index:
             row.update({f"{m}@k{k_reference}": at.at[k_reference, m] for m in METRICS if m in at.columns})
         rows.append(row)
@@ -57,17 +61,22 @@ def clusters_markdown(table: pd.DataFrame, k_reference: int, note: str = "") -> 
     """The sweep as Markdown: the summary per embedding, then every (encoder, pooling, k) row."""
     wide = summary(table, k_reference)
     shown = table.drop(columns=["seconds"]).round(4)
-    return "\n\n".join(part for part in [
-        note,
-        f"### Per embedding: chosen k and the scores at k = {k_reference}",
-        wide.round(3).to_markdown(index=False),
-        "### Every k",
-        shown.to_markdown(index=False),
-    ] if part)
+    return "\n\n".join(
+        part
+        for part in [
+            note,
+            f"### Per embedding: chosen k and the scores at k = {k_reference}",
+            wide.round(3).to_markdown(index=False),
+            "### Every k",
+            shown.to_markdown(index=False),
+        ]
+        if part
+    )
 
 
-def study_encoders(paths: Any, dbs: Mapping[str, Any], profile: str, dataset: str | None = None,
-                   device: str = "cpu") -> dict[str, torch.nn.Module]:
+def study_encoders(
+    paths: Any, dbs: Mapping[str, Any], profile: str, dataset: str | None = None, device: str = "cpu"
+) -> dict[str, torch.nn.Module]:
     """The encoders the study trained for these databases: {name: model in eval mode on ``device``}.
 
     ``dbs`` maps an ID scheme to its database; for each, the zero-shot (notebook 03) and fine-tuned
@@ -84,8 +93,10 @@ def study_encoders(paths: Any, dbs: Mapping[str, Any], profile: str, dataset: st
     first = next(iter(dbs.values()))
     dense_path = paths.run_dir(first) / "dense.pt"
     if not dense_path.is_file():
-        raise FileNotFoundError(f"{dense_path} does not exist: notebook 07_dense trains it; run `vitdsi study "
-                                f"--profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at 07_dense`")
+        raise FileNotFoundError(
+            f"{dense_path} does not exist: notebook 07_dense trains it; run `vitdsi study "
+            f"--profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at 07_dense`"
+        )
     encoders["Dense"], _ = load_dense(dense_path, map_location=device)
     return encoders
 
@@ -114,8 +125,15 @@ def metric_curves(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), 
         color = colors[encoder]
         elbow = elbow_k(group["k"], group["inertia"]) if len(group) >= 3 else None
         for ax, metric in zip(axes[0], metrics):
-            ax.plot(group["k"], group[metric], styles.get(pooling, "-"), marker="o", markersize=3, color=color,
-                    label=series_label(encoder, pooling))
+            ax.plot(
+                group["k"],
+                group[metric],
+                styles.get(pooling, "-"),
+                marker="o",
+                markersize=3,
+                color=color,
+                label=series_label(encoder, pooling),
+            )
             if elbow is not None:
                 at = group[group["k"] == elbow]
                 ax.plot(at["k"], at[metric], "*", markersize=11, color=color, markeredgecolor="k", markeredgewidth=0.5)
@@ -128,8 +146,15 @@ def metric_curves(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), 
         fig.suptitle(title)
     fig.tight_layout()
     # outside the panels, on the right: save_figure and the notebook both crop to what is drawn
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-               title="encoder · pooling (star: elbow k)", title_fontsize=7)
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=7,
+        title="encoder · pooling (star: elbow k)",
+        title_fontsize=7,
+    )
     return fig
 
 
@@ -150,7 +175,7 @@ def size_histograms(sizes: Mapping[str, np.ndarray], title: str | None = None, c
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("images in the cluster", fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(sizes):]:
+    for ax in axes.flat[len(sizes) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("clusters", fontsize=8)
@@ -196,8 +221,13 @@ def cluster_gallery(
                 show_image(ax, images[i], border=RELEVANT_COLOR if classes[i] == majority else IRRELEVANT_COLOR)
             else:
                 ax.axis("off")
-        axes[r, 0].set_ylabel(f"{len(members)} images\n{share:.0%} {readable_class(class_names[majority])}",
-                              rotation=0, ha="right", va="center", fontsize=7)
+        axes[r, 0].set_ylabel(
+            f"{len(members)} images\n{share:.0%} {readable_class(class_names[majority])}",
+            rotation=0,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -57,13 +57,28 @@ class DenseSpec:
 
     #: notebook profile keys (07_dense) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "SIZE": "size", "NS": "ns", "SEEDS": ("seeds", "train.seed[0]"),
-        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
-        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
-        "DENSE_POOLING": "model.pooling", "DENSE_EPOCHS": "train.epochs", "DENSE_LR": "train.lr",
-        "DENSE_BATCH_SIZE": "train.batch_size", "DENSE_MARGIN": "train.margin",
-        "DENSE_ENTROPY_WEIGHT": "train.entropy_weight", "DENSE_TRAIN_ON_INDEX": "include_index",
-        "BOVW_WORDS": "words", "BOVW_VOCABULARIES": "vocabularies", "RERANK_DEPTHS": "depths",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "SIZE": "size",
+        "NS": "ns",
+        "SEEDS": ("seeds", "train.seed[0]"),
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "DENSE_POOLING": "model.pooling",
+        "DENSE_EPOCHS": "train.epochs",
+        "DENSE_LR": "train.lr",
+        "DENSE_BATCH_SIZE": "train.batch_size",
+        "DENSE_MARGIN": "train.margin",
+        "DENSE_ENTROPY_WEIGHT": "train.entropy_weight",
+        "DENSE_TRAIN_ON_INDEX": "include_index",
+        "BOVW_WORDS": "words",
+        "BOVW_VOCABULARIES": "vocabularies",
+        "RERANK_DEPTHS": "depths",
     }
 
     def __post_init__(self) -> None:
@@ -74,10 +89,22 @@ def run(spec: DenseSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame,
     """The dense study of ``spec``: encoders to ``paths.runs``, tables and figure to ``paths.out``;
     (results, re-ranking, histories)."""
     return _dense_study(
-        spec.source, spec.size, tuple(spec.ns), tuple(spec.seeds), schemes=tuple(spec.schemes),
-        model_overrides=spec.model.overrides(), train_config=spec.train, include_index=spec.include_index,
-        bovw_words=spec.words, bovw_vocabularies=spec.vocabularies, depths=tuple(spec.depths), runs_dir=paths.runs,
-        dsi_runs=spec.dsi_runs, dsi_table=spec.dsi_table, out_dir=paths.out, root=spec.root,
+        spec.source,
+        spec.size,
+        tuple(spec.ns),
+        tuple(spec.seeds),
+        schemes=tuple(spec.schemes),
+        model_overrides=spec.model.overrides(),
+        train_config=spec.train,
+        include_index=spec.include_index,
+        bovw_words=spec.words,
+        bovw_vocabularies=spec.vocabularies,
+        depths=tuple(spec.depths),
+        runs_dir=paths.runs,
+        dsi_runs=spec.dsi_runs,
+        dsi_table=spec.dsi_table,
+        out_dir=paths.out,
+        root=spec.root,
     )
 
 
@@ -85,10 +112,12 @@ def console_summary(spec: DenseSpec, result: tuple[pd.DataFrame, pd.DataFrame, A
     """Headline metrics per model, N and ID scheme, then the re-ranking summary."""
     results, reranking = result[0], result[1]
     shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
-    return "\n".join([
-        shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string(),
-        summary(reranking).round(3).to_string(index=False),
-    ])
+    return "\n".join(
+        [
+            shown.pivot_table(index=["model", "n", "ids"], columns="metric", values="value").round(3).to_string(),
+            summary(reranking).round(3).to_string(index=False),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,8 +182,9 @@ def evaluate_dense(
     start = time.perf_counter()
     _, ranked = retriever.search(query_images, k)
     searched = time.perf_counter() - start
-    table = retrieval_metrics(ranked, db.relevance_labels(query_role), db.relevance_labels("index"),
-                              kind=db.relevance_kind, seed=seed)
+    table = retrieval_metrics(
+        ranked, db.relevance_labels(query_role), db.relevance_labels("index"), kind=db.relevance_kind, seed=seed
+    )
     s = db.settings
     table = table.assign(model=DENSE_MODEL, source=s["source"], size=s["size"], n=s["n"], ids="-", seed=s["seed"])
     timings = {
@@ -214,9 +244,18 @@ def rerank_database(
 
     retriever.index(db.split("index")[0])
     query_images, _ = db.split(query_role)
-    study = rerank_study(stages, VectorScorer.from_dense(retriever, "dense"), query_images,
-                         db.relevance_labels(query_role), db.relevance_labels("index"), kind=db.relevance_kind,
-                         depths=depths, k=k, seed=int(db.settings["seed"]), include_alone=include_alone)
+    study = rerank_study(
+        stages,
+        VectorScorer.from_dense(retriever, "dense"),
+        query_images,
+        db.relevance_labels(query_role),
+        db.relevance_labels("index"),
+        kind=db.relevance_kind,
+        depths=depths,
+        k=k,
+        seed=int(db.settings["seed"]),
+        include_alone=include_alone,
+    )
     s = db.settings
     ids = np.where(study["first_stage"].str.startswith("DSI"), s["id_scheme"], "-")
     return study.assign(n=s["n"], ids=ids, seed=s["seed"], size=s["size"], source=s["source"])
@@ -231,22 +270,33 @@ def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settin
         f"Encoder: {settings['model']}. Training: {settings['training']}. "
         "The database's indexed images are embedded once into a flat inner-product index; a test "
         "query returns its top-100 by cosine similarity. BoVW is fitted on the same database. "
-        + (f"DSI rows: {settings['dsi']}. " if settings.get("dsi") else "") + TABLE1_NOTE,
+        + (f"DSI rows: {settings['dsi']}. " if settings.get("dsi") else "")
+        + TABLE1_NOTE,
         "",
         table1_markdown(results),
     ]
     dense = results[results["model"] == DENSE_MODEL]
     if len(dense):
-        lines += ["", "Training time and search cost per database:", "",
-                  dense.groupby(["n", "seed"])[["train_s", "search_ms_per_query"]].first().round(1)
-                  .reset_index().to_markdown(index=False)]
+        lines += [
+            "",
+            "Training time and search cost per database:",
+            "",
+            dense.groupby(["n", "seed"])[["train_s", "search_ms_per_query"]]
+            .first()
+            .round(1)
+            .reset_index()
+            .to_markdown(index=False),
+        ]
     if histories is not None and len(histories):
         val = histories[histories["split"] == "val"]
         if len(val):
             best = val.groupby("n")["map@10"].agg(["max", "last"]).round(3).reset_index()
-            lines += ["", "Validation mAP@10 during training (val queries, best and last epoch):", "",
-                      best.rename(columns={"max": "best val mAP@10", "last": "last val mAP@10"})
-                      .to_markdown(index=False)]
+            lines += [
+                "",
+                "Validation mAP@10 during training (val queries, best and last epoch):",
+                "",
+                best.rename(columns={"max": "best val mAP@10", "last": "last val mAP@10"}).to_markdown(index=False),
+            ]
     return "\n".join(lines)
 
 
@@ -291,21 +341,28 @@ def _dense_study(
         for seed in seeds:
             db = build_database(image_set, n, id_scheme=schemes[0], seed=seed)
             run_dir = Path(runs_dir) / f"{source}-{size}px-N{n}-seed{seed}" if runs_dir is not None else None
-            retriever = train_or_load(db, model_overrides=model_overrides, train_config=train_config,
-                                      include_index=include_index, run_dir=run_dir)
+            retriever = train_or_load(
+                db,
+                model_overrides=model_overrides,
+                train_config=train_config,
+                include_index=include_index,
+                run_dir=run_dir,
+            )
             histories.append(retriever.history_.to_frame().assign(n=n, ids="-", seed=seed))
             table, timings = evaluate_dense(retriever, db, k=k, seed=seed)
             results.append(table.assign(**timings))
-            bovw = evaluate_bovw(db, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
-                                 progress=progress)
+            bovw = evaluate_bovw(
+                db, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies, progress=progress
+            )
             results.append(bovw.rows(db))
             for i, scheme in enumerate(schemes):
                 scheme_db = db if i == 0 else build_database(image_set, n, id_scheme=scheme, seed=seed)
                 dsi_dir = Path(dsi_runs) / run_name(scheme_db) if dsi_runs is not None else None
                 stages = first_stages(scheme_db, bovw=bovw.model if i == 0 else None, dsi_run_dir=dsi_dir)
                 if stages or i == 0:
-                    reranking.append(rerank_database(scheme_db, retriever, stages, depths=depths, k=k,
-                                                     include_alone=i == 0))
+                    reranking.append(
+                        rerank_database(scheme_db, retriever, stages, depths=depths, k=k, include_alone=i == 0)
+                    )
     if dsi_table is not None:
         dsi = pd.read_csv(dsi_table)
         keep = dsi["n"].isin(ns) & dsi["seed"].isin(seeds) & (dsi["size"] == size) & (dsi["source"] == source)
@@ -317,18 +374,25 @@ def _dense_study(
         out_dir = Path(out_dir)
         model_config = DenseConfig(image_size=size, **(model_overrides or {}))
         settings = {
-            "source": source, "size": size,
-            "model": (f"ViT patch {model_config.patch_size}, width {model_config.dim}, {model_config.depth} blocks, "
-                      f"{model_config.heads} heads, {model_config.pooling} pooling, {model_config.pos_encoding} positions"),
-            "training": (f"{train_config.epochs} epochs of AdamW (lr {train_config.lr}, weight decay "
-                         f"{train_config.weight_decay}), batches of {train_config.batch_size} in groups of "
-                         f"{train_config.per_class} same-class images, contrastive margin {train_config.margin} + "
-                         f"{train_config.entropy_weight} x differential entropy, on the train queries"
-                         + (" and the indexed images" if include_index else "")),
+            "source": source,
+            "size": size,
+            "model": (
+                f"ViT patch {model_config.patch_size}, width {model_config.dim}, {model_config.depth} blocks, "
+                f"{model_config.heads} heads, {model_config.pooling} pooling, {model_config.pos_encoding} positions"
+            ),
+            "training": (
+                f"{train_config.epochs} epochs of AdamW (lr {train_config.lr}, weight decay "
+                f"{train_config.weight_decay}), batches of {train_config.batch_size} in groups of "
+                f"{train_config.per_class} same-class images, contrastive margin {train_config.margin} + "
+                f"{train_config.entropy_weight} x differential entropy, on the train queries"
+                + (" and the indexed images" if include_index else "")
+            ),
             "dsi": f"copied from `{dsi_table}` (same databases and test queries)" if dsi_table is not None else None,
         }
         stem = f"{source}_{size}px"
-        write_table(results_frame, out_dir / f"dense_{stem}", markdown=dense_markdown(results_frame, history_frame, settings))
+        write_table(
+            results_frame, out_dir / f"dense_{stem}", markdown=dense_markdown(results_frame, history_frame, settings)
+        )
         write_table(rerank_frame, out_dir / f"rerank_{stem}", markdown=rerank_markdown(rerank_frame, source, size))
         history_frame.to_csv(out_dir / f"histories_dense_{stem}.csv", index=False)
         save_figure(tradeoff_figure(rerank_frame, "mAP@10"), out_dir / f"rerank_{stem}.png")

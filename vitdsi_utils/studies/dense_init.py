@@ -80,8 +80,9 @@ class DenseInitSpec:
     model: ModelSpec = field(default_factory=dsi_model)
     pooling: str = field(default="mean", metadata={"choices": POOLINGS})  # the dense encoder's
     dense: DenseTrainConfig = field(default_factory=lambda: DenseTrainConfig(epochs=90, lr=5e-4, batch_size=64))
-    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3,
-                                                                    warmup_steps=100))
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, warmup_steps=100)
+    )
     multitask: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3))
     mix_ratio: float | None = 2.0  # retrieval pairs per indexed image and epoch
     max_pairs_per_query: int | None = 5
@@ -96,16 +97,35 @@ class DenseInitSpec:
 
     #: notebook profile keys (14_dense_init) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "SIZE": "size", "NS": "ns", "INIT_SCHEMES": "schemes",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "SIZE": "size",
+        "NS": "ns",
+        "INIT_SCHEMES": "schemes",
         "SEEDS": ("seeds", "dense.seed[0]", "index.seed[0]", "multitask.seed[0]"),
-        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
-        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
-        "DENSE_POOLING": "pooling", "DENSE_EPOCHS": "dense.epochs", "DENSE_LR": "dense.lr",
-        "DENSE_BATCH_SIZE": "dense.batch_size", "LR": ("index.lr", "multitask.lr"),
-        "BATCH_SIZE": ("index.batch_size", "multitask.batch_size"), "WARMUP_STEPS": "index.warmup_steps",
-        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy", "INIT_EPOCHS": "multitask.epochs",
-        "INIT_MIX_RATIO": "mix_ratio", "MAX_PAIRS_PER_QUERY": "max_pairs_per_query", "IDS_K": "semantic_k",
-        "IDS_C": "semantic_c", "BOVW_WORDS": "words", "BOVW_VOCABULARIES": "vocabularies",
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "DENSE_POOLING": "pooling",
+        "DENSE_EPOCHS": "dense.epochs",
+        "DENSE_LR": "dense.lr",
+        "DENSE_BATCH_SIZE": "dense.batch_size",
+        "LR": ("index.lr", "multitask.lr"),
+        "BATCH_SIZE": ("index.batch_size", "multitask.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "INIT_EPOCHS": "multitask.epochs",
+        "INIT_MIX_RATIO": "mix_ratio",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+        "IDS_K": "semantic_k",
+        "IDS_C": "semantic_c",
+        "BOVW_WORDS": "words",
+        "BOVW_VOCABULARIES": "vocabularies",
     }
 
     def __post_init__(self) -> None:
@@ -116,14 +136,28 @@ class DenseInitSpec:
 def run(spec: DenseInitSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The dense-init study of ``spec``: DSI checkpoints to ``paths.runs``, tables to ``paths.out``; (results, histories)."""
     return _dense_init_study(
-        spec.source, spec.size, tuple(spec.ns), tuple(spec.schemes), tuple(spec.seeds),
-        model_overrides=spec.model.overrides(), dense_config=spec.dense, dense_pooling=spec.pooling,
-        index_config=spec.index, multitask_config=spec.multitask, mix_ratio=spec.mix_ratio,
-        max_pairs_per_query=spec.max_pairs_per_query, bovw_words=spec.words, bovw_vocabularies=spec.vocabularies,
-        targets=spec.targets, index_views=spec.index_views, consolidate=spec.consolidate,
+        spec.source,
+        spec.size,
+        tuple(spec.ns),
+        tuple(spec.schemes),
+        tuple(spec.seeds),
+        model_overrides=spec.model.overrides(),
+        dense_config=spec.dense,
+        dense_pooling=spec.pooling,
+        index_config=spec.index,
+        multitask_config=spec.multitask,
+        mix_ratio=spec.mix_ratio,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        bovw_words=spec.words,
+        bovw_vocabularies=spec.vocabularies,
+        targets=spec.targets,
+        index_views=spec.index_views,
+        consolidate=spec.consolidate,
         id_params={"k": spec.semantic_k, "c": spec.semantic_c},
         dense_runs=Path(spec.dense_runs) if spec.dense_runs else data_dir() / "runs" / "dense",
-        runs_dir=paths.runs, out_dir=paths.out, root=spec.root,
+        runs_dir=paths.runs,
+        out_dir=paths.out,
+        root=spec.root,
     )
 
 
@@ -262,35 +296,61 @@ def _dense_init_study(
             first = build_database(image_set, n, id_scheme=_draw_scheme(schemes[0]), seed=seed)
             # the folder name of the dense study (dense._dense_study), so its encoders are reused
             dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}"
-            retriever = train_or_load(first, model_overrides={**overrides, "pooling": dense_pooling},
-                                      train_config=dense_config, run_dir=dense_dir)
+            retriever = train_or_load(
+                first,
+                model_overrides={**overrides, "pooling": dense_pooling},
+                train_config=dense_config,
+                run_dir=dense_dir,
+            )
             dense_rows, timings = evaluate_dense(retriever, first, k=k, seed=seed)
-            results.append(dense_rows.assign(train_s=timings["train_s"],
-                                             search_ms_per_query=timings["search_ms_per_query"]))
-            results.append(evaluate_bovw(first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies,
-                                         progress=False).rows(first))
+            results.append(
+                dense_rows.assign(train_s=timings["train_s"], search_ms_per_query=timings["search_ms_per_query"])
+            )
+            results.append(
+                evaluate_bovw(
+                    first, n_words=bovw_words, k=k, seed=seed, vocabularies=bovw_vocabularies, progress=False
+                ).rows(first)
+            )
             for scheme in schemes:
                 db = build_database(image_set, n, id_scheme=_draw_scheme(scheme), seed=seed)
                 run_dir = Path(runs_dir) / run_name(db, f"{scheme}-dense-init") if runs_dir is not None else None
                 start = time.perf_counter()
                 run = run_dense_init(
-                    db, dense_dir / "dense.pt", scheme=scheme, run_dir=run_dir, model_overrides=overrides,
-                    index_config=index_config, multitask_config=multitask_config, mix_ratio=mix_ratio,
-                    max_pairs_per_query=max_pairs_per_query, k=k, id_params=id_params, targets=targets,
-                    index_views=index_views, consolidate=consolidate,
+                    db,
+                    dense_dir / "dense.pt",
+                    scheme=scheme,
+                    run_dir=run_dir,
+                    model_overrides=overrides,
+                    index_config=index_config,
+                    multitask_config=multitask_config,
+                    mix_ratio=mix_ratio,
+                    max_pairs_per_query=max_pairs_per_query,
+                    k=k,
+                    id_params=id_params,
+                    targets=targets,
+                    index_views=index_views,
+                    consolidate=consolidate,
                 )
                 results.append(run.experiment.table)
-                facts.append({"n": n, "seed": seed, "ids": scheme, **run.id_facts,
-                              "wall_s": time.perf_counter() - start})
+                facts.append(
+                    {"n": n, "seed": seed, "ids": scheme, **run.id_facts, "wall_s": time.perf_counter() - start}
+                )
                 for phase in (run.experiment.zero_shot, run.experiment.multitask):
                     if phase is not None and len(phase.history):
                         histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
                 if out_dir is not None:
                     frame = pd.concat(results, ignore_index=True)
-                    _write(frame, pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
-                           pd.DataFrame(facts), Path(out_dir), source, size)
-    return pd.concat(results, ignore_index=True), (pd.concat(histories, ignore_index=True) if histories
-                                                   else pd.DataFrame())
+                    _write(
+                        frame,
+                        pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
+                        pd.DataFrame(facts),
+                        Path(out_dir),
+                        source,
+                        size,
+                    )
+    return pd.concat(results, ignore_index=True), (
+        pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    )
 
 
 def _draw_scheme(scheme: str) -> str:
@@ -298,8 +358,9 @@ def _draw_scheme(scheme: str) -> str:
     return scheme if scheme in ID_SCHEMES else "clustered"
 
 
-def _write(results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, out: Path, source: str,
-           size: int) -> None:
+def _write(
+    results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, out: Path, source: str, size: int
+) -> None:
 
     stem = f"dsi_dense_init_{source}_{size}px"
     write_table(attach_paper(results), out / stem, markdown=dense_init_markdown(results, source, size))
@@ -311,8 +372,14 @@ def _write(results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, 
 def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     """Table 1 rows of the study, then the verdicts of targets 3 and 4."""
 
-    lines = [f"# DSI with a dense-initialised encoder, trained multi-task, on {source} at {size} px", "",
-             TABLE1_NOTE, "", table1_markdown(attach_paper(results)), ""]
+    lines = [
+        f"# DSI with a dense-initialised encoder, trained multi-task, on {source} at {size} px",
+        "",
+        TABLE1_NOTE,
+        "",
+        table1_markdown(attach_paper(results)),
+        "",
+    ]
     target3 = target3_markdown(results, exclude=[DENSE_MODEL])
     if target3:
         lines += [target3, ""]

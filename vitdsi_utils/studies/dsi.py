@@ -77,13 +77,28 @@ class DSISpec:
 
     #: notebook profile keys (03_indexing, 04_retrieval) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "NS": "ns", "ID_SCHEMES": "schemes", "SEEDS": "seeds",
-        "PATCH_SIZE": "model.patch_size", "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth",
-        "HEADS": "model.heads", "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding",
-        "LR": ("index.lr", "fine_tune.lr"), "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
-        "WARMUP_STEPS": "index.warmup_steps", "INDEX_EPOCHS": "index.epochs",
-        "TARGET_ACCURACY": "index.target_accuracy", "RETRIEVAL_EPOCHS": "fine_tune.epochs",
-        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query", "BOVW_WORDS": "bovw_words",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "NS": "ns",
+        "ID_SCHEMES": "schemes",
+        "SEEDS": "seeds",
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"),
+        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+        "BOVW_WORDS": "bovw_words",
         "BOVW_VOCABULARIES": "bovw_vocabularies",
     }
 
@@ -98,15 +113,30 @@ def run(spec: DSISpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The DSI study of ``spec``: tables to ``paths.out``, checkpoints to ``paths.runs``; (results, histories)."""
     retrieval = spec.fine_tune if spec.fine_tune is not None else spec.multitask
     return _dsi_study(
-        spec.source, spec.size, tuple(spec.ns), tuple(spec.schemes), tuple(spec.seeds),
-        model_overrides=spec.model.overrides(), index_config=spec.index, retrieval_config=retrieval,
-        max_pairs_per_query=spec.max_pairs_per_query, out_dir=paths.out, runs_dir=paths.runs,
-        multitask=spec.multitask is not None, mix_ratio=spec.mix_ratio, multitask_config=spec.multitask,
-        root=spec.root, annotations=spec.annotations,
+        spec.source,
+        spec.size,
+        tuple(spec.ns),
+        tuple(spec.schemes),
+        tuple(spec.seeds),
+        model_overrides=spec.model.overrides(),
+        index_config=spec.index,
+        retrieval_config=retrieval,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        out_dir=paths.out,
+        runs_dir=paths.runs,
+        multitask=spec.multitask is not None,
+        mix_ratio=spec.mix_ratio,
+        multitask_config=spec.multitask,
+        root=spec.root,
+        annotations=spec.annotations,
         encoder_init=(spec.encoder_init, spec.encoder_weights) if spec.encoder_init else None,
-        targets=spec.targets, index_views=spec.index_views, view_min_crop=spec.view_min_crop,
-        consolidate=spec.consolidate, fine_tune_phase=spec.fine_tune is not None,
-        bovw_vocabularies=spec.bovw_vocabularies if spec.bovw else 0, bovw_words=spec.bovw_words,
+        targets=spec.targets,
+        index_views=spec.index_views,
+        view_min_crop=spec.view_min_crop,
+        consolidate=spec.consolidate,
+        fine_tune_phase=spec.fine_tune is not None,
+        bovw_vocabularies=spec.bovw_vocabularies if spec.bovw else 0,
+        bovw_words=spec.bovw_words,
     )
 
 
@@ -167,11 +197,25 @@ def run_experiment(
     # one process at a time in the run folder, from indexing to the last fine-tuned model
     with run_folder_lock(run_dir) if run_dir is not None else nullcontext():
         return _run_experiment(
-            db, model_overrides=model_overrides, index_config=index_config, retrieval_config=retrieval_config,
-            fine_tune_phase=fine_tune_phase, run_dir=run_dir, k=k, max_pairs_per_query=max_pairs_per_query,
-            multitask=multitask, mix_ratio=mix_ratio, multitask_config=multitask_config, codec=codec, ids=ids,
-            init=init, encoder_init=encoder_init, targets=targets, index_views=index_views,
-            view_min_crop=view_min_crop, consolidate=consolidate,
+            db,
+            model_overrides=model_overrides,
+            index_config=index_config,
+            retrieval_config=retrieval_config,
+            fine_tune_phase=fine_tune_phase,
+            run_dir=run_dir,
+            k=k,
+            max_pairs_per_query=max_pairs_per_query,
+            multitask=multitask,
+            mix_ratio=mix_ratio,
+            multitask_config=multitask_config,
+            codec=codec,
+            ids=ids,
+            init=init,
+            encoder_init=encoder_init,
+            targets=targets,
+            index_views=index_views,
+            view_min_crop=view_min_crop,
+            consolidate=consolidate,
         )
 
 
@@ -200,21 +244,40 @@ def _run_experiment(
     options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop, consolidate=consolidate)
     codec = database_codec(db, codec)
     ids = ids or db.settings["id_scheme"]
-    zero = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir, codec=codec,
-                          init=init, encoder_init=encoder_init)
+    zero = index_database(
+        db,
+        model_overrides=model_overrides,
+        config=index_config,
+        run_dir=run_dir,
+        codec=codec,
+        init=init,
+        encoder_init=encoder_init,
+    )
     tables = [_result_rows(db, zero, codec, ZERO_SHOT, k, ids)]
     tuned = None
     if fine_tune_phase:
         tuned = fine_tune(
-            db, zero.model, config=retrieval_config, run_dir=run_dir, max_pairs_per_query=max_pairs_per_query,
-            codec=codec, **options,
+            db,
+            zero.model,
+            config=retrieval_config,
+            run_dir=run_dir,
+            max_pairs_per_query=max_pairs_per_query,
+            codec=codec,
+            **options,
         )
         tables.append(_result_rows(db, tuned, codec, FINE_TUNED, k, ids))
     mixed = None
     if multitask:
         mixed = fine_tune(
-            db, zero.model, config=multitask_config or retrieval_config, run_dir=run_dir,
-            max_pairs_per_query=max_pairs_per_query, multitask=True, mix_ratio=mix_ratio, codec=codec, **options,
+            db,
+            zero.model,
+            config=multitask_config or retrieval_config,
+            run_dir=run_dir,
+            max_pairs_per_query=max_pairs_per_query,
+            multitask=True,
+            mix_ratio=mix_ratio,
+            codec=codec,
+            **options,
         )
         tables.append(_result_rows(db, mixed, codec, MULTITASK, k, ids))
     table = attach_paper(pd.concat(tables, ignore_index=True))
@@ -296,8 +359,11 @@ def _dsi_study(
             for seed in seeds:
                 db, assignment = database_with_ids(image_set, n, scheme, seed=seed)
                 if bovw_vocabularies and scheme == schemes[0]:  # the same images under every ID scheme
-                    results.append(evaluate_bovw(db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies,
-                                                 progress=False).rows(db))
+                    results.append(
+                        evaluate_bovw(
+                            db, n_words=bovw_words, seed=seed, vocabularies=bovw_vocabularies, progress=False
+                        ).rows(db)
+                    )
                 name = run_name(db, assignment.tag) + (f"-init-{encoder_init[0]}" if encoder_init is not None else "")
                 run_dir = Path(runs_dir) / name if runs_dir is not None else None
                 experiment = run_experiment(
@@ -329,11 +395,22 @@ def _dsi_study(
                 results_frame = pd.concat(results, ignore_index=True)
                 history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
                 if out_dir is not None:
-                    _write_dsi_tables(results_frame, history_frame, Path(out_dir), source, size,
-                                      model_overrides, index_config, retrieval_config, max_pairs_per_query,
-                                      mix_ratio if multitask else False, multitask_config,
-                                      fine_tune_note(targets, index_views, view_min_crop, retrieval_config),
-                                      consolidate, fine_tune_phase)
+                    _write_dsi_tables(
+                        results_frame,
+                        history_frame,
+                        Path(out_dir),
+                        source,
+                        size,
+                        model_overrides,
+                        index_config,
+                        retrieval_config,
+                        max_pairs_per_query,
+                        mix_ratio if multitask else False,
+                        multitask_config,
+                        fine_tune_note(targets, index_views, view_min_crop, retrieval_config),
+                        consolidate,
+                        fine_tune_phase,
+                    )
     return results_frame, history_frame
 
 
@@ -341,11 +418,15 @@ def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config:
     """A sentence naming the fine-tuning options that differ from plain fine-tuning ('' when none do)."""
     parts = []
     if targets == "same-class":
-        parts.append("instead of those fixed pairs, one target per train query and epoch, redrawn at random "
-                     "among its relevant indexed images")
+        parts.append(
+            "instead of those fixed pairs, one target per train query and epoch, redrawn at random "
+            "among its relevant indexed images"
+        )
     if index_views:
-        parts.append(f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
-                     f"(flip, crops >= {view_min_crop:g} of the side)")
+        parts.append(
+            f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
+            f"(flip, crops >= {view_min_crop:g} of the side)"
+        )
     if config is not None and config.label_smoothing:
         parts.append(f"label smoothing {config.label_smoothing:g}")
     return ("Fine-tuning options: " + "; ".join(parts) + ". ") if parts else ""
@@ -368,8 +449,7 @@ def _index_caps(results: pd.DataFrame, config: TrainConfig) -> str:
 
 def _runs_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per trained model: epochs run, the cap it ran under, whether it reached its target, time."""
-    columns = [c for c in ("epochs", "epoch_cap", "reached_target", "train_s", "search_ms_per_query")
-               if c in results]
+    columns = [c for c in ("epochs", "epoch_cap", "reached_target", "train_s", "search_ms_per_query") if c in results]
     table = results[results["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"], dropna=False)[columns].first()
     table = table.reset_index()
     if "reached_target" in table:  # no stop rule (fine-tuning without consolidation): "-"
@@ -397,34 +477,53 @@ def _write_dsi_tables(
     out_dir = Path(out_dir)
     overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
     ic, rc = index_config or TrainConfig(), retrieval_config or TrainConfig(epochs=75)
-    markdown = "\n".join([
-        f"# ViT DSI on {source} at {size} px",
-        "",
-        f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
-        f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {_index_caps(results_frame, ic)}. "
-        + (f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, " if fine_tune_phase else
-           "No plain retrieval fine-tuning. Retrieval examples: ")
-        + (f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
-           if max_pairs_per_query else "every (query, relevant ID) pair, as in the paper. ")
-        + options_note
-        + ("" if mix_ratio is False else
-           f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
-           "image in each epoch beside "
-           + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). "))
-        + (f"Then up to {consolidate} epochs of indexing alone, until IA@1 is back at "
-           f"{(multitask_config or rc).target_accuracy}. " if consolidate else "")
-        + ("BoVW: averaged per query over its k-means vocabularies (see its rows). "
-           if "BoVW" in set(results_frame["model"]) else "")
-        + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). " + TABLE1_NOTE,
-        "",
-        table1_markdown(results_frame),
-        "",
-        "Epochs and training time per run (as trained: `epoch_cap` is the cap the model was trained under, "
-        "`reached_target` whether its stop rule fired before it; a model reused from its run folder keeps "
-        "its own):",
-        "",
-        _runs_table(results_frame).to_markdown(index=False),
-    ])
+    markdown = "\n".join(
+        [
+            f"# ViT DSI on {source} at {size} px",
+            "",
+            f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
+            f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {_index_caps(results_frame, ic)}. "
+            + (
+                f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
+                if fine_tune_phase
+                else "No plain retrieval fine-tuning. Retrieval examples: "
+            )
+            + (
+                f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
+                if max_pairs_per_query
+                else "every (query, relevant ID) pair, as in the paper. "
+            )
+            + options_note
+            + (
+                ""
+                if mix_ratio is False
+                else f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
+                "image in each epoch beside "
+                + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). ")
+            )
+            + (
+                f"Then up to {consolidate} epochs of indexing alone, until IA@1 is back at "
+                f"{(multitask_config or rc).target_accuracy}. "
+                if consolidate
+                else ""
+            )
+            + (
+                "BoVW: averaged per query over its k-means vocabularies (see its rows). "
+                if "BoVW" in set(results_frame["model"])
+                else ""
+            )
+            + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). "
+            + TABLE1_NOTE,
+            "",
+            table1_markdown(results_frame),
+            "",
+            "Epochs and training time per run (as trained: `epoch_cap` is the cap the model was trained under, "
+            "`reached_target` whether its stop rule fired before it; a model reused from its run folder keeps "
+            "its own):",
+            "",
+            _runs_table(results_frame).to_markdown(index=False),
+        ]
+    )
     target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
     if target3:
         markdown += "\n\n" + target3

@@ -93,23 +93,34 @@ def compare_id_schemes(
                 test_images = db.split("test")[0]
                 for name, phase in ((ZERO_SHOT, experiment.zero_shot), (FINE_TUNED, experiment.fine_tuned)):
                     rates = invalid_id_rates(phase.model, assignment.codec, test_images)
-                    runs.append({
-                        "model": name, "n": n, "seed": seed, **assignment.summary(),
-                        "sibling_agreement": agreement, "sibling_chance": chance,
-                        "invalid_beam": rates["beam"], "invalid_greedy": rates["greedy"],
-                        "epochs": phase.epochs, "epoch_cap": phase.epoch_cap, "reached_target": phase.reached_target,
-                        "train_s": phase.seconds, "loaded": phase.loaded,
-                    })
+                    runs.append(
+                        {
+                            "model": name,
+                            "n": n,
+                            "seed": seed,
+                            **assignment.summary(),
+                            "sibling_agreement": agreement,
+                            "sibling_chance": chance,
+                            "invalid_beam": rates["beam"],
+                            "invalid_greedy": rates["greedy"],
+                            "epochs": phase.epochs,
+                            "epoch_cap": phase.epoch_cap,
+                            "reached_target": phase.reached_target,
+                            "train_s": phase.seconds,
+                            "loaded": phase.loaded,
+                        }
+                    )
                     if len(phase.history):
                         histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
                 if log is not None:
                     ia = experiment.table.query("model == @ZERO_SHOT and metric == 'IA@1'")["value"].iloc[0]
                     mean_len = assignment.summary()["mean_length"]
-                    log(f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
+                    log(
+                        f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
                         f"collisions {assignment.collision_rate:.3f}; indexing {experiment.zero_shot.epochs} epochs "
                         f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}; fine-tuning "
-                        f"{experiment.fine_tuned.seconds:.0f} s"
-                        + (" (loaded)" if experiment.fine_tuned.loaded else ""))
+                        f"{experiment.fine_tuned.seconds:.0f} s" + (" (loaded)" if experiment.fine_tuned.loaded else "")
+                    )
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.concat(results, ignore_index=True), pd.DataFrame(runs), history_frame
 
@@ -122,8 +133,12 @@ def ids_markdown(results: pd.DataFrame, runs: pd.DataFrame, schemes: Sequence[st
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in ordered_by_scheme(runs, schemes).itertuples(index=False):
-        rows = results[(results["model"] == run.model) & (results["n"] == run.n) & (results["ids"] == run.ids)
-                       & (results["seed"] == run.seed)].set_index("metric")
+        rows = results[
+            (results["model"] == run.model)
+            & (results["n"] == run.n)
+            & (results["ids"] == run.ids)
+            & (results["seed"] == run.seed)
+        ].set_index("metric")
 
         def cell(metric: str, rows: pd.DataFrame = rows) -> str:
             if metric not in rows.index:
@@ -141,10 +156,16 @@ def ids_markdown(results: pd.DataFrame, runs: pd.DataFrame, schemes: Sequence[st
     return with_uninformative_note("\n".join(lines) + f"\n\nChance levels of a random ranking: {notes}.")
 
 
-def id_scheme_bars(results: pd.DataFrame, metrics: Sequence[str] = METRICS, schemes: Sequence[str] | None = None) -> Figure:
+def id_scheme_bars(
+    results: pd.DataFrame, metrics: Sequence[str] = METRICS, schemes: Sequence[str] | None = None
+) -> Figure:
     """One panel per metric: a bar per scheme for each (model, N), 95% intervals, chance dashed; seeds averaged."""
     columns = ["value", "ci_low", "ci_high", "chance"]
-    table = results[results["metric"].isin(metrics)].groupby(["model", "n", "ids", "metric"], as_index=False)[columns].mean()
+    table = (
+        results[results["metric"].isin(metrics)]
+        .groupby(["model", "n", "ids", "metric"], as_index=False)[columns]
+        .mean()
+    )
     schemes = list(schemes or dict.fromkeys(results["ids"]))
     groups = sorted(set(zip(table["model"], table["n"])), key=lambda g: (MODEL_ORDER.get(g[0], 9), g[1]))
     width = 0.8 / max(len(schemes), 1)
@@ -160,9 +181,15 @@ def id_scheme_bars(results: pd.DataFrame, metrics: Sequence[str] = METRICS, sche
                     continue
                 r = rows.loc[(model, n, scheme)]
                 x = i - 0.4 + width * (j + 0.5)
-                ax.bar(x, r["value"], width, color=color, label=scheme if i == 0 else None,
-                       yerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
-                       error_kw={"capsize": 2, "elinewidth": 1})
+                ax.bar(
+                    x,
+                    r["value"],
+                    width,
+                    color=color,
+                    label=scheme if i == 0 else None,
+                    yerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
+                    error_kw={"capsize": 2, "elinewidth": 1},
+                )
                 if pd.notna(r["chance"]):
                     ax.hlines(r["chance"], x - width / 2, x + width / 2, colors="k", linestyles="dashed", linewidth=1)
         short = {ZERO_SHOT: "zero-shot", FINE_TUNED: "fine-tuned"}
@@ -173,8 +200,15 @@ def id_scheme_bars(results: pd.DataFrame, metrics: Sequence[str] = METRICS, sche
     handles, labels = axes[0, 0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="k", ls="--", lw=1))
     labels.append("chance")
-    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncols=min(len(labels), 6),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02),
+    )
     fig.suptitle("DSI by ID scheme: indexing and retrieval with 95% intervals")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
@@ -186,6 +220,8 @@ def describe_gaps(gaps: pd.DataFrame, reference: str = "clustered", target: floa
     for (model, ids), group in gaps.groupby(["model", "ids"], sort=False):
         worst = group.loc[group["max_abs_gap"].idxmax()]
         hits = int(group["within_target"].sum())
-        lines.append(f"{model}, {ids}: largest gap to {reference} {worst['max_abs_gap']:.3f} (N={worst['n']}); "
-                     f"within {target} on every metric in {hits} of {len(group)} database(s).")
+        lines.append(
+            f"{model}, {ids}: largest gap to {reference} {worst['max_abs_gap']:.3f} (N={worst['n']}); "
+            f"within {target} on every metric in {hits} of {len(group)} database(s)."
+        )
     return lines

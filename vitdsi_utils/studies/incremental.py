@@ -135,29 +135,41 @@ def epoch_examples(n_old: int, n_new: int, ratio: float, seed: int = 0, epochs: 
 # ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
-def _cached(path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, train: TrainConfig,
-            mix_ratio: float | None = None):
+def _cached(
+    path: Path | None, codec: IDCodec, config: DSIConfig, data: dict, train: TrainConfig, mix_ratio: float | None = None
+):
     """The model saved at ``path`` when it was trained for these settings (None when there is none);
     CheckpointError naming every difference otherwise (the rules of :mod:`vitdsi_utils.training.reuse`;
     these runs keep no checkpoint to continue from, so a capped run is not extended)."""
     if path is None or not path.exists():
         return None
-    model, _, meta = load_model(path, map_location=resolve_device(train.device), expect_config=config,
-                                expect_codec=codec, expect_data=data)
+    model, _, meta = load_model(
+        path, map_location=resolve_device(train.device), expect_config=config, expect_codec=codec, expect_data=data
+    )
     extra = meta["extra"]
-    found = finished_verdict(meta.get("train_config"), train, epochs_run=int(meta["epoch"]),
-                             reached=extra.get("reached_target")).differences
+    found = finished_verdict(
+        meta.get("train_config"), train, epochs_run=int(meta["epoch"]), reached=extra.get("reached_target")
+    ).differences
     if extra.get("mix_ratio", mix_ratio) != mix_ratio:
         found.append(f"mix_ratio: saved {extra.get('mix_ratio')!r}, requested {mix_ratio!r}")
     if found:
-        raise CheckpointError(f"{path} was trained with other settings: " + "; ".join(found) + ". "
-                              + REUSE_HINT.format(files=path))
+        raise CheckpointError(
+            f"{path} was trained with other settings: " + "; ".join(found) + ". " + REUSE_HINT.format(files=path)
+        )
     return model, meta["history"], float(extra.get("seconds", 0.0)), int(meta["epoch"])
 
 
 def _train(
-    name: str, model: DSIModel, codec: IDCodec, tasks: list, *, config: TrainConfig, path: Path | None,
-    data: dict, mix_ratio: float | None = None, val: list | None = None,
+    name: str,
+    model: DSIModel,
+    codec: IDCodec,
+    tasks: list,
+    *,
+    config: TrainConfig,
+    path: Path | None,
+    data: dict,
+    mix_ratio: float | None = None,
+    val: list | None = None,
 ) -> tuple[DSIModel, History, float, int]:
     """Train (or load from ``path``) ``model`` on ``tasks`` until the "indexing" task reaches the target."""
     cached = _cached(path, codec, model.config, data, config, mix_ratio)
@@ -169,9 +181,17 @@ def _train(
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, model, None, model.config, config, epochs, history, codec,
-                        extra={"seconds": seconds, "data": data, "reached_target": history.reached_target,
-                               "mix_ratio": mix_ratio})
+        save_checkpoint(
+            path,
+            model,
+            None,
+            model.config,
+            config,
+            epochs,
+            history,
+            codec,
+            extra={"seconds": seconds, "data": data, "reached_target": history.reached_target, "mix_ratio": mix_ratio},
+        )
     return model, history, seconds, epochs
 
 
@@ -200,15 +220,33 @@ def incremental_study(
     every difference named otherwise. The run folder is locked meanwhile (:mod:`vitdsi_utils.locks`).
     """
     if runs_dir is None:
-        return _incremental_study(db, index_config=index_config, finetune_epochs=finetune_epochs,
-                                  replay_ratios=replay_ratios, new_fraction=new_fraction, capacity=capacity,
-                                  model_overrides=model_overrides, beam_size=beam_size, out_dir=out_dir,
-                                  runs_dir=None, seed=seed)
+        return _incremental_study(
+            db,
+            index_config=index_config,
+            finetune_epochs=finetune_epochs,
+            replay_ratios=replay_ratios,
+            new_fraction=new_fraction,
+            capacity=capacity,
+            model_overrides=model_overrides,
+            beam_size=beam_size,
+            out_dir=out_dir,
+            runs_dir=None,
+            seed=seed,
+        )
     with run_folder_lock(Path(runs_dir) / incremental_run_name(db)):
-        return _incremental_study(db, index_config=index_config, finetune_epochs=finetune_epochs,
-                                  replay_ratios=replay_ratios, new_fraction=new_fraction, capacity=capacity,
-                                  model_overrides=model_overrides, beam_size=beam_size, out_dir=out_dir,
-                                  runs_dir=runs_dir, seed=seed)
+        return _incremental_study(
+            db,
+            index_config=index_config,
+            finetune_epochs=finetune_epochs,
+            replay_ratios=replay_ratios,
+            new_fraction=new_fraction,
+            capacity=capacity,
+            model_overrides=model_overrides,
+            beam_size=beam_size,
+            out_dir=out_dir,
+            runs_dir=runs_dir,
+            seed=seed,
+        )
 
 
 def incremental_run_name(db: Database) -> str:
@@ -248,21 +286,48 @@ def _incremental_study(
     rows, curves = [], []
     all_images = torch.cat([old_images, new_images])
 
-    def record(strategy: str, model: DSIModel, seconds: float, epochs: int, ratio: float | None,
-               per_epoch: int, with_new: bool = True) -> None:
+    def record(
+        strategy: str,
+        model: DSIModel,
+        seconds: float,
+        epochs: int,
+        ratio: float | None,
+        per_epoch: int,
+        with_new: bool = True,
+    ) -> None:
         ia_old = indexing_accuracy(model, codec if with_new else old_codec, old_images, beam_size=beam_size)
-        ia_new = (indexing_accuracy(model, codec, new_images, torch.arange(n_old, n_old + n_new), beam_size=beam_size)
-                  if with_new else np.nan)
-        rows.append({"strategy": strategy, "replay_ratio": ratio, "IA@1 old": ia_old, "IA@1 new": ia_new,
-                     "IA@1 all": (ia_old * n_old + ia_new * n_new) / (n_old + n_new) if with_new else np.nan,
-                     "epochs": epochs, "seconds": seconds, "examples_per_epoch": per_epoch,
-                     "n_old": n_old, "n_new": n_new})
+        ia_new = (
+            indexing_accuracy(model, codec, new_images, torch.arange(n_old, n_old + n_new), beam_size=beam_size)
+            if with_new
+            else np.nan
+        )
+        rows.append(
+            {
+                "strategy": strategy,
+                "replay_ratio": ratio,
+                "IA@1 old": ia_old,
+                "IA@1 new": ia_new,
+                "IA@1 all": (ia_old * n_old + ia_new * n_new) / (n_old + n_new) if with_new else np.nan,
+                "epochs": epochs,
+                "seconds": seconds,
+                "examples_per_epoch": per_epoch,
+                "n_old": n_old,
+                "n_new": n_new,
+            }
+        )
 
     # 1. the initial model: old images, old IDs
     seed_everything(index_config.seed)
     initial = DSIModel(config)
-    initial, _, seconds, epochs = _train("indexing", initial, old_codec, [IndexingTask(old_images)],
-                                         config=index_config, path=path("initial"), data=fingerprint)
+    initial, _, seconds, epochs = _train(
+        "indexing",
+        initial,
+        old_codec,
+        [IndexingTask(old_images)],
+        config=index_config,
+        path=path("initial"),
+        data=fingerprint,
+    )
     record(INITIAL, initial, seconds, epochs, None, n_old, with_new=False)
 
     # 2. fine-tuning, with each replay ratio
@@ -273,8 +338,16 @@ def _incremental_study(
         tasks, mix = finetune_tasks(old_images, new_images, ratio)
         name = finetune_name(ratio)
         model, history, seconds, epochs = _train(
-            f"finetune-replay{ratio:g}", copy.deepcopy(initial), codec, tasks, config=tune_config,
-            path=path(f"finetune-replay{ratio:g}"), data=tuned_from, mix_ratio=mix, val=val)
+            f"finetune-replay{ratio:g}",
+            copy.deepcopy(initial),
+            codec,
+            tasks,
+            config=tune_config,
+            path=path(f"finetune-replay{ratio:g}"),
+            data=tuned_from,
+            mix_ratio=mix,
+            val=val,
+        )
         record(name, model, seconds, epochs, ratio, n_new + replay_count(n_new, ratio))
         frame = history.to_frame()
         frame = frame[(frame["split"] == "val") & frame["task"].isin(["old", "new"])]
@@ -283,17 +356,27 @@ def _incremental_study(
     # 3. retraining from scratch on every image
     seed_everything(index_config.seed)
     scratch = DSIModel(config)
-    scratch, _, seconds, epochs = _train("indexing", scratch, codec, [IndexingTask(all_images)],
-                                         config=index_config, path=path("scratch"), data=fingerprint)
+    scratch, _, seconds, epochs = _train(
+        "indexing",
+        scratch,
+        codec,
+        [IndexingTask(all_images)],
+        config=index_config,
+        path=path("scratch"),
+        data=fingerprint,
+    )
     record(SCRATCH, scratch, seconds, epochs, None, n_old + n_new)
 
     results = pd.DataFrame(rows).assign(n=db.settings["n"], size=db.settings["size"], ids=db.settings["id_scheme"])
     curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
     dataset = db.settings.get("dataset") or db.settings["source"]
-    fig = incremental_figure(results, curves_frame, title=f"{dataset} at {db.settings['size']} px: "
-                             f"{n_old} images, then {n_new} new ({db.settings['id_scheme']} IDs)")
+    fig = incremental_figure(
+        results,
+        curves_frame,
+        title=f"{dataset} at {db.settings['size']} px: "
+        f"{n_old} images, then {n_new} new ({db.settings['id_scheme']} IDs)",
+    )
     if out_dir is not None:
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"incremental_N{db.settings['n']}_{db.settings['id_scheme']}"
@@ -309,11 +392,13 @@ def _incremental_study(
 def incremental_markdown(results: pd.DataFrame, index_config: TrainConfig, finetune_epochs: int) -> str:
     """The results table with a sentence on how each model was trained."""
     r = results.iloc[0]
-    head = (f"Incremental indexing: {int(r['n_old'])} images indexed first, then {int(r['n_new'])} new images with the "
-            f"next consecutive IDs. Initial and from-scratch models: lr {index_config.lr:g}, until IA@1 >= "
-            f"{index_config.target_accuracy} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
-            f"images reach IA@1 >= {index_config.target_accuracy} or {finetune_epochs} epochs; replay r:1 adds r old "
-            "images per new image, resampled each epoch. IA@1 by beam search over the trie of all IDs.")
+    head = (
+        f"Incremental indexing: {int(r['n_old'])} images indexed first, then {int(r['n_new'])} new images with the "
+        f"next consecutive IDs. Initial and from-scratch models: lr {index_config.lr:g}, until IA@1 >= "
+        f"{index_config.target_accuracy} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
+        f"images reach IA@1 >= {index_config.target_accuracy} or {finetune_epochs} epochs; replay r:1 adds r old "
+        "images per new image, resampled each epoch. IA@1 by beam search over the trie of all IDs."
+    )
     shown = results.drop(columns=["n_old", "n_new"]).round(3)
     return head + "\n\n" + shown.to_markdown(index=False)
 
@@ -327,7 +412,9 @@ def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str |
     ax.bar(x - 0.2, results["IA@1 old"], 0.4, label="old images", color="#1f4e9c")
     ax.bar(x + 0.2, results["IA@1 new"].fillna(0), 0.4, label="new images", color="#c25a0b")
     for i, r in results.reset_index(drop=True).iterrows():
-        ax.text(i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8)
+        ax.text(
+            i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8
+        )
     ax.set_xticks(x, [textwrap.fill(s, 13) for s in results["strategy"]], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("IA@1")
@@ -337,8 +424,13 @@ def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str |
     if len(curves):
         colors = dict(zip(curves["strategy"].unique(), ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]))
         for (strategy, task), part in curves.groupby(["strategy", "task"], sort=False):
-            ax.plot(part["epoch"], part["seq_acc"], ls="-" if task == "old" else "--", color=colors[strategy],
-                    label=f"{strategy}: {task}")
+            ax.plot(
+                part["epoch"],
+                part["seq_acc"],
+                ls="-" if task == "old" else "--",
+                color=colors[strategy],
+                label=f"{strategy}: {task}",
+            )
         ax.legend(fontsize=7)
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("fine-tuning epoch")
@@ -372,17 +464,34 @@ class IncrementalSpec:
     replay_ratios: tuple[float, ...] = (0.0, 1.0, 4.0)  # old images replayed per new image and epoch
     finetune_epochs: int = 40
     model: ModelSpec = field(default_factory=full_model)
-    index: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False))
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False
+        )
+    )
 
     #: notebook profile keys (12_incremental) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "INC_N": "ns", "SEEDS": ("seed[0]", "index.seed[0]"),
-        "INC_NEW_FRACTION": "new_fraction", "INC_REPLAY_RATIOS": "replay_ratios",
-        "INC_FINETUNE_EPOCHS": "finetune_epochs", "PATCH_SIZE": "model.patch_size", "DIM": "model.dim",
-        "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads", "DROPOUT": "model.dropout",
-        "LR": "index.lr", "BATCH_SIZE": "index.batch_size", "WARMUP_STEPS": "index.warmup_steps",
-        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "INC_N": "ns",
+        "SEEDS": ("seed[0]", "index.seed[0]"),
+        "INC_NEW_FRACTION": "new_fraction",
+        "INC_REPLAY_RATIOS": "replay_ratios",
+        "INC_FINETUNE_EPOCHS": "finetune_epochs",
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "LR": "index.lr",
+        "BATCH_SIZE": "index.batch_size",
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
     }
 
     def __post_init__(self) -> None:
@@ -396,11 +505,18 @@ def run(spec: IncrementalSpec, paths: StudyPaths) -> list[tuple[pd.DataFrame, pd
     results = []
     for n in spec.ns:
         db = build_database(image_set, n, id_scheme=spec.ids, seed=spec.seed)
-        results.append(incremental_study(
-            db, index_config=spec.index, finetune_epochs=spec.finetune_epochs, replay_ratios=spec.replay_ratios,
-            new_fraction=spec.new_fraction, model_overrides=spec.model.overrides(), out_dir=paths.out,
-            runs_dir=paths.runs,
-        ))
+        results.append(
+            incremental_study(
+                db,
+                index_config=spec.index,
+                finetune_epochs=spec.finetune_epochs,
+                replay_ratios=spec.replay_ratios,
+                new_fraction=spec.new_fraction,
+                model_overrides=spec.model.overrides(),
+                out_dir=paths.out,
+                runs_dir=paths.runs,
+            )
+        )
     return results
 
 

@@ -49,7 +49,6 @@ def embedding_probe(encoder: ViTEncoder, db: Any, *, k: int = 10, seed: int = 0)
     """
     from sklearn.linear_model import LogisticRegression
 
-
     index_images, index_labels = db.split("index")
     test_images, test_labels = db.split("test")
     train_images, train_labels = db.split("train")
@@ -134,8 +133,11 @@ def pretrain_study(
     overrides = dict(model_overrides or {})
     image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
     db = build_database(image_set, n, id_scheme=scheme, seed=seed)
-    others = [build_database(image_set, m, id_scheme=scheme, seed=seed) for m in sorted(set(exclude_ns) - {n})
-              if m <= len(image_set.images)]
+    others = [
+        build_database(image_set, m, id_scheme=scheme, seed=seed)
+        for m in sorted(set(exclude_ns) - {n})
+        if m <= len(image_set.images)
+    ]
     images, rows = outside_images(image_set, [db, *others])
     if max_images is not None and max_images < len(images):
         keep = np.sort(np.random.default_rng(seed).choice(len(images), size=max_images, replace=False))
@@ -157,10 +159,12 @@ def pretrain_study(
 
     seed_everything(seed)
     random_encoder = ViTEncoder(encoder_config)
-    probes = pd.DataFrame([
-        {"encoder": "random init", **embedding_probe(random_encoder, db, seed=seed)},
-        {"encoder": "SSL pretrained", **embedding_probe(model, db, seed=seed)},
-    ]).assign(n=n, ids=scheme, seed=seed, ssl_images=len(images), ssl_epochs=int(ssl_frame["epoch"].max()))
+    probes = pd.DataFrame(
+        [
+            {"encoder": "random init", **embedding_probe(random_encoder, db, seed=seed)},
+            {"encoder": "SSL pretrained", **embedding_probe(model, db, seed=seed)},
+        ]
+    ).assign(n=n, ids=scheme, seed=seed, ssl_images=len(images), ssl_epochs=int(ssl_frame["epoch"].max()))
 
     if ssl_path is None:  # no run folder: the encoder still has to reach the DSI through a file
         import tempfile
@@ -179,11 +183,18 @@ def pretrain_study(
     for init, spec, assignment in runs:
         ids = scheme if assignment is None else assignment.scheme
         name = run_name(db, None if assignment is None else assignment.tag) + (
-            f"-init-{init}-{ssl_tag}" if spec is not None else "")
+            f"-init-{init}-{ssl_tag}" if spec is not None else ""
+        )
         experiment = run_experiment(
-            db, model_overrides=overrides, index_config=index_config, retrieval_config=retrieval_config,
-            run_dir=runs_dir / name if runs_dir is not None else None, max_pairs_per_query=max_pairs_per_query,
-            encoder_init=spec, codec=None if assignment is None else assignment.codec, ids=ids,
+            db,
+            model_overrides=overrides,
+            index_config=index_config,
+            retrieval_config=retrieval_config,
+            run_dir=runs_dir / name if runs_dir is not None else None,
+            max_pairs_per_query=max_pairs_per_query,
+            encoder_init=spec,
+            codec=None if assignment is None else assignment.codec,
+            ids=ids,
         )
         tables.append(experiment.table.assign(init=init))
         if assignment is None:
@@ -193,20 +204,30 @@ def pretrain_study(
                 histories.append(phase.history.to_frame().assign(n=n, ids=ids, seed=seed, init=init))
     paired = pd.DataFrame()
     if "scratch" in models:
-
         codec = codec_for(db)
-        paired = pd.concat([
-            paired_comparison(getattr(models["ssl"], attr).model, getattr(models["scratch"], attr).model, codec, db,
-                              seed=seed).assign(model=name)
-            for attr, name in (("zero_shot", "DSI zero-shot"), ("fine_tuned", "DSI fine-tuned"))
-        ], ignore_index=True)
+        paired = pd.concat(
+            [
+                paired_comparison(
+                    getattr(models["ssl"], attr).model, getattr(models["scratch"], attr).model, codec, db, seed=seed
+                ).assign(model=name)
+                for attr, name in (("zero_shot", "DSI zero-shot"), ("fine_tuned", "DSI fine-tuned"))
+            ],
+            ignore_index=True,
+        )
     if baseline_table is not None:
         base = pd.read_csv(baseline_table)
-        keep = (base["n"] == n) & (base["ids"] == scheme) & (base["seed"] == seed) & (base["size"] == size) \
+        keep = (
+            (base["n"] == n)
+            & (base["ids"] == scheme)
+            & (base["seed"] == seed)
+            & (base["size"] == size)
             & (base["source"] == source)
+        )
         if not keep.any():
-            raise ValueError(f"{baseline_table} has no row for {source} {size} px, N={n}, {scheme} IDs, seed {seed}; "
-                             "run `make dsi` first, or train the scratch DSI here (scratch: true)")
+            raise ValueError(
+                f"{baseline_table} has no row for {source} {size} px, N={n}, {scheme} IDs, seed {seed}; "
+                "run `make dsi` first, or train the scratch DSI here (scratch: true)"
+            )
         label = "scratch (make dsi)" if train_scratch else "scratch"
         tables.append(base[keep].drop(columns=[c for c in ("paper",) if c in base.columns]).assign(init=label))
         if baseline_histories is not None and Path(baseline_histories).is_file() and not train_scratch:
@@ -215,10 +236,29 @@ def pretrain_study(
             histories.append(bh.assign(init="scratch"))
     results = attach_paper(pd.concat(tables, ignore_index=True))
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
-    out = {"results": results, "probes": probes, "ssl_history": ssl_frame, "histories": history_frame,
-           "paired": paired, "id_facts": id_facts}
-    out["markdown"] = _pretrain_markdown(out, source, size, n, scheme, seed, encoder_config, ssl_config, len(images),
-                                         ssl_seconds, index_config, retrieval_config, max_pairs_per_query)
+    out = {
+        "results": results,
+        "probes": probes,
+        "ssl_history": ssl_frame,
+        "histories": history_frame,
+        "paired": paired,
+        "id_facts": id_facts,
+    }
+    out["markdown"] = _pretrain_markdown(
+        out,
+        source,
+        size,
+        n,
+        scheme,
+        seed,
+        encoder_config,
+        ssl_config,
+        len(images),
+        ssl_seconds,
+        index_config,
+        retrieval_config,
+        max_pairs_per_query,
+    )
     if out_dir is not None:
         _write_pretrain_report(out, Path(out_dir), source, size)
     return out
@@ -247,8 +287,9 @@ class PretrainSpec:
     ssl: SSLConfig = field(default_factory=lambda: SSLConfig(epochs=4, batch_size=128))
     ssl_images: int | None = None
     model: ModelSpec = field(default_factory=dsi_model)
-    index: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3,
-                                                                    warmup_steps=100))
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, warmup_steps=100)
+    )
     fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     max_pairs_per_query: int | None = 5
     baseline: str | None = None
@@ -260,15 +301,34 @@ class PretrainSpec:
 
     #: notebook profile keys (13_pretrain) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "PRETRAIN_N": "n", "PRETRAIN_SCHEME": "scheme", "NS": "exclude_ns",
-        "SEEDS": ("seed[0]", "ssl.seed[0]", "index.seed[0]", "fine_tune.seed[0]"), "SSL_EPOCHS": "ssl.epochs",
-        "SSL_BATCH_SIZE": "ssl.batch_size", "SSL_IMAGES": "ssl_images", "PATCH_SIZE": "model.patch_size",
-        "DIM": "model.dim", "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads",
-        "DROPOUT": "model.dropout", "POS_ENCODING": "model.pos_encoding", "LR": ("index.lr", "fine_tune.lr"),
-        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"), "WARMUP_STEPS": "index.warmup_steps",
-        "INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
-        "RETRIEVAL_EPOCHS": "fine_tune.epochs", "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
-        "PRETRAIN_SEMANTIC_IDS": "semantic_ids", "IDS_K": "semantic_k", "IDS_C": "semantic_c",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "PRETRAIN_N": "n",
+        "PRETRAIN_SCHEME": "scheme",
+        "NS": "exclude_ns",
+        "SEEDS": ("seed[0]", "ssl.seed[0]", "index.seed[0]", "fine_tune.seed[0]"),
+        "SSL_EPOCHS": "ssl.epochs",
+        "SSL_BATCH_SIZE": "ssl.batch_size",
+        "SSL_IMAGES": "ssl_images",
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"),
+        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+        "PRETRAIN_SEMANTIC_IDS": "semantic_ids",
+        "IDS_K": "semantic_k",
+        "IDS_C": "semantic_c",
     }
 
     def __post_init__(self) -> None:
@@ -279,38 +339,60 @@ class PretrainSpec:
 def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame]:
     """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``."""
     return pretrain_study(
-        spec.source, spec.size, spec.n, spec.seed, spec.scheme, exclude_ns=tuple(spec.exclude_ns),
-        model_overrides=spec.model.overrides(), ssl_config=spec.ssl, index_config=spec.index,
-        retrieval_config=spec.fine_tune, max_pairs_per_query=spec.max_pairs_per_query, baseline_table=spec.baseline,
-        baseline_histories=spec.baseline_histories, train_scratch=spec.scratch, max_images=spec.ssl_images,
+        spec.source,
+        spec.size,
+        spec.n,
+        spec.seed,
+        spec.scheme,
+        exclude_ns=tuple(spec.exclude_ns),
+        model_overrides=spec.model.overrides(),
+        ssl_config=spec.ssl,
+        index_config=spec.index,
+        retrieval_config=spec.fine_tune,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        baseline_table=spec.baseline,
+        baseline_histories=spec.baseline_histories,
+        train_scratch=spec.scratch,
+        max_images=spec.ssl_images,
         semantic_ids={"k": spec.semantic_k, "c": spec.semantic_c} if spec.semantic_ids else None,
-        runs_dir=paths.runs, out_dir=paths.out, root=spec.root, annotations=spec.annotations,
+        runs_dir=paths.runs,
+        out_dir=paths.out,
+        root=spec.root,
+        annotations=spec.annotations,
     )
 
 
 def console_summary(spec: PretrainSpec, result: dict[str, pd.DataFrame]) -> str:
     """The DSI rows by initialisation, how each indexing ended, the paired differences and the probes."""
-    lines = [comparison_frame(result["results"]).to_string(index=False),
-             indexing_epochs_summary(result["results"], spec.index.target_accuracy, spec.index.epochs)]
+    lines = [
+        comparison_frame(result["results"]).to_string(index=False),
+        indexing_epochs_summary(result["results"], spec.index.target_accuracy, spec.index.epochs),
+    ]
     if len(result["paired"]):
         lines.append(result["paired"].round(3).to_string(index=False))
-    lines.append(result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3)
-                 .to_string(index=False))
+    lines.append(
+        result["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3).to_string(index=False)
+    )
     return "\n".join(lines)
 
 
-def _ssl_semantic_ids(db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncoder, seed: int,
-                      params: dict) -> tuple[Any, pd.DataFrame]:
+def _ssl_semantic_ids(
+    db: Any, ssl_encoder: ViTEncoder, random_encoder: ViTEncoder, seed: int, params: dict
+) -> tuple[Any, pd.DataFrame]:
     """Semantic IDs from the SSL encoder's embeddings of the indexed images, and facts beside those of a random encoder."""
 
     index_images = db.split("index")[0]
     rows, assignments = [], {}
-    for name, tag, encoder in (("random init", "random-encoder", random_encoder), ("SSL pretrained", "ssl", ssl_encoder)):
+    for name, tag, encoder in (
+        ("random init", "random-encoder", random_encoder),
+        ("SSL pretrained", "ssl", ssl_encoder),
+    ):
         embeddings = embed_images(encoder, index_images).double().numpy()
         assignments[tag] = assign_ids(db, "semantic", embeddings=embeddings, embedding_name=tag, seed=seed, **params)
         agreement, chance = sibling_agreement(assignments[tag].codec, db.index_labels)
-        rows.append({"embeddings": name, **assignments[tag].summary(), "sibling_agreement": agreement,
-                     "sibling_chance": chance})
+        rows.append(
+            {"embeddings": name, **assignments[tag].summary(), "sibling_agreement": agreement, "sibling_chance": chance}
+        )
     return assignments["ssl"], pd.DataFrame(rows)
 
 
@@ -335,18 +417,29 @@ def paired_comparison(
         _, own = beam_search(model, torch.from_numpy(index_images), codec, k=min(5, len(codec)))
         _, ranked = beam_search(model, torch.from_numpy(query_images), codec, k=min(k, len(codec)))
         hits = metrics.relevance_matrix(ranked.numpy(), relevant)
-        per_model.append({
-            "IA@1": metrics.indexing_accuracy_at_k(own.numpy(), np.arange(len(index_images)), 1),
-            "mAP@10": metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10),
-            "P@10": metrics.precision_at_k(hits, 10),
-        })
+        per_model.append(
+            {
+                "IA@1": metrics.indexing_accuracy_at_k(own.numpy(), np.arange(len(index_images)), 1),
+                "mAP@10": metrics.average_precision_at_k(hits, relevant.sum(axis=1), 10),
+                "P@10": metrics.precision_at_k(hits, 10),
+            }
+        )
     rows = []
     for metric in ("IA@1", "mAP@10", "P@10"):
         a, b = per_model[0][metric], per_model[1][metric]
         diff = a - b
         low, high = metrics.bootstrap_ci(diff, n_resamples=n_resamples, seed=seed)
-        rows.append({"metric": metric, "a": float(np.nanmean(a)), "b": float(np.nanmean(b)),
-                     "diff": float(np.nanmean(diff)), "ci_low": low, "ci_high": high, "n": int(np.isfinite(diff).sum())})
+        rows.append(
+            {
+                "metric": metric,
+                "a": float(np.nanmean(a)),
+                "b": float(np.nanmean(b)),
+                "diff": float(np.nanmean(diff)),
+                "ci_low": low,
+                "ci_high": high,
+                "n": int(np.isfinite(diff).sum()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -393,15 +486,16 @@ def indexing_epochs_summary(results: pd.DataFrame, target_accuracy: float, epoch
             clauses.append(f"{label}: {epochs} epochs to IA@1 >= {target_accuracy:g} (IA@1 {value:.3f})")
         else:
             ended = "the cap" if epochs >= epoch_cap else f"stopped by the stop check before the cap of {epoch_cap}"
-            clauses.append(f"{label}: target IA@1 >= {target_accuracy:g} not reached, IA@1 {value:.3f} after "
-                           f"{epochs} epochs ({ended})")
+            clauses.append(
+                f"{label}: target IA@1 >= {target_accuracy:g} not reached, IA@1 {value:.3f} after "
+                f"{epochs} epochs ({ended})"
+            )
     return "indexing: " + "; ".join(clauses)
 
 
 def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     """Left: the InfoNCE loss per pretraining epoch. Right: indexing IA@1 / accuracy per epoch, scratch vs SSL."""
     from matplotlib.ticker import MaxNLocator
-
 
     fig, axes = new_figure(1, 2, (9.0, 3.3))
     left, right = axes[0]
@@ -425,7 +519,10 @@ def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
                 style, color = "-.", next(others, "tab:gray")
             label = f"{init}" + (f", {ids} IDs" if several_ids else "")
             run = indexing[(indexing["init"] == init) & (indexing["ids"] == ids)]
-            for split, fmt, what in (("train", style, "running, dropout"), ("train_eval", "o", "stop check, no dropout")):
+            for split, fmt, what in (
+                ("train", style, "running, dropout"),
+                ("train_eval", "o", "stop check, no dropout"),
+            ):
                 part = run[run["split"] == split]
                 if len(part):
                     right.plot(part["epoch"], part["seq_acc"], fmt, ms=3, color=color, label=f"{label}: {what}")
@@ -439,56 +536,94 @@ def pretrain_figure(ssl_history: pd.DataFrame, histories: pd.DataFrame):
     return fig
 
 
-def _pretrain_markdown(out: dict, source: str, size: int, n: int, scheme: str, seed: int,
-                       encoder_config: ViTConfig, ssl_config: SSLConfig, n_images: int, ssl_seconds: float,
-                       index_config: Any, retrieval_config: Any, max_pairs: int | None) -> str:
+def _pretrain_markdown(
+    out: dict,
+    source: str,
+    size: int,
+    n: int,
+    scheme: str,
+    seed: int,
+    encoder_config: ViTConfig,
+    ssl_config: SSLConfig,
+    n_images: int,
+    ssl_seconds: float,
+    index_config: Any,
+    retrieval_config: Any,
+    max_pairs: int | None,
+) -> str:
     """The report of :func:`pretrain_study`: settings, DSI rows by initialisation, paired differences, probes."""
     comparison = comparison_frame(out["results"])
     probes = out["probes"][["encoder", "knn_acc", "linear_acc", "map@10", "chance"]].round(3)
     c, s = encoder_config, ssl_config
-    markdown = "\n".join([
-        f"# Encoder pretraining on {source} at {size} px (N = {n}, {scheme} IDs, seed {seed})",
-        "",
-        f"Encoder: ViT patch {c.patch_size}, width {c.dim}, {c.depth} blocks, {c.heads} heads, {c.pos_encoding} "
-        f"positions (the DSI's). Pretraining: SimCLR-style InfoNCE (temperature {s.temperature}) on two views per "
-        f"image (random resized crop down to {s.min_scale:g} of the area, flip, colour jitter {s.jitter:g} with "
-        f"p {s.jitter_p:g}, grayscale with p {s.gray_p:g}), projection head {c.dim}-{s.proj_hidden}-{s.proj_dim}, "
-        f"AdamW lr {s.lr:g} (warm-up {s.warmup_steps} steps, cosine decay), batch {s.batch_size}, {s.epochs} epochs "
-        f"over {n_images} images that no database of the study uses ({ssl_seconds / 60:.1f} min). "
-        f"DSI: indexing lr {index_config.lr:g}, warm-up {index_config.warmup_steps}, until IA@1 >= "
-        f"{index_config.target_accuracy} (at most {index_config.epochs} epochs); fine-tuning {retrieval_config.epochs} "
-        f"epochs" + (f", at most {max_pairs} pairs per query" if max_pairs else "") + ". Metrics over all test "
-        "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
-        "",
-        with_uninformative_note(comparison.to_markdown(index=False)),
-        "",
-        "Indexing " + indexing_epochs_summary(out["results"], index_config.target_accuracy,
-                                              index_config.epochs).removeprefix("indexing ") + ".",
-        *([] if out["paired"].empty else [
+    markdown = "\n".join(
+        [
+            f"# Encoder pretraining on {source} at {size} px (N = {n}, {scheme} IDs, seed {seed})",
             "",
-            "Paired differences, SSL init minus scratch, on the same indexed images / test queries "
-            "(95% paired bootstrap intervals):",
+            f"Encoder: ViT patch {c.patch_size}, width {c.dim}, {c.depth} blocks, {c.heads} heads, {c.pos_encoding} "
+            f"positions (the DSI's). Pretraining: SimCLR-style InfoNCE (temperature {s.temperature}) on two views per "
+            f"image (random resized crop down to {s.min_scale:g} of the area, flip, colour jitter {s.jitter:g} with "
+            f"p {s.jitter_p:g}, grayscale with p {s.gray_p:g}), projection head {c.dim}-{s.proj_hidden}-{s.proj_dim}, "
+            f"AdamW lr {s.lr:g} (warm-up {s.warmup_steps} steps, cosine decay), batch {s.batch_size}, {s.epochs} epochs "
+            f"over {n_images} images that no database of the study uses ({ssl_seconds / 60:.1f} min). "
+            f"DSI: indexing lr {index_config.lr:g}, warm-up {index_config.warmup_steps}, until IA@1 >= "
+            f"{index_config.target_accuracy} (at most {index_config.epochs} epochs); fine-tuning {retrieval_config.epochs} "
+            f"epochs" + (f", at most {max_pairs} pairs per query" if max_pairs else "") + ". Metrics over all test "
+            "queries (IA: all indexed images), 95% bootstrap intervals in brackets.",
             "",
-            out["paired"][["model", "metric", "a", "b", "diff", "ci_low", "ci_high", "n"]]
-            .rename(columns={"a": "ssl", "b": "scratch"}).round(3).to_markdown(index=False),
-        ]),
-        *([] if out["id_facts"].empty else [
+            with_uninformative_note(comparison.to_markdown(index=False)),
             "",
-            "Semantic IDs from the encoder's embeddings (hierarchical k-means over the mean-pooled embeddings of the "
-            "indexed images; the `semantic` rows above are the DSI from the SSL encoder with the SSL ones). "
-            "`sibling_agreement`: the share of pairs of images under the same parent prefix that share a class; "
-            "`sibling_chance`: the same for random groups of those sizes.",
+            "Indexing "
+            + indexing_epochs_summary(out["results"], index_config.target_accuracy, index_config.epochs).removeprefix(
+                "indexing "
+            )
+            + ".",
+            *(
+                []
+                if out["paired"].empty
+                else [
+                    "",
+                    "Paired differences, SSL init minus scratch, on the same indexed images / test queries "
+                    "(95% paired bootstrap intervals):",
+                    "",
+                    out["paired"][["model", "metric", "a", "b", "diff", "ci_low", "ci_high", "n"]]
+                    .rename(columns={"a": "ssl", "b": "scratch"})
+                    .round(3)
+                    .to_markdown(index=False),
+                ]
+            ),
+            *(
+                []
+                if out["id_facts"].empty
+                else [
+                    "",
+                    "Semantic IDs from the encoder's embeddings (hierarchical k-means over the mean-pooled embeddings of the "
+                    "indexed images; the `semantic` rows above are the DSI from the SSL encoder with the SSL ones). "
+                    "`sibling_agreement`: the share of pairs of images under the same parent prefix that share a class; "
+                    "`sibling_chance`: the same for random groups of those sizes.",
+                    "",
+                    out["id_facts"][
+                        [
+                            "embeddings",
+                            "tag",
+                            "n_ids",
+                            "mean_length",
+                            "max_length",
+                            "sibling_agreement",
+                            "sibling_chance",
+                        ]
+                    ]
+                    .round(3)
+                    .to_markdown(index=False),
+                ]
+            ),
             "",
-            out["id_facts"][["embeddings", "tag", "n_ids", "mean_length", "max_length", "sibling_agreement",
-                             "sibling_chance"]].round(3).to_markdown(index=False),
-        ]),
-        "",
-        "Probes of the mean-pooled encoder embeddings on the database (before any DSI training): "
-        "kNN (k = 10) class accuracy of the test queries among the indexed images, a logistic-regression "
-        "probe trained on the train queries and indexed images, and cosine retrieval mAP@10.",
-        "",
-        probes.to_markdown(index=False),
-    ])
+            "Probes of the mean-pooled encoder embeddings on the database (before any DSI training): "
+            "kNN (k = 10) class accuracy of the test queries among the indexed images, a logistic-regression "
+            "probe trained on the train queries and indexed images, and cosine retrieval mAP@10.",
+            "",
+            probes.to_markdown(index=False),
+        ]
+    )
     return markdown
 
 

@@ -198,7 +198,9 @@ def build_run(values: Mapping[str, Any], label: str = "") -> RecipeRun:
             raise SpecError(f"{head} for study {name}; allowed: {', '.join(keys)}") from None
         raise
     out = Path(folders["out_dir"]) if folders["out_dir"] else settings.reports_dir() / study.out
-    runs = Path(folders["runs_dir"]) if folders["runs_dir"] else settings.data_dir() / "runs" / (study.runs or study.out)
+    runs = (
+        Path(folders["runs_dir"]) if folders["runs_dir"] else settings.data_dir() / "runs" / (study.runs or study.out)
+    )
     return RecipeRun(name, spec, StudyPaths(out, runs), label)
 
 
@@ -230,11 +232,16 @@ class _Dumper(yaml.SafeDumper):
     """Sections as blocks, lists on one line: the layout of the recipe files."""
 
 
-_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", value, flow_style=True))
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
 def dump_runs(runs: Iterable[RecipeRun]) -> str:
     """The runs as YAML, one document per run (``vitdsi run --dry-run``)."""
-    return "".join(f"# {run.label}\n" + yaml.dump(run.as_dict(), Dumper=_Dumper, sort_keys=False,
-                                                    default_flow_style=False) + "---\n" for run in runs)
+    return "".join(
+        f"# {run.label}\n"
+        + yaml.dump(run.as_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+        + "---\n"
+        for run in runs
+    )

@@ -55,14 +55,27 @@ def rerank_study(
     k = min(positive_int(k, "k"), n_db)
     frames = []
 
-    def add(ranked: np.ndarray, first_stage: str, reranker: str, depth: int, candidates: int,
-            first_s: float, rerank_s: float) -> None:
+    def add(
+        ranked: np.ndarray,
+        first_stage: str,
+        reranker: str,
+        depth: int,
+        candidates: int,
+        first_s: float,
+        rerank_s: float,
+    ) -> None:
         table = retrieval_metrics(ranked, query_labels, database_labels, kind=kind, seed=seed)
-        frames.append(table.assign(
-            first_stage=first_stage, reranker=reranker, depth=depth, candidates=candidates,
-            first_stage_ms=1000 * first_s / n_queries, rerank_ms=1000 * rerank_s / n_queries,
-            ms_per_query=1000 * (first_s + rerank_s) / n_queries,
-        ))
+        frames.append(
+            table.assign(
+                first_stage=first_stage,
+                reranker=reranker,
+                depth=depth,
+                candidates=candidates,
+                first_stage_ms=1000 * first_s / n_queries,
+                rerank_ms=1000 * rerank_s / n_queries,
+                ms_per_query=1000 * (first_s + rerank_s) / n_queries,
+            )
+        )
 
     # one query through every model first, so that no timing below includes one-off start-up costs
     scorer.encode(query_images[:1])
@@ -100,9 +113,7 @@ def _series(study: pd.DataFrame) -> pd.Series:
     return study["first_stage"].where(ids == "-", study["first_stage"] + ", " + ids.astype(str) + " IDs")
 
 
-def tradeoff_figure(
-    study: pd.DataFrame, metric: str = "mAP@10", *, by: str | None = "n", title: str | None = None
-):
+def tradeoff_figure(study: pd.DataFrame, metric: str = "mAP@10", *, by: str | None = "n", title: str | None = None):
     """Quality (``metric`` with 95% intervals) against time per query (log scale), one panel per ``by``.
 
     Colour is the first stage (a line joins its points), marker shape the re-ranking depth M
@@ -111,7 +122,6 @@ def tradeoff_figure(
     database size ``n``); None draws a single panel.
     """
     import matplotlib.pyplot as plt
-
 
     rows = study[study["metric"] == metric]
     if rows.empty:
@@ -127,15 +137,29 @@ def tradeoff_figure(
         for series, line in part.groupby(_series(part), sort=False):
             line = line.sort_values("depth")
             if series == "-":
-                ax.errorbar(line["ms_per_query"], line["value"],
-                            yerr=[line["value"] - line["ci_low"], line["ci_high"] - line["value"]],
-                            marker="*", ms=12, ls="", capsize=3, color="k")
+                ax.errorbar(
+                    line["ms_per_query"],
+                    line["value"],
+                    yerr=[line["value"] - line["ci_low"], line["ci_high"] - line["value"]],
+                    marker="*",
+                    ms=12,
+                    ls="",
+                    capsize=3,
+                    color="k",
+                )
                 continue
             ax.plot(line["ms_per_query"], line["value"], "-", color=colors[series], alpha=0.6, lw=1)
             for point in line.itertuples():
-                ax.errorbar(point.ms_per_query, point.value, yerr=[[point.value - point.ci_low],
-                            [point.ci_high - point.value]], marker=markers.get(point.depth, "x"), ms=5,
-                            capsize=2, elinewidth=0.8, color=colors[series])
+                ax.errorbar(
+                    point.ms_per_query,
+                    point.value,
+                    yerr=[[point.value - point.ci_low], [point.ci_high - point.value]],
+                    marker=markers.get(point.depth, "x"),
+                    ms=5,
+                    capsize=2,
+                    elinewidth=0.8,
+                    color=colors[series],
+                )
         ax.axhline(part["chance"].iloc[0], color="k", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("time per query (ms, batched)")

@@ -98,21 +98,32 @@ def index_all_database(image_set: ImageSet, n: int, *, id_scheme: str = "random"
     labels = image_set.labels[picked]
     picked = picked[dense_id_order(labels, id_scheme, seed=seed + 1)]
     width = len(str(n - 1))
-    manifest = pd.DataFrame({
-        "file": [image_set.files[i] for i in picked],
-        "class": [image_set.classes[i] for i in image_set.labels[picked]],
-        "label": image_set.labels[picked],
-        "role": "index",
-        "row": np.arange(n),
-        "id": [str(r).zfill(width) for r in range(n)],
-        "source_row": picked,
-    })
+    manifest = pd.DataFrame(
+        {
+            "file": [image_set.files[i] for i in picked],
+            "class": [image_set.classes[i] for i in image_set.labels[picked]],
+            "label": image_set.labels[picked],
+            "role": "index",
+            "row": np.arange(n),
+            "id": [str(r).zfill(width) for r in range(n)],
+            "source_row": picked,
+        }
+    )
     return Database(
         manifest=manifest,
         images=np.ascontiguousarray(image_set.images[picked]),
         classes=list(image_set.classes),
-        settings={"source": image_set.source, "dataset": image_set.name, "root": image_set.root, "size": image_set.size, "n": n,
-                  "id_scheme": id_scheme, "seed": seed, "index_fraction": 1.0, "query_fractions": [0.0, 0.0, 0.0]},
+        settings={
+            "source": image_set.source,
+            "dataset": image_set.name,
+            "root": image_set.root,
+            "size": image_set.size,
+            "n": n,
+            "id_scheme": id_scheme,
+            "seed": seed,
+            "index_fraction": 1.0,
+            "query_fractions": [0.0, 0.0, 0.0],
+        },
         skipped=list(image_set.skipped),
         label_matrix=image_set.label_matrix[picked] if image_set.is_multilabel else None,
         left_out=image_set.left_out.copy(),
@@ -158,8 +169,14 @@ def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, 
 
 def _latency_row(method: str, build: float, build_cpu: float, wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
     """One row of the latency table: build seconds (wall, CPU) and milliseconds per query (wall, CPU)."""
-    return {"method": method, "build_s": build, "build_cpu_s": build_cpu, "ms_per_query": 1000 * wall,
-            "cpu_ms_per_query": 1000 * cpu, **extra}
+    return {
+        "method": method,
+        "build_s": build,
+        "build_cpu_s": build_cpu,
+        "ms_per_query": 1000 * wall,
+        "cpu_ms_per_query": 1000 * cpu,
+        **extra,
+    }
 
 
 def _as_ks(k: int | Sequence[int]) -> list[int]:
@@ -181,13 +198,31 @@ def dsi_latency(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top-k beam-search latency of an untrained DSI over ``n`` decimal IDs: build = codec + trie seconds."""
-    return _dsi_latency_rows(n, queries, [k], model_overrides=model_overrides, beam_size=beam_size,
-                             batch_size=batch_size, repeats=repeats, device=device, amp=amp, seed=seed)[0]
+    return _dsi_latency_rows(
+        n,
+        queries,
+        [k],
+        model_overrides=model_overrides,
+        beam_size=beam_size,
+        batch_size=batch_size,
+        repeats=repeats,
+        device=device,
+        amp=amp,
+        seed=seed,
+    )[0]
 
 
 def _dsi_latency_rows(
-    n: int, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
-    beam_size: int | None = None, batch_size: int = 64, repeats: int = 3, device: str = "cpu", amp: bool = False,
+    n: int,
+    queries: np.ndarray,
+    ks: Sequence[int],
+    *,
+    model_overrides: dict | None = None,
+    beam_size: int | None = None,
+    batch_size: int = 64,
+    repeats: int = 3,
+    device: str = "cpu",
+    amp: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """:func:`dsi_latency` for every k of ``ks`` (beam ``max(k, beam_size)``) with one model and codec."""
@@ -202,25 +237,40 @@ def _dsi_latency_rows(
     rows = []
     for k in ks:
         beam = None if beam_size is None else max(k, beam_size)
-        search = lambda k=k, beam=beam: beam_search(model, images, codec, k=k, beam_size=beam,  # noqa: E731
-                                                    batch_size=batch_size, device=device, amp=amp)
+
+        def search(k: int = k, beam: int | None = beam) -> Any:
+            return beam_search(model, images, codec, k=k, beam_size=beam, batch_size=batch_size, device=device, amp=amp)
+
         wall, cpu = time_per_query(search, len(queries), repeats)
         rows.append(_latency_row(METHODS[0], build, build_cpu, wall, cpu, k=k, parameters=model.num_parameters()))
     return rows
 
 
 def bovw_latency(
-    database_images: np.ndarray, queries: np.ndarray, *, n_words: int = 200, k: int = 100, repeats: int = 3,
-    seed: int = 0, n_jobs: int = 1,
+    database_images: np.ndarray,
+    queries: np.ndarray,
+    *,
+    n_words: int = 200,
+    k: int = 100,
+    repeats: int = 3,
+    seed: int = 0,
+    n_jobs: int = 1,
 ) -> dict[str, Any]:
     """Top-k BoVW latency (SIFT of the queries + histograms + cosine top-k); build = ``fit`` seconds."""
-    return _bovw_latency_rows(database_images, queries, [k], n_words=n_words, repeats=repeats, seed=seed,
-                              n_jobs=n_jobs)[0]
+    return _bovw_latency_rows(
+        database_images, queries, [k], n_words=n_words, repeats=repeats, seed=seed, n_jobs=n_jobs
+    )[0]
 
 
 def _bovw_latency_rows(
-    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, n_words: int = 200, repeats: int = 3,
-    seed: int = 0, n_jobs: int = 1,
+    database_images: np.ndarray,
+    queries: np.ndarray,
+    ks: Sequence[int],
+    *,
+    n_words: int = 200,
+    repeats: int = 3,
+    seed: int = 0,
+    n_jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """:func:`bovw_latency` for every k of ``ks`` with one fitted vocabulary."""
 
@@ -236,21 +286,34 @@ def _bovw_latency_rows(
 
 
 def dense_latency(
-    database_images: np.ndarray, queries: np.ndarray, *, model_overrides: dict | None = None, k: int = 100,
-    repeats: int = 3, device: str = "cpu", seed: int = 0,
+    database_images: np.ndarray,
+    queries: np.ndarray,
+    *,
+    model_overrides: dict | None = None,
+    k: int = 100,
+    repeats: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Top-k latency of an untrained dense encoder + flat inner-product index (FAISS when installed).
 
     Build = embedding the database and filling the index. The FAISS index is on the CPU
     (``faiss-cpu``) whatever ``device`` the encoder runs on.
     """
-    return _dense_latency_rows(database_images, queries, [k], model_overrides=model_overrides, repeats=repeats,
-                               device=device, seed=seed)[0]
+    return _dense_latency_rows(
+        database_images, queries, [k], model_overrides=model_overrides, repeats=repeats, device=device, seed=seed
+    )[0]
 
 
 def _dense_latency_rows(
-    database_images: np.ndarray, queries: np.ndarray, ks: Sequence[int], *, model_overrides: dict | None = None,
-    repeats: int = 3, device: str = "cpu", seed: int = 0,
+    database_images: np.ndarray,
+    queries: np.ndarray,
+    ks: Sequence[int],
+    *,
+    model_overrides: dict | None = None,
+    repeats: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """:func:`dense_latency` for every k of ``ks`` with one encoder and index."""
 
@@ -263,8 +326,18 @@ def _dense_latency_rows(
     rows = []
     for k in ks:
         wall, cpu = time_per_query(lambda k=k: retriever.search(queries, k), len(queries), repeats)
-        rows.append(_latency_row(METHODS[2], retriever.index_seconds_, build_cpu, wall, cpu, k=k,
-                                 parameters=encoder.num_parameters(), backend=retriever.index_.backend))
+        rows.append(
+            _latency_row(
+                METHODS[2],
+                retriever.index_seconds_,
+                build_cpu,
+                wall,
+                cpu,
+                k=k,
+                parameters=encoder.num_parameters(),
+                backend=retriever.index_.backend,
+            )
+        )
     return rows
 
 
@@ -304,15 +377,35 @@ def latency_table(
             queries = query_views(db, n_queries, seed=seed)
         images = db.split("index")[0]
         if method == METHODS[0]:
-            found = _dsi_latency_rows(n, queries, ks, model_overrides=dsi_overrides, batch_size=batch_size,
-                                      repeats=repeats, device=device, amp=amp, seed=seed)
+            found = _dsi_latency_rows(
+                n,
+                queries,
+                ks,
+                model_overrides=dsi_overrides,
+                batch_size=batch_size,
+                repeats=repeats,
+                device=device,
+                amp=amp,
+                seed=seed,
+            )
         elif method == METHODS[1]:
             found = _bovw_latency_rows(images, queries, ks, n_words=bovw_words, repeats=repeats, seed=seed)
         else:
-            found = _dense_latency_rows(images, queries, ks, model_overrides=model_overrides, repeats=repeats,
-                                        device=device, seed=seed)
-        rows += [{"n": n, **row, "queries": n_queries, "batch": batch_size, "repeats": repeats,
-                  "device": str(device), "size": image_set.size} for row in found]
+            found = _dense_latency_rows(
+                images, queries, ks, model_overrides=model_overrides, repeats=repeats, device=device, seed=seed
+            )
+        rows += [
+            {
+                "n": n,
+                **row,
+                "queries": n_queries,
+                "batch": batch_size,
+                "repeats": repeats,
+                "device": str(device),
+                "size": image_set.size,
+            }
+            for row in found
+        ]
     return pd.DataFrame(rows)
 
 
@@ -344,8 +437,11 @@ def ia_table(
     rows, histories = [], []
     for n in ns:
         db = index_all_database(image_set, n, id_scheme=id_scheme, seed=seed)
-        run_dir = Path(runs_dir) / f"scale-{image_set.name}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}" \
-            if runs_dir else None
+        run_dir = (
+            Path(runs_dir) / f"scale-{image_set.name}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}"
+            if runs_dir
+            else None
+        )
         result = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
         history = result.history.to_frame()
         last = history.iloc[-1] if len(history) else None
@@ -356,17 +452,35 @@ def ia_table(
             beam = beam_size
             ia1 = _cached_ia1(run_dir, beam, result)
             if ia1 is None:
-                ia1 = indexing_accuracy(result.model, make_codec(n), db.images, beam_size=beam, batch_size=64,
-                                        device=index_config.device if index_config.device != "auto" else None,
-                                        progress=n >= 4096)
+                ia1 = indexing_accuracy(
+                    result.model,
+                    make_codec(n),
+                    db.images,
+                    beam_size=beam,
+                    batch_size=64,
+                    device=index_config.device if index_config.device != "auto" else None,
+                    progress=n >= 4096,
+                )
                 _cache_ia1(run_dir, beam, result, ia1)
         target = trained["target_accuracy"]
-        rows.append({"n": n, "IA@1": ia1, "epochs": result.epochs, "train_s": result.seconds,
-                     "s_per_epoch": result.seconds / max(1, result.epochs), "target": target,
-                     "reached": target is not None and ia1 >= target, "max_epochs": trained["epochs"],
-                     "batch_size": trained["batch_size"],
-                     "lr": trained["lr"], "stop_rule": trained["stop_metric"], "ia_beam": beam,
-                     "size": image_set.size, "ids": id_scheme})
+        rows.append(
+            {
+                "n": n,
+                "IA@1": ia1,
+                "epochs": result.epochs,
+                "train_s": result.seconds,
+                "s_per_epoch": result.seconds / max(1, result.epochs),
+                "target": target,
+                "reached": target is not None and ia1 >= target,
+                "max_epochs": trained["epochs"],
+                "batch_size": trained["batch_size"],
+                "lr": trained["lr"],
+                "stop_rule": trained["stop_metric"],
+                "ia_beam": beam,
+                "size": image_set.size,
+                "ids": id_scheme,
+            }
+        )
         histories.append(history.assign(n=n))
     return pd.DataFrame(rows), (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())
 
@@ -429,8 +543,14 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
     for (method, k), part in latency.assign(k=latency.get("k", ks[0])).groupby(["method", "k"], sort=False):
         part = part.sort_values("n")
         # with several list lengths: the longest solid, shorter ones dashed
-        ax.plot(part["n"], part[column], marker="o", color=_COLORS.get(method), ls="-" if k == ks[-1] else "--",
-                label=method if len(ks) == 1 else f"{method}, top-{k}")
+        ax.plot(
+            part["n"],
+            part[column],
+            marker="o",
+            color=_COLORS.get(method),
+            ls="-" if k == ks[-1] else "--",
+            label=method if len(ks) == 1 else f"{method}, top-{k}",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_ticks(ax, sorted(latency["n"].unique()))
@@ -445,8 +565,14 @@ def scale_figure(latency: pd.DataFrame, ia: pd.DataFrame | None = None, title: s
         part = ia.sort_values("n")
         ax.plot(part["n"], part["IA@1"], marker="o", color=_COLORS[METHODS[0]], label="DSI (random IDs)")
         for _, r in part.iterrows():
-            ax.annotate(f"{r['IA@1']:.3f}\n{int(r['epochs'])} ep\n{r['train_s'] / 60:.0f} min", (r["n"], r["IA@1"]),
-                        textcoords="offset points", xytext=(0, -34), ha="center", fontsize=7)
+            ax.annotate(
+                f"{r['IA@1']:.3f}\n{int(r['epochs'])} ep\n{r['train_s'] / 60:.0f} min",
+                (r["n"], r["IA@1"]),
+                textcoords="offset points",
+                xytext=(0, -34),
+                ha="center",
+                fontsize=7,
+            )
         ax.axhline(0.95, color="k", ls=":", lw=1, label="target 0.95")
         ax.set_xscale("log")
         ax.set_xlim(min(part["n"].min(), latency["n"].min()) / 1.3, max(part["n"].max(), latency["n"].max()) * 1.3)
@@ -486,8 +612,14 @@ def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dic
         build = part.pivot_table(index="n", columns="method", values="build_s").reindex(columns=columns)
         if on_cpu:
             cpu = part.pivot_table(index="n", columns="method", values="cpu_ms_per_query").reindex(columns=columns)
-            table = (cpu.round(2).astype(str) + " ms CPU (" + lat.round(2).astype(str) + " ms wall; "
-                     + build.round(1).astype(str) + " s)")
+            table = (
+                cpu.round(2).astype(str)
+                + " ms CPU ("
+                + lat.round(2).astype(str)
+                + " ms wall; "
+                + build.round(1).astype(str)
+                + " s)"
+            )
         else:
             table = lat.round(2).astype(str) + " ms (" + build.round(1).astype(str) + " s)"
         if len(ks) > 1:
@@ -497,11 +629,27 @@ def scale_markdown(latency: pd.DataFrame, ia: pd.DataFrame | None, settings: dic
         if ratio:
             parts.append(ratio)
     if ia is not None and len(ia):
-        columns = ["n", "IA@1", "ia_beam", "target", "reached", "epochs", "max_epochs", "batch_size", "lr",
-                   "stop_rule", "train_s", "s_per_epoch", "size", "ids"]
+        columns = [
+            "n",
+            "IA@1",
+            "ia_beam",
+            "target",
+            "reached",
+            "epochs",
+            "max_epochs",
+            "batch_size",
+            "lr",
+            "stop_rule",
+            "train_s",
+            "s_per_epoch",
+            "size",
+            "ids",
+        ]
         shown = ia[[c for c in columns if c in ia]]  # tables written before a column existed lack it
-        parts += ["DSI trained to memorise N images (indexing until IA@1 >= target or the epoch cap):",
-                  shown.round(3).to_markdown(index=False)]
+        parts += [
+            "DSI trained to memorise N images (indexing until IA@1 >= target or the epoch cap):",
+            shown.round(3).to_markdown(index=False),
+        ]
     return "\n\n".join(parts)
 
 
@@ -511,11 +659,17 @@ def _dsi_ratio(latency: pd.DataFrame, column: str) -> str | None:
     at = latency[latency["n"] == n].set_index("method")[column]
     if METHODS[0] not in at:
         return None
-    others = [f"{at[METHODS[0]] / at[m]:.1f}x {name}" for m, name in ((METHODS[2], "dense search"), (METHODS[1], "BoVW"))
-              if m in at]
+    others = [
+        f"{at[METHODS[0]] / at[m]:.1f}x {name}"
+        for m, name in ((METHODS[2], "dense search"), (METHODS[1], "BoVW"))
+        if m in at
+    ]
     unit = "CPU ms" if column.startswith("cpu") else "ms"
-    return (f"At N = {n}, top-{latency['k'].iloc[0]}: DSI beam search {at[METHODS[0]]:.2f} {unit} per query"
-            + (", " + " and ".join(others) if others else "") + ".")
+    return (
+        f"At N = {n}, top-{latency['k'].iloc[0]}: DSI beam search {at[METHODS[0]]:.2f} {unit} per query"
+        + (", " + " and ".join(others) if others else "")
+        + "."
+    )
 
 
 def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd.DataFrame | None:
@@ -525,8 +679,14 @@ def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd
     if not path.exists():
         return None
     table = pd.read_csv(path)
-    columns = {"k": "k", "n_queries": "queries", "batch_size": "batch", "repeats": "repeats", "device": "device",
-               "size": "size"}
+    columns = {
+        "k": "k",
+        "n_queries": "queries",
+        "batch_size": "batch",
+        "repeats": "repeats",
+        "device": "device",
+        "size": "size",
+    }
     for key, value in settings.items():
         column = columns[key]
         values = {str(v) for v in _as_ks(value)} if key == "k" else {str(value)}
@@ -577,18 +737,55 @@ def _scale_study(
         ia = pd.read_csv(out / "scale_ia.csv") if (out / "scale_ia.csv").exists() else pd.DataFrame()
         histories = pd.DataFrame()
     else:
-        ia, histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
-                                 runs_dir=runs_dir, id_scheme=id_scheme, seed=seed, beam_size=max(_as_ks(k)))
-    latency = reusable_latency(out / "scale_latency.csv", ns, k=k, n_queries=n_queries, batch_size=batch_size,
-                               repeats=repeats, device=device, size=image_set.size) if reuse_latency else None
+        ia, histories = ia_table(
+            image_set,
+            ia_ns,
+            index_config=index_config,
+            model_overrides=model_overrides,
+            runs_dir=runs_dir,
+            id_scheme=id_scheme,
+            seed=seed,
+            beam_size=max(_as_ks(k)),
+        )
+    latency = (
+        reusable_latency(
+            out / "scale_latency.csv",
+            ns,
+            k=k,
+            n_queries=n_queries,
+            batch_size=batch_size,
+            repeats=repeats,
+            device=device,
+            size=image_set.size,
+        )
+        if reuse_latency
+        else None
+    )
     if latency is not None:
         print(f"reusing the latency table {out / 'scale_latency.csv'} (same N, methods and settings)")
     else:
-        latency = latency_table(image_set, ns, n_queries=n_queries, batch_size=batch_size, k=k, repeats=repeats,
-                                model_overrides=model_overrides, bovw_words=bovw_words, device=device, amp=amp,
-                                id_scheme=id_scheme, seed=seed)
-    settings = {"source": image_set.name, "size": image_set.size, "device": device, "k": k,
-                "queries": n_queries, "repeats": repeats}
+        latency = latency_table(
+            image_set,
+            ns,
+            n_queries=n_queries,
+            batch_size=batch_size,
+            k=k,
+            repeats=repeats,
+            model_overrides=model_overrides,
+            bovw_words=bovw_words,
+            device=device,
+            amp=amp,
+            id_scheme=id_scheme,
+            seed=seed,
+        )
+    settings = {
+        "source": image_set.name,
+        "size": image_set.size,
+        "device": device,
+        "k": k,
+        "queries": n_queries,
+        "repeats": repeats,
+    }
     write_table(latency, out / "scale_latency")
     if not keep_ia:
         write_table(ia, out / "scale_ia")
@@ -623,8 +820,11 @@ class ScaleSpec:
     seed: int = 0
     ids: str = field(default="random", metadata={"choices": ID_SCHEMES})
     model: ModelSpec = field(default_factory=full_model)
-    index: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=100, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False))
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=100, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False
+        )
+    )
     queries: int = 64  # queries in the timed batch
     query_batch: int = 64  # queries decoded together by the beam search
     repeats: int = 3  # timed repeats (the median is reported)
@@ -635,12 +835,28 @@ class ScaleSpec:
 
     #: notebook profile keys (11_scale) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source", "DATASET_ROOT": "root", "DATASET_ANNOTATIONS": "annotations", "SIZE": "size", "SCALE_NS": "ns", "SCALE_IA_NS": "ia_ns",
-        "SEEDS": ("seed[0]", "index.seed[0]"), "PATCH_SIZE": "model.patch_size", "DIM": "model.dim",
-        "MLP_DIM": "model.mlp_dim", "DEPTH": "model.depth", "HEADS": "model.heads", "DROPOUT": "model.dropout",
-        "LR": "index.lr", "BATCH_SIZE": "index.batch_size", "WARMUP_STEPS": "index.warmup_steps",
-        "SCALE_INDEX_EPOCHS": "index.epochs", "TARGET_ACCURACY": "index.target_accuracy",
-        "SCALE_QUERIES": ("queries", "query_batch"), "SCALE_REPEATS": "repeats", "K": "k", "BOVW_WORDS": "words",
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "SIZE": "size",
+        "SCALE_NS": "ns",
+        "SCALE_IA_NS": "ia_ns",
+        "SEEDS": ("seed[0]", "index.seed[0]"),
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "LR": "index.lr",
+        "BATCH_SIZE": "index.batch_size",
+        "WARMUP_STEPS": "index.warmup_steps",
+        "SCALE_INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "SCALE_QUERIES": ("queries", "query_batch"),
+        "SCALE_REPEATS": "repeats",
+        "K": "k",
+        "BOVW_WORDS": "words",
     }
 
     def __post_init__(self) -> None:
@@ -655,14 +871,38 @@ def run(spec: ScaleSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame,
     ia_ns = [n if n > 0 else len(image_set) for n in spec.ia_ns]
     config = spec.index
     return _scale_study(
-        image_set, ns, ia_ns, index_config=config, out_dir=paths.out, runs_dir=paths.runs,
-        model_overrides=spec.model.overrides(), n_queries=spec.queries, batch_size=spec.query_batch, k=list(spec.k),
-        repeats=spec.repeats, bovw_words=spec.words, device=config.device, amp=config.amp, id_scheme=spec.ids,
-        seed=spec.seed, reuse_latency=spec.reuse_latency, keep_ia=spec.keep_ia,
+        image_set,
+        ns,
+        ia_ns,
+        index_config=config,
+        out_dir=paths.out,
+        runs_dir=paths.runs,
+        model_overrides=spec.model.overrides(),
+        n_queries=spec.queries,
+        batch_size=spec.query_batch,
+        k=list(spec.k),
+        repeats=spec.repeats,
+        bovw_words=spec.words,
+        device=config.device,
+        amp=config.amp,
+        id_scheme=spec.ids,
+        seed=spec.seed,
+        reuse_latency=spec.reuse_latency,
+        keep_ia=spec.keep_ia,
     )
 
 
 def console_summary(spec: ScaleSpec, result: tuple[pd.DataFrame, pd.DataFrame, Any]) -> str:
     """The latency and IA@1 tables."""
-    return scale_markdown(result[0], result[1], {"source": spec.source, "size": spec.size, "device": spec.index.device,
-                                                 "k": list(spec.k), "queries": spec.queries, "repeats": spec.repeats})
+    return scale_markdown(
+        result[0],
+        result[1],
+        {
+            "source": spec.source,
+            "size": spec.size,
+            "device": spec.index.device,
+            "k": list(spec.k),
+            "queries": spec.queries,
+            "repeats": spec.repeats,
+        },
+    )

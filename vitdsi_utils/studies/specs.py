@@ -72,8 +72,7 @@ def dsi_model(**values: Any) -> ModelSpec:
 
 def full_model(**values: Any) -> ModelSpec:
     """Every size setting of the paper's model (the scale and incremental studies set them all)."""
-    return ModelSpec(**{"patch_size": 16, "dim": 128, "mlp_dim": 256, "depth": 6, "heads": 4, "dropout": 0.1,
-                        **values})
+    return ModelSpec(**{"patch_size": 16, "dim": 128, "mlp_dim": 256, "depth": 6, "heads": 4, "dropout": 0.1, **values})
 
 
 def check_choices(spec: Any) -> None:
@@ -98,9 +97,20 @@ def no_pooling(spec: Any) -> None:
 #: high excluded); None values are not checked, lists item by item. The configs (TrainConfig,
 #: DenseTrainConfig, SSLConfig, the model's) check their own fields.
 RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool]] = {
-    **{name: (True, 1, None, False, False) for name in (
-        "max_pairs_per_query", "finetune_epochs", "words", "vocabularies", "queries", "query_batch", "repeats", "k",
-        "depths")},
+    **{
+        name: (True, 1, None, False, False)
+        for name in (
+            "max_pairs_per_query",
+            "finetune_epochs",
+            "words",
+            "vocabularies",
+            "queries",
+            "query_batch",
+            "repeats",
+            "k",
+            "depths",
+        )
+    },
     **{name: (True, 0, None, False, False) for name in ("index_views", "consolidate")},
     "mix_ratio": (False, 0, None, True, False),
     "view_min_crop": (False, 0, 1, True, False),
@@ -224,13 +234,14 @@ def build_spec(cls: type, values: Mapping[str, Any], *, base: Any = None, prefix
     wrong type, raises :class:`SpecError` naming the key (``prefix`` + name) and what is allowed.
     """
     if not isinstance(values, Mapping):
-        raise SpecError(f"{prefix.rstrip('.') or 'the settings'} must be a mapping of keys to values, "
-                        f"got {values!r}")
+        raise SpecError(f"{prefix.rstrip('.') or 'the settings'} must be a mapping of keys to values, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [str(k) for k in values if k not in fields]
     if unknown:
-        raise SpecError(f"unknown key {prefix}{unknown[0]!s}; allowed{' in ' + prefix.rstrip('.') if prefix else ''}: "
-                        + ", ".join(sorted(fields)))
+        raise SpecError(
+            f"unknown key {prefix}{unknown[0]!s}; allowed{' in ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
@@ -245,8 +256,10 @@ def build_spec(cls: type, values: Mapping[str, Any], *, base: Any = None, prefix
             kwargs[name] = _coerce(values[name], kind, prefix + name, section)
         except _Refused:
             value = values[name]
-            raise SpecError(f"{prefix}{name}: expected {_describe(kind)}, got {value!r} ({type(value).__name__})"
-                            + _yaml_hint(value, kind)) from None
+            raise SpecError(
+                f"{prefix}{name}: expected {_describe(kind)}, got {value!r} ({type(value).__name__})"
+                + _yaml_hint(value, kind)
+            ) from None
     try:
         spec = cls(**kwargs)
         check_ranges(spec)
@@ -260,7 +273,7 @@ def build_spec(cls: type, values: Mapping[str, Any], *, base: Any = None, prefix
         # a config's own range check names its field first ("lr must be > 0, got 0"): name it as the recipe does
         name = next((f for f in fields if text.startswith(f"{f} must ")), None)
         if name is not None:
-            raise SpecError(f"{prefix}{name}: {text[len(name) + 1:]}") from None
+            raise SpecError(f"{prefix}{name}: {text[len(name) + 1 :]}") from None
         where = prefix.rstrip(".") or cls.__name__
         raise SpecError(f"{where}: {error}") from None
 
@@ -304,11 +317,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -368,12 +384,14 @@ def spec_from_profile(cls: type, params: Mapping[str, Any], *, ignore_unknown: b
     ``seed[0]``). A profile key the spec does not use is refused, unless ``ignore_unknown`` (a whole
     profile holds every notebook's keys); a value of the wrong type is refused naming the profile key.
     """
-    mapping: dict[str, tuple[str, ...]] = {k: (v,) if isinstance(v, str) else tuple(v)
-                                          for k, v in getattr(cls, "PROFILE_KEYS", {}).items()}
+    mapping: dict[str, tuple[str, ...]] = {
+        k: (v,) if isinstance(v, str) else tuple(v) for k, v in getattr(cls, "PROFILE_KEYS", {}).items()
+    }
     unknown = [k for k in params if k not in mapping]
     if unknown and not ignore_unknown:
-        raise SpecError(f"profile key {unknown[0]} is not used by {cls.__name__}; allowed: "
-                        + ", ".join(sorted(mapping)))
+        raise SpecError(
+            f"profile key {unknown[0]} is not used by {cls.__name__}; allowed: " + ", ".join(sorted(mapping))
+        )
     values: dict[str, Any] = {}
     for key, targets in mapping.items():
         if key not in params:

@@ -28,8 +28,11 @@ from vitdsi_utils.training.history import History
 
 CHECKPOINT_FORMAT = 2
 #: The kinds of checkpoint, and how messages name them.
-KINDS = {"dsi": "a DSI checkpoint", "dense-encoder": "a dense-encoder checkpoint",
-         "ssl-encoder": "a self-supervised encoder checkpoint"}
+KINDS = {
+    "dsi": "a DSI checkpoint",
+    "dense-encoder": "a dense-encoder checkpoint",
+    "ssl-encoder": "a self-supervised encoder checkpoint",
+}
 #: Entries every checkpoint holds, whatever its kind; a kind adds its own (:data:`KIND_ENTRIES`).
 CHECKPOINT_KEYS = ("format", "kind", "model", "optimizer", "config", "train_config", "epoch", "history", "rng", "extra")
 KIND_ENTRIES = {"dsi": ("codec",), "dense-encoder": (), "ssl-encoder": ("encoder", "head")}
@@ -156,8 +159,16 @@ def save_checkpoint(
     if isinstance(train_config, TrainConfig):
         train_config = train_config.to_dict()
     return write_checkpoint(
-        path, "dsi", model=model, optimizer=optimizer, config=config.to_dict(), train_config=train_config,
-        epoch=epoch, history=history, rng=rng_state(generator), extra=extra,
+        path,
+        "dsi",
+        model=model,
+        optimizer=optimizer,
+        config=config.to_dict(),
+        train_config=train_config,
+        epoch=epoch,
+        history=history,
+        rng=rng_state(generator),
+        extra=extra,
         codec={"codes": [[int(t) for t in c] for c in codec.codes], "base": int(codec.base)},
     )
 
@@ -281,7 +292,8 @@ def check_checkpoint(
     problems = checkpoint_mismatches(state, config=config, codec=codec, data=data)
     if problems:
         raise CheckpointError(
-            f"{path} was written for another database or model: " + "; ".join(problems)
+            f"{path} was written for another database or model: "
+            + "; ".join(problems)
             + ". Delete it (or use another run folder) to train for these settings, or request the saved ones"
         )
 

@@ -18,8 +18,17 @@ STOP_METRICS = ("ia", "eval", "train")
 
 
 #: Integer fields of TrainConfig and their smallest allowed value (epochs: a phase trains at least one).
-_TRAIN_INTS = {"batch_size": 1, "epochs": 1, "seed": 0, "warmup_steps": 0, "eval_every": 1, "eval_batch_size": 1,
-               "checkpoint_every": 1, "stop_beam": 1, "stop_check_every": 0}
+_TRAIN_INTS = {
+    "batch_size": 1,
+    "epochs": 1,
+    "seed": 0,
+    "warmup_steps": 0,
+    "eval_every": 1,
+    "eval_batch_size": 1,
+    "checkpoint_every": 1,
+    "stop_beam": 1,
+    "stop_check_every": 0,
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -40,8 +49,13 @@ def check_int(name: str, value: Any, low: int) -> int:
 
 
 def check_number(
-    name: str, value: Any, low: float | None = None, high: float | None = None, *,
-    low_open: bool = False, high_open: bool = False,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """``value`` as a float when it is a number in the range; else ValueError naming ``name`` and the range.
 

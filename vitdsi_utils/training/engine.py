@@ -109,8 +109,19 @@ def run_training(
     """
     path = Path(checkpoint.path) if checkpoint is not None and checkpoint.path is not None else None
     with run_folder_lock(path.parent) if path is not None else nullcontext():
-        return _run_training(model, objective, optimizer, epochs=epochs, seed=seed, lr_at=lr_at, grad_clip=grad_clip,
-                             history=history, checkpoint=checkpoint, desc=desc, progress=progress)
+        return _run_training(
+            model,
+            objective,
+            optimizer,
+            epochs=epochs,
+            seed=seed,
+            lr_at=lr_at,
+            grad_clip=grad_clip,
+            history=history,
+            checkpoint=checkpoint,
+            desc=desc,
+            progress=progress,
+        )
 
 
 def _run_training(

@@ -145,8 +145,11 @@ def epoch_counts(pool: Pool, mix_ratio: float | None) -> dict[str, int] | None:
         raise ValueError("mix_ratio is relative to an 'indexing' task, and there is none")
     n_index = pool.spans[pool.names.index("indexing")][1]
     # augmented views keep their own count (views per indexed image): the ratio is about retrieval queries
-    return {name: max(1, round(mix_ratio * n_index)) for i, name in enumerate(pool.names)
-            if name != "indexing" and i not in pool.augmented}
+    return {
+        name: max(1, round(mix_ratio * n_index))
+        for i, name in enumerate(pool.names)
+        if name != "indexing" and i not in pool.augmented
+    }
 
 
 def fit(
@@ -217,11 +220,14 @@ def fit(
                 f"{path} was written for other settings: mix_ratio: saved {saved_mix!r}, requested {mix_ratio!r}. "
                 + REUSE_HINT.format(files=path)
             )
-        problems = resume_differences(state["train_config"], config, epoch=int(state["epoch"]),
-                                      stop_rule=stop_on is not None)
+        problems = resume_differences(
+            state["train_config"], config, epoch=int(state["epoch"]), stop_rule=stop_on is not None
+        )
         if problems:
             raise CheckpointError(
-                f"{path} was written for other training settings: " + "; ".join(problems) + ". "
+                f"{path} was written for other training settings: "
+                + "; ".join(problems)
+                + ". "
                 + REUSE_HINT.format(files=path)
             )
         return state

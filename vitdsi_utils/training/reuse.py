@@ -46,8 +46,10 @@ import torch
 from vitdsi_utils.training.config import TrainConfig
 
 #: What to do about a refused file; ``{files}`` names it (and its checkpoint).
-REUSE_HINT = ("Delete {files} or use another run folder (a recipe's runs_dir, vitdsi study --runs) to train for "
-              "the settings requested, or request the saved ones")
+REUSE_HINT = (
+    "Delete {files} or use another run folder (a recipe's runs_dir, vitdsi study --runs) to train for "
+    "the settings requested, or request the saved ones"
+)
 
 
 def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
@@ -56,8 +58,11 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "")
     A key only one side has is a setting the other side's recipe does not use (``stop_beam`` of
     a run stopped by another metric, say); the setting that made the difference is named instead.
     """
-    return [f"{prefix}{k}: saved {saved[k]!r}, requested {value!r}"
-            for k, value in wanted.items() if k in saved and saved[k] != value]
+    return [
+        f"{prefix}{k}: saved {saved[k]!r}, requested {value!r}"
+        for k, value in wanted.items()
+        if k in saved and saved[k] != value
+    ]
 
 
 @dataclass

@@ -137,7 +137,9 @@ def draw_relevant(relevant: torch.Tensor, generator: torch.Generator) -> torch.T
     """
     relevant = torch.as_tensor(relevant)
     if relevant.ndim != 2 or relevant.dtype != torch.bool:
-        raise TypeError(f"relevant must be a boolean (queries, rows) matrix, got {relevant.dtype} {tuple(relevant.shape)}")
+        raise TypeError(
+            f"relevant must be a boolean (queries, rows) matrix, got {relevant.dtype} {tuple(relevant.shape)}"
+        )
     empty = (~relevant.any(1)).nonzero().flatten()
     if len(empty):
         raise ValueError(f"{len(empty)} queries (first: {empty[:5].tolist()}) have no relevant row; drop them first")
@@ -161,8 +163,11 @@ class SameClassTargets:
 
     def __post_init__(self) -> None:
         self.images = _as_images(self.images)
-        self.relevant = torch.as_tensor(np.asarray(self.relevant) if not isinstance(self.relevant, torch.Tensor)
-                                        else self.relevant).cpu().bool()
+        self.relevant = (
+            torch.as_tensor(np.asarray(self.relevant) if not isinstance(self.relevant, torch.Tensor) else self.relevant)
+            .cpu()
+            .bool()
+        )
         if self.relevant.ndim != 2 or len(self.relevant) != len(self.images):
             raise ValueError(
                 f"relevant must be (n_queries, n_rows) with one row per image; got {tuple(self.relevant.shape)} "
@@ -174,8 +179,9 @@ class SameClassTargets:
         return len(self.query_idx)
 
     @classmethod
-    def from_labels(cls, images: torch.Tensor, query_labels: Any, db_labels: Any, *, name: str = "retrieval"
-                    ) -> SameClassTargets:
+    def from_labels(
+        cls, images: torch.Tensor, query_labels: Any, db_labels: Any, *, name: str = "retrieval"
+    ) -> SameClassTargets:
         """Targets drawn among the rows relevant by :func:`metrics.label_relevance` (same class / shared label)."""
 
         relevant = label_relevance(_labels(query_labels).numpy(), _labels(db_labels).numpy())
@@ -239,8 +245,15 @@ def as_tasks(tasks: Any) -> list[Task]:
             out.append(Task(t.name, t.images, relevant.float().argmax(1), t.query_idx, relevant=relevant))
         elif isinstance(t, AugmentedViews):
             n = len(t.images)
-            out.append(Task(t.name, t.images, t.rows.repeat(t.views), torch.arange(n).repeat(t.views),
-                             augment=(t.flip, t.min_crop)))
+            out.append(
+                Task(
+                    t.name,
+                    t.images,
+                    t.rows.repeat(t.views),
+                    torch.arange(n).repeat(t.views),
+                    augment=(t.flip, t.min_crop),
+                )
+            )
         elif isinstance(t, tuple) and len(t) in (3, 4):
             name, images, rows = t[0], _as_images(t[1]), _as_long(t[2])
             idx = _as_long(t[3]) if len(t) == 4 and t[3] is not None else None
@@ -291,7 +304,9 @@ class Pool:
         self.resampled = [(i, t.relevant) for i, t in enumerate(tasks) if t.relevant is not None]
         for i, relevant in self.resampled:
             if relevant.shape[1] != len(codec):
-                raise ValueError(f"task {self.names[i]!r}: relevance over {relevant.shape[1]} rows, codec has {len(codec)}")
+                raise ValueError(
+                    f"task {self.names[i]!r}: relevance over {relevant.shape[1]} rows, codec has {len(codec)}"
+                )
         self.targets = codec.targets().to(device)  # (n_ids, L)
         self.inputs = codec.decoder_inputs(self.targets)  # (n_ids, L)
         self.device = device
