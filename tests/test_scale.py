@@ -228,8 +228,8 @@ def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
 
     image_set = synthetic_set()
     builds = []
-    bovw_rows = scale_module._bovw_latency_rows
-    monkeypatch.setattr(scale_module, "_bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
+    bovw_rows = scale_module.bovw_latency_rows
+    monkeypatch.setattr(scale_module, "bovw_latency_rows", lambda *a, **kw: builds.append(1) or bovw_rows(*a, **kw))
     table = latency_table(
         image_set,
         [20, 60],

@@ -26,38 +26,28 @@ retrieval method's cost grows with N. This module does both parts:
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from vitdsi_utils.atomic import write_json
-from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
-from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import Database, balanced_quota
 from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, load_images
 from vitdsi_utils.ids.codec import ID_SCHEMES, dense_id_order, make_codec
-from vitdsi_utils.model.decoding import beam_search, indexing_accuracy
-from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.phases import index_database
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
-from vitdsi_utils.retrieval.searchers import DenseRetriever
+from vitdsi_utils.retrieval.latency import METHODS, as_ks, bovw_latency_rows, dense_latency_rows, dsi_latency_rows
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig
-
-#: Methods of the latency table, in plotting order.
-METHODS = ("DSI beam search", "BoVW", "Dense (FAISS)")
-
 
 #: The number of Imagenette images that pass the aspect rule (train + val, all ten classes).
 IMAGENETTE_ALL = 13_394
@@ -141,206 +131,6 @@ def query_views(db: Database, n_queries: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(images[rows, :, ::-1])
 
 
-# ------------------------------------------------------------------------------------------
-# Latency
-# ------------------------------------------------------------------------------------------
-def time_per_query(search: Callable[[], Any], n_queries: int, repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
-    """(wall, CPU) seconds per query: medians over ``repeats`` calls of ``search()`` (after ``warmup`` untimed
-    calls), divided by ``n_queries``.
-
-    The CPU time is this process's (all its threads): on a shared machine it is what the search
-    costs, while the wall time also counts the time spent waiting for a core. On a GPU only the
-    wall time means anything.
-    """
-    if repeats < 1 or n_queries < 1:
-        raise ValueError(f"repeats and n_queries must be at least 1, got {repeats} and {n_queries}")
-    for _ in range(warmup):
-        search()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        search()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls) / n_queries, statistics.median(cpus) / n_queries
-
-
-def _latency_row(method: str, build: float, build_cpu: float, wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
-    """One row of the latency table: build seconds (wall, CPU) and milliseconds per query (wall, CPU)."""
-    return {
-        "method": method,
-        "build_s": build,
-        "build_cpu_s": build_cpu,
-        "ms_per_query": 1000 * wall,
-        "cpu_ms_per_query": 1000 * cpu,
-        **extra,
-    }
-
-
-def _as_ks(k: int | Sequence[int]) -> list[int]:
-    """``k`` as a list of list lengths: one int, or several (a latency row per k, one build for all)."""
-    return [int(k)] if isinstance(k, (int, np.integer)) else [int(v) for v in k]
-
-
-def dsi_latency(
-    n: int,
-    queries: np.ndarray,
-    *,
-    model_overrides: dict | None = None,
-    k: int = 100,
-    beam_size: int | None = None,
-    batch_size: int = 64,
-    repeats: int = 3,
-    device: str = "cpu",
-    amp: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Top-k beam-search latency of an untrained DSI over ``n`` decimal IDs: build = codec + trie seconds."""
-    return _dsi_latency_rows(
-        n,
-        queries,
-        [k],
-        model_overrides=model_overrides,
-        beam_size=beam_size,
-        batch_size=batch_size,
-        repeats=repeats,
-        device=device,
-        amp=amp,
-        seed=seed,
-    )[0]
-
-
-def _dsi_latency_rows(
-    n: int,
-    queries: np.ndarray,
-    ks: Sequence[int],
-    *,
-    model_overrides: dict | None = None,
-    beam_size: int | None = None,
-    batch_size: int = 64,
-    repeats: int = 3,
-    device: str = "cpu",
-    amp: bool = False,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """:func:`dsi_latency` for every k of ``ks`` (beam ``max(k, beam_size)``) with one model and codec."""
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    codec = make_codec(n)
-    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
-    torch.manual_seed(seed)
-    model = DSIModel(DSIConfig.from_codec(codec, image_size=int(queries.shape[1]), **(model_overrides or {})))
-    model.to(device).eval()
-    images = torch.from_numpy(np.ascontiguousarray(queries))
-    rows = []
-    for k in ks:
-        beam = None if beam_size is None else max(k, beam_size)
-
-        def search(k: int = k, beam: int | None = beam) -> Any:
-            return beam_search(model, images, codec, k=k, beam_size=beam, batch_size=batch_size, device=device, amp=amp)
-
-        wall, cpu = time_per_query(search, len(queries), repeats)
-        rows.append(_latency_row(METHODS[0], build, build_cpu, wall, cpu, k=k, parameters=model.num_parameters()))
-    return rows
-
-
-def bovw_latency(
-    database_images: np.ndarray,
-    queries: np.ndarray,
-    *,
-    n_words: int = 200,
-    k: int = 100,
-    repeats: int = 3,
-    seed: int = 0,
-    n_jobs: int = 1,
-) -> dict[str, Any]:
-    """Top-k BoVW latency (SIFT of the queries + histograms + cosine top-k); build = ``fit`` seconds."""
-    return _bovw_latency_rows(
-        database_images, queries, [k], n_words=n_words, repeats=repeats, seed=seed, n_jobs=n_jobs
-    )[0]
-
-
-def _bovw_latency_rows(
-    database_images: np.ndarray,
-    queries: np.ndarray,
-    ks: Sequence[int],
-    *,
-    n_words: int = 200,
-    repeats: int = 3,
-    seed: int = 0,
-    n_jobs: int = 1,
-) -> list[dict[str, Any]]:
-    """:func:`bovw_latency` for every k of ``ks`` with one fitted vocabulary."""
-
-    model = BoVW(n_words, random_state=seed, n_jobs=n_jobs, progress=False)
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.fit(database_images)
-    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
-    rows = []
-    for k in ks:
-        wall, cpu = time_per_query(lambda k=k: model.search(queries, k), len(queries), repeats)
-        rows.append(_latency_row(METHODS[1], build, build_cpu, wall, cpu, k=k, parameters=0))
-    return rows
-
-
-def dense_latency(
-    database_images: np.ndarray,
-    queries: np.ndarray,
-    *,
-    model_overrides: dict | None = None,
-    k: int = 100,
-    repeats: int = 3,
-    device: str = "cpu",
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Top-k latency of an untrained dense encoder + flat inner-product index (FAISS when installed).
-
-    Build = embedding the database and filling the index. The FAISS index is on the CPU
-    (``faiss-cpu``) whatever ``device`` the encoder runs on.
-    """
-    return _dense_latency_rows(
-        database_images, queries, [k], model_overrides=model_overrides, repeats=repeats, device=device, seed=seed
-    )[0]
-
-
-def _dense_latency_rows(
-    database_images: np.ndarray,
-    queries: np.ndarray,
-    ks: Sequence[int],
-    *,
-    model_overrides: dict | None = None,
-    repeats: int = 3,
-    device: str = "cpu",
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """:func:`dense_latency` for every k of ``ks`` with one encoder and index."""
-
-    overrides = {"pooling": "mean", **(model_overrides or {})}
-    torch.manual_seed(seed)
-    encoder = DenseEncoder(DenseConfig(image_size=int(queries.shape[1]), **overrides)).to(device)
-    c0 = time.process_time()
-    retriever = DenseRetriever.from_model(encoder).index(database_images)
-    build_cpu = time.process_time() - c0
-    rows = []
-    for k in ks:
-        wall, cpu = time_per_query(lambda k=k: retriever.search(queries, k), len(queries), repeats)
-        rows.append(
-            _latency_row(
-                METHODS[2],
-                retriever.index_seconds_,
-                build_cpu,
-                wall,
-                cpu,
-                k=k,
-                parameters=encoder.num_parameters(),
-                backend=retriever.index_.backend,
-            )
-        )
-    return rows
-
-
 def latency_table(
     image_set: ImageSet,
     ns: Sequence[int],
@@ -364,7 +154,7 @@ def latency_table(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
-    ks = _as_ks(k)
+    ks = as_ks(k)
     dsi_overrides = {key: v for key, v in (model_overrides or {}).items() if key != "pooling"}
     rows = []
     steps = [(n, m) for n in ns for m in methods]
@@ -377,7 +167,7 @@ def latency_table(
             queries = query_views(db, n_queries, seed=seed)
         images = db.split("index")[0]
         if method == METHODS[0]:
-            found = _dsi_latency_rows(
+            found = dsi_latency_rows(
                 n,
                 queries,
                 ks,
@@ -389,9 +179,9 @@ def latency_table(
                 seed=seed,
             )
         elif method == METHODS[1]:
-            found = _bovw_latency_rows(images, queries, ks, n_words=bovw_words, repeats=repeats, seed=seed)
+            found = bovw_latency_rows(images, queries, ks, n_words=bovw_words, repeats=repeats, seed=seed)
         else:
-            found = _dense_latency_rows(
+            found = dense_latency_rows(
                 images, queries, ks, model_overrides=model_overrides, repeats=repeats, device=device, seed=seed
             )
         rows += [
@@ -689,10 +479,10 @@ def reusable_latency(path: str | Path, ns: Sequence[int], **settings: Any) -> pd
     }
     for key, value in settings.items():
         column = columns[key]
-        values = {str(v) for v in _as_ks(value)} if key == "k" else {str(value)}
+        values = {str(v) for v in as_ks(value)} if key == "k" else {str(value)}
         if column not in table or set(table[column].astype(str)) != values:
             return None
-    ks = _as_ks(settings.get("k", sorted(set(table["k"])) if "k" in table else []))
+    ks = as_ks(settings.get("k", sorted(set(table["k"])) if "k" in table else []))
     have = set(zip(table["n"], table["method"], table["k"])) if "k" in table else set()
     if not all((n, m, k) in have for n in ns for m in METHODS for k in ks) or "cpu_ms_per_query" not in table:
         return None
@@ -745,7 +535,7 @@ def _scale_study(
             runs_dir=runs_dir,
             id_scheme=id_scheme,
             seed=seed,
-            beam_size=max(_as_ks(k)),
+            beam_size=max(as_ks(k)),
         )
     latency = (
         reusable_latency(

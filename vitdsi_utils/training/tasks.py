@@ -107,7 +107,7 @@ def relevant_pairs(
 
     Labels are class ids (n,) -- relevant means the same class -- or multi-hot (n, C) --
     relevant means at least one shared label (COCO); ``Database.relevance_labels`` gives the
-    right form. Relevance is :func:`metrics.label_relevance`, the one the metrics use, so the
+    right form. Relevance is :func:`~vitdsi_utils.data.relevance.label_relevance`, the one the metrics use, so the
     pairs teach exactly what the evaluation rewards. Pairs come sorted by query, then row. With
     ``max_pairs_per_query`` a query keeps a seeded random subset of at most that many rows.
     """
@@ -182,7 +182,7 @@ class SameClassTargets:
     def from_labels(
         cls, images: torch.Tensor, query_labels: Any, db_labels: Any, *, name: str = "retrieval"
     ) -> SameClassTargets:
-        """Targets drawn among the rows relevant by :func:`metrics.label_relevance` (same class / shared label)."""
+        """Targets drawn among the rows relevant by :func:`~vitdsi_utils.data.relevance.label_relevance` (same class / shared label)."""
 
         relevant = label_relevance(_labels(query_labels).numpy(), _labels(db_labels).numpy())
         return cls(images, torch.from_numpy(np.asarray(relevant, dtype=bool)), name=name)
