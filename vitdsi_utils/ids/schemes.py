@@ -31,15 +31,23 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec, make_codec
 
-if TYPE_CHECKING:  # type only: the module that defines it imports this one
-    from vitdsi_utils.data.database import Database
+
+class Database(Protocol):
+    """What a scheme reads of a database (:class:`vitdsi_utils.data.database.Database` has it): its
+    settings (``id_scheme``, ``seed``), the number of indexed images and ``split(role) -> (images, labels)``.
+    Typed structurally, so this module does not import the database module, which imports it."""
+
+    settings: dict[str, Any]
+    n_index: int
+
+    def split(self, role: str) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 #: Every scheme :func:`codec_for` knows; the first two are the paper's dense decimal IDs.

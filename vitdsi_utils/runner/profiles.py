@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from vitdsi_utils.data.images import check_dataset, dataset_name
 from vitdsi_utils.runner.sources import read_notebook
 from vitdsi_utils.studies.recipes import STUDIES
 from vitdsi_utils.studies.specs import SpecError, spec_from_profile
@@ -82,8 +83,6 @@ def resolve_dataset(params: dict[str, Any]) -> dict[str, Any]:
     ``folder`` without its root, a path that does not exist, COCO without its files) raises the
     error :func:`check_dataset` gives. A profile without ``DATASET`` is left as it is.
     """
-    from vitdsi_utils.data.images import check_dataset, dataset_name
-
     params = dict(params)
     if "DATASET" not in params:
         return params
