@@ -31,6 +31,7 @@ import copy
 import textwrap
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,21 +220,8 @@ def incremental_study(
     were trained for these settings (the fine-tuned ones from this initial model), and refused with
     every difference named otherwise. The run folder is locked meanwhile (:mod:`vitdsi_utils.locks`).
     """
-    if runs_dir is None:
-        return _incremental_study(
-            db,
-            index_config=index_config,
-            finetune_epochs=finetune_epochs,
-            replay_ratios=replay_ratios,
-            new_fraction=new_fraction,
-            capacity=capacity,
-            model_overrides=model_overrides,
-            beam_size=beam_size,
-            out_dir=out_dir,
-            runs_dir=None,
-            seed=seed,
-        )
-    with run_folder_lock(Path(runs_dir) / incremental_run_name(db)):
+    lock = nullcontext() if runs_dir is None else run_folder_lock(Path(runs_dir) / incremental_run_name(db))
+    with lock:
         return _incremental_study(
             db,
             index_config=index_config,
