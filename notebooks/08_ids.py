@@ -16,6 +16,13 @@
 # The embeddings are the images' BoVW histograms (`BOVW_WORDS` words, tf-idf, L2-normalised), the
 # only encoder that needs no training. Every model is trained with the profile's settings (those of
 # notebooks 03 and 04, whose random and clustered models are loaded here, not retrained).
+#
+# Beside the plain fine-tuned model (`IDS_FINE_TUNE`), each scheme can get a *multi-task* model
+# (`IDS_MULTITASK_EPOCHS`, None: none): the zero-shot model trained on its indexing examples in every
+# epoch beside `IDS_MIX_RATIO` retrieval examples per indexed image, with `IDS_TARGETS` `same-class`
+# redrawing each train query's target among its relevant images every epoch (`pairs`: fixed pairs, as
+# the plain fine-tuned model always has). With atomic IDs this is the project's best 64 px recipe
+# (`recipes/dsi-patch8.yaml`, `reports/dsi_patch8/`).
 
 # %% tags=["parameters"]
 # Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with
@@ -53,6 +60,10 @@ IDS_K = 5                                                          # cpu: 10
 IDS_C = 5                                                          # cpu: 10
 IDS_RQ_LEVELS = 2                                                  # cpu: 3
 IDS_RQ_CODEBOOK = 8                                                # cpu: 16
+IDS_FINE_TUNE = True
+IDS_MULTITASK_EPOCHS = None
+IDS_MIX_RATIO = 2.0
+IDS_TARGETS = "pairs"
 OUT_DIR = None                                                     # tables/ and figures/ go here; None: reports/<PROFILE>
 RUNS_DIR = None                                                    # trained models, one folder per database; None: data/runs/<PROFILE>
 
@@ -87,18 +98,24 @@ def retrieval_config(seed: int) -> TrainConfig:
     return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
 
 
+def multitask_config(seed: int) -> TrainConfig:
+    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=IDS_MULTITASK_EPOCHS, seed=seed, progress=False)
+
+
 # %% [markdown]
 # ## Training and scoring
 #
 # One line per database and scheme: the IDs (how many tokens, how many raw RQ codes collided), the
-# indexing run and its zero-shot IA@1, and the fine-tuning time. `loaded` means the models came from
-# an earlier run.
+# indexing run and its zero-shot IA@1, and the fine-tuning (and multi-task) time. `loaded` means the
+# models came from an earlier run.
 
 # %%
 results, runs, histories = compare_id_schemes(
     image_set, IDS_NS, IDS_SCHEMES, SEEDS, runs_dir=paths.runs, index_config=index_config,
     retrieval_config=retrieval_config, model_overrides=model_overrides, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
-    k=K, id_params=id_params)
+    k=K, id_params=id_params, fine_tune_phase=IDS_FINE_TUNE,
+    multitask_config=multitask_config if IDS_MULTITASK_EPOCHS else None, mix_ratio=IDS_MIX_RATIO,
+    multitask_targets=IDS_TARGETS)
 histories.to_csv(paths.tables / "histories_ids.csv", index=False)
 
 # %% [markdown]
@@ -117,7 +134,9 @@ histories.to_csv(paths.tables / "histories_ids.csv", index=False)
 # %%
 markdown = "\n\n".join([
     f"DSI by ID scheme, {DATASET_NAME} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
-    f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords.",
+    f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords."
+    + (f" Multi-task: {IDS_MULTITASK_EPOCHS} epochs, every indexed image beside {IDS_MIX_RATIO:g} retrieval "
+       f"examples per indexed image and epoch, targets `{IDS_TARGETS}`." if IDS_MULTITASK_EPOCHS else ""),
     ids_markdown(results, runs, IDS_SCHEMES)])
 write_table(results, paths.tables / "ids", markdown=markdown)
 write_table(runs, paths.tables / "ids_runs")

@@ -210,6 +210,52 @@ def test_multitask_variant_keeps_indexing_examples_in_every_epoch(tmp_path):
     assert all(torch.equal(v, result.zero_shot.model.state_dict()[k]) for k, v in stored.items())
 
 
+def test_id_scheme_comparison_adds_multitask_models_with_their_own_targets(tmp_path):
+    import warnings
+
+    from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
+    from vitdsi_utils.studies.ids import compare_id_schemes
+    from vitdsi_utils.training.checkpoint import load_checkpoint
+    from vitdsi_utils.training.config import TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images = load_images("digits", 32, progress=False)
+    tiny = dict(patch_size=16, depth=1, dim=32, mlp_dim=64, heads=2, dropout=0.0)
+
+    def quick(seed: int) -> TrainConfig:
+        return TrainConfig(epochs=1, progress=False, seed=seed)
+
+    def compare(runs_dir, schemes, fine_tune_phase):
+        return compare_id_schemes(
+            images,
+            [80],
+            schemes,
+            [0],
+            runs_dir=runs_dir,
+            index_config=quick,
+            retrieval_config=quick,
+            model_overrides=tiny,
+            k=10,
+            fine_tune_phase=fine_tune_phase,
+            multitask_config=quick,
+            mix_ratio=2.0,
+            multitask_targets="same-class",
+            log=None,
+        )
+
+    results, runs, histories = compare(tmp_path / "both", ["clustered", "atomic"], True)
+    assert set(results["model"]) == set(runs["model"]) == {ZERO_SHOT, FINE_TUNED, MULTITASK}
+    assert (runs["invalid_beam"] == 0).all() and set(histories["phase"]) >= {"indexing", "retrieval", "multitask"}
+    for folder in (tmp_path / "both").iterdir():  # same-class targets for the multi-task model alone
+        assert load_checkpoint(folder / "multitask.pt")["extra"]["options"]["targets"] == "same-class"
+        assert load_checkpoint(folder / "fine_tuned.pt")["extra"]["options"]["targets"] == "pairs"
+
+    results, runs, _ = compare(tmp_path / "multitask-only", ["atomic"], False)
+    assert set(results["model"]) == set(runs["model"]) == {ZERO_SHOT, MULTITASK}
+    assert not list((tmp_path / "multitask-only").glob("*/fine_tuned.pt"))
+
+
 def test_cli_dsi_writes_table1_rows_and_histories(tmp_path, run_recipe):
     out, runs = tmp_path / "dsi", tmp_path / "runs"
     recipe = {

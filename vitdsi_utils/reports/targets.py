@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
 
 _KEYS = ["model", "ids", "n", "seed"]
 
@@ -147,7 +147,7 @@ def target4_markdown(dsi_results: pd.DataFrame, *, reference: str = "clustered")
 METRICS = ("IA@1", "mAP@10", "P@10", "R@100")
 
 
-MODEL_ORDER = {ZERO_SHOT: 0, FINE_TUNED: 1}
+MODEL_ORDER = {ZERO_SHOT: 0, FINE_TUNED: 1, MULTITASK: 2}
 
 
 #: Target 4 of the study: random-ID DSI within this distance of clustered-ID DSI on every metric.

@@ -179,6 +179,7 @@ def run_experiment(
     index_views: int = 0,
     view_min_crop: float = 0.7,
     consolidate: int = 0,
+    multitask_targets: str | None = None,
 ) -> DSIExperiment:
     """Index, evaluate zero-shot, fine-tune, evaluate fine-tuned; the table has the paper's numbers beside ours.
 
@@ -191,7 +192,8 @@ def run_experiment(
     ``encoder_init=(source, path)`` starts the encoder from pretrained weights
     (:func:`vitdsi_utils.baselines.init.init_encoder`); give it its own ``run_dir`` too.
     ``targets``, ``index_views``, ``view_min_crop`` and ``consolidate`` are the fine-tuning options of
-    :func:`fine_tune` (for both the fine-tuned and the multi-task model).
+    :func:`fine_tune` (for both the fine-tuned and the multi-task model; ``multitask_targets``, when
+    given, replaces ``targets`` for the multi-task model alone).
     """
     model_config(db, database_codec(db, codec), **(model_overrides or {}))  # a bad model fails before the folder exists
     # one process at a time in the run folder, from indexing to the last fine-tuned model
@@ -216,6 +218,7 @@ def run_experiment(
             index_views=index_views,
             view_min_crop=view_min_crop,
             consolidate=consolidate,
+            multitask_targets=multitask_targets,
         )
 
 
@@ -240,6 +243,7 @@ def _run_experiment(
     index_views: int,
     view_min_crop: float,
     consolidate: int,
+    multitask_targets: str | None,
 ) -> DSIExperiment:
     options = dict(targets=targets, index_views=index_views, view_min_crop=view_min_crop, consolidate=consolidate)
     codec = database_codec(db, codec)
@@ -277,7 +281,7 @@ def _run_experiment(
             multitask=True,
             mix_ratio=mix_ratio,
             codec=codec,
-            **options,
+            **{**options, "targets": multitask_targets or targets},
         )
         tables.append(_result_rows(db, mixed, codec, MULTITASK, k, ids))
     table = attach_paper(pd.concat(tables, ignore_index=True))

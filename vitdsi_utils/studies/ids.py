@@ -25,7 +25,14 @@ from vitdsi_utils.data.database import database_with_ids
 from vitdsi_utils.data.images import ImageSet
 from vitdsi_utils.ids.schemes import sibling_agreement
 from vitdsi_utils.model.decoding import invalid_id_rates
-from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, format_number, metric_cell, with_uninformative_note
+from vitdsi_utils.reports.tables import (
+    FINE_TUNED,
+    MULTITASK,
+    ZERO_SHOT,
+    format_number,
+    metric_cell,
+    with_uninformative_note,
+)
 from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, ordered_by_scheme
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.studies.dsi import run_experiment
@@ -54,6 +61,10 @@ def compare_id_schemes(
     max_pairs_per_query: int | None = None,
     k: int = 100,
     id_params: dict | None = None,
+    fine_tune_phase: bool = True,
+    multitask_config: Callable[[int], TrainConfig] | None = None,
+    mix_ratio: float | None = None,
+    multitask_targets: str = "pairs",
     log: Callable[[str], None] | None = print,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Index, fine-tune and score one DSI per (N, seed, scheme); return (results, runs, histories).
@@ -61,6 +72,11 @@ def compare_id_schemes(
     ``index_config(seed)`` / ``retrieval_config(seed)`` give the training settings of a seed.
     ``id_params`` go to :func:`~vitdsi_utils.ids.schemes.assign_ids` (k, c, levels,
     codebook_size, bovw_words). Finished phases in ``runs_dir`` are loaded, not retrained.
+    ``multitask_config(seed)`` adds the multi-task model of each zero-shot one (indexing examples
+    in every epoch beside ``mix_ratio`` retrieval examples per indexed image; ``multitask_targets``
+    ``"same-class"`` redraws each query's target every epoch, see
+    :func:`~vitdsi_utils.phases.fine_tune`); ``fine_tune_phase=False`` leaves out the plain
+    fine-tuned model, which always trains on fixed pairs (those of notebooks 03/04, so their models are reused).
 
     * ``results``: the long metric table of :func:`~vitdsi_utils.studies.dsi.run_experiment`
       (model, n, ids, seed, metric, value, ci_low, ci_high, chance, ...);
@@ -87,11 +103,22 @@ def compare_id_schemes(
                     max_pairs_per_query=max_pairs_per_query,
                     codec=assignment.codec,
                     ids=scheme,
+                    fine_tune_phase=fine_tune_phase,
+                    multitask=multitask_config is not None,
+                    multitask_config=multitask_config(seed) if multitask_config is not None else None,
+                    mix_ratio=mix_ratio,
+                    multitask_targets=multitask_targets,
                 )
                 results.append(experiment.table)
                 agreement, chance = sibling_agreement(assignment.codec, db.index_labels)
                 test_images = db.split("test")[0]
-                for name, phase in ((ZERO_SHOT, experiment.zero_shot), (FINE_TUNED, experiment.fine_tuned)):
+                phases = [
+                    (ZERO_SHOT, experiment.zero_shot),
+                    (FINE_TUNED, experiment.fine_tuned),
+                    (MULTITASK, experiment.multitask),
+                ]
+                phases = [(name, phase) for name, phase in phases if phase is not None]
+                for name, phase in phases:
                     rates = invalid_id_rates(phase.model, assignment.codec, test_images)
                     runs.append(
                         {
@@ -115,11 +142,19 @@ def compare_id_schemes(
                 if log is not None:
                     ia = experiment.table.query("model == @ZERO_SHOT and metric == 'IA@1'")["value"].iloc[0]
                     mean_len = assignment.summary()["mean_length"]
+                    later = [
+                        f"{label} {phase.seconds:.0f} s" + (" (loaded)" if phase.loaded else "")
+                        for label, phase in (
+                            ("fine-tuning", experiment.fine_tuned),
+                            ("multi-task", experiment.multitask),
+                        )
+                        if phase is not None
+                    ]
                     log(
                         f"N={n} seed {seed} {assignment.tag}: {len(assignment.codec)} IDs of {mean_len:.2f} tokens, "
                         f"collisions {assignment.collision_rate:.3f}; indexing {experiment.zero_shot.epochs} epochs "
-                        f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}; fine-tuning "
-                        f"{experiment.fine_tuned.seconds:.0f} s" + (" (loaded)" if experiment.fine_tuned.loaded else "")
+                        f"{experiment.zero_shot.seconds:.0f} s, zero-shot IA@1 {ia:.3f}"
+                        + "".join(f"; {part}" for part in later)
                     )
     history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return pd.concat(results, ignore_index=True), pd.DataFrame(runs), history_frame
@@ -192,7 +227,7 @@ def id_scheme_bars(
                 )
                 if pd.notna(r["chance"]):
                     ax.hlines(r["chance"], x - width / 2, x + width / 2, colors="k", linestyles="dashed", linewidth=1)
-        short = {ZERO_SHOT: "zero-shot", FINE_TUNED: "fine-tuned"}
+        short = {ZERO_SHOT: "zero-shot", FINE_TUNED: "fine-tuned", MULTITASK: "multi-task"}
         ax.set_xticks(range(len(groups)), labels=[f"{short.get(m, m)}\nN={n}" for m, n in groups], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(metric)
