@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import nbformat
@@ -11,7 +12,7 @@ import pytest
 from vitdsi_utils import cli
 from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runner.profiles import known_profiles, load_profile, notebook_parameters
-from vitdsi_utils.runner.run import StudyFailed, run_study, study_notebooks
+from vitdsi_utils.runner.run import StudyFailed, run_study, select_notebooks, study_notebooks
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
 FIGURES = (
@@ -114,6 +115,29 @@ def test_runner_stops_at_the_first_failing_notebook(tmp_path):
     assert not (out / "notebooks" / "02_never.ipynb").exists()
     timings = pd.read_csv(out / "timings.csv")
     assert timings["status"].tolist() == ["failed"]
+
+
+@pytest.mark.notebook
+def test_a_profile_runs_only_the_notebooks_it_names(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for stem in ("01_a", "02_b", "03_c"):
+        write_notebook(
+            folder / f"{stem}.py", f"from pathlib import Path\nPath(OUT_DIR, '{stem}.txt').write_text('ran')"
+        )
+    monkeypatch.setattr("vitdsi_utils.runner.run.notebooks_dir", lambda: folder)
+    out = tmp_path / "report"
+    profile = {"PROFILE": "x", "NOTEBOOKS": ["01", "03_c"]}
+    timings = run_study(profile, out_root=out, runs_dir=tmp_path / "runs", progress=False)
+    assert timings["status"].tolist() == ["ok", "not in profile", "ok"]
+    assert sorted(p.name for p in out.glob("*.txt")) == ["01_a.txt", "03_c.txt"]
+    assert not (out / "notebooks" / "02_b.ipynb").exists()
+    stamp = json.loads((out / "stamps" / "03_c.json").read_text())
+    assert [name for name, _ in stamp["upstream"]] == ["01_a"]  # the notebooks it ran after, not 02
+    readme = (out / "README.md").read_text()
+    assert "| [02_b](notebooks/02_b.ipynb) | – | not in profile |" in readme and "Not run: 02_b." in readme
+    again = run_study(profile, out_root=out, runs_dir=tmp_path / "runs", progress=False)
+    assert again["status"].tolist() == ["up to date", "not in profile", "up to date"]
 
 
 @pytest.mark.notebook

@@ -101,6 +101,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             runs_dir=args.runs,
             overrides=overrides,
             progress=not args.quiet,
+            dry_run=args.dry_run,
         )
     except StudyFailed as error:
         # with progress on, the runner has printed the error already
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="what the reports call the data set (default: the folder's name for --dataset folder, "
         "else the source; profile key DATASET_NAME)",
+    )
+    study.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every notebook of the profile's grid (all N, ID schemes, seeds, ablation factors, ...) with one "
+        "epoch per phase, a small model and budgets, N / 8 and a subset of the images: checks in minutes that "
+        "the grid runs; report in reports/<profile>-dry-run (see docs/study_runner.md)",
     )
     study.add_argument("--out", default=None, help="report folder (default: reports/<profile>)")
     study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")

@@ -105,10 +105,29 @@ def _training_time_lines(out: Path) -> list[str]:
     ]
 
 
-def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, command: str | None = None) -> Path:
-    """Write ``<out>/README.md``: parameters, wall times, machine, Table 1 and the figures.
+def _seconds(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.1f}"
 
-    ``command`` is the command line that produced the report (default: ``vitdsi study --profile NAME``).
+
+def _left_out_lines(timings: pd.DataFrame) -> list[str]:
+    """A sentence naming the notebooks the profile does not run (its ``NOTEBOOKS``), when there are any."""
+    left_out = timings.loc[timings["status"] == "not in profile", "notebook"].tolist()
+    if not left_out:
+        return []
+    return [
+        f"Not run: {', '.join(left_out)}. The profile's `NOTEBOOKS` lists the notebooks it runs; "
+        "their reports are not part of this one.",
+        "",
+    ]
+
+
+def write_readme(
+    out: Path, params: dict[str, Any], timings: pd.DataFrame, command: str | None = None, note: str | None = None
+) -> Path:
+    """Write ``<out>/README.md``: parameters, wall times, machine, Table 1, every model's table and the figures.
+
+    ``command`` is the command line that produced the report (default: ``vitdsi study --profile NAME``);
+    ``note`` (Markdown) goes under the first paragraph (the dry run says what it changed there).
     """
 
     name = params.get("PROFILE", "custom")
@@ -124,6 +143,7 @@ def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, comma
         "[`tables/`](tables/), figures in [`figures/`](figures/). "
         f"Trained models: `{settings.portable_path(params.get('RUNS_DIR') or '')}`.",
         "",
+        *([note, ""] if note else []),
         "## Parameters",
         "",
         "| parameter | value |",
@@ -135,11 +155,12 @@ def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, comma
         "| notebook | seconds | status |",
         "|---|---|---|",
         *[
-            f"| [{r.notebook}](notebooks/{r.notebook}.ipynb) | {r.seconds:.1f} | {r.status} |"
+            f"| [{r.notebook}](notebooks/{r.notebook}.ipynb) | {_seconds(r.seconds)} | {r.status} |"
             for r in timings.itertuples(index=False)
         ],
         f"| **total** | **{total:.1f}** | |",
         "",
+        *_left_out_lines(timings),
         *_training_time_lines(out),
         "## Machine",
         "",
@@ -158,6 +179,17 @@ def write_readme(out: Path, params: dict[str, Any], timings: pd.DataFrame, comma
         if table1.exists()
         else "_No Table 1: `05_results` did not run (see the timings above)._"
     )
+    every_model = out / "tables" / "dense_init.md"
+    if every_model.exists():  # 14_dense_init's table: Table 1's rows, dense search, other IDs and its own models
+        lines += [
+            "",
+            "## Every model of the study",
+            "",
+            "The rows of Table 1 with those of dense search (07), the other ID schemes and the multi-task "
+            "models (08) and the DSI started from the dense encoder (14), from `tables/dense_init.md`.",
+            "",
+            _demote_headings(every_model.read_text().strip()),
+        ]
     lines += ["", "## Figures", ""]
     figures = sorted((out / "figures").glob("*.png"))
     for fig in figures:

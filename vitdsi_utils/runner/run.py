@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from vitdsi_utils import settings
+from vitdsi_utils.runner.dry_run import make_dry_run
 from vitdsi_utils.runner.profiles import DATASET_PARAMETERS, load_profile, notebook_parameters, resolve_dataset
 from vitdsi_utils.runner.report import TIMING_COLUMNS, earlier_timings, write_readme, write_timings
 from vitdsi_utils.runner.sources import SourceSyncError, orphan_twins, read_notebook, source_of, sync_from_twin, twin_of
@@ -102,6 +103,38 @@ def sync_sources(paths: list[Path], *, say=print) -> list[Path]:
         except SourceSyncError as error:
             raise StudyFailed(str(error)) from error
     return synced
+
+
+def _matching(paths: list[Path], name: str) -> list[Path]:
+    """The notebooks named by ``name``: a stem ('03_indexing'), a file name or a stem's start ('03')."""
+    stem = Path(str(name)).stem
+    exact = [p for p in paths if p.stem == stem]
+    return exact or [p for p in paths if p.stem.startswith(stem)]
+
+
+def select_notebooks(paths: list[Path], names: Iterable[str] | None) -> tuple[list[Path], list[Path]]:
+    """(the notebooks a profile runs, those it leaves out), both in study order.
+
+    ``names`` is the profile's ``NOTEBOOKS``: None runs every notebook; a list names the ones to
+    run by stem or number ('03', '03_indexing'). A name that matches no notebook, or several, is
+    refused with the study's notebooks listed.
+    """
+    if names is None:
+        return list(paths), []
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise ValueError(f"NOTEBOOKS must be a list of notebook names (or null for all), got {names!r}")
+    names = list(names)
+    if not names:
+        raise ValueError("NOTEBOOKS lists no notebook; give null to run them all")
+    chosen: set[Path] = set()
+    for name in names:
+        # YAML reads an unquoted 03 as the number 3
+        found = _matching(paths, f"{name:02d}" if isinstance(name, int) and not isinstance(name, bool) else str(name))
+        if len(found) != 1:
+            what = "no notebook" if not found else f"{len(found)} notebooks"
+            raise ValueError(f"NOTEBOOKS: {name!r} names {what}; the study has {[p.stem for p in paths]}")
+        chosen.add(found[0])
+    return [p for p in paths if p in chosen], [p for p in paths if p not in chosen]
 
 
 def _start_index(paths: list[Path], start_at: str) -> int:
@@ -197,6 +230,7 @@ def run_study(
     overrides: dict[str, Any] | None = None,
     kernel_name: str = "python3",
     progress: bool = True,
+    dry_run: bool = False,
 ) -> pd.DataFrame:
     """Execute the study's notebooks with a profile's parameters; return wall times (notebook, seconds, status).
 
@@ -224,8 +258,16 @@ def run_study(
     and the named one and all after it run. Stops at the first failing notebook with StudyFailed.
 
     Status per notebook: ``ok`` (ran now), ``up to date`` (skipped; seconds of its last run),
-    ``earlier run`` (before ``start_at``) or ``failed``. When every notebook is up to date
-    nothing runs and timings.csv and README.md are left as they are.
+    ``earlier run`` (before ``start_at``), ``failed`` or ``not in profile``. A profile's
+    ``NOTEBOOKS`` (a list of names such as ``03`` or ``03_indexing``; null: all) picks the notebooks
+    it runs; the others are listed as ``not in profile`` in timings.csv and the README, and a
+    notebook that runs counts only the chosen ones before it as its upstream. ``notebooks``, when
+    given, replaces that choice. When every notebook is up to date nothing runs and timings.csv and
+    README.md are left as they are.
+
+    ``dry_run`` runs the profile's grid with tiny epochs, model and budgets on scaled-down
+    databases (:mod:`vitdsi_utils.runner.dry_run`), into ``reports/<profile>-dry-run`` and
+    ``data/runs/<profile>-dry-run``; its README lists every parameter it changed.
     """
     params = dict(profile) if isinstance(profile, dict) else load_profile(profile)
     if "DATASET" in params:  # profiles written before these keys existed read their data as before
@@ -240,7 +282,7 @@ def run_study(
     changed = [k for k in dataset_keys if params.get(k) != profile_dataset[k]]
     params = resolve_dataset(params)  # fails here, before any notebook, when the data cannot be read
     name = str(params.get("PROFILE", "custom"))
-    command = f"vitdsi study --profile {name}"
+    command = f"vitdsi study --profile {name}" + (" --dry-run" if dry_run else "")
     folder = name
     if changed:  # another data set than the profile's: its own report and runs folders
         options = {
@@ -252,13 +294,25 @@ def run_study(
         shown = [k for k in dataset_keys if k in changed or (k == "DATASET" and changed)]
         command += "".join(f" {options[k]} {params[k]}" for k in shown if params.get(k) is not None)
         folder = f"{name}-{params['DATASET_NAME']}"
+    dry_changes: list[str] = []
+    if dry_run:  # its own folders, and a subset of the images linked in data/dry-run/
+        folder = f"{name}-dry-run" + folder[len(name) :]
+        params, dry_changes = make_dry_run(params)
+        params = resolve_dataset(params)
     out = Path(out_root) if out_root is not None else settings.reports_dir() / folder
     runs = Path(runs_dir) if runs_dir is not None else settings.data_dir() / "runs" / folder
     params.update(OUT_DIR=str(out.resolve()), RUNS_DIR=str(runs.resolve()))
 
-    paths = [_resolve_notebook(n) for n in notebooks] if notebooks is not None else study_notebooks()
+    if notebooks is not None:
+        paths, left_out = [_resolve_notebook(n) for n in notebooks], []
+    else:
+        paths, left_out = select_notebooks(study_notebooks(), params.get("NOTEBOOKS"))
     first = _start_index(paths, start_at) if start_at else 0
-    _say(progress, f"study '{name}': {len(paths) - first} notebook(s) -> {out}")
+    _say(progress, f"study '{name}'{' (dry run)' if dry_run else ''}: {len(paths) - first} notebook(s) -> {out}")
+    if left_out:
+        _say(progress, f"not in the profile (NOTEBOOKS), not run: {', '.join(p.stem for p in left_out)}")
+    if dry_run:
+        _say(progress, "dry run: " + "; ".join(dry_changes))
     if notebooks is None:
         for orphan in orphan_twins(notebooks_dir()):
             _say(
@@ -302,11 +356,13 @@ def run_study(
             )
         except StudyFailed as error:
             _say(progress, f"{label} FAILED\n{error}")
-            write_timings(out, timings + [{"notebook": path.stem, "seconds": float("nan"), "status": "failed"}])
+            failed = {"notebook": path.stem, "seconds": float("nan"), "status": "failed"}
+            write_timings(out, _in_study_order(timings + [failed], left_out))
             raise
         write_stamp(out, path, inputs, seconds=seconds, products=_products(before, _snapshot(out, runs)))
         timings.append({"notebook": path.stem, "seconds": seconds, "status": "ok"})
         _say(progress, f"{label} done in {seconds:.1f} s")
+    timings = _in_study_order(timings, left_out)
     frame = pd.DataFrame(timings, columns=list(TIMING_COLUMNS))
     if not ran:
         _say(
@@ -316,9 +372,24 @@ def run_study(
         )
         return frame
     frame = write_timings(out, timings)
-    write_readme(out, params, frame, command=command)
+    note = None
+    if dry_run:
+        note = (
+            "**Dry run**: the profile's grid with tiny epochs, model and budgets on scaled-down databases "
+            "(`vitdsi_utils/runner/dry_run.py`); its numbers mean nothing. Changed from the profile:\n\n"
+            + "\n".join(f"- {change}" for change in dry_changes)
+        )
+    write_readme(out, params, frame, command=command, note=note)
     _say(progress, f"study '{name}' done in {time.perf_counter() - study_start:.1f} s; report: {out / 'README.md'}")
     return frame
+
+
+def _in_study_order(timings: list[dict], left_out: list[Path]) -> list[dict]:
+    """``timings`` with a ``not in profile`` row for each notebook the profile leaves out, all in study order."""
+    if not left_out:
+        return timings
+    rows = timings + [{"notebook": p.stem, "seconds": float("nan"), "status": "not in profile"} for p in left_out]
+    return sorted(rows, key=lambda row: row["notebook"])
 
 
 def _say(progress: bool, message: str) -> None:
