@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam notebooks lab demo-shot clean-cache
+.PHONY: venv lint study study-dry-run smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam notebooks lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -27,9 +27,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-## the main job: every notebook of the study, in order, for PROFILE (smoke | cpu | paper) -> reports/$(PROFILE)/
+## the main job: every notebook of the study, in order, for PROFILE (smoke | cpu | paper-cpu | paper) -> reports/$(PROFILE)/
+## (paper-cpu: Table 1 at 160 px on 2 cores, about 2 hours; a rerun resumes where a stopped one stopped)
 study: venv
 	$(BIN)/vitdsi study --profile $(PROFILE)
+
+## PROFILE's grid end to end in minutes: one epoch per phase, a small model, N / 16 and 60 images per class
+## -> reports/$(PROFILE)-dry-run/ (numbers that mean nothing; see docs/study_runner.md, "The dry run")
+study-dry-run: venv
+	OMP_NUM_THREADS=1 $(BIN)/vitdsi study --profile $(PROFILE) --dry-run
 
 smoke: venv
 	$(BIN)/vitdsi study --profile smoke

@@ -39,9 +39,38 @@ def write_notebook(path, *cells: str, parameters: str = 'PROFILE = "x"\nOUT_DIR 
 # Profiles and parameters (no kernel)
 # ------------------------------------------------------------------------------------------
 def test_bundled_profiles_share_their_keys():
-    assert {"smoke", "cpu", "paper"} <= set(known_profiles())
-    keys = {name: set(load_profile(name)) for name in ("smoke", "cpu", "paper")}
-    assert keys["smoke"] == keys["cpu"] == keys["paper"]
+    assert {"smoke", "cpu", "paper", "paper-cpu"} <= set(known_profiles())
+    keys = {name: set(load_profile(name)) for name in known_profiles()}
+    assert all(names == keys["smoke"] for names in keys.values()), keys
+
+
+def test_paper_cpu_profile_is_the_paper_at_160_px_with_a_cpu_budget():
+    paper, ours = load_profile("paper"), load_profile("paper-cpu")
+    same = ("SIZE", "NS", "ID_SCHEMES", "PATCH_SIZE", "DIM", "MLP_DIM", "DEPTH", "HEADS", "DROPOUT", "POS_ENCODING")
+    assert {key: ours[key] for key in same} == {key: paper[key] for key in same}
+    assert ours["SEEDS"] == [0] and ours["BOVW_WORDS"] == 200 and ours["TARGET_ACCURACY"] == 0.99
+    assert ours["RETRIEVAL_EPOCHS"] < paper["RETRIEVAL_EPOCHS"] and ours["MAX_PAIRS_PER_QUERY"] is not None
+    # the best 64 px recipe beside the paper's models, on the same databases
+    assert (ours["IDS_NS"], ours["IDS_SCHEMES"], ours["IDS_TARGETS"]) == (ours["NS"], ["atomic"], "same-class")
+    assert ours["IDS_MULTITASK_EPOCHS"] and not ours["IDS_FINE_TUNE"]
+    run, left_out = select_notebooks(study_notebooks(), ours["NOTEBOOKS"])
+    assert [p.stem[:2] for p in left_out] == ["09", "10", "11", "12", "13"]
+    assert [p.stem[:2] for p in run] == ["01", "02", "03", "04", "05", "06", "07", "08", "14"]
+
+
+def test_notebooks_are_chosen_by_name_or_number(tmp_path):
+    paths = [tmp_path / f"{stem}.py" for stem in ("01_data", "02_bovw", "10_ablations", "11_scale")]
+    assert select_notebooks(paths, None) == (paths, [])
+    run, left_out = select_notebooks(paths, ["11_scale", "01", 2])  # YAML reads an unquoted 02 as 2
+    assert run == [paths[0], paths[1], paths[3]] and left_out == [paths[2]]
+    with pytest.raises(ValueError, match=r"'1' names 2 notebooks"):
+        select_notebooks(paths, ["1"])
+    with pytest.raises(ValueError, match=r"'99' names no notebook; the study has \['01_data'"):
+        select_notebooks(paths, ["99"])
+    with pytest.raises(ValueError, match="lists no notebook"):
+        select_notebooks(paths, [])
+    with pytest.raises(ValueError, match="a list of notebook names"):
+        select_notebooks(paths, "01_data")
 
 
 def test_paper_profile_follows_the_paper():

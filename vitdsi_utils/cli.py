@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--profile",
         default="smoke",
-        help="smoke (minutes, CI), cpu (64 px, about 40 minutes on 2 cores), paper (GPU) "
-        "or a path to a YAML profile (default: smoke)",
+        help="smoke (minutes, CI), cpu (64 px, about 40 minutes on 2 cores), paper-cpu (160 px, Table 1's "
+        "models, about 2.5 hours on 2 cores), paper (GPU) or a path to a YAML profile (default: smoke)",
     )
     study.add_argument(
         "--start-at",
