@@ -13,6 +13,11 @@
 
 Scores are sequence log-probabilities: the sum of the log-probabilities of the content tokens
 and EOS (PAD after EOS costs nothing). Results come back on the CPU.
+
+Under a process group (:mod:`vitdsi_utils.distributed`) :func:`beam_search` is a collective
+call: every process passes the same queries, decodes its share of the query batches and gets
+every process's lists back, identical to what one process computes (each batch is the one a
+single process would decode).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vitdsi_utils import distributed
 from vitdsi_utils.ids.codec import IDCodec, PrefixTrie
 from vitdsi_utils.model.vit import DSIModel
 
@@ -187,9 +193,11 @@ def _search(
     amp: bool | None,
     progress: bool,
     by_memory: bool = True,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the arguments, cut the queries into batches and run ``batch_fn`` on each (see :func:`beam_search`);
-    ``by_memory``: batches sized by :func:`queries_per_batch` (capped by ``batch_size``), else ``batch_size`` queries."""
+    ``by_memory``: batches sized by :func:`queries_per_batch` (capped by ``batch_size``), else ``batch_size`` queries.
+    ``shard``: under a process group, run this process's whole batches only and gather every process's results."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     beam_size = k if beam_size is None else beam_size
@@ -207,24 +215,32 @@ def _search(
     if by_memory:  # as many queries as memory allows, at most batch_size, in batches of equal size
         cap = queries_per_batch(model, codec, widths[-1], device, amp and device.type == "cuda")
         cap = min(cap, batch_size) if batch_size is not None else cap
+        if shard:  # every process must cut the same batches, whatever memory each has free
+            cap = distributed.min_over_ranks(cap)
         per_batch = math.ceil(Q / math.ceil(Q / cap)) if Q else 1
     else:
         per_batch = batch_size or 256
-    scores = torch.full((Q, k), NEG_INF, dtype=torch.float32)
-    rows = torch.full((Q, k), -1, dtype=torch.long)
+    # this process's whole batches (all of them in one process)
+    share = distributed.shard_range(Q, per_batch) if shard else range(0, Q)
+    first, size = share.start, len(share)
+    scores = torch.full((size, k), NEG_INF, dtype=torch.float32)
+    rows = torch.full((size, k), -1, dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
         with _autocast(device, amp):
-            starts = range(0, Q, per_batch)
-            for start in tqdm(starts, desc="beam search", unit="batch", disable=not progress or len(starts) < 2):
-                batch = images[start : start + per_batch].to(device, non_blocking=True)
+            starts = range(first, share.stop, per_batch)
+            show = progress and distributed.is_main() and len(starts) >= 2
+            for start in tqdm(starts, desc="beam search", unit="batch", disable=not show):
+                batch = images[start : min(start + per_batch, share.stop)].to(device, non_blocking=True)
                 s, r = batch_fn(model, batch, codec, trie, widths)
                 n = min(k, s.shape[1])
-                scores[start : start + len(batch), :n] = s[:, :n].float().cpu()
-                rows[start : start + len(batch), :n] = r[:, :n].cpu()
+                scores[start - first : start - first + len(batch), :n] = s[:, :n].float().cpu()
+                rows[start - first : start - first + len(batch), :n] = r[:, :n].cpu()
     finally:
         model.train(was_training)
+    if shard:
+        scores, rows = distributed.gather_rows(scores), distributed.gather_rows(rows)
     return scores, rows
 
 
@@ -240,6 +256,7 @@ def beam_search(
     device: torch.device | str | None = None,
     amp: bool | None = None,
     progress: bool = False,
+    shard: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k distinct valid IDs per query image: uint8 (Q, H, W, 3) -> (scores (Q, k) float32, rows (Q, k) int64).
 
@@ -256,6 +273,12 @@ def beam_search(
     the model in bf16 autocast on CUDA (faster, slightly different scores); None (default): on
     for CUDA, off on the CPU. ``progress`` shows a bar over the query batches (for long runs,
     e.g. IA@1 of a whole large database). Results are on the CPU.
+
+    Under a process group with ``shard=True`` (the default) this is a collective call: every
+    process must call it with the same queries. The query batches are shared out (whole
+    batches, sized alike on every process), and every process returns the lists of all
+    queries, the same as one process would compute. ``shard=False`` decodes every query here
+    (for a call only some processes make).
     """
     return _search(
         _beam_batch,
@@ -268,6 +291,7 @@ def beam_search(
         device=device,
         amp=amp,
         progress=progress,
+        shard=shard,
     )
 
 
@@ -318,6 +342,7 @@ def indexing_accuracy(
     ``images`` are uint8 (N, H, W, 3), array or tensor; ``rows`` their rows in ``codec``
     (default ``0 .. N-1``). With ``device`` the model is moved there first (a model loaded from a
     checkpoint sits on the CPU). The beam search leaves the model's train/eval mode as it was.
+    Under a process group it is a collective call, like :func:`beam_search`: every process gets the same value.
     """
     if device is not None:
         model.to(device)
