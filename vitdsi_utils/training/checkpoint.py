@@ -42,6 +42,8 @@ KIND_ENTRIES = {"dsi": ("codec",), "dense-encoder": (), "ssl-encoder": ("encoder
 # Checkpoints
 # ------------------------------------------------------------------------------------------
 def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    """The random streams a resumed run continues: torch's CPU stream, every CUDA device's (none without
+    CUDA) and the run's own ``generator`` (epoch order, augmentation draws)."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -50,6 +52,9 @@ def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    """Put back the streams of :func:`rng_state`. The CUDA states only where there are as many CUDA devices
+    as when they were saved; elsewhere (another machine, the CPU) they are left out, and the run continues
+    with the CPU and generator streams, which are all a CPU run draws from."""
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
