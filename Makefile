@@ -172,7 +172,7 @@ bench: venv bench-beam
 ## beam search before and after issue 17, side by side (one thread; about 6 min on an idle core), and its
 ## exactness on trained smoke- and cpu-profile models (about 5 min) -> reports/benchmarks/beam_*
 bench-beam: venv
-	$(BIN)/python benchmarks/bench_beam.py --threads 1 --k 10 100
+	$(BIN)/python benchmarks/bench_beam.py --device cpu --threads 1 --k 10 100
 	$(BIN)/python benchmarks/check_beam_exactness.py --threads 1
 
 ## the demo in headless Chromium: pick a query, run it, screenshot -> reports/demo/demo_$(DEMO_PROFILE).png

@@ -9,6 +9,9 @@ are tested through the pure functions that choose, or with torch.cuda's function
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
@@ -325,3 +328,86 @@ def test_no_cuda_states_saved_without_cuda(monkeypatch):
     fake_cuda(monkeypatch, 2, CUDA_STATES)  # resumed on a GPU machine: nothing to restore there
     checkpoint_module.set_rng_state(state, None)
     assert restored == []
+
+
+# ------------------------------------------------------------------------------------------
+# Devices: "auto" everywhere, one resolve function
+# ------------------------------------------------------------------------------------------
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert devices.resolve_device() == devices.resolve_device(None) == torch.device("cuda")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+
+
+def test_one_resolve_function():
+    from vitdsi_utils.baselines import dense
+    from vitdsi_utils.training import config
+
+    assert config.resolve_device is devices.resolve_device  # the old import path still works
+    assert not hasattr(dense, "_resolve_device")
+
+
+def _configs(value):
+    """Every training config (an object with a ``device`` field) inside a spec, found field by field."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if any(f.name == "device" for f in dataclasses.fields(value)):
+            yield value
+        for f in dataclasses.fields(value):
+            yield from _configs(getattr(value, f.name))
+
+
+def test_every_entry_point_defaults_to_auto():
+    from vitdsi_utils.baselines.dense import DenseTrainConfig
+    from vitdsi_utils.baselines.ssl import SSLConfig
+    from vitdsi_utils.demo import QueryDemo
+    from vitdsi_utils.retrieval import latency
+    from vitdsi_utils.retrieval.searchers import DenseRetriever
+    from vitdsi_utils.runs import load_trained
+    from vitdsi_utils.studies import clusters, scale
+    from vitdsi_utils.studies.recipes import STUDIES
+
+    for config in (TrainConfig(), DenseTrainConfig(), SSLConfig()):
+        assert config.device == "auto", type(config).__name__
+    for name, study in STUDIES.items():
+        for config in _configs(study.spec()):
+            assert config.device == "auto", f"{name}: {type(config).__name__}.device is {config.device!r}"
+    functions = [
+        latency.dsi_latency,
+        latency.dsi_latency_rows,
+        latency.dense_latency,
+        latency.dense_latency_rows,
+        scale.latency_table,
+        scale._scale_study,
+        clusters.study_encoders,
+        DenseRetriever.from_checkpoint,
+        QueryDemo.from_run_dir,
+        load_trained,
+    ]
+    for function in functions:
+        assert inspect.signature(function).parameters["device"].default == "auto", function.__qualname__
+
+
+def test_auto_resolves_before_it_is_recorded(monkeypatch):
+    """A latency row names the device the search ran on, never "auto"."""
+    import numpy as np
+
+    from vitdsi_utils.retrieval import latency
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    queries = np.asarray(images_of(2))
+    overrides = dict(patch_size=8, dim=32, mlp_dim=64, depth=1, heads=2)
+    (row,) = latency.dsi_latency_rows(20, queries, [5], model_overrides=overrides, repeats=1, batch_size=2)
+    assert row["ms_per_query"] > 0
+    resolved = []
+    real = decoding.beam_search
+
+    def recording(*args, **kwargs):
+        resolved.append(kwargs["device"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "beam_search", recording)
+    latency.dsi_latency_rows(20, queries, [5], model_overrides=overrides, repeats=1, batch_size=2)
+    assert set(resolved) == {torch.device("cpu")}
