@@ -5,12 +5,16 @@ evaluation and beam search go through the very autocast path CUDA takes; torch.c
 CPU (with the ``aot_eager`` backend, which compiles in seconds); fused Adam exists on the CPU; the
 CUDA branches that only choose something (fused kernels, the RNG states of a checkpoint, ``"auto"``)
 are tested through the pure functions that choose, or with torch.cuda's functions replaced.
+The last test runs ``benchmarks/gpu_run.py --dry-run`` and reads what it writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +32,7 @@ from vitdsi_utils.training.tasks import IndexingTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
 #: bf16 keeps 8 bits of mantissa: a tiny model's loss moves by a few thousandths, a beam score (a sum of
 #: three log-probabilities) by about 0.01; these bounds leave room above what was measured.
@@ -411,3 +416,92 @@ def test_auto_resolves_before_it_is_recorded(monkeypatch):
     monkeypatch.setattr(latency, "beam_search", recording)
     latency.dsi_latency_rows(20, queries, [5], model_overrides=overrides, repeats=1, batch_size=2)
     assert set(resolved) == {torch.device("cpu")}
+
+
+# ------------------------------------------------------------------------------------------
+# benchmarks/gpu_run.py --dry-run
+# ------------------------------------------------------------------------------------------
+def load_gpu_run():
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "benchmarks" / "gpu_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_run_refuses_a_machine_without_gpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_gpu_run().main(["--out", str(tmp_path / "gpu")]) == 2
+    assert "--dry-run" in capsys.readouterr().out and not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.slow
+def test_gpu_run_dry_run_writes_every_table(tmp_path):
+    out = tmp_path / "gpu"
+    assert load_gpu_run().main(["--dry-run", "--out", str(out)]) == 0
+    results = json.loads((out / "gpu_run.json").read_text())
+    assert results["dry_run"] is True
+    assert {"torch", "python", "torch_device"} <= results["environment"].keys()
+    assert set(results["seconds"]) == {"train", "decode", "cell", "total"}
+    # training: the three variants, timed, with their checks
+    train_rows = results["train"]["rows"]
+    assert [r["variant"] for r in train_rows] == ["fp32", "bf16", "bf16+compile"]
+    assert [r["compile"] for r in train_rows] == [False, False, "aot_eager"]
+    assert all(r["examples_per_s"] > 0 and r["losses_finite"] for r in train_rows)
+    assert results["train"]["checks"] == {"losses_finite": True, "bf16_first_loss_close": True}
+    # decoding: fp32 and bf16, every N and k
+    decode = {(r["precision"], r["n"], r["k"]) for r in results["decode"]["rows"]}
+    assert decode == {(p, n, k) for p in ("fp32", "bf16") for n in (64, 256) for k in (10, 100)}
+    assert all(r["ms_per_query"] > 0 for r in results["decode"]["rows"])
+    # the cell: both models scored, the caps said
+    cell = results["cell"]
+    assert (cell["profile"], cell["ids"], cell["seed"]) == ("smoke", "clustered", 0)
+    assert set(cell["metrics"]) == {"DSI zero-shot", "DSI fine-tuned"}
+    assert {"IA@1", "mAP@10", "P@10", "R@100"} <= cell["metrics"]["DSI zero-shot"].keys()
+    assert cell["capped"] == {"index": True, "fine_tune": True}  # by --dry-run's caps, not by time
+    assert cell["time_capped"] == {"index": False, "fine_tune": False}
+    assert cell["phases"]["DSI zero-shot"]["epochs"] == 1
+    readme = (out / "README.md").read_text()
+    for heading in ("## Training throughput", "## Beam-search latency against N", "## One cell", "## Environment"):
+        assert heading in readme
+    assert "dry run" in readme and "indexing capped at 1 epoch (profile: 40) by request" in readme
+    for header in ("| variant", "| precision", "| model", "bf16+compile"):
+        assert header in readme
+
+
+@pytest.fixture
+def smoke_cell():
+    """The dry run's cell: the smoke profile's database of digits (N = 200, clustered IDs) and a tiny model."""
+    from vitdsi_utils.data.database import database_with_ids
+    from vitdsi_utils.data.images import load_images
+
+    db, assignment = database_with_ids(load_images("digits", 32, progress=False), 200, "clustered", seed=0)
+    overrides = dict(patch_size=8, dim=32, mlp_dim=64, depth=1, heads=2)
+    config = quiet(epochs=4, batch_size=16, target_accuracy=1.0, stop_metric="eval")
+    return db, assignment.codec, overrides, config
+
+
+def test_gpu_run_indexes_in_chunks_that_fit_the_time(monkeypatch, tmp_path, smoke_cell):
+    """Raising the cap chunk by chunk trains the model a single run to the last cap trains; no time: one chunk."""
+    from vitdsi_utils.phases import index_database
+
+    gpu_run = load_gpu_run()
+    monkeypatch.setattr(gpu_run, "FIRST_INDEX_CHUNK", 1)
+    db, codec, overrides, config = smoke_cell
+    zero, cut = gpu_run.index_within(db, codec, overrides, config, str(tmp_path / "chunks"), seconds=1e9)
+    assert not cut and (zero.epochs, zero.epoch_cap, zero.reached_target) == (4, 4, False)  # caps 1, 2, 4
+    straight = index_database(db, model_overrides=overrides, config=config, run_dir=tmp_path / "straight", codec=codec)
+    assert same_weights(zero.model, straight.model)
+    zero, cut = gpu_run.index_within(db, codec, overrides, config, str(tmp_path / "hurried"), seconds=0.0)
+    assert cut and zero.epochs == 1
+
+
+def test_gpu_run_fits_the_retrieval_epochs_to_the_time_left(smoke_cell):
+    from vitdsi_utils.phases import index_database
+
+    db, codec, overrides, config = smoke_cell
+    zero = index_database(db, model_overrides=overrides, config=config, codec=codec)
+    cap = load_gpu_run().retrieval_cap
+    assert cap(db, zero, config, 75, seconds=1e9) == 75
+    assert cap(db, zero, config, 75, seconds=0.0) == 1  # at least one epoch
+    some = cap(db, zero, config, 10_000, seconds=60.0)
+    assert 1 < some < 10_000 and cap(db, zero, config, 10_000, seconds=120.0) >= 2 * some
