@@ -50,6 +50,7 @@ from vitdsi_utils import distributed, metrics
 from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
 from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
 from vitdsi_utils.training.config import PlainConfig, check_int, check_number
@@ -284,12 +285,6 @@ class DenseTrainConfig(PlainConfig):
         self.margin = check_number("margin (a cosine similarity)", self.margin, -1, 1)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
     labels = torch.as_tensor(np.asarray(labels)).long().flatten()
     if len(labels) != n:
@@ -367,7 +362,7 @@ def train_dense(
     checkpoint's folder is locked while this runs (:func:`~vitdsi_utils.training.engine.run_training`).
     """
     config = config or DenseTrainConfig()
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     images = _as_image_tensor(images, model.config)
     labels = _labels_tensor(labels, len(images))
     if len(images) < 2:

@@ -36,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitdsi_utils import distributed
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
 from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
-from vitdsi_utils.training.config import PlainConfig, check_int, check_number, resolve_device
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, differences

@@ -43,7 +43,8 @@ KIND_ENTRIES = {"dsi": ("codec",), "dense-encoder": (), "ssl-encoder": ("encoder
 # Checkpoints
 # ------------------------------------------------------------------------------------------
 def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
-    """The RNG streams a checkpoint keeps: torch's global CPU and CUDA states and the run's generator.
+    """The random streams a resumed run continues: torch's CPU stream, every CUDA device's (none without
+    CUDA) and the run's own ``generator`` (epoch order, augmentation draws).
 
     Under a process group the CUDA states are left out: reading them would touch (and create a
     context on) every GPU from every process, and a data-parallel run reseeds torch's RNG every
@@ -58,7 +59,9 @@ def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
-    """Put the streams of :func:`rng_state` back (the CUDA ones only in one process, on as many GPUs)."""
+    """Put back the streams of :func:`rng_state`. The CUDA states only in one process and where there are
+    as many CUDA devices as when they were saved; elsewhere (another machine, the CPU, a process group)
+    they are left out, and the run continues with the CPU and generator streams."""
     torch.set_rng_state(state["torch"].cpu())
     cuda = torch.cuda.is_available() and not distributed.active()
     if state.get("cuda") and cuda and len(state["cuda"]) == torch.cuda.device_count():

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vitdsi_utils import distributed
+from vitdsi_utils.devices import autocast, compile_model, optimizer_kwargs, resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIModel
@@ -46,7 +45,7 @@ from vitdsi_utils.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, resume_differences
@@ -106,12 +105,8 @@ def _summaries(sums: torch.Tensor, names: list[str]) -> dict[str, dict[str, floa
     return out
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-
-
 @torch.no_grad()
-def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: bool) -> torch.Tensor:
+def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: bool | str) -> torch.Tensor:
     """Per-task sums (n_tasks, 5) of :func:`_batch_stats` over the pool, in eval mode.
 
     Under a process group each process scores its share of the examples and the sums are added
@@ -125,7 +120,7 @@ def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: 
         for start in range(share.start, share.stop, batch_size):
             ids = torch.arange(start, min(start + batch_size, share.stop), device=pool.device)
             images, inputs, targets, task = pool.batch(ids)
-            with _autocast(pool.device, amp):
+            with autocast(pool.device, amp):
                 logits = model(images, inputs)
             sums.index_add_(0, task, _batch_stats(logits, targets, token_losses(logits, targets, pad), pad))
     finally:
@@ -134,9 +129,12 @@ def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: 
 
 
 def evaluate(
-    model: DSIModel, codec: IDCodec, tasks: Any, *, batch_size: int = 256, amp: bool = True
+    model: DSIModel, codec: IDCodec, tasks: Any, *, batch_size: int = 256, amp: bool | str = True
 ) -> dict[str, dict[str, float]]:
-    """Teacher-forced loss / token_acc / seq_acc per task (and "all"), in eval mode, on the model's device."""
+    """Teacher-forced loss / token_acc / seq_acc per task (and "all"), in eval mode, on the model's device.
+
+    ``amp`` as :attr:`TrainConfig.amp` (:func:`vitdsi_utils.devices.autocast`).
+    """
     pool = Pool(as_tasks(tasks), codec, model.device)
     return _summaries(_evaluate_pool(model, pool, codec.pad, batch_size, amp), pool.names)
 
@@ -144,12 +142,15 @@ def evaluate(
 # ------------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------------
-def make_optimizer(model: DSIModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, or AdamW when weight_decay > 0; fused kernels on CUDA."""
-    fused = {"fused": True} if model.device.type == "cuda" else {}
+def make_optimizer(model: DSIModel, config: TrainConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Adam, or AdamW when weight_decay > 0; fused kernels on CUDA (:func:`vitdsi_utils.devices.optimizer_kwargs`).
+
+    ``fused`` overrides that choice (torch has fused Adam on the CPU too), for tests and benchmarks.
+    """
+    options = optimizer_kwargs(model.device) if fused is None else ({"fused": True} if fused else {})
     if config.weight_decay > 0:
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **options)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, **options)
 
 
 def epoch_counts(pool: Pool, mix_ratio: float | None) -> dict[str, int] | None:
@@ -293,13 +294,8 @@ class _DSIObjective:
         self.val_pool = Pool(val_tasks, codec, device) if val_tasks else None
         self.counts = epoch_counts(self.pool, mix_ratio)
         self.stop_pool: Pool | None = None  # the stop task alone, built on the first eval-mode check
-        self.step_model: torch.nn.Module = model
-        self.compiled = False
-        if config.compile:
-            if device.type == "cuda":
-                self.step_model, self.compiled = torch.compile(model), True
-            else:
-                warnings.warn("TrainConfig.compile only applies on CUDA; training uncompiled", stacklevel=3)
+        # the model compiled or not (TrainConfig.compile), on any device; it shares the model's weights
+        self.step_model: torch.nn.Module = compile_model(model, config.compile)
         self.wrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (DDP wrapper, what steps call)
         self.sums = torch.zeros(len(self.names), 5, dtype=torch.float64, device=device)
 
@@ -308,7 +304,7 @@ class _DSIObjective:
         if model is self.model:
             return self.step_model
         if self.wrapped is None or self.wrapped[0] is not model:
-            self.wrapped = (model, torch.compile(model) if self.compiled else model)
+            self.wrapped = (model, compile_model(model, self.config.compile))
         return self.wrapped[1]
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
@@ -326,7 +322,7 @@ class _DSIObjective:
             tokens = (targets != pad).sum().clamp_min(1)  # the global batch's, which the loss is a mean over
             part = distributed.shard_slice(len(batch))
             images, inputs, targets, task = images[part], inputs[part], targets[part], task[part]
-        with _autocast(self.pool.device, self.config.amp):
+        with autocast(self.pool.device, self.config.amp):
             logits = self._train_forward(model)(images, inputs)  # (B, L, V)
         losses = token_losses(logits, targets, pad, self.config.label_smoothing)  # (B, L)
         # summed on the device: no host sync inside the epoch
