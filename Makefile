@@ -16,7 +16,7 @@ endif
 PROFILE ?= cpu
 DEMO_PROFILE ?= smoke
 
-.PHONY: venv lint study study-dry-run smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam notebooks lab demo-shot clean-cache
+.PHONY: venv lint study study-dry-run smoke bovw vlad dsi dsi-multitask ablations dense dsi-dense-init dsi-dense-init-sameclass tune-dense-init tune-patch8 dsi-patch8 dsi-patch8-semantic pretrain scale scale-all scale-latency scale-gpu incremental test test-fast bench bench-beam gpu-run notebooks lab demo-shot clean-cache
 
 venv: $(STAMP)
 
@@ -178,8 +178,15 @@ bench: venv bench-beam
 ## beam search before and after issue 17, side by side (one thread; about 6 min on an idle core), and its
 ## exactness on trained smoke- and cpu-profile models (about 5 min) -> reports/benchmarks/beam_*
 bench-beam: venv
-	$(BIN)/python benchmarks/bench_beam.py --threads 1 --k 10 100
+	$(BIN)/python benchmarks/bench_beam.py --device cpu --threads 1 --k 10 100
 	$(BIN)/python benchmarks/check_beam_exactness.py --threads 1
+
+## the GPU check: training throughput of the paper's model (fp32, bf16, bf16 + torch.compile), beam-search latency
+## against N and one cell of the paper's grid end to end, in under 10 min on one H200 -> reports/gpu/
+## (GPU_RUN_ARGS=--dry-run: every step on the CPU with tiny sizes, in under a minute -> reports/gpu-dry-run/)
+GPU_RUN_ARGS ?=
+gpu-run: venv
+	$(BIN)/python benchmarks/gpu_run.py $(GPU_RUN_ARGS)
 
 ## the demo in headless Chromium: pick a query, run it, screenshot -> reports/demo/demo_$(DEMO_PROFILE).png
 ## (runs the DEMO_PROFILE study first when its models are missing; needs `apt-get install chromium`)

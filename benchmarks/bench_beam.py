@@ -1,6 +1,6 @@
 """Beam search before and after issue 17, side by side: milliseconds per query of top-k retrieval.
 
-    .venv/bin/python benchmarks/bench_beam.py --threads 1          # the default cases, a few minutes on one idle core
+    .venv/bin/python benchmarks/bench_beam.py --device cpu --threads 1   # the default cases, a few minutes on one idle core
     .venv/bin/python benchmarks/bench_beam.py --device cuda --queries 512
 
 For each case (image size, N) one DSI of the paper's size (DSIConfig defaults: dim 128, MLP 256,
@@ -39,12 +39,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdsi_utils import settings
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.environment import describe_machine, machine_info
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import beam_search, beam_search_reference
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.training.config import resolve_device
 
 IMPLEMENTATIONS = {"reference": beam_search_reference, "incremental": beam_search}
 TOLERANCE = 1e-5  #: scores of the two implementations agree to this
@@ -132,7 +132,7 @@ def time_case(size: int, n: int, k: int, queries: torch.Tensor, args, device: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="image_size:N pairs, e.g. 160:512 64:13394")
     parser.add_argument("--k", type=int, nargs="+", default=[100], help="IDs returned per query (beam = k)")
     parser.add_argument("--queries", type=int, default=None, help="queries in the timed batch (cpu 32, cuda 512)")

@@ -34,12 +34,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vitdsi_utils import settings
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.environment import describe_machine, machine_info
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.loop import fit
 from vitdsi_utils.training.tasks import IndexingTask
 
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs / decoding calls; the best is reported")
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile for training (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) for training")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="folder (default reports/benchmarks/)")
     args = parser.parse_args()

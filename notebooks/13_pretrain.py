@@ -71,7 +71,8 @@ from vitdsi_utils.data.images import dataset_name
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.baselines.ssl import SSLConfig
-from vitdsi_utils.studies.pretrain import indexing_epochs_summary, pretrain_figure, pretrain_study
+from vitdsi_utils.studies.pretrain import pretrain_study
+from vitdsi_utils.studies.pretrain_report import indexing_epochs_summary, pretrain_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.training.config import TrainConfig
 

@@ -128,7 +128,7 @@ def test_coco_cache_skips_parsing_and_decoding_until_the_annotations_change(coco
     decoded = []
     real_load_image = load_image
     monkeypatch.setattr(
-        "vitdsi_utils.data.images.load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k)
+        "vitdsi_utils.data.decode.load_image", lambda *a, **k: decoded.append(a) or real_load_image(*a, **k)
     )
 
     def no_parse(*args, **kwargs):

@@ -94,7 +94,7 @@ def test_cache_is_reused_and_keyed_by_settings(image_tree, monkeypatch):
     calls = []
     real_load_image = load_image
     monkeypatch.setattr(
-        "vitdsi_utils.data.images.load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k)
+        "vitdsi_utils.data.decode.load_image", lambda *a, **k: calls.append(a) or real_load_image(*a, **k)
     )
     second = load_images("folder", 32, root=image_tree, progress=False)
     assert calls == [], "decoded again despite the cache"

@@ -27,7 +27,7 @@ from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.model import vit
 from vitdsi_utils.reports.paper import table1_markdown
 from vitdsi_utils.reports.tables import UNINFORMATIVE_NOTE, metric_cell, write_table
-from vitdsi_utils.studies.pretrain import indexing_epochs_summary
+from vitdsi_utils.studies.pretrain_report import indexing_epochs_summary
 
 
 # ------------------------------------------------------------------------------------------

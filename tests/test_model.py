@@ -132,9 +132,12 @@ def test_sinusoidal_table_is_a_moving_buffer():
     assert model.pos_embed.dtype == torch.float64
     model.to("meta")  # any device move takes the buffers along; meta needs no accelerator
     assert model.pos_embed.device.type == "meta" and model.causal_mask.device.type == "meta"
-    if torch.cuda.is_available():
-        cuda_model = DSIModel(tiny_config()).cuda()
-        assert cuda_model.pos_embed.is_cuda and cuda_model.patch_embed.scale.is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_buffers_move_to_cuda():
+    cuda_model = DSIModel(tiny_config()).cuda()
+    assert cuda_model.pos_embed.is_cuda and cuda_model.patch_embed.scale.is_cuda
 
 
 def test_load_encoder_copies_a_dense_encoder_and_leaves_the_decoder():

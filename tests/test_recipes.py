@@ -352,8 +352,8 @@ def test_spec_defaults_are_the_old_cli_defaults():
         64,
         (512,),
         100,
-        "cpu",
-        False,
+        "auto",
+        True,
     )
     incremental = IncrementalSpec()
     assert (incremental.ns, incremental.index.epochs, incremental.finetune_epochs) == ((1024,), 200, 40)

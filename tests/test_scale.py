@@ -218,7 +218,7 @@ def test_scale_spec_passes_the_stop_rule():
 
     config = build_spec(ScaleSpec, {"index": {"stop_metric": "eval", "batch_size": 128}}).index
     assert (config.stop_metric, config.batch_size) == ("eval", 128)
-    assert (config.epochs, config.device, config.amp) == (100, "cpu", False)  # the study's defaults stay
+    assert (config.epochs, config.device, config.amp) == (100, "auto", True)  # the study's defaults stay
     assert build_spec(ScaleSpec, {}).index.stop_metric == "ia"
 
 

@@ -2,21 +2,35 @@
 
 ``vitdsi run RECIPE [--set KEY=VALUE ...]`` runs a study from a recipe (``recipes/*.yaml``, see
 :mod:`vitdsi_utils.studies.recipes`); ``vitdsi recipes`` lists them; ``vitdsi study --profile NAME`` runs the
-notebooks; ``vitdsi data`` writes the databases' manifests.
+notebooks; ``vitdsi data`` writes the databases' manifests; ``vitdsi train`` trains and scores one DSI
+cell of a profile, in one process or data-parallel under ``torchrun`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
-from vitdsi_utils import settings
-from vitdsi_utils.data.database import build_database
+import pandas as pd
+
+from vitdsi_utils import distributed, settings
+from vitdsi_utils.atomic import write_json
+from vitdsi_utils.data.database import build_database, database_with_ids
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.locks import RunFolderBusy
+from vitdsi_utils.phases import PhaseResult
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
+from vitdsi_utils.runner.profiles import load_profile
 from vitdsi_utils.runner.run import StudyFailed, run_study
+from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies.dsi import DSISpec, run_experiment
 from vitdsi_utils.studies.recipes import dump_runs, list_recipes, load_recipe, run_recipe
+from vitdsi_utils.studies.specs import spec_from_profile
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,6 +124,96 @@ def _cmd_study(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+
+    device = distributed.init_distributed(args.device)  # a process group when torchrun started several
+    try:
+        return _train_cell(args, device)
+    finally:
+        distributed.close_distributed()
+
+
+#: The metrics the train command prints.
+_SHOWN_METRICS = ["IA@1", "IA@5", "mAP@10", "P@10", "R@100"]
+
+
+def _train_cell(args: argparse.Namespace, device: Any) -> int:
+    """Index one database of the profile, score it, fine-tune, score again; rank 0 writes the JSON summary."""
+    params = load_profile(args.profile)
+    spec = spec_from_profile(DSISpec, params, ignore_unknown=True)
+    n = args.n if args.n is not None else spec.ns[0]
+    ids = args.ids or spec.schemes[0]
+    seed = args.seed if args.seed is not None else spec.seeds[0]
+    k = args.k if args.k is not None else int(params.get("K", 100))
+    show = not args.quiet and distributed.is_main()
+    # the seed draws the database and seeds both phases, as in the notebooks 03 and 04
+    runtime = {"seed": seed, "device": str(device), "progress": show}
+    index_config = dataclasses.replace(spec.index, **runtime)
+    retrieval_config = dataclasses.replace(spec.fine_tune, **runtime) if spec.fine_tune is not None else None
+    with distributed.main_first():  # rank 0 decodes the images into the cache, then the others read it
+        image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations, progress=show)
+    db, assignment = database_with_ids(image_set, n, ids, seed=seed)
+    name = run_name(db, assignment.tag)
+    run_dir = Path(args.run_dir) if args.run_dir else settings.data_dir() / "runs" / str(params["PROFILE"]) / name
+    experiment = run_experiment(
+        db,
+        model_overrides=spec.model.overrides(),
+        index_config=index_config,
+        retrieval_config=retrieval_config,
+        fine_tune_phase=retrieval_config is not None,
+        run_dir=run_dir,
+        k=k,
+        max_pairs_per_query=spec.max_pairs_per_query,
+        codec=assignment.codec,
+        ids=ids,
+        targets=spec.targets,
+        index_views=spec.index_views,
+        view_min_crop=spec.view_min_crop,
+        consolidate=spec.consolidate,
+    )
+    summary = {
+        "profile": params["PROFILE"],
+        "run": name,
+        "n": n,
+        "ids": ids,
+        "seed": seed,
+        "k": k,
+        "processes": distributed.world_size(),
+        "device": str(device),
+        "run_dir": str(run_dir),
+        "zero_shot": _phase_summary(experiment.zero_shot, experiment.table, ZERO_SHOT),
+    }
+    if experiment.fine_tuned is not None:
+        summary["fine_tuned"] = _phase_summary(experiment.fine_tuned, experiment.table, FINE_TUNED)
+    path = Path(args.summary) if args.summary else run_dir / "summary.json"
+    distributed.on_main(write_json, path, summary)
+    if distributed.is_main():
+        shown = experiment.table[experiment.table["metric"].isin(_SHOWN_METRICS)]
+        table = shown.pivot_table(index="model", columns="metric", values="value", sort=False)
+        print(table[[m for m in _SHOWN_METRICS if m in table.columns]].round(3).to_string())
+        print(f"{distributed.world_size()} process(es) on {device}; summary: {path}")
+    return 0
+
+
+def _phase_summary(phase: PhaseResult, table: pd.DataFrame, model: str) -> dict[str, Any]:
+    """Epochs, stop rule, training time and every metric (value and 95% interval) of one trained model."""
+
+    def number(value: Any) -> float | None:  # NaN (an undefined metric) as JSON null
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    rows = table[table["model"] == model]
+    return {
+        "epochs": phase.epochs,
+        "reached_target": phase.reached_target,
+        "train_s": phase.seconds,
+        "loaded": phase.loaded,
+        "metrics": {
+            row.metric: {"value": number(row.value), "ci_low": number(row.ci_low), "ci_high": number(row.ci_high)}
+            for row in rows.itertuples()
+        },
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +319,38 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--runs", default=None, help="trained-model folder (default: data/runs/<profile>)")
     study.add_argument("--quiet", action="store_true", help="no progress output")
     study.set_defaults(func=_cmd_study)
+
+    train = commands.add_parser(
+        "train",
+        help="train and score one DSI cell of a profile (indexing, zero-shot, fine-tuning, fine-tuned); "
+        "data-parallel under torchrun",
+        description="Index one database of a profile until its target, score it, fine-tune it on retrieval "
+        "pairs and score it again; print the metrics and write a JSON summary. It runs alike in one process "
+        "and under torchrun: torchrun --standalone --nproc_per_node=P -m vitdsi_utils train ... shares every "
+        "batch out over P processes (docs/distributed.md).",
+    )
+    train.add_argument("--profile", default="smoke", help="smoke, cpu, paper or a YAML profile path (default: smoke)")
+    train.add_argument("--n", type=int, default=None, help="database size N (default: the profile's first)")
+    train.add_argument("--ids", default=None, choices=CODEC_SCHEMES, help="ID scheme (default: the profile's first)")
+    train.add_argument(
+        "--seed", type=int, default=None, help="database draw and training seed (default: the profile's first)"
+    )
+    train.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="checkpoints and trained models; an interrupted run resumes there (default: "
+        "data/runs/<profile>/<run name>, the study runner's folder)",
+    )
+    train.add_argument("--k", type=int, default=None, help="length of the ranked lists (default: the profile's K)")
+    train.add_argument(
+        "--device",
+        default="auto",
+        help="auto (under torchrun: cuda:LOCAL_RANK with GPUs; else cuda if available, else cpu) or a torch device",
+    )
+    train.add_argument("--summary", default=None, metavar="JSON", help="summary file (default: <run dir>/summary.json)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

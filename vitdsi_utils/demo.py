@@ -27,6 +27,7 @@ from PIL import Image
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.data.files import describe_read_error, load_image
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
@@ -34,7 +35,6 @@ from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DSISearcher, Searcher
 from vitdsi_utils.runs import find_run_dir, run_name
 from vitdsi_utils.training.checkpoint import load_model
-from vitdsi_utils.training.config import resolve_device
 
 #: Any aspect ratio is accepted for an uploaded image: it is centre-cropped like the database images.
 UPLOAD_ASPECT_RANGE = (1e-6, 1e6)

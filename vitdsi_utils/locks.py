@@ -13,6 +13,13 @@ first is done it finds the finished model and loads it. How long it waits is
 ``timeout`` argument; after that it raises :class:`RunFolderBusy`. The lock is re-entrant
 within a thread (a study that holds it may call a phase that takes it again), and two threads
 of one process contend for it like two processes.
+
+Under a process group (``torchrun``, :mod:`vitdsi_utils.distributed`) the processes of one job
+are one run: every process enters the lock at the same point, rank 0 alone takes the OS lock for
+all of them (the others wait until it holds it, and raise :class:`RunFolderBusy` with it when it
+gives up), and rank 0 releases it only once every process has left the ``with`` block. Were
+each process to take the lock itself, the second would wait for the first, which waits for
+the second at its next collective: a deadlock.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from vitdsi_utils import settings
+from vitdsi_utils import distributed, settings
 
 #: The lock file every run folder gets, and the note beside it that names the holder.
 LOCK_NAME, OWNER_NAME = ".lock", ".lock.owner.json"
@@ -74,20 +81,57 @@ def run_folder_lock(folder: str | os.PathLike, *, timeout: Any = _WAIT) -> Itera
 
     ``timeout``: seconds to wait for another holder (None: as long as it takes; 0: not at all);
     default ``VITDSI_LOCK_TIMEOUT``. Raises :class:`RunFolderBusy` when the wait times out.
+    Under a process group every process must enter it together; rank 0 holds the lock for all.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     depths: dict[str, int] = _held.__dict__.setdefault("depths", {})
-    if depths.get(key):  # this thread holds it already
+    if depths.get(key):  # this thread holds it already (every process of a group nests alike)
         depths[key] += 1
         try:
             yield folder
         finally:
             depths[key] -= 1
         return
+    grouped = distributed.active()
+    if grouped and not distributed.is_main():
+        refused = distributed.broadcast_object(None)  # rank 0's verdict: None once it holds the lock
+        if refused:
+            raise RunFolderBusy(refused)
+        depths[key] = 1
+        try:
+            yield folder
+        except BaseException:
+            depths.pop(key, None)
+            raise
+        depths.pop(key, None)
+        distributed.barrier()  # rank 0 releases the lock once every process is done in the folder
+        return
     wait = settings.lock_timeout() if timeout is _WAIT else timeout
     lock = FileLock(folder / LOCK_NAME)
+    try:
+        _acquire(lock, folder, wait)
+    except RunFolderBusy as error:
+        if grouped:
+            distributed.broadcast_object(str(error))
+        raise
+    if grouped:
+        distributed.broadcast_object(None)
+    depths[key] = 1
+    _write_owner(folder)
+    try:
+        yield folder
+    except BaseException:
+        _release(lock, folder, depths, key)
+        raise
+    if grouped:
+        distributed.barrier()
+    _release(lock, folder, depths, key)
+
+
+def _acquire(lock: FileLock, folder: Path, wait: float | None) -> None:
+    """Take ``lock`` at once, or wait ``wait`` seconds for it (None: as long as it takes); RunFolderBusy if not."""
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -111,14 +155,12 @@ def run_folder_lock(folder: str | os.PathLike, *, timeout: Any = _WAIT) -> Itera
                 f"{folder} is still in use by another run{who} after waiting {wait:g} s for its lock "
                 f"({folder / LOCK_NAME}); wait for it to finish, or raise {settings.LOCK_TIMEOUT_ENV}"
             ) from None
-    depths[key] = 1
-    _write_owner(folder)
+
+
+def _release(lock: FileLock, folder: Path, depths: dict[str, int], key: str) -> None:
+    depths.pop(key, None)
     try:
-        yield folder
-    finally:
-        depths.pop(key, None)
-        try:
-            (folder / OWNER_NAME).unlink()
-        except OSError:
-            pass
-        lock.release()
+        (folder / OWNER_NAME).unlink()
+    except OSError:
+        pass
+    lock.release()

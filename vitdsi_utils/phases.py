@@ -19,6 +19,7 @@ import torch
 
 from vitdsi_utils.baselines.init import INIT_SOURCES, EncoderInit, init_encoder, resolve_torchvision_file
 from vitdsi_utils.data.database import Database
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.locks import run_folder_lock
@@ -178,7 +179,7 @@ def _reuse_index(
 ) -> PhaseResult | None:
     """The finished indexed model at ``final`` when it was trained for these settings; None when its run
     continues to a higher epoch cap; CheckpointError naming every difference otherwise."""
-    result, meta = _load_final(final, codec, wanted, fingerprint)
+    result, meta = _load_final(final, codec, wanted, fingerprint, config.device)
     checkpoint = run_dir / INDEXING_CHECKPOINT
     reached = meta["extra"].get("reached_target")
     if reached is None and checkpoint.exists():  # saved before this was recorded: its checkpoint knows
@@ -443,7 +444,9 @@ def _reuse_fine_tuned(
     """The finished fine-tuned (or multi-task) model at ``final``; CheckpointError naming every difference
     when it was trained for other settings, options or from another indexed model."""
     parent = fingerprint["parent"]
-    result, meta = _load_final(final, codec, config, {k: v for k, v in fingerprint.items() if k != "parent"})
+    result, meta = _load_final(
+        final, codec, config, {k: v for k, v in fingerprint.items() if k != "parent"}, train.device
+    )
     extra = meta["extra"]
     saved = extra.get("options")
     if saved is None:  # written before options were recorded: only the plain settings existed then
@@ -502,10 +505,15 @@ def fine_tune_options(
     }
 
 
-def _load_final(path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict) -> tuple[PhaseResult, dict[str, Any]]:
-    """(the finished phase at ``path``, its meta); CheckpointError if it was trained for another model,
-    IDs or database. The callers compare its training settings."""
-    model, _, meta = load_model(path, expect_config=config, expect_codec=codec, expect_data=fingerprint)
+def _load_final(
+    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, device: str = "auto"
+) -> tuple[PhaseResult, dict[str, Any]]:
+    """(the finished phase at ``path`` on ``device``, its meta); CheckpointError if it was trained for another
+    model, IDs or database. The callers compare its training settings. The model goes where the phase would
+    have trained it (the training settings' device), so a reused model is evaluated where a fresh one is."""
+    model, _, meta = load_model(
+        path, map_location=resolve_device(device), expect_config=config, expect_codec=codec, expect_data=fingerprint
+    )
     result = PhaseResult(
         model,
         meta["history"],

@@ -12,9 +12,9 @@ from typing import Any
 
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import Database
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.settings import resolve_portable
 from vitdsi_utils.training.checkpoint import load_model
-from vitdsi_utils.training.config import resolve_device
 
 
 def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path | None:

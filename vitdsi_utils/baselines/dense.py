@@ -46,10 +46,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitdsi_utils import metrics
+from vitdsi_utils import distributed, metrics
 from vitdsi_utils.baselines.index import FlatIPIndex
 from vitdsi_utils.data.augment import augment
 from vitdsi_utils.data.relevance import label_relevance
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
 from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
 from vitdsi_utils.training.config import PlainConfig, check_int, check_number
@@ -106,16 +107,26 @@ class DenseEncoder(ViTEncoder):
         return F.normalize(pooled.float(), dim=-1)
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Embeddings (n, D) float32 on the CPU, in eval mode, ``batch_size`` images at a time."""
+    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 256, *, shard: bool = True) -> torch.Tensor:
+        """Embeddings (n, D) float32 on the CPU, in eval mode, ``batch_size`` images at a time.
+
+        Under a process group with ``shard=True`` this is a collective call: every process passes
+        the same images, embeds its whole batches of them and gets all embeddings back, bit for
+        bit those of one process. ``shard=False`` embeds every image here.
+        """
         images = _as_image_tensor(images, self.config)
+        share = distributed.shard_range(len(images), batch_size) if shard else range(0, len(images))
         was_training = self.training
         self.eval()
         try:
-            out = [self(images[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(images), batch_size)]
+            out = [
+                self(images[i : min(i + batch_size, share.stop)].to(self.device)).cpu()
+                for i in range(share.start, share.stop, batch_size)
+            ]
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else torch.empty(0, self.config.dim)
+        embeddings = torch.cat(out) if out else torch.empty(0, self.config.dim)
+        return distributed.gather_rows(embeddings) if shard else embeddings
 
 
 def _as_image_tensor(images: np.ndarray | torch.Tensor, config: ViTConfig) -> torch.Tensor:
@@ -274,12 +285,6 @@ class DenseTrainConfig(PlainConfig):
         self.margin = check_number("margin (a cosine similarity)", self.margin, -1, 1)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _labels_tensor(labels: Any, n: int) -> torch.Tensor:
     labels = torch.as_tensor(np.asarray(labels)).long().flatten()
     if len(labels) != n:
@@ -357,7 +362,7 @@ def train_dense(
     checkpoint's folder is locked while this runs (:func:`~vitdsi_utils.training.engine.run_training`).
     """
     config = config or DenseTrainConfig()
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     images = _as_image_tensor(images, model.config)
     labels = _labels_tensor(labels, len(images))
     if len(images) < 2:
@@ -408,7 +413,16 @@ def train_dense(
 
 
 class _DenseObjective:
-    """Contrastive loss with the entropy regulariser over class-balanced batches of augmented views."""
+    """Contrastive loss with the entropy regulariser over class-balanced batches of augmented views.
+
+    Under a process group the loss couples every pair of the global batch, so it cannot be
+    split into per-shard losses: every process augments the whole global batch (the generator
+    stays in step), embeds its shard, gathers the other shards' embeddings (without their
+    gradient paths) and computes the global batch's loss, with its own rows live. Scaled by the
+    number of processes, DDP's average of the gradients is the gradient of the global loss (see
+    ``docs/distributed.md``). Every process computes the same loss value, so the metric sums need
+    no all-reduce.
+    """
 
     def __init__(
         self,
@@ -431,9 +445,14 @@ class _DenseObjective:
         ids = ids.to(self.data.device)
         c = self.config
         batch = augment(self.data[ids], generator, flip=c.flip, min_crop=c.min_crop)
-        terms = dense_loss(model(batch), self.targets[ids], margin=c.margin, entropy_weight=c.entropy_weight)
+        world = distributed.world_size()
+        if world > 1:  # this shard's embeddings, live among every other shard's
+            embeddings = distributed.gather_rows(model(batch[distributed.shard_slice(len(ids))]), live=True)
+        else:
+            embeddings = model(batch)
+        terms = dense_loss(embeddings, self.targets[ids], margin=c.margin, entropy_weight=c.entropy_weight)
         self.sums += torch.stack([t.detach().double() for t in terms])
-        return terms.total
+        return terms.total * world if world > 1 else terms.total
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         means = (self.sums / max(len(self.batches), 1)).tolist()

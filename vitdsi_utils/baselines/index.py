@@ -8,6 +8,8 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from vitdsi_utils import distributed
+
 BACKENDS = ("auto", "faiss", "torch")
 
 
@@ -16,6 +18,10 @@ FAISS_PIN = "faiss-cpu==1.15.1"  # the version requirements.txt pins
 
 # Queries scored against the database at once by the torch backend, so (queries x database) stays bounded.
 _SEARCH_CHUNK = 1024
+
+#: Queries per block when a search is shared out over a process group: whole blocks go to each process.
+#: It is FAISS's own query block (``distance_compute_blas_query_bs``) and a multiple of the torch chunk.
+SHARD_QUERIES = 4096
 
 
 def faiss_available() -> bool:
@@ -41,6 +47,9 @@ class FlatIPIndex:
     return the same ranking up to ties. ``"faiss"`` insists on FAISS, ``"torch"`` never uses it.
     ``search`` returns ``(D, I)`` in the FAISS convention: scores (Q, k') float32 and rows
     (Q, k') int64, sorted by descending score, with ``k' = min(k, n_db)``.
+
+    Under a process group ``search`` is a collective call (every process passes the same
+    queries; see :meth:`search`).
     """
 
     def __init__(self, vectors: np.ndarray, backend: str = "auto"):
@@ -80,12 +89,26 @@ class FlatIPIndex:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k database rows of each query vector (Q, D) by inner product; see the class docstring."""
+    def search(self, queries: np.ndarray, k: int, *, shard: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k database rows of each query vector (Q, D) by inner product; see the class docstring.
+
+        Under a process group with ``shard=True`` every process searches its blocks of
+        :data:`SHARD_QUERIES` queries and gets every process's results back. The torch backend's
+        results are then bit for bit those of one process; FAISS may round an inner product
+        differently in its last bit when it picks another kernel for fewer queries, so its scores
+        agree to about 1e-6 and its rows up to near-ties. ``shard=False``: search every query here.
+        """
         k = min(check_k(k), len(self))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (Q, {self.dim}), got {queries.shape}")
+        if shard and distributed.active():
+            share = distributed.shard_range(len(queries), SHARD_QUERIES)
+            scores, rows = self._search(queries[share.start : share.stop], k)
+            return distributed.gather_array(scores), distributed.gather_array(rows)
+        return self._search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.backend == "faiss":
             scores, rows = self._faiss.search(queries, k)
             return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)

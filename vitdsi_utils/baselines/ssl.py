@@ -35,9 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitdsi_utils import distributed
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.model.vit import ViTConfig, ViTEncoder
 from vitdsi_utils.training.checkpoint import CheckpointError, read_checkpoint, rng_state, write_checkpoint
-from vitdsi_utils.training.config import PlainConfig, check_int, check_number, resolve_device
+from vitdsi_utils.training.config import PlainConfig, check_int, check_number
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, differences
@@ -360,7 +362,14 @@ def train_ssl(
 
 
 class _InfoNCEObjective:
-    """InfoNCE between two augmented views of every image of a batch (SimCLR)."""
+    """InfoNCE between two augmented views of every image of a batch (SimCLR).
+
+    Under a process group the loss is computed as in :class:`~vitdsi_utils.baselines.dense._DenseObjective`:
+    both views of the whole global batch are drawn on every process, each process encodes its
+    shard of them, the projections of all shards are gathered (this process's own live) and the
+    global batch's loss, times the number of processes, is what DDP averages. Every process
+    computes the same loss and similarities, so the metric sums need no all-reduce.
+    """
 
     def __init__(self, data: torch.Tensor, config: SSLConfig):
         self.data, self.config = data, config
@@ -376,15 +385,23 @@ class _InfoNCEObjective:
     def loss(self, model: torch.nn.Module, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch = self.data[ids.to(self.data.device)]
         v1, v2 = augment_views(batch, generator, self.config), augment_views(batch, generator, self.config)
-        z = model(torch.cat([v1, v2]))
-        z1, z2 = z[: len(ids)], z[len(ids) :]
+        world = distributed.world_size()
+        if world > 1:  # this shard's views encoded, live among every other shard's projections
+            part = distributed.shard_slice(len(ids))
+            local = model(torch.cat([v1[part], v2[part]]))
+            half = len(local) // 2
+            z1 = distributed.gather_rows(local[:half], live=True)
+            z2 = distributed.gather_rows(local[half:], live=True)
+        else:
+            z = model(torch.cat([v1, v2]))
+            z1, z2 = z[: len(ids)], z[len(ids) :]
         loss = info_nce(z1, z2, self.config.temperature)
         with torch.no_grad():
             sim = z1 @ z2.T
             pos = sim.diagonal().mean()
             neg = (sim.sum() - sim.diagonal().sum()) / max(1, sim.numel() - len(ids))
         self.sums += torch.stack([loss.detach(), pos, neg]).double().cpu()
-        return loss
+        return loss * world if world > 1 else loss
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         means = (self.sums / max(1, len(self.batches))).tolist()

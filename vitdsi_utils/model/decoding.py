@@ -13,29 +13,29 @@
 
 Scores are sequence log-probabilities: the sum of the log-probabilities of the content tokens
 and EOS (PAD after EOS costs nothing). Results come back on the CPU.
+
+Under a process group (:mod:`vitdsi_utils.distributed`) :func:`beam_search` is a collective
+call: every process passes the same queries, decodes its share of the query batches and gets
+every process's lists back, identical to what one process computes (each batch is the one a
+single process would decode).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vitdsi_utils import distributed
+from vitdsi_utils.devices import amp_dtype, autocast
 from vitdsi_utils.ids.codec import IDCodec, PrefixTrie
 from vitdsi_utils.model.vit import DSIModel
 
 NEG_INF = float("-inf")
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _resolve(model: DSIModel, device: torch.device | str | None) -> torch.device:
@@ -143,7 +143,8 @@ CUDA_BATCH_SHARE = 0.5
 def beam_bytes_per_query(model: DSIModel, codec: IDCodec, beam_size: int, amp: bool = False) -> int:
     """Rough peak memory (bytes) that one query takes in :func:`beam_search`: the encoder's
     activations, the cross-attention keys and values, the self-attention cache of its
-    ``beam_size`` beams with the gathered prefix, and one step's activations of its beams."""
+    ``beam_size`` beams with the gathered prefix, and one step's activations of its beams.
+    ``amp``: whether the model runs in bf16 (2-byte activations)."""
     c = model.config
     P, D, W, L, V, layers = c.num_patches, c.dim, beam_size, codec.max_length, codec.vocab_size, c.depth
     encoder = P * (6 * D + c.mlp_dim) + c.heads * P * P  # one block's activations at a time
@@ -164,7 +165,7 @@ def queries_per_batch(
 ) -> int:
     """Queries :func:`beam_search` decodes side by side (each with ``beam_size`` beams), sized by memory:
     ``max_bytes`` if given, else :data:`CUDA_BATCH_SHARE` of the free memory of a CUDA device or
-    :data:`CPU_BATCH_BYTES` on the CPU."""
+    :data:`CPU_BATCH_BYTES` on the CPU. ``amp``: whether the model runs in bf16."""
     if max_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -184,12 +185,14 @@ def _search(
     beam_size: int | None,
     batch_size: int | None,
     device: torch.device | str | None,
-    amp: bool | None,
+    amp: bool | str | None,
     progress: bool,
     by_memory: bool = True,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the arguments, cut the queries into batches and run ``batch_fn`` on each (see :func:`beam_search`);
-    ``by_memory``: batches sized by :func:`queries_per_batch` (capped by ``batch_size``), else ``batch_size`` queries."""
+    ``by_memory``: batches sized by :func:`queries_per_batch` (capped by ``batch_size``), else ``batch_size`` queries.
+    ``shard``: under a process group, run this process's whole batches only and gather every process's results."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     beam_size = k if beam_size is None else beam_size
@@ -198,33 +201,41 @@ def _search(
     model.check_codec(codec)
     images = torch.as_tensor(images)
     device = _resolve(model, device)
-    amp = device.type == "cuda" if amp is None else amp
+    half = amp_dtype(device, amp) is not None  # bf16 activations (amp None: on CUDA only)
     trie = codec.trie.to(device)
     widths = beam_widths(trie, codec.max_length, beam_size)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     Q = images.shape[0]
     if by_memory:  # as many queries as memory allows, at most batch_size, in batches of equal size
-        cap = queries_per_batch(model, codec, widths[-1], device, amp and device.type == "cuda")
+        cap = queries_per_batch(model, codec, widths[-1], device, half)
         cap = min(cap, batch_size) if batch_size is not None else cap
+        if shard:  # every process must cut the same batches, whatever memory each has free
+            cap = distributed.min_over_ranks(cap)
         per_batch = math.ceil(Q / math.ceil(Q / cap)) if Q else 1
     else:
         per_batch = batch_size or 256
-    scores = torch.full((Q, k), NEG_INF, dtype=torch.float32)
-    rows = torch.full((Q, k), -1, dtype=torch.long)
+    # this process's whole batches (all of them in one process)
+    share = distributed.shard_range(Q, per_batch) if shard else range(0, Q)
+    first, size = share.start, len(share)
+    scores = torch.full((size, k), NEG_INF, dtype=torch.float32)
+    rows = torch.full((size, k), -1, dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device, amp):
-            starts = range(0, Q, per_batch)
-            for start in tqdm(starts, desc="beam search", unit="batch", disable=not progress or len(starts) < 2):
-                batch = images[start : start + per_batch].to(device, non_blocking=True)
+        with autocast(device, amp):
+            starts = range(first, share.stop, per_batch)
+            show = progress and distributed.is_main() and len(starts) >= 2
+            for start in tqdm(starts, desc="beam search", unit="batch", disable=not show):
+                batch = images[start : min(start + per_batch, share.stop)].to(device, non_blocking=True)
                 s, r = batch_fn(model, batch, codec, trie, widths)
                 n = min(k, s.shape[1])
-                scores[start : start + len(batch), :n] = s[:, :n].float().cpu()
-                rows[start : start + len(batch), :n] = r[:, :n].cpu()
+                scores[start - first : start - first + len(batch), :n] = s[:, :n].float().cpu()
+                rows[start - first : start - first + len(batch), :n] = r[:, :n].cpu()
     finally:
         model.train(was_training)
+    if shard:
+        scores, rows = distributed.gather_rows(scores), distributed.gather_rows(rows)
     return scores, rows
 
 
@@ -238,8 +249,9 @@ def beam_search(
     beam_size: int | None = None,
     batch_size: int | None = 256,
     device: torch.device | str | None = None,
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     progress: bool = False,
+    shard: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k distinct valid IDs per query image: uint8 (Q, H, W, 3) -> (scores (Q, k) float32, rows (Q, k) int64).
 
@@ -253,9 +265,16 @@ def beam_search(
     a step decodes one new token per beam (``model.vit.IncrementalDecoder``). All queries of a batch
     and their beams run as one batch: at most ``batch_size`` queries (None: no cap), fewer where
     memory demands it (:func:`queries_per_batch`; batches are cut to equal sizes). ``amp`` runs
-    the model in bf16 autocast on CUDA (faster, slightly different scores); None (default): on
-    for CUDA, off on the CPU. ``progress`` shows a bar over the query batches (for long runs,
+    the model in bf16 autocast (faster on a GPU, slightly different scores): None (default), True
+    or "auto" on CUDA only, "bf16" on any device (the CPU too), False never
+    (:func:`vitdsi_utils.devices.autocast`); scores are summed in float32 either way. ``progress`` shows a bar over the query batches (for long runs,
     e.g. IA@1 of a whole large database). Results are on the CPU.
+
+    Under a process group with ``shard=True`` (the default) this is a collective call: every
+    process must call it with the same queries. The query batches are shared out (whole
+    batches, sized alike on every process), and every process returns the lists of all
+    queries, the same as one process would compute. ``shard=False`` decodes every query here
+    (for a call only some processes make).
     """
     return _search(
         _beam_batch,
@@ -268,6 +287,7 @@ def beam_search(
         device=device,
         amp=amp,
         progress=progress,
+        shard=shard,
     )
 
 
@@ -281,7 +301,7 @@ def beam_search_reference(
     beam_size: int | None = None,
     batch_size: int | None = 256,
     device: torch.device | str | None = None,
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`beam_search` as it was before issue 17 (the same results, several times slower): each step copies
@@ -318,6 +338,7 @@ def indexing_accuracy(
     ``images`` are uint8 (N, H, W, 3), array or tensor; ``rows`` their rows in ``codec``
     (default ``0 .. N-1``). With ``device`` the model is moved there first (a model loaded from a
     checkpoint sits on the CPU). The beam search leaves the model's train/eval mode as it was.
+    Under a process group it is a collective call, like :func:`beam_search`: every process gets the same value.
     """
     if device is not None:
         model.to(device)
@@ -337,12 +358,13 @@ def score_all_ids(
     *,
     batch_size: int = 4096,
     device: torch.device | str | None = None,
-    amp: bool = False,
+    amp: bool | str = False,
 ) -> torch.Tensor:
     """Exact log-probability of every ID for every query: uint8 (Q, H, W, 3) -> (Q, n_ids) float32 on CPU.
 
     Each query is encoded once; its memory is then paired with chunks of IDs, at most
     ``batch_size`` (query, ID) pairs per decoder pass, each scored in one teacher-forced pass.
+    ``amp`` as in :func:`beam_search`, but off by default: this is the exact oracle.
     """
     model.check_codec(codec)
     images = torch.as_tensor(images)
@@ -357,7 +379,7 @@ def score_all_ids(
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             for q0 in range(0, images.shape[0], encode_batch):
                 memory = model.encode(images[q0 : q0 + encode_batch].to(device, non_blocking=True))  # (b, P, D)
                 for m0 in range(0, memory.shape[0], query_chunk):

@@ -3,7 +3,9 @@
 Each function builds a method for one database (an untrained DSI over ``n`` decimal IDs, whose
 beam search does the same work as a trained one; a BoVW vocabulary; a dense index) and times it
 with :func:`time_per_query`: medians over repeated calls, wall and CPU time per query. The scale
-study (:mod:`vitdsi_utils.studies.scale`) tabulates them against N.
+study (:mod:`vitdsi_utils.studies.scale`) tabulates them against N. The models run on ``device``
+("auto": CUDA when there is one, :func:`vitdsi_utils.devices.resolve_device`); the DSI's beam search
+in float32 unless ``amp`` asks for bf16 (:func:`vitdsi_utils.devices.autocast`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder
 from vitdsi_utils.bovw import BoVW
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
@@ -76,8 +79,8 @@ def dsi_latency(
     beam_size: int | None = None,
     batch_size: int = 64,
     repeats: int = 3,
-    device: str = "cpu",
-    amp: bool = False,
+    device: str | torch.device = "auto",
+    amp: bool | str = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top-k beam-search latency of an untrained DSI over ``n`` decimal IDs: build = codec + trie seconds."""
@@ -104,11 +107,12 @@ def dsi_latency_rows(
     beam_size: int | None = None,
     batch_size: int = 64,
     repeats: int = 3,
-    device: str = "cpu",
-    amp: bool = False,
+    device: str | torch.device = "auto",
+    amp: bool | str = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """:func:`dsi_latency` for every k of ``ks`` (beam ``max(k, beam_size)``) with one model and codec."""
+    device = resolve_device(device)
 
     t0, c0 = time.perf_counter(), time.process_time()
     codec = make_codec(n)
@@ -175,7 +179,7 @@ def dense_latency(
     model_overrides: dict | None = None,
     k: int = 100,
     repeats: int = 3,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top-k latency of an untrained dense encoder + flat inner-product index (FAISS when installed).
@@ -195,10 +199,11 @@ def dense_latency_rows(
     *,
     model_overrides: dict | None = None,
     repeats: int = 3,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """:func:`dense_latency` for every k of ``ks`` with one encoder and index."""
+    device = resolve_device(device)
 
     overrides = {"pooling": "mean", **(model_overrides or {})}
     torch.manual_seed(seed)

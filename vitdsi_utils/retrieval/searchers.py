@@ -19,11 +19,11 @@ from vitdsi_utils.baselines.dense import (
     DenseEncoder,
     DenseTrainConfig,
     _finished,
-    _resolve_device,
     load_dense,
     train_dense,
 )
 from vitdsi_utils.baselines.index import BACKENDS, FlatIPIndex, check_k
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.training.history import History
 
@@ -93,9 +93,10 @@ class DenseRetriever:
         return retriever
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, backend: str = "auto", device: str = "cpu") -> DenseRetriever:
-        """A retriever around the encoder saved at ``path`` (``weights_only`` loading; errors say what to do)."""
-        model, meta = load_dense(path, map_location=_resolve_device(device))
+    def from_checkpoint(cls, path: str | os.PathLike, *, backend: str = "auto", device: str = "auto") -> DenseRetriever:
+        """A retriever around the encoder saved at ``path`` (``weights_only`` loading; errors say what to do),
+        on ``device`` ("auto": CUDA when there is one)."""
+        model, meta = load_dense(path, map_location=resolve_device(device))
         retriever = cls.from_model(model, backend=backend, history=meta["history"])
         retriever.train_config = DenseTrainConfig.from_dict(meta["train_config"]) if meta["train_config"] else None
         retriever.fit_seconds_ = float(sum(row.get("seconds", 0.0) for row in meta["history"]))

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.dense import load_dense
 from vitdsi_utils.clusters import METRIC_LABELS, METRICS, cluster_sizes, elbow_k, sweep
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR, new_figure, readable_class, show_image
 from vitdsi_utils.runs import load_trained
 
@@ -75,9 +76,10 @@ def clusters_markdown(table: pd.DataFrame, k_reference: int, note: str = "") -> 
 
 
 def study_encoders(
-    paths: Any, dbs: Mapping[str, Any], profile: str, dataset: str | None = None, device: str = "cpu"
+    paths: Any, dbs: Mapping[str, Any], profile: str, dataset: str | None = None, device: str = "auto"
 ) -> dict[str, torch.nn.Module]:
-    """The encoders the study trained for these databases: {name: model in eval mode on ``device``}.
+    """The encoders the study trained for these databases: {name: model in eval mode on ``device``}
+    ("auto": CUDA when there is one).
 
     ``dbs`` maps an ID scheme to its database; for each, the zero-shot (notebook 03) and fine-tuned
     (notebook 04) DSI are loaded from ``paths.run_dir(db)``; the dense encoder (notebook 07, one per
@@ -97,7 +99,7 @@ def study_encoders(
             f"{dense_path} does not exist: notebook 07_dense trains it; run `vitdsi study "
             f"--profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at 07_dense`"
         )
-    encoders["Dense"], _ = load_dense(dense_path, map_location=device)
+    encoders["Dense"], _ = load_dense(dense_path, map_location=resolve_device(device))
     return encoders
 
 

@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import Database, build_database
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec, decimal_codes
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
@@ -52,7 +53,7 @@ from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
 from vitdsi_utils.training.checkpoint import CheckpointError, load_model, save_checkpoint
-from vitdsi_utils.training.config import TrainConfig, resolve_device, seed_everything
+from vitdsi_utils.training.config import TrainConfig, seed_everything
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.loop import epoch_counts, fit
 from vitdsi_utils.training.reuse import REUSE_HINT, finished_verdict, weights_digest
@@ -453,9 +454,7 @@ class IncrementalSpec:
     finetune_epochs: int = 40
     model: ModelSpec = field(default_factory=full_model)
     index: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False
-        )
+        default_factory=lambda: TrainConfig(epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99)
     )
 
     #: notebook profile keys (12_incremental) -> spec keys

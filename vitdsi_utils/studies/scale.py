@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from vitdsi_utils.atomic import write_json
 from vitdsi_utils.data.database import Database, balanced_quota
 from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, load_images
+from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES, dense_id_order, make_codec
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.phases import index_database
@@ -142,15 +143,17 @@ def latency_table(
     repeats: int = 3,
     model_overrides: dict | None = None,
     bovw_words: int = 200,
-    device: str = "cpu",
-    amp: bool = False,
+    device: str = "auto",
+    amp: bool | str = False,
     id_scheme: str = "random",
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per (N, method, k): build seconds and median milliseconds per query for a batch of top-``k``
     searches. ``k`` is one list length or several (e.g. ``[10, 100]``: each method is built once per N and
-    timed for every k; the DSI beam is k)."""
+    timed for every k; the DSI beam is k). ``device`` runs the models ("auto": CUDA when there is one; the rows
+    name the device it resolved to), ``amp`` the DSI's beam search (:func:`vitdsi_utils.devices.autocast`)."""
+    device = str(resolve_device(device))
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
@@ -503,8 +506,8 @@ def _scale_study(
     k: int | Sequence[int] = 100,
     repeats: int = 3,
     bovw_words: int = 200,
-    device: str = "cpu",
-    amp: bool = False,
+    device: str = "auto",
+    amp: bool | str = False,
     id_scheme: str = "random",
     seed: int = 0,
     reuse_latency: bool = False,
@@ -518,8 +521,10 @@ def _scale_study(
     when it holds every (N, method, k) at the same query batch, repeats, device and image size (see
     :func:`reusable_latency`), so adding a trained N does not time every search again. With
     ``keep_ia`` nothing is trained: the IA@1 table already in ``out_dir`` (``scale_ia.csv``, if
-    any) is kept as it is and drawn beside the new latency, and ``ia_ns`` is ignored.
+    any) is kept as it is and drawn beside the new latency, and ``ia_ns`` is ignored. ``device`` and ``amp``
+    run the timed searches (see :func:`latency_table`).
     """
+    device = str(resolve_device(device))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -611,9 +616,7 @@ class ScaleSpec:
     ids: str = field(default="random", metadata={"choices": ID_SCHEMES})
     model: ModelSpec = field(default_factory=full_model)
     index: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=100, lr=1e-3, warmup_steps=100, target_accuracy=0.99, device="cpu", amp=False
-        )
+        default_factory=lambda: TrainConfig(epochs=100, lr=1e-3, warmup_steps=100, target_accuracy=0.99)
     )
     queries: int = 64  # queries in the timed batch
     query_batch: int = 64  # queries decoded together by the beam search

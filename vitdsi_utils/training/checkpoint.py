@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitdsi_utils import distributed
 from vitdsi_utils.atomic import atomic_path
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
@@ -42,16 +43,28 @@ KIND_ENTRIES = {"dsi": ("codec",), "dense-encoder": (), "ssl-encoder": ("encoder
 # Checkpoints
 # ------------------------------------------------------------------------------------------
 def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    """The random streams a resumed run continues: torch's CPU stream, every CUDA device's (none without
+    CUDA) and the run's own ``generator`` (epoch order, augmentation draws).
+
+    Under a process group the CUDA states are left out: reading them would touch (and create a
+    context on) every GPU from every process, and a data-parallel run reseeds torch's RNG every
+    epoch anyway (:func:`vitdsi_utils.distributed.epoch_seed`).
+    """
+    cuda = torch.cuda.is_available() and not distributed.active()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if cuda else [],
         "generator": generator.get_state() if generator is not None else None,
     }
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    """Put back the streams of :func:`rng_state`. The CUDA states only in one process and where there are
+    as many CUDA devices as when they were saved; elsewhere (another machine, the CPU, a process group)
+    they are left out, and the run continues with the CPU and generator streams."""
     torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    cuda = torch.cuda.is_available() and not distributed.active()
+    if state.get("cuda") and cuda and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"].cpu())
@@ -118,7 +131,9 @@ def write_checkpoint(
     """Write a checkpoint of ``kind`` atomically; ``entries`` are the kind's own (:data:`KIND_ENTRIES`).
 
     Everything is plain data or tensors, so :func:`read_checkpoint` can use ``weights_only=True``;
-    anything else raises TypeError here, when it is written, not when it is read.
+    anything else raises TypeError here, when it is written, not when it is read. Under a process
+    group every process calls it and rank 0 alone writes; the others wait until the file is there
+    (:func:`vitdsi_utils.distributed.on_main`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {list(KINDS)}")
@@ -137,9 +152,13 @@ def write_checkpoint(
         "extra": _plain(dict(extra or {}), "extra"),
         **{key: _plain(value, key) for key, value in entries.items()},
     }
+    distributed.on_main(_save_atomically, state, path)
+    return Path(path)
+
+
+def _save_atomically(state: dict[str, Any], path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    return Path(path)
 
 
 def save_checkpoint(

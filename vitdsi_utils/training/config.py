@@ -1,4 +1,7 @@
-"""Training settings as plain dataclasses, the device, and the seeds."""
+"""Training settings as plain dataclasses, and the seeds.
+
+:func:`resolve_device` is :func:`vitdsi_utils.devices.resolve_device`, importable from here as before.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+
+from vitdsi_utils.devices import check_amp, check_compile
+from vitdsi_utils.devices import resolve_device as resolve_device  # re-exported: its old home
 
 _C = TypeVar("_C", bound="PlainConfig")
 
@@ -162,8 +168,12 @@ class TrainConfig(PlainConfig):
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     seed: int = 0  # seeds the epoch permutations and torch's RNG (dropout) of a fresh run
     device: str = "auto"  # "auto" (cuda if available, else cpu), or any torch device string
-    amp: bool = True  # bf16 autocast; only on CUDA (CPU stays float32)
-    compile: bool = False  # torch.compile the model; only on CUDA
+    # bf16 autocast (vitdsi_utils.devices): true / "auto" on CUDA only (the CPU stays float32),
+    # "bf16" on any device (the CPU too), false never
+    amp: bool | str = True
+    # torch.compile the model, on any device: false (eager), true (inductor) or a backend's name
+    # (e.g. "aot_eager": traced but no generated kernels, compiles in seconds on a CPU)
+    compile: bool | str = False
     progress: bool = True  # tqdm bar over epochs with loss/accuracy
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
@@ -184,6 +194,8 @@ class TrainConfig(PlainConfig):
         self.label_smoothing = check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         if self.stop_metric not in STOP_METRICS:
             raise ValueError(f"stop_metric must be one of {STOP_METRICS}, got {self.stop_metric!r}")
+        self.amp = check_amp(self.amp)
+        self.compile = check_compile(self.compile)
 
     @classmethod
     def recipe_of(cls, values: dict[str, Any], *, stop_rule: bool = True) -> dict[str, Any]:
@@ -209,13 +221,6 @@ class TrainConfig(PlainConfig):
 
     def recipe(self, *, stop_rule: bool = True) -> dict[str, Any]:
         return type(self).recipe_of(self.to_dict(), stop_rule=stop_rule)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,17 @@ The order of random draws is fixed by this loop: the run's generator is seeded w
 case both streams continue from where they were saved. An epoch draws its batches first, then
 each step draws whatever the objective needs for that batch (augmentations), so a resumed run
 and an uninterrupted one see the same numbers.
+
+**Data parallel.** Under a process group (``torchrun``; :mod:`vitdsi_utils.distributed`) every
+process runs this loop on the same global batches, drawn from the same seeded generator, and
+an objective trains each process on its shard of each batch (:func:`~vitdsi_utils.distributed.shard_slice`)
+with a loss scaled so that the gradients ``DistributedDataParallel`` averages are those of the
+whole batch's loss. The generator advances as in one process, so a checkpoint resumes with any
+number of processes. Torch's global RNG (dropout) is reseeded every epoch from (seed, epoch,
+rank). The objective reports metrics summed over the processes, every process takes rank 0's
+stop decision, rank 0 alone writes checkpoints and shows progress (the others wait), and every
+process reads the checkpoint to resume. One process runs exactly the code it ran before. See
+``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from vitdsi_utils import distributed
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.training.checkpoint import restore_training
 from vitdsi_utils.training.history import History
@@ -45,13 +57,22 @@ class EpochEnd:
 
 
 class Objective(Protocol):
-    """A training task for :func:`run_training`."""
+    """A training task for :func:`run_training`.
+
+    Under a process group, ``epoch_batches`` still returns the global batches (every process
+    draws the same ones), ``loss`` trains this process on its shard of ``batch`` and keeps every
+    draw of ``generator`` the global batch's, and ``end_epoch`` reports metrics of all processes.
+    """
 
     def epoch_batches(self, generator: torch.Generator) -> Sequence[Any]:
         """The batches of one epoch, drawn with ``generator`` (called in train mode, before any step)."""
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """The scalar loss of one batch (the objective keeps the running statistics it reports)."""
+        """The scalar loss of one batch (the objective keeps the running statistics it reports).
+
+        ``model`` is the model to call for the step: the trained model itself, or under a process
+        group its ``DistributedDataParallel`` wrapper.
+        """
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         """Rows for the history of epoch ``epoch`` (1-based) that took ``seconds`` to train, and the stop decision."""
@@ -106,7 +127,11 @@ def run_training(
     With a checkpoint path, the checkpoint's folder is locked from reading the checkpoint to
     writing the last one (:func:`vitdsi_utils.locks.run_folder_lock`): a second run on the same
     folder waits, then resumes from (or finds finished) what the first wrote.
+
+    Under a process group every process calls this with the same arguments; see the module's
+    notes on data parallelism.
     """
+    distributed.warn_if_ungrouped()
     path = Path(checkpoint.path) if checkpoint is not None and checkpoint.path is not None else None
     with run_folder_lock(path.parent) if path is not None else nullcontext():
         return _run_training(
@@ -152,15 +177,21 @@ def _run_training(
         torch.manual_seed(seed)
 
     def save(epoch: int) -> None:
-        checkpoint.save(path, epoch, {"step": step, "stopped": stopped}, generator)
+        # rank 0 writes, the others wait for the file (one process: just the call)
+        distributed.on_main(checkpoint.save, path, epoch, {"step": step, "stopped": stopped}, generator)
 
+    parallel = distributed.active()
+    step_model = distributed.data_parallel(model)  # the model itself in one process
     epoch_range = range(start_epoch, start_epoch if stopped else epochs)
-    bar = tqdm(epoch_range, initial=start_epoch, total=epochs, desc=desc, disable=not progress)
+    show = progress and distributed.is_main()
+    bar = tqdm(epoch_range, initial=start_epoch, total=epochs, desc=desc, disable=not show)
     for epoch in bar:
         t0 = time.perf_counter()
-        model.train()
+        if parallel:  # dropout: a stream per (seed, epoch, rank), the same whatever epoch a run resumed at
+            torch.manual_seed(distributed.epoch_seed(seed, epoch))
+        step_model.train()
         for batch in objective.epoch_batches(generator):
-            loss = objective.loss(model, batch, generator)
+            loss = objective.loss(step_model, batch, generator)
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
@@ -172,7 +203,7 @@ def _run_training(
             step += 1
         end = objective.end_epoch(model, epoch + 1, time.perf_counter() - t0)
         history.extend(end.rows)
-        stopped = end.stop
+        stopped = distributed.broadcast_object(end.stop)  # every process stops where rank 0 does
         bar.set_postfix(end.postfix)
         last = stopped or epoch + 1 == epochs
         if path is not None and ((epoch + 1) % checkpoint.every == 0 or last):

@@ -15,20 +15,27 @@ positions in one teacher-forced pass. Metrics per epoch and task (``History`` ro
 (per non-PAD token), token accuracy (non-PAD positions) and sequence accuracy (every non-PAD
 position right under teacher forcing). Train metrics are running values over the epoch in
 train mode (dropout on), as the paper's training curves are; validation runs in eval mode.
+
+Under a process group (:mod:`vitdsi_utils.distributed`) every process builds each global batch
+(so the targets redrawn and the views augmented are the same everywhere), trains on its shard,
+and divides its shard's token-loss sum by the *global* batch's non-PAD token count times the
+number of processes: DDP averages the gradients, which then equal those of one process on the
+whole batch. The metric sums, the eval-mode stop checks and the validation are sharded over the
+processes and summed, so every process writes the same history and takes the same stop decision.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vitdsi_utils import distributed
+from vitdsi_utils.devices import autocast, compile_model, optimizer_kwargs, resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIModel
@@ -38,7 +45,7 @@ from vitdsi_utils.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vitdsi_utils.training.config import TrainConfig, resolve_device
+from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.engine import Checkpointing, EpochEnd, linear_warmup, run_training
 from vitdsi_utils.training.history import History
 from vitdsi_utils.training.reuse import REUSE_HINT, resume_differences
@@ -98,31 +105,36 @@ def _summaries(sums: torch.Tensor, names: list[str]) -> dict[str, dict[str, floa
     return out
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-
-
 @torch.no_grad()
-def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: bool) -> torch.Tensor:
+def _evaluate_pool(model: DSIModel, pool: Pool, pad: int, batch_size: int, amp: bool | str) -> torch.Tensor:
+    """Per-task sums (n_tasks, 5) of :func:`_batch_stats` over the pool, in eval mode.
+
+    Under a process group each process scores its share of the examples and the sums are added
+    up over the processes, so every process returns the same sums.
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(pool.names), 5, dtype=torch.float64, device=pool.device)
+    share = distributed.shard_range(len(pool))  # range(0, len(pool)) in one process
     try:
-        for start in range(0, len(pool), batch_size):
-            ids = torch.arange(start, min(start + batch_size, len(pool)), device=pool.device)
+        for start in range(share.start, share.stop, batch_size):
+            ids = torch.arange(start, min(start + batch_size, share.stop), device=pool.device)
             images, inputs, targets, task = pool.batch(ids)
-            with _autocast(pool.device, amp):
+            with autocast(pool.device, amp):
                 logits = model(images, inputs)
             sums.index_add_(0, task, _batch_stats(logits, targets, token_losses(logits, targets, pad), pad))
     finally:
         model.train(was_training)
-    return sums
+    return distributed.all_reduce_sum(sums)
 
 
 def evaluate(
-    model: DSIModel, codec: IDCodec, tasks: Any, *, batch_size: int = 256, amp: bool = True
+    model: DSIModel, codec: IDCodec, tasks: Any, *, batch_size: int = 256, amp: bool | str = True
 ) -> dict[str, dict[str, float]]:
-    """Teacher-forced loss / token_acc / seq_acc per task (and "all"), in eval mode, on the model's device."""
+    """Teacher-forced loss / token_acc / seq_acc per task (and "all"), in eval mode, on the model's device.
+
+    ``amp`` as :attr:`TrainConfig.amp` (:func:`vitdsi_utils.devices.autocast`).
+    """
     pool = Pool(as_tasks(tasks), codec, model.device)
     return _summaries(_evaluate_pool(model, pool, codec.pad, batch_size, amp), pool.names)
 
@@ -130,12 +142,15 @@ def evaluate(
 # ------------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------------
-def make_optimizer(model: DSIModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, or AdamW when weight_decay > 0; fused kernels on CUDA."""
-    fused = {"fused": True} if model.device.type == "cuda" else {}
+def make_optimizer(model: DSIModel, config: TrainConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Adam, or AdamW when weight_decay > 0; fused kernels on CUDA (:func:`vitdsi_utils.devices.optimizer_kwargs`).
+
+    ``fused`` overrides that choice (torch has fused Adam on the CPU too), for tests and benchmarks.
+    """
+    options = optimizer_kwargs(model.device) if fused is None else ({"fused": True} if fused else {})
     if config.weight_decay > 0:
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **options)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, **options)
 
 
 def epoch_counts(pool: Pool, mix_ratio: float | None) -> dict[str, int] | None:
@@ -279,13 +294,18 @@ class _DSIObjective:
         self.val_pool = Pool(val_tasks, codec, device) if val_tasks else None
         self.counts = epoch_counts(self.pool, mix_ratio)
         self.stop_pool: Pool | None = None  # the stop task alone, built on the first eval-mode check
-        self.step_model: torch.nn.Module = model
-        if config.compile:
-            if device.type == "cuda":
-                self.step_model = torch.compile(model)
-            else:
-                warnings.warn("TrainConfig.compile only applies on CUDA; training uncompiled", stacklevel=3)
+        # the model compiled or not (TrainConfig.compile), on any device; it shares the model's weights
+        self.step_model: torch.nn.Module = compile_model(model, config.compile)
+        self.wrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (DDP wrapper, what steps call)
         self.sums = torch.zeros(len(self.names), 5, dtype=torch.float64, device=device)
+
+    def _train_forward(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a training step calls: the (compiled) model, or the DDP wrapper the engine passed (compiled alike)."""
+        if model is self.model:
+            return self.step_model
+        if self.wrapped is None or self.wrapped[0] is not model:
+            self.wrapped = (model, compile_model(model, self.config.compile))
+        return self.wrapped[1]
 
     def epoch_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
         self.pool.resample(generator)  # redrawn targets (same-class mode); a no-op for fixed pairs
@@ -294,18 +314,28 @@ class _DSIObjective:
         return list(order.split(self.config.batch_size))
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # the whole global batch is built (augmented views drawn) on every process: the generator stays in step
         images, inputs, targets, task = self.pool.batch(batch, generator)
-        with _autocast(self.pool.device, self.config.amp):
-            logits = self.step_model(images, inputs)  # (B, L, V)
         pad = self.codec.pad
+        world = distributed.world_size()
+        if world > 1:
+            tokens = (targets != pad).sum().clamp_min(1)  # the global batch's, which the loss is a mean over
+            part = distributed.shard_slice(len(batch))
+            images, inputs, targets, task = images[part], inputs[part], targets[part], task[part]
+        with autocast(self.pool.device, self.config.amp):
+            logits = self._train_forward(model)(images, inputs)  # (B, L, V)
         losses = token_losses(logits, targets, pad, self.config.label_smoothing)  # (B, L)
         # summed on the device: no host sync inside the epoch
         self.sums.index_add_(0, task, _batch_stats(logits.detach(), targets, losses, pad))
+        if world > 1:
+            # DDP averages over the processes: world * (shard's sum / global tokens), averaged, is the global mean
+            return losses.sum() * world / tokens
         return losses.sum() / (targets != pad).sum().clamp_min(1)
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, seconds: float) -> EpochEnd:
         config, stop_on, phase = self.config, self.stop_on, self.phase
-        train_metrics = _summaries(self.sums, self.names)  # copies to the host, so the timing includes queued GPU work
+        # every process's sums added up (copied to the host, so the timing includes queued GPU work)
+        train_metrics = _summaries(distributed.all_reduce_sum(self.sums), self.names)
         rows = [
             {"phase": phase, "epoch": epoch, "split": "train", "task": name, **m, "seconds": seconds}
             for name, m in train_metrics.items()
