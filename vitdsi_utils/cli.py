@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default="smoke",
         help="smoke (minutes, CI), cpu (64 px, about 40 minutes on 2 cores), paper-cpu (160 px, Table 1's "
-        "models, about 2.5 hours on 2 cores), paper (GPU) or a path to a YAML profile (default: smoke)",
+        "models, about 2 hours on 2 idle cores), paper (GPU) or a path to a YAML profile (default: smoke)",
     )
     study.add_argument(
         "--start-at",
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="every notebook of the profile's grid (all N, ID schemes, seeds, ablation factors, ...) with one "
-        "epoch per phase, a small model and budgets, N / 8 and a subset of the images: checks in minutes that "
+        "epoch per phase, a small model and budgets, N / 16 and a subset of the images: checks in minutes that "
         "the grid runs; report in reports/<profile>-dry-run (see docs/study_runner.md)",
     )
     study.add_argument("--out", default=None, help="report folder (default: reports/<profile>)")
