@@ -53,38 +53,13 @@ OUT_DIR = None                                # tables/ and figures/ go here; No
 RUNS_DIR = None                               # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import time
-
-import numpy as np
-import pandas as pd
-from IPython.display import Markdown, display
-
-from vitdsi_utils import clusters
-from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.clusters import cluster_gallery, cluster_study, clusters_markdown, metric_curves, series_label, size_histograms, study_encoders, summary
-from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
-from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.studies import clusters
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-n, seed = CLUSTER_N or max(NS), SEEDS[0]
-if n not in NS:
-    raise ValueError(f"CLUSTER_N = {n} is not one of NS = {NS}: encoders are trained only for the databases of NS")
-dbs = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed) for scheme in ID_SCHEMES}
-db = dbs[ID_SCHEMES[0]]  # every scheme draws the same images in the same roles
-if CLUSTER_ROLE == "all":
-    images, classes = db.images, db.manifest["label"].to_numpy()
-else:
-    images, classes = db.split(CLUSTER_ROLE)
-k_reference = CLUSTER_GALLERY_K or len(np.unique(classes))
-ks = sorted(set(CLUSTER_KS) | {k_reference})
-print(f"N={n} seed {seed}: {len(images)} images ({CLUSTER_ROLE}) in {len(np.unique(classes))} classes; "
-      f"k in {ks}; reference k = {k_reference}")
+spec = notebook_spec(clusters.ClustersSpec, globals())  # this notebook's parameters as the study's settings
+result = clusters.run(spec, paths)
 
 # %% [markdown]
 # ## Embeddings
@@ -92,26 +67,7 @@ print(f"N={n} seed {seed}: {len(images)} images ({CLUSTER_ROLE}) in {len(np.uniq
 # One row per embedding: its width and the time it took (every image, one pass of the encoder).
 
 # %%
-encoders = study_encoders(paths, dbs, PROFILE, dataset=DATASET)
-embeddings, rows = {}, []
-for name, model in encoders.items():
-    for pooling in CLUSTER_POOLINGS:
-        if pooling not in clusters.available_poolings(model):
-            continue
-        start = time.perf_counter()
-        embeddings[(name, pooling)] = clusters.embed(model, images, pooling=pooling, normalise=CLUSTER_NORMALISE)
-        rows.append((name, pooling, embeddings[(name, pooling)].shape[1], time.perf_counter() - start))
-references = {"pixels": ("pixels (untrained)", lambda: pixel_embeddings(images, side=8)),
-              "bovw": ("BoVW tf-idf (untrained)", lambda: bovw_embeddings(images, n_words=BOVW_WORDS, seed=seed))}
-for key in CLUSTER_BASELINES:
-    name, make = references[key]
-    start = time.perf_counter()
-    embeddings[(name, "-")] = make()
-    rows.append((name, "-", embeddings[(name, "-")].shape[1], time.perf_counter() - start))
-missing = sorted({p for p in CLUSTER_POOLINGS} - {pooling for _, pooling in embeddings})
-if missing:
-    print(f"No encoder offers pooling {missing} (a class token exists only in a dense encoder with DENSE_POOLING = cls).")
-pd.DataFrame(rows, columns=["encoder", "pooling", "dim", "seconds"]).round(2)
+result.embeddings.round(2)
 
 # %% [markdown]
 # ## k-means over k
@@ -123,17 +79,7 @@ pd.DataFrame(rows, columns=["encoder", "pooling", "dim", "seconds"]).round(2)
 # are each nearly pure), so read it beside NMI.
 
 # %%
-start = time.perf_counter()
-table, labels = cluster_study(embeddings, classes, ks, n_init=CLUSTER_N_INIT, random_state=seed,
-                                       progress=False)
-print(f"{len(table)} clusterings in {time.perf_counter() - start:.1f} s")
-note = (f"k-means of {len(images)} {DATASET_NAME} images at {SIZE} px (database N = {n}, seed {seed}, role {CLUSTER_ROLE}), "
-        f"{CLUSTER_N_INIT} restart(s) per k, embeddings {'L2-normalised' if CLUSTER_NORMALISE else 'as they come'}, "
-        f"profile `{PROFILE}`.")
-write_table(table, paths.tables / "clusters", markdown=clusters_markdown(table, k_reference, note=note))
-chosen = summary(table, k_reference)
-write_table(chosen, paths.tables / "clusters_summary")
-chosen.round(3)
+result.summary.round(3)
 
 # %% [markdown]
 # ### On images no encoder was trained on
@@ -145,25 +91,10 @@ chosen.round(3)
 # purity rise by chance alone; AMI is corrected for chance, so compare AMI across the two columns.
 
 # %%
-roles = db.manifest["role"].to_numpy() if CLUSTER_ROLE == "all" else np.full(len(classes), CLUSTER_ROLE)
-unseen = np.isin(roles, ["val", "test"])
-rows = []
-for encoder, pooling in embeddings:
-    found = labels[(encoder, pooling, k_reference)]
-    every, held_out = clusters.subset_scores(found, classes, np.ones(len(found), bool)), None
-    if unseen.any():
-        held_out = clusters.subset_scores(found, classes, unseen)
-    rows.append({"encoder": encoder, "pooling": pooling, "k": k_reference, "purity": every["purity"], "nmi": every["nmi"],
-                 "ami": every["ami"], "n_unseen": held_out["n"] if held_out else 0,
-                 **{f"{m}_unseen": held_out[m] if held_out else np.nan for m in ("purity", "nmi", "ami")}})
-unseen_table = pd.DataFrame(rows)
-write_table(unseen_table, paths.tables / "clusters_unseen")
-unseen_table.round(3)
+result.unseen.round(3)
 
 # %%
-fig = metric_curves(table, title=f"k-means of the embeddings ({DATASET_NAME}, {SIZE} px, {len(images)} images)")
-save_figure(fig, paths.figures / "clusters_metrics.png")
-fig
+result.figures["clusters_metrics"]
 
 # %% [markdown]
 # ## Cluster sizes at the reference k
@@ -174,12 +105,7 @@ fig
 # the encoder.
 
 # %%
-sizes = {series_label(encoder, pooling): clusters.cluster_sizes(labels[(encoder, pooling, k_reference)],
-                                                                          k_reference)
-         for encoder, pooling in embeddings}
-fig = size_histograms(sizes, title=f"Cluster sizes at k = {k_reference}")
-save_figure(fig, paths.figures / "clusters_sizes.png")
-fig
+result.figures["clusters_sizes"]
 
 # %% [markdown]
 # ## The largest clusters
@@ -189,20 +115,10 @@ fig
 # and in red otherwise.
 
 # %%
-at_k = table[table["k"] == k_reference].sort_values("nmi", ascending=False)
-picks = {"best": at_k.iloc[0], "worst": at_k.iloc[-1]}
-figures = []
-for tag, row in picks.items():
-    label = series_label(row["encoder"], row["pooling"])
-    fig = cluster_gallery(images, labels[(row["encoder"], row["pooling"], k_reference)], classes, db.classes,
-                                   n_clusters=CLUSTER_GALLERY_CLUSTERS, per_cluster=CLUSTER_GALLERY_IMAGES, seed=seed,
-                                   title=f"{tag} NMI at k = {k_reference}: {label} (NMI {row['nmi']:.2f})")
-    save_figure(fig, paths.figures / f"clusters_gallery_{tag}.png")
-    figures.append(fig)
-figures[0]
+result.figures["clusters_gallery_best"]
 
 # %%
-figures[1]
+result.figures["clusters_gallery_worst"]
 
 # %% [markdown]
 # ## What the numbers say
@@ -210,20 +126,4 @@ figures[1]
 # Computed from the table, not written in advance.
 
 # %%
-ref = table[table["k"] == k_reference].set_index(["encoder", "pooling"])
-for (encoder, pooling), row in ref.sort_values("nmi", ascending=False).iterrows():
-    best = chosen[(chosen["encoder"] == encoder) & (chosen["pooling"] == pooling)].iloc[0]
-    print(f"{series_label(encoder, pooling):42s} k={k_reference}: NMI {row['nmi']:.3f}, purity "
-          f"{row['purity']:.3f}, silhouette {row['silhouette']:.3f}, DB {row['davies_bouldin']:.2f}; "
-          f"elbow k {best['elbow_k']}, best-silhouette k {best['best_silhouette_k']}")
-for scheme in ID_SCHEMES:
-    pairs = [(p, ref.loc[(f"DSI zero-shot ({scheme})", p), "nmi"], ref.loc[(f"DSI fine-tuned ({scheme})", p), "nmi"])
-             for p in ("mean", "concat", "cls") if (f"DSI zero-shot ({scheme})", p) in ref.index]
-    for pooling, zero, tuned in pairs:
-        print(f"DSI {scheme} IDs, {pooling} pooling: NMI {zero:.3f} after indexing -> {tuned:.3f} after fine-tuning")
-for row in unseen_table.sort_values("nmi", ascending=False).itertuples():
-    print(f"{series_label(row.encoder, row.pooling):42s} NMI {row.nmi:.3f} / AMI {row.ami:.3f} on all images, "
-          f"{row.nmi_unseen:.3f} / {row.ami_unseen:.3f} on the {row.n_unseen} val/test queries")
-silhouette_best = ref["silhouette"].idxmax()
-print(f"Highest silhouette at k={k_reference}: {series_label(*silhouette_best)}; highest NMI: "
-      f"{series_label(*ref['nmi'].idxmax())}.")
+print("\n".join(clusters.describe(result, spec.schemes)))

@@ -64,46 +64,16 @@ OUT_DIR = None                                      # tables/ and figures/ go he
 RUNS_DIR = None                                     # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import evaluation
-from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.paper import attach_paper, table1_markdown
-from vitdsi_utils.reports.plots import metric_vs_n, save_figure
-from vitdsi_utils.reports.targets import beats_baseline, summarise, zero_shot_memorisation
+from vitdsi_utils.reports.paper import table1_markdown
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseTrainConfig
-from vitdsi_utils.studies.dense import train_or_load
-from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, run_dense_init
-from vitdsi_utils.runs import run_name
-from vitdsi_utils.reports.targets import gap_markdown, gap_table
-from vitdsi_utils.reports.tables import MULTITASK, write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import dense_init
+from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
-
-def multitask_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INIT_EPOCHS, seed=seed, progress=False)
-
-
-def dense_config(seed: int) -> DenseTrainConfig:
-    return DenseTrainConfig(epochs=DENSE_EPOCHS, lr=DENSE_LR, batch_size=DENSE_BATCH_SIZE, margin=DENSE_MARGIN,
-                            entropy_weight=DENSE_ENTROPY_WEIGHT, seed=seed, progress=False)
-
+spec = notebook_spec(dense_init.DenseInitSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Training
@@ -114,66 +84,23 @@ def dense_config(seed: int) -> DenseTrainConfig:
 # the models came from an earlier run.
 
 # %%
-frames, histories, id_facts = [], [], []
-if not INIT_SCHEMES:
-    print("INIT_SCHEMES is empty: no DSI is started from the dense encoder; the tables below gather the "
-          "models of notebooks 05, 07 and 08")
-for n in NS if INIT_SCHEMES else []:
-    for seed in SEEDS:
-        first = build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=seed)
-        retriever = train_or_load(first, model_overrides={**model_overrides, "pooling": DENSE_POOLING},
-                                  train_config=dense_config(seed), include_index=DENSE_TRAIN_ON_INDEX,
-                                  run_dir=paths.run_dir(first))
-        for scheme in INIT_SCHEMES:
-            own = scheme if scheme in ("clustered", "random") else ID_SCHEMES[0]
-            db = build_database(image_set, n, id_scheme=own, seed=seed)
-            run = run_dense_init(db, paths.run_dir(first) / "dense.pt", scheme=scheme,
-                                 run_dir=paths.runs / run_name(db, f"{scheme}-dense-init"),
-                                 model_overrides=model_overrides, index_config=index_config(seed),
-                                 multitask_config=multitask_config(seed), mix_ratio=INIT_MIX_RATIO,
-                                 max_pairs_per_query=MAX_PAIRS_PER_QUERY, k=K, id_params=dict(k=IDS_K, c=IDS_C))
-            ex = run.experiment
-            frames.append(ex.table)
-            id_facts.append({"n": n, "seed": seed, **run.id_facts})
-            for phase in (ex.zero_shot, ex.multitask):
-                histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
-            print(f"N={n} {scheme} seed {seed}: indexed in {ex.zero_shot.epochs} epochs ({ex.zero_shot.seconds:.0f} s), "
-                  f"multi-task {ex.multitask.epochs} epochs ({ex.multitask.seconds:.0f} s)")
-ours = pd.concat(frames, ignore_index=True) if frames else None
-if histories:
-    pd.concat(histories, ignore_index=True).to_csv(paths.tables / "histories_dense_init.csv", index=False)
-    write_table(pd.DataFrame(id_facts), paths.tables / "dense_init_ids")
+result = dense_init.run(spec, paths)
 
 # %% [markdown]
 # ## Every model of the study
 #
 # The rows of notebooks 05 (BoVW, DSI zero-shot and fine-tuned), 07 (dense search) and 08 (other ID
-# schemes, and their multi-task models) where their tables exist, and this notebook's two models. Metrics
-# over all test queries (IA: all indexed images), bootstrap 95% intervals, chance and the paper's numbers.
+# schemes, and their multi-task models) where their tables exist, and this notebook's two models.
+# Metrics over all test queries (IA: all indexed images), bootstrap 95% intervals, chance and the
+# paper's numbers. `tables/dense_init.md` holds every row; here the two models of this notebook
+# (every row when it trained none).
 
 # %%
-earlier = []
-for name in ("table1", "dense", "ids"):
-    csv = paths.tables / f"{name}.csv"
-    if csv.exists():
-        earlier.append(pd.read_csv(csv))
-    else:
-        print(f"{csv.name} is missing (an earlier notebook writes it); its rows are left out")
-results = pd.concat(earlier + ([ours] if ours is not None else []), ignore_index=True)
-results = results[results["n"].isin(NS) & results["seed"].isin(SEEDS)]
-results = results.drop(columns=[c for c in ("paper",) if c in results.columns])
-results = results.drop_duplicates(subset=["model", "ids", "n", "seed", "metric"], keep="last")
-results = attach_paper(results)
-write_table(results, paths.tables / "dense_init", markdown=table1_markdown(results))
-display(Markdown(table1_markdown(results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]) if ours is not None
-                 else table1_markdown(results)))
+ours = result.results[result.results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]
+display(Markdown(table1_markdown(ours if len(ours) else result.results)))
 
 # %%
-shown = results[results["model"].isin(["BoVW", DENSE_MODEL, "DSI fine-tuned", MULTITASK, INIT_MULTITASK])
-                & results["ids"].isin(["-", "clustered", "random", "semantic", "atomic"])]
-fig = metric_vs_n(shown, ("IA@1", "mAP@10", "P@10"), title="BoVW, dense search, DSI, and the dense-init DSI")
-save_figure(fig, paths.figures / "dense_init_vs_n.png")
-fig
+result.figures["dense_init_vs_n"]
 
 # %% [markdown]
 # ## The targets
@@ -190,41 +117,8 @@ fig
 #   printed.
 
 # %%
-t2 = zero_shot_memorisation(results)
-t2 = pd.concat([t2.assign(model="DSI zero-shot"),
-                zero_shot_memorisation(results, model=INIT_ZERO_SHOT).assign(model=INIT_ZERO_SHOT)])
-display(Markdown(summarise(t2[t2["ids"].isin(["clustered", "random"])]).to_markdown(index=False)))
-t3 = beats_baseline(results)
-t3 = t3[t3["model"] != DENSE_MODEL]
-write_table(t3, paths.tables / "target3")
-display(Markdown(summarise(t3).to_markdown(index=False)))
-init_rows = results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]
-if "clustered" in set(init_rows["ids"]):
-    t4 = gap_table(init_rows, reference="clustered")
-    write_table(t4, paths.tables / "target4", markdown=gap_markdown(t4))
-    display(Markdown(gap_markdown(t4)))
-else:
-    t4 = pd.DataFrame(columns=["model", "ids", "n", "seed", "max_abs_gap", "within_target", "not_worse"])
-    print("Target 4 (against clustered IDs) needs dense-init models with clustered IDs (INIT_SCHEMES); none here.")
+for table in dense_init.target_markdowns(result.targets):
+    display(Markdown(table))
 
 # %%
-met3 = summarise(t3)
-met3 = met3[met3["met_everywhere"]]
-best = t3[t3["model"].isin([MULTITASK, INIT_MULTITASK])]  # the multi-task models of 08 and of this notebook
-print("Target 2:", "met" if t2[t2["ids"].isin(["clustered", "random"]) & (t2["model"] == "DSI zero-shot")]["met"].all()
-      else "not met", "by the paper's DSI.")
-print("Target 3:", "met by " + ", ".join(f"{r.model} ({r.ids})" for r in met3.itertuples()) if len(met3)
-      else "not met by any DSI variant at every N.")
-for r in best.to_dict("records"):
-    print(f"  {r['model']} ({r['ids']}) N={r['n']}: IA@1 {r['IA@1']:.3f}; "
-          f"mAP@10 low end {r['mAP@10 low']:.3f} vs BoVW high end {r['BoVW mAP@10 high']:.3f}; "
-          f"P@10 low end {r['P@10 low']:.3f} vs BoVW high end {r['BoVW P@10 high']:.3f} -> "
-          f"{'met' if r['met'] else 'not met'}")
-t4_ok = summarise(t4, column="within_target")
-print("Target 4:", "met by " + ", ".join(f"{r.model} ({r.ids})" for r in t4_ok[t4_ok["met_everywhere"]].itertuples())
-      if t4_ok["met_everywhere"].any() else
-      f"not met; the smallest largest-gap is {t4['max_abs_gap'].min():.3f}" if len(t4) else "no scheme to compare")
-if len(t4):
-    one_sided = summarise(t4, column="not_worse")
-    print("Target 4, one-sided (no metric more than 0.03 below clustered at every N):",
-          ", ".join(f"{r.model} ({r.ids})" for r in one_sided[one_sided["met_everywhere"]].itertuples()) or "none")
+print("\n".join(dense_init.target_lines(result.targets)))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 #: Columns that measure wall time or speed: they differ between any two runs.
-TIMING = re.compile(r"(^|_)(s|ms|seconds|secs|time|wall|latency|ms_per_query|per_second|throughput)$")
+TIMING = re.compile(r"(^|_)(s|ms|seconds|secs|time|wall|latency|ms_per_query|s_per_epoch|per_second|throughput)$")
 INTERVAL = ("value", "ci_low", "ci_high")
 
 

@@ -27,6 +27,7 @@ from vitdsi_utils.studies.clusters import (
     metric_curves,
     size_histograms,
     summary,
+    unseen_scores,
 )
 
 N_BLOBS = 4
@@ -95,6 +96,22 @@ def test_subset_scores_count_only_the_masked_images():
         subset_scores(clusters, classes, np.zeros(6, bool))
     with pytest.raises(ValueError, match="same shape"):
         subset_scores(clusters, classes, [True])
+
+
+def test_unseen_scores_are_those_of_the_reference_k_on_the_masked_images():
+    classes = np.array([0, 0, 1, 1, 2, 2])
+    labels = {
+        ("A", "mean", 3): np.array([0, 0, 1, 1, 1, 0]),
+        ("A", "mean", 2): np.array([0, 0, 0, 1, 1, 1]),  # another k: left out
+        ("B", "-", 3): np.array([0, 1, 2, 0, 1, 2]),
+    }
+    table = unseen_scores(labels, classes, np.array([1, 1, 1, 1, 0, 0], bool), 3)
+    assert list(zip(table["encoder"], table["pooling"])) == [("A", "mean"), ("B", "-")]
+    a, b = table.iloc[0], table.iloc[1]
+    assert (a["k"], a["n_unseen"], a["purity"], a["purity_unseen"]) == (3, 4, pytest.approx(4 / 6), 1.0)
+    assert a["nmi_unseen"] == pytest.approx(1.0) and b["nmi"] < a["nmi"]
+    nobody = unseen_scores(labels, classes, np.zeros(6, bool), 3)
+    assert (nobody["n_unseen"] == 0).all() and nobody["nmi_unseen"].isna().all()
 
 
 def test_elbow_known_answer_and_degenerate_curves():

@@ -65,6 +65,6 @@ def test_missing_tables_and_folders_are_reported(tmp_path, capsys):
     assert compare_reports.main([str(a), str(tmp_path / "nowhere")]) == 2
 
 
-@pytest.mark.parametrize("column", ["fit_s", "search_ms_per_query", "seconds", "train_s"])
+@pytest.mark.parametrize("column", ["fit_s", "search_ms_per_query", "seconds", "train_s", "s_per_epoch"])
 def test_timing_columns_are_recognised(column):
     assert compare_reports.timing_columns(pd.DataFrame(columns=[column, "value", "n_s_queries"])) == [column]

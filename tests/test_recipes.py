@@ -130,6 +130,9 @@ def one_line_error(capsys) -> str:
         ({"study": "dsi", "out_dir": 3}, "out_dir: expected a folder path, got 3 (int)"),
         ({"study": "dsi", "runs": [{"extends": "x.yaml"}]}, "extends belongs at the top of the file, not in a run"),
         ({"study": "dsi", "runs": {"size": 64}}, "runs: expected a list of mappings (one per run)"),
+        # settings only a notebook profile's study reads: a recipe's run would ignore them
+        ({"study": "dense", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "dense-init", "include_index": False}, "include_index: read by a notebook profile's study only"),
     ],
 )
 def test_a_bad_recipe_is_refused_in_one_line_naming_the_key(values, message, run_recipe, capsys):
@@ -363,6 +366,7 @@ def test_specs_from_the_notebook_profiles():
     from vitdsi_utils.runner.profiles import load_profile
     from vitdsi_utils.studies.ablations import AblationsSpec
     from vitdsi_utils.studies.bovw import BoVWSpec
+    from vitdsi_utils.studies.clusters import ClustersSpec
     from vitdsi_utils.studies.dense import DenseSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
     from vitdsi_utils.studies.dsi import DSISpec
@@ -372,7 +376,8 @@ def test_specs_from_the_notebook_profiles():
     from vitdsi_utils.studies.specs import SpecError, spec_from_profile
 
     cpu = load_profile("cpu")
-    for cls in (AblationsSpec, BoVWSpec, DenseSpec, DenseInitSpec, DSISpec, IncrementalSpec, PretrainSpec, ScaleSpec):
+    specs = (AblationsSpec, BoVWSpec, ClustersSpec, DenseSpec, DenseInitSpec, DSISpec, IncrementalSpec, PretrainSpec)
+    for cls in (*specs, ScaleSpec):
         for name in ("smoke", "cpu", "paper"):
             spec_from_profile(cls, load_profile(name), ignore_unknown=True)  # every bundled profile fits
     dsi = spec_from_profile(DSISpec, cpu, ignore_unknown=True)
@@ -389,6 +394,50 @@ def test_specs_from_the_notebook_profiles():
         spec_from_profile(ScaleSpec, cpu)
     with pytest.raises(SpecError, match=r"profile key SCALE_NS \(ns: expected a list of integers, got 'all'"):
         spec_from_profile(ScaleSpec, {"SCALE_NS": "all"})
+
+
+def test_a_notebook_builds_its_spec_from_its_upper_case_names():
+    from vitdsi_utils.studies.clusters import ClustersSpec
+    from vitdsi_utils.studies.dense import DenseSpec
+    from vitdsi_utils.studies.dense_init import DenseInitSpec
+    from vitdsi_utils.studies.specs import SpecError, notebook_spec
+
+    namespace = {
+        "PROFILE": "smoke",  # no spec key: left out
+        "DATASET": "digits",
+        "DATASET_NAME": "my-digits",
+        "SIZE": 32,
+        "NS": [200],
+        "ID_SCHEMES": ["random", "clustered"],
+        "SEEDS": [3],
+        "K": 50,
+        "DENSE_MARGIN": 0.3,
+        "DENSE_TRAIN_ON_INDEX": False,
+        "size": 160,  # not a parameter: lower case
+        "_SIZE": 160,  # nor a private name
+        "In": [],  # IPython's
+    }
+    dense = notebook_spec(DenseSpec, namespace)
+    assert (dense.source, dense.name, dense.size, dense.ns, dense.schemes) == (
+        "digits",
+        "my-digits",
+        32,
+        (200,),
+        ("random", "clustered"),
+    )
+    assert (dense.seeds, dense.train.seed, dense.k, dense.train.margin, dense.include_index) == (
+        (3,),
+        3,
+        50,
+        0.3,
+        False,
+    )
+    init = notebook_spec(DenseInitSpec, namespace)
+    assert (init.dense_scheme, init.dense.margin, init.include_index, init.k) == ("random", 0.3, False, 50)
+    clusters = notebook_spec(ClustersSpec, {**namespace, "CLUSTER_KS": [2, 4], "CLUSTER_N": None})
+    assert (clusters.seed, clusters.ks, clusters.n, clusters.schemes) == (3, (2, 4), None, ("random", "clustered"))
+    with pytest.raises(SpecError, match=r"profile key CLUSTER_N \(n: 512 is not one of ns = \[200\]"):
+        notebook_spec(ClustersSpec, {**namespace, "CLUSTER_N": 512})
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:

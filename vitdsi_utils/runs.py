@@ -51,10 +51,17 @@ def run_name(db: Database, ids: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------
 @dataclass
 class StudyPaths:
-    """Where a profile's outputs go: ``out`` (tables/, figures/) and ``runs`` (one folder of models per database)."""
+    """Where a study's outputs go: ``out`` (its tables and figures) and ``runs`` (its trained models).
+
+    ``profile`` names the notebook profile whose study this is (:meth:`create`). A study run from a
+    notebook writes into the profile's shared report, ``out/tables/`` and ``out/figures/``, under the
+    notebook's file names, keeps one folder of models per database (:meth:`run_dir`) and reads the
+    tables of the notebooks before it. A recipe's run (``profile`` None) writes its own files into ``out``.
+    """
 
     out: Path
     runs: Path
+    profile: str | None = None
 
     @classmethod
     def create(cls, profile: str, out_dir: str | Path | None = None, runs_dir: str | Path | None = None) -> StudyPaths:
@@ -65,6 +72,7 @@ class StudyPaths:
         paths = cls(
             Path(out_dir) if out_dir else settings.reports_dir() / profile,
             Path(runs_dir) if runs_dir else settings.data_dir() / "runs" / profile,
+            profile,
         )
         for folder in (paths.tables, paths.figures):
             folder.mkdir(parents=True, exist_ok=True)

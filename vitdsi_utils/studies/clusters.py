@@ -1,20 +1,284 @@
-"""The clusters study (notebook 09): k-means over the trained encoders' embeddings, scored against the classes."""
+"""The clusters study (notebook 09): k-means over the trained encoders' embeddings, scored against the classes.
+
+:func:`run` runs a :class:`ClustersSpec` on the models a profile's study trained (notebooks 03, 04
+and 07): it embeds one database's images with every encoder and pooling, sweeps k-means over k,
+and writes the tables and figures notebook 09 shows.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from vitdsi_utils import clusters
 from vitdsi_utils.baselines.dense import load_dense
 from vitdsi_utils.clusters import METRIC_LABELS, METRICS, cluster_sizes, elbow_k, sweep
+from vitdsi_utils.data.database import build_database
+from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
 from vitdsi_utils.devices import resolve_device
-from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR, new_figure, readable_class, show_image
-from vitdsi_utils.runs import load_trained
+from vitdsi_utils.ids.codec import ID_SCHEMES
+from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
+from vitdsi_utils.reports.plots import (
+    IRRELEVANT_COLOR,
+    RELEVANT_COLOR,
+    new_figure,
+    readable_class,
+    save_figure,
+    show_image,
+)
+from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.runs import StudyPaths, load_trained
+from vitdsi_utils.studies.specs import SpecError, check_choices
+
+#: Images a clustering can take: every image of the database, or one role's.
+ROLES = ("all", "index", "train", "val", "test")
+
+
+#: How an image becomes one vector (see :func:`vitdsi_utils.clusters.embed`).
+CLUSTER_POOLINGS = ("cls", "mean", "concat")
+
+
+#: Untrained reference embeddings: (row name, maker of the embeddings from the images, words, seed).
+REFERENCES = {
+    "pixels": ("pixels (untrained)", lambda images, words, seed: pixel_embeddings(images, side=8)),
+    "bovw": ("BoVW tf-idf (untrained)", lambda images, words, seed: bovw_embeddings(images, n_words=words, seed=seed)),
+}
+
+
+@dataclass
+class ClustersSpec:
+    """Settings of the clusters study (notebook 09, seed 002).
+
+    The images of the database of size ``n`` (null: the largest of ``ns``, the databases the study
+    trained) and ``seed``, the ``role`` ones, are embedded by the DSI models of every scheme of
+    ``schemes`` and by the dense encoder, each with every pooling of ``poolings`` it offers, and by
+    the untrained ``baselines``; k-means (``n_init`` restarts) runs for every k of ``ks`` and the
+    reference k (``gallery_k``; null: the number of classes), whose largest clusters are shown.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    name: str | None = None  # what the reports call the data (null: dataset_name's default)
+    size: int = field(default=64, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512, 1024)
+    schemes: tuple[str, ...] = field(default=("clustered", "random"), metadata={"choices": ID_SCHEMES})
+    seed: int = 0
+    n: int | None = None
+    role: str = field(default="all", metadata={"choices": ROLES})
+    poolings: tuple[str, ...] = field(default=CLUSTER_POOLINGS, metadata={"choices": CLUSTER_POOLINGS})
+    normalise: bool = True  # L2-normalise the embeddings first (k-means then groups by cosine similarity)
+    baselines: tuple[str, ...] = field(default=("pixels", "bovw"), metadata={"choices": tuple(REFERENCES)})
+    words: int = 200  # BoVW visual words of the bovw baseline
+    ks: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 40, 50)
+    n_init: int = 3
+    gallery_k: int | None = None
+    gallery_clusters: int = 4
+    gallery_images: int = 8
+
+    #: notebook profile keys (09_clusters) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
+        "SIZE": "size",
+        "NS": "ns",
+        "ID_SCHEMES": "schemes",
+        "SEEDS": "seed[0]",
+        "BOVW_WORDS": "words",
+        "CLUSTER_N": "n",
+        "CLUSTER_ROLE": "role",
+        "CLUSTER_POOLINGS": "poolings",
+        "CLUSTER_NORMALISE": "normalise",
+        "CLUSTER_BASELINES": "baselines",
+        "CLUSTER_KS": "ks",
+        "CLUSTER_N_INIT": "n_init",
+        "CLUSTER_GALLERY_K": "gallery_k",
+        "CLUSTER_GALLERY_CLUSTERS": "gallery_clusters",
+        "CLUSTER_GALLERY_IMAGES": "gallery_images",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        n = self.n or max(self.ns)
+        if n not in self.ns:
+            raise SpecError(f"n: {n} is not one of ns = {list(self.ns)}: encoders are trained only for those databases")
+
+
+class ClustersResult(NamedTuple):
+    """What :func:`run` returns: the embeddings (width, seconds), the sweep, its summary per embedding,
+    the scores on unseen images, the reference k and the figures by file stem."""
+
+    embeddings: pd.DataFrame
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    unseen: pd.DataFrame
+    k_reference: int
+    figures: dict[str, Figure]
+
+
+def run(spec: ClustersSpec, paths: StudyPaths) -> ClustersResult:
+    """The clusters study of ``spec`` on the models in ``paths.runs`` (one run folder per database, as a
+    profile's study keeps them); tables and figures to ``paths.tables`` and ``paths.figures``.
+
+    Writes clusters, clusters_summary and clusters_unseen (CSV and Markdown) and the figures
+    clusters_metrics, clusters_sizes, clusters_gallery_best and clusters_gallery_worst (PNG);
+    prints what it clusters and how long the sweep took.
+    """
+    name = dataset_name(spec.source, spec.root, spec.name)
+    image_set = load_images(
+        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
+    )
+    n, seed = spec.n or max(spec.ns), spec.seed
+    dbs = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed) for scheme in spec.schemes}
+    db = dbs[spec.schemes[0]]  # every scheme draws the same images in the same roles
+    if spec.role == "all":
+        images, classes = db.images, db.manifest["label"].to_numpy()
+    else:
+        images, classes = db.split(spec.role)
+    k_reference = spec.gallery_k or len(np.unique(classes))
+    ks = sorted(set(spec.ks) | {k_reference})
+    print(
+        f"N={n} seed {seed}: {len(images)} images ({spec.role}) in {len(np.unique(classes))} classes; "
+        f"k in {ks}; reference k = {k_reference}"
+    )
+
+    encoders = study_encoders(paths, dbs, paths.profile or "<profile>", dataset=spec.source)
+    embeddings, rows = {}, []
+    for encoder, model in encoders.items():
+        for pooling in spec.poolings:
+            if pooling not in clusters.available_poolings(model):
+                continue
+            start = time.perf_counter()
+            embeddings[(encoder, pooling)] = clusters.embed(model, images, pooling=pooling, normalise=spec.normalise)
+            rows.append((encoder, pooling, embeddings[(encoder, pooling)].shape[1], time.perf_counter() - start))
+    for key in spec.baselines:
+        encoder, make = REFERENCES[key]
+        start = time.perf_counter()
+        embeddings[(encoder, "-")] = make(images, spec.words, seed)
+        rows.append((encoder, "-", embeddings[(encoder, "-")].shape[1], time.perf_counter() - start))
+    missing = sorted(set(spec.poolings) - {pooling for _, pooling in embeddings})
+    if missing:
+        print(
+            f"No encoder offers pooling {missing} (a class token exists only in a dense encoder with "
+            "DENSE_POOLING = cls)."
+        )
+
+    start = time.perf_counter()
+    table, labels = cluster_study(embeddings, classes, ks, n_init=spec.n_init, random_state=seed, progress=False)
+    print(f"{len(table)} clusterings in {time.perf_counter() - start:.1f} s")
+    note = (
+        f"k-means of {len(images)} {name} images at {spec.size} px (database N = {n}, seed {seed}, role "
+        f"{spec.role}), {spec.n_init} restart(s) per k, embeddings "
+        f"{'L2-normalised' if spec.normalise else 'as they come'}, profile `{paths.profile}`."
+    )
+    write_table(table, paths.tables / "clusters", markdown=clusters_markdown(table, k_reference, note=note))
+    chosen = summary(table, k_reference)
+    write_table(chosen, paths.tables / "clusters_summary")
+    roles = db.manifest["role"].to_numpy() if spec.role == "all" else np.full(len(classes), spec.role)
+    unseen = unseen_scores(labels, classes, np.isin(roles, ["val", "test"]), k_reference)
+    write_table(unseen, paths.tables / "clusters_unseen")
+
+    figures = {
+        "clusters_metrics": metric_curves(
+            table, title=f"k-means of the embeddings ({name}, {spec.size} px, {len(images)} images)"
+        ),
+        "clusters_sizes": size_histograms(
+            {series_label(e, p): cluster_sizes(labels[(e, p, k_reference)], k_reference) for e, p in embeddings},
+            title=f"Cluster sizes at k = {k_reference}",
+        ),
+    }
+    at_k = table[table["k"] == k_reference].sort_values("nmi", ascending=False)
+    for tag, row in (("best", at_k.iloc[0]), ("worst", at_k.iloc[-1])):
+        label = series_label(row["encoder"], row["pooling"])
+        figures[f"clusters_gallery_{tag}"] = cluster_gallery(
+            images,
+            labels[(row["encoder"], row["pooling"], k_reference)],
+            classes,
+            db.classes,
+            n_clusters=spec.gallery_clusters,
+            per_cluster=spec.gallery_images,
+            seed=seed,
+            title=f"{tag} NMI at k = {k_reference}: {label} (NMI {row['nmi']:.2f})",
+        )
+    for stem, fig in figures.items():
+        save_figure(fig, paths.figures / f"{stem}.png")
+    widths = pd.DataFrame(rows, columns=["encoder", "pooling", "dim", "seconds"])
+    return ClustersResult(widths, table, chosen, unseen, k_reference, figures)
+
+
+def console_summary(spec: ClustersSpec, result: ClustersResult) -> str:
+    """What the numbers say (:func:`describe`)."""
+    return "\n".join(describe(result, spec.schemes))
+
+
+def unseen_scores(
+    labels: Mapping[tuple[str, str, int], np.ndarray], classes: Any, unseen: np.ndarray, k: int
+) -> pd.DataFrame:
+    """Purity, NMI and AMI of every embedding's clusters at ``k``, over all images and over the ``unseen`` ones only.
+
+    One row per (encoder, pooling); the ``*_unseen`` columns are NaN (and ``n_unseen`` 0) when no image is unseen.
+    """
+    rows = []
+    for (encoder, pooling, at), found in labels.items():
+        if at != k:
+            continue
+        every = clusters.subset_scores(found, classes, np.ones(len(found), bool))
+        held_out = clusters.subset_scores(found, classes, unseen) if unseen.any() else None
+        rows.append(
+            {
+                "encoder": encoder,
+                "pooling": pooling,
+                "k": k,
+                "purity": every["purity"],
+                "nmi": every["nmi"],
+                "ami": every["ami"],
+                "n_unseen": held_out["n"] if held_out else 0,
+                **{f"{m}_unseen": held_out[m] if held_out else np.nan for m in ("purity", "nmi", "ami")},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe(result: ClustersResult, schemes: Sequence[str]) -> list[str]:
+    """What the numbers say: every embedding at the reference k (with its chosen k), each scheme's DSI
+    before and after fine-tuning, the scores on unseen images, and the embeddings that score highest."""
+    k, chosen = result.k_reference, result.summary
+    ref = result.table[result.table["k"] == k].set_index(["encoder", "pooling"])
+    lines = []
+    for (encoder, pooling), row in ref.sort_values("nmi", ascending=False).iterrows():
+        best = chosen[(chosen["encoder"] == encoder) & (chosen["pooling"] == pooling)].iloc[0]
+        lines.append(
+            f"{series_label(encoder, pooling):42s} k={k}: NMI {row['nmi']:.3f}, purity "
+            f"{row['purity']:.3f}, silhouette {row['silhouette']:.3f}, DB {row['davies_bouldin']:.2f}; "
+            f"elbow k {best['elbow_k']}, best-silhouette k {best['best_silhouette_k']}"
+        )
+    for scheme in schemes:
+        zero, tuned = f"DSI zero-shot ({scheme})", f"DSI fine-tuned ({scheme})"
+        for pooling in ("mean", "concat", "cls"):
+            if (zero, pooling) in ref.index:
+                lines.append(
+                    f"DSI {scheme} IDs, {pooling} pooling: NMI {ref.loc[(zero, pooling), 'nmi']:.3f} after indexing "
+                    f"-> {ref.loc[(tuned, pooling), 'nmi']:.3f} after fine-tuning"
+                )
+    for row in result.unseen.sort_values("nmi", ascending=False).itertuples():
+        lines.append(
+            f"{series_label(row.encoder, row.pooling):42s} NMI {row.nmi:.3f} / AMI {row.ami:.3f} on all images, "
+            f"{row.nmi_unseen:.3f} / {row.ami_unseen:.3f} on the {row.n_unseen} val/test queries"
+        )
+    lines.append(
+        f"Highest silhouette at k={k}: {series_label(*ref['silhouette'].idxmax())}; highest NMI: "
+        f"{series_label(*ref['nmi'].idxmax())}."
+    )
+    return lines
 
 
 def cluster_study(

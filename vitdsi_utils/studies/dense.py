@@ -1,33 +1,37 @@
 """The dense-baseline study: dense search beside BoVW and the DSI, and re-ranking of their candidates.
 
 :func:`run` runs a :class:`DenseSpec`: per database the dense encoder is trained (or loaded), scored
-beside BoVW, and re-ranks BoVW's and the DSI's candidates.
+beside BoVW, and re-ranks BoVW's and the DSI's candidates. Notebook 07 and ``vitdsi run recipes/dense.yaml``
+both call it; a profile's paths (the notebook's) give the notebook's tables, figures and verdicts.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseConfig, DenseTrainConfig
+from vitdsi_utils.baselines.index import faiss_available
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
 from vitdsi_utils.ids.codec import ID_SCHEMES, make_codec
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
-from vitdsi_utils.reports.plots import save_figure
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure, training_curves
 from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, write_table
+from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.retrieval.rerank import VectorScorer
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISearcher
 from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only
 from vitdsi_utils.training.checkpoint import load_model
 
 
@@ -42,6 +46,8 @@ class DenseSpec:
 
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
+    annotations: str | None = None  # COCO instances JSON (a profile's study only; a recipe: VITDSI_COCO_ANNOTATIONS)
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     seeds: tuple[int, ...] = (0,)
@@ -52,15 +58,22 @@ class DenseSpec:
     words: int = 200  # BoVW visual words
     vocabularies: int = 5  # BoVW metrics averaged per query over this many k-means vocabularies
     depths: tuple[int, ...] = (10, 50, 100)  # re-ranking depths M
+    k: int = 100  # length of the ranked lists
     dsi_runs: str | None = None  # a folder of DSI runs whose models are re-ranked
     dsi_table: str | None = None
+
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("annotations", "name")
 
     #: notebook profile keys (07_dense) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "NS": "ns",
+        "ID_SCHEMES": "schemes",
         "SEEDS": ("seeds", "train.seed[0]"),
         "PATCH_SIZE": "model.patch_size",
         "DIM": "model.dim",
@@ -79,36 +92,56 @@ class DenseSpec:
         "BOVW_WORDS": "words",
         "BOVW_VOCABULARIES": "vocabularies",
         "RERANK_DEPTHS": "depths",
+        "K": "k",
     }
 
     def __post_init__(self) -> None:
         check_choices(self)
 
 
-def run(spec: DenseSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The dense study of ``spec``: encoders to ``paths.runs``, tables and figure to ``paths.out``;
-    (results, re-ranking, histories)."""
-    return _dense_study(
-        spec.source,
-        spec.size,
-        tuple(spec.ns),
-        tuple(spec.seeds),
-        schemes=tuple(spec.schemes),
-        model_overrides=spec.model.overrides(),
-        train_config=spec.train,
-        include_index=spec.include_index,
-        bovw_words=spec.words,
-        bovw_vocabularies=spec.vocabularies,
-        depths=tuple(spec.depths),
-        runs_dir=paths.runs,
-        dsi_runs=spec.dsi_runs,
-        dsi_table=spec.dsi_table,
-        out_dir=paths.out,
-        root=spec.root,
+class DenseResult(NamedTuple):
+    """What :func:`run` returns: the Table-1 rows, the re-ranking rows, the training histories, and
+    (a profile's study) its figures by file stem."""
+
+    results: pd.DataFrame
+    reranking: pd.DataFrame
+    histories: pd.DataFrame
+    figures: dict[str, Figure] = {}
+
+
+def run(spec: DenseSpec, paths: StudyPaths) -> DenseResult:
+    """The dense study of ``spec``: encoders to ``paths.runs``, tables and figures to ``paths.out``.
+
+    With a profile's paths (:meth:`StudyPaths.create`, notebook 07) it is that profile's study: see
+    :func:`_profile_study`. Otherwise (a recipe) :func:`_dense_study` writes its files into ``paths.out``.
+    """
+    if paths.profile is not None:
+        return _profile_study(spec, paths)
+    refuse_profile_only(spec)
+    return DenseResult(
+        *_dense_study(
+            spec.source,
+            spec.size,
+            tuple(spec.ns),
+            tuple(spec.seeds),
+            schemes=tuple(spec.schemes),
+            model_overrides=spec.model.overrides(),
+            train_config=spec.train,
+            include_index=spec.include_index,
+            bovw_words=spec.words,
+            bovw_vocabularies=spec.vocabularies,
+            depths=tuple(spec.depths),
+            k=spec.k,
+            runs_dir=paths.runs,
+            dsi_runs=spec.dsi_runs,
+            dsi_table=spec.dsi_table,
+            out_dir=paths.out,
+            root=spec.root,
+        )
     )
 
 
-def console_summary(spec: DenseSpec, result: tuple[pd.DataFrame, pd.DataFrame, Any]) -> str:
+def console_summary(spec: DenseSpec, result: DenseResult) -> str:
     """Headline metrics per model, N and ID scheme, then the re-ranking summary."""
     results, reranking = result[0], result[1]
     shown = results[results["metric"].isin(["mAP@10", "P@10", "R@100"])]
@@ -397,3 +430,140 @@ def _dense_study(
         history_frame.to_csv(out_dir / f"histories_dense_{stem}.csv", index=False)
         save_figure(tradeoff_figure(rerank_frame, "mAP@10"), out_dir / f"rerank_{stem}.png")
     return results_frame, rerank_frame, history_frame
+
+
+# ------------------------------------------------------------------------------------------
+# A notebook profile's dense study (notebook 07)
+# ------------------------------------------------------------------------------------------
+def _profile_study(spec: DenseSpec, paths: StudyPaths) -> DenseResult:
+    """Notebook 07's study, inside a profile's report (``paths`` from :meth:`StudyPaths.create`).
+
+    Beside what :func:`_dense_study` does for a recipe, it differs where a profile's study shares
+    its folders with the other notebooks: each database seed also seeds its encoder's training; the
+    encoder is kept in the run folder of the first scheme's database (``paths.run_dir``), the DSI
+    models re-ranked are those notebooks 03/04 left in ``paths.runs``, and the Table-1 rows of BoVW
+    and the DSI are notebook 05's (``tables/table1.csv``; the BoVW fitted here when it is missing).
+    Writes ``tables/`` histories_dense.csv, dense and rerank (CSV and Markdown) and ``figures/``
+    dense_training, dense_validation, dense_vs_n and rerank_tradeoff (PNG); prints a line per
+    database trained and says where the BoVW, DSI and re-ranked models came from.
+    """
+    print("search backend:", "FAISS IndexFlatIP" if faiss_available() else "torch (faiss-cpu is not installed)")
+    name = dataset_name(spec.source, spec.root, spec.name)
+    image_set = load_images(
+        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
+    )
+    overrides = spec.model.overrides()
+    retrievers, bovw_models, histories, frames = {}, {}, [], []
+    for n in spec.ns:
+        for seed in spec.seeds:
+            db = build_database(image_set, n, id_scheme=spec.schemes[0], seed=seed)
+            retriever = train_or_load(
+                db,
+                model_overrides=overrides,
+                train_config=replace(spec.train, seed=seed, progress=False),
+                include_index=spec.include_index,
+                run_dir=paths.run_dir(db),
+            )
+            retrievers[(n, seed)] = (db, retriever)
+            history = retriever.history_.to_frame().assign(n=n, ids="-", seed=seed)
+            histories.append(history)
+            val = history.loc[history["split"] == "val", "map@10"]
+            print(
+                f"N={n} seed {seed}: {spec.train.epochs} epochs, {retriever.fit_seconds_:.0f} s of training; "
+                f"val mAP@10 {val.iloc[-1]:.3f} (best {val.max():.3f})" + (" (loaded)" if retriever.loaded_ else "")
+            )
+    history_frame = pd.concat(histories, ignore_index=True)
+    history_frame.to_csv(paths.tables / "histories_dense.csv", index=False)
+    figures = {
+        "dense_training": training_curves(
+            history_frame,
+            phase="dense",
+            split="train",
+            metrics=("loss", "contrastive", "entropy"),
+            title="Dense encoder: training objective per epoch",
+        ),
+        "dense_validation": training_curves(
+            history_frame,
+            phase="dense",
+            split="val",
+            metrics=("map@10", "p@10"),
+            title="Dense encoder: validation queries per epoch",
+        ),
+    }
+
+    for (n, seed), (db, retriever) in retrievers.items():
+        table, timings = evaluate_dense(retriever, db, k=spec.k, seed=seed)
+        frames.append(table.assign(**timings))
+        bovw = evaluate_bovw(
+            db, n_words=spec.words, k=spec.k, seed=seed, vocabularies=spec.vocabularies, progress=False
+        )
+        bovw_models[(n, seed)] = bovw.model
+        frames.append(bovw.rows(db))
+    ours = pd.concat(frames, ignore_index=True)
+    table1_csv = paths.tables / "table1.csv"
+    if table1_csv.exists():
+        earlier = pd.read_csv(table1_csv)
+        earlier = earlier[earlier["n"].isin(spec.ns) & earlier["seed"].isin(spec.seeds)].drop(columns="paper")
+        results = pd.concat([earlier, ours[ours["model"] == DENSE_MODEL]], ignore_index=True)
+        print(f"BoVW and DSI rows from {table1_csv.name} (notebook 05)")
+    else:
+        results = ours
+        print(f"{table1_csv} is missing (notebook 05 writes it): BoVW as fitted here, no DSI rows")
+    results = attach_paper(results)
+    markdown = "\n\n".join(
+        [f"{name} at {spec.size} px, profile `{paths.profile}`. " + TABLE1_NOTE, table1_markdown(results)]
+    )
+    write_table(results, paths.tables / "dense", markdown=markdown)
+    figures["dense_vs_n"] = metric_vs_n(results, ("mAP@10", "P@10", "R@100"), title="Dense, BoVW and DSI against N")
+
+    studies = []
+    for (n, seed), (first_db, retriever) in retrievers.items():
+        for i, scheme in enumerate(spec.schemes):
+            db = first_db if i == 0 else build_database(image_set, n, id_scheme=scheme, seed=seed)
+            stages = first_stages(db, bovw=bovw_models[(n, seed)] if i == 0 else None, dsi_run_dir=paths.run_dir(db))
+            if not any(stage.startswith("DSI") for stage in stages):
+                print(f"N={n} {scheme} seed {seed}: no DSI models in {paths.run_dir(db)} (notebooks 03/04 train them)")
+            if stages or i == 0:
+                studies.append(
+                    rerank_database(db, retriever, stages, depths=tuple(spec.depths), k=spec.k, include_alone=i == 0)
+                )
+    reranking = pd.concat(studies, ignore_index=True)
+    write_table(reranking, paths.tables / "rerank", markdown=rerank_markdown(reranking, name, spec.size))
+    figures["rerank_tradeoff"] = tradeoff_figure(reranking, "mAP@10")
+    for stem, fig in figures.items():
+        save_figure(fig, paths.figures / f"{stem}.png")
+    return DenseResult(results, reranking, history_frame, figures)
+
+
+def verdict_lines(results: pd.DataFrame, metrics: tuple[str, ...] = ("mAP@10", "P@10")) -> list[str]:
+    """The dense model against every other model of ``results``, per metric, N and seed: better or
+    worse only when the 95% intervals do not overlap (:func:`~vitdsi_utils.reports.targets.baseline_verdicts`)."""
+    lines = []
+    for metric in metrics:
+        lines.append(metric)
+        for row in baseline_verdicts(results, metric, baseline=DENSE_MODEL).itertuples():
+            side = {"better": "worse", "worse": "better"}.get(row.verdict, "overlaps")  # from the dense model's side
+            model = row.model if row.ids == "-" else f"{row.model} ({row.ids})"
+            lines.append(
+                f"  N={row.n} seed {row.seed}: dense {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, "
+                f"{row.baseline_ci_high:.3f}] vs {model} {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] "
+                f"-> dense {side}"
+            )
+    return lines
+
+
+def rerank_lines(reranking: pd.DataFrame) -> list[str]:
+    """Per N: the dense search alone, then each first stage alone and at its best re-ranking depth (mAP@10, ms per query)."""
+    lines = []
+    wide = summary(reranking)  # the mean over seeds where there are several
+    for n, group in wide.groupby("n"):
+        alone = group[group["first_stage"] == "-"].iloc[0]
+        lines.append(f"N={n}: dense alone mAP@10 {alone['mAP@10']:.3f} in {alone['ms_per_query']:.1f} ms per query")
+        for (stage, ids), rows in group[group["first_stage"] != "-"].groupby(["first_stage", "ids"], sort=False):
+            base, best = rows[rows["depth"] == 0].iloc[0], rows[rows["depth"] > 0].sort_values("mAP@10").iloc[-1]
+            lines.append(
+                f"  {stage}{'' if ids == '-' else f' ({ids} IDs)'}: mAP@10 {base['mAP@10']:.3f} alone -> "
+                f"{best['mAP@10']:.3f} re-ranked at M={int(best['depth'])} "
+                f"({base['ms_per_query']:.1f} -> {best['ms_per_query']:.1f} ms per query)"
+            )
+    return lines

@@ -17,34 +17,45 @@ images (:func:`vitdsi_utils.ids.schemes.assign_ids`).
 
 :func:`run_dense_init` trains and scores one database; :func:`run` runs the grid of a
 :class:`DenseInitSpec` beside BoVW and the dense model, and writes the table and target verdicts
-(:mod:`vitdsi_utils.reports.targets`).
+(:mod:`vitdsi_utils.reports.targets`). Notebook 14 and ``vitdsi run recipes/dsi-dense-init.yaml`` both
+call it; a profile's paths (the notebook's) give the notebook's tables, figure and verdicts.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, load_dense
 from vitdsi_utils.data.database import Database, build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
 from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.ids.schemes import assign_ids
 from vitdsi_utils.phases import TARGET_MODES
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure
 from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_table
-from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
+from vitdsi_utils.reports.targets import (
+    beats_baseline,
+    gap_markdown,
+    gap_table,
+    summarise,
+    target3_markdown,
+    target4_markdown,
+    zero_shot_memorisation,
+)
 from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.settings import data_dir
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
 from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
-from vitdsi_utils.studies.specs import POOLINGS, ModelSpec, check_choices, dsi_model, no_pooling
+from vitdsi_utils.studies.specs import POOLINGS, ModelSpec, check_choices, dsi_model, no_pooling, refuse_profile_only
 from vitdsi_utils.training.config import TrainConfig
 
 #: Row names of the two models of this variant in result tables.
@@ -73,13 +84,19 @@ class DenseInitSpec:
 
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
+    annotations: str | None = None  # COCO instances JSON (a profile's study only; a recipe: VITDSI_COCO_ANNOTATIONS)
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     schemes: tuple[str, ...] = field(default=INIT_SCHEMES, metadata={"choices": INIT_SCHEMES})
+    # a profile's study only: the ID scheme of the database whose run folder holds the dense encoder (notebook
+    # 07's first scheme), also the draw of the semantic IDs' database (a recipe: the first scheme's, clustered)
+    dense_scheme: str = field(default="clustered", metadata={"choices": ID_SCHEMES})
     seeds: tuple[int, ...] = (0,)
     model: ModelSpec = field(default_factory=dsi_model)
     pooling: str = field(default="mean", metadata={"choices": POOLINGS})  # the dense encoder's
     dense: DenseTrainConfig = field(default_factory=lambda: DenseTrainConfig(epochs=90, lr=5e-4, batch_size=64))
+    include_index: bool = True  # the dense encoder trains on the indexed images too (false: a profile's study only)
     index: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, warmup_steps=100)
     )
@@ -93,15 +110,22 @@ class DenseInitSpec:
     semantic_c: int = 10  # semantic IDs: leaf size
     words: int = 200  # BoVW visual words
     vocabularies: int = 5
+    k: int = 100  # length of the ranked lists
     dense_runs: str | None = None
+
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("annotations", "name", "dense_scheme", "include_index")
 
     #: notebook profile keys (14_dense_init) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "NS": "ns",
         "INIT_SCHEMES": "schemes",
+        "ID_SCHEMES": "dense_scheme[0]",
         "SEEDS": ("seeds", "dense.seed[0]", "index.seed[0]", "multitask.seed[0]"),
         "PATCH_SIZE": "model.patch_size",
         "DIM": "model.dim",
@@ -114,6 +138,9 @@ class DenseInitSpec:
         "DENSE_EPOCHS": "dense.epochs",
         "DENSE_LR": "dense.lr",
         "DENSE_BATCH_SIZE": "dense.batch_size",
+        "DENSE_MARGIN": "dense.margin",
+        "DENSE_ENTROPY_WEIGHT": "dense.entropy_weight",
+        "DENSE_TRAIN_ON_INDEX": "include_index",
         "LR": ("index.lr", "multitask.lr"),
         "BATCH_SIZE": ("index.batch_size", "multitask.batch_size"),
         "WARMUP_STEPS": "index.warmup_steps",
@@ -126,6 +153,7 @@ class DenseInitSpec:
         "IDS_C": "semantic_c",
         "BOVW_WORDS": "words",
         "BOVW_VOCABULARIES": "vocabularies",
+        "K": "k",
     }
 
     def __post_init__(self) -> None:
@@ -133,31 +161,51 @@ class DenseInitSpec:
         no_pooling(self)
 
 
-def run(spec: DenseInitSpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The dense-init study of ``spec``: DSI checkpoints to ``paths.runs``, tables to ``paths.out``; (results, histories)."""
-    return _dense_init_study(
-        spec.source,
-        spec.size,
-        tuple(spec.ns),
-        tuple(spec.schemes),
-        tuple(spec.seeds),
-        model_overrides=spec.model.overrides(),
-        dense_config=spec.dense,
-        dense_pooling=spec.pooling,
-        index_config=spec.index,
-        multitask_config=spec.multitask,
-        mix_ratio=spec.mix_ratio,
-        max_pairs_per_query=spec.max_pairs_per_query,
-        bovw_words=spec.words,
-        bovw_vocabularies=spec.vocabularies,
-        targets=spec.targets,
-        index_views=spec.index_views,
-        consolidate=spec.consolidate,
-        id_params={"k": spec.semantic_k, "c": spec.semantic_c},
-        dense_runs=Path(spec.dense_runs) if spec.dense_runs else data_dir() / "runs" / "dense",
-        runs_dir=paths.runs,
-        out_dir=paths.out,
-        root=spec.root,
+class DenseInitResult(NamedTuple):
+    """What :func:`run` returns: the result rows and training histories, and (a profile's study) its
+    figure by file stem and the target tables of :func:`target_tables`."""
+
+    results: pd.DataFrame
+    histories: pd.DataFrame
+    figures: dict[str, Figure] = {}
+    targets: dict[str, pd.DataFrame] = {}
+
+
+def run(spec: DenseInitSpec, paths: StudyPaths) -> DenseInitResult:
+    """The dense-init study of ``spec``: DSI checkpoints to ``paths.runs``, tables to ``paths.out``.
+
+    With a profile's paths (:meth:`StudyPaths.create`, notebook 14) it is that profile's study: see
+    :func:`_profile_study`. Otherwise (a recipe) :func:`_dense_init_study` writes its files into ``paths.out``.
+    """
+    if paths.profile is not None:
+        return _profile_study(spec, paths)
+    refuse_profile_only(spec)
+    return DenseInitResult(
+        *_dense_init_study(
+            spec.source,
+            spec.size,
+            tuple(spec.ns),
+            tuple(spec.schemes),
+            tuple(spec.seeds),
+            model_overrides=spec.model.overrides(),
+            dense_config=spec.dense,
+            dense_pooling=spec.pooling,
+            index_config=spec.index,
+            multitask_config=spec.multitask,
+            mix_ratio=spec.mix_ratio,
+            max_pairs_per_query=spec.max_pairs_per_query,
+            bovw_words=spec.words,
+            bovw_vocabularies=spec.vocabularies,
+            k=spec.k,
+            targets=spec.targets,
+            index_views=spec.index_views,
+            consolidate=spec.consolidate,
+            id_params={"k": spec.semantic_k, "c": spec.semantic_c},
+            dense_runs=Path(spec.dense_runs) if spec.dense_runs else data_dir() / "runs" / "dense",
+            runs_dir=paths.runs,
+            out_dir=paths.out,
+            root=spec.root,
+        )
     )
 
 
@@ -387,3 +435,178 @@ def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
     if target4:
         lines.append(target4)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# A notebook profile's dense-init study (notebook 14) and the project's targets
+# ------------------------------------------------------------------------------------------
+def _profile_study(spec: DenseInitSpec, paths: StudyPaths) -> DenseInitResult:
+    """Notebook 14's study, inside a profile's report (``paths`` from :meth:`StudyPaths.create`).
+
+    It differs from :func:`_dense_init_study` (a recipe's) where a profile's study shares its folders
+    with the other notebooks: each database seed also seeds the training; the dense encoder is notebook
+    07's (``dense.pt`` in the run folder of the ``dense_scheme`` database, trained here only when it is
+    missing), and the rows of BoVW, the DSI, the dense search and the other ID schemes are those of
+    notebooks 05, 07 and 08 (``tables/table1.csv``, ``dense.csv``, ``ids.csv``, where they exist).
+    Writes ``tables/`` histories_dense_init.csv, dense_init_ids, dense_init, target3 and target4 (CSV
+    and Markdown) and ``figures/dense_init_vs_n.png``; prints a line per database and ID scheme trained.
+    """
+    name = dataset_name(spec.source, spec.root, spec.name)
+    image_set = load_images(
+        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
+    )
+    overrides = spec.model.overrides()
+    frames, histories, id_facts = [], [], []
+    if not spec.schemes:
+        print(
+            "INIT_SCHEMES is empty: no DSI is started from the dense encoder; the tables below gather the "
+            "models of notebooks 05, 07 and 08"
+        )
+    for n in spec.ns if spec.schemes else ():
+        for seed in spec.seeds:
+            first = build_database(image_set, n, id_scheme=spec.dense_scheme, seed=seed)
+            train_or_load(
+                first,
+                model_overrides={**overrides, "pooling": spec.pooling},
+                train_config=replace(spec.dense, seed=seed, progress=False),
+                include_index=spec.include_index,
+                run_dir=paths.run_dir(first),
+            )
+            for scheme in spec.schemes:
+                own = scheme if scheme in ID_SCHEMES else spec.dense_scheme
+                db = build_database(image_set, n, id_scheme=own, seed=seed)
+                run = run_dense_init(
+                    db,
+                    paths.run_dir(first) / "dense.pt",
+                    scheme=scheme,
+                    run_dir=paths.runs / run_name(db, f"{scheme}-dense-init"),
+                    model_overrides=overrides,
+                    index_config=replace(spec.index, seed=seed, progress=False),
+                    multitask_config=replace(spec.multitask, seed=seed, progress=False),
+                    mix_ratio=spec.mix_ratio,
+                    max_pairs_per_query=spec.max_pairs_per_query,
+                    k=spec.k,
+                    id_params={"k": spec.semantic_k, "c": spec.semantic_c},
+                    targets=spec.targets,
+                    index_views=spec.index_views,
+                    consolidate=spec.consolidate,
+                )
+                ex = run.experiment
+                frames.append(ex.table)
+                id_facts.append({"n": n, "seed": seed, **run.id_facts})
+                for phase in (ex.zero_shot, ex.multitask):
+                    histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
+                print(
+                    f"N={n} {scheme} seed {seed}: indexed in {ex.zero_shot.epochs} epochs "
+                    f"({ex.zero_shot.seconds:.0f} s), multi-task {ex.multitask.epochs} epochs "
+                    f"({ex.multitask.seconds:.0f} s)"
+                )
+    history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    if histories:
+        history_frame.to_csv(paths.tables / "histories_dense_init.csv", index=False)
+        write_table(pd.DataFrame(id_facts), paths.tables / "dense_init_ids")
+
+    earlier = []
+    for table in ("table1", "dense", "ids"):
+        csv = paths.tables / f"{table}.csv"
+        if csv.exists():
+            earlier.append(pd.read_csv(csv))
+        else:
+            print(f"{csv.name} is missing (an earlier notebook writes it); its rows are left out")
+    results = pd.concat([*earlier, *frames], ignore_index=True)
+    results = results[results["n"].isin(spec.ns) & results["seed"].isin(spec.seeds)]
+    results = results.drop(columns=[c for c in ("paper",) if c in results.columns])
+    results = results.drop_duplicates(subset=["model", "ids", "n", "seed", "metric"], keep="last")
+    results = attach_paper(results)
+    write_table(results, paths.tables / "dense_init", markdown=table1_markdown(results))
+
+    shown = results[  # the multi-task models of notebook 08 (its atomic IDs: the best 64 px recipe) and of this one
+        results["model"].isin(["BoVW", DENSE_MODEL, "DSI fine-tuned", MULTITASK, INIT_MULTITASK])
+        & results["ids"].isin(["-", "clustered", "random", "semantic", "atomic"])
+    ]
+    figures = {
+        "dense_init_vs_n": metric_vs_n(
+            shown, ("IA@1", "mAP@10", "P@10"), title="BoVW, dense search, DSI, and the dense-init DSI"
+        )
+    }
+    save_figure(figures["dense_init_vs_n"], paths.figures / "dense_init_vs_n.png")
+    targets = target_tables(results)
+    write_table(targets["target3"], paths.tables / "target3")
+    if len(targets["target4"]):
+        write_table(targets["target4"], paths.tables / "target4", markdown=gap_markdown(targets["target4"]))
+    return DenseInitResult(results, history_frame, figures, targets)
+
+
+def target_tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Targets 2-4 of ``STUDY.md`` on every model of ``results``, per database (:mod:`~vitdsi_utils.reports.targets`).
+
+    ``target2``: zero-shot IA@1 of the paper's DSI and of the dense-init DSI; ``target3``: every DSI
+    variant against BoVW (the dense search left out); ``target4``: the gaps of the dense-init DSI's
+    ID schemes to its clustered IDs (no rows when it has no clustered IDs to compare with).
+    """
+    t2 = pd.concat(
+        [
+            zero_shot_memorisation(results).assign(model="DSI zero-shot"),
+            zero_shot_memorisation(results, model=INIT_ZERO_SHOT).assign(model=INIT_ZERO_SHOT),
+        ]
+    )
+    t3 = beats_baseline(results)
+    t3 = t3[t3["model"] != DENSE_MODEL]
+    init_rows = results[results["model"].isin([INIT_ZERO_SHOT, INIT_MULTITASK])]
+    if "clustered" in set(init_rows["ids"]):
+        t4 = gap_table(init_rows, reference="clustered")
+    else:
+        t4 = pd.DataFrame(columns=["model", "n", "seed", "ids", "max_abs_gap", "within_target", "not_worse"])
+    return {"target2": t2, "target3": t3, "target4": t4}
+
+
+def target_markdowns(targets: dict[str, pd.DataFrame]) -> list[str]:
+    """The tables of :func:`target_tables` as Markdown: target 2 (paper IDs), 3 and 4, summarised."""
+    t2 = targets["target2"]
+    return [
+        summarise(t2[t2["ids"].isin(["clustered", "random"])]).to_markdown(index=False),
+        summarise(targets["target3"]).to_markdown(index=False),
+        gap_markdown(targets["target4"])
+        if len(targets["target4"])
+        else "Target 4: no dense-init DSI with clustered IDs (INIT_SCHEMES) to compare with.",
+    ]
+
+
+def target_lines(targets: dict[str, pd.DataFrame]) -> list[str]:
+    """The verdicts of :func:`target_tables`: target 2 for the paper's DSI, target 3 (and the dense-init
+    DSI's margins per N), target 4 as written (two-sided) and one-sided."""
+    t2, t3, t4 = targets["target2"], targets["target3"], targets["target4"]
+    met3 = summarise(t3)
+    met3 = met3[met3["met_everywhere"]]
+    paper_t2 = t2[t2["ids"].isin(["clustered", "random"]) & (t2["model"] == "DSI zero-shot")]
+    lines = [
+        f"Target 2: {'met' if paper_t2['met'].all() else 'not met'} by the paper's DSI.",
+        "Target 3: "
+        + (
+            "met by " + ", ".join(f"{r.model} ({r.ids})" for r in met3.itertuples())
+            if len(met3)
+            else "not met by any DSI variant at every N."
+        ),
+    ]
+    for r in t3[t3["model"].isin([MULTITASK, INIT_MULTITASK])].to_dict("records"):  # 08's and this study's
+        lines.append(
+            f"  {r['model']} ({r['ids']}) N={r['n']}: IA@1 {r['IA@1']:.3f}; "
+            f"mAP@10 low end {r['mAP@10 low']:.3f} vs BoVW high end {r['BoVW mAP@10 high']:.3f}; "
+            f"P@10 low end {r['P@10 low']:.3f} vs BoVW high end {r['BoVW P@10 high']:.3f} -> "
+            f"{'met' if r['met'] else 'not met'}"
+        )
+    t4_ok = summarise(t4, column="within_target")
+    if t4_ok["met_everywhere"].any():
+        verdict = "met by " + ", ".join(f"{r.model} ({r.ids})" for r in t4_ok[t4_ok["met_everywhere"]].itertuples())
+    elif len(t4):
+        verdict = f"not met; the smallest largest-gap is {t4['max_abs_gap'].min():.3f}"
+    else:
+        verdict = "no scheme to compare"
+    lines.append(f"Target 4: {verdict}")
+    if len(t4):
+        one_sided = summarise(t4, column="not_worse")
+        lines.append(
+            "Target 4, one-sided (no metric more than 0.03 below clustered at every N): "
+            + (", ".join(f"{r.model} ({r.ids})" for r in one_sided[one_sided["met_everywhere"]].itertuples()) or "none")
+        )
+    return lines

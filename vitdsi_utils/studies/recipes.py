@@ -35,7 +35,16 @@ import yaml
 from vitdsi_utils import settings
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies import ablations, bovw, dense, dense_init, dsi, incremental, pretrain, scale
-from vitdsi_utils.studies.specs import SpecError, build_spec, deep_merge, load_yaml, parse_set, set_value, spec_to_dict
+from vitdsi_utils.studies.specs import (
+    SpecError,
+    build_spec,
+    deep_merge,
+    load_yaml,
+    parse_set,
+    refuse_profile_only,
+    set_value,
+    spec_to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,7 @@ def build_run(values: Mapping[str, Any], label: str = "") -> RecipeRun:
             keys = sorted([*allowed.split(", "), *RUN_KEYS])
             raise SpecError(f"{head} for study {name}; allowed: {', '.join(keys)}") from None
         raise
+    refuse_profile_only(spec)
     out = Path(folders["out_dir"]) if folders["out_dir"] else settings.reports_dir() / study.out
     runs = (
         Path(folders["runs_dir"]) if folders["runs_dir"] else settings.data_dir() / "runs" / (study.runs or study.out)

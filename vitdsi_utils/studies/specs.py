@@ -415,3 +415,26 @@ def spec_from_profile(cls: type, params: Mapping[str, Any], *, ignore_unknown: b
                 if message.startswith(f"{target}:") and key in params:
                     raise SpecError(f"profile key {key} ({message})") from None
         raise
+
+
+def profile_only(spec: Any) -> list[str]:
+    """The fields of ``spec``'s ``PROFILE_ONLY`` (settings only a notebook profile's study reads) set away from their defaults."""
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    return [name for name in getattr(spec, "PROFILE_ONLY", ()) if getattr(spec, name) != _default(fields[name])]
+
+
+def refuse_profile_only(spec: Any) -> None:
+    """SpecError naming the first :func:`profile_only` setting: a recipe's run of the study would not read it."""
+    changed = profile_only(spec)
+    if changed:
+        raise SpecError(f"{changed[0]}: read by a notebook profile's study only, not by a recipe; remove it")
+
+
+def notebook_spec(cls: type, namespace: Mapping[str, Any]) -> Any:
+    """The spec of a notebook's study from its namespace (``globals()``): its UPPER_CASE names are the profile's keys.
+
+    Names the spec does not use (other notebooks' keys, ``OUT_DIR``, ...) are left out, as by
+    :func:`spec_from_profile` with ``ignore_unknown``.
+    """
+    params = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
+    return spec_from_profile(cls, params, ignore_unknown=True)
