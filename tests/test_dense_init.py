@@ -125,3 +125,31 @@ def test_an_encoder_of_another_shape_is_refused(tmp_path, images):
     )
     with pytest.raises(ValueError, match="dim: 64 in .* 32 in the model"):
         run_dense_init(db, other, model_overrides=SHAPE, index_config=TrainConfig(epochs=1, progress=False))
+
+
+def test_targets_without_dense_init_models_name_the_multitask_ones_and_skip_target_4():
+    """paper-cpu's 14 may train no clustered dense-init DSI: targets 2 and 3 still come from 05/08's rows."""
+    import pandas as pd
+
+    from vitdsi_utils.reports.tables import MULTITASK
+    from vitdsi_utils.studies.dense_init import target_lines, target_markdowns, target_tables
+
+    rows = []
+    for n in (512, 1024):
+        rows += [("BoVW", "-", n, "mAP@10", 0.08, 0.05, 0.10), ("BoVW", "-", n, "P@10", 0.15, 0.12, 0.19)]
+        rows += [("DSI zero-shot", ids, n, "IA@1", 0.99, 0.98, 1.0) for ids in ("clustered", "random")]
+        rows += [
+            (MULTITASK, "atomic", n, "IA@1", 0.98, 0.96, 0.99),
+            (MULTITASK, "atomic", n, "mAP@10", 0.30, 0.20, 0.40),
+            (MULTITASK, "atomic", n, "P@10", 0.35, 0.25, 0.45),
+            (INIT_MULTITASK, "random", n, "IA@1", 0.90, 0.85, 0.95),
+        ]
+    results = pd.DataFrame(rows, columns=["model", "ids", "n", "metric", "value", "ci_low", "ci_high"]).assign(seed=0)
+    targets = target_tables(results)
+    assert len(targets["target4"]) == 0  # no clustered dense-init rows to compare with
+    lines = target_lines(targets)
+    assert "Target 2: met by the paper's DSI." in lines
+    assert f"Target 3: met by {MULTITASK} (atomic)" in lines
+    assert any(line.startswith(f"  {MULTITASK} (atomic) N=512: IA@1 0.980") for line in lines)
+    assert "Target 4: no scheme to compare" in lines
+    assert "no dense-init DSI with clustered IDs" in target_markdowns(targets)[-1]
