@@ -112,10 +112,10 @@ def table1_markdown(results: pd.DataFrame) -> str:
         group = results[(results.model == model) & (results.n == n) & (results.ids == ids) & (results.seed == seed)]
         row = group.set_index("metric")
 
-        def cell(metric: str) -> str:
+        def cell(metric: str, row: pd.DataFrame = row) -> str:
             return metric_cell(row.loc[metric]) if metric in row.index else "–"
 
-        def number(metric: str, column: str) -> str:
+        def number(metric: str, column: str, row: pd.DataFrame = row) -> str:
             return format_number(row.at[metric, column]) if metric in row.index and column in row.columns else "–"
 
         lines.append(

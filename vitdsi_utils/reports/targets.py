@@ -18,7 +18,7 @@ of the baseline's; overlapping intervals are not a win.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,12 +81,20 @@ def beats_baseline(
     for metric in metrics:
         rows = _wide(results, metric)
         base = rows[rows["model"] == baseline][["n", "seed", "value", "ci_low", "ci_high"]]
-        base = base.rename(columns={"value": f"{baseline} {metric}", "ci_low": f"{baseline} {metric} low",
-                                    "ci_high": f"{baseline} {metric} high"})
+        base = base.rename(
+            columns={
+                "value": f"{baseline} {metric}",
+                "ci_low": f"{baseline} {metric} low",
+                "ci_high": f"{baseline} {metric} high",
+            }
+        )
         ours = rows.rename(columns={"value": metric, "ci_low": f"{metric} low", "ci_high": f"{metric} high"})
         table = table.merge(ours, on=_KEYS, how="inner").merge(base, on=["n", "seed"], how="inner")
-        verdict = np.where(table[f"{metric} low"] > table[f"{baseline} {metric} high"], "better",
-                           np.where(table[f"{metric} high"] < table[f"{baseline} {metric} low"], "worse", "overlap"))
+        verdict = np.where(
+            table[f"{metric} low"] > table[f"{baseline} {metric} high"],
+            "better",
+            np.where(table[f"{metric} high"] < table[f"{baseline} {metric} low"], "worse", "overlap"),
+        )
         table[f"{metric} verdict"] = verdict
     verdicts = table[[f"{metric} verdict" for metric in metrics]]
     table = table.assign(met=(table["IA@1"] >= min_ia) & (verdicts == "better").all(axis=1))
@@ -120,14 +128,19 @@ def target3_markdown(results: pd.DataFrame, *, exclude: Sequence[str] = (), base
     verdicts = verdicts[~verdicts["model"].isin(list(exclude))]
     if not len(verdicts):
         return ""
-    lines = [f"## Target 3: IA@1 >= 0.95 and disjoint intervals above {baseline} on mAP@10 and P@10", "",
-             f"| model | IDs | N | IA@1 | mAP@10 vs {baseline} | P@10 vs {baseline} | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Target 3: IA@1 >= 0.95 and disjoint intervals above {baseline} on mAP@10 and P@10",
+        "",
+        f"| model | IDs | N | IA@1 | mAP@10 vs {baseline} | P@10 vs {baseline} | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in verdicts.to_dict("records"):
         lines.append(
             f"| {r['model']} | {r['ids']} | {r['n']} | {r['IA@1']:.3f} "
             f"| {r['mAP@10']:.3f} [{r['mAP@10 low']:.3f}, {r['mAP@10 high']:.3f}] vs {r[f'{baseline} mAP@10 high']:.3f} (upper) "
             f"| {r['P@10']:.3f} [{r['P@10 low']:.3f}, {r['P@10 high']:.3f}] vs {r[f'{baseline} P@10 high']:.3f} (upper) "
-            f"| {'yes' if r['met'] else 'no'} |")
+            f"| {'yes' if r['met'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -139,8 +152,13 @@ def target4_markdown(dsi_results: pd.DataFrame, *, reference: str = "clustered")
 
     if reference not in set(dsi_results["ids"]) or dsi_results["ids"].nunique() < 2:
         return ""
-    return "\n".join([f"## Target 4: each scheme minus {reference} IDs (point estimates)", "",
-                       gap_markdown(gap_table(dsi_results, reference=reference))])
+    return "\n".join(
+        [
+            f"## Target 4: each scheme minus {reference} IDs (point estimates)",
+            "",
+            gap_markdown(gap_table(dsi_results, reference=reference)),
+        ]
+    )
 
 
 #: The metrics the comparison reports, in column order.
@@ -157,9 +175,13 @@ TARGET_GAP = 0.03
 def ordered_by_scheme(frame: pd.DataFrame, schemes: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows by model (zero-shot first), N, seed and scheme (in the order given, else the table's own)."""
     schemes = list(schemes or dict.fromkeys(frame["ids"]))
-    return frame.assign(
-        _m=frame["model"].map(MODEL_ORDER).fillna(9), _s=frame["ids"].map({s: i for i, s in enumerate(schemes)})
-    ).sort_values(["_m", "n", "seed", "_s"]).drop(columns=["_m", "_s"])
+    return (
+        frame.assign(
+            _m=frame["model"].map(MODEL_ORDER).fillna(9), _s=frame["ids"].map({s: i for i, s in enumerate(schemes)})
+        )
+        .sort_values(["_m", "n", "seed", "_s"])
+        .drop(columns=["_m", "_s"])
+    )
 
 
 def gap_table(
@@ -192,14 +214,20 @@ def gap_markdown(gaps: pd.DataFrame, target: float = TARGET_GAP) -> str:
     """:func:`gap_table` as Markdown, differences signed (scheme minus the reference)."""
     metrics = [m for m in METRICS if m in gaps.columns]
     one_sided = "not_worse" in gaps.columns
-    header = ("| model | N | seed | IDs | " + " | ".join(f"Δ {m}" for m in metrics) + f" | max abs Δ | within {target} |"
-              + (f" no Δ below -{target} |" if one_sided else ""))
+    header = (
+        "| model | N | seed | IDs | "
+        + " | ".join(f"Δ {m}" for m in metrics)
+        + f" | max abs Δ | within {target} |"
+        + (f" no Δ below -{target} |" if one_sided else "")
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in gaps.to_dict("records"):
         deltas = " | ".join(f"{row[m]:+.3f}" for m in metrics)
-        lines.append(f"| {row['model']} | {row['n']} | {row['seed']} | {row['ids']} | {deltas} "
-                     f"| {row['max_abs_gap']:.3f} | {'yes' if row['within_target'] else 'no'} |"
-                     + (f" {'yes' if row['not_worse'] else 'no'} |" if one_sided else ""))
+        lines.append(
+            f"| {row['model']} | {row['n']} | {row['seed']} | {row['ids']} | {deltas} "
+            f"| {row['max_abs_gap']:.3f} | {'yes' if row['within_target'] else 'no'} |"
+            + (f" {'yes' if row['not_worse'] else 'no'} |" if one_sided else "")
+        )
     return "\n".join(lines)
 
 
@@ -215,6 +243,9 @@ def baseline_verdicts(results: pd.DataFrame, metric: str = "mAP@10", baseline: s
     base = base.rename(columns={c: f"baseline_{c}" for c in ("value", "ci_low", "ci_high")})
     ours = rows[rows["model"] != baseline][["n", "seed", "model", "ids", "value", "ci_low", "ci_high"]]
     merged = ours.merge(base, on=["n", "seed"], how="inner")
-    verdict = np.where(merged["ci_low"] > merged["baseline_ci_high"], "better",
-                       np.where(merged["ci_high"] < merged["baseline_ci_low"], "worse", "overlap"))
+    verdict = np.where(
+        merged["ci_low"] > merged["baseline_ci_high"],
+        "better",
+        np.where(merged["ci_high"] < merged["baseline_ci_low"], "worse", "overlap"),
+    )
     return merged.assign(verdict=verdict).sort_values(["n", "seed", "model", "ids"]).reset_index(drop=True)
