@@ -15,7 +15,7 @@
 # It runs with the paper's *clustered* and *random* IDs and with *semantic* IDs from hierarchical
 # k-means over the dense embeddings (`IDS_K` branches, leaves of `IDS_C`), which use no labels
 # (`INIT_SCHEMES`; an empty list trains none, and the notebook only gathers the other models).
-# The last section checks the targets of `STUDY.md` on every model of the study.
+# The last section checks the targets of `docs/protocol.md` on every model of the study.
 
 # %% tags=["parameters"]
 # Parameters: the smoke profile's values. `vitdsi study --profile NAME` replaces them with

@@ -7,8 +7,9 @@ only when a cell returns it (no duplicates) and a long study does not accumulate
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt  # without a display, matplotlib falls back to Agg by itself
 import numpy as np
@@ -216,7 +217,11 @@ def metric_vs_n(results: pd.DataFrame, metrics: Sequence[str] = ("P@10", "R@100"
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, title="dotted: chance", title_fontsize=7)
+    entries: dict[str, Any] = {}  # every series once, also those the first panel lacks (BoVW has no IA@1)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[0, 0].legend(entries.values(), entries.keys(), fontsize=8, title="dotted: chance", title_fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -248,10 +253,15 @@ def metric_bars(
                     continue  # e.g. BoVW has no indexing accuracy
                 r = rows.loc[(model, ids, n)]
                 x = i - 0.4 + width * (j + 0.5)
-                ax.bar(x, r["value"], width, color=SERIES_COLORS[(model, ids)],
-                       label=(model if ids == "-" else f"{model}, {ids}") if i == 0 else None,
-                       yerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
-                       error_kw={"capsize": 2, "elinewidth": 1})
+                ax.bar(
+                    x,
+                    r["value"],
+                    width,
+                    color=SERIES_COLORS[(model, ids)],
+                    label=(model if ids == "-" else f"{model}, {ids}") if i == 0 else None,
+                    yerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
+                    error_kw={"capsize": 2, "elinewidth": 1},
+                )
                 ax.hlines(r["chance"], x - width / 2, x + width / 2, colors="k", linestyles="dashed", linewidth=1)
                 if (model, ids, n) in paper_rows.index and pd.notna(paper_rows.loc[(model, ids, n)].get("paper")):
                     ax.plot(x, paper_rows.loc[(model, ids, n), "paper"], "o", mfc="none", mec="k", ms=6)
@@ -265,11 +275,20 @@ def metric_bars(
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    handles += [plt.Line2D([], [], color="k", ls="--", lw=1),
-                plt.Line2D([], [], marker="o", mfc="none", mec="k", ls="")]
+    handles += [
+        plt.Line2D([], [], color="k", ls="--", lw=1),
+        plt.Line2D([], [], marker="o", mfc="none", mec="k", ls=""),
+    ]
     labels += ["chance", "paper"]
-    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncols=min(len(labels), 4),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02),
+    )
     fig.suptitle(title or "Retrieval and indexing metrics with 95% intervals")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

@@ -524,11 +524,8 @@ def _profile_study(spec: DenseInitSpec, paths: StudyPaths) -> DenseInitResult:
         results["model"].isin(["BoVW", DENSE_MODEL, "DSI fine-tuned", MULTITASK, INIT_MULTITASK])
         & results["ids"].isin(["-", "clustered", "random", "semantic", "atomic"])
     ]
-    figures = {
-        "dense_init_vs_n": metric_vs_n(
-            shown, ("IA@1", "mAP@10", "P@10"), title="BoVW, dense search, DSI, and the dense-init DSI"
-        )
-    }
+    title = "BoVW, dense search and the DSI" + (", with the dense-init DSI" if frames else "")
+    figures = {"dense_init_vs_n": metric_vs_n(shown, ("IA@1", "mAP@10", "P@10"), title=title)}
     save_figure(figures["dense_init_vs_n"], paths.figures / "dense_init_vs_n.png")
     targets = target_tables(results)
     write_table(targets["target3"], paths.tables / "target3")
@@ -538,7 +535,8 @@ def _profile_study(spec: DenseInitSpec, paths: StudyPaths) -> DenseInitResult:
 
 
 def target_tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Targets 2-4 of ``STUDY.md`` on every model of ``results``, per database (:mod:`~vitdsi_utils.reports.targets`).
+    """Targets 2-4 of ``docs/protocol.md`` on every model of ``results``, per database
+    (:mod:`~vitdsi_utils.reports.targets`).
 
     ``target2``: zero-shot IA@1 of the paper's DSI and of the dense-init DSI; ``target3``: every DSI
     variant against BoVW (the dense search left out); ``target4``: the gaps of the dense-init DSI's
