@@ -28,7 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 ## the main job: every notebook of the study, in order, for PROFILE (smoke | cpu | paper-cpu | paper) -> reports/$(PROFILE)/
-## (paper-cpu: Table 1 at 160 px on 2 cores, about 2 hours; a rerun resumes where a stopped one stopped)
+## (paper-cpu: Table 1 at 160 px on 2 cores, 2.2 hours from nothing; a rerun resumes where a stopped one stopped)
 study: venv
 	$(BIN)/vitdsi study --profile $(PROFILE)
 

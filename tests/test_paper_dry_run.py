@@ -153,7 +153,7 @@ def test_paper_dry_run_end_to_end(imagenette_dir, monkeypatch, tmp_path):
 @pytest.mark.slow
 @pytest.mark.imagenette
 def test_paper_cpu_dry_run_end_to_end(imagenette_dir, monkeypatch, tmp_path):
-    """The 160 px profile's own paths: a chosen set of notebooks, atomic multi-task models only, one dense-init scheme."""
+    """The 160 px profile's own paths: a chosen set of notebooks, atomic multi-task models only, no dense-init DSI."""
     dry_run_environment(monkeypatch, tmp_path, imagenette_dir)
     assert cli.main(["study", "--profile", "paper-cpu", "--dry-run", "--quiet"]) == 0
     out = tmp_path / "reports" / "paper-cpu-dry-run"
@@ -165,6 +165,7 @@ def test_paper_cpu_dry_run_end_to_end(imagenette_dir, monkeypatch, tmp_path):
     assert models <= set(every["model"])
     assert set(every.loc[every["model"] == "DSI multi-task", "ids"]) == {"atomic"}
     assert set(every.loc[every["model"] == "DSI multi-task", "n"]) == {40, 64, 128}
+    assert not every["model"].str.contains("dense init").any()  # INIT_SCHEMES is empty: 14 only gathers
     target3 = pd.read_csv(out / "tables" / "target3.csv")
     assert "DSI multi-task" in set(target3["model"])
     readme = (out / "README.md").read_text()
