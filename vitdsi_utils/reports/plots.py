@@ -198,6 +198,16 @@ def _mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
     return results.groupby(["model", "ids", "n", "metric"], as_index=False)[columns].mean()
 
 
+def legend_entries(axes: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """(handles, labels) of every labelled series of ``axes``, each once, in order of first appearance:
+    also the series a first panel lacks (BoVW has no IA@1)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), list(entries)
+
+
 def metric_vs_n(results: pd.DataFrame, metrics: Sequence[str] = ("P@10", "R@100"), title: str | None = None) -> Figure:
     """One panel per metric against N: a line per (model, IDs) with 95% intervals, chance dashed."""
     table = _mean_over_seeds(results)
@@ -217,11 +227,8 @@ def metric_vs_n(results: pd.DataFrame, metrics: Sequence[str] = ("P@10", "R@100"
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    entries: dict[str, Any] = {}  # every series once, also those the first panel lacks (BoVW has no IA@1)
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    axes[0, 0].legend(entries.values(), entries.keys(), fontsize=8, title="dotted: chance", title_fontsize=7)
+    handles, labels = legend_entries(axes[0])
+    axes[0, 0].legend(handles, labels, fontsize=8, title="dotted: chance", title_fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -269,12 +276,7 @@ def metric_bars(
         ax.set_ylim(0, 1.05)
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    for ax in axes[0][1:]:  # a series can be absent from the first panel (BoVW has no IA@1)
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = legend_entries(axes[0])
     handles += [
         plt.Line2D([], [], color="k", ls="--", lw=1),
         plt.Line2D([], [], marker="o", mfc="none", mec="k", ls=""),
