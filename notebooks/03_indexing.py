@@ -41,65 +41,25 @@ OUT_DIR = None                        # tables/ and figures/ go here; None: repo
 RUNS_DIR = None                       # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import numpy as np
-import pandas as pd
-import torch
-
-from vitdsi_utils import metrics, settings
-from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.phases import index_database
-from vitdsi_utils.reports.plots import save_figure, training_curves
-from vitdsi_utils.runs import StudyPaths, run_name
-from vitdsi_utils.model.decoding import beam_search
-from vitdsi_utils.ids.schemes import codec_for
-from vitdsi_utils.reports.tables import write_csv, write_table
-from vitdsi_utils.training.config import TrainConfig, seed_everything
+from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies import indexing
+from vitdsi_utils.studies.dsi import DSISpec
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
+spec = notebook_spec(DSISpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Training
 #
 # One line per database: epochs, wall time, the final training accuracy (re-measured without
-# dropout, as the stopping rule does) and IA@1 with its 95% interval. `loaded` means the model came from an earlier run.
+# dropout, as the stopping rule does) and IA@1 with its 95% interval. `loaded` means the model came
+# from an earlier run with the same settings; a model trained with other settings is refused, with
+# the differences named, or (when only its epoch cap was lower) trained on.
 
 # %%
-runs, histories = [], []
-for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
-    n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
-    run_dir = paths.run_dir(db)
-    loaded = (run_dir / "zero_shot.pt").exists()
-    seed_everything(seed)  # the new model's initial weights come from torch's global generator
-    zero = index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
-    codec = codec_for(db)  # the database's dense IDs, as the model was indexed with
-    _, own = beam_search(zero.model, torch.from_numpy(db.split("index")[0]), codec, k=5)  # as 05_results does
-    ia = metrics.evaluate_indexing(own.numpy(), np.arange(db.n_index), ks=(1,), n_db=len(codec)).iloc[0]
-    # the accuracy the stopping rule saw: eval mode (no dropout) when it was checked, else the running one
-    train_acc = (zero.history.last("train_eval") or zero.history.last("train"))["seq_acc"]
-    runs.append(dict(run=run_name(db), n=n, ids=scheme, seed=seed, epochs=zero.epochs,
-                     seconds=zero.seconds, train_seq_acc=train_acc, ia1=ia.value, ia1_low=ia.ci_low,
-                     ia1_high=ia.ci_high, loaded=loaded, run_dir=settings.portable_path(run_dir)))
-    histories.append(zero.history.to_frame().assign(n=n, ids=scheme, seed=seed))
-    print(f"N={n} {scheme:9s} seed {seed}: {zero.epochs} epochs, {zero.seconds:.0f} s, train acc {train_acc:.3f}, "
-          f"IA@1 {ia.value:.3f} [{ia.ci_low:.3f}, {ia.ci_high:.3f}]" + (" (loaded)" if loaded else ""))
-runs = pd.DataFrame(runs)
-histories = pd.concat(histories, ignore_index=True)
-write_table(runs, paths.tables / "indexing_runs")  # the demo finds the run folders here
-write_csv(histories, paths.tables / "histories_indexing.csv")
-runs.drop(columns=["run", "run_dir"]).round(3)
+result = indexing.run(spec, paths)
+result.runs.drop(columns=["run", "run_dir"]).round(3)
 
 # %% [markdown]
 # ## Figure 1: the indexing phase
@@ -108,12 +68,7 @@ runs.drop(columns=["run", "run_dir"]).round(3)
 # Figure 1). Larger databases take more epochs to memorise.
 
 # %%
-fig = training_curves(histories, phase="indexing", split="train", metrics=("loss", "seq_acc"),
-                            title="Figure 1: indexing (train)")
-save_figure(fig, paths.figures / "figure1_indexing.png")
-fig
+result.figures["figure1_indexing"]
 
 # %%
-reached = runs["train_seq_acc"] >= TARGET_ACCURACY
-print(f"{int(reached.sum())} of {len(runs)} runs reached the target train accuracy {TARGET_ACCURACY} "
-      f"within {INDEX_EPOCHS} epochs; zero-shot IA@1 ranges {runs['ia1'].min():.3f}-{runs['ia1'].max():.3f}.")
+print(indexing.summary_line(spec, result.runs))

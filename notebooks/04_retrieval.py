@@ -42,52 +42,22 @@ OUT_DIR = None                        # tables/ and figures/ go here; None: repo
 RUNS_DIR = None                       # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import pandas as pd
-
-from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.phases import fine_tune, index_database
-from vitdsi_utils.reports.plots import save_figure, training_curves
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.reports.tables import write_csv
-from vitdsi_utils.training.config import TrainConfig, seed_everything
+from vitdsi_utils.studies import retrieval
+from vitdsi_utils.studies.dsi import DSISpec
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
+spec = notebook_spec(DSISpec, globals())  # this notebook's parameters as the study's settings
 
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-
+# %% [markdown]
+# ## Training
+#
+# One line per database: epochs, wall time and the loss of the last epoch on the training and
+# validation pairs. `loaded` means the fine-tuned model came from an earlier run with the same settings.
 
 # %%
-histories = []
-for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
-    n, scheme, seed = db.settings["n"], db.settings["id_scheme"], db.settings["seed"]
-    run_dir = paths.run_dir(db)
-    if not (run_dir / "zero_shot.pt").exists():
-        print(f"N={n} {scheme} seed {seed}: no zero-shot model from 03_indexing in {run_dir}; training it now")
-        seed_everything(seed)
-    zero = index_database(db, model_overrides=model_overrides, config=index_config(seed), run_dir=run_dir)
-    tuned = fine_tune(db, zero.model, config=retrieval_config(seed), run_dir=run_dir,
-                                  max_pairs_per_query=MAX_PAIRS_PER_QUERY)
-    history = tuned.history.to_frame().assign(n=n, ids=scheme, seed=seed)
-    histories.append(history)
-    last = history[history["epoch"] == history["epoch"].max()].set_index("split")
-    print(f"N={n} {scheme:9s} seed {seed}: {tuned.epochs} epochs, {tuned.seconds:.0f} s; last epoch loss "
-          f"train {last.at['train', 'loss']:.3f}, val {last.at['val', 'loss']:.3f}")
-histories = pd.concat(histories, ignore_index=True)
-write_csv(histories, paths.tables / "histories_retrieval.csv")
+result = retrieval.run(spec, paths)
 
 # %% [markdown]
 # ## Figures 2 and 3: the retrieval phase
@@ -98,11 +68,7 @@ write_csv(histories, paths.tables / "histories_retrieval.csv")
 # that rises while the training loss falls means the model memorises the training queries.
 
 # %%
-fig = training_curves(histories, phase="retrieval", split="train", title="Figure 2: retrieval (train)")
-save_figure(fig, paths.figures / "figure2_retrieval_train.png")
-fig
+result.figures["figure2_retrieval_train"]
 
 # %%
-fig = training_curves(histories, phase="retrieval", split="val", title="Figure 3: retrieval (validation)")
-save_figure(fig, paths.figures / "figure3_retrieval_val.png")
-fig
+result.figures["figure3_retrieval_val"]

@@ -61,7 +61,7 @@ RUNS_DIR = None                       # trained models, one folder per database;
 from IPython.display import Markdown, display
 
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies import dense
+from vitdsi_utils.studies import dense, dense_report
 from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
@@ -103,7 +103,7 @@ result.figures["dense_vs_n"]
 # another model only when their 95% intervals do not overlap.
 
 # %%
-print("\n".join(dense.verdict_lines(result.results)))
+print("\n".join(dense_report.verdict_lines(result.results)))
 
 # %% [markdown]
 # ## Re-ranking: a fast first stage, the dense encoder on its top M
@@ -122,4 +122,4 @@ display(Markdown((paths.tables / "rerank.md").read_text()))
 result.figures["rerank_tradeoff"]
 
 # %%
-print("\n".join(dense.rerank_lines(result.reranking)))
+print("\n".join(dense_report.rerank_lines(result.reranking)))

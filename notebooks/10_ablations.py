@@ -62,7 +62,8 @@ from IPython.display import Markdown, display
 from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.ablations import ablation_figure, ablation_grid, ablations_markdown, describe, run_ablations
+from vitdsi_utils.studies.ablations import ablation_grid, run_ablations
+from vitdsi_utils.studies.ablations_report import ablation_figure, ablations_markdown, describe
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 

@@ -58,7 +58,8 @@ from IPython.display import Markdown, display
 from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.scale import ia_table, index_all_database, latency_table, scale_figure, scale_markdown
+from vitdsi_utils.studies.scale import ia_table, latency_table
+from vitdsi_utils.studies.scale_report import scale_figure, scale_markdown
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.training.config import TrainConfig
 

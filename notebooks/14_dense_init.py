@@ -68,8 +68,8 @@ from IPython.display import Markdown, display
 
 from vitdsi_utils.reports.paper import table1_markdown
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies import dense_init
-from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT
+from vitdsi_utils.studies import dense_init, dense_init_report
+from vitdsi_utils.studies.dense_init_report import INIT_MULTITASK, INIT_ZERO_SHOT
 from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
@@ -117,8 +117,8 @@ result.figures["dense_init_vs_n"]
 #   printed.
 
 # %%
-for table in dense_init.target_markdowns(result.targets):
+for table in dense_init_report.target_markdowns(result.targets):
     display(Markdown(table))
 
 # %%
-print("\n".join(dense_init.target_lines(result.targets)))
+print("\n".join(dense_init_report.target_lines(result.targets)))

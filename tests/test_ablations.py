@@ -8,17 +8,13 @@ import pandas as pd
 import pytest
 
 from vitdsi_utils.data.images import load_images
-from vitdsi_utils.studies.ablations import (
+from vitdsi_utils.studies.ablations import AblationsSpec, Variant, ablation_grid, merge_results, run_ablations
+from vitdsi_utils.studies.ablations_report import (
     FINE_TUNED,
     ZERO_SHOT,
-    AblationsSpec,
-    Variant,
     ablation_figure,
-    ablation_grid,
     ablations_markdown,
     describe,
-    merge_results,
-    run_ablations,
     summary_table,
 )
 from vitdsi_utils.studies.specs import build_spec

@@ -11,15 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
+from vitdsi_utils.baselines.contrastive import class_batches, contrastive_loss, dense_loss, entropy_loss
 from vitdsi_utils.baselines.dense import (
     DENSE_MODEL,
     DenseConfig,
     DenseEncoder,
     DenseTrainConfig,
-    class_batches,
-    contrastive_loss,
-    dense_loss,
-    entropy_loss,
     load_dense,
     save_dense,
     train_dense,

@@ -10,7 +10,8 @@ from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder, save_dense
 from vitdsi_utils.data.database import build_database
 from vitdsi_utils.data.images import load_images
 from vitdsi_utils.phases import index_database
-from vitdsi_utils.studies.dense_init import INIT_MULTITASK, INIT_ZERO_SHOT, dense_init_codec, run_dense_init
+from vitdsi_utils.studies.dense_init import dense_init_codec, run_dense_init
+from vitdsi_utils.studies.dense_init_report import INIT_MULTITASK, INIT_ZERO_SHOT
 from vitdsi_utils.training.config import TrainConfig
 
 SHAPE = dict(patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2)
@@ -132,7 +133,7 @@ def test_targets_without_dense_init_models_name_the_multitask_ones_and_skip_targ
     import pandas as pd
 
     from vitdsi_utils.reports.tables import MULTITASK
-    from vitdsi_utils.studies.dense_init import target_lines, target_markdowns, target_tables
+    from vitdsi_utils.studies.dense_init_report import target_lines, target_markdowns, target_tables
 
     rows = []
     for n in (512, 1024):

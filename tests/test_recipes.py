@@ -132,6 +132,7 @@ def one_line_error(capsys) -> str:
         ({"study": "dsi", "runs": {"size": 64}}, "runs: expected a list of mappings (one per run)"),
         # settings only a notebook profile's study reads: a recipe's run would ignore them
         ({"study": "dense", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "dsi", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dense-init", "include_index": False}, "include_index: read by a notebook profile's study only"),
     ],
 )
@@ -372,11 +373,22 @@ def test_specs_from_the_notebook_profiles():
     from vitdsi_utils.studies.dsi import DSISpec
     from vitdsi_utils.studies.incremental import IncrementalSpec
     from vitdsi_utils.studies.pretrain import PretrainSpec
+    from vitdsi_utils.studies.results import ResultsSpec
     from vitdsi_utils.studies.scale import ScaleSpec
     from vitdsi_utils.studies.specs import SpecError, spec_from_profile
 
     cpu = load_profile("cpu")
-    specs = (AblationsSpec, BoVWSpec, ClustersSpec, DenseSpec, DenseInitSpec, DSISpec, IncrementalSpec, PretrainSpec)
+    specs = (
+        AblationsSpec,
+        BoVWSpec,
+        ClustersSpec,
+        DenseSpec,
+        DenseInitSpec,
+        DSISpec,
+        IncrementalSpec,
+        PretrainSpec,
+        ResultsSpec,
+    )
     for cls in (*specs, ScaleSpec):
         for name in ("smoke", "cpu", "paper"):
             spec_from_profile(cls, load_profile(name), ignore_unknown=True)  # every bundled profile fits
@@ -400,6 +412,8 @@ def test_a_notebook_builds_its_spec_from_its_upper_case_names():
     from vitdsi_utils.studies.clusters import ClustersSpec
     from vitdsi_utils.studies.dense import DenseSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
+    from vitdsi_utils.studies.dsi import DSISpec
+    from vitdsi_utils.studies.results import ResultsSpec
     from vitdsi_utils.studies.specs import SpecError, notebook_spec
 
     namespace = {
@@ -432,6 +446,10 @@ def test_a_notebook_builds_its_spec_from_its_upper_case_names():
         0.3,
         False,
     )
+    dsi = notebook_spec(DSISpec, namespace)  # notebooks 03 and 04
+    assert (dsi.name, dsi.schemes, dsi.seeds) == ("my-digits", ("random", "clustered"), (3,))
+    table1 = notebook_spec(ResultsSpec, namespace)  # notebook 05
+    assert (table1.name, table1.size, table1.k, table1.schemes) == ("my-digits", 32, 50, ("random", "clustered"))
     init = notebook_spec(DenseInitSpec, namespace)
     assert (init.dense_scheme, init.dense.margin, init.include_index, init.k) == ("random", 0.3, False, 50)
     clusters = notebook_spec(ClustersSpec, {**namespace, "CLUSTER_KS": [2, 4], "CLUSTER_N": None})

@@ -9,20 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from vitdsi_utils.data.database import index_all_database, query_views
 from vitdsi_utils.data.images import ImageSet
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import indexing_accuracy
-from vitdsi_utils.studies.scale import (
-    METHODS,
-    geometric_ns,
-    ia_table,
-    index_all_database,
-    latency_table,
-    query_views,
-    reusable_latency,
-    scale_figure,
-    scale_markdown,
-)
+from vitdsi_utils.retrieval.latency import METHODS
+from vitdsi_utils.studies.scale import geometric_ns, ia_table, latency_table, reusable_latency
+from vitdsi_utils.studies.scale_report import scale_figure, scale_markdown
 from vitdsi_utils.training.checkpoint import CheckpointError
 from vitdsi_utils.training.config import TrainConfig
 

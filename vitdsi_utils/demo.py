@@ -31,9 +31,8 @@ from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.reports.plots import IRRELEVANT_COLOR, RELEVANT_COLOR, UNKNOWN_COLOR, readable_class, result_grid
-from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DSISearcher, Searcher
-from vitdsi_utils.runs import find_run_dir, run_name
+from vitdsi_utils.runs import DSI_MODEL_FILES, find_run_dir, run_name
 from vitdsi_utils.training.checkpoint import load_model
 
 #: Any aspect ratio is accepted for an uploaded image: it is centre-cropped like the database images.
@@ -309,11 +308,7 @@ class QueryDemo:
         """
 
         run = find_run_dir(path, db, ids)
-        found = {
-            name: run / file
-            for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt"))
-            if run is not None and (run / file).is_file()
-        }
+        found = {name: run / file for name, file in DSI_MODEL_FILES if run is not None and (run / file).is_file()}
         if not found:
             s = db.settings
             options = f" --dataset {s['source']}" + (

@@ -24,6 +24,7 @@ from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
+from vitdsi_utils.runs import DESCENDANT_FILES, INDEXING_CHECKPOINT, ZERO_SHOT_FILE, phase_files
 from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 from vitdsi_utils.training.history import History
@@ -33,18 +34,6 @@ from vitdsi_utils.training.tasks import AugmentedViews, IndexingTask, RetrievalP
 
 #: Retrieval targets of fine-tuning: fixed (query, relevant ID) pairs, or one relevant ID per query redrawn each epoch.
 TARGET_MODES = ("pairs", "same-class")
-
-
-#: The files of a run folder: the indexed model and its checkpoint, and what is trained from the indexed model.
-ZERO_SHOT_FILE, INDEXING_CHECKPOINT = "zero_shot.pt", "indexing.ckpt"
-DESCENDANT_FILES = (
-    "fine_tuned.pt",
-    "retrieval.ckpt",
-    "consolidate.ckpt",
-    "multitask.pt",
-    "multitask.ckpt",
-    "multitask_consolidate.ckpt",
-)
 
 
 def _seconds_before(checkpoint: Path | None) -> float:
@@ -330,7 +319,7 @@ def fine_tune(
     if run_dir is None:
         return _fine_tune(db, zero_shot, codec, config, options, fingerprint, None)
     with run_folder_lock(run_dir):
-        final = Path(run_dir) / f"{'multitask' if multitask else 'fine_tuned'}.pt"
+        final = Path(run_dir) / phase_files(multitask)[0]
         if final.exists():
             return _reuse_fine_tuned(final, codec, zero_shot.config, fingerprint, config, options)
         return _fine_tune(db, zero_shot, codec, config, options, fingerprint, Path(run_dir))
@@ -368,10 +357,10 @@ def _fine_tune(
         torch.from_numpy(val_images), val_labels, index_labels, max_pairs_per_query=max_pairs_per_query
     )
     model = copy.deepcopy(zero_shot)
-    stem = "multitask" if multitask else "fine_tuned"
-    checkpoint = run_dir / f"{'multitask' if multitask else 'retrieval'}.ckpt" if run_dir else None
+    final_file, checkpoint_file, consolidation_file = phase_files(multitask)
+    checkpoint = run_dir / checkpoint_file if run_dir else None
     # each model consolidates from its own checkpoint (the fine-tuned one keeps the name it always had)
-    consolidation = run_dir / f"{'multitask_' if multitask else ''}consolidate.ckpt" if run_dir else None
+    consolidation = run_dir / consolidation_file if run_dir else None
     # a consolidation checkpoint's history holds the fine-tuning rows too
     start = time.perf_counter() - (_seconds_before(consolidation) or _seconds_before(checkpoint))
     data_info = {**fingerprint, **options}  # resuming a checkpoint of other options is refused, naming them
@@ -424,7 +413,7 @@ def _fine_tune(
     epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
     if run_dir is not None:
         _save_final(
-            run_dir / f"{stem}.pt",
+            run_dir / final_file,
             model,
             codec,
             config,

@@ -13,8 +13,30 @@ from typing import Any
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.devices import resolve_device
+from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.settings import resolve_portable
 from vitdsi_utils.training.checkpoint import load_model
+
+#: The files of a run folder: the indexed (zero-shot) model and the checkpoint of its training ...
+ZERO_SHOT_FILE, INDEXING_CHECKPOINT = "zero_shot.pt", "indexing.ckpt"
+#: ... the models trained from it (plain fine-tuning, multi-task), each beside its own checkpoints ...
+FINE_TUNED_FILE, MULTITASK_FILE = "fine_tuned.pt", "multitask.pt"
+#: ... and the encoders of the baselines kept in the same folder (dense search, self-supervised pretraining).
+DENSE_FILE, SSL_FILE = "dense.pt", "ssl.pt"
+
+#: The DSI models of a run folder that the tables report, by their row name in the tables.
+DSI_MODEL_FILES = ((ZERO_SHOT, ZERO_SHOT_FILE), (FINE_TUNED, FINE_TUNED_FILE))
+
+
+def phase_files(multitask: bool) -> tuple[str, str, str]:
+    """(final model, training checkpoint, consolidation checkpoint) of plain fine-tuning or of multi-task training."""
+    if multitask:
+        return MULTITASK_FILE, "multitask.ckpt", "multitask_consolidate.ckpt"
+    return FINE_TUNED_FILE, "retrieval.ckpt", "consolidate.ckpt"
+
+
+#: Every file trained from the zero-shot model: it may not be retrained under them.
+DESCENDANT_FILES = phase_files(False) + phase_files(True)
 
 
 def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path | None:
@@ -28,7 +50,7 @@ def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path
         runs = pd.read_csv(listing)
         candidates += [resolve_portable(p) for p in runs.loc[runs["run"] == name, "run_dir"]]
     for candidate in candidates:
-        if (candidate / "zero_shot.pt").is_file() or (candidate / "fine_tuned.pt").is_file():
+        if (candidate / ZERO_SHOT_FILE).is_file() or (candidate / FINE_TUNED_FILE).is_file():
             return candidate
     return None
 
@@ -102,7 +124,7 @@ def load_trained(
 
     path = Path(path)
     if not path.is_file():
-        notebook = "03_indexing" if path.name == "zero_shot.pt" else "04_retrieval"
+        notebook = "03_indexing" if path.name == ZERO_SHOT_FILE else "04_retrieval"
         raise FileNotFoundError(
             f"{path} does not exist: notebook {notebook} trains it; run "
             f"`vitdsi study --profile {profile}{f' --dataset {dataset}' if dataset else ''} --start-at {notebook}`"

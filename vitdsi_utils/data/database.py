@@ -388,3 +388,70 @@ def databases(image_set: Any, ns: Iterable[int], schemes: Iterable[str], seeds: 
         for scheme in schemes:
             for seed in seeds:
                 yield build_database(image_set, n, id_scheme=scheme, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------
+# Databases that index every image they draw (the scale study)
+# ------------------------------------------------------------------------------------------
+def index_all_database(image_set: ImageSet, n: int, *, id_scheme: str = "random", seed: int = 0) -> Database:
+    """A database of ``n`` images, all indexed (role ``index``; no query roles), IDs 0..n-1 by ``id_scheme``.
+
+    The draw is balanced over the classes as in :func:`data.build_database` (each class gets
+    ``min(its images, L)``, L as large as ``n`` permits), so ``n = len(image_set)`` indexes
+    every image. ``settings["index_fraction"]`` is 1.0, which tells these databases apart.
+    """
+    n = int(n)
+    if not 1 <= n <= len(image_set):
+        raise ValueError(f"n must lie in 1..{len(image_set)} (the usable {image_set.source} images), got {n}")
+    counts = np.bincount(image_set.labels, minlength=len(image_set.classes))
+    order = np.argsort(-counts, kind="stable")  # the largest classes take the remainder
+    quota = np.zeros_like(counts)
+    quota[order] = balanced_quota(counts[order], n)
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate(
+        [rng.permutation(np.flatnonzero(image_set.labels == c))[: quota[c]] for c in range(len(counts)) if quota[c]]
+    )
+    labels = image_set.labels[picked]
+    picked = picked[dense_id_order(labels, id_scheme, seed=seed + 1)]
+    width = len(str(n - 1))
+    manifest = pd.DataFrame(
+        {
+            "file": [image_set.files[i] for i in picked],
+            "class": [image_set.classes[i] for i in image_set.labels[picked]],
+            "label": image_set.labels[picked],
+            "role": "index",
+            "row": np.arange(n),
+            "id": [str(r).zfill(width) for r in range(n)],
+            "source_row": picked,
+        }
+    )
+    return Database(
+        manifest=manifest,
+        images=np.ascontiguousarray(image_set.images[picked]),
+        classes=list(image_set.classes),
+        settings={
+            "source": image_set.source,
+            "dataset": image_set.name,
+            "root": image_set.root,
+            "size": image_set.size,
+            "n": n,
+            "id_scheme": id_scheme,
+            "seed": seed,
+            "index_fraction": 1.0,
+            "query_fractions": [0.0, 0.0, 0.0],
+        },
+        skipped=list(image_set.skipped),
+        label_matrix=image_set.label_matrix[picked] if image_set.is_multilabel else None,
+        left_out=image_set.left_out.copy(),
+    )
+
+
+def query_views(db: Database, n_queries: int, seed: int = 0) -> np.ndarray:
+    """``n_queries`` horizontally flipped copies of indexed images drawn with ``seed`` (with replacement
+    only when the database holds fewer images): uint8 (n_queries, S, S, 3)."""
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be at least 1, got {n_queries}")
+    images, _ = db.split("index")
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(images), size=n_queries, replace=n_queries > len(images))
+    return np.ascontiguousarray(images[rows, :, ::-1])

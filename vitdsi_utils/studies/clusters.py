@@ -34,7 +34,7 @@ from vitdsi_utils.reports.plots import (
     show_image,
 )
 from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.runs import StudyPaths, load_trained
+from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, load_trained
 from vitdsi_utils.studies.specs import SpecError, check_choices
 
 #: Images a clustering can take: every image of the database, or one role's.
@@ -353,11 +353,11 @@ def study_encoders(
 
     encoders: dict[str, torch.nn.Module] = {}
     for scheme, db in dbs.items():
-        for name, file in (("DSI zero-shot", "zero_shot.pt"), ("DSI fine-tuned", "fine_tuned.pt")):
+        for name, file in DSI_MODEL_FILES:
             model, _, _ = load_trained(paths.run_dir(db) / file, profile, device=device, dataset=dataset)
             encoders[f"{name} ({scheme})"] = model.eval()
     first = next(iter(dbs.values()))
-    dense_path = paths.run_dir(first) / "dense.pt"
+    dense_path = paths.run_dir(first) / DENSE_FILE
     if not dense_path.is_file():
         raise FileNotFoundError(
             f"{dense_path} does not exist: notebook 07_dense trains it; run `vitdsi study "

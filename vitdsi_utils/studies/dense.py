@@ -25,11 +25,11 @@ from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
 from vitdsi_utils.ids.codec import ID_SCHEMES, make_codec
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure, training_curves
-from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT, write_table
-from vitdsi_utils.reports.targets import baseline_verdicts
+from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.retrieval.rerank import VectorScorer
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISearcher
-from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, run_name
+from vitdsi_utils.studies.dense_report import dense_markdown
 from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only
 from vitdsi_utils.training.checkpoint import load_model
@@ -186,7 +186,7 @@ def train_or_load(
     interrupted training resumes. The retriever comes back with ``db``'s indexed images indexed.
     """
     train_config = train_config or DenseTrainConfig()
-    path = Path(run_dir) / "dense.pt" if run_dir is not None else None
+    path = Path(run_dir) / DENSE_FILE if run_dir is not None else None
     images, labels = training_images(db, include_index=include_index)
     index_images, index_labels = db.split("index")
     val_images, val_labels = db.split("val")
@@ -247,7 +247,7 @@ def first_stages(db: Any, *, bovw: Any = None, dsi_run_dir: str | os.PathLike | 
         stages["BoVW"] = BoVWSearcher(bovw)
     if dsi_run_dir is not None:
         expected = make_codec(db.n_index).codes
-        for name, file in ((ZERO_SHOT, "zero_shot.pt"), (FINE_TUNED, "fine_tuned.pt")):
+        for name, file in DSI_MODEL_FILES:
             path = Path(dsi_run_dir) / file
             if path.is_file():
                 model, codec, _ = load_model(path)
@@ -292,45 +292,6 @@ def rerank_database(
     s = db.settings
     ids = np.where(study["first_stage"].str.startswith("DSI"), s["id_scheme"], "-")
     return study.assign(n=s["n"], ids=ids, seed=s["seed"], size=s["size"], source=s["source"])
-
-
-def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settings: dict[str, Any]) -> str:
-    """The report of a dense study: settings, Table-1 rows beside BoVW (and DSI), training time."""
-
-    lines = [
-        f"# Dense retrieval baseline on {settings['source']} at {settings['size']} px",
-        "",
-        f"Encoder: {settings['model']}. Training: {settings['training']}. "
-        "The database's indexed images are embedded once into a flat inner-product index; a test "
-        "query returns its top-100 by cosine similarity. BoVW is fitted on the same database. "
-        + (f"DSI rows: {settings['dsi']}. " if settings.get("dsi") else "")
-        + TABLE1_NOTE,
-        "",
-        table1_markdown(results),
-    ]
-    dense = results[results["model"] == DENSE_MODEL]
-    if len(dense):
-        lines += [
-            "",
-            "Training time and search cost per database:",
-            "",
-            dense.groupby(["n", "seed"])[["train_s", "search_ms_per_query"]]
-            .first()
-            .round(1)
-            .reset_index()
-            .to_markdown(index=False),
-        ]
-    if histories is not None and len(histories):
-        val = histories[histories["split"] == "val"]
-        if len(val):
-            best = val.groupby("n")["map@10"].agg(["max", "last"]).round(3).reset_index()
-            lines += [
-                "",
-                "Validation mAP@10 during training (val queries, best and last epoch):",
-                "",
-                best.rename(columns={"max": "best val mAP@10", "last": "last val mAP@10"}).to_markdown(index=False),
-            ]
-    return "\n".join(lines)
 
 
 def _dense_study(
@@ -533,37 +494,3 @@ def _profile_study(spec: DenseSpec, paths: StudyPaths) -> DenseResult:
     for stem, fig in figures.items():
         save_figure(fig, paths.figures / f"{stem}.png")
     return DenseResult(results, reranking, history_frame, figures)
-
-
-def verdict_lines(results: pd.DataFrame, metrics: tuple[str, ...] = ("mAP@10", "P@10")) -> list[str]:
-    """The dense model against every other model of ``results``, per metric, N and seed: better or
-    worse only when the 95% intervals do not overlap (:func:`~vitdsi_utils.reports.targets.baseline_verdicts`)."""
-    lines = []
-    for metric in metrics:
-        lines.append(metric)
-        for row in baseline_verdicts(results, metric, baseline=DENSE_MODEL).itertuples():
-            side = {"better": "worse", "worse": "better"}.get(row.verdict, "overlaps")  # from the dense model's side
-            model = row.model if row.ids == "-" else f"{row.model} ({row.ids})"
-            lines.append(
-                f"  N={row.n} seed {row.seed}: dense {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, "
-                f"{row.baseline_ci_high:.3f}] vs {model} {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] "
-                f"-> dense {side}"
-            )
-    return lines
-
-
-def rerank_lines(reranking: pd.DataFrame) -> list[str]:
-    """Per N: the dense search alone, then each first stage alone and at its best re-ranking depth (mAP@10, ms per query)."""
-    lines = []
-    wide = summary(reranking)  # the mean over seeds where there are several
-    for n, group in wide.groupby("n"):
-        alone = group[group["first_stage"] == "-"].iloc[0]
-        lines.append(f"N={n}: dense alone mAP@10 {alone['mAP@10']:.3f} in {alone['ms_per_query']:.1f} ms per query")
-        for (stage, ids), rows in group[group["first_stage"] != "-"].groupby(["first_stage", "ids"], sort=False):
-            base, best = rows[rows["depth"] == 0].iloc[0], rows[rows["depth"] > 0].sort_values("mAP@10").iloc[-1]
-            lines.append(
-                f"  {stage}{'' if ids == '-' else f' ({ids} IDs)'}: mAP@10 {base['mAP@10']:.3f} alone -> "
-                f"{best['mAP@10']:.3f} re-ranked at M={int(best['depth'])} "
-                f"({base['ms_per_query']:.1f} -> {best['ms_per_query']:.1f} ms per query)"
-            )
-    return lines

@@ -30,11 +30,18 @@ from vitdsi_utils.phases import (
     index_database,
     model_config,
 )
-from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
-from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT, write_table
-from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
+from vitdsi_utils.reports.paper import attach_paper
+from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
 from vitdsi_utils.runs import StudyPaths, run_name
-from vitdsi_utils.studies.specs import ModelSpec, SpecError, check_choices, dsi_model, no_pooling
+from vitdsi_utils.studies.dsi_report import fine_tune_note, write_dsi_tables
+from vitdsi_utils.studies.specs import (
+    ModelSpec,
+    SpecError,
+    check_choices,
+    dsi_model,
+    no_pooling,
+    refuse_profile_only,
+)
 from vitdsi_utils.training.config import TrainConfig
 
 #: Sources of pretrained encoder weights (``encoder_init``; see ``baselines.init``).
@@ -54,6 +61,7 @@ class DSISpec:
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None  # an ImageFolder tree (source folder), an Imagenette copy, COCO images
     annotations: str | None = None  # COCO instances JSON (source coco)
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     # atomic: one output token per indexed image; semantic and rq: k-means codes of BoVW histograms
@@ -75,11 +83,15 @@ class DSISpec:
     bovw_words: int = 200
     bovw_vocabularies: int = 5  # BoVW metrics averaged per query over this many k-means vocabularies
 
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("name",)
+
     #: notebook profile keys (03_indexing, 04_retrieval) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
         "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",
@@ -111,6 +123,7 @@ class DSISpec:
 
 def run(spec: DSISpec, paths: StudyPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The DSI study of ``spec``: tables to ``paths.out``, checkpoints to ``paths.runs``; (results, histories)."""
+    refuse_profile_only(spec)
     retrieval = spec.fine_tune if spec.fine_tune is not None else spec.multitask
     return _dsi_study(
         spec.source,
@@ -399,7 +412,7 @@ def _dsi_study(
                 results_frame = pd.concat(results, ignore_index=True)
                 history_frame = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
                 if out_dir is not None:
-                    _write_dsi_tables(
+                    write_dsi_tables(
                         results_frame,
                         history_frame,
                         Path(out_dir),
@@ -416,124 +429,3 @@ def _dsi_study(
                         fine_tune_phase,
                     )
     return results_frame, history_frame
-
-
-def fine_tune_note(targets: str, index_views: int, view_min_crop: float, config: TrainConfig | None) -> str:
-    """A sentence naming the fine-tuning options that differ from plain fine-tuning ('' when none do)."""
-    parts = []
-    if targets == "same-class":
-        parts.append(
-            "instead of those fixed pairs, one target per train query and epoch, redrawn at random "
-            "among its relevant indexed images"
-        )
-    if index_views:
-        parts.append(
-            f"{index_views} augmented view(s) of each indexed image per epoch as extra queries "
-            f"(flip, crops >= {view_min_crop:g} of the side)"
-        )
-    if config is not None and config.label_smoothing:
-        parts.append(f"label smoothing {config.label_smoothing:g}")
-    return ("Fine-tuning options: " + "; ".join(parts) + ". ") if parts else ""
-
-
-def _index_caps(results: pd.DataFrame, config: TrainConfig) -> str:
-    """The indexing epoch caps the zero-shot models of ``results`` were trained under, in words."""
-    rows = results[results["model"] == ZERO_SHOT]
-    caps = sorted({int(c) for c in rows["epoch_cap"].dropna()}) if "epoch_cap" in rows else []
-    caps = caps or [config.epochs]
-    if len(caps) == 1:
-        text = f"{caps[0]} epochs"
-    else:
-        text = "a cap of " + ", ".join(str(c) for c in caps[:-1]) + f" or {caps[-1]} epochs (per run below)"
-    if "reached_target" in rows and len(rows):
-        per_run = rows.groupby(["n", "ids", "seed"])["reached_target"].first()
-        text += f" ({int((per_run == True).sum())} of {len(per_run)} runs reached the target)"  # noqa: E712
-    return text
-
-
-def _runs_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per trained model: epochs run, the cap it ran under, whether it reached its target, time."""
-    columns = [c for c in ("epochs", "epoch_cap", "reached_target", "train_s", "search_ms_per_query") if c in results]
-    table = results[results["model"] != "BoVW"].groupby(["model", "n", "ids", "seed"], dropna=False)[columns].first()
-    table = table.reset_index()
-    if "reached_target" in table:  # no stop rule (fine-tuning without consolidation): "-"
-        table["reached_target"] = table["reached_target"].map({True: "yes", False: "no"}).fillna("-")
-    return table.round(1)
-
-
-def _write_dsi_tables(
-    results_frame: pd.DataFrame,
-    history_frame: pd.DataFrame,
-    out_dir: Path,
-    source: str,
-    size: int,
-    model_overrides: dict | None,
-    index_config: TrainConfig | None,
-    retrieval_config: TrainConfig | None,
-    max_pairs_per_query: int | None,
-    mix_ratio: float | None | bool = False,
-    multitask_config: TrainConfig | None = None,
-    options_note: str = "",
-    consolidate: int = 0,
-    fine_tune_phase: bool = True,
-) -> None:
-
-    out_dir = Path(out_dir)
-    overrides = ", ".join(f"{k}={v}" for k, v in (model_overrides or {}).items()) or "paper defaults"
-    ic, rc = index_config or TrainConfig(), retrieval_config or TrainConfig(epochs=75)
-    markdown = "\n".join(
-        [
-            f"# ViT DSI on {source} at {size} px",
-            "",
-            f"Model: {overrides}. Indexing: lr {ic.lr}, batch {ic.batch_size}, until sequence accuracy on the "
-            f"indexed images ({ic.stop_metric} mode) >= {ic.target_accuracy} or {_index_caps(results_frame, ic)}. "
-            + (
-                f"Retrieval fine-tuning: {rc.epochs} epochs, lr {rc.lr}, "
-                if fine_tune_phase
-                else "No plain retrieval fine-tuning. Retrieval examples: "
-            )
-            + (
-                f"at most {max_pairs_per_query} (query, relevant ID) pairs per query (seeded). "
-                if max_pairs_per_query
-                else "every (query, relevant ID) pair, as in the paper. "
-            )
-            + options_note
-            + (
-                ""
-                if mix_ratio is False
-                else f"Multi-task: {(multitask_config or rc).epochs} epochs, lr {(multitask_config or rc).lr}, every indexed "
-                "image in each epoch beside "
-                + ("every pair. " if mix_ratio is None else f"{mix_ratio:g} pairs per indexed image (resampled). ")
-            )
-            + (
-                f"Then up to {consolidate} epochs of indexing alone, until IA@1 is back at "
-                f"{(multitask_config or rc).target_accuracy}. "
-                if consolidate
-                else ""
-            )
-            + (
-                "BoVW: averaged per query over its k-means vocabularies (see its rows). "
-                if "BoVW" in set(results_frame["model"])
-                else ""
-            )
-            + "Top-100 lists from beam search constrained to the trie of existing IDs (beam 100). "
-            + TABLE1_NOTE,
-            "",
-            table1_markdown(results_frame),
-            "",
-            "Epochs and training time per run (as trained: `epoch_cap` is the cap the model was trained under, "
-            "`reached_target` whether its stop rule fired before it; a model reused from its run folder keeps "
-            "its own):",
-            "",
-            _runs_table(results_frame).to_markdown(index=False),
-        ]
-    )
-    target3 = target3_markdown(results_frame) if "BoVW" in set(results_frame["model"]) else ""
-    if target3:
-        markdown += "\n\n" + target3
-    target4 = target4_markdown(results_frame[results_frame["model"] != "BoVW"])
-    if target4:
-        markdown += "\n\n" + target4
-    write_table(results_frame, out_dir / f"dsi_{source}_{size}px", markdown=markdown)
-    if len(history_frame):
-        write_table(history_frame, out_dir / f"histories_{source}_{size}px")

@@ -26,7 +26,7 @@ from vitdsi_utils.ids.schemes import assign_ids, codec_for, sibling_agreement
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
 from vitdsi_utils.reports.paper import attach_paper
-from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.runs import SSL_FILE, StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.studies.pretrain_report import (
     comparison_frame,
@@ -152,7 +152,7 @@ def pretrain_study(
     # change trains a new encoder beside the old one instead of refusing the old checkpoint
     ssl_tag = f"e{ssl_config.epochs}-b{ssl_config.batch_size}-i{len(images)}"
     ssl_dir = runs_dir / f"ssl-{image_set.name}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
-    ssl_path = ssl_dir / "ssl.pt" if ssl_dir is not None else None
+    ssl_path = ssl_dir / SSL_FILE if ssl_dir is not None else None
     torch.manual_seed(ssl_config.seed)
     model = SSLEncoder(encoder_config, ssl_config.proj_hidden, ssl_config.proj_dim)
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def pretrain_study(
     if ssl_path is None:  # no run folder: the encoder still has to reach the DSI through a file
         import tempfile
 
-        ssl_path = Path(tempfile.mkdtemp()) / "ssl.pt"
+        ssl_path = Path(tempfile.mkdtemp()) / SSL_FILE
         save_ssl(ssl_path, model, ssl_config, ssl_history, epoch=ssl_config.epochs)
     tables, histories, models = [], [], {}
     # (init, encoder file, IDs: None = the database's own; else an IDAssignment)

@@ -438,3 +438,16 @@ def notebook_spec(cls: type, namespace: Mapping[str, Any]) -> Any:
     """
     params = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")}
     return spec_from_profile(cls, params, ignore_unknown=True)
+
+
+def require_profile(paths: Any, notebook: str) -> None:
+    """SpecError unless ``paths`` are a notebook profile's (:meth:`~vitdsi_utils.runs.StudyPaths.create`).
+
+    The phases of a profile's study (notebooks 03-05) read and write the shared run folders and tables
+    of that profile; a recipe runs the whole study instead (``study: dsi``).
+    """
+    if getattr(paths, "profile", None) is None:
+        raise SpecError(
+            f"{notebook} is one phase of a notebook profile's study: give it StudyPaths.create(profile), "
+            "or run the whole DSI study from a recipe (study: dsi)"
+        )
