@@ -57,28 +57,15 @@ OUT_DIR = None                         # tables/ and figures/ go here; None: rep
 RUNS_DIR = None                        # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.ablations import ablation_grid, run_ablations
-from vitdsi_utils.studies.ablations_report import ablation_figure, ablations_markdown, describe
-from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import ablations
+from vitdsi_utils.studies.ablations_report import describe
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-seed = SEEDS[0]
-base_model = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                  dropout=DROPOUT, pos_encoding=POS_ENCODING)
-index_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                           warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-retrieval_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-grid = ablation_grid(ABLATION_FACTORS, base_model=base_model)
-print(f"{len(grid)} variants:", ", ".join(v.name for v in grid))
+spec = notebook_spec(ablations.AblationsSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Running the grid
@@ -87,16 +74,8 @@ print(f"{len(grid)} variants:", ", ".join(v.name for v in grid))
 # in the run folder, so a rerun only scores them again.
 
 # %%
-long = run_ablations(
-    image_set, grid, n=ABLATION_N, seed=seed, scheme=ABLATION_SCHEME, base_model=base_model,
-    index_config=index_config, retrieval_config=retrieval_config, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
-    runs_dir=paths.runs, k=K)
-settings = (f"DSI ablations, {DATASET_NAME} at {SIZE} px, N = {ABLATION_N}, {ABLATION_SCHEME} IDs, seed {seed}, "
-            f"profile `{PROFILE}`: indexing until IA@1 >= {TARGET_ACCURACY} or {INDEX_EPOCHS} epochs, "
-            f"fine-tuning {RETRIEVAL_EPOCHS} epochs.")
-markdown = ablations_markdown(long, settings)
-write_table(long, paths.tables / "ablations", markdown=markdown)
-display(Markdown(markdown))
+long = ablations.run(spec, paths)
+display(Markdown((paths.tables / "ablations.md").read_text()))
 
 # %% [markdown]
 # ## Each variant against the default
@@ -108,10 +87,7 @@ display(Markdown(markdown))
 # default's interval is no evidence of an effect.
 
 # %%
-fig = ablation_figure(long, title=f"DSI ablations, {DATASET_NAME} {SIZE} px, N = {ABLATION_N}",
-                                index_cap=INDEX_EPOCHS)
-save_figure(fig, paths.figures / "ablations.png")
-fig
+display(Image(paths.figures / "ablations.png"))
 
 # %%
 print("\n".join(describe(long)))

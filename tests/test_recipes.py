@@ -133,6 +133,7 @@ def one_line_error(capsys) -> str:
         # settings only a notebook profile's study reads: a recipe's run would ignore them
         ({"study": "dense", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dsi", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "ablations", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dense-init", "include_index": False}, "include_index: read by a notebook profile's study only"),
     ],
 )
@@ -411,6 +412,7 @@ def test_specs_from_the_notebook_profiles():
 def test_a_notebook_builds_its_spec_from_its_upper_case_names():
     from vitdsi_utils.studies.clusters import ClustersSpec
     from vitdsi_utils.studies.dense import DenseSpec
+    from vitdsi_utils.studies.ablations import AblationsSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
     from vitdsi_utils.studies.dsi import DSISpec
     from vitdsi_utils.studies.results import ResultsSpec
@@ -448,6 +450,14 @@ def test_a_notebook_builds_its_spec_from_its_upper_case_names():
     )
     dsi = notebook_spec(DSISpec, namespace)  # notebooks 03 and 04
     assert (dsi.name, dsi.schemes, dsi.seeds) == ("my-digits", ("random", "clustered"), (3,))
+    ablation = notebook_spec(AblationsSpec, {**namespace, "ABLATION_N": 100})  # notebook 10
+    assert (ablation.name, ablation.k, ablation.n, ablation.seed, ablation.fine_tune.seed) == (
+        "my-digits",
+        50,
+        100,
+        3,
+        3,
+    )
     table1 = notebook_spec(ResultsSpec, namespace)  # notebook 05
     assert (table1.name, table1.size, table1.k, table1.schemes) == ("my-digits", 32, 50, ("random", "clustered"))
     init = notebook_spec(DenseInitSpec, namespace)

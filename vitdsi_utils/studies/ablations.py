@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SOURCES, ImageSet, load_images
+from vitdsi_utils.data.images import SOURCES, ImageSet, dataset_name, load_images
 from vitdsi_utils.evaluation import evaluate_dsi
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import codec_for
@@ -53,7 +53,14 @@ from vitdsi_utils.studies.ablations_report import (
     ablations_markdown,
     summary_table,
 )
-from vitdsi_utils.studies.specs import ModelSpec, SpecError, check_choices, dsi_model, no_pooling
+from vitdsi_utils.studies.specs import (
+    ModelSpec,
+    SpecError,
+    check_choices,
+    dsi_model,
+    no_pooling,
+    refuse_profile_only,
+)
 from vitdsi_utils.training.config import TrainConfig
 
 #: factor -> its levels: (label, Variant fields). The level equal to the default is marked by DEFAULT_LEVELS.
@@ -310,6 +317,7 @@ class AblationsSpec:
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
     annotations: str | None = None
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = 64
     n: int = 512
     seed: int = 0
@@ -323,12 +331,18 @@ class AblationsSpec:
     fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     max_pairs_per_query: int | None = 5
     view_min_crop: float = 0.7  # crop side fraction of the index views
+    k: int = 100  # the length of the ranked lists scored
+
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("name",)
 
     #: notebook profile keys (10_ablations) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
         "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
+        "K": "k",
         "SIZE": "size",
         "ABLATION_N": "n",
         "ABLATION_SCHEME": "scheme",
@@ -362,12 +376,40 @@ class AblationsSpec:
 
 
 def run(spec: AblationsSpec, paths: StudyPaths) -> pd.DataFrame:
-    """The grid of ``spec``: models to ``paths.runs``, the table (merged with other parts of the same grid
-    already there) and the figure to ``paths.out``; returns the merged long table."""
+    """The grid of ``spec``: models to ``paths.runs``, the table and the figure to ``paths.out``; the long table.
+
+    A recipe's run writes ``ablations_<source>_<size>px_N<n>`` (CSV, Markdown, PNG) into ``paths.out``,
+    merged with the rows of other parts of the same grid already there (:func:`merge_results`). A
+    notebook profile's run (notebook 10) writes ``tables/ablations`` and ``figures/ablations.png`` of the
+    profile's report, the grid's rows only. Both rewrite the table after every variant.
+    """
+    profile = paths.profile
+    if profile is None:
+        refuse_profile_only(spec)
     out, runs = Path(paths.out), Path(paths.runs)
     base = spec.model.overrides()
     grid = ablation_grid(spec.factors, base_model=base, levels=dict(spec.levels or {}))
     ic, rc = spec.index, spec.fine_tune
+    name = dataset_name(spec.source, spec.root, spec.name)
+    title = f"DSI ablations, {name} {spec.size} px, N = {spec.n}"
+    if profile is not None:
+        table_stem, figure_path = paths.tables / "ablations", paths.figures / "ablations.png"
+        ic, rc = replace(ic, progress=False), replace(rc, progress=False)
+        note = (
+            f"DSI ablations, {name} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}, "
+            f"profile `{profile}`: indexing until IA@1 >= {ic.target_accuracy} or {ic.epochs} epochs, "
+            f"fine-tuning {rc.epochs} epochs."
+        )
+    else:
+        table_stem = out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}"
+        figure_path = table_stem.with_suffix(".png")
+        note = (
+            f"# ViT DSI ablations, {spec.source} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}\n\n"
+            f"Default: patch {spec.model.patch_size}, dropout {spec.model.dropout}, {spec.model.pos_encoding} "
+            f"positions, 25% of each class indexed, plain fine-tuning. Indexing: lr {ic.lr}, warm-up {ic.warmup_steps} "
+            f"steps, until IA@1 >= {ic.target_accuracy} ({ic.stop_metric} rule) or {ic.epochs} epochs. Fine-tuning: "
+            f"{rc.epochs} epochs, lr {rc.lr}, at most {spec.max_pairs_per_query} pairs per query."
+        )
     run_settings = {
         "source": spec.source,
         "size": spec.size,
@@ -379,25 +421,16 @@ def run(spec: AblationsSpec, paths: StudyPaths) -> pd.DataFrame:
         "max_pairs_per_query": spec.max_pairs_per_query,
         "lr": ic.lr,
     }
-    stem = out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}"
-    note = (
-        f"# ViT DSI ablations, {spec.source} at {spec.size} px, N = {spec.n}, {spec.scheme} IDs, seed {spec.seed}\n\n"
-        f"Default: patch {spec.model.patch_size}, dropout {spec.model.dropout}, {spec.model.pos_encoding} "
-        f"positions, 25% of each class indexed, plain fine-tuning. Indexing: lr {ic.lr}, warm-up {ic.warmup_steps} "
-        f"steps, until IA@1 >= {ic.target_accuracy} ({ic.stop_metric} rule) or {ic.epochs} epochs. Fine-tuning: "
-        f"{rc.epochs} epochs, lr {rc.lr}, at most {spec.max_pairs_per_query} pairs per query."
-    )
 
     def write(long: pd.DataFrame) -> pd.DataFrame:
-        merged = merge_results(long, stem.with_suffix(".csv"), run_settings)
-        write_table(merged, stem, markdown=ablations_markdown(merged, note))
-        fig = ablation_figure(
-            merged, index_cap=ic.epochs, title=f"DSI ablations, {spec.source} {spec.size} px, N = {spec.n}"
-        )
-        save_figure(fig, out / f"ablations_{spec.source}_{spec.size}px_N{spec.n}.png")
-        return merged
+        table = long if profile is not None else merge_results(long, table_stem.with_suffix(".csv"), run_settings)
+        write_table(table, table_stem, markdown=ablations_markdown(table, note))
+        save_figure(ablation_figure(table, index_cap=ic.epochs, title=title), figure_path)
+        return table
 
-    image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
+    image_set = load_images(
+        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=profile is None
+    )
     print(f"{len(grid)} variants: " + ", ".join(v.name for v in grid))
     long = run_ablations(
         image_set,
@@ -411,6 +444,7 @@ def run(spec: AblationsSpec, paths: StudyPaths) -> pd.DataFrame:
         max_pairs_per_query=spec.max_pairs_per_query,
         view_min_crop=spec.view_min_crop,
         runs_dir=runs,
+        k=spec.k,
         on_variant=write,
     )
     return write(long)
