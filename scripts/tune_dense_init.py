@@ -33,7 +33,7 @@ from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import evaluate_dsi
 from vitdsi_utils.phases import fine_tune
 from vitdsi_utils.reports.tables import format_interval, write_table
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.runs import ZERO_SHOT_FILE, run_name
 from vitdsi_utils.studies.dense_init import DenseInitSpec
 from vitdsi_utils.studies.recipes import load_recipe
 from vitdsi_utils.training.checkpoint import load_model
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     path = (
         Path(args.model)
         if args.model
-        else Path(paths.runs) / run_name(db, f"{args.scheme}-dense-init") / "zero_shot.pt"
+        else Path(paths.runs) / run_name(db, f"{args.scheme}-dense-init") / ZERO_SHOT_FILE
     )
     if not path.is_file():
         hint = "" if args.model else ": run `make dsi-dense-init` first (it indexes the DSI from the dense encoder)"

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--profile",
         default="smoke",
-        help="smoke (minutes, CI), cpu (64 px, about 40 minutes on 2 cores), paper-cpu (160 px, Table 1's "
+        help="smoke (minutes, CI), cpu (64 px, 35-55 minutes on 2 cores), paper-cpu (160 px, Table 1's "
         "models, 2.2 hours on 2 idle cores), paper (GPU) or a path to a YAML profile (default: smoke)",
     )
     study.add_argument(
