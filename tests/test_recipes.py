@@ -410,9 +410,9 @@ def test_specs_from_the_notebook_profiles():
 
 
 def test_a_notebook_builds_its_spec_from_its_upper_case_names():
+    from vitdsi_utils.studies.ablations import AblationsSpec
     from vitdsi_utils.studies.clusters import ClustersSpec
     from vitdsi_utils.studies.dense import DenseSpec
-    from vitdsi_utils.studies.ablations import AblationsSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
     from vitdsi_utils.studies.dsi import DSISpec
     from vitdsi_utils.studies.results import ResultsSpec
