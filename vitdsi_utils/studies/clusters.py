@@ -21,7 +21,7 @@ from vitdsi_utils import clusters
 from vitdsi_utils.baselines.dense import load_dense
 from vitdsi_utils.clusters import METRIC_LABELS, METRICS, cluster_sizes, elbow_k, sweep
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES
 from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
@@ -35,7 +35,7 @@ from vitdsi_utils.reports.plots import (
 )
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, load_trained
-from vitdsi_utils.studies.specs import SpecError, check_choices
+from vitdsi_utils.studies.specs import SpecError, check_choices, spec_images
 
 #: Images a clustering can take: every image of the database, or one role's.
 ROLES = ("all", "index", "train", "val", "test")
@@ -133,10 +133,8 @@ def run(spec: ClustersSpec, paths: StudyPaths) -> ClustersResult:
     clusters_metrics, clusters_sizes, clusters_gallery_best and clusters_gallery_worst (PNG);
     prints what it clusters and how long the sweep took.
     """
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
+    name = image_set.name
     n, seed = spec.n or max(spec.ns), spec.seed
     dbs = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed) for scheme in spec.schemes}
     db = dbs[spec.schemes[0]]  # every scheme draws the same images in the same roles

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseConfig, DenseTrainConfig
 from vitdsi_utils.baselines.index import faiss_available
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
 from vitdsi_utils.ids.codec import ID_SCHEMES, make_codec
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
@@ -31,7 +31,7 @@ from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISe
 from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, run_name
 from vitdsi_utils.studies.dense_report import dense_markdown
 from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only, spec_images
 from vitdsi_utils.training.checkpoint import load_model
 
 
@@ -409,10 +409,8 @@ def _profile_study(spec: DenseSpec, paths: StudyPaths) -> DenseResult:
     database trained and says where the BoVW, DSI and re-ranked models came from.
     """
     print("search backend:", "FAISS IndexFlatIP" if faiss_available() else "torch (faiss-cpu is not installed)")
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
+    name = image_set.name
     overrides = spec.model.overrides()
     retrievers, bovw_models, histories, frames = {}, {}, [], []
     for n in spec.ns:

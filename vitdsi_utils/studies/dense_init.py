@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, load_dense
 from vitdsi_utils.data.database import Database, build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.ids.schemes import assign_ids
@@ -55,7 +55,15 @@ from vitdsi_utils.studies.dense_init_report import (
     target_tables,
 )
 from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
-from vitdsi_utils.studies.specs import POOLINGS, ModelSpec, check_choices, dsi_model, no_pooling, refuse_profile_only
+from vitdsi_utils.studies.specs import (
+    POOLINGS,
+    ModelSpec,
+    check_choices,
+    dsi_model,
+    no_pooling,
+    refuse_profile_only,
+    spec_images,
+)
 from vitdsi_utils.training.config import TrainConfig
 
 #: ID schemes this variant can use (``semantic``: k-means over the dense embeddings).
@@ -424,10 +432,7 @@ def _profile_study(spec: DenseInitSpec, paths: StudyPaths) -> DenseInitResult:
     Writes ``tables/`` histories_dense_init.csv, dense_init_ids, dense_init, target3 and target4 (CSV
     and Markdown) and ``figures/dense_init_vs_n.png``; prints a line per database and ID scheme trained.
     """
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
     overrides = spec.model.overrides()
     frames, histories, id_facts = [], [], []
     if not spec.schemes:

@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils import metrics, settings
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.phases import index_database
@@ -25,7 +24,7 @@ from vitdsi_utils.reports.plots import save_figure, training_curves
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.dsi import DSISpec
-from vitdsi_utils.studies.specs import require_profile
+from vitdsi_utils.studies.specs import require_profile, spec_images
 from vitdsi_utils.training.config import seed_everything
 
 
@@ -47,10 +46,7 @@ def run(spec: DSISpec, paths: StudyPaths) -> IndexingResult:
     there), ``tables/histories_indexing.csv`` and ``figures/figure1_indexing.png``.
     """
     require_profile(paths, "03_indexing")
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
     overrides = spec.model.overrides()
     rows, histories = [], []
     for db in databases(image_set, spec.ns, spec.schemes, spec.seeds):

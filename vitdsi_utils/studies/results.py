@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES
 from vitdsi_utils.evaluation import evaluate_dsi
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
@@ -22,7 +22,7 @@ from vitdsi_utils.reports.plots import metric_bars, save_figure
 from vitdsi_utils.reports.tables import BOVW_MODEL, ZERO_SHOT, write_table
 from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runs import DSI_MODEL_FILES, StudyPaths, load_trained
-from vitdsi_utils.studies.specs import check_choices, require_profile
+from vitdsi_utils.studies.specs import check_choices, require_profile, spec_images
 
 
 @dataclass
@@ -72,10 +72,8 @@ def run(spec: ResultsSpec, paths: StudyPaths) -> ResultsResult:
     or model is an error naming the command that makes it.
     """
     require_profile(paths, "05_results")
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
+    name = image_set.name
     bovw_csv = paths.tables / "bovw.csv"
     if not bovw_csv.exists():
         raise FileNotFoundError(

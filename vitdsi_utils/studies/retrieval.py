@@ -14,13 +14,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.phases import fine_tune, index_database
 from vitdsi_utils.reports.plots import save_figure, training_curves
 from vitdsi_utils.reports.tables import write_csv
 from vitdsi_utils.runs import ZERO_SHOT_FILE, StudyPaths
 from vitdsi_utils.studies.dsi import DSISpec
-from vitdsi_utils.studies.specs import SpecError, require_profile
+from vitdsi_utils.studies.specs import SpecError, require_profile, spec_images
 from vitdsi_utils.training.config import seed_everything
 
 
@@ -42,10 +41,7 @@ def run(spec: DSISpec, paths: StudyPaths) -> RetrievalResult:
     require_profile(paths, "04_retrieval")
     if spec.fine_tune is None:
         raise SpecError("fine_tune: notebook 04 fine-tunes the zero-shot models; set its epochs (RETRIEVAL_EPOCHS)")
-    name = dataset_name(spec.source, spec.root, spec.name)
-    image_set = load_images(
-        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=name, progress=False
-    )
+    image_set = spec_images(spec)
     overrides = spec.model.overrides()
     histories = []
     for db in databases(image_set, spec.ns, spec.schemes, spec.seeds):

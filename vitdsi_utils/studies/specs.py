@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from vitdsi_utils.data.images import ImageSet, load_images
 from vitdsi_utils.training.config import check_int, check_number
 
 
@@ -451,3 +452,11 @@ def require_profile(paths: Any, notebook: str) -> None:
             f"{notebook} is one phase of a notebook profile's study: give it StudyPaths.create(profile), "
             "or run the whole DSI study from a recipe (study: dsi)"
         )
+
+
+def spec_images(spec: Any) -> ImageSet:
+    """The images of a notebook profile's study: ``spec``'s source at its size, named as its reports call the
+    data (``spec.name``, else :func:`~vitdsi_utils.data.images.dataset_name`'s default), without a progress bar."""
+    return load_images(
+        spec.source, spec.size, root=spec.root, annotations=spec.annotations, name=spec.name, progress=False
+    )
