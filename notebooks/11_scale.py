@@ -52,63 +52,37 @@ OUT_DIR = None               # tables/ and figures/ go here; None: reports/<PROF
 RUNS_DIR = None              # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import torch
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.scale import ia_table, latency_table
-from vitdsi_utils.studies.scale_report import scale_figure, scale_markdown
-from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import scale
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-device = "cuda" if torch.cuda.is_available() else "cpu"
-# 0 stands for every usable image; an N beyond the data set is left out with a note
-ns = [n or len(image_set) for n in SCALE_NS]
-ia_ns = [n or len(image_set) for n in SCALE_IA_NS]
-too_big = sorted({n for n in ns + ia_ns if n > len(image_set)})
-if too_big:
-    print(f"{DATASET_NAME} at {SIZE} px has {len(image_set)} usable images; left out N = {too_big}")
-ns, ia_ns = [n for n in ns if n <= len(image_set)], [n for n in ia_ns if n <= len(image_set)]
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-index_config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=SCALE_INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                           warmup_steps=WARMUP_STEPS, seed=SEEDS[0], progress=False)
-print(f"{len(image_set)} images; latency at N = {ns} on {device}; IA@1 at N = {ia_ns}")
+spec = notebook_spec(scale.ScaleSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
-# ## Latency against N
+# ## Latency and IA@1 against N
+#
+# An N of 0 stands for every usable image; an N beyond the data set is left out, with a note. A
+# finished model is loaded from `RUNS_DIR` rather than trained again.
 
 # %%
-latency = latency_table(image_set, ns, n_queries=SCALE_QUERIES, batch_size=SCALE_QUERIES, k=K,
-                              repeats=SCALE_REPEATS, model_overrides=model_overrides, bovw_words=BOVW_WORDS,
-                              device=device, seed=SEEDS[0])
-write_table(latency, paths.tables / "scale_latency")
-latency.pivot_table(index="n", columns="method", values=["ms_per_query", "build_s"]).round(2)
+result = scale.run(spec, paths)
+print("\n".join(result.notes))
+result.latency.pivot_table(index="n", columns="method", values=["ms_per_query", "build_s"]).round(2)
 
 # %% [markdown]
 # ## IA@1 of a DSI trained on N images
 #
-# A finished model is loaded from `RUNS_DIR` rather than trained again. `reached` says whether IA@1
-# got to `TARGET_ACCURACY` within the epoch cap.
+# `reached` says whether IA@1 got to `TARGET_ACCURACY` within the epoch cap.
 
 # %%
-ia, ia_histories = ia_table(image_set, ia_ns, index_config=index_config, model_overrides=model_overrides,
-                                  runs_dir=paths.runs, seed=SEEDS[0], beam_size=K)
-write_table(ia, paths.tables / "scale_ia")
-ia
+result.ia
 
 # %%
-settings = dict(source=DATASET_NAME, size=SIZE, device=device, k=K, queries=SCALE_QUERIES, repeats=SCALE_REPEATS)
-display(Markdown(scale_markdown(latency, ia, settings)))
-fig = scale_figure(latency, ia, title=f"{DATASET_NAME} at {SIZE} px, profile {PROFILE}, {device}")
-save_figure(fig, paths.figures / "scale.png")
-fig
+display(Markdown(result.markdown))
+result.figure
 
 # %% [markdown]
 # ## Reading the figure

@@ -371,7 +371,7 @@ def test_every_entry_point_defaults_to_auto():
     from vitdsi_utils.retrieval import latency
     from vitdsi_utils.retrieval.searchers import DenseRetriever
     from vitdsi_utils.runs import load_trained
-    from vitdsi_utils.studies import clusters, scale
+    from vitdsi_utils.studies import clusters, scale, scale_tables
     from vitdsi_utils.studies.recipes import STUDIES
 
     for config in (TrainConfig(), DenseTrainConfig(), SSLConfig()):
@@ -384,7 +384,7 @@ def test_every_entry_point_defaults_to_auto():
         latency.dsi_latency_rows,
         latency.dense_latency,
         latency.dense_latency_rows,
-        scale.latency_table,
+        scale_tables.latency_table,
         scale._scale_study,
         clusters.study_encoders,
         DenseRetriever.from_checkpoint,

@@ -14,8 +14,8 @@ from vitdsi_utils.data.images import ImageSet
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.retrieval.latency import METHODS
-from vitdsi_utils.studies.scale import geometric_ns, ia_table, latency_table, reusable_latency
 from vitdsi_utils.studies.scale_report import scale_figure, scale_markdown
+from vitdsi_utils.studies.scale_tables import geometric_ns, ia_table, latency_table, reusable_latency
 from vitdsi_utils.training.checkpoint import CheckpointError
 from vitdsi_utils.training.config import TrainConfig
 
@@ -189,7 +189,7 @@ def test_ia_table_reports_the_trained_settings_and_keeps_a_remeasured_ia(tmp_pat
     saved = list(tmp_path.glob("*/ia1_beam10.json"))
     assert len(saved) == 1
     calls = []
-    monkeypatch.setattr("vitdsi_utils.studies.scale.indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
+    monkeypatch.setattr("vitdsi_utils.studies.scale_tables.indexing_accuracy", lambda *a, **k: calls.append(1) or 0.5)
     # another requested batch size would be another model: the saved one is refused, not relabelled
     other = TrainConfig(
         lr=3e-3, batch_size=64, epochs=2, target_accuracy=0.99, stop_metric="eval", progress=False, device="cpu"
@@ -217,7 +217,7 @@ def test_scale_spec_passes_the_stop_rule():
 
 def test_latency_table_times_every_k_with_one_build(monkeypatch, tmp_path):
     """Top-10 and top-100 beside each other (issue 17): one build per (N, method), a row per k."""
-    from vitdsi_utils.studies import scale as scale_module
+    from vitdsi_utils.studies import scale_tables as scale_module
 
     image_set = synthetic_set()
     builds = []
@@ -283,3 +283,48 @@ def test_cli_scale_keep_ia_redraws_the_figure_without_training(tmp_path, run_rec
     assert sorted(set(latency["k"])) == [5, 10] and len(latency) == 6
     text = (out / "scale.md").read_text()
     assert "Top-5:" in text and "0.97" in text
+
+
+def test_a_profiles_run_writes_its_report_files_and_leaves_out_an_n_beyond_the_images(tmp_path):
+    """Notebook 11: tables/ and figures/ of the profile's report, the run folders of its runs, a note per N left out."""
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import scale
+    from vitdsi_utils.studies.specs import notebook_spec
+
+    params = dict(
+        DATASET="digits",
+        DATASET_NAME="tiny-digits",
+        SIZE=32,
+        SEEDS=[0],
+        PATCH_SIZE=16,
+        DIM=32,
+        MLP_DIM=64,
+        DEPTH=1,
+        HEADS=2,
+        POS_ENCODING="learned",
+        SCALE_NS=[30, 99_999],
+        SCALE_IA_NS=[30],
+        SCALE_INDEX_EPOCHS=1,
+        SCALE_QUERIES=4,
+        SCALE_REPEATS=1,
+        K=10,
+        BOVW_WORDS=8,
+        OUT_DIR="ignored: not a spec key",
+    )
+    spec = notebook_spec(scale.ScaleSpec, params)
+    assert spec.model.pos_encoding == "learned" and spec.name == "tiny-digits" and spec.query_batch == 4
+    paths = StudyPaths.create("tiny", tmp_path / "out", tmp_path / "runs")
+    result = scale.run(spec, paths)
+    assert "left out N = [99999]" in result.notes[0]
+    assert sorted(set(result.latency["n"])) == [30] and list(result.ia["n"]) == [30]
+    for name in ("scale_latency.csv", "scale_latency.md", "scale_ia.csv", "scale_ia.md"):
+        assert (paths.tables / name).is_file(), name
+    assert (paths.figures / "scale.png").stat().st_size > 0
+    assert not (paths.out / "scale.md").exists(), "a recipe's file, not the profile report's"
+    assert [p.name for p in paths.runs.iterdir()] == ["scale-tiny-digits-32px-I30-random-seed0"]
+    assert "tiny-digits at 32 px" in result.markdown
+
+
+def test_a_recipe_may_not_set_the_profiles_dataset_name(tmp_path, run_recipe):
+    code = run_recipe({"study": "scale", "source": "digits", "size": 32, "name": "x", "out_dir": str(tmp_path)})
+    assert code == 2

@@ -3,7 +3,7 @@
 Each function builds a method for one database (an untrained DSI over ``n`` decimal IDs, whose
 beam search does the same work as a trained one; a BoVW vocabulary; a dense index) and times it
 with :func:`time_per_query`: medians over repeated calls, wall and CPU time per query. The scale
-study (:mod:`vitdsi_utils.studies.scale`) tabulates them against N. The models run on ``device``
+study (:mod:`vitdsi_utils.studies.scale_tables`) tabulates them against N. The models run on ``device``
 ("auto": CUDA when there is one, :func:`vitdsi_utils.devices.resolve_device`); the DSI's beam search
 in float32 unless ``amp`` asks for bf16 (:func:`vitdsi_utils.devices.autocast`).
 """
