@@ -43,8 +43,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from vitdsi_utils import settings
 from vitdsi_utils.baselines.dense import DenseConfig, DenseEncoder, DenseTrainConfig, train_dense
 from vitdsi_utils.bovw import BoVW
-from vitdsi_utils.data.files import list_image_files, load_image
-from vitdsi_utils.data.images import sample_image_folder
+from vitdsi_utils.data.files import list_image_files, load_image, sample_image_folder
 from vitdsi_utils.environment import describe_machine
 from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.ids.schemes import atomic_codec

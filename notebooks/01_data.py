@@ -39,7 +39,8 @@ from IPython.display import display
 
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import build_database, databases
-from vitdsi_utils.data.images import dataset_name, load_images, sample_image_folder
+from vitdsi_utils.data.files import sample_image_folder
+from vitdsi_utils.data.images import dataset_name, load_images
 from vitdsi_utils.reports.plots import class_gallery, readable_class, save_figure, split_bar
 from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.runs import run_name

@@ -9,6 +9,7 @@ set; :func:`read_coco_annotations` lists them apart so the caller can leave them
 
 Parsing the train2017 file (about 450 MB, mostly segmentation polygons) takes a while, so the
 summary is cached as a small JSON keyed by the file's path, size and modification time.
+:func:`coco_paths` finds the images and the instances file (arguments, else environment variables).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vitdsi_utils import settings
 from vitdsi_utils.atomic import write_json
 
 _SUMMARY_VERSION = 1  # bump when the summary's content changes, so old summaries are not reused
@@ -130,3 +132,34 @@ def read_coco_annotations(path: str | os.PathLike, cache_dir: str | os.PathLike 
     if summary is not None:
         write_json(summary, asdict(parsed))
     return parsed
+
+
+def missing_coco_message(reason: str) -> str:
+    """Why the COCO images cannot be read, and the two ways to name them."""
+    return (
+        f"COCO images are not available ({reason}). Set {settings.COCO_IMAGES_ENV} to the images folder "
+        f"(e.g. .../coco/train2017) and {settings.COCO_ANNOTATIONS_ENV} to its instances file (e.g. "
+        ".../coco/annotations/instances_train2017.json), or give both: --root and --annotations on the command line, "
+        "DATASET_ROOT and DATASET_ANNOTATIONS in a study profile, root= and annotations= in load_images. "
+        "Nothing is downloaded: get COCO from https://cocodataset.org first."
+    )
+
+
+def coco_paths(
+    root: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """(images folder, instances JSON) of the ``coco`` source: the arguments, else the environment variables."""
+    images_dir = Path(root).expanduser() if root is not None else settings.coco_images_dir()
+    annotations_file = Path(annotations).expanduser() if annotations is not None else settings.coco_annotations_file()
+    missing = [
+        name
+        for name, value in ((settings.COCO_IMAGES_ENV, images_dir), (settings.COCO_ANNOTATIONS_ENV, annotations_file))
+        if value is None
+    ]
+    if missing:
+        raise FileNotFoundError(missing_coco_message(f"{' and '.join(missing)} not set"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(missing_coco_message(f"images folder {images_dir} does not exist"))
+    if not annotations_file.is_file():
+        raise FileNotFoundError(missing_coco_message(f"annotations file {annotations_file} does not exist"))
+    return images_dir, annotations_file

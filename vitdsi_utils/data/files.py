@@ -1,4 +1,4 @@
-"""Reading one image file: decode, convert to RGB, crop the centre square, resize; list an ImageFolder tree.
+"""Reading one image file: decode, convert to RGB, crop the centre square, resize; list an ImageFolder tree, or sample it.
 
 Every reader of the toolkit goes through :func:`load_image`, which returns ``None`` (with a reason from
 :func:`describe_read_error`) for a file it cannot use, so one bad file never stops a study.
@@ -197,3 +197,30 @@ def describe_read_error(error: BaseException) -> str:
         return f"too many pixels (over {2 * (Image.MAX_IMAGE_PIXELS or 0):,}); downscale it first"
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def sample_image_folder(
+    root: str | Path, size: int, per_class: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A few preprocessed images per class of an ImageFolder tree, without decoding the whole tree.
+
+    Returns (images (n, size, size, 3) uint8, labels (n,), class names); images outside the
+    aspect range are skipped, as in the study.
+    """
+
+    files, classes, labels = list_image_files(root)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    images, kept = [], []
+    for label in range(len(classes)):
+        for i in rng.permutation(np.flatnonzero(labels == label)):
+            try:
+                image = load_image(Path(root) / files[i], size)
+            except OSError:  # an unreadable file is left out here, as load_images leaves it out
+                continue
+            if image is not None:
+                images.append(image)
+                kept.append(label)
+            if kept.count(label) == per_class:
+                break
+    return np.stack(images), np.asarray(kept), classes

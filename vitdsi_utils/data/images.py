@@ -48,11 +48,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vitdsi_utils import settings
-from vitdsi_utils.data.coco import read_coco_annotations
+from vitdsi_utils.data.coco import coco_paths, missing_coco_message, read_coco_annotations
 from vitdsi_utils.data.decode import SIZES, decode_cached, left_out_rows, warn_left_out, warn_upscaled
 from vitdsi_utils.data.files import (
-    list_image_files,
-    load_image,
     scan_image_folder,
 )
 
@@ -296,36 +294,6 @@ def _load_folder(
     )
 
 
-def _missing_coco_message(reason: str) -> str:
-    return (
-        f"COCO images are not available ({reason}). Set {settings.COCO_IMAGES_ENV} to the images folder "
-        f"(e.g. .../coco/train2017) and {settings.COCO_ANNOTATIONS_ENV} to its instances file (e.g. "
-        ".../coco/annotations/instances_train2017.json), or give both: --root and --annotations on the command line, "
-        "DATASET_ROOT and DATASET_ANNOTATIONS in a study profile, root= and annotations= in load_images. "
-        "Nothing is downloaded: get COCO from https://cocodataset.org first."
-    )
-
-
-def coco_paths(
-    root: str | os.PathLike | None = None, annotations: str | os.PathLike | None = None
-) -> tuple[Path, Path]:
-    """(images folder, instances JSON) of the ``coco`` source: the arguments, else the environment variables."""
-    images_dir = Path(root).expanduser() if root is not None else settings.coco_images_dir()
-    annotations_file = Path(annotations).expanduser() if annotations is not None else settings.coco_annotations_file()
-    missing = [
-        name
-        for name, value in ((settings.COCO_IMAGES_ENV, images_dir), (settings.COCO_ANNOTATIONS_ENV, annotations_file))
-        if value is None
-    ]
-    if missing:
-        raise FileNotFoundError(_missing_coco_message(f"{' and '.join(missing)} not set"))
-    if not images_dir.is_dir():
-        raise FileNotFoundError(_missing_coco_message(f"images folder {images_dir} does not exist"))
-    if not annotations_file.is_file():
-        raise FileNotFoundError(_missing_coco_message(f"annotations file {annotations_file} does not exist"))
-    return images_dir, annotations_file
-
-
 def _load_coco(
     root: Path,
     annotations: Path,
@@ -343,7 +311,7 @@ def _load_coco(
         raise ValueError(f"{annotations} has no annotated image: nothing to retrieve")
     if not any((root / name).is_file() for name in coco.files[:1000]):
         raise FileNotFoundError(
-            _missing_coco_message(
+            missing_coco_message(
                 f"none of the first images named in {annotations.name} (e.g. {coco.files[0]}) is in {root}; "
                 f"does {settings.COCO_IMAGES_ENV} name the folder that file describes?"
             )
@@ -500,30 +468,3 @@ def load_images(
             )
         folder = Path(root).expanduser()
     return _load_folder(source, folder, size, (lo, hi), cache, data_dir, progress, name)
-
-
-def sample_image_folder(
-    root: str | Path, size: int, per_class: int = 6, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A few preprocessed images per class of an ImageFolder tree, without decoding the whole tree.
-
-    Returns (images (n, size, size, 3) uint8, labels (n,), class names); images outside the
-    aspect range are skipped, as in the study.
-    """
-
-    files, classes, labels = list_image_files(root)
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    images, kept = [], []
-    for label in range(len(classes)):
-        for i in rng.permutation(np.flatnonzero(labels == label)):
-            try:
-                image = load_image(Path(root) / files[i], size)
-            except OSError:  # an unreadable file is left out here, as load_images leaves it out
-                continue
-            if image is not None:
-                images.append(image)
-                kept.append(label)
-            if kept.count(label) == per_class:
-                break
-    return np.stack(images), np.asarray(kept), classes

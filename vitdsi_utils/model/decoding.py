@@ -3,7 +3,7 @@
 * :func:`beam_search` - constrained beam search over the prefix trie of the existing IDs,
   batched over queries and beams (the paper's retrieval), decoding incrementally: each query is
   encoded once, each decoder layer projects its cross-attention keys and values once for all
-  beams, and the prefix's self-attention is cached (``model.vit.IncrementalDecoder``).
+  beams, and the prefix's self-attention is cached (``model.kv_cache.IncrementalDecoder``).
   :func:`beam_search_reference` is the earlier implementation (the same results, slower), kept
   for tests and benchmarks.
 * :func:`score_all_ids` / :func:`rank_exhaustive` - the exact log-probability of every ID by
@@ -98,7 +98,7 @@ def _beam_batch(
 
     Each query is encoded once; the incremental decoder projects its cross-attention keys and
     values once per layer for all its beams and caches the prefix's self-attention, so every
-    step runs the decoder on the B*W new tokens only (see ``model.vit.IncrementalDecoder``).
+    step runs the decoder on the B*W new tokens only (see ``model.kv_cache.IncrementalDecoder``).
     """
     B = images.shape[0]
     decoder = model.incremental_decoder(model.encode(images), max(widths))  # encoder tokens (B, P, D) -> per-layer K/V
@@ -262,7 +262,7 @@ def beam_search(
 
     Each query is encoded once, each decoder layer projects the cross-attention keys and values
     of its image tokens once for all its beams, and the prefix's self-attention is cached, so
-    a step decodes one new token per beam (``model.vit.IncrementalDecoder``). All queries of a batch
+    a step decodes one new token per beam (``model.kv_cache.IncrementalDecoder``). All queries of a batch
     and their beams run as one batch: at most ``batch_size`` queries (None: no cap), fewer where
     memory demands it (:func:`queries_per_batch`; batches are cut to equal sizes). ``amp`` runs
     the model in bf16 autocast (faster on a GPU, slightly different scores): None (default), True
