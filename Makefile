@@ -151,9 +151,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-## the test suite, after lint (what CI runs)
+## the test suite, after lint (what CI runs): the test files spread over every core (pytest-xdist; a file stays on
+## one worker, so its module fixtures are built once), one torch thread per worker
 test: lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 ## the suite without the notebook runs
 test-fast: venv
