@@ -23,11 +23,10 @@ from vitdsi_utils.data.database import build_database, database_with_ids
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.locks import RunFolderBusy
-from vitdsi_utils.phases import PhaseResult
 from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.runner.profiles import load_profile
 from vitdsi_utils.runner.run import StudyFailed, run_study
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.runs import PhaseResult, run_name
 from vitdsi_utils.studies.dsi import DSISpec, run_experiment
 from vitdsi_utils.studies.recipes import dump_runs, list_recipes, load_recipe, run_recipe
 from vitdsi_utils.studies.specs import spec_from_profile

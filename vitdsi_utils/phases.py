@@ -11,7 +11,6 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +18,28 @@ import torch
 
 from vitdsi_utils.baselines.init import INIT_SOURCES, EncoderInit, init_encoder, resolve_torchvision_file
 from vitdsi_utils.data.database import Database
-from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import codec_for
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
-from vitdsi_utils.runs import DESCENDANT_FILES, INDEXING_CHECKPOINT, ZERO_SHOT_FILE, phase_files
-from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from vitdsi_utils.runs import (
+    DESCENDANT_FILES,
+    INDEXING_CHECKPOINT,
+    ZERO_SHOT_FILE,
+    PhaseResult,
+    load_phase,
+    phase_files,
+    save_phase,
+    seconds_before,
+)
+from vitdsi_utils.training.checkpoint import CheckpointError, load_checkpoint
 from vitdsi_utils.training.config import TrainConfig, seed_everything
-from vitdsi_utils.training.history import History
 from vitdsi_utils.training.loop import fit, train_indexing, train_retrieval
 from vitdsi_utils.training.reuse import REUSE_HINT, differences, finished_verdict, weights_digest
 from vitdsi_utils.training.tasks import AugmentedViews, IndexingTask, RetrievalPairs, SameClassTargets
 
 #: Retrieval targets of fine-tuning: fixed (query, relevant ID) pairs, or one relevant ID per query redrawn each epoch.
 TARGET_MODES = ("pairs", "same-class")
-
-
-def _seconds_before(checkpoint: Path | None) -> float:
-    """Training seconds already spent in an unfinished run's checkpoint (0 without one), so the time of a
-    run resumed over several sessions counts every session, not the last one only."""
-    if checkpoint is None or not checkpoint.exists():
-        return 0.0
-
-    return float(sum(row.get("seconds", 0.0) for row in load_checkpoint(checkpoint)["history"]))
 
 
 def database_codec(db: Database, codec: IDCodec | None = None) -> IDCodec:
@@ -93,26 +90,6 @@ def encoder_init_tag(encoder_init: EncoderInitSpec | None) -> str | None:
             raise FileNotFoundError(f"{path} does not exist: the {source} checkpoint to initialise the encoder from")
         path = resolve_torchvision_file(path)
     return EncoderInit(source, str(path), []).tag()
-
-
-@dataclass
-class PhaseResult:
-    """A trained model of one phase, with its history and the wall time it took."""
-
-    model: DSIModel
-    history: History
-    seconds: float
-    epochs: int  # the epochs it trained (all phases; for indexing, those run before the stop rule fired)
-    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig it was trained with (plain values)
-    # whether its stop rule fired: indexing reached the target accuracy before its epoch cap (fine-tuning:
-    # consolidation did); None without a stop rule, or for a model saved before this was recorded
-    reached_target: bool | None = None
-    loaded: bool = False  # loaded from its run folder rather than trained (or continued) in this call
-
-    @property
-    def epoch_cap(self) -> int | None:
-        """The epoch cap it was trained under (its own, which may be below the one requested of a reused model)."""
-        return self.config.get("epochs")
 
 
 def index_database(
@@ -168,7 +145,7 @@ def _reuse_index(
 ) -> PhaseResult | None:
     """The finished indexed model at ``final`` when it was trained for these settings; None when its run
     continues to a higher epoch cap; CheckpointError naming every difference otherwise."""
-    result, meta = _load_final(final, codec, wanted, fingerprint, config.device)
+    result, meta = load_phase(final, codec, wanted, fingerprint, config.device)
     checkpoint = run_dir / INDEXING_CHECKPOINT
     reached = meta["extra"].get("reached_target")
     if reached is None and checkpoint.exists():  # saved before this was recorded: its checkpoint knows
@@ -223,7 +200,7 @@ def _index(
         init_encoder(model, *encoder_init)
     index_images, _ = db.split("index")
     checkpoint = run_dir / INDEXING_CHECKPOINT if run_dir else None
-    start = time.perf_counter() - _seconds_before(checkpoint)
+    start = time.perf_counter() - seconds_before(checkpoint)
     history = train_indexing(
         model,
         codec,
@@ -236,7 +213,7 @@ def _index(
     epochs = int(history.to_frame()["epoch"].max()) if len(history) else 0
     reached = history.reached_target
     if run_dir is not None:
-        _save_final(
+        save_phase(
             run_dir / ZERO_SHOT_FILE, model, codec, config, history, seconds, epochs, fingerprint, reached=reached
         )
     return PhaseResult(model, history, seconds, epochs, config.to_dict(), reached_target=reached)
@@ -362,7 +339,7 @@ def _fine_tune(
     # each model consolidates from its own checkpoint (the fine-tuned one keeps the name it always had)
     consolidation = run_dir / consolidation_file if run_dir else None
     # a consolidation checkpoint's history holds the fine-tuning rows too
-    start = time.perf_counter() - (_seconds_before(consolidation) or _seconds_before(checkpoint))
+    start = time.perf_counter() - (seconds_before(consolidation) or seconds_before(checkpoint))
     data_info = {**fingerprint, **options}  # resuming a checkpoint of other options is refused, naming them
     if multitask:
         indexing = IndexingTask(torch.from_numpy(db.split("index")[0]))
@@ -412,7 +389,7 @@ def _fine_tune(
     frame = history.to_frame()
     epochs = int(frame.groupby("phase")["epoch"].max().sum()) if len(frame) else 0
     if run_dir is not None:
-        _save_final(
+        save_phase(
             run_dir / final_file,
             model,
             codec,
@@ -433,7 +410,7 @@ def _reuse_fine_tuned(
     """The finished fine-tuned (or multi-task) model at ``final``; CheckpointError naming every difference
     when it was trained for other settings, options or from another indexed model."""
     parent = fingerprint["parent"]
-    result, meta = _load_final(
+    result, meta = load_phase(
         final, codec, config, {k: v for k, v in fingerprint.items() if k != "parent"}, train.device
     )
     extra = meta["extra"]
@@ -492,45 +469,3 @@ def fine_tune_options(
         "index_views": int(index_views),
         "view_min_crop": float(view_min_crop) if index_views else None,
     }
-
-
-def _load_final(
-    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, device: str = "auto"
-) -> tuple[PhaseResult, dict[str, Any]]:
-    """(the finished phase at ``path`` on ``device``, its meta); CheckpointError if it was trained for another
-    model, IDs or database. The callers compare its training settings. The model goes where the phase would
-    have trained it (the training settings' device), so a reused model is evaluated where a fresh one is."""
-    model, _, meta = load_model(
-        path, map_location=resolve_device(device), expect_config=config, expect_codec=codec, expect_data=fingerprint
-    )
-    result = PhaseResult(
-        model,
-        meta["history"],
-        float(meta["extra"].get("seconds", 0.0)),
-        int(meta["epoch"]),
-        dict(meta.get("train_config") or {}),
-        loaded=True,
-    )
-    return result, meta
-
-
-def _save_final(
-    path: Path,
-    model: DSIModel,
-    codec: IDCodec,
-    config: TrainConfig,
-    history: History,
-    seconds: float,
-    epochs: int,
-    fingerprint: dict,
-    options: dict[str, Any] | None = None,
-    reached: bool | None = None,
-) -> None:
-
-    extra = {
-        "seconds": seconds,
-        "data": fingerprint,
-        "reached_target": reached,
-        **({"options": options} if options is not None else {}),
-    }
-    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)

@@ -1,21 +1,27 @@
 """Run folders: where a trained model of a database lives, what its files are called, and loading it back.
 
 One run folder per database (``<runs>/<run name>/``) holds its trained DSI models (``zero_shot.pt``,
-``fine_tuned.pt``, ``multitask.pt``) and their histories. This module is the one place that names them.
+``fine_tuned.pt``, ``multitask.pt``) and their histories. This module is the one place that names them,
+and the one that saves a training phase's final model there (:func:`save_phase`, with the settings and
+data it was trained on) and loads it back checked against them (:func:`load_phase`, a :class:`PhaseResult`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import Database
 from vitdsi_utils.devices import resolve_device
+from vitdsi_utils.ids.codec import IDCodec
+from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.settings import resolve_portable
-from vitdsi_utils.training.checkpoint import load_model
+from vitdsi_utils.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.training.history import History
 
 #: The files of a run folder: the indexed (zero-shot) model and the checkpoint of its training ...
 ZERO_SHOT_FILE, INDEXING_CHECKPOINT = "zero_shot.pt", "indexing.ckpt"
@@ -66,6 +72,80 @@ def run_name(db: Database, ids: str | None = None) -> str:
     s = db.settings
     dataset = s.get("dataset") or s["source"]
     return f"{dataset}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
+
+
+# ------------------------------------------------------------------------------------------
+# A phase's final model in its run folder: saved with what made it, loaded back checked
+# ------------------------------------------------------------------------------------------
+def seconds_before(checkpoint: Path | None) -> float:
+    """Training seconds already spent in an unfinished run's checkpoint (0 without one), so the time of a
+    run resumed over several sessions counts every session, not the last one only."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0.0
+
+    return float(sum(row.get("seconds", 0.0) for row in load_checkpoint(checkpoint)["history"]))
+
+
+@dataclass
+class PhaseResult:
+    """A trained model of one phase, with its history and the wall time it took."""
+
+    model: DSIModel
+    history: History
+    seconds: float
+    epochs: int  # the epochs it trained (all phases; for indexing, those run before the stop rule fired)
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig it was trained with (plain values)
+    # whether its stop rule fired: indexing reached the target accuracy before its epoch cap (fine-tuning:
+    # consolidation did); None without a stop rule, or for a model saved before this was recorded
+    reached_target: bool | None = None
+    loaded: bool = False  # loaded from its run folder rather than trained (or continued) in this call
+
+    @property
+    def epoch_cap(self) -> int | None:
+        """The epoch cap it was trained under (its own, which may be below the one requested of a reused model)."""
+        return self.config.get("epochs")
+
+
+def load_phase(
+    path: Path, codec: IDCodec, config: DSIConfig, fingerprint: dict, device: str = "auto"
+) -> tuple[PhaseResult, dict[str, Any]]:
+    """(the finished phase at ``path`` on ``device``, its meta); CheckpointError if it was trained for another
+    model, IDs or database. The callers compare its training settings. The model goes where the phase would
+    have trained it (the training settings' device), so a reused model is evaluated where a fresh one is."""
+    model, _, meta = load_model(
+        path, map_location=resolve_device(device), expect_config=config, expect_codec=codec, expect_data=fingerprint
+    )
+    result = PhaseResult(
+        model,
+        meta["history"],
+        float(meta["extra"].get("seconds", 0.0)),
+        int(meta["epoch"]),
+        dict(meta.get("train_config") or {}),
+        loaded=True,
+    )
+    return result, meta
+
+
+def save_phase(
+    path: Path,
+    model: DSIModel,
+    codec: IDCodec,
+    config: TrainConfig,
+    history: History,
+    seconds: float,
+    epochs: int,
+    fingerprint: dict,
+    options: dict[str, Any] | None = None,
+    reached: bool | None = None,
+) -> None:
+
+    extra = {
+        "seconds": seconds,
+        "data": fingerprint,
+        "reached_target": reached,
+        **({"options": options} if options is not None else {}),
+    }
+    save_checkpoint(path, model, None, model.config, config, epochs, history, codec, extra=extra)
 
 
 # ------------------------------------------------------------------------------------------

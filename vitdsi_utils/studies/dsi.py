@@ -24,7 +24,6 @@ from vitdsi_utils.model.vit import DSIModel
 from vitdsi_utils.phases import (
     TARGET_MODES,
     EncoderInitSpec,
-    PhaseResult,
     database_codec,
     fine_tune,
     index_database,
@@ -32,7 +31,7 @@ from vitdsi_utils.phases import (
 )
 from vitdsi_utils.reports.paper import attach_paper
 from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
-from vitdsi_utils.runs import StudyPaths, run_name
+from vitdsi_utils.runs import PhaseResult, StudyPaths, run_name
 from vitdsi_utils.studies.dsi_report import fine_tune_note, write_dsi_tables
 from vitdsi_utils.studies.specs import (
     ModelSpec,
