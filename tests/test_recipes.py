@@ -134,6 +134,8 @@ def one_line_error(capsys) -> str:
         ({"study": "dense", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dsi", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "ablations", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "bovw", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "bovw", "vlad_words": 8}, "vlad_words: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dense-init", "include_index": False}, "include_index: read by a notebook profile's study only"),
     ],
 )
