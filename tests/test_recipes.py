@@ -136,6 +136,7 @@ def one_line_error(capsys) -> str:
         ({"study": "ablations", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "bovw", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "bovw", "vlad_words": 8}, "vlad_words: read by a notebook profile's study only, not by a recipe"),
+        ({"study": "incremental", "name": "pets"}, "name: read by a notebook profile's study only, not by a recipe"),
         ({"study": "dense-init", "include_index": False}, "include_index: read by a notebook profile's study only"),
     ],
 )
@@ -166,7 +167,9 @@ def test_the_allowed_keys_are_the_spec_and_run_keys(run_recipe, capsys):
             "finetune_epochs",
             "ids",
             "index",
+            "k",
             "model",
+            "name",
             "new_fraction",
             "ns",
             "out_dir",
