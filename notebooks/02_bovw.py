@@ -41,31 +41,18 @@ VLAD_WORDS = 8         # cpu: 64
 OUT_DIR = None         # tables/ and figures/ go here; None: reports/<PROFILE>
 
 # %%
-import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils import evaluation
-from vitdsi_utils.data.images import dataset_name
-from vitdsi_utils.reports.paper import TABLE1_NOTE, table1_markdown
-from vitdsi_utils.reports.plots import metric_vs_n, save_figure
-from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.bovw import bovw_study
-from vitdsi_utils.reports.tables import write_table
+from vitdsi_utils.studies import bovw
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+spec = notebook_spec(bovw.BoVWSpec, globals())  # this notebook's parameters as the study's settings
 
 # %%
-bovw = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=BOVW_WORDS,
-                             vocabularies=BOVW_VOCABULARIES, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS,
-                             progress=False)
-averaged = (f"metrics averaged per query over {BOVW_VOCABULARIES} k-means vocabularies" if BOVW_VOCABULARIES > 1
-            else "one k-means vocabulary")
-markdown = "\n\n".join([f"BoVW, {BOVW_WORDS} visual words ({averaged}), {DATASET_NAME} at {SIZE} px. " + TABLE1_NOTE,
-                         table1_markdown(bovw)])
-write_table(bovw, paths.tables / "bovw", markdown=markdown)
-display(Markdown(markdown))
+result = bovw.run(spec, paths)
+display(Markdown((paths.tables / "bovw.md").read_text()))
 
 # %% [markdown]
 # ## VLAD beside BoVW
@@ -75,17 +62,8 @@ display(Markdown(markdown))
 # at 64 px (`make vlad`).
 
 # %%
-vlad = bovw_study(DATASET, SIZE, NS, SEEDS, out_dir=None, n_words=VLAD_WORDS, encoding="vlad",
-                             vocabularies=BOVW_VOCABULARIES, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS,
-                             progress=False)
-both = pd.concat([bovw, vlad], ignore_index=True)
-vlad_markdown = "\n\n".join([f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words x 128, power-normalised), "
-                              f"{DATASET_NAME} at {SIZE} px. " + TABLE1_NOTE, table1_markdown(both)])
-write_table(vlad, paths.tables / "vlad", markdown=vlad_markdown)
-display(Markdown(vlad_markdown))
-for row in baseline_verdicts(both, "mAP@10").itertuples():
-    print(f"N={row.n}, seed {row.seed}: VLAD mAP@10 {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] vs "
-          f"BoVW {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, {row.baseline_ci_high:.3f}] -> {row.verdict}")
+display(Markdown((paths.tables / "vlad.md").read_text()))
+print("\n".join(result.verdicts))
 
 # %% [markdown]
 # Precision at 10 and recall at 100 against the database size. With more indexed images there are
@@ -93,12 +71,7 @@ for row in baseline_verdicts(both, "mAP@10").itertuples():
 # the dotted lines show where a random ranking would be.
 
 # %%
-fig = metric_vs_n(both, ("P@10", "R@100"), title=f"BoVW ({BOVW_WORDS} words) and VLAD ({VLAD_WORDS} words)")
-save_figure(fig, paths.figures / "bovw_vs_n.png")
-fig
+result.figure
 
 # %%
-for row in bovw[bovw["metric"] == "P@10"].itertuples():
-    lift = row.value / row.chance if row.chance else float("nan")
-    print(f"N={row.n}, seed {row.seed}: P@10 = {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
-          f"{lift:.1f}x chance ({row.chance:.3f}); {row.search_ms_per_query:.1f} ms per query")
+print("\n".join(result.precision))

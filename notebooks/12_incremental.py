@@ -51,28 +51,12 @@ RUNS_DIR = None              # trained models, one folder per database; None: da
 # %%
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.incremental import incremental_markdown, incremental_study
-from vitdsi_utils.reports.tables import write_csv, write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import incremental
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-db = build_database(image_set, INC_N, id_scheme="random", seed=SEEDS[0])
-
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
+spec = notebook_spec(incremental.IncrementalSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Initial model, fine-tuning strategies, retraining
@@ -82,15 +66,8 @@ def index_config(seed: int) -> TrainConfig:
 # the initial model's). Finished models are loaded from `RUNS_DIR`.
 
 # %%
-config = index_config(SEEDS[0])
-results, curves, fig = incremental_study(
-    db, index_config=config, finetune_epochs=INC_FINETUNE_EPOCHS, replay_ratios=INC_REPLAY_RATIOS,
-    new_fraction=INC_NEW_FRACTION, model_overrides=model_overrides, beam_size=K, runs_dir=paths.runs,
-    seed=SEEDS[0])
-markdown = incremental_markdown(results, config, INC_FINETUNE_EPOCHS)
-write_table(results, paths.tables / "incremental", markdown=markdown)
-write_csv(curves, paths.tables / "incremental_curves.csv")
-display(Markdown(markdown))
+result = incremental.run(spec, paths)
+display(Markdown((paths.tables / "incremental.md").read_text()))
 
 # %% [markdown]
 # ## Forgetting along the fine-tuning epochs
@@ -101,5 +78,4 @@ display(Markdown(markdown))
 # more examples per epoch.
 
 # %%
-save_figure(fig, paths.figures / "incremental.png")
-fig
+result.figure

@@ -425,3 +425,111 @@ def test_options_that_do_not_fit_the_encoding_are_rejected(database, params, mes
     images, _ = database
     with pytest.raises(ValueError, match=message):
         BoVW(4, progress=False, **params).fit(images[:3])
+
+
+# -- the study of notebook 02 (studies.bovw.run with a notebook profile's paths) ----------------------------
+NOTEBOOK_PARAMS = {
+    "PROFILE": "smoke",  # no spec key: left out
+    "DATASET": "digits",
+    "DATASET_ROOT": None,
+    "DATASET_ANNOTATIONS": None,
+    "DATASET_NAME": "my-digits",
+    "SIZE": 32,
+    "NS": [200],
+    "SEEDS": [0],
+    "BOVW_WORDS": 16,
+    "BOVW_VOCABULARIES": 1,
+    "VLAD_WORDS": 4,
+    "OUT_DIR": None,
+}
+
+
+def test_notebook_02s_parameters_are_the_bovw_spec():
+    from vitdsi_utils.studies.bovw import BoVWSpec
+    from vitdsi_utils.studies.specs import notebook_spec
+
+    spec = notebook_spec(BoVWSpec, NOTEBOOK_PARAMS)
+    assert (spec.source, spec.name, spec.size, spec.ns, spec.seeds) == ("digits", "my-digits", 32, (200,), (0,))
+    assert (spec.words, spec.vocabularies, spec.vlad_words, spec.encoding) == ((16,), 1, 4, "histogram")
+
+
+def test_every_parameter_of_notebook_02_is_a_profile_key_of_the_spec():
+    import papermill
+
+    from vitdsi_utils.runner.profiles import RUNNER_PARAMETERS
+    from vitdsi_utils.runner.run import notebooks_dir
+    from vitdsi_utils.runner.sources import read_notebook
+    from vitdsi_utils.studies.bovw import BoVWSpec
+
+    declared = set(papermill.inspect_notebook(read_notebook(notebooks_dir() / "02_bovw.py")))
+    assert declared - {"PROFILE", *RUNNER_PARAMETERS} == set(BoVWSpec.PROFILE_KEYS)
+
+
+@pytest.mark.parametrize("values", [{"vlad_words": 8}, {"name": "pets"}])
+def test_a_recipe_setting_a_profile_only_key_is_refused(values, tmp_path):
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import bovw
+    from vitdsi_utils.studies.specs import SpecError
+
+    spec = bovw.BoVWSpec(source="digits", size=32, ns=(200,), **values)
+    with pytest.raises(SpecError, match=f"{next(iter(values))}: read by a notebook profile's study only"):
+        bovw.run(spec, StudyPaths(tmp_path / "out", tmp_path / "runs"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"encoding": "vlad"}, "encoding: a notebook profile's BoVW study runs plain BoVW and VLAD"),
+        ({"rootsift": True}, "rootsift: a notebook profile's BoVW study runs plain BoVW and VLAD"),
+        ({"words": (16, 32)}, r"words: a notebook profile's BoVW study takes one vocabulary size, got \[16, 32\]"),
+    ],
+)
+def test_a_profiles_study_refuses_a_recipes_variants(values, message, tmp_path):
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import bovw
+    from vitdsi_utils.studies.specs import SpecError
+
+    spec = bovw.BoVWSpec(source="digits", size=32, ns=(200,), **values)
+    with pytest.raises(SpecError, match=message):
+        bovw.run(spec, StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs"))
+    assert not list((tmp_path / "out" / "tables").iterdir())
+
+
+def test_a_profiles_study_writes_the_bovw_and_vlad_tables_and_the_figure(tmp_path):
+    import pandas as pd
+
+    from vitdsi_utils.reports.paper import TABLE1_NOTE
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import bovw
+    from vitdsi_utils.studies.specs import notebook_spec
+
+    paths = StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs")
+    result = bovw.run(notebook_spec(bovw.BoVWSpec, NOTEBOOK_PARAMS), paths)
+    assert sorted(p.name for p in paths.tables.iterdir()) == ["bovw.csv", "bovw.md", "vlad.csv", "vlad.md"]
+    assert [p.name for p in paths.figures.iterdir()] == ["bovw_vs_n.png"]
+    assert sorted(p.name for p in paths.out.iterdir()) == ["figures", "tables"]  # no manifests, no variant tables
+    assert not paths.runs.exists()  # BoVW trains nothing
+    table = pd.read_csv(paths.tables / "bovw.csv")
+    assert set(table["model"]) == {"BoVW"} and set(table["n_words"]) == {16} and set(table["n"]) == {200}
+    vlad = pd.read_csv(paths.tables / "vlad.csv")
+    assert set(vlad["model"]) == {"VLAD"} and set(vlad["n_words"]) == {4}
+    assert (
+        (paths.tables / "bovw.md")
+        .read_text()
+        .startswith("BoVW, 16 visual words (one k-means vocabulary), my-digits at 32 px. " + TABLE1_NOTE)
+    )
+    assert (
+        (paths.tables / "vlad.md")
+        .read_text()
+        .startswith("BoVW (16 words) and VLAD (4 words x 128, power-normalised), my-digits at 32 px. ")
+    )
+    assert list(result.bovw.columns) == list(table.columns) and len(result.vlad) == len(vlad)
+    [verdict] = result.verdicts
+    assert verdict.startswith("N=200, seed 0: VLAD mAP@10 ") and verdict.split(" -> ")[1] in {
+        "better",
+        "worse",
+        "overlap",
+    }
+    [precision] = result.precision
+    assert precision.startswith("N=200, seed 0: P@10 = ") and "x chance (" in precision

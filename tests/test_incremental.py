@@ -133,3 +133,118 @@ def test_cli_incremental_writes_every_strategy(tmp_path, run_recipe):
     curves = pd.read_csv(out / "incremental_N80_random_curves.csv")
     assert set(curves["task"]) == {"old", "new"} and set(curves["replay_ratio"]) == {0, 1}
     assert (out / "incremental_N80_random.png").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# The study of notebook 12 (incremental.run with a notebook profile's paths)
+# ------------------------------------------------------------------------------------------
+NOTEBOOK_PARAMS = {
+    "PROFILE": "smoke",  # no spec key: left out
+    "DATASET": "digits",
+    "DATASET_ROOT": None,
+    "DATASET_ANNOTATIONS": None,
+    "DATASET_NAME": "my-digits",
+    "SIZE": 32,
+    "SEEDS": [0],
+    "PATCH_SIZE": 16,
+    "DIM": 32,
+    "MLP_DIM": 64,
+    "DEPTH": 1,
+    "HEADS": 2,
+    "DROPOUT": 0.1,
+    "POS_ENCODING": "sinusoidal",
+    "LR": 0.002,
+    "BATCH_SIZE": 32,
+    "WARMUP_STEPS": 0,
+    "INDEX_EPOCHS": 2,
+    "TARGET_ACCURACY": 0.99,
+    "K": 10,
+    "INC_N": 80,
+    "INC_NEW_FRACTION": 0.2,
+    "INC_REPLAY_RATIOS": [0, 1],
+    "INC_FINETUNE_EPOCHS": 2,
+    "OUT_DIR": None,
+    "RUNS_DIR": None,
+}
+
+
+def test_notebook_12s_parameters_are_the_incremental_spec():
+    from vitdsi_utils.studies.incremental import IncrementalSpec
+    from vitdsi_utils.studies.specs import notebook_spec
+
+    spec = notebook_spec(IncrementalSpec, {**NOTEBOOK_PARAMS, "SEEDS": [3], "POS_ENCODING": "learned"})
+    assert (spec.source, spec.name, spec.size, spec.ns, spec.seed, spec.ids) == (
+        "digits",
+        "my-digits",
+        32,
+        (80,),
+        3,
+        "random",
+    )
+    assert (spec.k, spec.new_fraction, spec.replay_ratios, spec.finetune_epochs) == (10, 0.2, (0.0, 1.0), 2)
+    assert spec.model.overrides() == dict(
+        patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2, dropout=0.1, pos_encoding="learned"
+    )
+    assert spec.index == TrainConfig(
+        lr=0.002, batch_size=32, epochs=2, target_accuracy=0.99, warmup_steps=0, seed=3
+    )  # notebook 12's index_config (which also turned progress off)
+
+
+def test_every_parameter_of_notebook_12_is_a_profile_key_of_the_spec():
+    import papermill
+
+    from vitdsi_utils.runner.profiles import RUNNER_PARAMETERS
+    from vitdsi_utils.runner.run import notebooks_dir
+    from vitdsi_utils.runner.sources import read_notebook
+    from vitdsi_utils.studies.incremental import IncrementalSpec
+
+    declared = set(papermill.inspect_notebook(read_notebook(notebooks_dir() / "12_incremental.py")))
+    assert declared - {"PROFILE", *RUNNER_PARAMETERS} == set(IncrementalSpec.PROFILE_KEYS)
+
+
+def test_a_recipe_setting_the_profile_only_name_is_refused(tmp_path):
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import incremental
+    from vitdsi_utils.studies.specs import SpecError
+
+    spec = incremental.IncrementalSpec(source="digits", size=32, ns=(80,), name="pets")
+    with pytest.raises(SpecError, match="name: read by a notebook profile's study only"):
+        incremental.run(spec, StudyPaths(tmp_path / "out", tmp_path / "runs"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_profiles_study_runs_one_database(tmp_path):
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import incremental
+    from vitdsi_utils.studies.specs import SpecError
+
+    spec = incremental.IncrementalSpec(source="digits", size=32, ns=(80, 160))
+    with pytest.raises(SpecError, match=r"ns: a notebook profile's incremental study runs one database \(INC_N\)"):
+        incremental.run(spec, StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs"))
+
+
+def test_a_profiles_study_writes_its_tables_figure_and_run_folder(tmp_path):
+    import pandas as pd
+
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import incremental
+    from vitdsi_utils.studies.specs import notebook_spec
+
+    paths = StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs")
+    spec = notebook_spec(incremental.IncrementalSpec, NOTEBOOK_PARAMS)
+    result = incremental.run(spec, paths)
+    assert sorted(p.name for p in paths.tables.iterdir()) == [
+        "incremental.csv",
+        "incremental.md",
+        "incremental_curves.csv",
+    ]
+    assert [p.name for p in paths.figures.iterdir()] == ["incremental.png"]
+    assert sorted(p.name for p in paths.out.iterdir()) == ["figures", "tables"]  # nothing beside them
+    run = paths.runs / "incremental-my-digits-32px-N80-random-seed0"  # the profile's run folder, its data's name
+    assert {"initial.pt", "scratch.pt", "finetune-replay0.pt", "finetune-replay1.pt"} <= {p.name for p in run.iterdir()}
+    results = pd.read_csv(paths.tables / "incremental.csv")
+    assert list(results["strategy"]) == [INITIAL, finetune_name(0), finetune_name(1), SCRATCH]
+    assert (paths.tables / "incremental.md").read_text().startswith("Incremental indexing: 16 images indexed first")
+    curves = pd.read_csv(paths.tables / "incremental_curves.csv", dtype=str)
+    assert set(curves["replay_ratio"]) == {"0", "1"}  # the profile's integers, written as notebook 12 wrote them
+    assert list(result.results["strategy"]) == list(results["strategy"]) and len(result.curves) == len(curves)

@@ -1,22 +1,26 @@
 """The BoVW study (notebook 02): the classical baseline at every N, averaged over vocabularies, and VLAD beside it.
 
-:func:`run` runs a :class:`BoVWSpec` (one table per vocabulary size, and the VLAD comparison).
+:func:`run` runs a :class:`BoVWSpec`: for a recipe, one table per vocabulary size (and the VLAD
+comparison); for a notebook profile, its ``tables/bovw`` and ``tables/vlad`` and ``figures/bovw_vs_n.png``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
 from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
+from vitdsi_utils.reports.plots import metric_vs_n, save_figure
 from vitdsi_utils.reports.tables import (
     BOVW_MODEL,
     VLAD_MODEL,
@@ -25,8 +29,9 @@ from vitdsi_utils.reports.tables import (
     with_uninformative_note,
     write_table,
 )
+from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.specs import check_choices
+from vitdsi_utils.studies.specs import SpecError, check_choices, refuse_profile_only
 
 #: Visual words when ``words`` is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
 BOVW_WORDS, VLAD_WORDS = 200, 64
@@ -39,11 +44,15 @@ class BoVWSpec:
     ``encoding: vlad`` encodes per-word sums of residuals (K x 128 values) instead of word histograms, and
     then also writes ``vlad_<source>_<size>px``: every VLAD table of the output folder beside plain BoVW
     with 200 words (run that first). ``power_norm`` null: on for VLAD, off for histograms.
+
+    A notebook profile's study (notebook 02) runs plain BoVW with one vocabulary size (``words``) and VLAD
+    with ``vlad_words`` beside it; ``name`` and ``vlad_words`` are read by it alone.
     """
 
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
     annotations: str | None = None
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     seeds: tuple[int, ...] = (0,)
@@ -54,17 +63,23 @@ class BoVWSpec:
     tfidf: bool = False  # tf-idf weighting of the histograms (not with VLAD)
     power_norm: bool | None = None  # signed square root of every component before L2
     intra_norm: bool = False  # VLAD: L2-normalise each word's block first
+    vlad_words: int | None = None  # VLAD's words beside BoVW (a profile's study only; null: 64)
+
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("name", "vlad_words")
 
     #: notebook profile keys (02_bovw) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
         "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "NS": "ns",
         "SEEDS": "seeds",
         "BOVW_WORDS": "words",
         "BOVW_VOCABULARIES": "vocabularies",
+        "VLAD_WORDS": "vlad_words",
     }
 
     def __post_init__(self) -> None:
@@ -80,8 +95,26 @@ class BoVWSpec:
             )._check_params()
 
 
-def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataFrame | None]:
-    """Every vocabulary size of ``spec`` into ``paths.out``; (one result table per size, the VLAD comparison)."""
+class BoVWResult(NamedTuple):
+    """What a notebook profile's :func:`run` returns: its BoVW and VLAD rows, the figure, and the lines it reports."""
+
+    bovw: pd.DataFrame
+    vlad: pd.DataFrame
+    figure: Figure
+    verdicts: list[str]  # VLAD against BoVW on mAP@10, one line per (N, seed)
+    precision: list[str]  # BoVW's P@10 against chance and its search time, one line per (N, seed)
+
+
+def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataFrame | None] | BoVWResult:
+    """The BoVW study of ``spec``.
+
+    With a notebook profile's paths (:meth:`StudyPaths.create`, notebook 02): :func:`_profile_study`, a
+    :class:`BoVWResult`. Otherwise (a recipe) every vocabulary size of ``spec`` into ``paths.out``; (one
+    result table per size, the VLAD comparison).
+    """
+    if paths.profile is not None:
+        return _profile_study(spec, paths)
+    refuse_profile_only(spec)
     vlad = spec.encoding == "vlad"
     frames = []
     for n_words in spec.words or [VLAD_WORDS if vlad else BOVW_WORDS]:
@@ -105,6 +138,72 @@ def run(spec: BoVWSpec, paths: StudyPaths) -> tuple[list[pd.DataFrame], pd.DataF
         )
     compared = vlad_comparison(paths.out, spec.source, spec.size) if vlad else None
     return frames, compared
+
+
+#: The settings of a recipe's BoVW variants; a notebook profile's study runs plain BoVW and VLAD only.
+RECIPE_VARIANT_SETTINGS = ("encoding", "rootsift", "tfidf", "power_norm", "intra_norm")
+
+
+def _profile_study(spec: BoVWSpec, paths: StudyPaths) -> BoVWResult:
+    """Notebook 02: plain BoVW with ``words`` and VLAD with ``vlad_words``, at every N and seed of ``spec``.
+
+    Both average their metrics over ``vocabularies`` k-means vocabularies. Writes ``tables/bovw`` (Table 1's
+    BoVW rows, which notebook 05 reads), ``tables/vlad`` and ``figures/bovw_vs_n.png`` into the profile's
+    report; nothing else (no manifests, no per-variant tables).
+    """
+    defaults = {f.name: f.default for f in fields(spec)}
+    changed = [name for name in RECIPE_VARIANT_SETTINGS if getattr(spec, name) != defaults[name]]
+    if changed:
+        raise SpecError(
+            f"{changed[0]}: a notebook profile's BoVW study runs plain BoVW and VLAD; "
+            "run other variants from a recipe (study: bovw)"
+        )
+    if spec.words is not None and len(spec.words) != 1:
+        raise SpecError(f"words: a notebook profile's BoVW study takes one vocabulary size, got {list(spec.words)}")
+    words = spec.words[0] if spec.words else BOVW_WORDS
+    vlad_words = spec.vlad_words if spec.vlad_words is not None else VLAD_WORDS
+    name = dataset_name(spec.source, spec.root, spec.name)
+    common = dict(vocabularies=spec.vocabularies, root=spec.root, annotations=spec.annotations, progress=False)
+
+    bovw = bovw_study(spec.source, spec.size, spec.ns, spec.seeds, out_dir=None, n_words=words, **common)
+    averaged = (
+        f"metrics averaged per query over {spec.vocabularies} k-means vocabularies"
+        if spec.vocabularies > 1
+        else "one k-means vocabulary"
+    )
+    markdown = "\n\n".join(
+        [f"BoVW, {words} visual words ({averaged}), {name} at {spec.size} px. " + TABLE1_NOTE, table1_markdown(bovw)]
+    )
+    write_table(bovw, paths.tables / "bovw", markdown=markdown)
+
+    vlad = bovw_study(
+        spec.source, spec.size, spec.ns, spec.seeds, out_dir=None, n_words=vlad_words, encoding="vlad", **common
+    )
+    both = pd.concat([bovw, vlad], ignore_index=True)
+    vlad_markdown = "\n\n".join(
+        [
+            f"BoVW ({words} words) and VLAD ({vlad_words} words x 128, power-normalised), "
+            f"{name} at {spec.size} px. " + TABLE1_NOTE,
+            table1_markdown(both),
+        ]
+    )
+    write_table(vlad, paths.tables / "vlad", markdown=vlad_markdown)
+    verdicts = [
+        f"N={row.n}, seed {row.seed}: VLAD mAP@10 {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] vs "
+        f"BoVW {row.baseline_value:.3f} [{row.baseline_ci_low:.3f}, {row.baseline_ci_high:.3f}] -> {row.verdict}"
+        for row in baseline_verdicts(both, "mAP@10").itertuples()
+    ]
+
+    figure = metric_vs_n(both, ("P@10", "R@100"), title=f"BoVW ({words} words) and VLAD ({vlad_words} words)")
+    save_figure(figure, paths.figures / "bovw_vs_n.png")
+    precision = []
+    for row in bovw[bovw["metric"] == "P@10"].itertuples():
+        lift = row.value / row.chance if row.chance else float("nan")
+        precision.append(
+            f"N={row.n}, seed {row.seed}: P@10 = {row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}], "
+            f"{lift:.1f}x chance ({row.chance:.3f}); {row.search_ms_per_query:.1f} ms per query"
+        )
+    return BoVWResult(bovw, vlad, figure, verdicts, precision)
 
 
 def console_summary(spec: BoVWSpec, result: tuple[list[pd.DataFrame], pd.DataFrame | None]) -> str:

@@ -22,7 +22,8 @@ Results per strategy: IA@1 of the old and of the new images (beam search over th
 the seconds and epochs it took, and, along the fine-tuning epochs, the teacher-forced sequence
 accuracy (greedy decoding) of old and new images: the forgetting curve.
 
-:func:`run` runs an :class:`IncrementalSpec` (one database per N); :func:`incremental_study` is one database.
+:func:`run` runs an :class:`IncrementalSpec` (one database per N; a notebook profile's study, notebook 12:
+one database into the profile's report); :func:`incremental_study` is one database.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import textwrap
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,15 @@ from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.plots import new_figure, save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, no_pooling
+from vitdsi_utils.studies.specs import (
+    ModelSpec,
+    SpecError,
+    check_choices,
+    full_model,
+    no_pooling,
+    refuse_profile_only,
+    spec_images,
+)
 from vitdsi_utils.training.checkpoint import CheckpointError, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 from vitdsi_utils.training.history import History
@@ -445,6 +454,7 @@ class IncrementalSpec:
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
     annotations: str | None = None
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=64, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (1024,)
     seed: int = 0  # the database draw
@@ -452,16 +462,21 @@ class IncrementalSpec:
     new_fraction: float = 0.2  # share of the indexed images added later
     replay_ratios: tuple[float, ...] = (0.0, 1.0, 4.0)  # old images replayed per new image and epoch
     finetune_epochs: int = 40
+    k: int = 100  # beam width of IA@1
     model: ModelSpec = field(default_factory=full_model)
     index: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99)
     )
+
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("name",)
 
     #: notebook profile keys (12_incremental) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
         "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "INC_N": "ns",
         "SEEDS": ("seed[0]", "index.seed[0]"),
@@ -474,11 +489,13 @@ class IncrementalSpec:
         "DEPTH": "model.depth",
         "HEADS": "model.heads",
         "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
         "LR": "index.lr",
         "BATCH_SIZE": "index.batch_size",
         "WARMUP_STEPS": "index.warmup_steps",
         "INDEX_EPOCHS": "index.epochs",
         "TARGET_ACCURACY": "index.target_accuracy",
+        "K": "k",
     }
 
     def __post_init__(self) -> None:
@@ -486,8 +503,25 @@ class IncrementalSpec:
         no_pooling(self)
 
 
-def run(spec: IncrementalSpec, paths: StudyPaths) -> list[tuple[pd.DataFrame, pd.DataFrame, Figure]]:
-    """The study of ``spec`` for every N: tables and figures to ``paths.out``, models to ``paths.runs``."""
+class IncrementalResult(NamedTuple):
+    """What a notebook profile's :func:`run` returns: one row per strategy, the forgetting curves, the figure."""
+
+    results: pd.DataFrame
+    curves: pd.DataFrame
+    figure: Figure
+
+
+def run(
+    spec: IncrementalSpec, paths: StudyPaths
+) -> list[tuple[pd.DataFrame, pd.DataFrame, Figure]] | IncrementalResult:
+    """The study of ``spec`` for every N: tables and figures to ``paths.out``, models to ``paths.runs``.
+
+    With a notebook profile's paths (:meth:`StudyPaths.create`, notebook 12) it is that profile's study,
+    one database: see :func:`_profile_study`.
+    """
+    if paths.profile is not None:
+        return _profile_study(spec, paths)
+    refuse_profile_only(spec)
     image_set = load_images(spec.source, spec.size, root=spec.root, annotations=spec.annotations)
     results = []
     for n in spec.ns:
@@ -500,11 +534,45 @@ def run(spec: IncrementalSpec, paths: StudyPaths) -> list[tuple[pd.DataFrame, pd
                 replay_ratios=spec.replay_ratios,
                 new_fraction=spec.new_fraction,
                 model_overrides=spec.model.overrides(),
+                beam_size=spec.k,
                 out_dir=paths.out,
                 runs_dir=paths.runs,
             )
         )
     return results
+
+
+def _profile_study(spec: IncrementalSpec, paths: StudyPaths) -> IncrementalResult:
+    """Notebook 12: the study of one database (its one N) into the profile's report and run folders.
+
+    The database is drawn with ``spec.seed``, which also splits off the new images; training shows no
+    progress bars. Models go to ``paths.runs`` (reused when trained for these settings); writes
+    ``tables/incremental`` (CSV and Markdown), ``tables/incremental_curves.csv`` and ``figures/incremental.png``.
+    """
+    if len(spec.ns) != 1:
+        raise SpecError(f"ns: a notebook profile's incremental study runs one database (INC_N), got {list(spec.ns)}")
+    image_set = spec_images(spec)
+    db = build_database(image_set, spec.ns[0], id_scheme=spec.ids, seed=spec.seed)
+    config = replace(spec.index, progress=False)
+    # whole ratios as the profile's integers (the spec holds floats): the curves table writes 1, not 1.0
+    ratios = [int(r) if float(r).is_integer() else r for r in spec.replay_ratios]
+    results, curves, figure = incremental_study(
+        db,
+        index_config=config,
+        finetune_epochs=spec.finetune_epochs,
+        replay_ratios=ratios,
+        new_fraction=spec.new_fraction,
+        model_overrides=spec.model.overrides(),
+        beam_size=spec.k,
+        runs_dir=paths.runs,
+        seed=spec.seed,
+    )
+    write_table(
+        results, paths.tables / "incremental", markdown=incremental_markdown(results, config, spec.finetune_epochs)
+    )
+    write_csv(curves, paths.tables / "incremental_curves.csv")
+    save_figure(figure, paths.figures / "incremental.png")
+    return IncrementalResult(results, curves, figure)
 
 
 def console_summary(spec: IncrementalSpec, result: list[tuple[pd.DataFrame, Any, Any]]) -> str:

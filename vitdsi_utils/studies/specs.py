@@ -104,6 +104,7 @@ RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool]] = {
             "max_pairs_per_query",
             "finetune_epochs",
             "words",
+            "vlad_words",
             "vocabularies",
             "queries",
             "query_batch",
