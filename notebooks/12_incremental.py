@@ -67,7 +67,7 @@ spec = notebook_spec(incremental.IncrementalSpec, globals())  # this notebook's 
 
 # %%
 result = incremental.run(spec, paths)
-display(Markdown((paths.tables / "incremental.md").read_text()))
+display(Markdown(result.markdown))
 
 # %% [markdown]
 # ## Forgetting along the fine-tuning epochs

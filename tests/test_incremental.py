@@ -8,7 +8,7 @@ import torch
 
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
-from vitdsi_utils.studies.incremental import (
+from vitdsi_utils.studies.incremental_setup import (
     INITIAL,
     SCRATCH,
     epoch_examples,

@@ -2,7 +2,7 @@
 
 A DSI stores its index in its weights, so adding images means training. This module compares
 three ways of doing it on one database whose indexed images are split into an *initial* set
-and a *new* batch (:func:`split_new`, e.g. 80 / 20):
+and a *new* batch (:func:`~vitdsi_utils.studies.incremental_setup.split_new`, e.g. 80 / 20):
 
 * **fine-tune without replay**: the trained model sees only the new images; it learns their IDs
   and forgets old ones (catastrophic forgetting);
@@ -11,7 +11,7 @@ and a *new* batch (:func:`split_new`, e.g. 80 / 20):
 * **retrain from scratch** on all images: the reference, and the cost a DSI pays without updates.
 
 IDs. The initial images keep IDs 0..n_old-1 and the new batch gets the *next* consecutive
-numbers n_old..n-1 (:func:`incremental_codecs`). Every ID has the same number of digits, chosen
+numbers n_old..n-1 (:func:`~vitdsi_utils.studies.incremental_setup.incremental_codecs`). Every ID has the same number of digits, chosen
 for a ``capacity`` (default: the final n), so the decoder length does not change and the
 initial model can be fine-tuned on the full ID set; the trie of the full codec holds the old and
 the new IDs. With *clustered* IDs the old images stay grouped by class but the new ones form a
@@ -29,7 +29,6 @@ one database into the profile's report); :func:`incremental_study` is one databa
 from __future__ import annotations
 
 import copy
-import textwrap
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -45,13 +44,23 @@ from matplotlib.figure import Figure
 from vitdsi_utils.data.database import Database, build_database
 from vitdsi_utils.data.images import SIZES, SOURCES, load_images
 from vitdsi_utils.devices import resolve_device
-from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec, decimal_codes
+from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.locks import run_folder_lock
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
-from vitdsi_utils.reports.plots import new_figure, save_figure
+from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
 from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.studies.incremental_report import incremental_figure, incremental_markdown
+from vitdsi_utils.studies.incremental_setup import (
+    INITIAL,
+    SCRATCH,
+    finetune_name,
+    finetune_tasks,
+    incremental_codecs,
+    replay_count,
+    split_new,
+)
 from vitdsi_utils.studies.specs import (
     ModelSpec,
     SpecError,
@@ -64,83 +73,9 @@ from vitdsi_utils.studies.specs import (
 from vitdsi_utils.training.checkpoint import CheckpointError, load_model, save_checkpoint
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 from vitdsi_utils.training.history import History
-from vitdsi_utils.training.loop import epoch_counts, fit
+from vitdsi_utils.training.loop import fit
 from vitdsi_utils.training.reuse import REUSE_HINT, finished_verdict, weights_digest
-from vitdsi_utils.training.tasks import IndexingTask, Pool, as_tasks
-
-INITIAL = "initial (old images only)"
-
-
-SCRATCH = "retrain from scratch"
-
-
-def finetune_name(ratio: float) -> str:
-    """The strategy label of fine-tuning with ``ratio`` replayed old images per new image."""
-    return "fine-tune, no replay" if ratio == 0 else f"fine-tune, replay {ratio:g}:1"
-
-
-def incremental_codecs(n_old: int, n_new: int, capacity: int | None = None) -> tuple[IDCodec, IDCodec]:
-    """(codec of the initial IDs 0..n_old-1, codec of all IDs 0..n_old+n_new-1), both with the digits of ``capacity``.
-
-    The first codec's IDs are the first rows of the second, so a model indexed with the first can be
-    fine-tuned and searched with the second; the new IDs are n_old..n_old+n_new-1.
-    """
-    if n_old < 1 or n_new < 1:
-        raise ValueError(f"need at least one initial and one new image, got n_old={n_old}, n_new={n_new}")
-    total = n_old + n_new
-    capacity = total if capacity is None else int(capacity)
-    if capacity < total:
-        raise ValueError(f"capacity {capacity} is below the {total} images to index; give capacity >= {total}")
-    width = len(str(capacity - 1))
-    return IDCodec(decimal_codes(n_old, width)), IDCodec(decimal_codes(total, width))
-
-
-def split_new(n_index: int, new_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(initial rows, new rows) of a database's indexed images: a seeded sample of ``new_fraction`` is new.
-
-    Both are sorted database rows, so each part keeps the database's ID order (class blocks for
-    clustered IDs).
-    """
-    if not 0 < new_fraction < 1:
-        raise ValueError(f"new_fraction must lie in (0, 1), got {new_fraction}")
-    n_new = int(round(new_fraction * n_index))
-    if not 1 <= n_new < n_index:
-        raise ValueError(f"{n_index} indexed images and new_fraction {new_fraction} leave no initial or no new image")
-    rng = np.random.default_rng(seed)
-    new = np.sort(rng.choice(n_index, size=n_new, replace=False))
-    return np.setdiff1d(np.arange(n_index), new), new
-
-
-def replay_count(n_new: int, ratio: float) -> int:
-    """Old images replayed per fine-tuning epoch: ``round(ratio * n_new)`` (0 for no replay)."""
-    if ratio < 0:
-        raise ValueError(f"the replay ratio must be >= 0, got {ratio}")
-    return 0 if ratio == 0 else max(1, round(ratio * n_new))
-
-
-def finetune_tasks(old_images: torch.Tensor, new_images: torch.Tensor, ratio: float) -> tuple[list, float | None]:
-    """(training tasks, mix_ratio for :func:`train.fit`): the new images as task "indexing" (rows n_old..),
-    plus the old ones as task "replay" (rows 0..n_old-1) when ``ratio`` > 0, resampled to
-    :func:`replay_count` examples per epoch."""
-    n_old = len(old_images)
-    tasks: list[Any] = [IndexingTask(new_images, torch.arange(n_old, n_old + len(new_images)))]
-    if ratio > 0:
-        tasks.append(("replay", old_images, torch.arange(n_old)))
-        return tasks, float(ratio)
-    return tasks, None
-
-
-def epoch_examples(n_old: int, n_new: int, ratio: float, seed: int = 0, epochs: int = 1) -> list[np.ndarray]:
-    """The rows one fine-tuning run trains on in each of its first ``epochs`` epochs, drawn exactly as
-    :func:`train.fit` draws them (same pool, same seeded generator); for tests and for inspection."""
-
-    images = torch.zeros(n_old + n_new, 1, 1, 3, dtype=torch.uint8)
-    tasks, mix = finetune_tasks(images[:n_old], images[n_old:], ratio)
-    codec = IDCodec(decimal_codes(n_old + n_new))
-    pool = Pool(as_tasks(tasks), codec, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(seed)
-    counts = epoch_counts(pool, mix)
-    return [pool.rows[pool.epoch_order(generator, counts)].numpy() for _ in range(epochs)]
+from vitdsi_utils.training.tasks import IndexingTask
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,62 +320,6 @@ def _incremental_study(
 
 
 # ------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------
-def incremental_markdown(results: pd.DataFrame, index_config: TrainConfig, finetune_epochs: int) -> str:
-    """The results table with a sentence on how each model was trained."""
-    r = results.iloc[0]
-    head = (
-        f"Incremental indexing: {int(r['n_old'])} images indexed first, then {int(r['n_new'])} new images with the "
-        f"next consecutive IDs. Initial and from-scratch models: lr {index_config.lr:g}, until IA@1 >= "
-        f"{index_config.target_accuracy} or {index_config.epochs} epochs. Fine-tuning: the same lr, until the new "
-        f"images reach IA@1 >= {index_config.target_accuracy} or {finetune_epochs} epochs; replay r:1 adds r old "
-        "images per new image, resampled each epoch. IA@1 by beam search over the trie of all IDs."
-    )
-    shown = results.drop(columns=["n_old", "n_new"]).round(3)
-    return head + "\n\n" + shown.to_markdown(index=False)
-
-
-def incremental_figure(results: pd.DataFrame, curves: pd.DataFrame, title: str | None = None) -> Figure:
-    """Left: IA@1 of old and new images per strategy, with its seconds. Right: the forgetting curves."""
-
-    fig, axes = new_figure(1, 2, (12, 4.3), gridspec_kw={"width_ratios": [1.1, 1]})
-    ax = axes[0, 0]
-    x = np.arange(len(results))
-    ax.bar(x - 0.2, results["IA@1 old"], 0.4, label="old images", color="#1f4e9c")
-    ax.bar(x + 0.2, results["IA@1 new"].fillna(0), 0.4, label="new images", color="#c25a0b")
-    for i, r in results.reset_index(drop=True).iterrows():
-        ax.text(
-            i, 1.03, f"{r['seconds']:.0f} s" if r["seconds"] >= 10 else f"{r['seconds']:.1f} s", ha="center", fontsize=8
-        )
-    ax.set_xticks(x, [textwrap.fill(s, 13) for s in results["strategy"]], fontsize=8)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("IA@1")
-    ax.set_title("IA@1 after each strategy (training seconds above)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax = axes[0, 1]
-    if len(curves):
-        colors = dict(zip(curves["strategy"].unique(), ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]))
-        for (strategy, task), part in curves.groupby(["strategy", "task"], sort=False):
-            ax.plot(
-                part["epoch"],
-                part["seq_acc"],
-                ls="-" if task == "old" else "--",
-                color=colors[strategy],
-                label=f"{strategy}: {task}",
-            )
-        ax.legend(fontsize=7)
-    ax.set_ylim(-0.02, 1.05)
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("sequence accuracy (greedy)")
-    ax.set_title("Forgetting: old (solid) and new (dashed) images")
-    ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-# ------------------------------------------------------------------------------------------
 # The study as a spec
 # ------------------------------------------------------------------------------------------
 @dataclass
@@ -509,6 +388,7 @@ class IncrementalResult(NamedTuple):
     results: pd.DataFrame
     curves: pd.DataFrame
     figure: Figure
+    markdown: str
 
 
 def run(
@@ -567,12 +447,11 @@ def _profile_study(spec: IncrementalSpec, paths: StudyPaths) -> IncrementalResul
         runs_dir=paths.runs,
         seed=spec.seed,
     )
-    write_table(
-        results, paths.tables / "incremental", markdown=incremental_markdown(results, config, spec.finetune_epochs)
-    )
+    markdown = incremental_markdown(results, config, spec.finetune_epochs)
+    write_table(results, paths.tables / "incremental", markdown=markdown)
     write_csv(curves, paths.tables / "incremental_curves.csv")
     save_figure(figure, paths.figures / "incremental.png")
-    return IncrementalResult(results, curves, figure)
+    return IncrementalResult(results, curves, figure, markdown)
 
 
 def console_summary(spec: IncrementalSpec, result: list[tuple[pd.DataFrame, Any, Any]]) -> str:
