@@ -241,3 +241,19 @@ def test_imagenette_from_local_copy(imagenette_dir, monkeypatch):
     assert len(image_set.classes) == 10 and len(image_set) > 13000
     db = build_database(image_set, 512, id_scheme="clustered")
     assert db.n_index == 128 and db.images.shape[1:] == (32, 32, 3)
+
+
+def test_run_folder_names_say_data_set_size_n_ids_and_seed(image_tree):
+    """runs.py names every run folder: a DSI's (with its IDs), a draw of images' (without), a study's own."""
+    from vitdsi_utils.data.database import index_all_database
+    from vitdsi_utils.runs import database_name, run_name
+
+    image_set = load_images("folder", 32, root=image_tree, cache=False, progress=False)
+    db = build_database(image_set, 24, id_scheme="clustered", seed=3)
+    assert run_name(db) == "tree-32px-N24-clustered-seed3"  # the folder's own name, not "folder"
+    assert run_name(db, "semantic-bovw-k4-c5") == "tree-32px-N24-semantic-bovw-k4-c5-seed3"
+    assert database_name(db) == "tree-32px-N24-seed3"
+    assert run_name(db, study="incremental") == "incremental-tree-32px-N24-clustered-seed3"
+    every = index_all_database(image_set, 24, id_scheme="random", seed=3)  # no queries kept: I<n>
+    assert run_name(every, study="scale") == "scale-tree-32px-I24-random-seed3"
+    assert database_name(every) == "tree-32px-I24-seed3"

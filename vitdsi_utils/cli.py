@@ -26,7 +26,7 @@ from vitdsi_utils.locks import RunFolderBusy
 from vitdsi_utils.reports.tables import FINE_TUNED, ZERO_SHOT
 from vitdsi_utils.runner.profiles import load_profile
 from vitdsi_utils.runner.run import StudyFailed, run_study
-from vitdsi_utils.runs import PhaseResult, run_name
+from vitdsi_utils.runs import PhaseResult, database_name, run_name
 from vitdsi_utils.studies.dsi import DSISpec, run_experiment
 from vitdsi_utils.studies.recipes import dump_runs, list_recipes, load_recipe, run_recipe
 from vitdsi_utils.studies.specs import spec_from_profile
@@ -65,7 +65,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             for scheme in ("random", "clustered"):
                 db = build_database(image_set, n, id_scheme=scheme, seed=seed)
-                path = db.save_manifest(out / f"{image_set.name}-{args.size}px-N{n}-seed{seed}-{scheme}.csv")
+                path = db.save_manifest(out / f"{database_name(db)}-{scheme}.csv")
             print(
                 f"N={n} seed={seed}: "
                 + ", ".join(f"{role} {count}" for role, count in db.counts().sum().items())

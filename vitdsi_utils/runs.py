@@ -61,17 +61,35 @@ def find_run_dir(path: str | Path, db: Database, ids: str | None = None) -> Path
     return None
 
 
-def run_name(db: Database, ids: str | None = None) -> str:
+def _database_parts(db: Database) -> tuple[str, str, str]:
+    """(data set, ``<size>px-N<n>``, ``seed<seed>``) of ``db``; ``I<n>`` for a database that indexes every image it drew."""
+    s = db.settings
+    count = "I" if s.get("index_fraction") == 1.0 else "N"  # index_all_database; build_database keeps queries
+    return s.get("dataset") or s["source"], f"{s['size']}px-{count}{s['n']}", f"seed{s['seed']}"
+
+
+def database_name(db: Database) -> str:
+    """The database whatever its IDs: data set, image size, N and seed, e.g. ``imagenette-64px-N512-seed0``.
+
+    Names what belongs to the draw of images rather than to a DSI: the dense encoder's run folder (which
+    every ID scheme's DSI shares), the manifests of the databases.
+    """
+    return "-".join(_database_parts(db))
+
+
+def run_name(db: Database, ids: str | None = None, *, study: str | None = None) -> str:
     """A folder name that identifies the database: data set, size, N, ID scheme and seed.
 
     The data set is its name (``ImageSet.name``: the source, or a folder's own name), so two image
     folders never share run folders. ``ids`` names the ID scheme when the codec is not the
     database's own dense one (e.g. ``IDAssignment.tag``, such as ``semantic-bovw-k10-c10``);
-    default: the database's scheme.
+    default: the database's scheme. ``study`` prefixes the folder of a study that keeps its models
+    apart from the DSI study's (``incremental``, ``scale``); a database that indexes every image
+    it drew is ``I<n>`` rather than ``N<n>``.
     """
-    s = db.settings
-    dataset = s.get("dataset") or s["source"]
-    return f"{dataset}-{s['size']}px-N{s['n']}-{ids or s['id_scheme']}-seed{s['seed']}"
+    dataset, size_n, seed = _database_parts(db)
+    name = f"{dataset}-{size_n}-{ids or db.settings['id_scheme']}-{seed}"
+    return f"{study}-{name}" if study else name
 
 
 # ------------------------------------------------------------------------------------------

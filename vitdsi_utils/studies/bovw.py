@@ -30,7 +30,7 @@ from vitdsi_utils.reports.tables import (
     write_table,
 )
 from vitdsi_utils.reports.targets import baseline_verdicts
-from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.runs import StudyPaths, database_name
 from vitdsi_utils.studies.specs import SpecError, check_choices, refuse_profile_only
 
 #: Visual words when ``words`` is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
@@ -263,7 +263,7 @@ def bovw_study(
         for seed in seeds:
             db = build_database(image_set, n, seed=seed)
             if out_dir is not None:
-                db.save_manifest(out_dir / "manifests" / f"{source}-{size}px-N{n}-seed{seed}.csv")
+                db.save_manifest(out_dir / "manifests" / f"{database_name(db)}.csv")
             result = evaluate_bovw(
                 db, n_words=n_words, **options, seed=seed, vocabularies=vocabularies, progress=progress
             )

@@ -28,7 +28,7 @@ from vitdsi_utils.reports.plots import metric_vs_n, save_figure, training_curves
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.retrieval.rerank import VectorScorer
 from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISearcher
-from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, run_name
+from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, database_name, run_name
 from vitdsi_utils.studies.dense_report import dense_markdown
 from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only, spec_images
@@ -334,7 +334,7 @@ def _dense_study(
     for n in ns:
         for seed in seeds:
             db = build_database(image_set, n, id_scheme=schemes[0], seed=seed)
-            run_dir = Path(runs_dir) / f"{source}-{size}px-N{n}-seed{seed}" if runs_dir is not None else None
+            run_dir = Path(runs_dir) / database_name(db) if runs_dir is not None else None
             retriever = train_or_load(
                 db,
                 model_overrides=model_overrides,

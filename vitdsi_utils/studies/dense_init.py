@@ -45,7 +45,7 @@ from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_t
 from vitdsi_utils.reports.targets import (
     gap_markdown,
 )
-from vitdsi_utils.runs import DENSE_FILE, StudyPaths, run_name
+from vitdsi_utils.runs import DENSE_FILE, StudyPaths, database_name, run_name
 from vitdsi_utils.settings import data_dir
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
 from vitdsi_utils.studies.dense_init_report import (
@@ -343,8 +343,7 @@ def _dense_init_study(
     for n in ns:
         for seed in seeds:
             first = build_database(image_set, n, id_scheme=_draw_scheme(schemes[0]), seed=seed)
-            # the folder name of the dense study (dense._dense_study), so its encoders are reused
-            dense_dir = Path(dense_runs) / f"{source}-{size}px-N{n}-seed{seed}"
+            dense_dir = Path(dense_runs) / database_name(first)  # the dense study's folder: its encoder is reused
             retriever = train_or_load(
                 first,
                 model_overrides={**overrides, "pooling": dense_pooling},

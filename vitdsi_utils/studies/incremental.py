@@ -50,7 +50,7 @@ from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.tables import write_csv, write_table
-from vitdsi_utils.runs import StudyPaths
+from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.incremental_report import incremental_figure, incremental_markdown
 from vitdsi_utils.studies.incremental_setup import (
     INITIAL,
@@ -165,7 +165,7 @@ def incremental_study(
     were trained for these settings (the fine-tuned ones from this initial model), and refused with
     every difference named otherwise. The run folder is locked meanwhile (:mod:`vitdsi_utils.locks`).
     """
-    lock = nullcontext() if runs_dir is None else run_folder_lock(Path(runs_dir) / incremental_run_name(db))
+    lock = nullcontext() if runs_dir is None else run_folder_lock(Path(runs_dir) / run_name(db, study="incremental"))
     with lock:
         return _incremental_study(
             db,
@@ -180,13 +180,6 @@ def incremental_study(
             runs_dir=runs_dir,
             seed=seed,
         )
-
-
-def incremental_run_name(db: Database) -> str:
-    """The run folder of the incremental study of ``db`` (named after its data set, a folder's own name)."""
-    s = db.settings
-    dataset = s.get("dataset") or s["source"]
-    return f"incremental-{dataset}-{s['size']}px-N{s['n']}-{s['id_scheme']}-seed{s['seed']}"
 
 
 def _incremental_study(
@@ -211,7 +204,7 @@ def _incremental_study(
     overrides = {**(model_overrides or {}), "image_size": db.settings["size"]}
     config = DSIConfig.from_codec(codec, **overrides)
     fingerprint = {**db.fingerprint(), "new_fraction": new_fraction, "split_seed": seed}
-    run = Path(runs_dir) / incremental_run_name(db) if runs_dir is not None else None
+    run = Path(runs_dir) / run_name(db, study="incremental") if runs_dir is not None else None
 
     def path(stem: str) -> Path | None:
         return run / f"{stem}.pt" if run is not None else None

@@ -26,7 +26,7 @@ from vitdsi_utils.ids.schemes import assign_ids, codec_for, sibling_agreement
 from vitdsi_utils.model.decoding import beam_search
 from vitdsi_utils.model.vit import DSIConfig, ViTConfig, ViTEncoder
 from vitdsi_utils.reports.paper import attach_paper
-from vitdsi_utils.runs import SSL_FILE, StudyPaths, run_name
+from vitdsi_utils.runs import SSL_FILE, StudyPaths, database_name, run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.studies.pretrain_report import (
     comparison_frame,
@@ -151,7 +151,7 @@ def pretrain_study(
     # one folder per pretraining (epochs, batch, number of images), so a study whose SSL settings
     # change trains a new encoder beside the old one instead of refusing the old checkpoint
     ssl_tag = f"e{ssl_config.epochs}-b{ssl_config.batch_size}-i{len(images)}"
-    ssl_dir = runs_dir / f"ssl-{image_set.name}-{size}px-N{n}-seed{seed}-{ssl_tag}" if runs_dir is not None else None
+    ssl_dir = runs_dir / f"ssl-{database_name(db)}-{ssl_tag}" if runs_dir is not None else None
     ssl_path = ssl_dir / SSL_FILE if ssl_dir is not None else None
     torch.manual_seed(ssl_config.seed)
     model = SSLEncoder(encoder_config, ssl_config.proj_hidden, ssl_config.proj_dim)

@@ -25,6 +25,7 @@ from vitdsi_utils.ids.codec import make_codec
 from vitdsi_utils.model.decoding import indexing_accuracy
 from vitdsi_utils.phases import index_database
 from vitdsi_utils.retrieval.latency import METHODS, as_ks, bovw_latency_rows, dense_latency_rows, dsi_latency_rows
+from vitdsi_utils.runs import run_name
 
 #: The number of Imagenette images that pass the aspect rule (train + val, all ten classes).
 IMAGENETTE_ALL = 13_394
@@ -139,11 +140,7 @@ def ia_table(
     rows, histories = [], []
     for n in ns:
         db = index_all_database(image_set, n, id_scheme=id_scheme, seed=seed)
-        run_dir = (
-            Path(runs_dir) / f"scale-{image_set.name}-{image_set.size}px-I{n}-{id_scheme}-seed{seed}"
-            if runs_dir
-            else None
-        )
+        run_dir = Path(runs_dir) / run_name(db, study="scale") if runs_dir else None
         result = index_database(db, model_overrides=model_overrides, config=index_config, run_dir=run_dir)
         history = result.history.to_frame()
         last = history.iloc[-1] if len(history) else None
