@@ -158,7 +158,7 @@ test: lint
 
 ## the suite without the notebook runs
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not notebook"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not notebook"
 
 ## the notebooks' .ipynb beside their py:percent sources (git-ignored; notebooks/jupytext.toml pairs them): jupytext
 ## --sync writes each .ipynb from its .py, or, where the .ipynb was edited later, that edit into the .py
