@@ -372,6 +372,7 @@ def test_specs_from_the_notebook_profiles():
     from vitdsi_utils.studies.dense import DenseSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
     from vitdsi_utils.studies.dsi import DSISpec
+    from vitdsi_utils.studies.ids import IdsSpec
     from vitdsi_utils.studies.incremental import IncrementalSpec
     from vitdsi_utils.studies.pretrain import PretrainSpec
     from vitdsi_utils.studies.results import ResultsSpec
@@ -386,6 +387,7 @@ def test_specs_from_the_notebook_profiles():
         DenseSpec,
         DenseInitSpec,
         DSISpec,
+        IdsSpec,
         IncrementalSpec,
         PretrainSpec,
         ResultsSpec,
