@@ -1,6 +1,6 @@
 """The pretraining study (notebook 13): a DSI from a self-supervised encoder against the same DSI from scratch.
 
-:func:`run` runs a :class:`PretrainSpec`; :func:`pretrain_study` is the study itself.
+:func:`run` runs a :class:`PretrainSpec`, for a recipe or a notebook profile; :func:`pretrain_study` is the study itself.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ from vitdsi_utils.reports.paper import attach_paper
 from vitdsi_utils.runs import SSL_FILE, StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.studies.pretrain_report import (
+    PretrainResult,
     comparison_frame,
     indexing_epochs_summary,
     pretrain_markdown,
     write_pretrain_report,
+    write_profile_report,
 )
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling
 from vitdsi_utils.training.config import TrainConfig, seed_everything
@@ -339,8 +341,39 @@ class PretrainSpec:
         no_pooling(self)
 
 
-def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame]:
-    """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``."""
+def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame] | PretrainResult:
+    """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``.
+
+    A recipe's run writes ``pretrain_<source>_<size>px`` and its companions into ``paths.out`` and returns
+    :func:`pretrain_study`'s tables. A notebook profile's run (notebook 13) always trains the DSI from
+    scratch too (``scratch``: it is notebook 03/04's model of the database, loaded from the profile's run
+    folder when the settings agree), shows no progress bars, writes the notebook's files into the profile's
+    report (:func:`~vitdsi_utils.studies.pretrain_report.write_profile_report`) and returns them.
+    """
+    if paths.profile is not None:
+        out = pretrain_study(
+            spec.source,
+            spec.size,
+            spec.n,
+            spec.seed,
+            spec.scheme,
+            exclude_ns=tuple(spec.exclude_ns),
+            model_overrides=spec.model.overrides(),
+            ssl_config=replace(spec.ssl, progress=False),
+            index_config=replace(spec.index, progress=False),
+            retrieval_config=replace(spec.fine_tune, progress=False),
+            max_pairs_per_query=spec.max_pairs_per_query,
+            baseline_table=spec.baseline,
+            baseline_histories=spec.baseline_histories,
+            train_scratch=True,
+            max_images=spec.ssl_images,
+            semantic_ids={"k": spec.semantic_k, "c": spec.semantic_c} if spec.semantic_ids else None,
+            runs_dir=paths.runs,
+            root=spec.root,
+            annotations=spec.annotations,
+            progress=False,
+        )
+        return write_profile_report(out, paths.tables, paths.figures, spec.index.target_accuracy, spec.index.epochs)
     return pretrain_study(
         spec.source,
         spec.size,
