@@ -546,7 +546,9 @@ def test_notebook_13s_parameters_become_the_settings_it_trained_with():
     from vitdsi_utils.training.config import TrainConfig
 
     spec = notebook_spec(PretrainSpec, {**load_profile("smoke"), "SEEDS": [3, 4], "OUT_DIR": None})
-    assert (spec.source, spec.size, spec.n, spec.seed, spec.scheme, spec.exclude_ns) == (
+    assert notebook_spec(PretrainSpec, {"DATASET_NAME": "my-digits"}).name == "my-digits"
+    assert (spec.name, spec.source, spec.size, spec.n, spec.seed, spec.scheme, spec.exclude_ns) == (
+        None,
         "digits",
         32,
         200,
@@ -568,9 +570,11 @@ def test_notebook_13s_parameters_become_the_settings_it_trained_with():
 def test_a_profiles_pretraining_study_writes_notebook_13s_files(tmp_path):
     from vitdsi_utils.runs import StudyPaths
     from vitdsi_utils.studies import pretrain
+    from vitdsi_utils.studies.specs import SpecError
 
     paths = StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs")
-    result = pretrain.run(tiny_pretrain_spec(semantic_ids=True, semantic_k=3, semantic_c=4), paths)
+    spec = tiny_pretrain_spec(name="my-digits", semantic_ids=True, semantic_k=3, semantic_c=4)
+    result = pretrain.run(spec, paths)
     names = ["pretrain", "pretrain_paired", "pretrain_semantic_ids", "pretrain_probes"]
     for name in [f"{n}.{ext}" for n in names for ext in ("csv", "md")] + [
         "pretrain_ssl_history.csv",
@@ -589,13 +593,18 @@ def test_a_profiles_pretraining_study_writes_notebook_13s_files(tmp_path):
     assert summary.startswith("indexing: from the pretrained encoder (clustered IDs): ") and "from scratch" in summary
     assert len(verdicts) == 6  # 2 models x 3 metrics
     assert verdicts[0].startswith("DSI zero-shot, IA@1: pretrained minus scratch ")
-    # the scratch DSI lives in the database's own run folder: notebook 03/04's model when the settings agree
-    assert (paths.runs / "digits-32px-N100-clustered-seed0" / "fine_tuned.pt").is_file()
+    # the scratch DSI lives in the database's own run folder, named as notebook 03/04 name it (DATASET_NAME)
+    assert (paths.runs / "my-digits-32px-N100-clustered-seed0" / "fine_tuned.pt").is_file()
+    assert sum(p.name.startswith("ssl-my-digits-32px-N100") for p in paths.runs.iterdir()) == 1
 
     again = StudyPaths.create("mine", tmp_path / "again", tmp_path / "runs")
-    plain = pretrain.run(tiny_pretrain_spec(), again)  # every model loaded from the run folders
+    plain = pretrain.run(tiny_pretrain_spec(name="my-digits"), again)  # every model loaded from the run folders
     assert "pretrain_semantic_ids" not in plain.tables and not (again.tables / "pretrain_semantic_ids.csv").exists()
     assert plain.tables["pretrain_paired"].equals(result.tables["pretrain_paired"])
+
+    with pytest.raises(SpecError, match="name: read by a notebook profile's study only, not by a recipe"):
+        pretrain.run(tiny_pretrain_spec(name="my-digits"), StudyPaths(tmp_path / "recipe", tmp_path / "runs"))
+    assert not (tmp_path / "recipe").exists()
 
 
 def test_a_recipes_pretraining_study_keeps_its_own_files_and_summary(tmp_path, run_recipe, capsys):
