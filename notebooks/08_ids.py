@@ -68,39 +68,14 @@ OUT_DIR = None                                                     # tables/ and
 RUNS_DIR = None                                                    # trained models, one folder per database; None: data/runs/<PROFILE>
 
 # %%
-import pandas as pd
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import save_figure
-from vitdsi_utils.reports.targets import gap_markdown, gap_table
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.studies.ids import compare_id_schemes, describe_gaps, id_scheme_bars, ids_markdown
-from vitdsi_utils.reports.tables import write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import ids
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-id_params = dict(k=IDS_K, c=IDS_C, levels=IDS_RQ_LEVELS, codebook_size=IDS_RQ_CODEBOOK, bovw_words=BOVW_WORDS)
-
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-
-
-def multitask_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=IDS_MULTITASK_EPOCHS, seed=seed, progress=False)
-
+spec = notebook_spec(ids.IdsSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Training and scoring
@@ -110,13 +85,7 @@ def multitask_config(seed: int) -> TrainConfig:
 # models came from an earlier run.
 
 # %%
-results, runs, histories = compare_id_schemes(
-    image_set, IDS_NS, IDS_SCHEMES, SEEDS, runs_dir=paths.runs, index_config=index_config,
-    retrieval_config=retrieval_config, model_overrides=model_overrides, max_pairs_per_query=MAX_PAIRS_PER_QUERY,
-    k=K, id_params=id_params, fine_tune_phase=IDS_FINE_TUNE,
-    multitask_config=multitask_config if IDS_MULTITASK_EPOCHS else None, mix_ratio=IDS_MIX_RATIO,
-    multitask_targets=IDS_TARGETS)
-histories.to_csv(paths.tables / "histories_ids.csv", index=False)
+result = ids.run(spec, paths)
 
 # %% [markdown]
 # ## The comparison
@@ -132,20 +101,10 @@ histories.to_csv(paths.tables / "histories_ids.csv", index=False)
 # greedy decoding without the trie shows how often the model on its own would leave the ID set.
 
 # %%
-markdown = "\n\n".join([
-    f"DSI by ID scheme, {DATASET_NAME} at {SIZE} px, profile `{PROFILE}`; semantic and RQ IDs from BoVW embeddings "
-    f"({BOVW_WORDS} words, tf-idf); k = {IDS_K}, c = {IDS_C}; RQ {IDS_RQ_LEVELS} levels x {IDS_RQ_CODEBOOK} codewords."
-    + (f" Multi-task: {IDS_MULTITASK_EPOCHS} epochs, every indexed image beside {IDS_MIX_RATIO:g} retrieval "
-       f"examples per indexed image and epoch, targets `{IDS_TARGETS}`." if IDS_MULTITASK_EPOCHS else ""),
-    ids_markdown(results, runs, IDS_SCHEMES)])
-write_table(results, paths.tables / "ids", markdown=markdown)
-write_table(runs, paths.tables / "ids_runs")
-display(Markdown(markdown))
+display(Markdown(result.markdown["ids"]))
 
 # %%
-fig = id_scheme_bars(results, schemes=IDS_SCHEMES)
-save_figure(fig, paths.figures / "ids_bars.png")
-fig
+result.figures["ids_bars"]
 
 # %% [markdown]
 # ## Distance to clustered IDs (target 4)
@@ -155,10 +114,6 @@ fig
 # intervals above are several times wider than 0.03, so a small gap is not evidence of a tie).
 
 # %%
-if "clustered" in IDS_SCHEMES:
-    gaps = gap_table(results, reference="clustered")
-    write_table(gaps, paths.tables / "ids_gaps", markdown=gap_markdown(gaps))
-    display(Markdown(gap_markdown(gaps)))
-    print("\n".join(describe_gaps(gaps)))
-else:
-    print("IDS_SCHEMES has no clustered run to compare with.")
+if "ids_gaps" in result.markdown:
+    display(Markdown(result.markdown["ids_gaps"]))
+print("\n".join(result.lines))

@@ -67,31 +67,12 @@ RUNS_DIR = None                # trained models, one folder per database; None: 
 # %%
 from IPython.display import Markdown, display
 
-from vitdsi_utils.data.images import dataset_name
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.reports.plots import save_figure
-from vitdsi_utils.baselines.ssl import SSLConfig
-from vitdsi_utils.studies.pretrain import pretrain_study
-from vitdsi_utils.studies.pretrain_report import indexing_epochs_summary, pretrain_figure
-from vitdsi_utils.reports.tables import write_csv, write_table
-from vitdsi_utils.training.config import TrainConfig
+from vitdsi_utils.studies import pretrain
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR, RUNS_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
-seed = SEEDS[0]
-
-model_overrides = dict(patch_size=PATCH_SIZE, dim=DIM, mlp_dim=MLP_DIM, depth=DEPTH, heads=HEADS,
-                       dropout=DROPOUT, pos_encoding=POS_ENCODING)
-
-
-def index_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=INDEX_EPOCHS, target_accuracy=TARGET_ACCURACY,
-                       warmup_steps=WARMUP_STEPS, seed=seed, progress=False)
-
-
-def retrieval_config(seed: int) -> TrainConfig:
-    return TrainConfig(lr=LR, batch_size=BATCH_SIZE, epochs=RETRIEVAL_EPOCHS, seed=seed, progress=False)
-
+spec = notebook_spec(pretrain.PretrainSpec, globals())  # this notebook's parameters as the study's settings
 
 # %% [markdown]
 # ## Pretraining, then the DSI from the pretrained encoder
@@ -101,22 +82,8 @@ def retrieval_config(seed: int) -> TrainConfig:
 # pretrained encoder has its own run folder (`...-init-ssl`).
 
 # %%
-out = pretrain_study(
-    DATASET, SIZE, PRETRAIN_N, seed, PRETRAIN_SCHEME, exclude_ns=NS, model_overrides=model_overrides,
-    ssl_config=SSLConfig(epochs=SSL_EPOCHS, batch_size=SSL_BATCH_SIZE, seed=seed, progress=False),
-    index_config=index_config(seed), retrieval_config=retrieval_config(seed),
-    max_pairs_per_query=MAX_PAIRS_PER_QUERY, train_scratch=True, max_images=SSL_IMAGES,
-    semantic_ids={"k": IDS_K, "c": IDS_C} if PRETRAIN_SEMANTIC_IDS else None, runs_dir=paths.runs,
-    root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, progress=False,
-)
-write_table(out["results"], paths.tables / "pretrain", markdown=out["markdown"])
-write_table(out["paired"], paths.tables / "pretrain_paired")
-if len(out["id_facts"]):
-    write_table(out["id_facts"], paths.tables / "pretrain_semantic_ids")
-write_table(out["probes"], paths.tables / "pretrain_probes")
-write_csv(out["ssl_history"], paths.tables / "pretrain_ssl_history.csv")
-write_csv(out["histories"], paths.tables / "pretrain_histories.csv")
-display(Markdown(out["markdown"]))
+result = pretrain.run(spec, paths)
+display(Markdown(result.markdown))
 
 # %% [markdown]
 # ## What the pretraining changed
@@ -127,15 +94,8 @@ display(Markdown(out["markdown"]))
 # narrower intervals than comparing the two rows' separate intervals.
 
 # %%
-fig = pretrain_figure(out["ssl_history"], out["histories"])
-save_figure(fig, paths.figures / "pretrain.png")
-results = out["results"]
-print(indexing_epochs_summary(results, TARGET_ACCURACY, INDEX_EPOCHS))
-for row in out["paired"].itertuples():
-    verdict = ("better" if row.ci_low > 0 else "worse" if row.ci_high < 0 else "no difference the interval can tell")
-    print(f"{row.model}, {row.metric}: pretrained minus scratch {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] "
-          f"-> {verdict}")
-fig
+print("\n".join(result.lines))
+result.figures["pretrain"]
 
 # %% [markdown]
 # The probes in the table above say how much the pretraining taught the encoder before any DSI

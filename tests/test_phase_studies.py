@@ -1,4 +1,5 @@
-"""The phases of a profile's DSI study (notebooks 03-05) as studies: what they write, reuse and refuse."""
+"""The studies only a notebook profile runs (the DSI study's phases, notebooks 03-05, and the ID schemes of 08):
+what they write, reuse and refuse."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pandas as pd
 import pytest
 
 from vitdsi_utils.runs import FINE_TUNED_FILE, ZERO_SHOT_FILE, StudyPaths
-from vitdsi_utils.studies import indexing, results, retrieval
+from vitdsi_utils.studies import ids, indexing, results, retrieval
 from vitdsi_utils.studies.dsi import DSISpec
-from vitdsi_utils.studies.specs import SpecError, dsi_model
+from vitdsi_utils.studies.specs import SpecError, dsi_model, notebook_spec
 from vitdsi_utils.training.checkpoint import CheckpointError
 from vitdsi_utils.training.config import TrainConfig
 
@@ -77,3 +78,83 @@ def test_indexing_then_fine_tuning_write_their_tables_and_reuse_only_what_matche
     changed = replace(spec, fine_tune=replace(spec.fine_tune, lr=1e-3))  # another setting: never reused silently
     with pytest.raises(CheckpointError, match="fine-tuned with other settings: .*lr"):
         retrieval.run(changed, paths)
+
+
+# ------------------------------------------------------------------------------------------
+# Notebook 08: every ID scheme on the same databases
+# ------------------------------------------------------------------------------------------
+def tiny_ids_spec(**values) -> ids.IdsSpec:
+    defaults = dict(
+        source="digits",
+        size=32,
+        ns=(120,),
+        schemes=("clustered", "atomic"),
+        model=dsi_model(dim=16, mlp_dim=32, depth=1, heads=2),
+        index=TrainConfig(epochs=1, lr=2e-3, batch_size=32, target_accuracy=0.99),
+        fine_tune=TrainConfig(epochs=1, lr=2e-3, batch_size=32),
+        max_pairs_per_query=2,
+        k=20,
+    )
+    return ids.IdsSpec(**{**defaults, **values})
+
+
+def test_the_id_scheme_study_needs_a_profiles_paths(tmp_path):
+    with pytest.raises(SpecError, match="08_ids is one phase of a notebook profile's study"):
+        ids.run(tiny_ids_spec(), StudyPaths(tmp_path / "out", tmp_path / "runs"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_notebook_08s_parameters_become_the_settings_it_trained_with():
+    from vitdsi_utils.runner.profiles import load_profile
+
+    smoke = load_profile("smoke")
+    spec = notebook_spec(ids.IdsSpec, {**smoke, "OUT_DIR": None, "RUNS_DIR": None, "SEEDS": [0, 3]})
+    assert (spec.source, spec.name, spec.size, spec.ns, spec.seeds, spec.k) == ("digits", None, 32, (200,), (0, 3), 100)
+    assert spec.schemes == ("clustered", "random", "semantic", "rq", "atomic")
+    assert (spec.semantic_k, spec.semantic_c, spec.rq_levels, spec.rq_codebook, spec.bovw_words) == (5, 5, 2, 8, 50)
+    assert spec.model.overrides() == dict(
+        patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2, dropout=0.1, pos_encoding="sinusoidal"
+    )
+    assert (spec.fine_tune_phase, spec.multitask_epochs, spec.max_pairs_per_query) == (True, None, 4)
+    # the per-seed settings notebook 08 built by hand before it called ids.run
+    assert spec.index_config(3) == TrainConfig(
+        lr=0.002, batch_size=32, epochs=40, target_accuracy=0.99, warmup_steps=0, seed=3, progress=False
+    )
+    assert spec.retrieval_config(3) == TrainConfig(lr=0.002, batch_size=32, epochs=3, seed=3, progress=False)
+
+    paper = notebook_spec(ids.IdsSpec, load_profile("paper-cpu"))  # atomic IDs, multi-task only
+    assert (paper.schemes, paper.fine_tune_phase, paper.multitask_epochs) == (("atomic",), False, 20)
+    assert (paper.mix_ratio, paper.targets, paper.size, paper.ns) == (2.0, "same-class", 160, (512, 1024, 2048))
+    assert paper.multitask_config(0) == TrainConfig(lr=0.001, batch_size=32, epochs=20, seed=0, progress=False)
+    with pytest.raises(SpecError, match=r"profile key IDS_TARGETS \(targets: 'fixed' is not one of pairs, same-class"):
+        notebook_spec(ids.IdsSpec, {**smoke, "IDS_TARGETS": "fixed"})
+
+
+def test_the_id_scheme_study_writes_notebook_08s_tables_and_figure(tmp_path, capsys):
+    paths = StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs")
+    result = ids.run(tiny_ids_spec(multitask_epochs=1, targets="same-class"), paths)
+    for name in (
+        "histories_ids.csv",
+        "ids.csv",
+        "ids.md",
+        "ids_runs.csv",
+        "ids_runs.md",
+        "ids_gaps.csv",
+        "ids_gaps.md",
+    ):
+        assert (paths.tables / name).is_file(), name
+    assert (paths.figures / "ids_bars.png").stat().st_size > 1000
+    text = (paths.tables / "ids.md").read_text()
+    assert (
+        text.startswith("DSI by ID scheme, digits at 32 px, profile `mine`;") and text == result.markdown["ids"] + "\n"
+    )
+    assert "Multi-task: 1 epochs, every indexed image beside 2 retrieval examples" in text
+    assert set(result.tables["ids"]["model"]) == {"DSI zero-shot", "DSI fine-tuned", "DSI multi-task"}
+    assert pd.read_csv(paths.tables / "ids_runs.csv")["ids"].tolist() == result.tables["ids_runs"]["ids"].tolist()
+    assert set(result.tables["ids_gaps"]["ids"]) == {"atomic"} and set(result.figures) == {"ids_bars"}
+    assert [line.split(":")[0] for line in result.lines] == [f"{m}, atomic" for m in result.tables["ids_gaps"]["model"]]
+    assert "N=120 seed 0 atomic:" in capsys.readouterr().out  # one line per database and scheme
+
+    alone = ids.run(tiny_ids_spec(schemes=("atomic",), multitask_epochs=1, targets="same-class"), paths)
+    assert bool(alone.tables["ids_runs"]["loaded"].all())  # the same settings: every model loaded
+    assert "ids_gaps" not in alone.markdown and alone.lines == ["IDS_SCHEMES has no clustered run to compare with."]

@@ -514,3 +514,130 @@ def test_pretrain_study_adds_a_dsi_with_semantic_ids_from_the_ssl_encoder(tmp_pa
     assert "Semantic IDs from the encoder's embeddings" in out["markdown"]
     spec = build_spec(PretrainSpec, {"semantic_ids": True, "semantic_k": 5})
     assert (spec.semantic_ids, spec.semantic_k, spec.semantic_c) == (True, 5, 10)
+
+
+# ------------------------------------------------------------------------------------------
+# The study of a notebook profile (notebook 13)
+# ------------------------------------------------------------------------------------------
+def tiny_pretrain_spec(**values):
+    from vitdsi_utils.studies.pretrain import PretrainSpec
+    from vitdsi_utils.studies.specs import dsi_model
+    from vitdsi_utils.training.config import TrainConfig
+
+    defaults = dict(
+        source="digits",
+        size=32,
+        n=100,
+        exclude_ns=(100,),
+        ssl=SSLConfig(epochs=1, batch_size=64),
+        ssl_images=200,
+        model=dsi_model(dim=16, mlp_dim=32, depth=1, heads=2),
+        index=TrainConfig(epochs=1, lr=2e-3, target_accuracy=0.99),
+        fine_tune=TrainConfig(epochs=1, lr=2e-3),
+        max_pairs_per_query=2,
+    )
+    return PretrainSpec(**{**defaults, **values})
+
+
+def test_notebook_13s_parameters_become_the_settings_it_trained_with():
+    from vitdsi_utils.runner.profiles import load_profile
+    from vitdsi_utils.studies.pretrain import PretrainSpec
+    from vitdsi_utils.studies.specs import notebook_spec
+    from vitdsi_utils.training.config import TrainConfig
+
+    spec = notebook_spec(PretrainSpec, {**load_profile("smoke"), "SEEDS": [3, 4], "OUT_DIR": None})
+    assert notebook_spec(PretrainSpec, {"DATASET_NAME": "my-digits"}).name == "my-digits"
+    assert (spec.name, spec.source, spec.size, spec.n, spec.seed, spec.scheme, spec.exclude_ns) == (
+        None,
+        "digits",
+        32,
+        200,
+        3,
+        "clustered",
+        (200,),
+    )
+    assert (spec.ssl_images, spec.semantic_ids, spec.semantic_k, spec.semantic_c) == (300, True, 5, 5)
+    # the settings notebook 13 built by hand before it called pretrain.run (the profile route turns progress off)
+    assert spec.ssl == SSLConfig(epochs=1, batch_size=64, seed=3)
+    assert spec.index == TrainConfig(lr=0.002, batch_size=32, epochs=40, target_accuracy=0.99, warmup_steps=0, seed=3)
+    assert spec.fine_tune == TrainConfig(lr=0.002, batch_size=32, epochs=3, seed=3)
+    assert spec.model.overrides() == dict(
+        patch_size=16, dim=32, mlp_dim=64, depth=1, heads=2, dropout=0.1, pos_encoding="sinusoidal"
+    )
+    assert (spec.max_pairs_per_query, spec.scratch, spec.baseline) == (4, False, None)
+
+
+def test_a_profiles_pretraining_study_writes_notebook_13s_files(tmp_path):
+    from vitdsi_utils.runs import StudyPaths
+    from vitdsi_utils.studies import pretrain
+    from vitdsi_utils.studies.specs import SpecError
+
+    paths = StudyPaths.create("mine", tmp_path / "out", tmp_path / "runs")
+    spec = tiny_pretrain_spec(name="my-digits", semantic_ids=True, semantic_k=3, semantic_c=4)
+    result = pretrain.run(spec, paths)
+    names = ["pretrain", "pretrain_paired", "pretrain_semantic_ids", "pretrain_probes"]
+    for name in [f"{n}.{ext}" for n in names for ext in ("csv", "md")] + [
+        "pretrain_ssl_history.csv",
+        "pretrain_histories.csv",
+    ]:
+        assert (paths.tables / name).is_file(), name
+    assert (paths.figures / "pretrain.png").stat().st_size > 1000
+    assert not list(paths.out.glob("*.*"))  # nothing under a recipe's names
+    assert (paths.tables / "pretrain.md").read_text() == result.markdown + "\n"
+    assert set(result.tables["pretrain"]["init"]) == {"ssl", "scratch"}  # a profile's study always has scratch
+    assert set(result.tables) == {n.removesuffix(".csv") for n in names} | {
+        "pretrain_ssl_history",
+        "pretrain_histories",
+    }
+    summary, *verdicts = result.lines
+    assert summary.startswith("indexing: from the pretrained encoder (clustered IDs): ") and "from scratch" in summary
+    assert len(verdicts) == 6  # 2 models x 3 metrics
+    assert verdicts[0].startswith("DSI zero-shot, IA@1: pretrained minus scratch ")
+    # the scratch DSI lives in the database's own run folder, named as notebook 03/04 name it (DATASET_NAME)
+    assert (paths.runs / "my-digits-32px-N100-clustered-seed0" / "fine_tuned.pt").is_file()
+    assert sum(p.name.startswith("ssl-my-digits-32px-N100") for p in paths.runs.iterdir()) == 1
+
+    again = StudyPaths.create("mine", tmp_path / "again", tmp_path / "runs")
+    plain = pretrain.run(tiny_pretrain_spec(name="my-digits"), again)  # every model loaded from the run folders
+    assert "pretrain_semantic_ids" not in plain.tables and not (again.tables / "pretrain_semantic_ids.csv").exists()
+    assert plain.tables["pretrain_paired"].equals(result.tables["pretrain_paired"])
+
+    with pytest.raises(SpecError, match="name: read by a notebook profile's study only, not by a recipe"):
+        pretrain.run(tiny_pretrain_spec(name="my-digits"), StudyPaths(tmp_path / "recipe", tmp_path / "runs"))
+    assert not (tmp_path / "recipe").exists()
+
+
+def test_a_recipes_pretraining_study_keeps_its_own_files_and_summary(tmp_path, run_recipe, capsys):
+    recipe = {
+        "study": "pretrain",
+        "source": "digits",
+        "size": 32,
+        "n": 100,
+        "exclude_ns": [100],
+        "ssl": {"epochs": 1, "batch_size": 64, "progress": False},
+        "ssl_images": 200,
+        "model": {"dim": 16, "mlp_dim": 32, "depth": 1, "heads": 2},
+        "index": {"epochs": 1, "progress": False},
+        "fine_tune": {"epochs": 1, "progress": False},
+        "scratch": True,
+        "out_dir": str(tmp_path / "out"),
+        "runs_dir": str(tmp_path / "runs"),
+    }
+    assert run_recipe(recipe) == 0
+    printed = capsys.readouterr().out
+    assert "indexing: from the pretrained encoder" in printed and "knn_acc" in printed  # console_summary
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [
+        f"{kind}_digits_32px.{ext}"
+        for kind, ext in [
+            ("histories", "csv"),
+            ("paired", "csv"),
+            ("paired", "md"),
+            ("pretrain", "csv"),
+            ("pretrain", "md"),
+            ("pretrain", "png"),
+            ("probes", "csv"),
+            ("probes", "md"),
+            ("ssl_history", "csv"),
+        ]
+    ]  # no tables/ or figures/ of a profile's report

@@ -9,22 +9,27 @@ which these schemes do not depend on). Each scheme gets its own run folder, name
 
 :func:`compare_id_schemes` trains (or loads) and scores the models; :func:`ids_markdown`,
 :func:`~vitdsi_utils.reports.targets.gap_table` and :func:`id_scheme_bars` turn the results into
-the notebook's tables and figure.
+the notebook's tables and figure. :func:`run` does all of it for an :class:`IdsSpec` (a notebook
+profile's study; no recipe runs it) and writes the notebook's tables and figure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import database_with_ids
-from vitdsi_utils.data.images import ImageSet
-from vitdsi_utils.ids.schemes import sibling_agreement
+from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, dataset_name
+from vitdsi_utils.ids.schemes import CODEC_SCHEMES, sibling_agreement
 from vitdsi_utils.model.decoding import invalid_id_rates
+from vitdsi_utils.phases import TARGET_MODES
+from vitdsi_utils.reports.plots import save_figure
 from vitdsi_utils.reports.tables import (
     FINE_TUNED,
     MULTITASK,
@@ -32,10 +37,13 @@ from vitdsi_utils.reports.tables import (
     format_number,
     metric_cell,
     with_uninformative_note,
+    write_csv,
+    write_table,
 )
-from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, ordered_by_scheme
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, gap_markdown, gap_table, ordered_by_scheme
+from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling, require_profile, spec_images
 from vitdsi_utils.training.config import TrainConfig
 
 #: Bar colours of the schemes (others get matplotlib's cycle).
@@ -260,3 +268,173 @@ def describe_gaps(gaps: pd.DataFrame, reference: str = "clustered", target: floa
             f"within {target} on every metric in {hits} of {len(group)} database(s)."
         )
     return lines
+
+
+# ------------------------------------------------------------------------------------------
+# The study as a spec (notebook 08)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class IdsSpec:
+    """Settings of the ID-scheme comparison (notebook 08; a notebook profile's study, no recipe runs it).
+
+    Every N of ``ns`` x seed x scheme of ``schemes`` is one DSI, indexed (``index``), scored zero-shot,
+    fine-tuned on fixed pairs (``fine_tune``; ``fine_tune_phase`` false: no plain fine-tuned model) and,
+    with ``multitask_epochs``, trained multi-task from the same zero-shot model for that many epochs with
+    ``fine_tune``'s other settings (``mix_ratio`` retrieval examples per indexed image and epoch,
+    ``targets``). The training sections' seed is each database's seed. ``semantic_k``/``semantic_c``
+    shape the semantic IDs, ``rq_levels``/``rq_codebook`` the RQ IDs, both over BoVW histograms of
+    ``bovw_words`` words.
+    """
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None
+    annotations: str | None = None
+    name: str | None = None  # what the reports call the data (null: dataset_name's default)
+    size: int = field(default=64, metadata={"choices": SIZES})
+    ns: tuple[int, ...] = (512,)
+    schemes: tuple[str, ...] = field(
+        default=("clustered", "random", "semantic", "rq", "atomic"), metadata={"choices": CODEC_SCHEMES}
+    )
+    seeds: tuple[int, ...] = (0,)
+    model: ModelSpec = field(default_factory=dsi_model)
+    index: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=400, target_accuracy=0.99, lr=1e-3, warmup_steps=100)
+    )
+    fine_tune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
+    fine_tune_phase: bool = True  # the plain fine-tuned model of every scheme
+    multitask_epochs: int | None = None  # the multi-task model's epochs (null or 0: no multi-task model)
+    mix_ratio: float | None = 2.0
+    targets: str = field(default="pairs", metadata={"choices": TARGET_MODES})  # the multi-task model's
+    max_pairs_per_query: int | None = 5
+    k: int = 100  # the length of the ranked lists scored
+    semantic_k: int = 10  # semantic IDs: k-means branching factor
+    semantic_c: int = 10  # semantic IDs: leaf size
+    rq_levels: int = 3  # RQ IDs: codebooks
+    rq_codebook: int = 16  # RQ IDs: codewords per codebook
+    bovw_words: int = 200  # the embeddings of semantic and RQ IDs: BoVW histograms of this many words
+
+    #: notebook profile keys (08_ids) -> spec keys
+    PROFILE_KEYS = {
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
+        "SIZE": "size",
+        "IDS_NS": "ns",
+        "IDS_SCHEMES": "schemes",
+        "SEEDS": "seeds",
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+        "LR": ("index.lr", "fine_tune.lr"),
+        "BATCH_SIZE": ("index.batch_size", "fine_tune.batch_size"),
+        "WARMUP_STEPS": "index.warmup_steps",
+        "INDEX_EPOCHS": "index.epochs",
+        "TARGET_ACCURACY": "index.target_accuracy",
+        "RETRIEVAL_EPOCHS": "fine_tune.epochs",
+        "MAX_PAIRS_PER_QUERY": "max_pairs_per_query",
+        "BOVW_WORDS": "bovw_words",
+        "K": "k",
+        "IDS_K": "semantic_k",
+        "IDS_C": "semantic_c",
+        "IDS_RQ_LEVELS": "rq_levels",
+        "IDS_RQ_CODEBOOK": "rq_codebook",
+        "IDS_FINE_TUNE": "fine_tune_phase",
+        "IDS_MULTITASK_EPOCHS": "multitask_epochs",
+        "IDS_MIX_RATIO": "mix_ratio",
+        "IDS_TARGETS": "targets",
+    }
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        no_pooling(self)
+
+    def index_config(self, seed: int) -> TrainConfig:
+        """The indexing settings of the databases drawn with ``seed`` (no progress bar)."""
+        return replace(self.index, seed=seed, progress=False)
+
+    def retrieval_config(self, seed: int) -> TrainConfig:
+        """The plain fine-tuning settings of the databases drawn with ``seed`` (no progress bar)."""
+        return replace(self.fine_tune, seed=seed, progress=False)
+
+    def multitask_config(self, seed: int) -> TrainConfig:
+        """The multi-task model's settings: ``fine_tune``'s with ``multitask_epochs`` epochs."""
+        return replace(self.fine_tune, epochs=self.multitask_epochs, seed=seed, progress=False)
+
+
+class IdsResult(NamedTuple):
+    """What :func:`run` returns: the tables it wrote (by file stem: ``ids``, ``ids_runs``, ``histories_ids``,
+    ``ids_gaps``), their Markdown (``ids``, ``ids_gaps``), the figure (``ids_bars``) and the verdict lines."""
+
+    tables: dict[str, pd.DataFrame]
+    markdown: dict[str, str]
+    figures: dict[str, Figure]
+    lines: list[str]
+
+
+def run(spec: IdsSpec, paths: StudyPaths) -> IdsResult:
+    """Train (or load) and score one DSI per N, seed and scheme of ``spec`` into the profile's run folders.
+
+    Writes ``tables/histories_ids.csv``, ``tables/ids`` (the comparison, CSV and Markdown),
+    ``tables/ids_runs`` (the IDs' facts per model), ``figures/ids_bars.png`` and, when ``clustered``
+    is among the schemes, ``tables/ids_gaps`` (each scheme minus clustered, target 4). The random
+    and clustered models are notebooks 03/04's when the settings agree, so they are loaded.
+    """
+    require_profile(paths, "08_ids")
+    image_set = spec_images(spec)
+    schemes = list(spec.schemes)
+    id_params = dict(
+        k=spec.semantic_k,
+        c=spec.semantic_c,
+        levels=spec.rq_levels,
+        codebook_size=spec.rq_codebook,
+        bovw_words=spec.bovw_words,
+    )
+    results, runs, histories = compare_id_schemes(
+        image_set,
+        spec.ns,
+        schemes,
+        spec.seeds,
+        runs_dir=paths.runs,
+        index_config=spec.index_config,
+        retrieval_config=spec.retrieval_config,
+        model_overrides=spec.model.overrides(),
+        max_pairs_per_query=spec.max_pairs_per_query,
+        k=spec.k,
+        id_params=id_params,
+        fine_tune_phase=spec.fine_tune_phase,
+        multitask_config=spec.multitask_config if spec.multitask_epochs else None,
+        mix_ratio=spec.mix_ratio,
+        multitask_targets=spec.targets,
+    )
+    write_csv(histories, paths.tables / "histories_ids.csv")
+    name = dataset_name(spec.source, spec.root, spec.name)
+    settings = (
+        f"DSI by ID scheme, {name} at {spec.size} px, profile `{paths.profile}`; semantic and RQ IDs from BoVW "
+        f"embeddings ({spec.bovw_words} words, tf-idf); k = {spec.semantic_k}, c = {spec.semantic_c}; "
+        f"RQ {spec.rq_levels} levels x {spec.rq_codebook} codewords."
+    )
+    if spec.multitask_epochs:
+        settings += (
+            f" Multi-task: {spec.multitask_epochs} epochs, every indexed image beside {spec.mix_ratio:g} retrieval "
+            f"examples per indexed image and epoch, targets `{spec.targets}`."
+        )
+    markdown = {"ids": "\n\n".join([settings, ids_markdown(results, runs, schemes)])}
+    write_table(results, paths.tables / "ids", markdown=markdown["ids"])
+    write_table(runs, paths.tables / "ids_runs")
+    figure = id_scheme_bars(results, schemes=schemes)
+    save_figure(figure, paths.figures / "ids_bars.png")
+    tables = {"ids": results, "ids_runs": runs, "histories_ids": histories}
+    if "clustered" in schemes:
+        gaps = gap_table(results, reference="clustered")
+        markdown["ids_gaps"] = gap_markdown(gaps)
+        write_table(gaps, paths.tables / "ids_gaps", markdown=markdown["ids_gaps"])
+        tables["ids_gaps"] = gaps
+        lines = describe_gaps(gaps)
+    else:
+        lines = ["IDS_SCHEMES has no clustered run to compare with."]
+    return IdsResult(tables, markdown, {"ids_bars": figure}, lines)

@@ -1,6 +1,6 @@
 """The pretraining study (notebook 13): a DSI from a self-supervised encoder against the same DSI from scratch.
 
-:func:`run` runs a :class:`PretrainSpec`; :func:`pretrain_study` is the study itself.
+:func:`run` runs a :class:`PretrainSpec`, for a recipe or a notebook profile; :func:`pretrain_study` is the study itself.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ from vitdsi_utils.reports.paper import attach_paper
 from vitdsi_utils.runs import SSL_FILE, StudyPaths, database_name, run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.studies.pretrain_report import (
+    PretrainResult,
     comparison_frame,
     indexing_epochs_summary,
     pretrain_markdown,
     write_pretrain_report,
+    write_profile_report,
 )
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling
+from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling, refuse_profile_only
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 
 
@@ -101,6 +103,7 @@ def pretrain_study(
     out_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     annotations: str | os.PathLike | None = None,
+    name: str | None = None,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Pretrain an encoder on the images outside the databases, then index and fine-tune a DSI from it.
@@ -120,7 +123,8 @@ def pretrain_study(
     the indexed images (:func:`~vitdsi_utils.ids.schemes.assign_ids`, tag ``semantic-ssl-k..-c..``).
     ``id_facts`` then says how often sibling IDs (same parent prefix) share a class, for those IDs
     and for the same k-means over a randomly initialised encoder's embeddings. ``root`` and
-    ``annotations`` locate the images as in :func:`~vitdsi_utils.data.images.load_images`.
+    ``annotations`` locate the images as in :func:`~vitdsi_utils.data.images.load_images`; ``name`` is
+    what the run folders call the data (as there; None: the source, or a folder's own name).
 
     Returns and (with ``out_dir``) writes: ``results`` (DSI rows, ``init`` = scratch / ssl, ``ids``
     the scheme), ``probes``, ``ssl_history``, ``histories`` (indexing curves), ``paired``,
@@ -134,7 +138,7 @@ def pretrain_study(
     index_config = index_config or TrainConfig(epochs=400, lr=1e-3, warmup_steps=100, target_accuracy=0.99, seed=seed)
     retrieval_config = retrieval_config or TrainConfig(epochs=10, lr=1e-3, seed=seed)
     overrides = dict(model_overrides or {})
-    image_set = load_images(source, size, root=root, annotations=annotations, progress=progress)
+    image_set = load_images(source, size, root=root, annotations=annotations, name=name, progress=progress)
     db = build_database(image_set, n, id_scheme=scheme, seed=seed)
     others = [
         build_database(image_set, m, id_scheme=scheme, seed=seed)
@@ -282,6 +286,7 @@ class PretrainSpec:
     source: str = field(default="imagenette", metadata={"choices": SOURCES})
     root: str | None = None
     annotations: str | None = None
+    name: str | None = None  # what the run folders call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     n: int = 512
     seed: int = 0
@@ -302,11 +307,15 @@ class PretrainSpec:
     semantic_k: int = 10
     semantic_c: int = 10
 
+    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
+    PROFILE_ONLY = ("name",)
+
     #: notebook profile keys (13_pretrain) -> spec keys
     PROFILE_KEYS = {
         "DATASET": "source",
         "DATASET_ROOT": "root",
         "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
         "SIZE": "size",
         "PRETRAIN_N": "n",
         "PRETRAIN_SCHEME": "scheme",
@@ -339,8 +348,42 @@ class PretrainSpec:
         no_pooling(self)
 
 
-def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame]:
-    """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``."""
+def run(spec: PretrainSpec, paths: StudyPaths) -> dict[str, pd.DataFrame] | PretrainResult:
+    """The pretraining study of ``spec``: encoders and DSIs to ``paths.runs``, the report to ``paths.out``.
+
+    A recipe's run writes ``pretrain_<source>_<size>px`` and its companions into ``paths.out`` and returns
+    :func:`pretrain_study`'s tables. A notebook profile's run (notebook 13) always trains the DSI from
+    scratch too (``scratch``): its run folder names the data as the profile's other notebooks do
+    (``name``), so it is notebook 03/04's model of the database, loaded when the settings agree. It shows
+    no progress bars, writes the notebook's files into the profile's report
+    (:func:`~vitdsi_utils.studies.pretrain_report.write_profile_report`) and returns them.
+    """
+    if paths.profile is not None:
+        out = pretrain_study(
+            spec.source,
+            spec.size,
+            spec.n,
+            spec.seed,
+            spec.scheme,
+            exclude_ns=tuple(spec.exclude_ns),
+            model_overrides=spec.model.overrides(),
+            ssl_config=replace(spec.ssl, progress=False),
+            index_config=replace(spec.index, progress=False),
+            retrieval_config=replace(spec.fine_tune, progress=False),
+            max_pairs_per_query=spec.max_pairs_per_query,
+            baseline_table=spec.baseline,
+            baseline_histories=spec.baseline_histories,
+            train_scratch=True,
+            max_images=spec.ssl_images,
+            semantic_ids={"k": spec.semantic_k, "c": spec.semantic_c} if spec.semantic_ids else None,
+            runs_dir=paths.runs,
+            root=spec.root,
+            annotations=spec.annotations,
+            name=spec.name,
+            progress=False,
+        )
+        return write_profile_report(out, paths.tables, paths.figures, spec.index.target_accuracy, spec.index.epochs)
+    refuse_profile_only(spec)
     return pretrain_study(
         spec.source,
         spec.size,

@@ -4,15 +4,17 @@
 presents them: :func:`comparison_frame` (one row per model and initialisation),
 :func:`indexing_epochs_summary` (how each indexing phase ended), :func:`pretrain_figure` (the
 pretraining loss beside the indexing curves), :func:`pretrain_markdown` and
-:func:`write_pretrain_report` (every table, CSV and the figure into the study's folder).
+:func:`write_pretrain_report` (every table, CSV and the figure into a recipe's folder), or
+:func:`write_profile_report` (notebook 13's files in a profile's report, and its verdict lines).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.ssl import SSLConfig
 from vitdsi_utils.model.vit import ViTConfig
@@ -220,3 +222,49 @@ def write_pretrain_report(out: dict, out_dir: Path, source: str, size: int) -> N
     if len(out["histories"]):
         write_csv(out["histories"], out_dir / f"histories_{stem}.csv")
     save_figure(pretrain_figure(out["ssl_history"], out["histories"]), out_dir / f"pretrain_{stem}.png")
+
+
+class PretrainResult(NamedTuple):
+    """What a notebook profile's pretraining study returns: the tables it wrote (by file stem), the
+    report's Markdown, the figure (``pretrain``) and the printed lines (indexing summary, paired verdicts)."""
+
+    tables: dict[str, pd.DataFrame]
+    markdown: str
+    figures: dict[str, Figure]
+    lines: list[str]
+
+
+def paired_verdicts(paired: pd.DataFrame) -> list[str]:
+    """One line per row of the paired comparison: the difference, its interval and what the interval says."""
+    lines = []
+    for row in paired.itertuples():
+        verdict = "better" if row.ci_low > 0 else "worse" if row.ci_high < 0 else "no difference the interval can tell"
+        lines.append(
+            f"{row.model}, {row.metric}: pretrained minus scratch {row.diff:+.3f} "
+            f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] -> {verdict}"
+        )
+    return lines
+
+
+def write_profile_report(
+    out: dict, tables: Path, figures: Path, target_accuracy: float, epoch_cap: int
+) -> PretrainResult:
+    """Notebook 13's files: ``tables/pretrain`` (with the report as Markdown), ``pretrain_paired``,
+    ``pretrain_semantic_ids`` (when there are semantic IDs), ``pretrain_probes``, the pretraining and
+    indexing curves as CSV, and ``figures/pretrain.png``."""
+    written = {"pretrain": out["results"], "pretrain_paired": out["paired"]}
+    write_table(out["results"], tables / "pretrain", markdown=out["markdown"])
+    write_table(out["paired"], tables / "pretrain_paired")
+    if len(out["id_facts"]):
+        write_table(out["id_facts"], tables / "pretrain_semantic_ids")
+        written["pretrain_semantic_ids"] = out["id_facts"]
+    write_table(out["probes"], tables / "pretrain_probes")
+    write_csv(out["ssl_history"], tables / "pretrain_ssl_history.csv")
+    write_csv(out["histories"], tables / "pretrain_histories.csv")
+    written.update(
+        pretrain_probes=out["probes"], pretrain_ssl_history=out["ssl_history"], pretrain_histories=out["histories"]
+    )
+    figure = pretrain_figure(out["ssl_history"], out["histories"])
+    save_figure(figure, figures / "pretrain.png")
+    lines = [indexing_epochs_summary(out["results"], target_accuracy, epoch_cap), *paired_verdicts(out["paired"])]
+    return PretrainResult(written, out["markdown"], {"pretrain": figure}, lines)
