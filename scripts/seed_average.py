@@ -45,10 +45,10 @@ from vitdsi_utils.data.images import load_images
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.phases import fine_tune, index_database
 from vitdsi_utils.reports.tables import MULTITASK, write_table
-from vitdsi_utils.reports.targets import beats_baseline, gap_markdown, gap_table
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.studies.dsi import DSISpec
 from vitdsi_utils.studies.recipes import RecipeRun, load_recipe
+from vitdsi_utils.studies.targets import beats_baseline, gap_markdown, gap_table
 from vitdsi_utils.training.config import TrainConfig
 
 AVERAGE = "DSI multi-task, seed average"

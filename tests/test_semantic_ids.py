@@ -27,9 +27,9 @@ from vitdsi_utils.ids.schemes import (
 from vitdsi_utils.model.decoding import beam_search, greedy_decode, invalid_id_rates, parse_decoded, rank_exhaustive
 from vitdsi_utils.model.vit import DSIConfig, DSIModel
 from vitdsi_utils.phases import fine_tune, index_database
-from vitdsi_utils.reports.targets import gap_markdown, gap_table
 from vitdsi_utils.runs import run_name
 from vitdsi_utils.studies.ids import ids_markdown
+from vitdsi_utils.studies.targets import gap_markdown, gap_table
 from vitdsi_utils.training.config import TrainConfig
 from vitdsi_utils.training.loop import train_indexing
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from vitdsi_utils import cli
-from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runner.profiles import known_profiles, load_profile, notebook_parameters
 from vitdsi_utils.runner.run import StudyFailed, run_study, select_notebooks, study_notebooks
+from vitdsi_utils.studies.targets import baseline_verdicts
 
 METRIC_COLUMNS = ("value", "ci_low", "ci_high", "chance")
 FIGURES = (

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from vitdsi_utils.reports.targets import beats_baseline, gap_table, summarise, zero_shot_memorisation
+from vitdsi_utils.studies.targets import beats_baseline, gap_table, summarise, zero_shot_memorisation
 
 
 def row(model, ids, n, metric, value, low=None, high=None, seed=0):

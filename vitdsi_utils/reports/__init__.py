@@ -1,1 +1,1 @@
-"""Result tables, figures, the paper's numbers and the project's target checks."""
+"""Result tables, figures and the paper's numbers."""

@@ -29,9 +29,9 @@ from vitdsi_utils.reports.tables import (
     with_uninformative_note,
     write_table,
 )
-from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runs import StudyPaths, database_name
 from vitdsi_utils.studies.specs import SpecError, check_choices, refuse_profile_only
+from vitdsi_utils.studies.targets import baseline_verdicts
 
 #: Visual words when ``words`` is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
 BOVW_WORDS, VLAD_WORDS = 200, 64

@@ -42,9 +42,6 @@ from vitdsi_utils.phases import TARGET_MODES
 from vitdsi_utils.reports.paper import attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure
 from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_table
-from vitdsi_utils.reports.targets import (
-    gap_markdown,
-)
 from vitdsi_utils.runs import DENSE_FILE, StudyPaths, database_name, run_name
 from vitdsi_utils.settings import data_dir
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
@@ -63,6 +60,9 @@ from vitdsi_utils.studies.specs import (
     no_pooling,
     refuse_profile_only,
     spec_images,
+)
+from vitdsi_utils.studies.targets import (
+    gap_markdown,
 )
 from vitdsi_utils.training.config import TrainConfig
 

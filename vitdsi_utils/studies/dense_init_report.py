@@ -1,6 +1,6 @@
 """The dense-init study's report: its Table 1 rows and the project's targets 2-4 on every model it gathers.
 
-:func:`target_tables` judges the targets of ``docs/protocol.md`` (:mod:`vitdsi_utils.reports.targets`);
+:func:`target_tables` judges the targets of ``docs/protocol.md`` (:mod:`vitdsi_utils.studies.targets`);
 :func:`target_markdowns` and :func:`target_lines` say the verdicts; :func:`dense_init_markdown` is the
 report of a recipe's run (see :mod:`.dense_init`).
 """
@@ -12,7 +12,7 @@ import pandas as pd
 from vitdsi_utils.baselines.dense import DENSE_MODEL
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.tables import MULTITASK
-from vitdsi_utils.reports.targets import (
+from vitdsi_utils.studies.targets import (
     beats_baseline,
     gap_markdown,
     gap_table,
@@ -49,7 +49,7 @@ def dense_init_markdown(results: pd.DataFrame, source: str, size: int) -> str:
 
 def target_tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Targets 2-4 of ``docs/protocol.md`` on every model of ``results``, per database
-    (:mod:`~vitdsi_utils.reports.targets`).
+    (:mod:`~vitdsi_utils.studies.targets`).
 
     ``target2``: zero-shot IA@1 of the paper's DSI and of the dense-init DSI; ``target3``: every DSI
     variant against BoVW (the dense search left out); ``target4``: the gaps of the dense-init DSI's

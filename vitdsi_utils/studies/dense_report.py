@@ -8,8 +8,8 @@ import pandas as pd
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL
 from vitdsi_utils.reports.paper import TABLE1_NOTE, table1_markdown
-from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.studies.rerank import summary
+from vitdsi_utils.studies.targets import baseline_verdicts
 
 
 def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settings: dict[str, Any]) -> str:
@@ -53,7 +53,7 @@ def dense_markdown(results: pd.DataFrame, histories: pd.DataFrame | None, settin
 
 def verdict_lines(results: pd.DataFrame, metrics: tuple[str, ...] = ("mAP@10", "P@10")) -> list[str]:
     """The dense model against every other model of ``results``, per metric, N and seed: better or
-    worse only when the 95% intervals do not overlap (:func:`~vitdsi_utils.reports.targets.baseline_verdicts`)."""
+    worse only when the 95% intervals do not overlap (:func:`~vitdsi_utils.studies.targets.baseline_verdicts`)."""
     lines = []
     for metric in metrics:
         lines.append(metric)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from vitdsi_utils.reports.paper import TABLE1_NOTE, table1_markdown
 from vitdsi_utils.reports.tables import ZERO_SHOT, write_table
-from vitdsi_utils.reports.targets import target3_markdown, target4_markdown
+from vitdsi_utils.studies.targets import target3_markdown, target4_markdown
 from vitdsi_utils.training.config import TrainConfig
 
 

@@ -8,7 +8,7 @@ which these schemes do not depend on). Each scheme gets its own run folder, name
 :attr:`~vitdsi_utils.ids.schemes.IDAssignment.tag`.
 
 :func:`compare_id_schemes` trains (or loads) and scores the models; :func:`ids_markdown`,
-:func:`~vitdsi_utils.reports.targets.gap_table` and :func:`id_scheme_bars` turn the results into
+:func:`~vitdsi_utils.studies.targets.gap_table` and :func:`id_scheme_bars` turn the results into
 the notebook's tables and figure. :func:`run` does all of it for an :class:`IdsSpec` (a notebook
 profile's study; no recipe runs it) and writes the notebook's tables and figure.
 """
@@ -40,10 +40,10 @@ from vitdsi_utils.reports.tables import (
     write_csv,
     write_table,
 )
-from vitdsi_utils.reports.targets import METRICS, MODEL_ORDER, TARGET_GAP, gap_markdown, gap_table, ordered_by_scheme
 from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
 from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling, require_profile, spec_images
+from vitdsi_utils.studies.targets import METRICS, MODEL_ORDER, TARGET_GAP, gap_markdown, gap_table, ordered_by_scheme
 from vitdsi_utils.training.config import TrainConfig
 
 #: Bar colours of the schemes (others get matplotlib's cycle).

@@ -20,9 +20,9 @@ from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_bars, save_figure
 from vitdsi_utils.reports.tables import BOVW_MODEL, ZERO_SHOT, write_table
-from vitdsi_utils.reports.targets import baseline_verdicts
 from vitdsi_utils.runs import DSI_MODEL_FILES, StudyPaths, load_trained
 from vitdsi_utils.studies.specs import check_choices, require_profile, spec_images
+from vitdsi_utils.studies.targets import baseline_verdicts
 
 
 @dataclass

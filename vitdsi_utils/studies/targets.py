@@ -9,7 +9,7 @@ a target is met or missed, not only whether.
 * :func:`beats_baseline` - target 3: a DSI variant with IA@1 >= 0.95 whose mAP@10 and P@10
   intervals lie above the baseline's (BoVW) at every N.
 * target 4 (an ID scheme within 0.03 of clustered IDs on every metric) is
-  :func:`vitdsi_utils.reports.targets.gap_table`; :func:`summarise` reads its ``within_target`` column,
+  :func:`vitdsi_utils.studies.targets.gap_table`; :func:`summarise` reads its ``within_target`` column,
   and :func:`target4_markdown` gives its Markdown section.
 
 "Above" means that the lower end of the model's 95% bootstrap interval is above the upper end
@@ -105,7 +105,7 @@ def summarise(per_database: pd.DataFrame, by: Sequence[str] = ("model", "ids"), 
     """Whether a target holds at every database, per ``by`` group.
 
     ``column`` holds the per-database verdict (``met`` here, ``within_target`` in
-    :func:`~vitdsi_utils.reports.targets.gap_table`). Columns: the ``by`` keys, n_databases, Ns (the
+    :func:`~vitdsi_utils.studies.targets.gap_table`). Columns: the ``by`` keys, n_databases, Ns (the
     database sizes seen), met_at (how many databases meet it) and met_everywhere.
     """
     if column not in per_database.columns:
