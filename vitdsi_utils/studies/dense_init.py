@@ -41,15 +41,15 @@ from vitdsi_utils.ids.schemes import assign_ids
 from vitdsi_utils.phases import TARGET_MODES
 from vitdsi_utils.reports.paper import attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure
-from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_csv, write_table
+from vitdsi_utils.reports.tables import MULTITASK, ZERO_SHOT, write_table
 from vitdsi_utils.runs import DENSE_FILE, StudyPaths, database_name, run_name
 from vitdsi_utils.settings import data_dir
 from vitdsi_utils.studies.dense import evaluate_dense, train_or_load
 from vitdsi_utils.studies.dense_init_report import (
     INIT_MULTITASK,
     INIT_ZERO_SHOT,
-    dense_init_markdown,
     target_tables,
+    write_recipe_tables,
 )
 from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
 from vitdsi_utils.studies.specs import (
@@ -61,9 +61,7 @@ from vitdsi_utils.studies.specs import (
     refuse_profile_only,
     spec_images,
 )
-from vitdsi_utils.studies.targets import (
-    gap_markdown,
-)
+from vitdsi_utils.studies.targets import gap_markdown
 from vitdsi_utils.training.config import TrainConfig
 
 #: ID schemes this variant can use (``semantic``: k-means over the dense embeddings).
@@ -388,7 +386,7 @@ def _dense_init_study(
                         histories.append(phase.history.to_frame().assign(n=n, ids=scheme, seed=seed))
                 if out_dir is not None:
                     frame = pd.concat(results, ignore_index=True)
-                    _write(
+                    write_recipe_tables(
                         frame,
                         pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                         pd.DataFrame(facts),
@@ -404,17 +402,6 @@ def _dense_init_study(
 def _draw_scheme(scheme: str) -> str:
     """The scheme a database is drawn with: its own for the paper's IDs, clustered for label-free ones."""
     return scheme if scheme in ID_SCHEMES else "clustered"
-
-
-def _write(
-    results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, out: Path, source: str, size: int
-) -> None:
-
-    stem = f"dsi_dense_init_{source}_{size}px"
-    write_table(attach_paper(results), out / stem, markdown=dense_init_markdown(results, source, size))
-    write_table(facts, out / f"ids_{stem}")
-    if len(histories):
-        write_csv(histories, out / f"histories_{stem}.csv")
 
 
 # ------------------------------------------------------------------------------------------

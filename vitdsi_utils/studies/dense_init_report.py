@@ -7,11 +7,13 @@ report of a recipe's run (see :mod:`.dense_init`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
-from vitdsi_utils.reports.tables import MULTITASK
+from vitdsi_utils.reports.tables import MULTITASK, write_csv, write_table
 from vitdsi_utils.studies.targets import (
     beats_baseline,
     gap_markdown,
@@ -121,3 +123,14 @@ def target_lines(targets: dict[str, pd.DataFrame]) -> list[str]:
             + (", ".join(f"{r.model} ({r.ids})" for r in one_sided[one_sided["met_everywhere"]].itertuples()) or "none")
         )
     return lines
+
+
+def write_recipe_tables(
+    results: pd.DataFrame, histories: pd.DataFrame, facts: pd.DataFrame, out: Path, source: str, size: int
+) -> None:
+    """A recipe's files in ``out``: ``dsi_dense_init_<source>_<size>px`` (CSV, Markdown), its ``ids_`` and ``histories_``."""
+    stem = f"dsi_dense_init_{source}_{size}px"
+    write_table(attach_paper(results), out / stem, markdown=dense_init_markdown(results, source, size))
+    write_table(facts, out / f"ids_{stem}")
+    if len(histories):
+        write_csv(histories, out / f"histories_{stem}.csv")
