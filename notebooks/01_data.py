@@ -34,20 +34,16 @@ GALLERY_PER_CLASS = 6
 OUT_DIR = None                        # tables/ and figures/ go here; None: reports/<PROFILE>
 
 # %%
-import pandas as pd
 from IPython.display import display
 
-from vitdsi_utils import settings
-from vitdsi_utils.data.database import build_database, databases
-from vitdsi_utils.data.files import sample_image_folder
-from vitdsi_utils.data.images import dataset_name, load_images
-from vitdsi_utils.reports.plots import class_gallery, readable_class, save_figure, split_bar
 from vitdsi_utils.runs import StudyPaths
-from vitdsi_utils.runs import run_name
+from vitdsi_utils.studies import data
+from vitdsi_utils.studies.specs import notebook_spec
 
 paths = StudyPaths.create(PROFILE, OUT_DIR)
-DATASET_NAME = dataset_name(DATASET, DATASET_ROOT, DATASET_NAME)  # what the reports call the data
+spec = notebook_spec(data.DataSpec, globals())  # this notebook's parameters as the study's settings
 print(f"profile {PROFILE}: tables -> {paths.tables}, figures -> {paths.figures}")
+result = data.run(spec, paths)
 
 # %% [markdown]
 # ## The images
@@ -57,13 +53,8 @@ print(f"profile {PROFILE}: tables -> {paths.tables}, figures -> {paths.figures}"
 # balanced database.
 
 # %%
-image_set = load_images(DATASET, SIZE, root=DATASET_ROOT, annotations=DATASET_ANNOTATIONS, name=DATASET_NAME,
-                        progress=False)
-print(image_set.summary())
-counts = image_set.class_counts().rename(index=readable_class).rename("images").to_frame()
-if image_set.is_multilabel:
-    counts = counts.rename(columns={"images": "primary"}).assign(showing=image_set.category_counts().to_numpy())
-counts.T
+print(result.images.summary())
+result.counts.T
 
 # %% [markdown]
 # For multi-label data: how many categories an image shows. `primary` above counts the images whose
@@ -71,18 +62,13 @@ counts.T
 # the category appears.
 
 # %%
-if image_set.is_multilabel:
-    per_image = pd.Series(image_set.label_matrix.sum(axis=1)).value_counts().sort_index()
-    display(per_image.rename_axis("categories per image").rename("images").to_frame().T)
+if result.per_image is not None:
+    display(result.per_image)
 else:
-    print(f"{DATASET_NAME} is single-label: one class per image, relevance means the same class.")
+    print(f"{result.images.name} is single-label: one class per image, relevance means the same class.")
 
 # %%
-fig = class_gallery(image_set.images, image_set.labels, image_set.classes, per_class=GALLERY_PER_CLASS,
-                          max_classes=20, title=f"{DATASET_NAME} at {SIZE} px"
-                          + (" (rows: primary category)" if image_set.is_multilabel else ""))
-save_figure(fig, paths.figures / "gallery.png")
-fig
+result.figures["gallery"]
 
 # %% [markdown]
 # When the profile's dataset is not Imagenette (the smoke profile uses the bundled digits), a few
@@ -90,16 +76,10 @@ fig
 # Only a handful of files is decoded.
 
 # %%
-if IMAGENETTE_PREVIEW and DATASET == "digits":
-    folder = settings.imagenette_dir()
-    if folder is None or not folder.is_dir():
-        print(f"Imagenette preview skipped: set {settings.IMAGENETTE_ENV} to a local Imagenette copy to see it.")
-    else:
-        images, labels, classes = sample_image_folder(folder, SIZE, per_class=GALLERY_PER_CLASS)
-        fig = class_gallery(images, labels, classes, per_class=GALLERY_PER_CLASS,
-                                  title=f"Imagenette at {SIZE} px (a sample)")
-        save_figure(fig, paths.figures / "imagenette_gallery.png")
-        display(fig)
+if "imagenette_gallery" in result.figures:
+    display(result.figures["imagenette_gallery"])
+elif result.lines["preview"]:
+    print(result.lines["preview"])
 
 # %% [markdown]
 # ## Databases and query splits
@@ -110,22 +90,15 @@ if IMAGENETTE_PREVIEW and DATASET == "digits":
 # the data allows: a rare category gives all its images, the others share the rest evenly).
 
 # %%
-first = {n: build_database(image_set, n, id_scheme=ID_SCHEMES[0], seed=SEEDS[0]) for n in NS}
-pd.DataFrame({f"N={n}": db.counts().sum() for n, db in first.items()}).T
+result.roles
 
 # %%
-db = first[NS[0]]
-if db.is_multilabel:
-    relevant = db.relevance("test")
-    print(f"N={NS[0]}: a test query has {relevant.sum(axis=1).mean():.1f} relevant indexed images on average "
-          f"(min {relevant.sum(axis=1).min()}, max {relevant.sum(axis=1).max()}) of {db.n_index}; "
-          "images showing each category, per role:")
-    display(db.category_counts().rename(index=readable_class).T)
+if result.categories is not None:
+    print(result.lines["relevance"])
+    display(result.categories)
 
 # %%
-fig = split_bar(first[NS[0]])
-save_figure(fig, paths.figures / "split_bar.png")
-fig
+result.figures["split_bar"]
 
 # %% [markdown]
 # ## The two ID schemes
@@ -135,13 +108,7 @@ fig
 # *random* IDs they say nothing, and the model has to memorise every ID on its own.
 
 # %%
-n, seed = NS[0], SEEDS[0]
-by_scheme = {scheme: build_database(image_set, n, id_scheme=scheme, seed=seed)
-             for scheme in ("random", "clustered")}
-first_ids = pd.DataFrame({"id": by_scheme["random"].manifest["id"].head(12)})
-for scheme, db in by_scheme.items():
-    first_ids[f"{scheme} IDs: class"] = db.manifest["class"].head(12).map(readable_class)
-first_ids
+result.first_ids
 
 # %% [markdown]
 # ## Manifests
@@ -150,6 +117,4 @@ first_ids
 # Later notebooks rebuild the same databases from the same seed; the manifests let anyone check that.
 
 # %%
-for db in databases(image_set, NS, ID_SCHEMES, SEEDS):
-    path = db.save_manifest(paths.tables / f"manifest_{run_name(db)}.csv")
-    print(f"{path.name}: {db.n_index} indexed, {len(db.manifest) - db.n_index} queries")
+print(result.lines["manifests"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,23 @@ def test_a_notebook_saved_under_the_lab_kernel_runs_where_that_kernel_is_missing
         assert executed.metadata["kernelspec"]["name"] == "python3", name
     assert (out / "tiny.txt").exists() and (out / "lone.txt").exists()
     assert nbformat.read(folder / "02_lone.ipynb", as_version=4).metadata["kernelspec"] == LAB_KERNEL  # only read
+
+
+def test_every_study_notebook_is_a_story_over_its_studys_run():
+    """Parameters, spec, ``run(spec, paths)``, then showing what it returned: no function, class or training loop
+    copied from the package, and at most about 80 code lines (the demo, notebook 06, builds a widget instead)."""
+    for path in study_notebooks():
+        notebook = jupytext.read(path, fmt="py:percent")
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        lines = [
+            line
+            for cell in code
+            for line in cell.source.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        assert len(lines) <= 80, f"{path.name}: {len(lines)} code lines"
+        body = "\n".join(cell.source for cell in code[1:])  # the parameters cell aside
+        assert not re.search(r"^\s*(def|class|while)\b", body, flags=re.M), f"{path.name} defines or loops"
+        if path.stem == "06_demo":
+            continue
+        assert "notebook_spec(" in body and re.search(r"\b\w+\.run\(spec, paths\)", body), path.name

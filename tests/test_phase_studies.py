@@ -158,3 +158,40 @@ def test_the_id_scheme_study_writes_notebook_08s_tables_and_figure(tmp_path, cap
     alone = ids.run(tiny_ids_spec(schemes=("atomic",), multitask_epochs=1, targets="same-class"), paths)
     assert bool(alone.tables["ids_runs"]["loaded"].all())  # the same settings: every model loaded
     assert "ids_gaps" not in alone.markdown and alone.lines == ["IDS_SCHEMES has no clustered run to compare with."]
+
+
+def test_the_data_notebook_draws_every_database_and_writes_its_manifest(tmp_path, monkeypatch):
+    """Notebook 01: a manifest per database of the grid, the galleries and the split figure; a profile's paths only."""
+    from vitdsi_utils.studies import data
+
+    params = dict(
+        DATASET="digits",
+        SIZE=32,
+        NS=[60, 90],
+        ID_SCHEMES=["random", "clustered"],
+        SEEDS=[1],
+        IMAGENETTE_PREVIEW=True,
+        GALLERY_PER_CLASS=2,
+        OUT_DIR=None,
+    )
+    spec = notebook_spec(data.DataSpec, params)
+    assert (spec.ns, spec.schemes, spec.seeds, spec.preview, spec.per_class) == (
+        (60, 90),
+        ("random", "clustered"),
+        (1,),
+        True,
+        2,
+    )
+    with pytest.raises(SpecError, match="01_data is one phase"):
+        data.run(spec, StudyPaths(tmp_path / "out", tmp_path / "runs"))
+    monkeypatch.setenv("VITDSI_IMAGENETTE_DIR", str(tmp_path / "nowhere"))
+    paths = StudyPaths.create("tiny", tmp_path / "out", tmp_path / "runs")
+    result = data.run(spec, paths)
+    manifests = sorted(p.name for p in paths.tables.glob("manifest_*.csv"))
+    assert manifests == sorted(
+        f"manifest_digits-32px-N{n}-{s}-seed1.csv" for n in (60, 90) for s in ("random", "clustered")
+    )
+    assert list(result.roles.index) == ["N=60", "N=90"] and result.roles.loc["N=60"].sum() == 60
+    assert sorted(p.name for p in paths.figures.iterdir()) == ["gallery.png", "split_bar.png"]
+    assert "preview skipped" in result.lines["preview"] and result.per_image is None
+    assert len(result.first_ids) == 12 and result.lines["manifests"].count("indexed") == 4

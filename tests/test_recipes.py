@@ -380,6 +380,7 @@ def test_specs_from_the_notebook_profiles():
     from vitdsi_utils.studies.ablations import AblationsSpec
     from vitdsi_utils.studies.bovw import BoVWSpec
     from vitdsi_utils.studies.clusters import ClustersSpec
+    from vitdsi_utils.studies.data import DataSpec
     from vitdsi_utils.studies.dense import DenseSpec
     from vitdsi_utils.studies.dense_init import DenseInitSpec
     from vitdsi_utils.studies.dsi import DSISpec
@@ -395,6 +396,7 @@ def test_specs_from_the_notebook_profiles():
         AblationsSpec,
         BoVWSpec,
         ClustersSpec,
+        DataSpec,
         DenseSpec,
         DenseInitSpec,
         DSISpec,
