@@ -7,13 +7,8 @@ would compute for the whole prefix (``DSIModel.incremental_decoder`` makes one).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from vitdsi_utils.model.vit import DSIModel
 
 
 class IncrementalDecoder:
@@ -33,10 +28,11 @@ class IncrementalDecoder:
 
     ``step(tokens)`` takes the token each beam read last, (B, W), and returns the next-token
     logits (B, W, V); between steps ``reorder(parent)`` selects (and may repeat or drop) beams.
-    At most ``max_width`` beams per query (the gather buffer is allocated once for them).
+    At most ``max_width`` beams per query (the gather buffer is allocated once for them). ``model`` is a
+    ``DSIModel``, typed as its ``nn.Module`` base because ``vit`` imports this module.
     """
 
-    def __init__(self, model: DSIModel, memory: torch.Tensor, max_width: int = 1):
+    def __init__(self, model: torch.nn.Module, memory: torch.Tensor, max_width: int = 1):
         if model.training:
             raise ValueError("incremental decoding has no dropout: put the model in eval mode first (model.eval())")
         c = model.config

@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SOURCES, ImageSet, dataset_name, load_images
+from vitdsi_utils.data.images import ImageSet, dataset_name, load_images
 from vitdsi_utils.evaluation import evaluate_dsi
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import codec_for
@@ -54,6 +54,7 @@ from vitdsi_utils.studies.ablations_report import (
     summary_table,
 )
 from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
     ModelSpec,
     SpecError,
     check_choices,
@@ -306,7 +307,7 @@ def _codec(db):
 # The study as a spec
 # ------------------------------------------------------------------------------------------
 @dataclass
-class AblationsSpec:
+class AblationsSpec(ImageSourceSpec):
     """Settings of the ablation study (recipe ``study: ablations``): the grid and the default it varies.
 
     ``factors`` are varied one at a time from the default (``model``, ``index``, ``fine_tune``);
@@ -314,10 +315,6 @@ class AblationsSpec:
     :data:`FACTORS`). ``seed`` draws the database; each training section has its own seed.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = 64
     n: int = 512
     seed: int = 0
@@ -338,10 +335,7 @@ class AblationsSpec:
 
     #: notebook profile keys (10_ablations) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "K": "k",
         "SIZE": "size",
         "ABLATION_N": "n",

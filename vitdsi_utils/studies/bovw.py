@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils.bovw import BoVW
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, dataset_name, load_images
+from vitdsi_utils.data.images import SIZES, dataset_name, load_images
 from vitdsi_utils.evaluation import bovw_variant, evaluate_bovw
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_vs_n, save_figure
@@ -30,7 +30,7 @@ from vitdsi_utils.reports.tables import (
     write_table,
 )
 from vitdsi_utils.runs import StudyPaths, database_name
-from vitdsi_utils.studies.specs import SpecError, check_choices, refuse_profile_only
+from vitdsi_utils.studies.specs import ImageSourceSpec, SpecError, check_choices, refuse_profile_only
 from vitdsi_utils.studies.targets import baseline_verdicts
 
 #: Visual words when ``words`` is not given: the paper's 200 for histograms, fewer for VLAD (K x 128 values).
@@ -38,7 +38,7 @@ BOVW_WORDS, VLAD_WORDS = 200, 64
 
 
 @dataclass
-class BoVWSpec:
+class BoVWSpec(ImageSourceSpec):
     """Settings of the BoVW study (recipe ``study: bovw``): one table per vocabulary size in ``words``.
 
     ``encoding: vlad`` encodes per-word sums of residuals (K x 128 values) instead of word histograms, and
@@ -49,10 +49,6 @@ class BoVWSpec:
     with ``vlad_words`` beside it; ``name`` and ``vlad_words`` are read by it alone.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     seeds: tuple[int, ...] = (0,)
@@ -70,10 +66,7 @@ class BoVWSpec:
 
     #: notebook profile keys (02_bovw) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "SEEDS": "seeds",

@@ -21,7 +21,7 @@ from vitdsi_utils import clusters
 from vitdsi_utils.baselines.dense import load_dense
 from vitdsi_utils.clusters import METRIC_LABELS, METRICS, cluster_sizes, elbow_k, sweep
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES
+from vitdsi_utils.data.images import SIZES
 from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import bovw_embeddings, pixel_embeddings
@@ -35,7 +35,7 @@ from vitdsi_utils.reports.plots import (
 )
 from vitdsi_utils.reports.tables import write_table
 from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, load_trained
-from vitdsi_utils.studies.specs import SpecError, check_choices, spec_images
+from vitdsi_utils.studies.specs import ImageSourceSpec, SpecError, check_choices, spec_images
 
 #: Images a clustering can take: every image of the database, or one role's.
 ROLES = ("all", "index", "train", "val", "test")
@@ -53,7 +53,7 @@ REFERENCES = {
 
 
 @dataclass
-class ClustersSpec:
+class ClustersSpec(ImageSourceSpec):
     """Settings of the clusters study (notebook 09, seed 002).
 
     The images of the database of size ``n`` (null: the largest of ``ns``, the databases the study
@@ -63,10 +63,6 @@ class ClustersSpec:
     reference k (``gallery_k``; null: the number of classes), whose largest clusters are shown.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (null: dataset_name's default)
     size: int = field(default=64, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024)
     schemes: tuple[str, ...] = field(default=("clustered", "random"), metadata={"choices": ID_SCHEMES})
@@ -85,10 +81,7 @@ class ClustersSpec:
 
     #: notebook profile keys (09_clusters) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",

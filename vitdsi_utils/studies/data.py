@@ -18,21 +18,17 @@ from matplotlib.figure import Figure
 from vitdsi_utils import settings
 from vitdsi_utils.data.database import build_database, databases
 from vitdsi_utils.data.files import sample_image_folder
-from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet
+from vitdsi_utils.data.images import SIZES, ImageSet
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.reports.plots import class_gallery, readable_class, save_figure, split_bar
 from vitdsi_utils.runs import StudyPaths, run_name
-from vitdsi_utils.studies.specs import check_choices, require_profile, spec_images
+from vitdsi_utils.studies.specs import ImageSourceSpec, check_choices, require_profile, spec_images
 
 
 @dataclass
-class DataSpec:
+class DataSpec(ImageSourceSpec):
     """Settings of notebook 01: the images, the grid of databases, and how much of them the figures show."""
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     schemes: tuple[str, ...] = field(default=("clustered", "random"), metadata={"choices": ID_SCHEMES})
@@ -42,10 +38,7 @@ class DataSpec:
 
     #: notebook profile keys (01_data) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseConfig, DenseTrainConfig
 from vitdsi_utils.baselines.index import faiss_available
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, retrieval_metrics
 from vitdsi_utils.ids.codec import ID_SCHEMES, make_codec
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
@@ -31,23 +31,27 @@ from vitdsi_utils.retrieval.searchers import BoVWSearcher, DenseRetriever, DSISe
 from vitdsi_utils.runs import DENSE_FILE, DSI_MODEL_FILES, StudyPaths, database_name, run_name
 from vitdsi_utils.studies.dense_report import dense_markdown
 from vitdsi_utils.studies.rerank import rerank_markdown, rerank_study, summary, tradeoff_figure
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, full_model, refuse_profile_only, spec_images
+from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
+    ModelSpec,
+    check_choices,
+    full_model,
+    refuse_profile_only,
+    spec_images,
+)
 from vitdsi_utils.training.checkpoint import load_model
 
 
 @dataclass
-class DenseSpec:
+class DenseSpec(ImageSourceSpec):
     """Settings of the dense-baseline study (recipe ``study: dense``).
 
     ``model`` is the dense encoder (the DSI's size, mean pooling), ``train`` its contrastive training.
     ``schemes`` name the ID schemes whose DSI models in ``dsi_runs`` are re-ranked (the first draws the
     databases); ``dsi_table`` (a DSI study's CSV) adds its rows of the same databases beside the dense rows.
+    ``annotations`` is read by a profile's study only; a recipe's COCO run takes them from VITDSI_COCO_ANNOTATIONS.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None  # COCO instances JSON (a profile's study only; a recipe: VITDSI_COCO_ANNOTATIONS)
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     seeds: tuple[int, ...] = (0,)
@@ -67,10 +71,7 @@ class DenseSpec:
 
     #: notebook profile keys (07_dense) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from vitdsi_utils.baselines.dense import DENSE_MODEL, DenseEncoder, DenseTrainConfig, load_dense
 from vitdsi_utils.data.database import Database, build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.ids.schemes import assign_ids
@@ -54,6 +54,7 @@ from vitdsi_utils.studies.dense_init_report import (
 from vitdsi_utils.studies.dsi import DSIExperiment, run_experiment
 from vitdsi_utils.studies.specs import (
     POOLINGS,
+    ImageSourceSpec,
     ModelSpec,
     check_choices,
     dsi_model,
@@ -72,7 +73,7 @@ _RENAME = {ZERO_SHOT: INIT_ZERO_SHOT, MULTITASK: INIT_MULTITASK}
 
 
 @dataclass
-class DenseInitSpec:
+class DenseInitSpec(ImageSourceSpec):
     """Settings of the dense-init DSI study (recipe ``study: dense-init``).
 
     Per database the dense encoder (``dense``, ``pooling``) is trained, or loaded from ``dense_runs``
@@ -81,10 +82,6 @@ class DenseInitSpec:
     ``semantic_k`` and ``semantic_c`` shape the semantic IDs (k-means over the dense embeddings).
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None  # COCO instances JSON (a profile's study only; a recipe: VITDSI_COCO_ANNOTATIONS)
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     schemes: tuple[str, ...] = field(default=INIT_SCHEMES, metadata={"choices": INIT_SCHEMES})
@@ -117,10 +114,7 @@ class DenseInitSpec:
 
     #: notebook profile keys (14_dense_init) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "INIT_SCHEMES": "schemes",

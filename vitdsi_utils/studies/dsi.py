@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from vitdsi_utils.data.database import Database, database_with_ids
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, load_images
 from vitdsi_utils.evaluation import evaluate_bovw, evaluate_dsi
 from vitdsi_utils.ids.codec import IDCodec
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
@@ -34,6 +34,7 @@ from vitdsi_utils.reports.tables import FINE_TUNED, MULTITASK, ZERO_SHOT
 from vitdsi_utils.runs import PhaseResult, StudyPaths, run_name
 from vitdsi_utils.studies.dsi_report import fine_tune_note, write_dsi_tables
 from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
     ModelSpec,
     SpecError,
     check_choices,
@@ -48,7 +49,7 @@ ENCODER_SOURCES = ("ssl", "dense", "dsi", "torchvision")
 
 
 @dataclass
-class DSISpec:
+class DSISpec(ImageSourceSpec):
     """Settings of the DSI study (recipe ``study: dsi``); the defaults are the paper's recipe at 160 px.
 
     Every N x ID scheme x seed is one database, indexed (``index``), scored zero-shot, then fine-tuned
@@ -57,10 +58,6 @@ class DSISpec:
     ``mix_ratio`` pairs per indexed image). The training seed is each section's ``seed``.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None  # an ImageFolder tree (source folder), an Imagenette copy, COCO images
-    annotations: str | None = None  # COCO instances JSON (source coco)
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     # atomic: one output token per indexed image; semantic and rq: k-means codes of BoVW histograms
@@ -87,10 +84,7 @@ class DSISpec:
 
     #: notebook profile keys (03_indexing, 04_retrieval) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import database_with_ids
-from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, dataset_name
+from vitdsi_utils.data.images import SIZES, ImageSet, dataset_name
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES, sibling_agreement
 from vitdsi_utils.model.decoding import invalid_id_rates
 from vitdsi_utils.phases import TARGET_MODES
@@ -42,7 +42,15 @@ from vitdsi_utils.reports.tables import (
 )
 from vitdsi_utils.runs import StudyPaths, run_name
 from vitdsi_utils.studies.dsi import run_experiment
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling, require_profile, spec_images
+from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
+    ModelSpec,
+    check_choices,
+    dsi_model,
+    no_pooling,
+    require_profile,
+    spec_images,
+)
 from vitdsi_utils.studies.targets import METRICS, MODEL_ORDER, TARGET_GAP, gap_markdown, gap_table, ordered_by_scheme
 from vitdsi_utils.training.config import TrainConfig
 
@@ -274,7 +282,7 @@ def describe_gaps(gaps: pd.DataFrame, reference: str = "clustered", target: floa
 # The study as a spec (notebook 08)
 # ------------------------------------------------------------------------------------------
 @dataclass
-class IdsSpec:
+class IdsSpec(ImageSourceSpec):
     """Settings of the ID-scheme comparison (notebook 08; a notebook profile's study, no recipe runs it).
 
     Every N of ``ns`` x seed x scheme of ``schemes`` is one DSI, indexed (``index``), scored zero-shot,
@@ -286,10 +294,6 @@ class IdsSpec:
     ``bovw_words`` words.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (null: dataset_name's default)
     size: int = field(default=64, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512,)
     schemes: tuple[str, ...] = field(
@@ -315,10 +319,7 @@ class IdsSpec:
 
     #: notebook profile keys (08_ids) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "IDS_NS": "ns",
         "IDS_SCHEMES": "schemes",

@@ -42,7 +42,7 @@ import torch
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import Database, build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, load_images
 from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES, IDCodec
 from vitdsi_utils.locks import run_folder_lock
@@ -62,6 +62,7 @@ from vitdsi_utils.studies.incremental_setup import (
     split_new,
 )
 from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
     ModelSpec,
     SpecError,
     check_choices,
@@ -316,17 +317,13 @@ def _incremental_study(
 # The study as a spec
 # ------------------------------------------------------------------------------------------
 @dataclass
-class IncrementalSpec:
+class IncrementalSpec(ImageSourceSpec):
     """Settings of the incremental-indexing study (recipe ``study: incremental``), one database per N.
 
     ``index`` trains the initial model and the one retrained from scratch; fine-tuning takes the same
     settings with at most ``finetune_epochs`` epochs and no warm-up, once per replay ratio.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=64, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (1024,)
     seed: int = 0  # the database draw
@@ -345,10 +342,7 @@ class IncrementalSpec:
 
     #: notebook profile keys (12_incremental) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "INC_N": "ns",
         "SEEDS": ("seed[0]", "index.seed[0]"),

@@ -19,7 +19,7 @@ import torch
 from vitdsi_utils import metrics
 from vitdsi_utils.baselines.ssl import SSLConfig, SSLEncoder, embed_images, outside_images, save_ssl, train_ssl
 from vitdsi_utils.data.database import build_database
-from vitdsi_utils.data.images import SIZES, SOURCES, load_images
+from vitdsi_utils.data.images import SIZES, load_images
 from vitdsi_utils.data.relevance import label_relevance
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.ids.schemes import assign_ids, codec_for, sibling_agreement
@@ -36,7 +36,14 @@ from vitdsi_utils.studies.pretrain_report import (
     write_pretrain_report,
     write_profile_report,
 )
-from vitdsi_utils.studies.specs import ModelSpec, check_choices, dsi_model, no_pooling, refuse_profile_only
+from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
+    ModelSpec,
+    check_choices,
+    dsi_model,
+    no_pooling,
+    refuse_profile_only,
+)
 from vitdsi_utils.training.config import TrainConfig, seed_everything
 
 
@@ -272,7 +279,7 @@ def pretrain_study(
 
 
 @dataclass
-class PretrainSpec:
+class PretrainSpec(ImageSourceSpec):
     """Settings of the pretraining study (recipe ``study: pretrain``): one database (``n``, ``seed``, ``scheme``).
 
     The encoder is pretrained (``ssl``) on every image that no database of the sizes ``exclude_ns`` uses
@@ -283,10 +290,6 @@ class PretrainSpec:
     encoder's embeddings.
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the run folders call the data (a profile's study only; null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     n: int = 512
     seed: int = 0
@@ -312,10 +315,7 @@ class PretrainSpec:
 
     #: notebook profile keys (13_pretrain) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "PRETRAIN_N": "n",
         "PRETRAIN_SCHEME": "scheme",

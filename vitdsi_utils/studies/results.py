@@ -14,25 +14,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vitdsi_utils.data.database import databases
-from vitdsi_utils.data.images import SIZES, SOURCES
+from vitdsi_utils.data.images import SIZES
 from vitdsi_utils.evaluation import evaluate_dsi
 from vitdsi_utils.ids.schemes import CODEC_SCHEMES
 from vitdsi_utils.reports.paper import TABLE1_NOTE, attach_paper, table1_markdown
 from vitdsi_utils.reports.plots import metric_bars, save_figure
 from vitdsi_utils.reports.tables import BOVW_MODEL, ZERO_SHOT, write_table
 from vitdsi_utils.runs import DSI_MODEL_FILES, StudyPaths, load_trained
-from vitdsi_utils.studies.specs import check_choices, require_profile, spec_images
+from vitdsi_utils.studies.specs import ImageSourceSpec, check_choices, require_profile, spec_images
 from vitdsi_utils.studies.targets import baseline_verdicts
 
 
 @dataclass
-class ResultsSpec:
+class ResultsSpec(ImageSourceSpec):
     """Settings of notebook 05: the grid of databases whose models are scored, and the ranked lists' length."""
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
-    name: str | None = None  # what the reports call the data (null: dataset_name's default)
     size: int = field(default=160, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048)
     schemes: tuple[str, ...] = field(default=("clustered", "random"), metadata={"choices": CODEC_SCHEMES})
@@ -41,10 +37,7 @@ class ResultsSpec:
 
     #: notebook profile keys (05_results) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
-        "DATASET_NAME": "name",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "NS": "ns",
         "ID_SCHEMES": "schemes",

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from vitdsi_utils.data.images import ImageSet, load_images
+from vitdsi_utils.data.images import SOURCES, ImageSet, load_images
 from vitdsi_utils.training.config import check_int, check_number
 
 
@@ -64,6 +64,24 @@ class ModelSpec:
 
     def overrides(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class ImageSourceSpec:
+    """The images a study reads, shared by the studies' specs: where they come from and what reports call them."""
+
+    source: str = field(default="imagenette", metadata={"choices": SOURCES})
+    root: str | None = None  # an ImageFolder tree (source folder), an Imagenette copy, COCO images
+    annotations: str | None = None  # COCO instances JSON (source coco)
+    name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
+
+    #: notebook profile keys -> spec keys (a study's spec adds its own to these)
+    PROFILE_KEYS = {
+        "DATASET": "source",
+        "DATASET_ROOT": "root",
+        "DATASET_ANNOTATIONS": "annotations",
+        "DATASET_NAME": "name",
+    }
 
 
 def dsi_model(**values: Any) -> ModelSpec:
