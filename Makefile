@@ -152,13 +152,14 @@ lint: venv
 	$(BIN)/lint-imports
 
 ## the test suite, after lint (what CI runs): the test files spread over every core (pytest-xdist; a file stays on
-## one worker, so its module fixtures are built once), one torch thread per worker
+## one worker, so its module fixtures are built once; the longest files first, see tests/conftest.py), one torch
+## thread per worker
 test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 ## the suite without the notebook runs
 test-fast: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not notebook"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m "not notebook"
 
 ## the notebooks' .ipynb beside their py:percent sources (git-ignored; notebooks/jupytext.toml pairs them): jupytext
 ## --sync writes each .ipynb from its .py, or, where the .ipynb was edited later, that edit into the .py
