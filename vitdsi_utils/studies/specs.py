@@ -59,6 +59,18 @@ class ModelSpec:
     pos_encoding: str | None = field(default=None, metadata={"choices": POS_ENCODINGS})
     pooling: str | None = field(default=None, metadata={"choices": POOLINGS})  # the dense encoder's only
 
+    #: notebook profile keys of the architecture -> spec keys (the spec's ``model`` field; the dense studies
+    #: add their own key for ``pooling``)
+    PROFILE_KEYS = {
+        "PATCH_SIZE": "model.patch_size",
+        "DIM": "model.dim",
+        "MLP_DIM": "model.mlp_dim",
+        "DEPTH": "model.depth",
+        "HEADS": "model.heads",
+        "DROPOUT": "model.dropout",
+        "POS_ENCODING": "model.pos_encoding",
+    }
+
     def __post_init__(self) -> None:
         check_choices(self)
 
