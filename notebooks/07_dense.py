@@ -8,7 +8,7 @@
 # cosine similarity exceeds a margin (`DENSE_MARGIN`). A differential-entropy term (weight
 # `DENSE_ENTROPY_WEIGHT`) pushes every embedding away from its nearest neighbour in the batch, so
 # the vectors spread over the sphere instead of collapsing. This is the recipe of "Training Vision
-# Transformers for Image Retrieval" (seed 001). The indexed images are embedded once into a flat
+# Transformers for Image Retrieval" (El-Nouby et al., 2021). The indexed images are embedded once into a flat
 # inner-product index (FAISS), and a query returns its nearest database rows.
 #
 # The encoder learns from the same labelled images the fine-tuned DSI sees: the train queries and,
@@ -16,7 +16,7 @@
 # queries stay unseen. The dense model does not depend on the ID scheme, so it is trained once per
 # database, on the database drawn for the first scheme. Every scheme draws the same images.
 #
-# The second half follows LightningDOT (seed 004). A fast first stage (BoVW, or the DSI's beam
+# The second half follows LightningDOT. A fast first stage (BoVW, or the DSI's beam
 # search) proposes candidates. The dense encoder re-scores the first M of them. We ask what the
 # re-ranking buys in quality and what it costs in time per query.
 

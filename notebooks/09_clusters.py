@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 09 · Embedding clusters: do the encoders group images by class?
 #
-# Seed 002 clusters ViT and DINOv2 embeddings of a photo collection with k-means, for a range of k. It
+# "Vision Transformers Down Memory Lane" clusters ViT and DINOv2 embeddings of a photo collection with k-means, for a range of k. It
 # reads the silhouette, Davies-Bouldin and sum-of-squares curves to choose k, and it looks at the
 # largest clusters. Here the same is done with the encoders this study trained, on the images of one
 # database (`CLUSTER_N`):
@@ -16,7 +16,7 @@
 # tokens concatenated. With `CLUSTER_NORMALISE` every vector is scaled to unit length first, so
 # k-means groups images by cosine similarity, the similarity used for retrieval.
 #
-# Unlike the photos of seed 002, these images have classes. So beside the label-free scores we can
+# Unlike the photos of that text, these images have classes. So beside the label-free scores we can
 # ask whether the clusters follow the classes. *Purity* is the share of images whose cluster's
 # majority class is their own. *NMI* is the normalised mutual information of clusters and classes:
 # 1 when they coincide, near 0 when they are independent. *AMI* is the same corrected for chance, which

@@ -1,6 +1,6 @@
-"""Clusters of image embeddings: do the study's encoders group images by class? (seed 002)
+"""Clusters of image embeddings: do the study's encoders group images by class? ("Down Memory Lane")
 
-Seed 002 clusters ViT and DINOv2 embeddings of a photo collection with k-means over a range of
+"Vision Transformers Down Memory Lane" (``docs/protocol.md``) clusters ViT and DINOv2 embeddings of a photo collection with k-means over a range of
 k, reads the silhouette, Davies-Bouldin and sum-of-squares ("elbow") curves, and looks at the
 largest clusters. Here the encoders are the ones the study trains (the DSI's encoder before and
 after retrieval fine-tuning, and the dense contrastive encoder), the images carry class labels,
@@ -12,7 +12,7 @@ Stages, each a plain function:
 * :func:`embed` turns uint8 images into one vector per image with a ViT encoder of the toolkit
   (``model.vit.ViTEncoder`` and its subclasses ``DSIModel`` and ``baselines.dense.DenseEncoder``): the output of
   the class token (models that have one), the mean of the patch tokens, or all patch tokens
-  concatenated (seed 002's "concatenation");
+  concatenated (that text's "concatenation");
 * :func:`kmeans` and :func:`cluster_scores` cluster one array and score the clustering;
 * :func:`sweep` does that over a range of k and :func:`elbow_k` picks the elbow of the
   sum-of-squares curve; the study over several encoders, and its figures, are

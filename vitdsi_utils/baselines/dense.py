@@ -1,12 +1,12 @@
 """Dense retrieval baseline: a ViT trained for metric learning, its database in a flat FAISS index.
 
 The "index-then-retrieve" counterpart of the DSI with a learned representation. It follows the
-recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021; seed 001
-of the study):
+recipe of "Training Vision Transformers for Image Retrieval" (El-Nouby et al., 2021;
+listed in ``docs/protocol.md``):
 
 * the encoder is the DSI's ViT encoder (:class:`~vitdsi_utils.model.vit.ViTEncoder`, same size by
   default: patch 16, width 128, 6 blocks, 4 heads), pooled into one vector per image (the mean
-  of the patch tokens, or the output of an added class token as in seed 001) and
+  of the patch tokens, or the output of an added class token as in El-Nouby et al.) and
   L2-normalised, so an inner product is a cosine similarity;
 * it is trained with a contrastive loss with margin ``beta`` (0.5): every same-class pair of a
   batch is pulled together, and a different-class pair is pushed apart only while its
@@ -74,7 +74,7 @@ POOLINGS = ("cls", "mean")
 class DenseConfig(ViTConfig):
     """Hyper-parameters of :class:`DenseEncoder`: the ViT encoder's plus the pooling."""
 
-    # "mean": mean of the patch tokens | "cls": output of an added class token (seed 001's choice, for
+    # "mean": mean of the patch tokens | "cls": output of an added class token (El-Nouby et al.'s choice, for
     # pretrained ViTs). Trained from scratch at 64 px, mean pooling scored higher on the val queries.
     pooling: str = "mean"
 
@@ -156,13 +156,13 @@ class DenseTrainConfig(PlainConfig):
     """Optimisation settings of :func:`train_dense` (plain values, stored in checkpoints)."""
 
     epochs: int = 50  # passes over the training images
-    batch_size: int = 64  # images per step (seed 001: 64)
+    batch_size: int = 64  # images per step (El-Nouby et al.: 64)
     per_class: int = 2  # images of one class that enter a batch together, so positives always exist
     lr: float = 5e-4  # AdamW learning rate after warm-up
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     warmup_steps: int = 50  # linear learning-rate warm-up
-    margin: float = 0.5  # contrastive margin beta (seed 001: 0.5)
-    entropy_weight: float = 0.7  # weight lambda of the differential-entropy regulariser (seed 001: 0.7)
+    margin: float = 0.5  # contrastive margin beta (El-Nouby et al.: 0.5)
+    entropy_weight: float = 0.7  # weight lambda of the differential-entropy regulariser (El-Nouby et al.: 0.7)
     flip: bool = True  # random horizontal flips of the training images
     min_crop: float = 1.0  # < 1: random crops of this fraction of the side or more, resized back (1: no crops)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping

@@ -1,6 +1,6 @@
 """Two-stage retrieval: a fast first stage proposes candidates, a stronger scorer re-orders the best M.
 
-The set-up of LightningDOT (seed 004 of the study): embeddings of the database are computed
+The set-up of LightningDOT (listed in ``docs/protocol.md``): embeddings of the database are computed
 offline, a cheap search returns a candidate list, and a slower, better model re-scores only
 the first ``M`` candidates instead of the whole database. Here the first stage is any
 searcher of the toolkit (BoVW, DSI beam search, dense search: anything with

@@ -1,7 +1,7 @@
 """Ablations of the ViT DSI: one factor at a time away from a default, each variant indexed, fine-tuned, scored.
 
 A *grid* is a list of :class:`Variant`: the default first, then, per factor, each of its other
-levels with everything else left at the default (seed 003 and section 3.2.1 of the study).
+levels with everything else left at the default (the factors and why: ``docs/methods.md``).
 Factors (:data:`FACTORS`):
 
 - ``pos``: positional encoding of the encoder: sinusoidal (default), learned, conditional (PEG);

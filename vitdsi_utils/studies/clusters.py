@@ -54,7 +54,7 @@ REFERENCES = {
 
 @dataclass
 class ClustersSpec(ImageSourceSpec):
-    """Settings of the clusters study (notebook 09, seed 002).
+    """Settings of the clusters study (notebook 09).
 
     The images of the database of size ``n`` (null: the largest of ``ns``, the databases the study
     trained) and ``seed``, the ``role`` ones, are embedded by the DSI models of every scheme of

@@ -4,7 +4,7 @@ The paper's DSI learns its encoder from scratch while memorising IDs, and then l
 index when it is fine-tuned for retrieval. This variant combines three things the other
 studies found to help:
 
-1. the encoder starts from the dense baseline's contrastive encoder (``dense.py``, seed 001),
+1. the encoder starts from the dense baseline's contrastive encoder (``baselines/dense.py``),
    trained on the same labelled images the fine-tuned DSI sees (train queries and indexed
    images), so nothing outside the paper's data budget is used;
 2. indexing then trains the whole model (encoder included) to memorise the IDs;
