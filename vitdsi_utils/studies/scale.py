@@ -185,12 +185,7 @@ class ScaleSpec:
         "SCALE_NS": "ns",
         "SCALE_IA_NS": "ia_ns",
         "SEEDS": ("seed[0]", "index.seed[0]"),
-        "PATCH_SIZE": "model.patch_size",
-        "DIM": "model.dim",
-        "MLP_DIM": "model.mlp_dim",
-        "DEPTH": "model.depth",
-        "HEADS": "model.heads",
-        "DROPOUT": "model.dropout",
+        **ModelSpec.PROFILE_KEYS,
         "LR": "index.lr",
         "BATCH_SIZE": "index.batch_size",
         "WARMUP_STEPS": "index.warmup_steps",
@@ -201,7 +196,6 @@ class ScaleSpec:
         "K": "k",
         "BOVW_WORDS": "words",
         "DATASET_NAME": "name",
-        "POS_ENCODING": "model.pos_encoding",
     }
 
     def __post_init__(self) -> None:
