@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vitdsi_utils.data.images import SIZES, SOURCES, ImageSet, load_images
+from vitdsi_utils.data.images import SIZES, ImageSet, load_images
 from vitdsi_utils.devices import resolve_device
 from vitdsi_utils.ids.codec import ID_SCHEMES
 from vitdsi_utils.reports.plots import save_figure
@@ -28,6 +28,7 @@ from vitdsi_utils.runs import StudyPaths
 from vitdsi_utils.studies.scale_report import scale_figure, scale_markdown
 from vitdsi_utils.studies.scale_tables import ia_table, latency_table, reusable_latency
 from vitdsi_utils.studies.specs import (
+    ImageSourceSpec,
     ModelSpec,
     check_choices,
     full_model,
@@ -142,7 +143,7 @@ def _scale_study(
 # The study as a spec
 # ------------------------------------------------------------------------------------------
 @dataclass
-class ScaleSpec:
+class ScaleSpec(ImageSourceSpec):
     """Settings of the scale study (recipe ``study: scale``). An N of 0 stands for every usable image.
 
     Latency is timed for every N of ``ns`` (untrained models of the ``model`` size) and list length in ``k``,
@@ -152,9 +153,6 @@ class ScaleSpec:
     keeps the IA@1 table already there (``ia_ns`` is then ignored).
     """
 
-    source: str = field(default="imagenette", metadata={"choices": SOURCES})
-    root: str | None = None
-    annotations: str | None = None
     size: int = field(default=64, metadata={"choices": SIZES})
     ns: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 0)
     ia_ns: tuple[int, ...] = (512,)
@@ -171,16 +169,13 @@ class ScaleSpec:
     words: int = 200  # BoVW visual words
     reuse_latency: bool = False
     keep_ia: bool = False
-    name: str | None = None  # what the reports call the data (null: dataset_name's default)
 
     #: settings only a notebook profile's study reads (a recipe that sets them is refused)
     PROFILE_ONLY = ("name",)
 
     #: notebook profile keys (11_scale) -> spec keys
     PROFILE_KEYS = {
-        "DATASET": "source",
-        "DATASET_ROOT": "root",
-        "DATASET_ANNOTATIONS": "annotations",
+        **ImageSourceSpec.PROFILE_KEYS,
         "SIZE": "size",
         "SCALE_NS": "ns",
         "SCALE_IA_NS": "ia_ns",
@@ -195,7 +190,6 @@ class ScaleSpec:
         "SCALE_REPEATS": "repeats",
         "K": "k",
         "BOVW_WORDS": "words",
-        "DATASET_NAME": "name",
     }
 
     def __post_init__(self) -> None:
