@@ -240,7 +240,7 @@ def test_the_train_command_runs_under_torchrun_and_one_process_scores_its_models
     did (their sharded beam searches return what one process computes)."""
     profile, run_dir = tmp_path / "tiny.yaml", tmp_path / "cell"
     profile.write_text(TINY_PROFILE)
-    args = ["train", "--profile", str(profile), "--run-dir", str(run_dir), "--quiet"]
+    args = ["train", "--profile", str(profile), "--images", "80", "--run-dir", str(run_dir), "--quiet"]
     _run(2, "-m", "vitdsi_utils", *args)
     two = json.loads((run_dir / "summary.json").read_text())
     assert two["processes"] == 2 and two["run"] == "digits-32px-N80-clustered-seed0"
@@ -251,6 +251,42 @@ def test_the_train_command_runs_under_torchrun_and_one_process_scores_its_models
     for phase in ("zero_shot", "fine_tuned"):
         assert one[phase]["metrics"] == two[phase]["metrics"]
     assert {"IA@1", "mAP@10", "P@10"} <= set(one["fine_tuned"]["metrics"])
+
+
+def documented_torchrun_commands() -> list[tuple[str, list[str]]]:
+    """Every ``torchrun ...`` command line in the README and the docs, as (file, arguments)."""
+    import re
+    import shlex
+
+    root = HERE.parents[1]
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for command in re.findall(r"^\s*(?:\.venv/bin/)?torchrun (.+)$", path.read_text(), flags=re.M):
+            command = re.split(r"\s+#", command)[0].strip()
+            found.append((path.relative_to(root).as_posix(), shlex.split(command)))
+    return found
+
+
+def test_every_documented_torchrun_command_gets_past_both_parsers():
+    """torchrun's own parser reads abbreviations of its options anywhere on the line, even after the
+    module's name: the README once wrote ``train ... --n 200``, which torchrun refuses as ambiguous
+    (``--nnodes``, ``--nproc-per-node``, ...) before any process starts. Each command in the docs must
+    pass torchrun's parser and then reach ``vitdsi train`` with every argument understood."""
+    from torch.distributed.run import parse_args as torchrun_args
+
+    commands = documented_torchrun_commands()
+    assert len(commands) >= 3 and any(where == "README.md" for where, _ in commands)
+    for where, argv in commands:
+        launched = torchrun_args(argv)
+        assert launched.module and launched.training_script == "vitdsi_utils", (where, argv)
+        args = cli.build_parser().parse_args(launched.training_script_args)
+        assert args.func is cli._cmd_train, (where, argv)
+    readme = next(argv for where, argv in commands if where == "README.md")
+    assert cli.build_parser().parse_args(torchrun_args(readme).training_script_args).n == 200
+    # the failure this guards against: --n is fine for vitdsi in one process, fatal for torchrun
+    assert cli.build_parser().parse_args(["train", "--n", "200"]).n == 200
+    with pytest.raises(SystemExit):
+        torchrun_args(["--standalone", "-m", "vitdsi_utils", "train", "--n", "200"])
 
 
 # ------------------------------------------------------------------------------------------

@@ -329,7 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
         "batch out over P processes (docs/distributed.md).",
     )
     train.add_argument("--profile", default="smoke", help="smoke, cpu, paper or a YAML profile path (default: smoke)")
-    train.add_argument("--n", type=int, default=None, help="database size N (default: the profile's first)")
+    train.add_argument(
+        "--images",
+        "--n",
+        dest="n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="database size N, in images (default: the profile's first). Under torchrun write --images: torchrun "
+        "reads --n as an abbreviation of its own options and stops",
+    )
     train.add_argument("--ids", default=None, choices=CODEC_SCHEMES, help="ID scheme (default: the profile's first)")
     train.add_argument(
         "--seed", type=int, default=None, help="database draw and training seed (default: the profile's first)"
