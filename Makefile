@@ -167,9 +167,11 @@ notebooks: venv
 	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 ## JupyterLab with the project's environment as the kernel; opening and saving either file of a pair writes both
+## (as root, in a container, Jupyter refuses to start without --allow-root, so the target passes it there)
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: notebooks
 	$(BIN)/python -m ipykernel install --sys-prefix --name vitdsi --display-name "vitdsi (.venv)"
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
 ## benchmarks: timings written to reports/benchmarks/
 bench: venv bench-beam
