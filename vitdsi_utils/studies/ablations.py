@@ -330,9 +330,6 @@ class AblationsSpec(ImageSourceSpec):
     view_min_crop: float = 0.7  # crop side fraction of the index views
     k: int = 100  # the length of the ranked lists scored
 
-    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
-    PROFILE_ONLY = ("name",)
-
     #: notebook profile keys (10_ablations) -> spec keys
     PROFILE_KEYS = {
         **ImageSourceSpec.PROFILE_KEYS,

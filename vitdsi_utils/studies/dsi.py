@@ -79,9 +79,6 @@ class DSISpec(ImageSourceSpec):
     bovw_words: int = 200
     bovw_vocabularies: int = 5  # BoVW metrics averaged per query over this many k-means vocabularies
 
-    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
-    PROFILE_ONLY = ("name",)
-
     #: notebook profile keys (03_indexing, 04_retrieval) -> spec keys
     PROFILE_KEYS = {
         **ImageSourceSpec.PROFILE_KEYS,

@@ -337,9 +337,6 @@ class IncrementalSpec(ImageSourceSpec):
         default_factory=lambda: TrainConfig(epochs=200, lr=1e-3, warmup_steps=100, target_accuracy=0.99)
     )
 
-    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
-    PROFILE_ONLY = ("name",)
-
     #: notebook profile keys (12_incremental) -> spec keys
     PROFILE_KEYS = {
         **ImageSourceSpec.PROFILE_KEYS,

@@ -310,9 +310,6 @@ class PretrainSpec(ImageSourceSpec):
     semantic_k: int = 10
     semantic_c: int = 10
 
-    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
-    PROFILE_ONLY = ("name",)
-
     #: notebook profile keys (13_pretrain) -> spec keys
     PROFILE_KEYS = {
         **ImageSourceSpec.PROFILE_KEYS,

@@ -170,9 +170,6 @@ class ScaleSpec(ImageSourceSpec):
     reuse_latency: bool = False
     keep_ia: bool = False
 
-    #: settings only a notebook profile's study reads (a recipe that sets them is refused)
-    PROFILE_ONLY = ("name",)
-
     #: notebook profile keys (11_scale) -> spec keys
     PROFILE_KEYS = {
         **ImageSourceSpec.PROFILE_KEYS,

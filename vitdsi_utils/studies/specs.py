@@ -87,6 +87,10 @@ class ImageSourceSpec:
     annotations: str | None = None  # COCO instances JSON (source coco)
     name: str | None = None  # what the reports call the data (a profile's study only; null: dataset_name's default)
 
+    #: settings only a notebook profile's study reads: a recipe that sets them is refused
+    #: (:func:`refuse_profile_only`; a study's spec with more lists them all)
+    PROFILE_ONLY = ("name",)
+
     #: notebook profile keys -> spec keys (a study's spec adds its own to these)
     PROFILE_KEYS = {
         "DATASET": "source",
